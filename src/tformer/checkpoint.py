@@ -1,0 +1,114 @@
+"""tformer's own checkpoint format, and `load` / `save` for any supported directory.
+
+A tformer checkpoint is a directory:
+    tformer.json        {"format": "tformer", "version": 1, "model": ModelConfig fields}
+    model.safetensors   our parameter names; a tied output matrix is stored once
+    tokenizer.json      when the model has a tokenizer
+An HF model directory (config.json + *.safetensors) is read through `tformer.convert.hf`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tformer.config import ConfigError, ModelConfig
+from tformer.io import CheckpointError, atomic_write_text, load_state_dict_strict, read_json
+from tformer.io import read_safetensors_dir, write_safetensors
+from tformer.models.build import build_model, reset_buffers
+from tformer.models.decoder import Decoder
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "tformer.json"
+
+
+def is_tformer_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def save(model: Decoder, path: str | Path, tokenizer=None, extra: dict | None = None) -> Path:
+    """Write `model` (and `tokenizer`, optional) as a tformer checkpoint directory.
+
+    The directory is assembled beside `path` and renamed into place, so an interrupted save
+    leaves the previous checkpoint at `path` intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        tensors = dict(model.state_dict())
+        if model.config.tie_embeddings:
+            tensors.pop("output.weight", None)
+        write_safetensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        meta = {"format": "tformer", "version": FORMAT_VERSION, "model": model.config.to_dict(), **(extra or {})}
+        atomic_write_text(tmp / CONFIG_FILE, json.dumps(meta, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer.json")
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _replace_dir(new: Path, dst: Path) -> None:
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        dst.rename(old)
+        new.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(dst)
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    meta = read_json(Path(path) / CONFIG_FILE)
+    if meta.get("format") != "tformer" or "model" not in meta:
+        raise CheckpointError(f"{Path(path) / CONFIG_FILE} is not a tformer checkpoint config")
+    if meta.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer tformer (format {meta['version']}); upgrade tformer to read it"
+        )
+    try:
+        return ModelConfig.from_dict(meta["model"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{Path(path) / CONFIG_FILE}: invalid model config: {e}") from e
+
+
+def load_tformer(path: str | Path, device="cpu", dtype: torch.dtype | None = None) -> Decoder:
+    config = read_config(path)
+    tensors = read_safetensors_dir(path)
+    return model_from_tensors(config, tensors, str(path), device, dtype)
+
+
+def model_from_tensors(config: ModelConfig, tensors: dict, source: str, device="cpu", dtype=None) -> Decoder:
+    """Build on meta, assign `tensors` (our names) and materialise on `device`."""
+    if config.tie_embeddings and "tok_emb.weight" in tensors:
+        tensors.setdefault("output.weight", tensors["tok_emb.weight"])
+    model = build_model(config, device="meta")
+    load_state_dict_strict(model, tensors, source)
+    model.tie_weights()
+    reset_buffers(model, "cpu")  # buffers were never in the checkpoint: compute them now
+    model.to(device=device, dtype=dtype)
+    return model
+
+
+def load(path: str | Path, device="cpu", dtype: torch.dtype | None = None) -> Decoder:
+    """A model from a tformer checkpoint directory or an HF model directory."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: pass a tformer checkpoint or HF model directory")
+    if is_tformer_checkpoint(path):
+        return load_tformer(path, device, dtype)
+    if (path / "config.json").is_file():
+        from tformer.convert.hf import load_hf
+
+        return load_hf(path, device, dtype)
+    raise CheckpointError(
+        f"{path} is neither a tformer checkpoint ({CONFIG_FILE}) nor an HF model directory (config.json)"
+    )

@@ -1,0 +1,54 @@
+"""`tformer <command>`: one module per command group under `tformer.cli`.
+
+Each command module exposes `register(subparsers)`, which adds its parser and sets
+`func` (called with the parsed namespace, returns an exit code or None).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Command modules, in the order `tformer --help` lists them.
+COMMANDS = ["params", "convert", "tokenizer", "train", "generate"]
+
+
+class UserError(Exception):
+    """Bad user input: printed as one line, exit code 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tformer",
+        description="Build, train, fine-tune, inspect and serve transformer language models.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"tformer.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"tformer.cli.{name}":
+                continue  # command not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        code = args.func(args)
+    except (UserError, ValueError, FileNotFoundError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"tformer {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

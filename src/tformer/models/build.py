@@ -1,0 +1,81 @@
+"""Build a model on the meta device, then materialise and initialise it explicitly.
+
+Building on meta costs no memory, so parameter counts of 70B configs are free; weights are
+only allocated by `to_empty` on the target device, then filled by `init_weights`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from tformer.config import ModelConfig
+from tformer.models.decoder import Decoder
+
+
+def build_model(
+    config: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, init: bool = True
+) -> Decoder:
+    """A Decoder for `config`. device="meta" returns it unallocated (for counting, or loading)."""
+    with torch.device("meta"):
+        model = Decoder(config)
+    if str(device) == "meta":
+        return model
+    model.to_empty(device=device)
+    model.tie_weights()  # to_empty makes new Parameter objects: tie them again
+    reset_buffers(model)
+    if init:
+        init_weights(model)
+    if dtype is not None:
+        model.to(dtype)
+    return model
+
+
+def reset_buffers(model: nn.Module, device: str | torch.device | None = None) -> None:
+    """Recompute derived, non-persistent buffers (RoPE frequencies, sinusoids, ALiBi slopes).
+
+    Buffers still on the meta device (a model whose weights were assigned from a checkpoint)
+    are first allocated on `device`.
+    """
+    for m in model.modules():
+        for name, buf in m.named_buffers(recurse=False):
+            if buf is not None and buf.is_meta:
+                setattr(m, name, torch.empty_like(buf, device=device))
+    for m in model.modules():
+        if hasattr(m, "reset_buffers"):
+            m.reset_buffers()
+    if getattr(model, "alibi_slopes", None) is not None:
+        from tformer.nn.position import alibi_slopes
+
+        model.alibi_slopes = alibi_slopes(model.config.n_heads).to(model.alibi_slopes.device)
+
+
+@torch.no_grad()
+def init_weights(model: Decoder) -> None:
+    """GPT-2 init: N(0, init_std) for weights, zeros for biases, residual projections scaled
+    by 1/sqrt(2 n_layers) (Radford et al. 2019, 2.3) when `scale_residual_init` is set."""
+    c = model.config
+    resid_std = c.init_std / math.sqrt(2 * c.n_layers) if c.scale_residual_init else c.init_std
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            std = resid_std if name.endswith(("attn.wo", "ffn.w2")) else c.init_std
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=c.init_std)
+        elif isinstance(m, nn.LayerNorm):
+            m.reset_parameters()
+        elif hasattr(m, "reset_parameters") and not list(m.children()):
+            m.reset_parameters()
+    if hasattr(model.pos_emb, "weight"):
+        nn.init.normal_(model.pos_emb.weight, mean=0.0, std=c.init_std)
+    if c.tie_embeddings:  # the tied matrix was drawn as an output Linear; keep it an embedding draw
+        nn.init.normal_(model.tok_emb.weight, mean=0.0, std=c.init_std)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (tied weights counted once); works on meta models."""
+    return sum(p.numel() for p in model.parameters())

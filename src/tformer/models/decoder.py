@@ -1,0 +1,117 @@
+"""Decoder-only language model (GPT-2, Llama, Mistral, Qwen2, ...), assembled from `tformer.nn`.
+
+    tokens (B,T) -> tok_emb (+ absolute positions) -> dropout -> n_layers x Block
+                 -> final norm (pre-norm models) -> output -> logits (B,T,vocab)
+
+Positions: without padding a token's position is its slot (0..T-1, or `input_pos` with a
+KV cache). With a key-padding `attention_mask` (B,S; 1 = real token) positions count real
+tokens only, so a left-padded row gives the same logits as the unpadded row alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tformer.config import ModelConfig
+from tformer.models.blocks import make_block
+from tformer.nn.kv_cache import KVCache
+from tformer.nn.masks import alibi_bias, as_additive, causal_mask
+from tformer.nn.norm import make_norm
+from tformer.nn.position import LearnedPositions, NoPositions, SinusoidalPositions, alibi_slopes
+from tformer.nn.rope import RotaryEmbedding
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
+        self.pos_emb = _absolute_positions(config)
+        self.emb_drop = nn.Dropout(config.emb_dropout)
+        self.rope = RotaryEmbedding(config.rope, config.head_dim) if config.positions == "rope" else None
+        if config.positions == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(config.n_heads), persistent=False)
+        else:
+            self.alibi_slopes = None
+        self.layers = nn.ModuleList(make_block(config) for _ in range(config.n_layers))
+        self.norm = make_norm(config) if config.norm_placement == "pre" else nn.Identity()
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.cache_slots = 0  # > 0 once setup_caches() was called
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.output.weight = self.tok_emb.weight
+
+    def setup_caches(self, batch_size: int, n_slots: int, dtype: torch.dtype | None = None) -> None:
+        """Preallocate a static KV cache of `n_slots` positions (rounded up to a multiple of 8)."""
+        n_slots = (n_slots + 7) // 8 * 8
+        dtype = dtype or self.output.weight.dtype
+        device = self.output.weight.device
+        c = self.config
+        for layer in self.layers:
+            layer.attn.kv_cache = KVCache(batch_size, n_slots, c.n_kv_heads, c.head_dim, dtype, device)
+        self.cache_slots = n_slots
+
+    def clear_caches(self) -> None:
+        for layer in self.layers:
+            layer.attn.kv_cache = None
+        self.cache_slots = 0
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, attention_mask=None):
+        """tokens (B,T) -> logits (B,T,vocab).
+
+        input_pos (T,): cache slots of these tokens (required once caches are set up).
+        attention_mask (B,S): 1 for real tokens, 0 for padding; S = T, or the cache size.
+        """
+        B, T = tokens.shape
+        slots = self._slots(T, input_pos, tokens.device)
+        positions = self._positions(slots, attention_mask, B)  # (B, T)
+        mask = self._mask(slots, attention_mask)
+        x = self.emb_drop(self.pos_emb(self.tok_emb(tokens), positions))  # (B, T, C)
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(x.dtype)
+        rope = self.rope(positions, x.dtype) if self.rope is not None else None
+        for layer in self.layers:
+            x = layer(x, rope, mask, input_pos)
+        return self.output(self.norm(x))
+
+    def _slots(self, T: int, input_pos, device) -> torch.Tensor:
+        if self.cache_slots and input_pos is None:
+            raise ValueError("caches are set up: pass input_pos (the cache slots of these tokens)")
+        if input_pos is None:
+            return torch.arange(T, device=device)
+        if input_pos.shape != (T,):
+            raise ValueError(f"input_pos must have shape ({T},), got {tuple(input_pos.shape)}")
+        return input_pos
+
+    def _positions(self, slots: torch.Tensor, attention_mask, B: int) -> torch.Tensor:
+        if attention_mask is None:
+            return slots.expand(B, -1)
+        n_keys = self.cache_slots or slots.shape[0]
+        if attention_mask.shape != (B, n_keys):
+            raise ValueError(
+                f"attention_mask must have shape (batch, keys) = ({B}, {n_keys}), got {tuple(attention_mask.shape)}"
+            )
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S): count of real tokens before
+        return pos.gather(1, slots.expand(B, -1))
+
+    def _mask(self, slots: torch.Tensor, attention_mask) -> torch.Tensor | None:
+        c = self.config
+        plain = self.alibi_slopes is None and c.sliding_window is None and attention_mask is None
+        if plain and not self.cache_slots:
+            return None  # SDPA's is_causal path
+        n_keys = self.cache_slots or slots.shape[0]
+        mask = causal_mask(slots, n_keys, attention_mask, c.sliding_window)
+        if self.alibi_slopes is not None:
+            return as_additive(mask, alibi_bias(self.alibi_slopes, slots, n_keys), torch.float32)
+        return mask
+
+
+def _absolute_positions(config: ModelConfig) -> nn.Module:
+    if config.positions == "learned":
+        return LearnedPositions(config.max_seq_len, config.dim)
+    if config.positions == "sinusoidal":
+        return SinusoidalPositions(config.max_seq_len, config.dim)
+    return NoPositions()

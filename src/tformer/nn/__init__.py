@@ -1,0 +1,1 @@
+"""Building blocks. No model-family names in here: only mechanisms."""

@@ -1,0 +1,87 @@
+"""Multi-head self-attention with grouped key/value heads (MHA, GQA, MQA).
+
+Shapes: B batch, T queries, S keys, C dim, H query heads, Hkv key/value heads, D head_dim.
+
+    x (B,T,C) -> wqkv -> q (B,T,H,D), k/v (B,T,Hkv,D) -> RoPE -> (B,H,T,D)
+      -> [KV cache: write at input_pos, read all S slots] -> softmax(q k^T / sqrt(D) + mask) v
+      -> (B,T,H*D) -> wo -> (B,T,C)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tformer.config import ModelConfig
+from tformer.nn.kv_cache import KVCache
+from tformer.nn.rope import apply_rope
+
+
+def reference_attention(q, k, v, mask=None, dropout_p: float = 0.0):
+    """The textbook formula, one head group at a time; returns (output, weights (B,H,T,S)).
+
+    Used to check the fused kernels and to capture attention maps. mask: None (causal),
+    bool (True = attend) or additive float, broadcastable to (B, H, T, S).
+    """
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    if mask is None:
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:
+        scores = scores + mask
+    weights = scores.softmax(dim=-1)
+    out = F.dropout(weights, dropout_p, training=dropout_p > 0).to(v.dtype) @ v
+    return out, weights
+
+
+def fused_attention(q, k, v, mask=None, dropout_p: float = 0.0):
+    """torch SDPA (flash / memory-efficient kernels on GPU)."""
+    if mask is None:  # plain causal: the flash kernel handles grouped heads natively
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=q.shape[1] != k.shape[1]
+        )
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:  # masked kernels take equal head counts
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.split_sizes = [q_size, kv_size, kv_size]
+        self.wqkv = nn.Linear(config.dim, q_size + 2 * kv_size, bias=config.qkv_bias)
+        self.wo = nn.Linear(q_size, config.dim, bias=config.out_bias)
+        self.attn_dropout = config.attn_dropout
+        self.resid_drop = nn.Dropout(config.resid_dropout)
+        self.kv_cache: KVCache | None = None
+        self.capture = False  # when True, use the reference path and keep the weights
+        self.weights: torch.Tensor | None = None
+
+    def forward(self, x, rope=None, mask=None, input_pos=None):
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split(self.split_sizes, dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|Hkv, T, D)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, S, D)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if self.capture:
+            y, self.weights = reference_attention(q, k, v, mask, dropout_p)
+        else:
+            y = fused_attention(q, k, v, mask, dropout_p)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
+        return self.resid_drop(self.wo(y))

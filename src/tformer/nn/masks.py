@@ -1,0 +1,46 @@
+"""Attention masks, built once per forward and shared by every layer.
+
+Shapes: B batch, H heads, T queries, S key slots (T without a cache, the cache size with one).
+A boolean mask is True where a query may attend. `None` means "plain causal over T", which
+lets SDPA pick its flash kernel (`is_causal=True`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def causal_mask(
+    q_slots: torch.Tensor,
+    n_keys: int,
+    key_valid: torch.Tensor | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """(B or 1, 1, T, S) bool: causal, within `window` recent keys, and only valid (non-pad) keys.
+
+    q_slots (T,): the key slot each query occupies. A query always sees its own slot, so a
+    padding query never has an empty row (which would give NaN from softmax).
+    """
+    k_slots = torch.arange(n_keys, device=q_slots.device)
+    q = q_slots[:, None]  # (T, 1)
+    allowed = k_slots[None, :] <= q  # (T, S)
+    if window is not None:
+        allowed = allowed & (k_slots[None, :] > q - window)
+    allowed = allowed[None, None]  # (1, 1, T, S)
+    if key_valid is not None:
+        allowed = allowed & key_valid.bool()[:, None, None, :]  # (B, 1, T, S)
+        allowed = allowed | (k_slots[None, :] == q)[None, None]
+    return allowed
+
+
+def alibi_bias(slopes: torch.Tensor, q_slots: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """(1, H, T, S) additive ALiBi bias: -slope_h * (query slot - key slot)."""
+    k_slots = torch.arange(n_keys, device=q_slots.device)
+    distance = (k_slots[None, :] - q_slots[:, None]).float()  # (T, S), <= 0 where causal
+    return slopes.float()[None, :, None, None] * distance[None, None]
+
+
+def as_additive(mask: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Combine a boolean mask with an additive bias into one float mask for SDPA."""
+    neg = torch.finfo(dtype).min
+    return torch.where(mask, bias, torch.full_like(bias, neg)).to(dtype)
