@@ -46,10 +46,6 @@ def reset_buffers(model: nn.Module, device: str | torch.device | None = None) ->
     for m in model.modules():
         if hasattr(m, "reset_buffers"):
             m.reset_buffers()
-    if getattr(model, "alibi_slopes", None) is not None:
-        from tformer.nn.position import alibi_slopes
-
-        model.alibi_slopes = alibi_slopes(model.config.n_heads).to(model.alibi_slopes.device)
 
 
 @torch.no_grad()

@@ -16,9 +16,9 @@ from torch import nn
 from tformer.config import ModelConfig
 from tformer.models.blocks import make_block
 from tformer.nn.kv_cache import KVCache
-from tformer.nn.masks import alibi_bias, as_additive, causal_mask
+from tformer.nn.masks import as_additive, causal_mask
 from tformer.nn.norm import make_norm
-from tformer.nn.position import LearnedPositions, NoPositions, SinusoidalPositions, alibi_slopes
+from tformer.nn.position import Alibi, LearnedPositions, NoPositions, SinusoidalPositions
 from tformer.nn.rope import RotaryEmbedding
 
 
@@ -30,10 +30,7 @@ class Decoder(nn.Module):
         self.pos_emb = _absolute_positions(config)
         self.emb_drop = nn.Dropout(config.emb_dropout)
         self.rope = RotaryEmbedding(config.rope, config.head_dim) if config.positions == "rope" else None
-        if config.positions == "alibi":
-            self.register_buffer("alibi_slopes", alibi_slopes(config.n_heads), persistent=False)
-        else:
-            self.alibi_slopes = None
+        self.alibi = Alibi(config.n_heads) if config.positions == "alibi" else None
         self.layers = nn.ModuleList(make_block(config) for _ in range(config.n_layers))
         self.norm = make_norm(config) if config.norm_placement == "pre" else nn.Identity()
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
@@ -99,13 +96,13 @@ class Decoder(nn.Module):
 
     def _mask(self, slots: torch.Tensor, attention_mask) -> torch.Tensor | None:
         c = self.config
-        plain = self.alibi_slopes is None and c.sliding_window is None and attention_mask is None
+        plain = self.alibi is None and c.sliding_window is None and attention_mask is None
         if plain and not self.cache_slots:
             return None  # SDPA's is_causal path
         n_keys = self.cache_slots or slots.shape[0]
         mask = causal_mask(slots, n_keys, attention_mask, c.sliding_window)
-        if self.alibi_slopes is not None:
-            return as_additive(mask, alibi_bias(self.alibi_slopes, slots, n_keys), torch.float32)
+        if self.alibi is not None:
+            return as_additive(mask, self.alibi(slots, n_keys), torch.float32)
         return mask
 
 

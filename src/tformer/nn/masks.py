@@ -33,13 +33,6 @@ def causal_mask(
     return allowed
 
 
-def alibi_bias(slopes: torch.Tensor, q_slots: torch.Tensor, n_keys: int) -> torch.Tensor:
-    """(1, H, T, S) additive ALiBi bias: -slope_h * (query slot - key slot)."""
-    k_slots = torch.arange(n_keys, device=q_slots.device)
-    distance = (k_slots[None, :] - q_slots[:, None]).float()  # (T, S), <= 0 where causal
-    return slopes.float()[None, :, None, None] * distance[None, None]
-
-
 def as_additive(mask: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Combine a boolean mask with an additive bias into one float mask for SDPA."""
     neg = torch.finfo(dtype).min

@@ -10,6 +10,8 @@ import math
 import torch
 from torch import nn
 
+from tformer.nn.buffers import DerivedBuffers
+
 
 def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
     """Vaswani et al. 2017, 3.5: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...)."""
@@ -32,7 +34,7 @@ class LearnedPositions(nn.Module):
         return x + self.weight[positions]  # positions (B, T) -> (B, T, C)
 
 
-class SinusoidalPositions(nn.Module):
+class SinusoidalPositions(DerivedBuffers):
     """Fixed sinusoids of the original Transformer; no parameters."""
 
     def __init__(self, max_seq_len: int, dim: int):
@@ -71,3 +73,21 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     closest = 2 ** math.floor(math.log2(n_heads))
     extra = power_of_2(2 * closest)[0::2][: n_heads - closest]
     return torch.tensor(power_of_2(closest) + extra)
+
+
+class Alibi(DerivedBuffers):
+    """Attention with Linear Biases: an additive (1, H, T, S) bias instead of position embeddings."""
+
+    def __init__(self, n_heads: int):
+        super().__init__()
+        self.register_buffer("slopes", torch.empty(n_heads), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        with torch.no_grad():
+            self.slopes.copy_(alibi_slopes(self.slopes.shape[0]).to(self.slopes.device))
+
+    def forward(self, q_slots: torch.Tensor, n_keys: int) -> torch.Tensor:
+        k_slots = torch.arange(n_keys, device=q_slots.device)
+        distance = (k_slots[None, :] - q_slots[:, None]).float()  # (T, S), <= 0 where causal
+        return self.slopes[None, :, None, None] * distance[None, None]  # -slope_h * (i - j)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from tformer.config import RopeConfig
+from tformer.nn.buffers import DerivedBuffers
 
 
 def rope_inv_freq(rope: RopeConfig, rot_dim: int) -> tuple[torch.Tensor, float]:
@@ -59,7 +60,7 @@ def _yarn_inv_freq(inv_freq: torch.Tensor, rope: RopeConfig, rot_dim: int) -> tu
     return inv_freq, scale
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(DerivedBuffers):
     """positions (B, T) -> (cos, sin), each (B, T, R), computed in fp32 per call (cheap, static)."""
 
     def __init__(self, rope: RopeConfig, head_dim: int):
