@@ -85,3 +85,32 @@ class Attention(nn.Module):
             y = fused_attention(q, k, v, mask, dropout_p)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
         return self.resid_drop(self.wo(y))
+
+
+class capture_attention:
+    """Context manager: run `model` on the reference path and collect each layer's attention
+    weights (B, H, T, S), in layer order, for visualisation.
+
+        with capture_attention(model) as maps:
+            model(tokens)
+        maps[0]  # first layer's weights
+    """
+
+    def __init__(self, model: nn.Module):
+        self.layers = [m for m in model.modules() if isinstance(m, Attention)]
+        self.maps: list[torch.Tensor] = []
+
+    def __enter__(self) -> list[torch.Tensor]:
+        for layer in self.layers:
+            layer.capture = True
+        self._handles = [layer.register_forward_hook(self._keep) for layer in self.layers]
+        return self.maps
+
+    def _keep(self, module, _inputs, _output) -> None:
+        self.maps.append(module.weights.detach())
+        module.weights = None
+
+    def __exit__(self, *exc) -> None:
+        for layer, handle in zip(self.layers, self._handles):
+            layer.capture = False
+            handle.remove()
