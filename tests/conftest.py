@@ -1,7 +1,13 @@
+import os
+
 import pytest
 import torch
 
 from tformer.config import ModelConfig
+
+# Reference models are built from configs at random init: never reach for a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture(autouse=True)
