@@ -30,11 +30,12 @@ def is_tformer_checkpoint(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
-def save(model: Decoder, path: str | Path, tokenizer=None, extra: dict | None = None) -> Path:
+def save(model: Decoder, path: str | Path, tokenizer=None, extra: dict | None = None, write_extra=None) -> Path:
     """Write `model` (and `tokenizer`, optional) as a tformer checkpoint directory.
 
     The directory is assembled beside `path` and renamed into place, so an interrupted save
-    leaves the previous checkpoint at `path` intact.
+    leaves the previous checkpoint at `path` intact. `write_extra(tmp_dir)` may add files
+    (e.g. optimiser state) before the directory goes into place.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,6 +49,8 @@ def save(model: Decoder, path: str | Path, tokenizer=None, extra: dict | None = 
         atomic_write_text(tmp / CONFIG_FILE, json.dumps(meta, indent=2))
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer.json")
+        if write_extra is not None:
+            write_extra(tmp)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

