@@ -1,0 +1,190 @@
+"""Presets against HF: each preset's HF config is written out here from the hub config.json
+(explicit kwargs, never downloaded), built on the meta device, and compared field by field and
+by parameter count. The kwargs are an independent transcription, so a typo in either fails."""
+
+import pytest
+import torch
+
+from tformer.presets import PRESETS, UnknownPresetError, find_preset, get_preset, list_presets, preset_source
+
+transformers = pytest.importorskip("transformers")
+
+LLAMA3_8B = dict(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+)
+LLAMA3_SCALING = dict(
+    rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+)
+TINY = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
+
+
+def _gpt2(n_embd, n_layer, n_head):
+    return transformers.GPT2Config(
+        vocab_size=50257, n_positions=1024, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        activation_function="gelu_new", layer_norm_epsilon=1e-5, initializer_range=0.02,
+        resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, tie_word_embeddings=True,
+    )
+
+
+def _llama(**kw):
+    return transformers.LlamaConfig(hidden_act="silu", attention_bias=False, mlp_bias=False, **kw)
+
+
+# Preset name -> the HF config its source repo's config.json describes.
+HF_CONFIGS = {
+    "gpt2": lambda: _gpt2(768, 12, 12),
+    "gpt2-medium": lambda: _gpt2(1024, 24, 16),
+    "gpt2-large": lambda: _gpt2(1280, 36, 20),
+    "gpt2-xl": lambda: _gpt2(1600, 48, 25),
+    "llama-2-7b": lambda: _llama(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, rms_norm_eps=1e-5, max_position_embeddings=4096, rope_theta=10000.0,
+        tie_word_embeddings=False,
+    ),
+    "llama-3-8b": lambda: _llama(
+        **LLAMA3_8B, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False
+    ),
+    "llama-3.1-8b": lambda: _llama(
+        **LLAMA3_8B, max_position_embeddings=131072, rope_theta=500000.0,
+        rope_scaling=dict(LLAMA3_SCALING, factor=8.0), tie_word_embeddings=False,
+    ),
+    "llama-3.2-1b": lambda: _llama(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=131072,
+        rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING, factor=32.0), tie_word_embeddings=True,
+    ),
+    "mistral-7b": lambda: transformers.MistralConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, rms_norm_eps=1e-5, max_position_embeddings=32768, rope_theta=10000.0,
+        sliding_window=4096, tie_word_embeddings=False,
+    ),
+    "qwen2.5-0.5b": lambda: transformers.Qwen2Config(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=32768, rope_theta=1000000.0,
+        sliding_window=32768, use_sliding_window=False, max_window_layers=24, tie_word_embeddings=True,
+    ),
+    "qwen2.5-7b": lambda: transformers.Qwen2Config(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, rms_norm_eps=1e-6, max_position_embeddings=131072, rope_theta=1000000.0,
+        sliding_window=131072, use_sliding_window=False, max_window_layers=28, tie_word_embeddings=False,
+    ),
+    "smollm2-135m": lambda: _llama(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, rms_norm_eps=1e-5, max_position_embeddings=8192, rope_theta=100000.0,
+        initializer_range=0.041666666666666664, tie_word_embeddings=True,
+    ),
+    "tiny-gpt2": lambda: transformers.GPT2Config(
+        vocab_size=256, n_positions=128, n_embd=64, n_layer=2, n_head=4, activation_function="gelu_new",
+        layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+    ),
+    "tiny-llama": lambda: _llama(
+        **TINY, num_key_value_heads=2, head_dim=32, intermediate_size=176, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling=dict(LLAMA3_SCALING, factor=4.0, original_max_position_embeddings=32), tie_word_embeddings=True,
+    ),
+    "tiny-mistral": lambda: transformers.MistralConfig(
+        **TINY, num_key_value_heads=2, intermediate_size=176, rms_norm_eps=1e-5, rope_theta=10000.0,
+        sliding_window=16, tie_word_embeddings=False,
+    ),
+    "tiny-qwen2": lambda: transformers.Qwen2Config(
+        **TINY, num_key_value_heads=2, intermediate_size=176, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        use_sliding_window=False, tie_word_embeddings=True,
+    ),
+}
+
+
+def hf_parameter_count(hf_config) -> int:
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    if hf_config.tie_word_embeddings:  # a tie that did not happen would double-count the embedding
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once
+
+
+def expected_fields(hf) -> dict:
+    """Our field values as this HF config states them (an independent mini-converter)."""
+    if hf.model_type == "gpt2":
+        return dict(
+            vocab_size=hf.vocab_size, dim=hf.n_embd, n_layers=hf.n_layer, n_heads=hf.n_head, n_kv_heads=hf.n_head,
+            ffn_dim=hf.n_inner or 4 * hf.n_embd, norm="layernorm", norm_eps=hf.layer_norm_epsilon,
+            activation={"gelu_new": "gelu_tanh"}[hf.activation_function], positions="learned",
+            qkv_bias=True, out_bias=True, ffn_bias=True, max_seq_len=hf.n_positions,
+            tie_embeddings=hf.tie_word_embeddings, emb_dropout=hf.embd_pdrop, attn_dropout=hf.attn_pdrop,
+            resid_dropout=hf.resid_pdrop, init_std=hf.initializer_range,
+        )
+    return dict(
+        vocab_size=hf.vocab_size, dim=hf.hidden_size, n_layers=hf.num_hidden_layers,
+        n_heads=hf.num_attention_heads, n_kv_heads=hf.num_key_value_heads,
+        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+        ffn_dim=hf.intermediate_size, norm="rmsnorm", norm_eps=hf.rms_norm_eps, activation="swiglu",
+        positions="rope", out_bias=False, ffn_bias=False,
+        qkv_bias=hf.model_type == "qwen2" or getattr(hf, "attention_bias", False),  # Qwen2: q/k/v bias always
+        max_seq_len=hf.max_position_embeddings, tie_embeddings=hf.tie_word_embeddings,
+        sliding_window=getattr(hf, "sliding_window", None), init_std=hf.initializer_range,
+        **_rope_fields(hf.rope_parameters),
+    )
+
+
+def _rope_fields(rope: dict) -> dict:
+    fields = {"rope.theta": rope["rope_theta"], "rope.scaling": rope["rope_type"].replace("default", "none")}
+    if rope["rope_type"] == "llama3":
+        fields.update({
+            "rope.factor": rope["factor"], "rope.low_freq_factor": rope["low_freq_factor"],
+            "rope.high_freq_factor": rope["high_freq_factor"],
+            "rope.original_max_seq_len": rope["original_max_position_embeddings"],
+        })
+    return fields
+
+
+def _field(config, dotted: str):
+    obj = config
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def test_every_preset_has_an_hf_check():
+    assert sorted(HF_CONFIGS) == list_presets()
+
+
+@pytest.mark.parametrize("name", sorted(HF_CONFIGS))
+def test_preset_fields_match_hf_config(name):
+    config, hf = get_preset(name), HF_CONFIGS[name]()
+    got = {k: _field(config, k) for k in expected_fields(hf)}
+    assert got == expected_fields(hf)
+
+
+@pytest.mark.parametrize("name", sorted(HF_CONFIGS))
+def test_preset_parameter_count_matches_hf(name):
+    from tformer.params import parameter_breakdown
+
+    assert parameter_breakdown(get_preset(name))["total"] == hf_parameter_count(HF_CONFIGS[name]())
+
+
+def test_every_published_preset_names_its_hf_repo():
+    for name, preset in PRESETS.items():
+        if not name.startswith("tiny-"):
+            assert preset.source.count("/") == 1 and " " not in preset.source, (name, preset.source)
+
+
+def test_get_preset_returns_a_copy():
+    a = get_preset("llama-3-8b")
+    a.rope.theta = 1.0
+    a.n_layers = 1
+    assert get_preset("llama-3-8b").rope.theta == 500000.0
+    assert find_preset("llama-3-8b").config.n_layers == 32
+
+
+@pytest.mark.parametrize(
+    "typo, suggestion", [("llama3-8b", "llama-3-8b"), ("GPT2-XL", "gpt2-xl"), ("qwen-2.5-0.5b", "qwen2.5-0.5b")]
+)
+def test_unknown_name_suggests_close_matches(typo, suggestion):
+    with pytest.raises(UnknownPresetError) as e:
+        get_preset(typo)
+    assert repr(suggestion) in str(e.value) and repr(typo) in str(e.value)
+
+
+def test_unknown_name_without_close_match_lists_all():
+    with pytest.raises(KeyError) as e:
+        preset_source("zzz")
+    assert all(name in str(e.value) for name in list_presets())
