@@ -77,6 +77,7 @@ HF_CONFIGS = {
     "tiny-gpt2": lambda: transformers.GPT2Config(
         vocab_size=256, n_positions=128, n_embd=64, n_layer=2, n_head=4, activation_function="gelu_new",
         layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+        bos_token_id=0, eos_token_id=0,
     ),
     "tiny-llama": lambda: _llama(
         **TINY, num_key_value_heads=2, head_dim=32, intermediate_size=176, rms_norm_eps=1e-5, rope_theta=500000.0,
@@ -159,6 +160,12 @@ def test_preset_parameter_count_matches_hf(name):
     from tformer.params import parameter_breakdown
 
     assert parameter_breakdown(get_preset(name))["total"] == hf_parameter_count(HF_CONFIGS[name]())
+
+
+@pytest.mark.parametrize("name", sorted(HF_CONFIGS))
+def test_converter_reads_the_hf_config_as_the_preset(name):
+    hf = pytest.importorskip("tformer.convert.hf", reason="HF conversion not available")
+    assert hf.config_from_hf(HF_CONFIGS[name]().to_dict()) == get_preset(name)
 
 
 def test_every_published_preset_names_its_hf_repo():

@@ -77,5 +77,5 @@ def _unknown_message(name: str) -> str:
     if close:
         quoted = [repr(lowered[c]) for c in close]
         options = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
-        return f"unknown preset {name!r}: did you mean {options}? (`tformer params --list` lists all presets)"
+        return f"unknown preset {name!r}: did you mean {options}?"
     return f"unknown preset {name!r}; known presets: {', '.join(names)}"

@@ -17,6 +17,7 @@ def llama_like(**fields) -> ModelConfig:
     base = dict(
         activation="swiglu",
         norm="rmsnorm",
+        norm_bias=False,  # RMSNorm has a weight only
         positions="rope",
         qkv_bias=False,
         out_bias=False,
