@@ -83,7 +83,10 @@ def _config_from_path(path: Path) -> tuple[ModelConfig, str]:
             from tformer.convert.hf import config_from_hf
             from tformer.io import read_json
 
-            return config_from_hf(read_json(path / "config.json")), "HF model directory"
+            try:
+                return config_from_hf(read_json(path / "config.json")), "HF model directory"
+            except ConfigError as e:
+                raise UserError(f"{path / 'config.json'}: {e}") from None
         raise UserError(f"{path} has neither tformer.json (tformer checkpoint) nor config.json (HF model)")
     return _config_from_json_file(path), "ModelConfig JSON"
 
