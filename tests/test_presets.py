@@ -145,7 +145,10 @@ def _field(config, dotted: str):
 
 
 def test_every_preset_has_an_hf_check():
-    assert sorted(HF_CONFIGS) == list_presets()
+    from tformer.presets import recipes
+
+    trained_here = {p.name for p in recipes.PRESETS}  # vocab and context are fitted per run
+    assert sorted(HF_CONFIGS) == [n for n in list_presets() if n not in trained_here]
 
 
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
@@ -170,7 +173,7 @@ def test_converter_reads_the_hf_config_as_the_preset(name):
 
 def test_every_published_preset_names_its_hf_repo():
     for name, preset in PRESETS.items():
-        if not name.startswith("tiny-"):
+        if not preset.source.startswith("tformer"):
             assert preset.source.count("/") == 1 and " " not in preset.source, (name, preset.source)
 
 

@@ -1,0 +1,64 @@
+"""`tformer generate PATH --prompt ...`."""
+
+from __future__ import annotations
+
+import argparse
+
+from tformer.cli import UserError
+
+DTYPES = {"float32", "bfloat16", "float16"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a tformer checkpoint or an HF model directory",
+        description=(
+            "Complete prompts with a model. PATH is a tformer checkpoint or an HF model directory with its "
+            "tokenizer.json. Several --prompt values run as one left-padded batch; a single prompt streams "
+            "to the terminal."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("path", help="checkpoint or HF model directory")
+    p.add_argument("--prompt", action="append", help="prompt text (repeatable; default: a newline)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * p_max (0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty (1: off)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from tformer.checkpoint import load
+    from tformer.generate.sampling import SamplingConfig
+    from tformer.generate.text import generate_text, load_tokenizer
+    from tformer.train.loop import resolve_device
+
+    if args.max_new_tokens <= 0:
+        raise UserError("--max-new-tokens must be > 0")
+    device = resolve_device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else None)
+    tokenizer = load_tokenizer(args.path)
+    model = load(args.path, device=device, dtype=dtype).eval()
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
+    prompts = args.prompt or ["\n"]
+    single = len(prompts) == 1
+    if single:
+        print(prompts[0], end="", flush=True)
+    texts = generate_text(model, tokenizer, prompts, args.max_new_tokens, sampling, args.stop, args.seed,
+                          stream=single)
+    if single:
+        print()
+    else:
+        for prompt, text in zip(prompts, texts):
+            print(f"=== {prompt!r}\n{prompt}{text}\n")
+    return 0

@@ -1,0 +1,35 @@
+"""Small models that tformer trains from scratch on the default corpus (Shakespeare's plays).
+
+They mirror no checkpoint; vocab_size and max_seq_len are fitted to the run's tokenizer and
+seq_len by `tformer train`.
+"""
+
+from __future__ import annotations
+
+from tformer.config import ModelConfig, RopeConfig
+from tformer.presets import Preset
+
+_SOURCE = "tformer (trained from scratch by `tformer train`)"
+
+PRESETS = [
+    # The embedded default: a small Llama-style model on a byte-level BPE tokenizer. Chosen for
+    # the most learning per second on a 2-core CPU (see bench/cpu_default.py).
+    Preset(
+        "shakespeare-bpe",
+        _SOURCE,
+        ModelConfig(
+            vocab_size=1024, dim=256, n_layers=4, n_heads=4, ffn_dim=768, activation="swiglu",
+            norm="rmsnorm", norm_bias=False, positions="rope", rope=RopeConfig(theta=10000.0),
+            tie_embeddings=True, max_seq_len=256, scale_residual_init=True,
+        ),
+    ),
+    # nanoGPT's "baby GPT" shape (4 layers, 128 wide) at character level.
+    Preset(
+        "shakespeare-char",
+        _SOURCE,
+        ModelConfig(
+            vocab_size=128, dim=128, n_layers=4, n_heads=4, activation="gelu", norm="layernorm",
+            positions="learned", qkv_bias=False, tie_embeddings=True, max_seq_len=256,
+        ),
+    ),
+]

@@ -1,0 +1,76 @@
+"""Training output: a progress bar, metrics.jsonl, TensorBoard scalars and loss.png."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from tformer.viz.loss import plot_loss
+
+
+class MetricsLogger:
+    def __init__(self, cfg, start_step: int, progress: bool = True):
+        self.dir = Path(cfg.out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_file = self.dir / "metrics.jsonl"
+        if start_step == 0:
+            self.metrics_file.unlink(missing_ok=True)
+        else:  # resumed: drop rows past the checkpoint, they will be written again
+            keep = [ln for ln in _lines(self.metrics_file) if json.loads(ln)["step"] <= start_step]
+            self.metrics_file.write_text("".join(ln + "\n" for ln in keep))
+        self.tb = _tensorboard(self.dir / "tb") if cfg.tensorboard else None
+        self.bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not progress, dynamic_ncols=True,
+                        desc="train", unit="step")
+
+    def _write(self, row: dict) -> None:
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def log_train(self, step: int, loss, lr: float, tokens_per_s: float, mfu: float | None) -> None:
+        loss = float(loss)
+        row = {"kind": "train", "step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s,
+               "mfu": mfu, "time": time.time()}
+        self._write(row)
+        post = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
+        if mfu is not None:
+            post["mfu"] = f"{mfu:.1%}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(step - self.bar.n)
+        if self.tb:
+            for key in ("loss", "lr", "tokens_per_s") + (("mfu",) if mfu is not None else ()):
+                self.tb.add_scalar(f"train/{key}", row[key], step)
+
+    def log_eval(self, step: int, metrics: dict, elapsed: float) -> None:
+        row = {"kind": "eval", "step": step, **{k: v for k, v in metrics.items() if k != "step"},
+               "elapsed_s": elapsed}
+        self._write(row)
+        self.bar.write(
+            f"step {step}: val loss {metrics['val_loss']:.4f}, ppl {metrics['val_ppl']:.2f}, "
+            f"{metrics['val_bpc']:.3f} bits/char ({elapsed:.0f}s)"
+        )
+        if self.tb:
+            for key in ("val_loss", "val_ppl", "val_bpc"):
+                self.tb.add_scalar(f"eval/{key}", metrics[key], step)
+            self.tb.flush()
+        plot_loss(self.metrics_file, self.dir / "loss.png")
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.tb:
+            self.tb.close()
+
+
+def _lines(path: Path) -> list[str]:
+    return [ln for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+
+
+def _tensorboard(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
+        return None
+    return SummaryWriter(str(log_dir))

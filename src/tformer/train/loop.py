@@ -1,0 +1,173 @@
+"""The training loop, top to bottom: data, model, optimiser, steps, eval, checkpoints.
+
+One optimiser step = `grad_accum` micro-batches of (batch_size, seq_len) tokens. The step's
+learning rate, batches and dropout draws depend only on the step and the saved RNG states,
+so a resumed run continues exactly where the interrupted one was (on CPU, bit for bit).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tformer.train.config import TrainConfig
+from tformer.train.data import TrainData, prepare_data
+from tformer.train.flops import flops_per_token, peak_flops
+from tformer.train.logger import MetricsLogger
+from tformer.train.model_setup import setup_model
+from tformer.train.optim import make_optimizer
+from tformer.train.schedule import learning_rate
+from tformer.train.state import checkpoint_dirs, load_training_state, save_best, save_training
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    val_loss: float
+    val_bpc: float
+    out_dir: str
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean next-token cross-entropy; with smoothing the target is (1 - e) onehot + e / K."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), label_smoothing=label_smoothing)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, dtype: str):
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+@torch.no_grad()
+def evaluate(model, data: TrainData, cfg: TrainConfig, device, autocast) -> dict:
+    """Validation loss (nats/token), perplexity and bits per character."""
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in data.val_batches(cfg.batch_size, cfg.seq_len, cfg.eval_batches, device):
+        with autocast:
+            total += lm_loss(model(x), y).item() * y.numel()
+        count += y.numel()
+    model.train()
+    loss = total / count
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_bpc": data.bits_per_char(loss, "val")}
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    data = prepare_data(cfg)
+    resume_from = checkpoint_dirs(cfg.out_dir)[-1] if cfg.resume and checkpoint_dirs(cfg.out_dir) else None
+    if cfg.resume and resume_from is None:
+        print(f"no checkpoint in {cfg.out_dir}/checkpoints: starting from scratch")
+    model = setup_model(cfg, data.tokenizer, device, resume_from)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    start, best = 0, float("inf")
+    if resume_from is not None:
+        state = load_training_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        start, best = state["step"], state["best_val_loss"]
+    step_fn = torch.compile(model) if cfg.compile else model
+    autocast = autocast_for(device, cfg.dtype)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    flops_step = flops_per_token(model, cfg.seq_len) * tokens_per_step
+    peak = peak_flops(device)
+    logger = MetricsLogger(cfg, start, progress)
+    metrics = {}
+    t0 = time.perf_counter()
+    step = start
+    while step < cfg.max_steps:
+        elapsed = time.perf_counter() - t0
+        if cfg.max_time and elapsed >= cfg.max_time:
+            break
+        lr = _lr(cfg, step, elapsed)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t_step = time.perf_counter()
+        loss = _optimizer_step(step_fn, optimizer, data, cfg, device, autocast, step)
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            _check_finite(loss, step, cfg)
+            dt = time.perf_counter() - t_step
+            mfu = flops_step / dt / peak if peak else None
+            logger.log_train(step, loss, lr, tokens_per_step / dt, mfu)
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            _check_finite(loss, step, cfg)
+            metrics = evaluate(model, data, cfg, device, autocast)
+            logger.log_eval(step, metrics, time.perf_counter() - t0)
+            best = _save(cfg, model, data, optimizer, step, metrics, best)
+    if not metrics or metrics.get("step") != step:
+        _check_finite(loss, step, cfg)
+        metrics = evaluate(model, data, cfg, device, autocast)
+        logger.log_eval(step, metrics, time.perf_counter() - t0)
+        best = _save(cfg, model, data, optimizer, step, metrics, best)
+    logger.close()
+    return TrainResult(step, metrics["val_loss"], metrics["val_bpc"], cfg.out_dir)
+
+
+def _lr(cfg: TrainConfig, step: int, elapsed: float) -> float:
+    if cfg.max_time and step >= cfg.warmup:  # a time budget: after warmup, decay by the share of time used
+        step = cfg.warmup + int((cfg.max_steps - cfg.warmup) * elapsed / cfg.max_time)
+    return learning_rate(step, cfg.schedule, cfg.lr, cfg.warmup, cfg.max_steps, cfg.min_lr)
+
+
+def _optimizer_step(model, optimizer, data, cfg, device, autocast, step: int) -> torch.Tensor:
+    total = torch.zeros((), device=device)
+    for micro in range(cfg.grad_accum):
+        x, y = data.train_batch(cfg.batch_size, cfg.seq_len, step * cfg.grad_accum + micro, device)
+        with autocast:
+            loss = lm_loss(model(x), y, cfg.label_smoothing) / cfg.grad_accum
+        loss.backward()
+        total += loss.detach()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def _check_finite(loss: torch.Tensor, step: int, cfg: TrainConfig) -> None:
+    if not torch.isfinite(loss):
+        last = checkpoint_dirs(cfg.out_dir)
+        where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+        raise TrainingDiverged(
+            f"loss became {loss.item()} by step {step}; {where}. Lower --lr, raise --warmup, "
+            "keep --grad-clip on, or resume from that checkpoint with --resume"
+        )
+
+
+def _save(cfg, model, data, optimizer, step, metrics, best) -> float:
+    state = {
+        "torch_rng": torch.get_rng_state(),
+        **({"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
+        "best_val_loss": min(best, metrics["val_loss"]),
+    }
+    metrics["step"] = step
+    if cfg.save_every == 0 or step % cfg.save_every == 0 or step == cfg.max_steps:
+        save_training(cfg.out_dir, model, data.tokenizer, optimizer, step, state, cfg.keep_last)
+    if metrics["val_loss"] < best:
+        save_best(cfg.out_dir, model, data.tokenizer, step, metrics["val_loss"])
+    return min(best, metrics["val_loss"])

@@ -1,0 +1,66 @@
+"""The model a run trains: from a preset, a ModelConfig JSON file, or an existing checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tformer.checkpoint import is_tformer_checkpoint, load
+from tformer.config import ModelConfig
+from tformer.models import build_model
+
+PAD_VOCAB_TO = 64  # matmul-friendly output size (nanoGPT's 50257 -> 50304 trick)
+
+
+def base_config(preset: str) -> ModelConfig:
+    path = Path(preset)
+    if path.suffix == ".json" and path.is_file():
+        return ModelConfig.from_dict(json.loads(path.read_text()))
+    if path.is_dir():
+        from tformer.checkpoint import read_config
+
+        return read_config(path)
+    from tformer.presets import get_preset
+
+    return get_preset(preset)
+
+
+def model_config(cfg, tokenizer) -> ModelConfig:
+    """The preset with the run's overrides; vocab sized to the tokenizer, context to seq_len."""
+    config = base_config(cfg.preset)
+    changes = dict(cfg.model)
+    if cfg.dropout:
+        changes.update(emb_dropout=cfg.dropout, attn_dropout=cfg.dropout, resid_dropout=cfg.dropout)
+    if not Path(cfg.preset).is_dir():  # a fresh model: fit vocab and context to this run
+        vocab = tokenizer.vocab_size
+        changes.setdefault("vocab_size", (vocab + PAD_VOCAB_TO - 1) // PAD_VOCAB_TO * PAD_VOCAB_TO)
+        changes.setdefault("max_seq_len", max(config.max_seq_len, cfg.seq_len))
+    config = config.replace(**changes)
+    if config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"the model's vocab_size {config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}"
+        )
+    if cfg.seq_len > config.max_seq_len:
+        raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
+    return config
+
+
+def setup_model(cfg, tokenizer, device: torch.device, resume_from: Path | None):
+    if resume_from is not None:
+        return load(resume_from, device=device).train()
+    config = model_config(cfg, tokenizer)
+    if is_tformer_checkpoint(cfg.preset):  # continue training a checkpoint's weights
+        model = load(cfg.preset, device=device)
+        if model.config != config:
+            model = _with_config(model, config, device)
+        return model.train()
+    return build_model(config, device=device).train()
+
+
+def _with_config(model, config: ModelConfig, device):
+    """Same weights, changed non-shape fields (e.g. dropout)."""
+    new = build_model(config, device=device, init=False)
+    new.load_state_dict(model.state_dict())
+    return new
