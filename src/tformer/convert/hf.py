@@ -1,0 +1,211 @@
+"""HF transformers checkpoints (gpt2, llama, mistral, qwen2) <-> tformer models.
+
+The HF parameter names live only here, as key maps: one rule per parameter kind, used in
+both directions. Tensors change in two ways only:
+
+    gpt2 Conv1D weights are stored (in, out)          -> transposed to our Linear (out, in)
+    llama-family q_proj | k_proj | v_proj (and biases) -> concatenated rows of our wqkv
+
+RoPE needs no permutation: tformer uses HF's rotate-half layout.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tformer.checkpoint import _replace_dir, model_from_tensors
+from tformer.config import ConfigError, ModelConfig
+from tformer.convert.hf_config import SUPPORTED_MODEL_TYPES, config_from_hf, config_to_hf, hf_model_type
+from tformer.io import CheckpointError, atomic_write_text, read_json, read_safetensors_dir, write_safetensors
+from tformer.models.build import build_model
+from tformer.models.decoder import Decoder
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "config_from_hf",
+    "config_to_hf",
+    "load_hf",
+    "save_hf",
+    "state_dict_from_hf",
+    "state_dict_to_hf",
+]
+
+COPY, CONV1D, QKV = "copy", "conv1d", "qkv"
+
+# (our name, HF name or (q, k, v) names, how the tensor changes); `\1`, `\2` are our name's groups
+_LLAMA_KEYS = [
+    (r"tok_emb\.weight", "model.embed_tokens.weight", COPY),
+    (r"layers\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight", COPY),
+    (r"layers\.(\d+)\.attn\.wqkv\.(weight|bias)",
+     tuple(rf"model.layers.\1.self_attn.{p}_proj.\2" for p in "qkv"), QKV),  # fmt: skip
+    (r"layers\.(\d+)\.attn\.wo\.(weight|bias)", r"model.layers.\1.self_attn.o_proj.\2", COPY),
+    (r"layers\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight", COPY),
+    (r"layers\.(\d+)\.ffn\.w1\.(weight|bias)", r"model.layers.\1.mlp.gate_proj.\2", COPY),
+    (r"layers\.(\d+)\.ffn\.w3\.(weight|bias)", r"model.layers.\1.mlp.up_proj.\2", COPY),
+    (r"layers\.(\d+)\.ffn\.w2\.(weight|bias)", r"model.layers.\1.mlp.down_proj.\2", COPY),
+    (r"norm\.weight", "model.norm.weight", COPY),
+    (r"output\.weight", "lm_head.weight", COPY),
+]
+_GPT2_KEYS = [
+    (r"tok_emb\.weight", "transformer.wte.weight", COPY),
+    (r"pos_emb\.weight", "transformer.wpe.weight", COPY),
+    (r"layers\.(\d+)\.attn_norm\.(weight|bias)", r"transformer.h.\1.ln_1.\2", COPY),
+    (r"layers\.(\d+)\.attn\.wqkv\.(weight|bias)", r"transformer.h.\1.attn.c_attn.\2", CONV1D),  # fused q|k|v
+    (r"layers\.(\d+)\.attn\.wo\.(weight|bias)", r"transformer.h.\1.attn.c_proj.\2", CONV1D),
+    (r"layers\.(\d+)\.ffn_norm\.(weight|bias)", r"transformer.h.\1.ln_2.\2", COPY),
+    (r"layers\.(\d+)\.ffn\.w1\.(weight|bias)", r"transformer.h.\1.mlp.c_fc.\2", CONV1D),
+    (r"layers\.(\d+)\.ffn\.w2\.(weight|bias)", r"transformer.h.\1.mlp.c_proj.\2", CONV1D),
+    (r"norm\.(weight|bias)", r"transformer.ln_f.\1", COPY),
+    (r"output\.weight", "lm_head.weight", COPY),
+]
+_KEYS = {"gpt2": (_GPT2_KEYS, "transformer."), "llama": (_LLAMA_KEYS, "model.")}
+# HF buffers saved by some versions: GPT-2's causal-mask tables, RoPE frequencies
+_BUFFERS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq|rotary_emb\.original_inv_freq)$")
+
+
+def _key_plan(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], str, tuple[int, ...]]]:
+    """our name -> (HF names, op, our shape) for every parameter a checkpoint must hold."""
+    model_type = hf_model_type(cfg)
+    rules, _ = _KEYS["gpt2" if model_type == "gpt2" else "llama"]
+    plan = {}
+    for name, value in build_model(cfg, device="meta").state_dict().items():
+        if name == "output.weight" and cfg.tie_embeddings:
+            continue  # stored once, as the embedding
+        for pattern, template, op in rules:
+            if m := re.fullmatch(pattern, name):
+                names = template if isinstance(template, tuple) else (template,)
+                plan[name] = (tuple(m.expand(t) for t in names), op, tuple(value.shape))
+                break
+        else:
+            raise RuntimeError(f"no HF name for parameter {name!r} of a {model_type} model: extend the key map")
+    return plan
+
+
+def _qkv_sizes(cfg: ModelConfig) -> list[int]:
+    return [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
+
+
+def _hf_shapes(op: str, shape: tuple[int, ...], cfg: ModelConfig) -> list[tuple[int, ...]]:
+    if op == QKV:
+        return [(n, *shape[1:]) for n in _qkv_sizes(cfg)]
+    if op == CONV1D and len(shape) == 2:
+        return [shape[::-1]]
+    return [shape]
+
+
+def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Base-model checkpoints (GPT2Model, LlamaModel) name weights without the `transformer.`/`model.` prefix."""
+    if any(k.startswith(prefix) for k in tensors):
+        return tensors
+    return {k if k == "lm_head.weight" else prefix + k: v for k, v in tensors.items()}
+
+
+def state_dict_from_hf(tensors: dict[str, torch.Tensor], cfg: ModelConfig, source: str = "HF checkpoint") -> dict:
+    """HF-named tensors -> our names; CheckpointError naming any missing, unexpected or misshapen tensor."""
+    plan = _key_plan(cfg)
+    tensors = _with_prefix(tensors, _KEYS["gpt2" if hf_model_type(cfg) == "gpt2" else "llama"][1])
+    missing = [n for names, _, _ in plan.values() for n in names if n not in tensors]
+    used = {n for names, _, _ in plan.values() for n in names}
+    if cfg.tie_embeddings:
+        used.add("lm_head.weight")  # some exports store the tied matrix twice; the embedding wins
+    unexpected = sorted(k for k in tensors if k not in used and not _BUFFERS.search(k))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not match its config: missing tensors {missing[:8]}{' ...' * (len(missing) > 8)}, "
+            f"unexpected tensors {unexpected[:8]}{' ...' * (len(unexpected) > 8)}"
+        )
+    out = {}
+    for ours, (names, op, shape) in plan.items():
+        parts = [tensors[n] for n in names]
+        for name, part, expected in zip(names, parts, _hf_shapes(op, shape, cfg)):
+            if tuple(part.shape) != expected:
+                raise CheckpointError(
+                    f"{source}: tensor {name!r} has shape {tuple(part.shape)}, the config expects {expected}"
+                )
+        if op == QKV:
+            out[ours] = torch.cat(parts, dim=0)
+        else:
+            out[ours] = parts[0].t() if op == CONV1D and parts[0].ndim == 2 else parts[0]
+    return out
+
+
+def state_dict_to_hf(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our names -> the names (and layouts) of the HF architecture `config_to_hf(cfg)` picks."""
+    out = {}
+    for ours, (names, op, _) in _key_plan(cfg).items():
+        if ours not in tensors:
+            raise CheckpointError(f"state dict has no {ours!r}; it does not come from a model with this config")
+        t = tensors[ours]
+        if op == QKV:
+            parts = t.split(_qkv_sizes(cfg), dim=0)
+        else:
+            parts = (t.t() if op == CONV1D and t.ndim == 2 else t,)
+        out.update(zip(names, parts))
+    return out
+
+
+def load_hf(path: str | Path, device="cpu", dtype: torch.dtype | None = None) -> Decoder:
+    """A Decoder from an HF model directory (config.json + model.safetensors or shards + index)."""
+    path = Path(path)
+    try:
+        cfg = config_from_hf(read_json(path / "config.json"))
+    except ConfigError as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from e
+    tensors = state_dict_from_hf(read_safetensors_dir(path), cfg, str(path))
+    return model_from_tensors(cfg, tensors, str(path), device, dtype)
+
+
+def save_hf(model: Decoder, path: str | Path, tokenizer=None, max_shard_bytes: int | None = None) -> Path:
+    """Write `model` as an HF model directory that `AutoModelForCausalLM.from_pretrained` loads.
+
+    Weights go to model.safetensors, or to shards plus model.safetensors.index.json when they
+    exceed `max_shard_bytes`. The directory is assembled beside `path` and renamed into place.
+    """
+    if max_shard_bytes is not None and max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be a positive number of bytes or None, got {max_shard_bytes}")
+    dtype = str(model.tok_emb.weight.dtype).removeprefix("torch.")
+    hf_config = config_to_hf(model.config, dtype=dtype)  # fails before anything is written
+    tensors = state_dict_to_hf(model.state_dict(), model.config)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        _write_weights(tensors, tmp, max_shard_bytes)
+        atomic_write_text(tmp / "config.json", json.dumps(hf_config, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(str(tmp / "tokenizer.json"))
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int | None) -> None:
+    meta = {"format": "pt"}  # transformers refuses safetensors files without it
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if max_shard_bytes is not None and shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    if len(shards) == 1:
+        write_safetensors(tensors, directory / "model.safetensors", metadata=meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"  # the names transformers writes
+        write_safetensors(shard, directory / file, metadata=meta)
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    atomic_write_text(directory / "model.safetensors.index.json", json.dumps(index, indent=2))
