@@ -160,6 +160,7 @@ def _check_finite(loss: torch.Tensor, step: int, cfg: TrainConfig) -> None:
 
 
 def _save(cfg, model, data, optimizer, step, metrics, best) -> float:
+    _check_finite(torch.tensor(metrics["val_loss"]), step, cfg)  # never checkpoint diverged weights
     state = {
         "torch_rng": torch.get_rng_state(),
         **({"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
