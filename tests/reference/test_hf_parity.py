@@ -22,6 +22,7 @@ from tformer.config import ConfigError, ModelConfig  # noqa: E402
 from tformer.convert.hf import config_from_hf, config_to_hf, load_hf, save_hf  # noqa: E402
 from tformer.io import CheckpointError  # noqa: E402
 from tformer.nn.rope import rope_inv_freq  # noqa: E402
+from tformer.presets import gpt2, llama, mistral, qwen, smollm  # noqa: E402
 
 ATOL = 1e-4
 LLAMA = dict(vocab_size=160, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -212,6 +213,26 @@ def test_save_hf_writes_tokenizer_and_replaces_atomically(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left behind
 
 
+def test_dtype_is_kept_or_cast(tmp_path):
+    hf = hf_model(transformers.Qwen2Config(**LLAMA)).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "hf")
+    assert load_hf(tmp_path / "hf").tok_emb.weight.dtype == torch.bfloat16
+    ours = load_hf(tmp_path / "hf", dtype=torch.float32)
+    assert ours.output.weight.dtype == torch.float32
+    save_hf(ours.to(torch.bfloat16), tmp_path / "export")
+    exported = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert exported["dtype"] == exported["torch_dtype"] == "bfloat16"
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("family", [gpt2, llama, mistral, qwen, smollm], ids=lambda m: m.__name__.split(".")[-1])
+def test_presets_round_trip_through_hf_configs(family):
+    """Every preset that mirrors an HF config.json converts to that architecture and back unchanged."""
+    for preset in family.PRESETS:
+        hf = config_to_hf(preset.config)
+        assert config_from_hf(hf) == preset.config, preset.name
+
+
 def _llama_dir(tmp_path):
     hf = hf_model(transformers.LlamaConfig(**LLAMA))
     hf.save_pretrained(tmp_path)
@@ -287,7 +308,7 @@ def test_unsupported_hf_configs(hf, match):
     [
         (dict(norm_placement="post"), "norm_placement='post'"),
         (dict(positions="alibi"), "positions='alibi'"),
-        (dict(positions="learned", norm="layernorm", activation="gelu", qkv_bias=True, out_bias=True), "without bias"),
+        (dict(positions="learned", norm="layernorm", activation="gelu", qkv_bias=True, out_bias=True), "learned positions mean gpt2.*a linear layer without bias"),
         (dict(out_bias=True), "out_bias=True with qkv_bias=False"),
     ],
 )

@@ -217,8 +217,8 @@ def _check_gpt2(cfg: ModelConfig) -> str:
     for bad, what in problems:
         if bad:
             _inexpressible(
-                f"{what} with learned positions (gpt2 needs LayerNorm with bias, biases everywhere, "
-                f"one of {list(_PLAIN_ACTS_TO_HF)}, full multi-head attention and no sliding window)"
+                f"learned positions mean gpt2, which cannot have {what} (gpt2 needs LayerNorm with bias, "
+                f"biases everywhere, one of {list(_PLAIN_ACTS_TO_HF)}, full multi-head attention, no sliding window)"
             )
     return "gpt2"
 
