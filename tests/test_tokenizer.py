@@ -164,7 +164,8 @@ def test_cli_trains_bpe_and_char(tmp_path, capsys):
     assert cli_main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "300",
                      "--out", str(tmp_path / "bpe")]) == 0
     assert Tokenizer.load(tmp_path / "bpe").vocab_size == 300
-    assert cli_main(["tokenizer", "train", "--input", str(corpus), "--char", "--out", str(tmp_path / "c")]) == 0
+    assert cli_main(["tokenizer", "train", "--input", str(corpus), "--char",
+                     "--out", str(tmp_path / "c")]) == 0
     assert "character" in capsys.readouterr().out
     assert cli_main(["tokenizer", "train", "--char", "--vocab-size", "9", "--out", str(tmp_path / "x")]) == 2
     assert "--vocab-size does not apply" in capsys.readouterr().err

@@ -218,4 +218,5 @@ class Tokenizer:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})"
+        return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, "
+                f"pad={self.pad_id})")
