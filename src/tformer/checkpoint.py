@@ -18,7 +18,7 @@ import torch
 
 from tformer.config import ConfigError, ModelConfig
 from tformer.io import CheckpointError, atomic_write_text, load_state_dict_strict, read_json
-from tformer.io import read_safetensors_dir, write_safetensors
+from tformer.io import read_safetensors_dir, replace_dir, write_safetensors
 from tformer.models.build import build_model, reset_buffers
 from tformer.models.decoder import Decoder
 
@@ -51,22 +51,11 @@ def save(model: Decoder, path: str | Path, tokenizer=None, extra: dict | None = 
             tokenizer.save(tmp / "tokenizer.json")
         if write_extra is not None:
             write_extra(tmp)
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def _replace_dir(new: Path, dst: Path) -> None:
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        dst.rename(old)
-        new.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(dst)
 
 
 def read_config(path: str | Path) -> ModelConfig:

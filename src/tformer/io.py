@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -106,3 +107,15 @@ def load_state_dict_strict(model: nn.Module, tensors: dict[str, torch.Tensor], s
                 f"the config expects {tuple(expected[key].shape)}"
             )
     model.load_state_dict(tensors, strict=True, assign=True)
+
+
+def replace_dir(new: Path, dst: Path) -> None:
+    """Put the finished directory `new` at `dst`, replacing what was there (old kept until the swap)."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        dst.rename(old)
+        new.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(dst)

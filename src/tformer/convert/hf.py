@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from tformer.checkpoint import _replace_dir, model_from_tensors
+from tformer.checkpoint import model_from_tensors
+from tformer.io import replace_dir
 from tformer.config import ConfigError, ModelConfig
 from tformer.convert.hf_config import SUPPORTED_MODEL_TYPES, config_from_hf, config_to_hf, hf_model_type
 from tformer.io import CheckpointError, atomic_write_text, read_json, read_safetensors_dir, write_safetensors
@@ -180,7 +181,7 @@ def save_hf(model: Decoder, path: str | Path, tokenizer=None, max_shard_bytes: i
         atomic_write_text(tmp / "config.json", json.dumps(hf_config, indent=2))
         if tokenizer is not None:
             tokenizer.save(str(tmp / "tokenizer.json"))
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
