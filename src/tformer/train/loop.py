@@ -57,11 +57,11 @@ def autocast_for(device: torch.device, dtype: str):
 
 
 @torch.no_grad()
-def evaluate(model, data: TrainData, cfg: TrainConfig, device, autocast) -> dict:
-    """Validation loss (nats/token), perplexity and bits per character."""
+def evaluate(model, data: TrainData, cfg: TrainConfig, device, autocast, full: bool = False) -> dict:
+    """Validation loss (nats/token), perplexity and bits per character; `full`: the whole split."""
     model.eval()
     total, count = 0.0, 0
-    for x, y in data.val_batches(cfg.batch_size, cfg.seq_len, cfg.eval_batches, device):
+    for x, y in data.val_batches(cfg.batch_size, cfg.seq_len, 0 if full else cfg.eval_batches, device):
         with autocast:
             total += lm_loss(model(x), y).item() * y.numel()
         count += y.numel()
@@ -96,9 +96,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     flops_step = flops_per_token(model, cfg.seq_len) * tokens_per_step
     peak = peak_flops(device)
     logger = MetricsLogger(cfg, start, progress)
-    metrics = {}
     t0 = time.perf_counter()
-    step = start
+    step, loss = start, torch.zeros(())
     while step < cfg.max_steps:
         elapsed = time.perf_counter() - t0
         if cfg.max_time and elapsed >= cfg.max_time:
@@ -114,16 +113,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             dt = time.perf_counter() - t_step
             mfu = flops_step / dt / peak if peak else None
             logger.log_train(step, loss, lr, tokens_per_step / dt, mfu)
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+        if step % cfg.eval_every == 0 and step < cfg.max_steps:
             _check_finite(loss, step, cfg)
             metrics = evaluate(model, data, cfg, device, autocast)
             logger.log_eval(step, metrics, time.perf_counter() - t0)
             best = _save(cfg, model, data, optimizer, step, metrics, best)
-    if not metrics or metrics.get("step") != step:
-        _check_finite(loss, step, cfg)
-        metrics = evaluate(model, data, cfg, device, autocast)
-        logger.log_eval(step, metrics, time.perf_counter() - t0)
-        best = _save(cfg, model, data, optimizer, step, metrics, best)
+    # the final evaluation covers the whole validation split
+    _check_finite(loss, step, cfg)
+    metrics = evaluate(model, data, cfg, device, autocast, full=True)
+    logger.log_eval(step, metrics, time.perf_counter() - t0)
+    best = _save(cfg, model, data, optimizer, step, metrics, best)
     logger.close()
     return TrainResult(step, metrics["val_loss"], metrics["val_bpc"], cfg.out_dir)
 
@@ -166,7 +165,6 @@ def _save(cfg, model, data, optimizer, step, metrics, best) -> float:
         **({"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
         "best_val_loss": min(best, metrics["val_loss"]),
     }
-    metrics["step"] = step
     if cfg.save_every == 0 or step % cfg.save_every == 0 or step == cfg.max_steps:
         save_training(cfg.out_dir, model, data.tokenizer, optimizer, step, state, cfg.keep_last)
     if metrics["val_loss"] < best:
