@@ -1,0 +1,145 @@
+"""Training throughput on one GPU: tformer vs nanoGPT vs HF transformers, timed in one process.
+
+    python bench/train_throughput.py [--nanogpt third_party/nanoGPT] [--only gpt2|llama] [--steps 20]
+
+Shapes: GPT-2 124M at B16 x T1024 and the Llama-3.2-1B shape at B4 x T2048, bf16 autocast over
+fp32 weights, fused AdamW, one optimiser step per iteration (forward, backward, step). Each
+variant is warmed up (compilation included there), then timed with CUDA events over --steps
+iterations; the median step gives tokens/s. MFU uses one FLOP count for every implementation
+of a shape (6 N + 12 L H Q T per token, nanoGPT's estimate_mfu) against the device's bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tformer.models import build_model
+from tformer.presets import get_preset
+from tformer.train.flops import flops_per_token, peak_flops
+
+
+def time_steps(model, forward_loss, batch, steps: int, warmup: int) -> dict:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    x, y = batch
+    times = []
+    for i in range(warmup + steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = forward_loss(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        end.record()
+        if i >= warmup:
+            times.append((start, end))
+    torch.cuda.synchronize()
+    ms = [s.elapsed_time(e) for s, e in times]
+    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "loss": float(loss),
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}
+
+
+def lm_loss(logits, y):
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+def tformer_variant(config, compile_: bool):
+    model = build_model(config, device="cuda")
+    fn = torch.compile(model) if compile_ else model
+    return model, lambda x, y: lm_loss(fn(x), y)
+
+
+def nanogpt_variant(nanogpt: Path, config, compile_: bool):
+    sys.path.insert(0, str(nanogpt))
+    from model import GPT, GPTConfig
+
+    cfg = GPTConfig(block_size=config.max_seq_len, vocab_size=config.vocab_size, n_layer=config.n_layers,
+                    n_head=config.n_heads, n_embd=config.dim, dropout=0.0, bias=True)
+    model = GPT(cfg).cuda()
+    fn = torch.compile(model) if compile_ else model
+    return model, lambda x, y: fn(x, y)[1]
+
+
+def hf_variant(config, compile_: bool):
+    import transformers
+
+    from tformer.convert.hf import config_to_hf
+
+    hf_cfg = transformers.AutoConfig.for_model(**config_to_hf(config))
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa").cuda()
+    fn = torch.compile(model) if compile_ else model
+    return model, lambda x, y: lm_loss(fn(input_ids=x).logits, y)
+
+
+def shapes(only: str | None):
+    gpt2 = get_preset("gpt2").replace(vocab_size=50304, emb_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0)
+    llama = get_preset("llama-3.2-1b").replace(max_seq_len=2048)
+    out = {"gpt2-124M B16xT1024": (gpt2, 16, 1024, ["nanogpt", "hf"]),
+           "llama-3.2-1B B4xT2048": (llama, 4, 2048, ["hf"])}
+    return {k: v for k, v in out.items() if only is None or k.startswith(only)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nanogpt", type=Path, default=Path("third_party/nanoGPT"))
+    ap.add_argument("--only", choices=["gpt2", "llama"])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--variants", default="tformer,nanogpt,hf", help="comma-separated subset")
+    ap.add_argument("--json", type=Path, help="write the results here too")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    device = torch.device("cuda")
+    peak = peak_flops(device)
+    rows = []
+    for shape, (config, B, T, anchors) in shapes(args.only).items():
+        flops_tok = flops_per_token(build_model(config, device="meta"), T)
+        for name in ["tformer"] + anchors:
+            if name not in args.variants.split(","):
+                continue
+            for compile_ in ([True] if name == "tformer" else [False, True]) if name != "nanogpt" else [True]:
+                label = f"{name} {'compiled' if compile_ else 'eager'}"
+                torch.manual_seed(0)
+                if name == "tformer":
+                    model, fn = tformer_variant(config, compile_)
+                elif name == "nanogpt":
+                    model, fn = nanogpt_variant(args.nanogpt, config, compile_)
+                else:
+                    model, fn = hf_variant(config, compile_)
+                batch = (torch.randint(0, config.vocab_size, (B, T), device="cuda"),
+                         torch.randint(0, config.vocab_size, (B, T), device="cuda"))
+                torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                r = time_steps(model, fn, batch, args.steps, args.warmup)
+                tok_s = B * T / (r["median_ms"] / 1e3)
+                row = {"shape": shape, "impl": label, "tokens_per_s": round(tok_s),
+                       "mfu": round(tok_s * flops_tok / peak, 3) if peak else None,
+                       "step_ms": round(r["median_ms"], 2), "peak_mem_gb": round(r["peak_mem_gb"], 1),
+                       "wall_s": round(time.perf_counter() - t0, 1)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                del model, fn, batch
+                gc.collect()
+                torch.cuda.empty_cache()
+                torch._dynamo.reset()
+    print(f"\ndevice: {torch.cuda.get_device_name()}, torch {torch.__version__}, peak {peak / 1e12:.0f} TFLOP/s")
+    print(f"{'shape':24} {'implementation':20} {'tokens/s':>10} {'MFU':>6} {'step ms':>8} {'mem GB':>7}")
+    for r in rows:
+        print(f"{r['shape']:24} {r['impl']:20} {r['tokens_per_s']:>10,} {r['mfu'] or 0:>6.3f} "
+              f"{r['step_ms']:>8.1f} {r['peak_mem_gb']:>7.1f}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
