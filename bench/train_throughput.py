@@ -44,7 +44,7 @@ def time_steps(model, forward_loss, batch, steps: int, warmup: int) -> dict:
             times.append((start, end))
     torch.cuda.synchronize()
     ms = [s.elapsed_time(e) for s, e in times]
-    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "loss": float(loss),
+    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "loss": loss.item(),
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}
 
 
@@ -53,9 +53,10 @@ def lm_loss(logits, y):
 
 
 def tformer_variant(config, compile_: bool):
+    from tformer.train.loop import make_loss_fn
+
     model = build_model(config, device="cuda")
-    fn = torch.compile(model) if compile_ else model
-    return model, lambda x, y: lm_loss(fn(x), y)
+    return model, make_loss_fn(model, compile_=compile_)
 
 
 def nanogpt_variant(nanogpt: Path, config, compile_: bool):

@@ -90,7 +90,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         if "cuda_rng" in state and device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         start, best = state["step"], state["best_val_loss"]
-    step_fn = torch.compile(model) if cfg.compile else model
+    loss_fn = make_loss_fn(model, cfg.label_smoothing, cfg.compile)
     autocast = autocast_for(device, cfg.dtype)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     flops_step = flops_per_token(model, cfg.seq_len) * tokens_per_step
@@ -106,7 +106,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         for group in optimizer.param_groups:
             group["lr"] = lr
         t_step = time.perf_counter()
-        loss = _optimizer_step(step_fn, optimizer, data, cfg, device, autocast, step)
+        loss = _optimizer_step(model, loss_fn, optimizer, data, cfg, device, autocast, step)
         step += 1
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             _check_finite(loss, step, cfg)
@@ -133,12 +133,22 @@ def _lr(cfg: TrainConfig, step: int, elapsed: float) -> float:
     return learning_rate(step, cfg.schedule, cfg.lr, cfg.warmup, cfg.max_steps, cfg.min_lr)
 
 
-def _optimizer_step(model, optimizer, data, cfg, device, autocast, step: int) -> torch.Tensor:
+def make_loss_fn(model, label_smoothing: float = 0.0, compile_: bool = False):
+    """(x, y) -> loss. Compiled, the loss is in the graph with the model, so the log-softmax
+    fuses with the output projection's epilogue instead of materialising fp32 logits."""
+
+    def forward_loss(x, y):
+        return lm_loss(model(x), y, label_smoothing)
+
+    return torch.compile(forward_loss) if compile_ else forward_loss
+
+
+def _optimizer_step(model, loss_fn, optimizer, data, cfg, device, autocast, step: int) -> torch.Tensor:
     total = torch.zeros((), device=device)
     for micro in range(cfg.grad_accum):
         x, y = data.train_batch(cfg.batch_size, cfg.seq_len, step * cfg.grad_accum + micro, device)
         with autocast:
-            loss = lm_loss(model(x), y, cfg.label_smoothing) / cfg.grad_accum
+            loss = loss_fn(x, y) / cfg.grad_accum
         loss.backward()
         total += loss.detach()
     if cfg.grad_clip > 0:
