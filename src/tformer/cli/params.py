@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from tformer.cli import UserError
-from tformer.config import ConfigError, ModelConfig
+from tformer.sources import resolve_config
 
 EPILOG = """\
 examples:
@@ -53,57 +52,6 @@ def run(args: argparse.Namespace) -> int:
     tied = "; output tied to the token embedding" if config.tie_embeddings else ""
     print(format_breakdown(breakdown, title=f"{args.model} ({source}{tied})"))
     return 0
-
-
-def resolve_config(spec: str) -> tuple[ModelConfig, str]:
-    """The ModelConfig named by `spec`, and a word on where it came from.
-
-    A path that exists wins over a preset of the same name.
-    """
-    from tformer.presets import UnknownPresetError, find_preset, get_preset
-
-    path = Path(spec).expanduser()
-    if path.exists():
-        return _config_from_path(path)
-    try:
-        preset = find_preset(spec)
-    except UnknownPresetError as e:
-        hint = f"no file or directory {spec!r} either; `tformer params --list` lists the presets"
-        raise UserError(f"{e} ({hint})") from None
-    return get_preset(spec), preset.source
-
-
-def _config_from_path(path: Path) -> tuple[ModelConfig, str]:
-    if path.is_dir():
-        if (path / "tformer.json").is_file():
-            from tformer.checkpoint import read_config
-
-            return read_config(path), "tformer checkpoint"
-        if (path / "config.json").is_file():
-            from tformer.convert.hf import config_from_hf
-            from tformer.io import read_json
-
-            try:
-                return config_from_hf(read_json(path / "config.json")), "HF model directory"
-            except ConfigError as e:
-                raise UserError(f"{path / 'config.json'}: {e}") from None
-        raise UserError(f"{path} has neither tformer.json (tformer checkpoint) nor config.json (HF model)")
-    return _config_from_json_file(path), "ModelConfig JSON"
-
-
-def _config_from_json_file(path: Path) -> ModelConfig:
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not a JSON file of ModelConfig fields ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a JSON object of ModelConfig fields, got {type(data).__name__}")
-    if data.get("format") == "tformer" and "model" in data:  # a tformer.json given as a file
-        data = data["model"]
-    try:
-        return ModelConfig.from_dict(data)
-    except (ConfigError, TypeError) as e:
-        raise UserError(f"{path}: {e}") from None
 
 
 def _print_presets() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -10,26 +9,14 @@ import torch
 from tformer.checkpoint import is_tformer_checkpoint, load
 from tformer.config import ModelConfig
 from tformer.models import build_model
+from tformer.sources import resolve_config
 
 PAD_VOCAB_TO = 64  # matmul-friendly output size (nanoGPT's 50257 -> 50304 trick)
 
 
-def base_config(preset: str) -> ModelConfig:
-    path = Path(preset)
-    if path.suffix == ".json" and path.is_file():
-        return ModelConfig.from_dict(json.loads(path.read_text()))
-    if path.is_dir():
-        from tformer.checkpoint import read_config
-
-        return read_config(path)
-    from tformer.presets import get_preset
-
-    return get_preset(preset)
-
-
 def model_config(cfg, tokenizer) -> ModelConfig:
     """The preset with the run's overrides; vocab sized to the tokenizer, context to seq_len."""
-    config = base_config(cfg.preset)
+    config, _ = resolve_config(cfg.preset)
     changes = dict(cfg.model)
     if cfg.dropout:
         changes.update(emb_dropout=cfg.dropout, attn_dropout=cfg.dropout, resid_dropout=cfg.dropout)
