@@ -68,7 +68,7 @@ def test_min_p_relative_to_max():
 
 def test_repetition_penalty_ctrl_rule():
     logits = torch.tensor([[2.0, -2.0, 1.0]])
-    out = apply_repetition_penalty(logits, torch.tensor([[0, 1, -1]]), 2.0)
+    out = apply_repetition_penalty(logits, torch.tensor([[1.0, 3.0, 0.0]]), 2.0)
     assert out.tolist() == [[1.0, -4.0, 1.0]]
 
 
@@ -79,3 +79,27 @@ def test_sampling_follows_distribution():
     draws = sample(logits, SamplingConfig(temperature=1.0), generator=g)
     freq = torch.bincount(draws, minlength=3).float() / 20000
     torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
+
+
+def test_repetition_penalty_in_generate_matches_manual_loop():
+    model = build_model(tiny_config()).eval()
+    cfg = SamplingConfig(temperature=0, repetition_penalty=1.8)
+    prompt = [4, 4, 9, 2]
+    seq = list(prompt)
+    for _ in range(6):
+        logits = model(torch.tensor([seq]))[0, -1:]
+        counts = torch.bincount(torch.tensor(seq), minlength=97).float()[None]
+        seq.append(int(apply_repetition_penalty(logits, counts, 1.8).argmax()))
+    assert generate(model, [prompt], 6, cfg) == [seq[len(prompt):]]
+
+
+def test_decode_step_compiles_without_graph_breaks():
+    from tformer.generate.engine import decode_step
+
+    model = build_model(tiny_config()).eval()
+    step = torch.compile(decode_step, backend="eager", fullgraph=True)  # raises on a graph break
+    for cfg in (SamplingConfig(temperature=0), SamplingConfig(temperature=0.8, top_k=5, top_p=0.9, min_p=0.05,
+                                                                repetition_penalty=1.2)):
+        eager = generate(model, [[1, 2, 3], [7]], 6, cfg, seed=5)
+        compiled = generate(model, [[1, 2, 3], [7]], 6, cfg, seed=5, step_fn=step)
+        assert compiled == eager

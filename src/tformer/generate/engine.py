@@ -1,11 +1,18 @@
 """KV-cached generation for a batch of prompts of different lengths (left padded).
 
     prefill: the padded prompts (B, L) fill cache slots 0..L-1 in one forward
-    decode:  one token per step at slot L+i, attending to every valid slot before it
+    decode:  one token per step at slot L+i; the step (forward + sampling) is one function that
+             `torch.compile(mode="reduce-overhead", fullgraph=True)` captures as a CUDA graph
+
+Nothing in a step waits on the host: the key mask is fixed for the whole decode (prompt padding
+masked, every later slot valid; causality hides slots not yet written), the slot index is a
+device tensor bumped in place, and sampling is tensor ops. The host looks at the tokens only
+every `sync_every` steps (to stop early) or when a streaming callback wants them.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -26,6 +33,27 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, t
     return tokens, mask
 
 
+def decode_step(model, token, input_pos, key_mask, sampling: SamplingConfig, counts=None):
+    """One decode step: token (B, 1) at slot input_pos (1,) -> next token (B,)."""
+    logits = model(token, input_pos=input_pos, attention_mask=key_mask)[:, -1]
+    return sample(logits, sampling, counts)
+
+
+def compiled_decode_step(mode: str = "reduce-overhead"):
+    """`decode_step` for torch.compile with fullgraph=True (a graph break is an error)."""
+    return torch.compile(decode_step, mode=mode, fullgraph=True)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -35,14 +63,18 @@ def generate(
     stop_ids: set[int] | None = None,
     seed: int | None = None,
     on_tokens: Callable[[torch.Tensor], bool] | None = None,
+    step_fn=None,
+    sync_every: int = 8,
 ) -> list[list[int]]:
     """New tokens for each prompt (prompt excluded), ending at a stop id (kept) or the limit.
 
-    on_tokens(next_tokens (B,)) is called each step; returning True stops generation
-    (used for stop strings and streaming).
+    on_tokens(next_tokens (B,)) is called each step; returning True stops generation (stop
+    strings, streaming). step_fn: `decode_step` or a compiled copy (`compiled_decode_step()`).
     """
     sampling = sampling or SamplingConfig()
     sampling.validate()
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     device = next(model.parameters()).device
     tokens, prompt_mask = left_pad(prompts)
     B, L = tokens.shape
@@ -51,37 +83,48 @@ def generate(
             f"prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"max_seq_len {model.config.max_seq_len}: shorten the prompt or ask for fewer tokens"
         )
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    model.setup_caches(B, L + max_new_tokens)
-    try:
-        mask = torch.zeros(B, model.cache_slots, dtype=torch.long, device=device)
-        mask[:, :L] = prompt_mask.to(device)
-        seen = torch.where(prompt_mask.bool(), tokens, -1).to(device)
-        logits = model(tokens.to(device), input_pos=torch.arange(L, device=device), attention_mask=mask)[:, -1]
-        out = _decode_loop(model, logits, mask, seen, L, max_new_tokens, sampling, stop_ids, generator, on_tokens)
-    finally:
-        model.clear_caches()
-    return out
-
-
-def _decode_loop(model, logits, mask, seen, L, max_new_tokens, sampling, stop_ids, generator, on_tokens):
-    B = logits.shape[0]
-    device = logits.device
-    stop = torch.tensor(sorted(stop_ids or []), dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    new = []
-    for i in range(max_new_tokens):
-        nxt = sample(logits, sampling, seen, generator)
-        new.append(nxt)
-        done = done | torch.isin(nxt, stop)
-        seen = torch.cat([seen, nxt[:, None]], dim=1)
-        if (on_tokens is not None and on_tokens(nxt)) or bool(done.all()) or i == max_new_tokens - 1:
-            break
-        mask[:, L + i] = 1
-        pos = torch.tensor([L + i], device=device)
-        logits = model(nxt[:, None], input_pos=pos, attention_mask=mask)[:, -1]
-    rows = torch.stack(new, dim=1).tolist()
+    with _seeded(seed, device):
+        model.setup_caches(B, L + max_new_tokens)
+        try:
+            key_mask = torch.ones(B, model.cache_slots, dtype=torch.long, device=device)
+            key_mask[:, :L] = prompt_mask.to(device)
+            tokens = tokens.to(device)
+            counts = _prompt_counts(tokens, key_mask[:, :L], model.config.vocab_size, sampling)
+            logits = model(tokens, input_pos=torch.arange(L, device=device), attention_mask=key_mask)[:, -1]
+            first = sample(logits, sampling, counts)
+            rows = _decode(model, first, key_mask, counts, L, max_new_tokens, sampling, stop_ids, on_tokens,
+                           step_fn or decode_step, sync_every)
+        finally:
+            model.clear_caches()
     return [_cut_at_stop(r, stop_ids) for r in rows]
+
+
+def _prompt_counts(tokens, mask, vocab_size: int, sampling: SamplingConfig):
+    """(B, V) occurrences of each token so far, for the repetition penalty (None when off)."""
+    if sampling.repetition_penalty == 1.0:
+        return None
+    counts = torch.zeros(tokens.shape[0], vocab_size, device=tokens.device)
+    return counts.scatter_add_(1, tokens, mask.float())
+
+
+def _decode(model, nxt, key_mask, counts, L, max_new_tokens, sampling, stop_ids, on_tokens, step_fn, sync_every):
+    device = nxt.device
+    stop = torch.tensor(sorted(stop_ids or []), dtype=torch.long, device=device)
+    done = torch.zeros(nxt.shape[0], dtype=torch.bool, device=device)
+    input_pos = torch.tensor([L], device=device)
+    new = [nxt]
+    for i in range(1, max_new_tokens + 1):
+        done |= torch.isin(nxt, stop)
+        if counts is not None:
+            counts.scatter_add_(1, nxt[:, None], torch.ones_like(counts[:, :1]))
+        if on_tokens is not None and on_tokens(nxt):
+            break
+        if i == max_new_tokens or (stop.numel() and i % sync_every == 0 and bool(done.all())):
+            break
+        nxt = step_fn(model, nxt[:, None].clone(), input_pos, key_mask, sampling, counts).clone()
+        input_pos += 1
+        new.append(nxt)
+    return torch.stack(new, dim=1).tolist()
 
 
 def _cut_at_stop(row: list[int], stop_ids) -> list[int]:

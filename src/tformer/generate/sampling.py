@@ -31,10 +31,9 @@ class SamplingConfig:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(logits: torch.Tensor, counts: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL's rule: divide positive logits of seen tokens by `penalty`, multiply negative ones.
-    seen (B, S) token ids; entries < 0 are ignored (padding)."""
-    counts = torch.zeros_like(logits).scatter_add_(1, seen.clamp(min=0), (seen >= 0).to(logits.dtype))
+    counts (B, V): how often each token occurred so far (static shape, so decode can compile)."""
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(counts > 0, penalised, logits)
 
@@ -56,10 +55,10 @@ def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None = None, generator=None):
-    """logits (B, V) -> next tokens (B,)."""
-    if seen is not None and cfg.repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+def sample(logits: torch.Tensor, cfg: SamplingConfig, counts: torch.Tensor | None = None, generator=None):
+    """logits (B, V) -> next tokens (B,). counts (B, V): token occurrences, for the repetition penalty."""
+    if counts is not None and cfg.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, counts, cfg.repetition_penalty)
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
     probs = filter_logits(logits, cfg).softmax(dim=-1)

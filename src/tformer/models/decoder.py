@@ -42,19 +42,30 @@ class Decoder(nn.Module):
             self.output.weight = self.tok_emb.weight
 
     def setup_caches(self, batch_size: int, n_slots: int, dtype: torch.dtype | None = None) -> None:
-        """Preallocate a static KV cache of `n_slots` positions (rounded up to a multiple of 8)."""
+        """Attach a static KV cache of `n_slots` positions (rounded up to a multiple of 8).
+
+        Caches of the same shape are reused across calls (kept until `clear_caches(free=True)`),
+        so a compiled, CUDA-graphed decode step sees the same buffers every time.
+        """
         n_slots = (n_slots + 7) // 8 * 8
-        dtype = dtype or self.output.weight.dtype
-        device = self.output.weight.device
+        dtype = dtype or self.tok_emb.weight.dtype
+        device = self.tok_emb.weight.device
         c = self.config
-        for layer in self.layers:
-            layer.attn.kv_cache = KVCache(batch_size, n_slots, c.n_kv_heads, c.head_dim, dtype, device)
+        key = (batch_size, n_slots, dtype, str(device))
+        if getattr(self, "_cache_key", None) != key:
+            self._caches = [KVCache(batch_size, n_slots, c.n_kv_heads, c.head_dim, dtype, device) for _ in self.layers]
+            self._cache_key = key
+        for layer, cache in zip(self.layers, self._caches):
+            layer.attn.kv_cache = cache
         self.cache_slots = n_slots
 
-    def clear_caches(self) -> None:
+    def clear_caches(self, free: bool = False) -> None:
+        """Back to cache-free forwards; `free` also drops the buffers kept for reuse."""
         for layer in self.layers:
             layer.attn.kv_cache = None
         self.cache_slots = 0
+        if free:
+            self._caches, self._cache_key = [], None
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, attention_mask=None):
         """tokens (B,T) -> logits (B,T,vocab).

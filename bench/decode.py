@@ -1,0 +1,165 @@
+"""Decode speed on one GPU: tformer vs gpt-fast vs HF `generate`, timed in one process.
+
+    python bench/decode.py [--gpt-fast third_party/gpt-fast-src] [--batch 1 8] [--new 256]
+
+Shape: Llama-3.2-1B with an untied output head (gpt-fast cannot tie, so every implementation
+reads the same bytes per token), random bf16 weights, a 128-token prompt, 256 new tokens,
+temperature 0.8 and top-k 200 (gpt-fast's defaults). tokens/s = new tokens / wall time of the
+whole generate call (prefill included), median of --repeats after one warm-up call whose time is
+reported as the first-call (compile) time. Roofline: bytes read per token (all weights but the
+embedding table, plus the KV cache at its mean length) against the measured device-to-device
+copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch._inductor.config as inductor_config
+
+from tformer.generate import SamplingConfig, generate
+from tformer.generate.engine import compiled_decode_step
+from tformer.models import build_model
+from tformer.presets import get_preset
+
+# gpt-fast's inductor settings, applied to every compiled variant alike
+inductor_config.coordinate_descent_tuning = True
+inductor_config.triton.unique_kernel_names = True
+inductor_config.fx_graph_cache = True
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a large device-to-device copy (median of 20)."""
+    src = torch.randn(256 * 2**20, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(25):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        dst.copy_(src)
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return 2 * src.numel() * 4 / statistics.median(times[5:])
+
+
+def timed(fn, repeats: int) -> tuple[float, list[float]]:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t
+    runs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        runs.append(time.perf_counter() - t)
+    return first, runs
+
+
+def tformer_runner(config, prompt, new, batch):
+    model = build_model(config, device="cuda", dtype=torch.bfloat16).eval()
+    step = compiled_decode_step()
+    sampling = SamplingConfig(temperature=0.8, top_k=200)
+    prompts = [prompt.tolist()] * batch
+    return model, lambda: generate(model, prompts, new, sampling, step_fn=step)
+
+
+def gpt_fast_runner(path: Path, config, prompt, new, batch):
+    sys.path.insert(0, str(path))
+    import generate as gf
+    from model import ModelArgs, Transformer
+
+    args = ModelArgs(block_size=config.max_seq_len, vocab_size=config.vocab_size, n_layer=config.n_layers,
+                     n_head=config.n_heads, n_local_heads=config.n_kv_heads, dim=config.dim,
+                     intermediate_size=config.ffn_dim, rope_base=config.rope.theta, norm_eps=config.norm_eps)
+    with torch.device("cuda"):
+        model = Transformer(args).to(torch.bfloat16).eval()
+    gf.decode_one_token = torch.compile(gf.decode_one_token, mode="reduce-overhead", fullgraph=True)
+    gf.prefill = torch.compile(gf.prefill, fullgraph=True, dynamic=True)
+    x = prompt.cuda()
+
+    def run():
+        with torch.no_grad():
+            gf.generate(model, x, new, batch_size=batch, interactive=False, draft_model=None,
+                        temperature=0.8, top_k=200)
+
+    return model, run
+
+
+def hf_runner(config, prompt, new, batch):
+    import transformers
+
+    from tformer.convert.hf import config_to_hf
+
+    hf_cfg = transformers.AutoConfig.for_model(**config_to_hf(config))
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).cuda().eval()
+    x = prompt.cuda().repeat(batch, 1)
+
+    def run():
+        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new, do_sample=True,
+                       temperature=0.8, top_k=200, pad_token_id=0)
+
+    return model, run
+
+
+def bytes_per_token(model, config, prompt_len: int, new: int, batch: int) -> float:
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "emb" not in n)
+    kv = 2 * config.n_layers * config.n_kv_heads * config.head_dim * 2 * (prompt_len + new / 2)
+    return (weights + batch * kv) / batch  # per generated token
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpt-fast", type=Path, default=Path("third_party/gpt-fast-src"))
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", default="tformer,gpt-fast,hf")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    config = get_preset("llama-3.2-1b").replace(tie_embeddings=False, max_seq_len=2048)
+    bw = copy_bandwidth()
+    torch.manual_seed(0)
+    prompt = torch.randint(0, config.vocab_size, (args.prompt,))
+    rows = []
+    for batch in args.batch:
+        for name in args.variants.split(","):
+            torch.cuda.reset_peak_memory_stats()
+            if name == "tformer":
+                model, run = tformer_runner(config, prompt, args.new, batch)
+            elif name == "gpt-fast":
+                model, run = gpt_fast_runner(args.gpt_fast, config, prompt, args.new, batch)
+            else:
+                model, run = hf_runner(config, prompt, args.new, batch)
+            first, runs = timed(run, args.repeats)
+            tok_s = batch * args.new / statistics.median(runs)
+            bpt = bytes_per_token(model, config, args.prompt, args.new, batch)
+            row = {"impl": name, "batch": batch, "tokens_per_s": round(tok_s, 1),
+                   "per_sequence_tok_s": round(tok_s / batch, 1), "roofline_share": round(tok_s * bpt / bw, 3),
+                   "first_call_s": round(first, 1), "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del model, run
+            gc.collect()
+            torch.cuda.empty_cache()
+    print(f"\ndevice: {torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s")
+    print(f"{'impl':10} {'batch':>5} {'tokens/s':>10} {'roofline':>9} {'first call s':>13} {'mem GB':>7}")
+    for r in rows:
+        print(f"{r['impl']:10} {r['batch']:>5} {r['tokens_per_s']:>10,.1f} {r['roofline_share']:>9.3f} "
+              f"{r['first_call_s']:>13.1f} {r['peak_mem_gb']:>7.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
