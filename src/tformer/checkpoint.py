@@ -4,6 +4,8 @@ A tformer checkpoint is a directory:
     tformer.json        {"format": "tformer", "version": 1, "model": ModelConfig fields}
     model.safetensors   our parameter names; a tied output matrix is stored once
     tokenizer.json      when the model has a tokenizer
+A quantized model (`tformer.quantize`) stores its quantized tensors under the same layer names,
+and tformer.json gains {"quantization": spec}; `load` rebuilds the quantized modules from it.
 An HF model directory (config.json + *.safetensors) is read through `tformer.convert.hf`.
 """
 
@@ -21,6 +23,7 @@ from tformer.io import CheckpointError, atomic_write_text, load_state_dict_stric
 from tformer.io import read_safetensors_dir, replace_dir, write_safetensors
 from tformer.models.build import build_model, reset_buffers
 from tformer.models.decoder import Decoder
+from tformer.quantize import apply_spec, quantization_spec
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "tformer.json"
@@ -45,7 +48,10 @@ def save(model: Decoder, path: str | Path, tokenizer=None, extra: dict | None = 
         if model.config.tie_embeddings:
             tensors.pop("output.weight", None)
         write_safetensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        meta = {"format": "tformer", "version": FORMAT_VERSION, "model": model.config.to_dict(), **(extra or {})}
+        meta = {"format": "tformer", "version": FORMAT_VERSION, "model": model.config.to_dict()}
+        if (spec := quantization_spec(model)) is not None:
+            meta["quantization"] = spec
+        meta.update(extra or {})
         atomic_write_text(tmp / CONFIG_FILE, json.dumps(meta, indent=2))
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer.json")
@@ -74,15 +80,25 @@ def read_config(path: str | Path) -> ModelConfig:
 
 def load_tformer(path: str | Path, device="cpu", dtype: torch.dtype | None = None) -> Decoder:
     config = read_config(path)
+    quantization = read_json(Path(path) / CONFIG_FILE).get("quantization")
     tensors = read_safetensors_dir(path)
-    return model_from_tensors(config, tensors, str(path), device, dtype)
+    return model_from_tensors(config, tensors, str(path), device, dtype, quantization)
 
 
-def model_from_tensors(config: ModelConfig, tensors: dict, source: str, device="cpu", dtype=None) -> Decoder:
-    """Build on meta, assign `tensors` (our names) and materialise on `device`."""
+def model_from_tensors(config: ModelConfig, tensors: dict, source: str, device="cpu", dtype=None,
+                       quantization: dict | None = None) -> Decoder:
+    """Build on meta, assign `tensors` (our names) and materialise on `device`.
+
+    `quantization` (a `tformer.quantize` spec) swaps in the quantized modules before assigning.
+    """
     if config.tie_embeddings and "tok_emb.weight" in tensors:
         tensors.setdefault("output.weight", tensors["tok_emb.weight"])
     model = build_model(config, device="meta")
+    if quantization is not None:
+        try:
+            apply_spec(model, quantization)
+        except ValueError as e:
+            raise CheckpointError(f"{source}: {e}") from e
     load_state_dict_strict(model, tensors, source)
     model.tie_weights()
     reset_buffers(model, "cpu")  # buffers were never in the checkpoint: compute them now
