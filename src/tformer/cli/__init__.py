@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Command modules, in the order `tformer --help` lists them.
-COMMANDS = ["params", "convert", "tokenizer", "train", "generate"]
+COMMANDS = ["params", "convert", "tokenizer", "train", "generate", "quantize"]
 
 
 class UserError(Exception):

@@ -1,0 +1,104 @@
+"""`tformer quantize CKPT --mode int8|int4 [--group-size 64] [--out DIR] [--eval]`."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+from pathlib import Path
+
+from tformer.cli import UserError
+
+DTYPES = {"float32", "bfloat16", "float16"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a model's Linear weights to int8 or int4",
+        description=(
+            "Weight-only quantization. CKPT is a tformer checkpoint or an HF model directory; --out is written "
+            "as a tformer checkpoint (tformer.json records the quantization; tokenizer.json is copied) that "
+            "`tformer generate` and tformer.load read. Tied output heads stay in full precision. --eval "
+            "reports held-out perplexity of the original and the quantized model on the validation split of "
+            "the default corpus, tokenised with CKPT's tokenizer.json."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("ckpt", help="checkpoint or HF model directory")
+    p.add_argument("--mode", choices=["int8", "int4"], required=True)
+    p.add_argument("--group-size", type=int, default=64, help="int4: input channels per scale (32/64/128/256)")
+    p.add_argument("--skip", action="append", default=None, metavar="NAME",
+                   help="layer name or suffix (e.g. ffn.w2) to keep in full precision; repeatable "
+                        "(default: output)")
+    p.add_argument("--out", help="output checkpoint directory (created)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast weights before quantizing (default: keep)")
+    p.add_argument("--eval", action="store_true", help="report validation perplexity before and after")
+    p.add_argument("--eval-batches", type=int, default=20, help="validation batches (0: the whole split)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128, help="evaluation window (capped at max_seq_len)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, auto, ...")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from tformer.checkpoint import load, save
+    from tformer.quantize import is_quantized, quantize_model
+    from tformer.train.loop import resolve_device
+
+    ckpt = Path(args.ckpt)
+    if not args.out and not args.eval:
+        raise UserError("nothing to do: pass --out DIR to write the quantized model, and/or --eval")
+    if args.out and Path(args.out).resolve() == ckpt.resolve():
+        raise UserError("--out is CKPT itself: write the quantized model somewhere else")
+    device = resolve_device(args.device)
+    model = load(ckpt, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None).eval()
+    if is_quantized(model):
+        raise UserError(f"{ckpt} is already quantized: quantize the full-precision checkpoint")
+    batches = _val_batches(args, ckpt, model.config.max_seq_len, device) if args.eval else None
+    before = perplexity(model, batches) if batches else None
+    quantize_model(model, args.mode, args.group_size, skip=args.skip if args.skip is not None else ("output",))
+    what = args.mode + (f", group size {args.group_size}" if args.mode == "int4" else "")
+    if args.out:
+        save(model, args.out)
+        if (ckpt / "tokenizer.json").is_file():
+            shutil.copyfile(ckpt / "tokenizer.json", Path(args.out) / "tokenizer.json")
+        size = (Path(args.out) / "model.safetensors").stat().st_size
+        print(f"wrote {args.out} ({what}; model.safetensors {size / 2**20:.2f} MiB)")
+    if batches:
+        after = perplexity(model, batches)
+        n = sum(y.numel() for _, y in batches)
+        print(f"validation perplexity ({n:,} tokens): original {before:.4f}, {what} {after:.4f} "
+              f"({100 * (after / before - 1):+.2f}%)")
+    return 0
+
+
+def _val_batches(args, ckpt: Path, max_seq_len: int, device) -> list:
+    """The validation split of the default corpus, tokenised with the checkpoint's tokenizer."""
+    from tformer.data import build_shards, eval_batches, load_corpus
+    from tformer.tokenizer import Tokenizer
+
+    if not (ckpt / "tokenizer.json").is_file():
+        raise UserError(f"--eval needs the model's tokenizer: {ckpt / 'tokenizer.json'} not found")
+    if args.eval_batches < 0 or args.batch_size <= 0 or args.seq_len <= 0:
+        raise UserError("--eval-batches must be >= 0, --batch-size and --seq-len > 0")
+    shards = build_shards(load_corpus(None), Tokenizer.load(ckpt / "tokenizer.json"))
+    seq_len = min(args.seq_len, max_seq_len)
+    return list(eval_batches(shards.val.tokens, args.batch_size, seq_len, device=device,
+                             max_batches=args.eval_batches or None))
+
+
+def perplexity(model, batches) -> float:
+    """exp(mean next-token loss over every target token of `batches`)."""
+    import torch
+
+    from tformer.train.loop import lm_loss
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in batches:
+            total += lm_loss(model(x), y).item() * y.numel()
+            count += y.numel()
+    return math.exp(total / count)
