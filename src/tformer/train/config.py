@@ -19,18 +19,18 @@ class TrainConfig:
     # data
     data: list[str] = field(default_factory=list)  # text/JSONL files or folders; empty: the Shakespeare plays
     tokenizer: str = "bpe"  # "bpe" (trained on the corpus), "char", or a path to a tokenizer.json
-    vocab_size: int = 1024  # for a trained BPE tokenizer
+    vocab_size: int = 8192  # for a trained BPE tokenizer
     val_fraction: float = 0.1
     cache_dir: str = ""  # where token shards are cached; empty: ~/.cache/tformer
     # batch and length
-    batch_size: int = 16
+    batch_size: int = 8
     seq_len: int = 128
     grad_accum: int = 1
     # optimisation
-    max_steps: int = 1000
+    max_steps: int = 500
     max_time: float = 0.0  # seconds of training; > 0 stops there (and sets the schedule's horizon)
-    lr: float = 3e-3
-    min_lr: float = 3e-4
+    lr: float = 4e-3
+    min_lr: float = 1e-4
     schedule: str = "cosine"
     warmup: int = 50
     weight_decay: float = 0.1
@@ -45,7 +45,7 @@ class TrainConfig:
     compile: bool = False
     threads: int = 0  # CPU threads; 0: all cores
     # evaluation, logging, checkpoints
-    eval_every: int = 200
+    eval_every: int = 100
     eval_batches: int = 20  # 0: the whole validation split
     log_every: int = 10
     out_dir: str = "runs/shakespeare"
