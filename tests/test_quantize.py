@@ -206,3 +206,44 @@ def test_cli_quantize_eval_reports_both_perplexities(tmp_path, capsys, monkeypat
     assert float(before) == pytest.approx(torch.tensor(losses).mean().exp().item(), rel=1e-4)
     assert float(after) == pytest.approx(float(before) * (1 + float(change) / 100), rel=1e-3)
     assert abs(float(change)) < 1.0
+
+
+def test_quantized_model_decodes_like_its_full_forward():
+    from tformer.generate.engine import generate
+    from tformer.generate.sampling import SamplingConfig
+
+    model = quantize_model(_tiny(), "int4", 32)
+    prompt = [5, 17, 3]
+    out = generate(model, [prompt], 8, SamplingConfig(temperature=0))[0]
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(8):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert out == seq[len(prompt):]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("in_features, group_size", [(256, 64), (192, 32), (96, 32), (512, 128)])
+def test_int4_cuda_kernel_matches_dequantized_linear(in_features, group_size):
+    linear = nn.Linear(in_features, 96, bias=True)
+    q4 = Int4Linear.from_linear(linear, group_size).to("cuda", torch.bfloat16)  # layout built on the move
+    if torch.cuda.get_device_capability() < (8, 0):
+        assert q4.int4pack is None
+        return
+    assert q4.int4pack is not None
+    x = torch.randn(3, 7, in_features, device="cuda", dtype=torch.bfloat16)
+    w = dequantize_int4(q4.weight, q4.scales, q4.zeros, group_size)  # from the bf16 scales the kernel uses
+    ref = F.linear(x.float(), w, q4.bias.float())
+    torch.testing.assert_close(q4(x).float(), ref, rtol=2e-2, atol=2e-2)
+    assert q4(x.float()).dtype == torch.float32  # other dtypes take the dequantizing path
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_quantized_checkpoint_loads_on_cuda(tmp_path):
+    model = quantize_model(_tiny(), "int4", 32)
+    tformer.save(model, tmp_path / "q")
+    tokens = torch.randint(0, model.config.vocab_size, (2, 16))
+    ref = model(tokens)
+    gpu = tformer.load(tmp_path / "q", device="cuda", dtype=torch.bfloat16)
+    assert (gpu.layers[0].attn.wqkv.int4pack is not None) == (torch.cuda.get_device_capability() >= (8, 0))
+    assert _relative_error(gpu(tokens.cuda()).float().cpu(), ref) < 0.03
