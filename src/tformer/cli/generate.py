@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step (CUDA graphs); pays off for long generations on GPU")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on GPU, float32 on CPU")
     p.set_defaults(func=run)
 
@@ -54,8 +56,13 @@ def run(args: argparse.Namespace) -> int:
     single = len(prompts) == 1
     if single:
         print(prompts[0], end="", flush=True)
+    step_fn = None
+    if args.compile:
+        from tformer.generate.engine import compiled_decode_step
+
+        step_fn = compiled_decode_step("reduce-overhead" if device.type == "cuda" else "default")
     texts = generate_text(model, tokenizer, prompts, args.max_new_tokens, sampling, args.stop, args.seed,
-                          stream=single)
+                          stream=single, step_fn=step_fn)
     if single:
         print()
     else:

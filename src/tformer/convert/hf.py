@@ -168,6 +168,13 @@ def save_hf(model: Decoder, path: str | Path, tokenizer=None, max_shard_bytes: i
     Weights go to model.safetensors, or to shards plus model.safetensors.index.json when they
     exceed `max_shard_bytes`. The directory is assembled beside `path` and renamed into place.
     """
+    from tformer.quantize import is_quantized
+
+    if is_quantized(model):
+        raise ValueError(
+            "this model is quantized (tformer.quantize); HF export needs full-precision weights: "
+            "convert the checkpoint it was quantized from"
+        )
     if max_shard_bytes is not None and max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be a positive number of bytes or None, got {max_shard_bytes}")
     dtype = str(model.tok_emb.weight.dtype).removeprefix("torch.")

@@ -27,7 +27,7 @@ class TrainConfig:
     seq_len: int = 128
     grad_accum: int = 1
     # optimisation
-    max_steps: int = 500
+    max_steps: int = 350
     max_time: float = 0.0  # seconds of training; > 0 stops there (and sets the schedule's horizon)
     lr: float = 4e-3
     min_lr: float = 1e-4
