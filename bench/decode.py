@@ -25,7 +25,7 @@ import torch
 import torch._inductor.config as inductor_config
 
 from tformer.generate import SamplingConfig, generate
-from tformer.generate.engine import compiled_decode_step
+from tformer.generate.engine import compiled_decode_step, compiled_prefill
 from tformer.models import build_model
 from tformer.presets import get_preset
 
@@ -67,10 +67,10 @@ def timed(fn, repeats: int) -> tuple[float, list[float]]:
 
 def tformer_runner(config, prompt, new, batch):
     model = build_model(config, device="cuda", dtype=torch.bfloat16).eval()
-    step = compiled_decode_step()
+    step, first = compiled_decode_step(), compiled_prefill()
     sampling = SamplingConfig(temperature=0.8, top_k=200)
     prompts = [prompt.tolist()] * batch
-    return model, lambda: generate(model, prompts, new, sampling, step_fn=step)
+    return model, lambda: generate(model, prompts, new, sampling, step_fn=step, prefill_fn=first)
 
 
 def gpt_fast_runner(path: Path, config, prompt, new, batch):

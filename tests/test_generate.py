@@ -94,12 +94,13 @@ def test_repetition_penalty_in_generate_matches_manual_loop():
 
 
 def test_decode_step_compiles_without_graph_breaks():
-    from tformer.generate.engine import decode_step
+    from tformer.generate.engine import decode_step, prefill
 
     model = build_model(tiny_config()).eval()
     step = torch.compile(decode_step, backend="eager", fullgraph=True)  # raises on a graph break
+    first = torch.compile(prefill, backend="eager", fullgraph=True, dynamic=True)
     for cfg in (SamplingConfig(temperature=0), SamplingConfig(temperature=0.8, top_k=5, top_p=0.9, min_p=0.05,
                                                                 repetition_penalty=1.2)):
         eager = generate(model, [[1, 2, 3], [7]], 6, cfg, seed=5)
-        compiled = generate(model, [[1, 2, 3], [7]], 6, cfg, seed=5, step_fn=step)
+        compiled = generate(model, [[1, 2, 3], [7]], 6, cfg, seed=5, step_fn=step, prefill_fn=first)
         assert compiled == eager

@@ -56,13 +56,14 @@ def run(args: argparse.Namespace) -> int:
     single = len(prompts) == 1
     if single:
         print(prompts[0], end="", flush=True)
-    step_fn = None
+    step_fn = prefill_fn = None
     if args.compile:
-        from tformer.generate.engine import compiled_decode_step
+        from tformer.generate.engine import compiled_decode_step, compiled_prefill
 
         step_fn = compiled_decode_step("reduce-overhead" if device.type == "cuda" else "default")
+        prefill_fn = compiled_prefill()
     texts = generate_text(model, tokenizer, prompts, args.max_new_tokens, sampling, args.stop, args.seed,
-                          stream=single, step_fn=step_fn)
+                          stream=single, step_fn=step_fn, prefill_fn=prefill_fn)
     if single:
         print()
     else:

@@ -39,6 +39,17 @@ def decode_step(model, token, input_pos, key_mask, sampling: SamplingConfig, cou
     return sample(logits, sampling, counts)
 
 
+def prefill(model, tokens, input_pos, key_mask, sampling: SamplingConfig, counts=None):
+    """The prompts (B, L) into cache slots input_pos (L,) -> first new token (B,)."""
+    logits = model(tokens, input_pos=input_pos, attention_mask=key_mask)[:, -1]
+    return sample(logits, sampling, counts)
+
+
+def compiled_prefill():
+    """`prefill` compiled once for any prompt length (dynamic shapes, no CUDA graph)."""
+    return torch.compile(prefill, dynamic=True, fullgraph=True)
+
+
 def compiled_decode_step(mode: str = "reduce-overhead"):
     """`decode_step` for torch.compile with fullgraph=True (a graph break is an error).
 
@@ -71,12 +82,14 @@ def generate(
     seed: int | None = None,
     on_tokens: Callable[[torch.Tensor], bool] | None = None,
     step_fn=None,
+    prefill_fn=None,
     sync_every: int = 8,
 ) -> list[list[int]]:
     """New tokens for each prompt (prompt excluded), ending at a stop id (kept) or the limit.
 
     on_tokens(next_tokens (B,)) is called each step; returning True stops generation (stop
-    strings, streaming). step_fn: `decode_step` or a compiled copy (`compiled_decode_step()`).
+    strings, streaming). step_fn / prefill_fn: `decode_step` / `prefill` or compiled copies
+    (`compiled_decode_step()`, `compiled_prefill()`).
     """
     sampling = sampling or SamplingConfig()
     sampling.validate()
@@ -97,8 +110,7 @@ def generate(
             key_mask[:, :L] = prompt_mask.to(device)
             tokens = tokens.to(device)
             counts = _prompt_counts(tokens, key_mask[:, :L], model.config.vocab_size, sampling)
-            logits = model(tokens, input_pos=torch.arange(L, device=device), attention_mask=key_mask)[:, -1]
-            first = sample(logits, sampling, counts)
+            first = (prefill_fn or prefill)(model, tokens, torch.arange(L, device=device), key_mask, sampling, counts)
             rows = _decode(model, first, key_mask, counts, L, max_new_tokens, sampling, stop_ids, on_tokens,
                            step_fn or decode_step, sync_every)
         finally:

@@ -76,6 +76,7 @@ def generate_text(
     seed: int | None = None,
     stream: bool | Callable[[str], None] = False,
     step_fn=None,
+    prefill_fn=None,
 ) -> list[str]:
     """Completions of `prompts` (the prompt itself excluded)."""
     ids = [tokenizer.encode(p) for p in prompts]
@@ -88,7 +89,8 @@ def generate_text(
     writer = stream if callable(stream) else (_write_stdout if stream else None)
     watcher = _StopWatcher(tokenizer, len(prompts), stop or [], writer)
     stop_ids = {tokenizer.eos_id} if tokenizer.eos_id is not None else None
-    generate(model, ids, max_new_tokens, sampling, stop_ids=stop_ids, seed=seed, on_tokens=watcher, step_fn=step_fn)
+    generate(model, ids, max_new_tokens, sampling, stop_ids=stop_ids, seed=seed, on_tokens=watcher, step_fn=step_fn,
+             prefill_fn=prefill_fn)
     watcher.flush()
     return watcher.texts
 
