@@ -65,8 +65,12 @@ def timed(fn, repeats: int) -> tuple[float, list[float]]:
     return first, runs
 
 
-def tformer_runner(config, prompt, new, batch):
+def tformer_runner(config, prompt, new, batch, quantize: str | None = None):
     model = build_model(config, device="cuda", dtype=torch.bfloat16).eval()
+    if quantize:
+        from tformer.quantize import quantize_model
+
+        quantize_model(model, mode=quantize, group_size=64, skip=())  # the untied head too (as int8)
     step, first = compiled_decode_step(), compiled_prefill()
     sampling = SamplingConfig(temperature=0.8, top_k=200)
     prompts = [prompt.tolist()] * batch
@@ -112,7 +116,11 @@ def hf_runner(config, prompt, new, batch):
 
 
 def bytes_per_token(model, config, prompt_len: int, new: int, batch: int) -> float:
-    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "emb" not in n)
+    """Bytes the step must read: weights (quantized ones as stored) but the embedding table, and the KV cache."""
+    skip = ("kv_cache", "int4pack", "scales_and_zeros")  # the cache is counted below; the rest are copies
+    tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers()
+                                                 if not any(k in n for k in skip)]
+    weights = sum(t.numel() * t.element_size() for n, t in tensors if "emb" not in n)
     kv = 2 * config.n_layers * config.n_kv_heads * config.head_dim * 2 * (prompt_len + new / 2)
     return (weights + batch * kv) / batch  # per generated token
 
@@ -124,7 +132,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--variants", default="tformer,gpt-fast,hf")
+    ap.add_argument("--variants", default="tformer,gpt-fast,hf",
+                    help="comma-separated: tformer, tformer-int8, tformer-int4, gpt-fast, hf")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     config = get_preset("llama-3.2-1b").replace(tie_embeddings=False, max_seq_len=2048)
@@ -135,8 +144,9 @@ def main() -> None:
     for batch in args.batch:
         for name in args.variants.split(","):
             torch.cuda.reset_peak_memory_stats()
-            if name == "tformer":
-                model, run = tformer_runner(config, prompt, args.new, batch)
+            if name.startswith("tformer"):  # tformer, tformer-int8, tformer-int4
+                quant = name.split("-")[1] if "-" in name else None
+                model, run = tformer_runner(config, prompt, args.new, batch, quant)
             elif name == "gpt-fast":
                 model, run = gpt_fast_runner(args.gpt_fast, config, prompt, args.new, batch)
             else:
