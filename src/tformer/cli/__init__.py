@@ -18,6 +18,16 @@ class UserError(Exception):
     """Bad user input: printed as one line, exit code 2, no traceback."""
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype choices of every command
+
+
+def torch_dtype(name: str | None):
+    """`--dtype` value -> torch dtype (None stays None)."""
+    import torch
+
+    return getattr(torch, name) if name else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tformer",

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tformer.cli import UserError
+from tformer.cli import DTYPES, UserError, torch_dtype
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,22 +22,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="source directory")
     p.add_argument("dst", help="destination directory (created)")
     p.add_argument("--to", choices=["tformer", "hf"], required=True, help="format of DST")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast weights (default: keep)")
+    p.add_argument("--dtype", choices=DTYPES, help="cast weights (default: keep)")
     p.add_argument("--max-shard-size", type=float, default=None, metavar="GB",
                    help="--to hf: split weights into shards of at most this many GB")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from tformer.checkpoint import load, save
     from tformer.convert.hf import save_hf
 
     src, dst = Path(args.src), Path(args.dst)
     if src.resolve() == dst.resolve():
         raise UserError("SRC and DST are the same directory: write the conversion somewhere else")
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    dtype = torch_dtype(args.dtype)
     model = load(src, dtype=dtype)
     tokenizer = None
     if (src / "tokenizer.json").is_file():

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from tformer.cli import UserError
+from tformer.cli import DTYPES, UserError, torch_dtype
 
-DTYPES = {"float32", "bfloat16", "float16"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (CUDA graphs); pays off for long generations on GPU")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on GPU, float32 on CPU")
     p.set_defaults(func=run)
 
 
@@ -48,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens <= 0:
         raise UserError("--max-new-tokens must be > 0")
     device = resolve_device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else None)
+    dtype = torch_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else None)
     tokenizer = load_tokenizer(args.path)
     model = load(args.path, device=device, dtype=dtype).eval()
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)

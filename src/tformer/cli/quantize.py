@@ -7,9 +7,8 @@ import math
 import shutil
 from pathlib import Path
 
-from tformer.cli import UserError
+from tformer.cli import DTYPES, UserError, torch_dtype
 
-DTYPES = {"float32", "bfloat16", "float16"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="layer name or suffix (e.g. ffn.w2) to keep in full precision; repeatable "
                         "(default: output)")
     p.add_argument("--out", help="output checkpoint directory (created)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast weights before quantizing (default: keep)")
+    p.add_argument("--dtype", choices=DTYPES, help="cast weights before quantizing (default: keep)")
     p.add_argument("--eval", action="store_true", help="report validation perplexity before and after")
     p.add_argument("--eval-batches", type=int, default=20, help="validation batches (0: the whole split)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -42,7 +41,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from tformer.checkpoint import load, save
     from tformer.quantize import is_quantized, quantize_model
@@ -54,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out and Path(args.out).resolve() == ckpt.resolve():
         raise UserError("--out is CKPT itself: write the quantized model somewhere else")
     device = resolve_device(args.device)
-    model = load(ckpt, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None).eval()
+    model = load(ckpt, device=device, dtype=torch_dtype(args.dtype)).eval()
     if is_quantized(model):
         raise UserError(f"{ckpt} is already quantized: quantize the full-precision checkpoint")
     batches = _val_batches(args, ckpt, model.config.max_seq_len, device) if args.eval else None
