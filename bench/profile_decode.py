@@ -46,13 +46,16 @@ def main() -> None:
     ap.add_argument("--gpt-fast", type=Path, default=Path("third_party/gpt-fast-src"))
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--rows", type=int, default=14)
+    ap.add_argument("--variants", default="tformer,gpt-fast", help="tformer, tformer-int8, tformer-int4, gpt-fast")
     args = ap.parse_args()
     config = get_preset("llama-3.2-1b").replace(tie_embeddings=False, max_seq_len=2048)
     prompt = torch.randint(0, config.vocab_size, (128,))
-    _, run = tformer_runner(config, prompt, args.new, 1)
-    report("tformer", run, args.new, args.rows)
-    _, run = gpt_fast_runner(args.gpt_fast, config, prompt, args.new, 1)
-    report("gpt-fast", run, args.new, args.rows)
+    for name in args.variants.split(","):
+        if name == "gpt-fast":
+            _, run = gpt_fast_runner(args.gpt_fast, config, prompt, args.new, 1)
+        else:
+            _, run = tformer_runner(config, prompt, args.new, 1, name.split("-")[1] if "-" in name else None)
+        report(name, run, args.new, args.rows)
 
 
 if __name__ == "__main__":
