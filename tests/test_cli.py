@@ -39,3 +39,26 @@ def test_bad_enum_override_is_refused(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--model.activation", "swish"])
     assert "swiglu" in capsys.readouterr().err
+
+
+def _tiny_checkpoint(path, tokenizer, **changes):
+    import tformer
+    from tformer.presets import get_preset
+
+    config = get_preset("tiny-llama").replace(vocab_size=tokenizer.vocab_size, tie_embeddings=False, **changes)
+    tformer.save(tformer.build_model(config), path, tokenizer=tokenizer)
+
+
+def test_generate_with_draft_equals_plain_greedy(tmp_path, capsys):
+    from tformer.tokenizer import Tokenizer
+
+    tok = Tokenizer.train_char("ROMEO: But soft, what light through yonder window breaks?\n")
+    _tiny_checkpoint(tmp_path / "target", tok)
+    _tiny_checkpoint(tmp_path / "draft", tok, n_layers=1)
+    common = ["--prompt", "ROMEO:", "--max-new-tokens", "12", "--temperature", "0"]
+    assert main(["generate", str(tmp_path / "target"), *common]) == 0
+    plain = capsys.readouterr().out
+    assert main(["generate", str(tmp_path / "target"), *common, "--draft", str(tmp_path / "draft")]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == plain.strip()
+    assert "draft tokens accepted" in out.err

@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--draft", metavar="PATH",
+                   help="speculative decoding with this smaller model (same tokenizer); one prompt only")
+    p.add_argument("--speculate-k", type=int, default=4, help="draft tokens per round with --draft")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (CUDA graphs); pays off for long generations on GPU")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on GPU, float32 on CPU")
@@ -52,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     model = load(args.path, device=device, dtype=dtype).eval()
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
     prompts = args.prompt or ["\n"]
+    if args.draft:
+        return _speculative(args, model, tokenizer, sampling, prompts, device, dtype)
     single = len(prompts) == 1
     if single:
         print(prompts[0], end="", flush=True)
@@ -68,4 +73,22 @@ def run(args: argparse.Namespace) -> int:
     else:
         for prompt, text in zip(prompts, texts):
             print(f"=== {prompt!r}\n{prompt}{text}\n")
+    return 0
+
+
+def _speculative(args, model, tokenizer, sampling, prompts, device, dtype) -> int:
+    import sys
+
+    from tformer.checkpoint import load
+    from tformer.generate.text import speculative_text
+
+    if len(prompts) != 1:
+        raise UserError("--draft decodes one prompt at a time: pass a single --prompt")
+    draft = load(args.draft, device=device, dtype=dtype).eval()
+    text, stats = speculative_text(model, draft, tokenizer, prompts[0], args.max_new_tokens, sampling,
+                                   args.stop, args.seed, args.speculate_k)
+    print(prompts[0] + text)
+    print(f"speculative decoding: {stats.accepted}/{stats.proposed} draft tokens accepted "
+          f"({stats.acceptance_rate:.0%}), {stats.tokens_per_target_forward:.2f} tokens per target forward",
+          file=sys.stderr)
     return 0

@@ -98,3 +98,20 @@ def generate_text(
 def _write_stdout(s: str) -> None:
     sys.stdout.write(s)
     sys.stdout.flush()
+
+
+def speculative_text(target, draft, tokenizer, prompt: str, max_new_tokens: int = 200,
+                     sampling: SamplingConfig | None = None, stop: list[str] | None = None,
+                     seed: int | None = None, k: int = 4):
+    """Completion of one prompt with speculative decoding; returns (text, SpecStats)."""
+    from tformer.generate.speculative import speculative_generate
+
+    ids = tokenizer.encode(prompt) or [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id]
+    if ids[0] is None:
+        raise ValueError(f"prompt {prompt!r} encodes to no tokens and the tokenizer has no BOS/EOS token")
+    stop_ids = {tokenizer.eos_id} if tokenizer.eos_id is not None else None
+    new, stats = speculative_generate(target, draft, ids, max_new_tokens, k=k, sampling=sampling,
+                                      stop_ids=stop_ids, seed=seed)
+    text = tokenizer.decode(new)
+    cut = _first_stop(text, stop or [])
+    return (text if cut is None else text[:cut]), stats
