@@ -56,9 +56,9 @@ def make_tokenizer(cfg, docs: list[str]) -> Tokenizer:
 
 
 def prepare_data(cfg) -> TrainData:
+    if cfg.threads > 0:  # the tokenizers library reads this when its thread pool starts
+        os.environ.setdefault("RAYON_NUM_THREADS", str(cfg.threads))
     docs = load_corpus(cfg.data)
     tokenizer = make_tokenizer(cfg, docs)
     shards = build_shards(docs, tokenizer, val_fraction=cfg.val_fraction, cache_dir=_cache_root(cfg) / "shards")
-    if cfg.threads > 0:
-        os.environ.setdefault("RAYON_NUM_THREADS", str(cfg.threads))
     return TrainData(tokenizer, shards, cfg.seed)
