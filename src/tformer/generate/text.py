@@ -61,6 +61,21 @@ class _StopWatcher:
             self.shown = len(self.texts[0])
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of `prompt`; an empty prompt starts from BOS (or EOS)."""
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        bos = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        if bos is None:
+            raise ValueError(f"prompt {prompt!r} encodes to no tokens and the tokenizer has no BOS/EOS token")
+        ids = [bos]
+    return ids
+
+
+def eos_ids(tokenizer) -> set[int] | None:
+    return {tokenizer.eos_id} if tokenizer.eos_id is not None else None
+
+
 def _first_stop(text: str, stop: list[str]) -> int | None:
     hits = [text.find(s) for s in stop if s and s in text]
     return min(hits) if hits else None
@@ -79,17 +94,10 @@ def generate_text(
     prefill_fn=None,
 ) -> list[str]:
     """Completions of `prompts` (the prompt itself excluded)."""
-    ids = [tokenizer.encode(p) for p in prompts]
-    for p, row in zip(prompts, ids):
-        if not row:
-            bos = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
-            if bos is None:
-                raise ValueError(f"prompt {p!r} encodes to no tokens and the tokenizer has no BOS/EOS token")
-            row.append(bos)
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
     writer = stream if callable(stream) else (_write_stdout if stream else None)
     watcher = _StopWatcher(tokenizer, len(prompts), stop or [], writer)
-    stop_ids = {tokenizer.eos_id} if tokenizer.eos_id is not None else None
-    generate(model, ids, max_new_tokens, sampling, stop_ids=stop_ids, seed=seed, on_tokens=watcher, step_fn=step_fn,
+    generate(model, ids, max_new_tokens, sampling, stop_ids=eos_ids(tokenizer), seed=seed, on_tokens=watcher, step_fn=step_fn,
              prefill_fn=prefill_fn)
     watcher.flush()
     return watcher.texts
@@ -106,12 +114,8 @@ def speculative_text(target, draft, tokenizer, prompt: str, max_new_tokens: int 
     """Completion of one prompt with speculative decoding; returns (text, SpecStats)."""
     from tformer.generate.speculative import speculative_generate
 
-    ids = tokenizer.encode(prompt) or [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id]
-    if ids[0] is None:
-        raise ValueError(f"prompt {prompt!r} encodes to no tokens and the tokenizer has no BOS/EOS token")
-    stop_ids = {tokenizer.eos_id} if tokenizer.eos_id is not None else None
-    new, stats = speculative_generate(target, draft, ids, max_new_tokens, k=k, sampling=sampling,
-                                      stop_ids=stop_ids, seed=seed)
+    new, stats = speculative_generate(target, draft, prompt_ids(tokenizer, prompt), max_new_tokens, k=k,
+                                      sampling=sampling, stop_ids=eos_ids(tokenizer), seed=seed)
     text = tokenizer.decode(new)
     cut = _first_stop(text, stop or [])
     return (text if cut is None else text[:cut]), stats

@@ -62,8 +62,6 @@ def init_weights(model: Decoder) -> None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=c.init_std)
-        elif isinstance(m, nn.LayerNorm):
-            m.reset_parameters()
         elif hasattr(m, "reset_parameters") and not list(m.children()):
             m.reset_parameters()
     if hasattr(model.pos_emb, "weight"):

@@ -75,8 +75,9 @@ class Decoder(nn.Module):
         """
         B, T = tokens.shape
         slots = self._slots(T, input_pos, tokens.device)
-        positions = self._positions(slots, attention_mask, B)  # (B, T)
-        mask = self._mask(slots, attention_mask)
+        n_keys = self.cache_slots or T  # key slots: the whole cache, or this sequence
+        positions = self._positions(slots, attention_mask, B, n_keys)  # (B, T)
+        mask = self._mask(slots, attention_mask, n_keys)
         x = self.emb_drop(self.pos_emb(self.tok_emb(tokens), positions))  # (B, T, C)
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(x.dtype)
@@ -94,10 +95,9 @@ class Decoder(nn.Module):
             raise ValueError(f"input_pos must have shape ({T},), got {tuple(input_pos.shape)}")
         return input_pos
 
-    def _positions(self, slots: torch.Tensor, attention_mask, B: int) -> torch.Tensor:
+    def _positions(self, slots: torch.Tensor, attention_mask, B: int, n_keys: int) -> torch.Tensor:
         if attention_mask is None:
             return slots.expand(B, -1)
-        n_keys = self.cache_slots or slots.shape[0]
         if attention_mask.shape != (B, n_keys):
             raise ValueError(
                 f"attention_mask must have shape (batch, keys) = ({B}, {n_keys}), got {tuple(attention_mask.shape)}"
@@ -105,12 +105,11 @@ class Decoder(nn.Module):
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S): count of real tokens before
         return pos.gather(1, slots.expand(B, -1))
 
-    def _mask(self, slots: torch.Tensor, attention_mask) -> torch.Tensor | None:
+    def _mask(self, slots: torch.Tensor, attention_mask, n_keys: int) -> torch.Tensor | None:
         c = self.config
         plain = self.alibi is None and c.sliding_window is None and attention_mask is None
         if plain and not self.cache_slots:
             return None  # SDPA's is_causal path
-        n_keys = self.cache_slots or slots.shape[0]
         mask = causal_mask(slots, n_keys, attention_mask, c.sliding_window)
         if self.alibi is not None:
             return as_additive(mask, self.alibi(slots, n_keys), torch.float32)
