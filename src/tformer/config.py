@@ -16,6 +16,7 @@ NormKind = Literal["layernorm", "rmsnorm"]
 NormPlacement = Literal["pre", "post"]
 Positions = Literal["rope", "learned", "sinusoidal", "alibi", "none"]
 RopeScaling = Literal["none", "linear", "dynamic", "yarn", "llama3"]
+ScoreFunc = Literal["softmax", "sigmoid"]
 
 GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu_tanh"}
 
@@ -61,6 +62,94 @@ class RopeConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture of experts in place of the dense FFN (Shazeer et al. 2017; Switch, Mixtral, DeepSeekMoE).
+
+    Each token's router scores pick `top_k` of `n_experts` routed SwiGLU experts; `n_shared_experts`
+    run on every token (DeepSeekMoE). Layer i is MoE when i >= first_dense and
+    (i - first_dense) % interval == 0; the other layers keep the dense FFN of `ModelConfig.ffn_dim`.
+    """
+
+    n_experts: int = 8
+    top_k: int = 2
+    expert_dim: int | None = None  # ffn width of one routed expert; None: ModelConfig.ffn_dim
+    n_shared_experts: int = 0
+    shared_dim: int | None = None  # width of the (single, merged) shared FFN; None: n_shared * expert_dim
+    shared_gate: bool = False  # Qwen2-MoE: the shared FFN output is scaled by sigmoid(w x)
+    score_func: ScoreFunc = "softmax"  # softmax (Mixtral, Qwen, DeepSeek-V2) or sigmoid (DeepSeek-V3)
+    norm_topk: bool = True  # renormalise the chosen top-k weights to sum to 1
+    routed_scale: float = 1.0  # routed output multiplier (DeepSeek routed_scaling_factor)
+    n_groups: int = 1  # group-limited routing (DeepSeek-V3): experts split in n_groups groups ...
+    topk_groups: int = 1  # ... and a token picks experts only from its best topk_groups groups
+    expert_bias: bool = False  # aux-loss-free balancing (DeepSeek-V3): per-expert bias, selection only
+    bias_update_rate: float = 1e-3  # step of the expert bias update (sign of the load error)
+    capacity_factor: float | None = None  # None: no dropping; else capacity = factor * tokens * top_k / n_experts
+    aux_loss_coef: float = 0.0  # Switch load-balancing loss weight (Fedus et al. 2021)
+    z_loss_coef: float = 0.0  # router z-loss weight (Zoph et al. 2022)
+    first_dense: int = 0  # the first layers keep a dense FFN (DeepSeek first_k_dense_replace)
+    interval: int = 1  # then every interval-th layer is MoE (2: every other layer)
+
+    def validate(self) -> None:
+        _check_choice("moe.score_func", self.score_func, ScoreFunc)
+        for name in ("n_experts", "top_k", "n_groups", "topk_groups", "interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"moe.{name} must be a positive integer, got {value!r}")
+        for name in ("expert_dim", "shared_dim"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"moe.{name} must be a positive integer or None, got {value!r}")
+        if self.n_shared_experts < 0 or self.first_dense < 0:
+            raise ConfigError("moe.n_shared_experts and moe.first_dense must be >= 0")
+        if self.top_k > self.n_experts:
+            raise ConfigError(f"moe.top_k={self.top_k} exceeds moe.n_experts={self.n_experts}")
+        if self.n_experts % self.n_groups:
+            raise ConfigError(f"moe.n_experts={self.n_experts} is not divisible by moe.n_groups={self.n_groups}")
+        if self.topk_groups > self.n_groups:
+            raise ConfigError(f"moe.topk_groups={self.topk_groups} exceeds moe.n_groups={self.n_groups}")
+        if self.top_k > self.topk_groups * (self.n_experts // self.n_groups):
+            raise ConfigError(
+                f"moe.top_k={self.top_k} exceeds the experts in the best {self.topk_groups} group(s): "
+                "raise moe.topk_groups or lower moe.top_k"
+            )
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ConfigError(f"moe.capacity_factor must be > 0 or None, got {self.capacity_factor}")
+        if self.aux_loss_coef < 0 or self.z_loss_coef < 0 or self.bias_update_rate < 0:
+            raise ConfigError("moe.aux_loss_coef, moe.z_loss_coef and moe.bias_update_rate must be >= 0")
+        if self.shared_gate and not (self.n_shared_experts or self.shared_dim):
+            raise ConfigError("moe.shared_gate needs a shared expert: set moe.n_shared_experts or moe.shared_dim")
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2, Liu et al. 2024).
+
+    K and V are rebuilt per head from one `kv_rank` latent per token, which is all the KV cache
+    keeps (plus the `rope_dim` key part, shared by all heads). Each head's q/k is `nope_dim`
+    dims without positions and `rope_dim` dims with RoPE; values have `v_dim` dims.
+    """
+
+    q_rank: int | None = None  # None: full-rank query projection (DeepSeek-V2-Lite)
+    kv_rank: int = 512
+    nope_dim: int = 128
+    rope_dim: int = 64
+    v_dim: int = 128
+    softmax_scale: float | None = None  # None: 1/sqrt(nope_dim + rope_dim); YaRN models scale it
+
+    def validate(self) -> None:
+        for name in ("kv_rank", "nope_dim", "rope_dim", "v_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"mla.{name} must be a positive integer, got {value!r}")
+        if self.q_rank is not None and (not isinstance(self.q_rank, int) or self.q_rank <= 0):
+            raise ConfigError(f"mla.q_rank must be a positive integer or None, got {self.q_rank!r}")
+        if self.rope_dim % 2:
+            raise ConfigError(f"mla.rope_dim must be even (RoPE rotates pairs), got {self.rope_dim}")
+        if self.softmax_scale is not None and self.softmax_scale <= 0:
+            raise ConfigError(f"mla.softmax_scale must be > 0 or None, got {self.softmax_scale}")
+
+
+@dataclass
 class ModelConfig:
     """A decoder-only transformer. Sizes use our names: dim, n_layers, n_heads, ..."""
 
@@ -89,10 +178,16 @@ class ModelConfig:
     resid_dropout: float = 0.0
     init_std: float = 0.02
     scale_residual_init: bool = True  # GPT-2: residual projections get std / sqrt(2 n_layers)
+    moe: MoEConfig | None = None  # None: every layer has the dense FFN
+    mla: MLAConfig | None = None  # None: standard attention (MHA/GQA/MQA)
 
     def __post_init__(self) -> None:
         if isinstance(self.rope, dict):
             self.rope = RopeConfig(**self.rope)
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
+        if isinstance(self.mla, dict):
+            self.mla = MLAConfig(**self.mla)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.ffn_dim is None:
@@ -133,15 +228,31 @@ class ModelConfig:
             raise ConfigError(f"init_std must be > 0, got {self.init_std}")
         if self.positions == "rope":
             self.rope.validate()
-            hd = self.head_dim or self.dim // self.n_heads
+            hd = self.mla.rope_dim if self.mla is not None else self.head_dim or self.dim // self.n_heads
             if int(hd * self.rope.partial_rotary_factor) % 2:
                 raise ConfigError(f"RoPE needs an even number of rotated dims per head, got head_dim={hd}")
+        if self.moe is not None:
+            self.moe.validate()
+        if self.mla is not None:
+            self.mla.validate()
+            if self.positions not in ("rope", "none"):
+                raise ConfigError(f"MLA supports positions 'rope' or 'none', got {self.positions!r}")
         if self.positions == "sinusoidal" and self.dim % 2:
             raise ConfigError(f"sinusoidal positions need an even dim, got {self.dim}")
 
     @property
     def gated(self) -> bool:
         return self.activation in GATED_ACTIVATIONS
+
+    @property
+    def rope_dim(self) -> int:
+        """Dims per head that RoPE rotates (before partial_rotary_factor): MLA's rope part, or head_dim."""
+        return self.mla.rope_dim if self.mla is not None else self.head_dim
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer i (0-based) has a mixture of experts instead of the dense FFN."""
+        m = self.moe
+        return m is not None and i >= m.first_dense and (i - m.first_dense) % m.interval == 0
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with some fields changed (validated again)."""
@@ -157,11 +268,12 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
         data = dict(data)
-        if isinstance(data.get("rope"), dict):
-            rope_known = {f.name for f in fields(RopeConfig)}
-            bad = sorted(set(data["rope"]) - rope_known)
-            if bad:
-                raise ConfigError(f"unknown RopeConfig field(s) {bad}; known fields: {sorted(rope_known)}")
+        for key, sub in (("rope", RopeConfig), ("moe", MoEConfig), ("mla", MLAConfig)):
+            if isinstance(data.get(key), dict):
+                sub_known = {f.name for f in fields(sub)}
+                bad = sorted(set(data[key]) - sub_known)
+                if bad:
+                    raise ConfigError(f"unknown {sub.__name__} field(s) {bad}; known fields: {sorted(sub_known)}")
         return cls(**data)
 
     def to_json(self) -> str:

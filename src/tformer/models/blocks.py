@@ -16,7 +16,7 @@ from tformer.nn.norm import make_norm
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         self.attn_norm = make_norm(config)
         self.attn = Attention(config)
@@ -34,5 +34,6 @@ class PostNormBlock(Block):
         return self.ffn_norm(h + self.ffn(h))
 
 
-def make_block(config: ModelConfig) -> nn.Module:
-    return PostNormBlock(config) if config.norm_placement == "post" else Block(config)
+def make_block(config: ModelConfig, layer: int = 0) -> nn.Module:
+    """Block number `layer` (0-based): MoE layers and MLA are chosen from the config here."""
+    return PostNormBlock(config, layer) if config.norm_placement == "post" else Block(config, layer)

@@ -15,7 +15,6 @@ from torch import nn
 
 from tformer.config import ModelConfig
 from tformer.models.blocks import make_block
-from tformer.nn.kv_cache import KVCache
 from tformer.nn.masks import as_additive, causal_mask
 from tformer.nn.norm import make_norm
 from tformer.nn.position import Alibi, LearnedPositions, NoPositions, SinusoidalPositions
@@ -29,9 +28,9 @@ class Decoder(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
         self.pos_emb = _absolute_positions(config)
         self.emb_drop = nn.Dropout(config.emb_dropout)
-        self.rope = RotaryEmbedding(config.rope, config.head_dim) if config.positions == "rope" else None
+        self.rope = RotaryEmbedding(config.rope, config.rope_dim) if config.positions == "rope" else None
         self.alibi = Alibi(config.n_heads) if config.positions == "alibi" else None
-        self.layers = nn.ModuleList(make_block(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(make_block(config, i) for i in range(config.n_layers))
         self.norm = make_norm(config) if config.norm_placement == "pre" else nn.Identity()
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.tie_weights()
@@ -50,10 +49,9 @@ class Decoder(nn.Module):
         n_slots = (n_slots + 7) // 8 * 8
         dtype = dtype or self.tok_emb.weight.dtype
         device = self.tok_emb.weight.device
-        c = self.config
         key = (batch_size, n_slots, dtype, str(device))
         if getattr(self, "_cache_key", None) != key:
-            self._caches = [KVCache(batch_size, n_slots, c.n_kv_heads, c.head_dim, dtype, device) for _ in self.layers]
+            self._caches = [layer.attn.make_cache(batch_size, n_slots, dtype, device) for layer in self.layers]
             self._cache_key = key
         for layer, cache in zip(self.layers, self._caches):
             layer.attn.kv_cache = cache

@@ -67,6 +67,9 @@ class Attention(nn.Module):
         self.capture = False  # when True, use the reference path and keep the weights
         self.weights: torch.Tensor | None = None
 
+    def make_cache(self, batch_size: int, n_slots: int, dtype: torch.dtype, device=None) -> KVCache:
+        return KVCache(batch_size, n_slots, self.n_kv_heads, self.head_dim, dtype, device)
+
     def forward(self, x, rope=None, mask=None, input_pos=None):
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).split(self.split_sizes, dim=-1)
