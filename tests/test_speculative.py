@@ -48,25 +48,27 @@ def _greedy_uncached(model, prompt, n):
 
 
 def _greedy_spec_uncached(target, draft, prompt, n, k):
-    """Greedy speculative decoding with no caches: (accepted, rounds), the reference for the stats.
+    """Greedy speculative decoding with no caches: (accepted, target forwards), the reference for
+    the stats. The prefill gives the first token; then rounds of k drafts until n tokens.
     A draft cache that went stale would change what the draft proposes, not the output."""
-    seq, accepted, rounds = list(prompt), 0, 0
+    seq, accepted, forwards = list(prompt) + _greedy_uncached(target, prompt, 1), 0, 1
     while len(seq) < len(prompt) + n:
-        k_round = min(k, len(prompt) + n - len(seq) - 1)
-        drafts = _greedy_uncached(draft, seq, k_round)
+        drafts = _greedy_uncached(draft, seq, k)
         with torch.no_grad():
-            want = target(torch.tensor([seq + drafts]))[0, len(seq) - 1 :].argmax(-1).tolist()  # k_round + 1
-        a = next((i for i, (d, w) in enumerate(zip(drafts, want)) if d != w), k_round)
+            want = target(torch.tensor([seq + drafts]))[0, len(seq) - 1 :].argmax(-1).tolist()  # k + 1
+        a = next((i for i, (d, w) in enumerate(zip(drafts, want)) if d != w), k)
         seq += drafts[:a] + [want[a]]
-        accepted, rounds = accepted + a, rounds + 1
-    return accepted, rounds
+        accepted, forwards = accepted + a, forwards + 1
+    return accepted, forwards
 
 
 def _check_stats(out: list[int], stats: SpecStats, stopped: bool = False):
     assert 0 <= stats.accepted <= stats.proposed
     assert stats.emitted == len(out)
-    if not stopped:  # each round emits its accepted drafts + one target token
-        assert len(out) == stats.accepted + stats.target_forwards
+    if not stopped:  # each forward emits its accepted drafts + one target token; the last is cut to fit
+        k = stats.proposed // max(stats.target_forwards - 1, 1)  # the prefill proposes nothing
+        assert stats.accepted + stats.target_forwards - k <= len(out)
+        assert len(out) <= stats.accepted + stats.target_forwards
     assert stats.tokens_per_target_forward == pytest.approx(len(out) / stats.target_forwards)
     if stats.proposed:
         assert stats.acceptance_rate == pytest.approx(stats.accepted / stats.proposed)
@@ -108,8 +110,8 @@ def test_draft_equal_to_target_accepts_everything(models, k):
         assert out == _greedy_uncached(target, prompt, 11)
         assert stats.acceptance_rate == 1.0
         _check_stats(out, stats)
-        # Full rounds of k + 1 tokens, then one shorter round to land on 11 exactly.
-        assert stats.target_forwards == -(-11 // (k + 1))
+        # The prefill's token, then rounds of k + 1 tokens (the last one cut to land on 11).
+        assert stats.target_forwards == 1 + -(-10 // (k + 1))
 
 
 def test_top_k_1_sampling_is_greedy(models):
@@ -223,5 +225,31 @@ def test_unsupported_settings_are_refused(models):
     target, small, _ = models
     with pytest.raises(ValueError, match="k "):
         speculative_generate(target, small, [1, 2], 4, k=0)
-    with pytest.raises(ValueError, match="repetition_penalty"):
-        speculative_generate(target, small, [1, 2], 4, sampling=SamplingConfig(repetition_penalty=1.2))
+
+
+def test_repetition_penalty_greedy_equals_plain_decoding(models):
+    """With the penalty, row i of the verify forward must count the drafts before it."""
+    from tformer.generate import generate
+
+    target, small, near = models
+    cfg = SamplingConfig(temperature=0, repetition_penalty=1.5)
+    for draft in (small, near, target):
+        for prompt in PROMPTS:
+            out, stats = speculative_generate(target, draft, prompt, 14, k=3, sampling=cfg)
+            assert out == generate(target, [prompt], 14, cfg)[0]
+
+
+def test_spec_steps_compile_without_graph_breaks(models):
+    """The fast path's draft step and verify capture whole (fullgraph raises on a break) and
+    give the eager tokens, with and without the repetition penalty."""
+    from tformer.generate.speculative import SpecSteps, draft_step, target_verify
+
+    target, _, near = models
+    compiled = SpecSteps(
+        draft_step=torch.compile(draft_step, backend="eager", fullgraph=True),
+        target_verify=torch.compile(target_verify, backend="eager", fullgraph=True),
+    )
+    for cfg in (GREEDY, SamplingConfig(temperature=0.8, top_k=20, repetition_penalty=1.3)):
+        eager = speculative_generate(target, near, PROMPTS[1], 10, k=3, sampling=cfg, seed=3)
+        fast = speculative_generate(target, near, PROMPTS[1], 10, k=3, sampling=cfg, seed=3, steps=compiled)
+        assert fast == eager

@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="speculative decoding with this smaller model (same tokenizer); one prompt only")
     p.add_argument("--speculate-k", type=int, default=4, help="draft tokens per round with --draft")
     p.add_argument("--compile", action="store_true",
-                   help="compile the decode step (CUDA graphs); pays off for long generations on GPU")
+                   help="compile the decode step (CUDA graphs; with --draft: the draft step and the verify); "
+                        "pays off for long generations on GPU")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on GPU, float32 on CPU")
     p.set_defaults(func=run)
 
@@ -85,8 +86,13 @@ def _speculative(args, model, tokenizer, sampling, prompts, device, dtype) -> in
     if len(prompts) != 1:
         raise UserError("--draft decodes one prompt at a time: pass a single --prompt")
     draft = load(args.draft, device=device, dtype=dtype).eval()
+    steps = None
+    if args.compile:
+        from tformer.generate.speculative import compiled_spec_steps
+
+        steps = compiled_spec_steps()
     text, stats = speculative_text(model, draft, tokenizer, prompts[0], args.max_new_tokens, sampling,
-                                   args.stop, args.seed, args.speculate_k)
+                                   args.stop, args.seed, args.speculate_k, steps)
     print(prompts[0] + text)
     print(f"speculative decoding: {stats.accepted}/{stats.proposed} draft tokens accepted "
           f"({stats.acceptance_rate:.0%}), {stats.tokens_per_target_forward:.2f} tokens per target forward",

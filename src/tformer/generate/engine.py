@@ -63,7 +63,7 @@ def compiled_decode_step(mode: str = "reduce-overhead"):
 
 
 @contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device):
+def seeded(seed: int | None, device: torch.device):
     if seed is None:
         yield
         return
@@ -103,7 +103,7 @@ def generate(
             f"prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"max_seq_len {model.config.max_seq_len}: shorten the prompt or ask for fewer tokens"
         )
-    with _seeded(seed, device):
+    with seeded(seed, device):
         model.setup_caches(B, L + max_new_tokens)
         try:
             key_mask = torch.ones(B, model.cache_slots, dtype=torch.long, device=device)

@@ -24,12 +24,15 @@ Shapes: B independent rounds (1 in `speculative_generate`), k draft tokens, V vo
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from tformer.generate.sampling import SamplingConfig, filter_logits
+from tformer.generate.engine import seeded, compiled_decode_step, compiled_prefill, prefill
+from tformer.generate.sampling import SamplingConfig, apply_repetition_penalty, filter_logits
 
 
 @dataclass
@@ -49,6 +52,41 @@ class SpecStats:
         return self.emitted / self.target_forwards if self.target_forwards else 0.0
 
 
+def draft_step(model, token, input_pos, sampling: SamplingConfig, counts=None):
+    """One draft token: token (1, 1) at slot input_pos (1,) -> (next token (1,), its distribution q (1, V))."""
+    logits = model(token, input_pos=input_pos)[:, -1]
+    q = _probs(logits, sampling, counts)
+    return _draw(q), q
+
+
+def target_verify(model, tokens, input_pos, drafts, q, sampling: SamplingConfig, counts=None):
+    """The target scores [cur, d_1..d_k] (1, k+1) at slots input_pos (k+1,) and judges the drafts
+    (1, k) drawn from q (1, k, V) -> (n_accepted (1,), next token (1,))."""
+    logits = model(tokens, input_pos=input_pos)[0]  # (k+1, V)
+    if counts is not None:  # row i has seen d_1..d_i as well
+        seen = F.one_hot(drafts[0], logits.shape[-1]).to(counts.dtype).cumsum(0)  # (k, V)
+        counts = counts + F.pad(seen, (0, 0, 1, 0))  # (k+1, V)
+    return verify(_probs(logits, sampling, counts)[None], q, drafts)
+
+
+@dataclass(frozen=True)
+class SpecSteps:
+    """The functions one speculative run calls: eager by default, or `compiled_spec_steps()`."""
+
+    prefill: Callable = prefill
+    draft_step: Callable = draft_step
+    target_verify: Callable = target_verify
+
+
+@functools.cache
+def compiled_spec_steps() -> SpecSteps:
+    """Prefill compiled for any prompt length; the draft step and the target's (k+1)-token
+    verify compiled with CUDA graphs (`reduce-overhead`, fullgraph), as the plain decode step."""
+    compiled_decode_step()  # sets the inductor tuning flags the decode step uses
+    graphs = dict(mode="reduce-overhead", fullgraph=True)
+    return SpecSteps(compiled_prefill(), torch.compile(draft_step, **graphs), torch.compile(target_verify, **graphs))
+
+
 @torch.no_grad()
 def speculative_generate(
     target,
@@ -59,12 +97,14 @@ def speculative_generate(
     sampling: SamplingConfig | None = None,
     stop_ids: set[int] | None = None,
     seed: int | None = None,
+    steps: SpecSteps | None = None,
 ) -> tuple[list[int], SpecStats]:
     """New tokens (prompt excluded), ending at a stop id (kept) or after max_new_tokens.
 
     `draft` proposes k tokens a round, `target` checks them in one forward; the output has
     the target's own distribution (at temperature 0: exactly the target's greedy tokens).
     The draft must share the target's tokenizer. Both models should be in eval mode.
+    steps: `compiled_spec_steps()` for the fast path on GPU (every round has the same shapes).
     """
     sampling = sampling or SamplingConfig()
     _check_request(target, draft, prompt, max_new_tokens, k, sampling)
@@ -72,65 +112,65 @@ def speculative_generate(
     if max_new_tokens == 0:
         return [], stats
     device = next(target.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    for model in (target, draft):
-        model.setup_caches(1, len(prompt) + max_new_tokens)
-    try:
-        seq = torch.tensor(prompt, dtype=torch.long, device=device)
-        out = _rounds(target, draft, seq, max_new_tokens, k, sampling, stop_ids or set(), generator, stats)
-    finally:
+    with seeded(seed, device):
         for model in (target, draft):
-            model.clear_caches()
+            model.setup_caches(1, len(prompt) + max_new_tokens + k)
+        try:
+            out = _run(target, draft, prompt, max_new_tokens, k, sampling, stop_ids or set(), steps or SpecSteps(), stats)
+        finally:
+            for model in (target, draft):
+                model.clear_caches()
+    stats.emitted = len(out)
     return out, stats
 
 
-def _rounds(target, draft, seq, max_new_tokens, k, sampling, stop_ids, generator, stats) -> list[int]:
-    """Draft-then-verify rounds until max_new_tokens or a stop id. seq (n,): prompt so far."""
-    target_cached = draft_cached = 0  # leading slots of each cache that hold this sequence
-    new: list[int] = []
-    while len(new) < max_new_tokens:
-        n = seq.shape[0]
-        k_round = min(k, max_new_tokens - len(new) - 1)  # a round emits up to k_round + 1 tokens
-        drafts, q = _propose(draft, seq, draft_cached, k_round, sampling, generator)  # (k,), (k, V)
-        inp = torch.cat([seq[target_cached:], drafts])  # pending token(s), then the drafts
-        logits = target(inp[None], input_pos=torch.arange(target_cached, n + k_round, device=seq.device))
-        p = _probs(logits[0, -(k_round + 1):], sampling)  # (k+1, V)
-        n_acc, nxt = verify(p[None], q[None], drafts[None], generator)
-        vals = torch.cat([n_acc, drafts, nxt]).tolist()  # the round's one host sync
-        a = vals[0]
-        tokens = vals[1 : 1 + a] + vals[-1:]
-        seq = torch.cat([seq, drafts[:a], nxt])
-        target_cached = n + a  # every token but the last (it is fed next round)
-        if k_round:  # the draft cached the sequence and d_1..d_{k-1}
-            draft_cached = n + min(a, k_round - 1)
-        stats.proposed += k_round
-        stats.accepted += a
-        stats.target_forwards += 1
-        for t in tokens:
-            new.append(t)
-            if t in stop_ids:
-                stats.emitted = len(new)
-                return new
-    stats.emitted = len(new)
-    return new
+def _run(target, draft, prompt, max_new_tokens, k, sampling, stop_ids, steps: SpecSteps, stats) -> list[int]:
+    """Prefill both models, then draft-then-verify rounds until max_new_tokens or a stop id.
 
-
-def _propose(draft, seq, cached: int, k: int, sampling, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """k draft tokens (k,) and the distributions they were drawn from (k, V).
-
-    The first step feeds every token the draft has not cached yet (the prompt, or the one or
-    two tokens of the last round it never saw); each later step feeds the previous draft.
+    Invariant at each round start: n tokens so far, both caches hold slots 0..n-2, and the last
+    token `cur` (slot n-1) is fed next. Every round has the same shapes, so it compiles once.
     """
-    tokens, qs = [seq[:0]], [torch.empty(0, draft.config.vocab_size, device=seq.device)]
-    inp, start = seq[cached:], cached
-    for _ in range(k):
-        pos = torch.arange(start, start + inp.shape[0], device=seq.device)
-        q = _probs(draft(inp[None], input_pos=pos)[0, -1:], sampling)  # (1, V)
-        tok = _draw(q, generator)  # (1,)
-        tokens.append(tok)
-        qs.append(q)
-        start, inp = start + inp.shape[0], tok
-    return torch.cat(tokens), torch.cat(qs)
+    device = next(target.parameters()).device
+    V = target.config.vocab_size
+    tokens = torch.tensor([prompt], dtype=torch.long, device=device)
+    L = len(prompt)
+    counts = _counts(tokens, V, sampling)
+    pos = torch.arange(L, device=device)
+    cur = steps.prefill(target, tokens, pos, None, sampling, counts).clone()  # (1,)
+    steps.prefill(draft, tokens, pos, None, sampling, counts)
+    stats.target_forwards, new = 1, [int(cur)]
+    drafts = torch.zeros(1, k, dtype=torch.long, device=device)
+    qs = torch.zeros(1, k, V, device=device)
+    offsets = torch.arange(k + 1, device=device)
+    draft_pos, verify_pos = torch.zeros(1, dtype=torch.long, device=device), torch.zeros_like(offsets)
+    while not (new[-1] in stop_ids or len(new) >= max_new_tokens):
+        n = L + len(new)
+        _add(counts, cur)
+        draft_counts = None if counts is None else counts.clone()
+        draft_pos.fill_(n - 1)
+        tok = cur
+        for i in range(k):
+            tok, q = steps.draft_step(draft, tok.view(1, 1), draft_pos, sampling, draft_counts)
+            drafts[0, i], qs[0, i] = tok[0], q[0]
+            tok = tok.clone()
+            draft_pos += 1
+            _add(draft_counts, tok)
+        torch.add(offsets, n - 1, out=verify_pos)
+        inp = torch.cat([cur.view(1, 1), drafts], dim=1)  # (1, k+1)
+        n_acc, nxt = steps.target_verify(target, inp, verify_pos, drafts, qs, sampling, counts)
+        vals = torch.cat([n_acc, drafts[0], nxt]).tolist()  # the round's one host sync
+        a = vals[0]
+        if a == k:  # the draft never fed its last token: cache it now (slot n+k-1)
+            steps.draft_step(draft, drafts[:, -1:], draft_pos, sampling, draft_counts)
+        stats.proposed, stats.accepted, stats.target_forwards = stats.proposed + k, stats.accepted + a, stats.target_forwards + 1
+        for t in vals[1 : 1 + a] + vals[-1:]:
+            new.append(t)
+            if t in stop_ids or len(new) >= max_new_tokens:
+                return new
+        if counts is not None:
+            counts.scatter_add_(1, torch.tensor([vals[1 : 1 + a]], device=device), torch.ones(1, a, device=device))
+        cur = torch.tensor([vals[-1]], device=device)
+    return new
 
 
 def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,8 +195,11 @@ def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator=Non
     return n_acc, _draw(row, generator)
 
 
-def _probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-    """logits (R, V) -> the distribution sampling draws from (R, V); one-hot when greedy."""
+def _probs(logits: torch.Tensor, sampling: SamplingConfig, counts=None) -> torch.Tensor:
+    """logits (R, V) -> the distribution sampling draws from (R, V); one-hot when greedy.
+    counts (R|1, V): tokens seen so far, for the repetition penalty."""
+    if counts is not None:
+        logits = apply_repetition_penalty(logits, counts, sampling.repetition_penalty)
     if sampling.temperature == 0:
         return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     return filter_logits(logits, sampling).softmax(-1)
@@ -172,10 +215,20 @@ def _draw(probs: torch.Tensor, generator=None) -> torch.Tensor:
     return (probs / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(-1)
 
 
+def _counts(tokens: torch.Tensor, vocab_size: int, sampling: SamplingConfig):
+    """(1, V) occurrences of each token in `tokens`, for the repetition penalty (None when off)."""
+    if sampling.repetition_penalty == 1.0:
+        return None
+    return torch.zeros(1, vocab_size, device=tokens.device).scatter_add_(1, tokens, torch.ones_like(tokens, dtype=torch.float))
+
+
+def _add(counts, token: torch.Tensor) -> None:
+    if counts is not None:
+        counts.scatter_add_(1, token.view(1, 1), torch.ones_like(counts[:, :1]))
+
+
 def _check_request(target, draft, prompt, max_new_tokens: int, k: int, sampling: SamplingConfig) -> None:
     sampling.validate()
-    if sampling.repetition_penalty != 1.0:
-        raise ValueError("speculative_generate does not support repetition_penalty; set it to 1.0")
     if not prompt:
         raise ValueError("the prompt needs at least one token (add a BOS token to an empty prompt)")
     if k < 1:
@@ -190,8 +243,9 @@ def _check_request(target, draft, prompt, max_new_tokens: int, k: int, sampling:
     if next(target.parameters()).device != next(draft.parameters()).device:
         raise ValueError("target and draft must be on the same device")
     for name, model in (("target", target), ("draft", draft)):
-        if len(prompt) + max_new_tokens > model.config.max_seq_len:
+        if len(prompt) + max_new_tokens + k > model.config.max_seq_len:
             raise ValueError(
-                f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the {name}'s "
-                f"max_seq_len {model.config.max_seq_len}: shorten the prompt or ask for fewer tokens"
+                f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) + k ({k}, the last round's "
+                f"drafts) exceeds the {name}'s max_seq_len {model.config.max_seq_len}: shorten the prompt or "
+                "ask for fewer tokens"
             )

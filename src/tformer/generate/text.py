@@ -110,12 +110,13 @@ def _write_stdout(s: str) -> None:
 
 def speculative_text(target, draft, tokenizer, prompt: str, max_new_tokens: int = 200,
                      sampling: SamplingConfig | None = None, stop: list[str] | None = None,
-                     seed: int | None = None, k: int = 4):
-    """Completion of one prompt with speculative decoding; returns (text, SpecStats)."""
+                     seed: int | None = None, k: int = 4, steps=None):
+    """Completion of one prompt with speculative decoding; returns (text, SpecStats).
+    steps: `compiled_spec_steps()` for the compiled path."""
     from tformer.generate.speculative import speculative_generate
 
     new, stats = speculative_generate(target, draft, prompt_ids(tokenizer, prompt), max_new_tokens, k=k,
-                                      sampling=sampling, stop_ids=eos_ids(tokenizer), seed=seed)
+                                      sampling=sampling, stop_ids=eos_ids(tokenizer), seed=seed, steps=steps)
     text = tokenizer.decode(new)
     cut = _first_stop(text, stop or [])
     return (text if cut is None else text[:cut]), stats
