@@ -11,6 +11,7 @@ from torch import nn
 
 from tformer.config import ModelConfig
 from tformer.nn.attention import Attention
+from tformer.nn.mla import LatentAttention
 from tformer.nn.mlp import make_ffn
 from tformer.nn.norm import make_norm
 
@@ -19,7 +20,7 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         self.attn_norm = make_norm(config)
-        self.attn = Attention(config)
+        self.attn = LatentAttention(config) if config.mla is not None else Attention(config)
         self.ffn_norm = make_norm(config)
         self.ffn = make_ffn(config)
 

@@ -2,7 +2,7 @@
 
 Shapes: B batch, T query length, H heads, D head_dim, R rotated dims (= D unless partial).
 Layout is "rotate half" (the first R/2 dims pair with the last R/2), the layout HF checkpoints
-use; GGUF's interleaved layout is converted in `tformer.convert`.
+use; interleaved checkpoints (GGUF, DeepSeek's MLA) are reordered by `interleaved_to_half`.
 """
 
 from __future__ import annotations
@@ -106,3 +106,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         return x * cos + rotate_half(x) * sin
     x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+def interleaved_to_half(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Reorder rotated dims from interleaved pairs (x0, x1), (x2, x3), ... to our rotate-half layout
+    (x0, x2, ..., x1, x3, ...) along `dim`, whose size is one head's rotated dims R.
+
+    For a checkpoint whose RoPE rotates interleaved pairs, apply this to the q and k projection
+    rows of every head (weight viewed (H, R, in), dim=1): `apply_rope` then gives the same scores.
+    """
+    R = x.shape[dim]
+    order = torch.cat((torch.arange(0, R, 2), torch.arange(1, R, 2))).to(x.device)
+    return x.index_select(dim, order)
