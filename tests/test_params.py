@@ -38,6 +38,7 @@ def test_gpt2_breakdown_by_hand():
         "embeddings": V * C + T * C,
         "attention": L * (C * 3 * C + 3 * C + C * C + C),
         "ffn": L * (C * 4 * C + 4 * C + 4 * C * C + C),
+        "routed_experts": 0, "shared_experts": 0, "router": 0,  # a dense model
         "norms": (2 * L + 1) * 2 * C,
         "output": 0,
         "total": 124_439_808,
@@ -62,7 +63,10 @@ def test_breakdown_of_a_built_model_equals_the_meta_count():
     "name, component",
     [("tok_emb.weight", "embeddings"), ("pos_emb.weight", "embeddings"), ("layers.0.attn.wqkv.bias", "attention"),
      ("layers.11.ffn.w3.weight", "ffn"), ("layers.2.attn_norm.weight", "norms"), ("norm.bias", "norms"),
-     ("output.weight", "output")],
+     ("output.weight", "output"), ("layers.3.ffn.experts.w1", "routed_experts"),
+     ("layers.3.ffn.router.gate.weight", "router"), ("layers.3.ffn.shared.w2.weight", "shared_experts"),
+     ("layers.3.ffn.shared_gate.weight", "shared_experts"), ("layers.0.ffn.w1.weight", "ffn"),
+     ("layers.5.attn.kv_norm.weight", "attention")],
 )
 def test_classify(name, component):
     assert classify(name) == component
@@ -79,8 +83,15 @@ def test_format_breakdown_aligns_columns_and_shows_shares():
     assert lines[0] == "llama-3-8b"
     assert "8,030,261,248" in lines[-1] and "100.0%" in lines[-1] and lines[-1].startswith("total")
     assert len({len(line) for line in lines[1:]}) == 1  # every row (and rule) has the same width
-    ffn = next(line for line in lines if line.startswith("ffn"))
+    assert not any(line.startswith(("routed", "shared", "router")) for line in lines)  # dense: no MoE rows
+    ffn = next(line for line in lines if line.startswith("dense ffn"))
     assert "5,637,144,576" in ffn and "70.2%" in ffn
+
+
+def _counts(capsys) -> dict:
+    """The component counts of `tformer params --json` (which adds active counts, FLOPs and memory)."""
+    out = json.loads(capsys.readouterr().out)
+    return {k: out[k] for k in [*COMPONENTS, "total"]}
 
 
 def test_cli_params_preset(capsys):
@@ -91,7 +102,8 @@ def test_cli_params_preset(capsys):
 
 def test_cli_params_json(capsys):
     assert main(["params", "llama-3-8b", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["total"] == 8_030_261_248
+    out = json.loads(capsys.readouterr().out)
+    assert out["total"] == 8_030_261_248 and out["active"]["total"] == 8_030_261_248  # dense: all active
 
 
 def test_cli_params_config_json_file(tmp_path, capsys):
@@ -99,7 +111,7 @@ def test_cli_params_config_json_file(tmp_path, capsys):
     path = tmp_path / "config.json"
     path.write_text(config.to_json())
     assert main(["params", str(path), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == parameter_breakdown(config)
+    assert _counts(capsys) == parameter_breakdown(config)
 
 
 def test_cli_params_tformer_checkpoint_dir(tmp_path, capsys):
@@ -109,7 +121,7 @@ def test_cli_params_tformer_checkpoint_dir(tmp_path, capsys):
     config = get_preset("tiny-mistral")
     save(build_model(config), tmp_path / "ckpt")
     assert main(["params", str(tmp_path / "ckpt"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == parameter_breakdown(config)
+    assert _counts(capsys) == parameter_breakdown(config)
 
 
 def test_cli_params_hf_model_dir(tmp_path, capsys):
@@ -121,7 +133,7 @@ def test_cli_params_hf_model_dir(tmp_path, capsys):
         tie_word_embeddings=True,
     ).save_pretrained(tmp_path)
     assert main(["params", str(tmp_path), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == parameter_breakdown(get_preset("tiny-qwen2"))
+    assert _counts(capsys) == parameter_breakdown(get_preset("tiny-qwen2"))
 
 
 @pytest.mark.parametrize(
