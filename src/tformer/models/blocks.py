@@ -13,6 +13,7 @@ from tformer.config import ModelConfig
 from tformer.nn.attention import Attention
 from tformer.nn.mla import LatentAttention
 from tformer.nn.mlp import make_ffn
+from tformer.nn.moe import MoE
 from tformer.nn.norm import make_norm
 
 
@@ -22,7 +23,7 @@ class Block(nn.Module):
         self.attn_norm = make_norm(config)
         self.attn = LatentAttention(config) if config.mla is not None else Attention(config)
         self.ffn_norm = make_norm(config)
-        self.ffn = make_ffn(config)
+        self.ffn = MoE(config) if config.is_moe_layer(layer) else make_ffn(config)
 
     def forward(self, x, rope=None, mask=None, input_pos=None):
         h = x + self.attn(self.attn_norm(x), rope, mask, input_pos)

@@ -13,6 +13,7 @@ from torch import nn
 
 from tformer.config import ModelConfig
 from tformer.models.decoder import Decoder
+from tformer.nn.moe import GroupedExperts, Router
 
 
 def build_model(
@@ -56,10 +57,15 @@ def init_weights(model: Decoder) -> None:
     resid_std = c.init_std / math.sqrt(2 * c.n_layers) if c.scale_residual_init else c.init_std
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
-            std = resid_std if name.endswith(("attn.wo", "ffn.w2")) else c.init_std
+            std = resid_std if name.endswith(("attn.wo", "ffn.w2", "ffn.shared.w2")) else c.init_std
             nn.init.normal_(m.weight, mean=0.0, std=std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+        elif isinstance(m, GroupedExperts):  # routed experts: as a dense gated FFN, w2 a residual projection
+            for pname, p in m.named_parameters():
+                nn.init.normal_(p, mean=0.0, std=resid_std if pname == "w2" else c.init_std)
+        elif isinstance(m, Router) and m.expert_bias is not None:
+            nn.init.zeros_(m.expert_bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=c.init_std)
         elif hasattr(m, "reset_parameters") and not list(m.children()):

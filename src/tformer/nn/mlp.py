@@ -31,13 +31,17 @@ class FeedForward(nn.Module):
 
 
 class GatedFeedForward(nn.Module):
-    """w2(act(w1 x) * w3 x): GLU variants (Shazeer 2020); SwiGLU uses SiLU, GeGLU GELU."""
+    """w2(act(w1 x) * w3 x): GLU variants (Shazeer 2020); SwiGLU uses SiLU, GeGLU GELU.
 
-    def __init__(self, config: ModelConfig):
+    ffn_dim: the width F, if not config.ffn_dim (an MoE's shared experts).
+    """
+
+    def __init__(self, config: ModelConfig, ffn_dim: int | None = None):
         super().__init__()
-        self.w1 = nn.Linear(config.dim, config.ffn_dim, bias=config.ffn_bias)  # gate
-        self.w3 = nn.Linear(config.dim, config.ffn_dim, bias=config.ffn_bias)  # up
-        self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=config.ffn_bias)  # down
+        ffn_dim = ffn_dim or config.ffn_dim
+        self.w1 = nn.Linear(config.dim, ffn_dim, bias=config.ffn_bias)  # gate
+        self.w3 = nn.Linear(config.dim, ffn_dim, bias=config.ffn_bias)  # up
+        self.w2 = nn.Linear(ffn_dim, config.dim, bias=config.ffn_bias)  # down
         self.act = ACTIVATIONS[GATED_ACTIVATIONS[config.activation]]
         self.drop = nn.Dropout(config.resid_dropout)
 
