@@ -29,10 +29,13 @@ class MetricsLogger:
         with self.metrics_file.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def log_train(self, step: int, loss, lr: float, tokens_per_s: float, mfu: float | None) -> None:
+    def log_train(self, step: int, loss, lr: float, tokens_per_s: float, mfu: float | None,
+                  extra: dict | None = None) -> None:
+        """extra: more scalars for the row and TensorBoard (e.g. MoE expert-load stats)."""
         loss = float(loss)
+        extra = extra or {}
         row = {"kind": "train", "step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s,
-               "mfu": mfu, "time": time.time()}
+               "mfu": mfu, **extra, "time": time.time()}
         self._write(row)
         post = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
         if mfu is not None:
@@ -40,7 +43,7 @@ class MetricsLogger:
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(step - self.bar.n)
         if self.tb:
-            for key in ("loss", "lr", "tokens_per_s") + (("mfu",) if mfu is not None else ()):
+            for key in ("loss", "lr", "tokens_per_s", *extra) + (("mfu",) if mfu is not None else ()):
                 self.tb.add_scalar(f"train/{key}", row[key], step)
 
     def log_eval(self, step: int, metrics: dict, elapsed: float) -> None:

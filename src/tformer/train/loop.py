@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tformer.nn.moe import load_stats, moe_layers
 from tformer.train.config import TrainConfig
 from tformer.train.data import TrainData, prepare_data
 from tformer.train.flops import flops_per_token, peak_flops
@@ -97,6 +98,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     flops_step = flops_per_token(model, cfg.seq_len) * tokens_per_step
     peak = peak_flops(device)
     logger = MetricsLogger(cfg, start, progress)
+    moe = moe_layers(model)
+    for layer in moe:
+        layer.aux_grad_scale = 1 / cfg.grad_accum  # router losses, like the main loss, average over micro-batches
     t0 = time.perf_counter()
     step, loss = start, torch.zeros(())
     while step < cfg.max_steps:
@@ -108,12 +112,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             group["lr"] = lr
         t_step = time.perf_counter()
         loss = _optimizer_step(model, loss_fn, optimizer, data, cfg, device, autocast, step)
+        for layer in moe:
+            layer.update_expert_bias()  # DeepSeek-V3 aux-loss-free balancing (no-op without expert_bias)
         step += 1
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             _check_finite(loss, step, cfg)
             dt = time.perf_counter() - t_step
             mfu = flops_step / dt / peak if peak else None
-            logger.log_train(step, loss, lr, tokens_per_step / dt, mfu)
+            logger.log_train(step, loss, lr, tokens_per_step / dt, mfu, load_stats(moe) if moe else None)
+        for layer in moe:
+            layer.pop_load()  # expert loads count one step
         if step % cfg.eval_every == 0 and step < cfg.max_steps:
             _check_finite(loss, step, cfg)
             metrics = evaluate(model, data, cfg, device, autocast)
