@@ -268,6 +268,20 @@ def test_decoder_with_moe_trains_and_cached_decode_equals_full_forward():
     m.clear_caches()
 
 
+def test_checkpoint_round_trip_keeps_expert_bias_in_fp32(tmp_path):
+    from tformer.checkpoint import load, save
+
+    m = tiny_moe_model(expert_bias=True).eval()
+    m.layers[1].ffn.router.expert_bias.normal_(0, 0.1)
+    save(m, tmp_path / "ckpt")
+    loaded = load(tmp_path / "ckpt", dtype=torch.bfloat16)
+    bias = loaded.layers[1].ffn.router.expert_bias
+    assert bias.dtype == torch.float32 and loaded.layers[1].ffn.tokens_per_expert.dtype == torch.float32
+    torch.testing.assert_close(bias, m.layers[1].ffn.router.expert_bias, atol=0, rtol=0)
+    tokens = torch.randint(0, 64, (2, 6))
+    torch.testing.assert_close(load(tmp_path / "ckpt")(tokens), m(tokens))
+
+
 def test_decoder_with_moe_compiles_fullgraph():
     m = tiny_moe_model(n_shared_experts=1, capacity_factor=2.0).eval()
     tokens = torch.randint(0, 64, (2, 8))
