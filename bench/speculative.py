@@ -1,0 +1,157 @@
+"""Speculative decoding speed on one GPU: a trained target/draft pair, greedy, timed in one process.
+
+    PYTHONPATH=src python bench/speculative.py [--target-steps 700] [--draft-steps 1500] [--k 3 5] [--new 256]
+
+The pair, both trained here by `tformer.train` on the default corpus (Shakespeare's plays, the
+default 8192-token BPE tokenizer, so they share it):
+  target: the Llama-3.2-1B layer shape (16 x 2048, 32/8 heads, SwiGLU 8192), untied, ~1.0B parameters
+  draft:  the default `shakespeare-bpe` recipe widened to 4 x 256 (SwiGLU 768, tied), ~5.3M parameters
+Each is trained for a number of 16 x 512-token steps (bf16 autocast, compiled); the draft keeps its
+best validation checkpoint (evaluated every 250 steps: the 1.3M-token corpus overfits fast).
+
+Decoding: prompts are --prompts windows of --prompt tokens from the held-out validation split;
+temperature 0, --new tokens each. Plain decoding is `generate` with the compiled prefill and CUDA-graph
+decode step; speculative decoding is `speculative_generate` with `compiled_spec_steps()` (the
+draft step and the target's (k+1)-token verify as CUDA graphs). tokens/s = new tokens / wall time
+of the whole call (prefill included), median over prompts after a warm-up call per variant.
+same_as_plain: the share of tokens before the first difference from plain greedy decoding (in fp32
+they are equal, as the tests check; in bf16 the (k+1)-token verify rounds differently from the
+one-token step, so near-ties can go the other way). --no-tuning turns off inductor's
+coordinate-descent tuning for both variants alike (it costs minutes of compile time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch._inductor.config as inductor_config
+
+from tformer.checkpoint import load
+from tformer.generate import SamplingConfig, generate
+from tformer.generate.engine import compiled_decode_step, compiled_prefill
+from tformer.generate.speculative import compiled_spec_steps, speculative_generate
+from tformer.params import parameter_breakdown
+from tformer.train.config import TrainConfig
+from tformer.train.loop import train
+from tformer.train.data import prepare_data
+
+TARGET = {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "ffn_dim": 8192, "tie_embeddings": False,
+          "max_seq_len": 1024}
+DRAFT = {"dim": 256, "n_layers": 4, "n_heads": 4, "ffn_dim": 768, "max_seq_len": 1024}
+GREEDY = SamplingConfig(temperature=0)
+
+
+def train_model(out: Path, steps: int, model: dict, lr: float, eval_every: int) -> Path:
+    """16 x 512-token batches; the checkpoint with the best validation loss (evaluated every eval_every)."""
+    cfg = TrainConfig(model=model, out_dir=str(out), max_steps=steps, batch_size=16, seq_len=512, lr=lr,
+                      min_lr=lr / 20, warmup=100, eval_every=eval_every, eval_batches=50, compile=True,
+                      sample_tokens=0, tensorboard=False, log_every=100, keep_last=1)
+    t = time.perf_counter()
+    result = train(cfg, progress=False)
+    print(json.dumps({"trained": str(out), "steps": result.step, "val_bpc": round(result.val_bpc, 3),
+                      "wall_s": round(time.perf_counter() - t, 1)}), flush=True)
+    return out / "best"
+
+
+def timed(fn) -> tuple[float, object]:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t, out
+
+
+def step_times(target, draft, prompt, steps, k: int, new: int, n: int = 50) -> dict:
+    """Median wall time (ms) of one compiled call alone: a draft step, a target one-token step, a
+    (k+1)-token verify. Their sum over a round, against the round's measured time, shows the overhead."""
+    L = len(prompt)
+    tok, pos = torch.tensor([prompt[:1]], device="cuda"), torch.tensor([L], device="cuda")
+    inp, vpos = tok.repeat(1, k + 1), torch.arange(L, L + k + 1, device="cuda")
+    drafts, q = tok.repeat(1, k), torch.zeros(1, k, target.config.vocab_size, device="cuda")
+    calls = {
+        "draft_step_ms": (draft, lambda: steps.draft_step(draft, tok, pos, GREEDY)),
+        "target_step_ms": (target, lambda: steps.draft_step(target, tok, pos, GREEDY)),
+        f"verify_k{k}_ms": (target, lambda: steps.target_verify(target, inp, vpos, drafts, q, GREEDY)),
+    }
+    out = {}
+    for name, (model, call) in calls.items():
+        model.setup_caches(1, L + new + k)  # the size speculative_generate used: its graphs are reused
+        times = [timed(call)[0] for _ in range(n + 5)]
+        out[name] = round(1e3 * statistics.median(times[5:]), 3)
+        model.clear_caches()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target-steps", type=int, default=700)
+    ap.add_argument("--draft-steps", type=int, default=1500)
+    ap.add_argument("--k", type=int, nargs="+", default=[3, 5])
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "tformer-spec")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--no-tuning", action="store_true")
+    args = ap.parse_args()
+
+    draft_path = train_model(args.out / "draft", args.draft_steps, DRAFT, lr=3e-3, eval_every=250)
+    target_path = train_model(args.out / "target", args.target_steps, TARGET, lr=6e-4, eval_every=args.target_steps)
+    target = load(target_path, device="cuda", dtype=torch.bfloat16).eval()
+    draft = load(draft_path, device="cuda", dtype=torch.bfloat16).eval()
+    sizes = {n: parameter_breakdown(m.config)["total"] for n, m in (("target", target), ("draft", draft))}
+    print(json.dumps({"parameters": sizes, "ratio": round(sizes["target"] / sizes["draft"], 1)}), flush=True)
+
+    val = prepare_data(TrainConfig()).shards.val.tokens
+    stride = len(val) // args.prompts
+    prompts = [val[i * stride: i * stride + args.prompt].tolist() for i in range(args.prompts)]
+
+    step, first, steps = compiled_decode_step(), compiled_prefill(), compiled_spec_steps()
+    if args.no_tuning:
+        inductor_config.coordinate_descent_tuning = False
+    plain = lambda p: generate(target, [p], args.new, GREEDY, step_fn=step, prefill_fn=first)[0]  # noqa: E731
+    warm, _ = timed(lambda: plain(prompts[0]))
+    times, want = [], []
+    for p in prompts:
+        t, out = timed(lambda: plain(p))
+        times.append(t)
+        want.append(out)
+    base = args.new / statistics.median(times)
+    rows = [{"variant": "plain", "tokens_per_s": round(base, 1), "speedup": 1.0, "first_call_s": round(warm, 1)}]
+    print(json.dumps(rows[-1]), flush=True)
+
+    for k in args.k:
+        spec = lambda p: speculative_generate(target, draft, p, args.new, k=k, sampling=GREEDY, steps=steps)  # noqa: E731
+        warm, _ = timed(lambda: spec(prompts[0]))
+        times, acc, prop, fwd, same = [], 0, 0, 0, 0
+        for p, ref in zip(prompts, want):
+            t, (out, stats) = timed(lambda: spec(p))
+            same += next((i for i, (a, b) in enumerate(zip(out, ref)) if a != b), len(ref))
+            times.append(t)
+            acc, prop, fwd = acc + stats.accepted, prop + stats.proposed, fwd + stats.target_forwards
+        tok_s = args.new / statistics.median(times)
+        rows.append({"variant": f"speculative k={k}", "tokens_per_s": round(tok_s, 1),
+                     "speedup": round(tok_s / base, 2), "acceptance": round(acc / prop, 3),
+                     "tokens_per_target_forward": round(len(prompts) * args.new / fwd, 2),
+                     "same_as_plain": round(same / (len(prompts) * args.new), 3),
+                     "first_call_s": round(warm, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+
+    print(json.dumps(step_times(target, draft, prompts[0], steps, args.k[-1], args.new)), flush=True)
+    print(f"\ndevice: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"{'variant':18} {'tokens/s':>9} {'speedup':>8} {'acceptance':>11} {'tok/fwd':>8} {'same':>6} {'first s':>8}")
+    for r in rows:
+        print(f"{r['variant']:18} {r['tokens_per_s']:>9,.1f} {r['speedup']:>7.2f}x {r.get('acceptance', '-'):>11} "
+              f"{r.get('tokens_per_target_forward', '-'):>8} {r.get('same_as_plain', '-'):>6} {r['first_call_s']:>8.1f}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
