@@ -240,15 +240,12 @@ def test_repetition_penalty_greedy_equals_plain_decoding(models):
 
 
 def test_spec_steps_compile_without_graph_breaks(models):
-    """The fast path's draft step and verify capture whole (fullgraph raises on a break) and
-    give the eager tokens, with and without the repetition penalty."""
-    from tformer.generate.speculative import SpecSteps, draft_step, target_verify
+    """The fast path's round (both models) captures whole (fullgraph raises on a break) and
+    gives the eager tokens, with and without the repetition penalty."""
+    from tformer.generate.speculative import SpecSteps, spec_round
 
     target, _, near = models
-    compiled = SpecSteps(
-        draft_step=torch.compile(draft_step, backend="eager", fullgraph=True),
-        target_verify=torch.compile(target_verify, backend="eager", fullgraph=True),
-    )
+    compiled = SpecSteps(round=torch.compile(spec_round, backend="eager", fullgraph=True, dynamic=False))
     for cfg in (GREEDY, SamplingConfig(temperature=0.8, top_k=20, repetition_penalty=1.3)):
         eager = speculative_generate(target, near, PROMPTS[1], 10, k=3, sampling=cfg, seed=3)
         fast = speculative_generate(target, near, PROMPTS[1], 10, k=3, sampling=cfg, seed=3, steps=compiled)

@@ -69,22 +69,44 @@ def target_verify(model, tokens, input_pos, drafts, q, sampling: SamplingConfig,
     return verify(_probs(logits, sampling, counts)[None], q, drafts)
 
 
+def spec_round(target, draft, cur, input_pos, k: int, sampling: SamplingConfig, counts=None):
+    """One whole round, the same shapes every time: cur (1, 1) at slot input_pos (1,) ->
+    (n_accepted (1,), next token (1,), drafts (1, k)).
+
+    The draft proposes d_1..d_k one token at a time, then also caches d_k (needed when all are
+    accepted; otherwise a stale slot the next round rewrites); the target verifies [cur, d_1..d_k]
+    in one forward. counts (1, V): tokens seen up to cur, for the repetition penalty.
+    """
+    tok, drafts, qs = cur[:, 0], [], []
+    seen = counts
+    for i in range(k):
+        tok, q = draft_step(draft, tok.view(1, 1), input_pos + i, sampling, seen)  # (1,), (1, V)
+        drafts.append(tok)
+        qs.append(q)
+        if seen is not None:
+            seen = seen.scatter_add(1, tok.view(1, 1), torch.ones_like(seen[:, :1]))
+    draft(tok.view(1, 1), input_pos=input_pos + k)
+    drafts = torch.stack(drafts, dim=1)  # (1, k)
+    slots = input_pos + torch.arange(k + 1, device=input_pos.device)  # (k+1,)
+    n_acc, nxt = target_verify(target, torch.cat([cur, drafts], dim=1), slots, drafts, torch.stack(qs, 1), sampling,
+                               counts)
+    return n_acc, nxt, drafts
+
+
 @dataclass(frozen=True)
 class SpecSteps:
     """The functions one speculative run calls: eager by default, or `compiled_spec_steps()`."""
 
     prefill: Callable = prefill
-    draft_step: Callable = draft_step
-    target_verify: Callable = target_verify
+    round: Callable = spec_round
 
 
 @functools.cache
 def compiled_spec_steps() -> SpecSteps:
-    """Prefill compiled for any prompt length; the draft step and the target's (k+1)-token
-    verify compiled with CUDA graphs (`reduce-overhead`, fullgraph), as the plain decode step."""
+    """Prefill compiled for any prompt length; the whole round (k draft steps and the verify, both
+    models) compiled into one CUDA graph (`reduce-overhead`, fullgraph), one graph per k."""
     compiled_decode_step()  # sets the inductor tuning flags the decode step uses
-    graphs = dict(mode="reduce-overhead", fullgraph=True, dynamic=False)  # each k: its own static graph
-    return SpecSteps(compiled_prefill(), torch.compile(draft_step, **graphs), torch.compile(target_verify, **graphs))
+    return SpecSteps(compiled_prefill(), torch.compile(spec_round, mode="reduce-overhead", fullgraph=True, dynamic=False))
 
 
 @torch.no_grad()
@@ -128,48 +150,33 @@ def _run(target, draft, prompt, max_new_tokens, k, sampling, stop_ids, steps: Sp
     """Prefill both models, then draft-then-verify rounds until max_new_tokens or a stop id.
 
     Invariant at each round start: n tokens so far, both caches hold slots 0..n-2, and the last
-    token `cur` (slot n-1) is fed next. Every round has the same shapes, so it compiles once.
+    token `cur` (slot n-1) is fed next. A round is one call and one host sync.
     """
     device = next(target.parameters()).device
-    V = target.config.vocab_size
     tokens = torch.tensor([prompt], dtype=torch.long, device=device)
     L = len(prompt)
-    counts = _counts(tokens, V, sampling)
-    pos = torch.arange(L, device=device)
-    cur = steps.prefill(target, tokens, pos, None, sampling, counts).clone()  # (1,)
-    steps.prefill(draft, tokens, pos, None, sampling, counts)
+    counts = _counts(tokens, target.config.vocab_size, sampling)
+    slots = torch.arange(L, device=device)
+    cur = steps.prefill(target, tokens, slots, None, sampling, counts).clone()  # (1,)
+    steps.prefill(draft, tokens, slots, None, sampling, counts)
     stats.target_forwards, new = 1, [int(cur)]
-    drafts = torch.zeros(1, k, dtype=torch.long, device=device)
-    qs = torch.zeros(1, k, V, device=device)
-    offsets = torch.arange(k + 1, device=device)
-    draft_pos, verify_pos = torch.zeros(1, dtype=torch.long, device=device), torch.zeros_like(offsets)
+    pos = torch.zeros(1, dtype=torch.long, device=device)
     while not (new[-1] in stop_ids or len(new) >= max_new_tokens):
-        n = L + len(new)
-        _add(counts, cur)
-        draft_counts = None if counts is None else counts.clone()
-        draft_pos.fill_(n - 1)
-        tok = cur
-        for i in range(k):
-            tok, q = steps.draft_step(draft, tok.view(1, 1), draft_pos, sampling, draft_counts)
-            drafts[0, i], qs[0, i] = tok[0], q[0]
-            tok = tok.clone()
-            draft_pos += 1
-            _add(draft_counts, tok)
-        torch.add(offsets, n - 1, out=verify_pos)
-        inp = torch.cat([cur.view(1, 1), drafts], dim=1)  # (1, k+1)
-        n_acc, nxt = steps.target_verify(target, inp, verify_pos, drafts, qs, sampling, counts)
+        pos.fill_(L + len(new) - 1)
+        if counts is not None:
+            counts.scatter_add_(1, cur.view(1, 1), torch.ones_like(counts[:, :1]))
+        n_acc, nxt, drafts = steps.round(target, draft, cur.view(1, 1), pos, k, sampling, counts)
         vals = torch.cat([n_acc, drafts[0], nxt]).tolist()  # the round's one host sync
         a = vals[0]
-        if a == k:  # the draft never fed its last token: cache it now (slot n+k-1)
-            steps.draft_step(draft, drafts[:, -1:], draft_pos, sampling, draft_counts)
         stats.proposed, stats.accepted, stats.target_forwards = stats.proposed + k, stats.accepted + a, stats.target_forwards + 1
         for t in vals[1 : 1 + a] + vals[-1:]:
             new.append(t)
             if t in stop_ids or len(new) >= max_new_tokens:
                 return new
-        if counts is not None:
-            counts.scatter_add_(1, torch.tensor([vals[1 : 1 + a]], device=device), torch.ones(1, a, device=device))
-        cur = torch.tensor([vals[-1]], device=device)
+        if counts is not None:  # the accepted drafts (cur and nxt are counted at the round start)
+            accepted = (torch.arange(k, device=device) < n_acc).float()[None]  # (1, k)
+            counts.scatter_add_(1, drafts, accepted)
+        cur = nxt.clone()
     return new
 
 
@@ -220,11 +227,6 @@ def _counts(tokens: torch.Tensor, vocab_size: int, sampling: SamplingConfig):
     if sampling.repetition_penalty == 1.0:
         return None
     return torch.zeros(1, vocab_size, device=tokens.device).scatter_add_(1, tokens, torch.ones_like(tokens, dtype=torch.float))
-
-
-def _add(counts, token: torch.Tensor) -> None:
-    if counts is not None:
-        counts.scatter_add_(1, token.view(1, 1), torch.ones_like(counts[:, :1]))
 
 
 def _check_request(target, draft, prompt, max_new_tokens: int, k: int, sampling: SamplingConfig) -> None:

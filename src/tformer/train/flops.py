@@ -1,6 +1,6 @@
 """FLOPs per token and the device's peak, for model FLOP utilisation (MFU).
 
-FLOPs/token = 6 N + 12 L H Q T (PaLM, Chowdhery et al. 2022, appendix B), N the parameters
+FLOPs/token = 6 N + 12 L H Q T (PaLM, Chowdhery et al. 2022, appendix B), N the active parameters
 that take part in matmuls (embedding lookups excluded; a tied output matrix counted once).
 """
 
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from tformer.config import ModelConfig
+from tformer.accounting import training_flops_per_token
+from tformer.params import active_breakdown, model_breakdown
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s, from the vendors' datasheets.
 PEAK_BF16 = [
@@ -30,20 +31,11 @@ PEAK_BF16 = [
 ]
 
 
-def matmul_params(model: torch.nn.Module) -> int:
-    config: ModelConfig = model.config
-    n = sum(p.numel() for p in model.parameters())
-    if hasattr(model.pos_emb, "weight"):
-        n -= model.pos_emb.weight.numel()
-    if not config.tie_embeddings:
-        n -= model.tok_emb.weight.numel()  # a lookup; the separate output matrix is counted
-    return n
-
-
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
-    """Training FLOPs (forward + backward) per token at context `seq_len`."""
-    c: ModelConfig = model.config
-    return 6 * matmul_params(model) + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
+    """Training FLOPs (forward + backward) per token at context `seq_len`: 6 N_active + attention
+    (`tformer.accounting.training_flops_per_token`; MoE layers count only their top-k experts)."""
+    active = active_breakdown(model.config, model_breakdown(model))
+    return training_flops_per_token(model.config, seq_len, active)
 
 
 def peak_flops(device: torch.device) -> float | None:
