@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.test_model import _padded
-from tformer.config import MLAConfig, ModelConfig, RopeConfig
+from tformer.config import MLAConfig, ModelConfig, RopeConfig, deepseek_yarn_scales
 from tformer.models import build_model
 from tformer.nn.mla import LatentAttention
 from tformer.nn.rope import RotaryEmbedding, apply_rope, interleaved_to_half
@@ -69,10 +69,6 @@ def test_parameter_names_and_init():
     assert m.layers[0].attn.wo.weight.std() < 0.02 / math.sqrt(2 * 2) * 1.3  # residual init
 
 
-def _yarn_mscale(factor, mscale):
-    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
-
-
 HF_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 8,
            "mscale": 1.0, "mscale_all_dim": 0.8, "beta_fast": 32.0, "beta_slow": 1.0}
 
@@ -82,10 +78,10 @@ def _ours_for_hf(q_rank, yarn: bool) -> ModelConfig:
     `mscale_all_dim` squared multiplies the softmax scale (HF yarn_apply_mscale)."""
     if not yarn:
         return mla_config(q_rank)
-    f = HF_YARN["factor"]
-    rope = RopeConfig(scaling="yarn", factor=f, original_max_seq_len=8,
-                      attention_factor=_yarn_mscale(f, 1.0) / _yarn_mscale(f, 0.8))
-    return mla_config(q_rank, rope=rope, softmax_scale=_yarn_mscale(f, 0.8) ** 2 / math.sqrt(N + R))
+    attention_factor, softmax_scale = deepseek_yarn_scales(HF_YARN["factor"], 1.0, 0.8, N + R)
+    rope = RopeConfig(scaling="yarn", factor=HF_YARN["factor"], original_max_seq_len=8,
+                      attention_factor=attention_factor)
+    return mla_config(q_rank, rope=rope, softmax_scale=softmax_scale)
 
 
 def _copy_from_hf(ours: LatentAttention, hf, interleaved: bool) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
@@ -59,6 +60,24 @@ class RopeConfig:
                 )
         if not 0 < self.partial_rotary_factor <= 1:
             raise ConfigError(f"rope.partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature 0.1 * mscale * ln(factor) + 1 (Peng et al. 2023; DeepSeek's
+    `yarn_get_mscale`); 1 when the context is not extended (factor <= 1)."""
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def deepseek_yarn_scales(factor: float, mscale: float, mscale_all_dim: float, qk_head_dim: int) -> tuple[float, float]:
+    """DeepSeek's YaRN `rope_scaling` {mscale, mscale_all_dim} -> (rope.attention_factor, mla.softmax_scale).
+
+    The cos/sin factor is mscale(f, mscale) / mscale(f, mscale_all_dim) (HF `_compute_yarn_parameters`;
+    1 when the two are equal, as in every DeepSeek release) and the softmax scale is
+    qk_head_dim^-0.5 * mscale(f, mscale_all_dim)^2 (HF deepseek_v3 `yarn_apply_mscale`), with
+    qk_head_dim = nope_dim + rope_dim. The one place this math lives: presets and converters call it.
+    """
+    m_all = yarn_mscale(factor, mscale_all_dim)
+    return yarn_mscale(factor, mscale) / m_all, qk_head_dim**-0.5 * m_all * m_all
 
 
 @dataclass

@@ -10,9 +10,7 @@ the preset is the 671B main model, as the paper counts it.
 
 from __future__ import annotations
 
-import math
-
-from tformer.config import MLAConfig, MoEConfig, RopeConfig
+from tformer.config import MLAConfig, MoEConfig, RopeConfig, deepseek_yarn_scales
 from tformer.presets import Preset
 from tformer.presets.llama import llama_like
 
@@ -29,12 +27,12 @@ def deepseek_yarn(
     m = 0.1 * mscale_all_dim * ln(factor) + 1 (HF deepseek_v3 `yarn_get_mscale`, `yarn_apply_mscale`).
     Returns (rope, softmax_scale); qk_head_dim = nope_dim + rope_dim (128 + 64 in every DeepSeek).
     """
+    attention_factor, softmax_scale = deepseek_yarn_scales(factor, mscale_all_dim, mscale_all_dim, qk_head_dim)
     rope = RopeConfig(
         theta=10000.0, scaling="yarn", factor=factor, original_max_seq_len=original_max_seq_len,
-        beta_fast=32.0, beta_slow=1.0, attention_factor=1.0,
+        beta_fast=32.0, beta_slow=1.0, attention_factor=attention_factor,
     )
-    m = 0.1 * mscale_all_dim * math.log(factor) + 1.0
-    return rope, qk_head_dim**-0.5 * m * m
+    return rope, softmax_scale
 
 
 _V2_LITE_ROPE, _V2_LITE_SCALE = deepseek_yarn(mscale_all_dim=0.707)
