@@ -1,12 +1,14 @@
-"""HF transformers checkpoints (gpt2, llama, mistral, qwen2) <-> tformer models.
+"""HF transformers checkpoints (gpt2, llama, mistral, qwen2, mixtral, qwen2_moe, deepseek_v3) <-> tformer models.
 
 The HF parameter names live only here, as key maps: one rule per parameter kind, used in
-both directions. Tensors change in two ways only:
+both directions. Tensors change in these ways only:
 
     gpt2 Conv1D weights are stored (in, out)          -> transposed to our Linear (out, in)
     llama-family q_proj | k_proj | v_proj (and biases) -> concatenated rows of our wqkv
+    MoE experts, one tensor per expert                 -> stacked (E, ...) (`hf_moe`: the fused 5.x layout too)
+    deepseek_v3 q / kv_a RoPE rows, interleaved pairs  -> rotate-half order (`hf_moe.rope_rows`)
 
-RoPE needs no permutation: tformer uses HF's rotate-half layout.
+Otherwise RoPE needs no permutation: tformer uses HF's rotate-half layout.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tformer.checkpoint import model_from_tensors
 from tformer.io import replace_dir
 from tformer.config import ConfigError, ModelConfig
 from tformer.convert.hf_config import SUPPORTED_MODEL_TYPES, config_from_hf, config_to_hf, hf_model_type
+from tformer.convert.hf_moe import drop_mtp_layers, rope_rows, unfuse_experts
 from tformer.io import CheckpointError, atomic_write_text, read_json, read_safetensors_dir, write_safetensors
 from tformer.models.build import build_model
 from tformer.models.decoder import Decoder
@@ -38,6 +41,8 @@ __all__ = [
 ]
 
 COPY, CONV1D, QKV = "copy", "conv1d", "qkv"
+EXPERTS = "experts"  # ours (E, ...) <-> E tensors, HF name with {e} = 0 .. E-1
+ROPE_Q, ROPE_KV = "rope_q", "rope_kv"  # MLA projections with DeepSeek's interleaved RoPE rows
 
 # (our name, HF name or (q, k, v) names, how the tensor changes); `\1`, `\2` are our name's groups
 _LLAMA_KEYS = [
@@ -65,7 +70,50 @@ _GPT2_KEYS = [
     (r"norm\.(weight|bias)", r"transformer.ln_f.\1", COPY),
     (r"output\.weight", "lm_head.weight", COPY),
 ]
-_KEYS = {"gpt2": (_GPT2_KEYS, "transformer."), "llama": (_LLAMA_KEYS, "model.")}
+
+
+def _expert_keys(block: str, gate: str, up: str, down: str) -> list:
+    return [
+        (r"layers\.(\d+)\.ffn\.router\.gate\.weight", rf"model.layers.\1.{block}.gate.weight", COPY),
+        *((rf"layers\.(\d+)\.ffn\.experts\.{ours}", rf"model.layers.\1.{block}.experts.{{e}}.{theirs}.weight", EXPERTS)
+          for ours, theirs in (("w1", gate), ("w3", up), ("w2", down))),
+    ]  # fmt: skip
+
+
+def _shared_keys(module: str) -> list:
+    return [(rf"layers\.(\d+)\.ffn\.shared\.{ours}\.weight", rf"model.layers.\1.mlp.{module}.{theirs}.weight", COPY)
+            for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))]  # fmt: skip
+
+
+_MLA_KEYS = [
+    (r"layers\.(\d+)\.attn\.wq\.weight", r"model.layers.\1.self_attn.q_proj.weight", ROPE_Q),
+    (r"layers\.(\d+)\.attn\.wq_a\.(weight|bias)", r"model.layers.\1.self_attn.q_a_proj.\2", COPY),
+    (r"layers\.(\d+)\.attn\.q_norm\.weight", r"model.layers.\1.self_attn.q_a_layernorm.weight", COPY),
+    (r"layers\.(\d+)\.attn\.wq_b\.weight", r"model.layers.\1.self_attn.q_b_proj.weight", ROPE_Q),
+    (r"layers\.(\d+)\.attn\.wkv_a\.(weight|bias)", r"model.layers.\1.self_attn.kv_a_proj_with_mqa.\2", ROPE_KV),
+    (r"layers\.(\d+)\.attn\.kv_norm\.weight", r"model.layers.\1.self_attn.kv_a_layernorm.weight", COPY),
+    (r"layers\.(\d+)\.attn\.wkv_b\.weight", r"model.layers.\1.self_attn.kv_b_proj.weight", COPY),
+]
+_MOE_KEYS = {
+    "mixtral": _expert_keys("block_sparse_moe", "w1", "w3", "w2"),
+    "qwen2_moe": [
+        *_expert_keys("mlp", "gate_proj", "up_proj", "down_proj"),
+        *_shared_keys("shared_expert"),
+        (r"layers\.(\d+)\.ffn\.shared_gate\.weight", r"model.layers.\1.mlp.shared_expert_gate.weight", COPY),
+    ],
+    "deepseek_v3": [
+        *_expert_keys("mlp", "gate_proj", "up_proj", "down_proj"),
+        (r"layers\.(\d+)\.ffn\.router\.expert_bias", r"model.layers.\1.mlp.gate.e_score_correction_bias", COPY),
+        *_shared_keys("shared_experts"),
+        *_MLA_KEYS,
+    ],
+}
+# model type -> (rules, the prefix of the base model's names)
+_KEYS = {
+    "gpt2": (_GPT2_KEYS, "transformer."),
+    **{t: (_LLAMA_KEYS, "model.") for t in ("llama", "mistral", "qwen2")},
+    **{t: (rules + _LLAMA_KEYS, "model.") for t, rules in _MOE_KEYS.items()},
+}
 # HF buffers saved by some versions: GPT-2's causal-mask tables, RoPE frequencies
 _BUFFERS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq|rotary_emb\.original_inv_freq)$")
 
@@ -73,15 +121,17 @@ _BUFFERS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq|r
 def _key_plan(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], str, tuple[int, ...]]]:
     """our name -> (HF names, op, our shape) for every parameter a checkpoint must hold."""
     model_type = hf_model_type(cfg)
-    rules, _ = _KEYS["gpt2" if model_type == "gpt2" else "llama"]
+    rules, _ = _KEYS[model_type]
     plan = {}
     for name, value in build_model(cfg, device="meta").state_dict().items():
         if name == "output.weight" and cfg.tie_embeddings:
             continue  # stored once, as the embedding
         for pattern, template, op in rules:
             if m := re.fullmatch(pattern, name):
-                names = template if isinstance(template, tuple) else (template,)
-                plan[name] = (tuple(m.expand(t) for t in names), op, tuple(value.shape))
+                names = tuple(m.expand(t) for t in (template if isinstance(template, tuple) else (template,)))
+                if op == EXPERTS:
+                    names = tuple(names[0].replace("{e}", str(e)) for e in range(value.shape[0]))
+                plan[name] = (names, op, tuple(value.shape))
                 break
         else:
             raise RuntimeError(f"no HF name for parameter {name!r} of a {model_type} model: extend the key map")
@@ -97,6 +147,8 @@ def _hf_shapes(op: str, shape: tuple[int, ...], cfg: ModelConfig) -> list[tuple[
         return [(n, *shape[1:]) for n in _qkv_sizes(cfg)]
     if op == CONV1D and len(shape) == 2:
         return [shape[::-1]]
+    if op == EXPERTS:
+        return [shape[1:]] * shape[0]
     return [shape]
 
 
@@ -107,10 +159,17 @@ def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
     return {k if k == "lm_head.weight" else prefix + k: v for k, v in tensors.items()}
 
 
-def state_dict_from_hf(tensors: dict[str, torch.Tensor], cfg: ModelConfig, source: str = "HF checkpoint") -> dict:
-    """HF-named tensors -> our names; CheckpointError naming any missing, unexpected or misshapen tensor."""
+def state_dict_from_hf(
+    tensors: dict[str, torch.Tensor], cfg: ModelConfig, source: str = "HF checkpoint", rope_interleave: bool = True
+) -> dict:
+    """HF-named tensors -> our names; CheckpointError naming any missing, unexpected or misshapen tensor.
+
+    rope_interleave: the deepseek_v3 config's flag (true unless the config says false): its q and
+    kv_a RoPE rows are interleaved pairs, reordered here to rotate-half.
+    """
     plan = _key_plan(cfg)
-    tensors = _with_prefix(tensors, _KEYS["gpt2" if hf_model_type(cfg) == "gpt2" else "llama"][1])
+    model_type = hf_model_type(cfg)
+    tensors = unfuse_experts(_with_prefix(tensors, _KEYS[model_type][1]), model_type)
     missing = [n for names, _, _ in plan.values() for n in names if n not in tensors]
     used = {n for names, _, _ in plan.values() for n in names}
     if cfg.tie_embeddings:
@@ -131,6 +190,10 @@ def state_dict_from_hf(tensors: dict[str, torch.Tensor], cfg: ModelConfig, sourc
                 )
         if op == QKV:
             out[ours] = torch.cat(parts, dim=0)
+        elif op == EXPERTS:
+            out[ours] = torch.stack(parts)
+        elif op in (ROPE_Q, ROPE_KV) and rope_interleave:
+            out[ours] = rope_rows(parts[0], cfg, query=op == ROPE_Q)
         else:
             out[ours] = parts[0].t() if op == CONV1D and parts[0].ndim == 2 else parts[0]
     return out
@@ -145,6 +208,10 @@ def state_dict_to_hf(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
         t = tensors[ours]
         if op == QKV:
             parts = t.split(_qkv_sizes(cfg), dim=0)
+        elif op == EXPERTS:
+            parts = t.unbind(0)
+        elif op in (ROPE_Q, ROPE_KV):  # config_to_hf writes rope_interleave=true
+            parts = (rope_rows(t, cfg, query=op == ROPE_Q, inverse=True),)
         else:
             parts = (t.t() if op == CONV1D and t.ndim == 2 else t,)
         out.update(zip(names, parts))
@@ -154,11 +221,15 @@ def state_dict_to_hf(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
 def load_hf(path: str | Path, device="cpu", dtype: torch.dtype | None = None) -> Decoder:
     """A Decoder from an HF model directory (config.json + model.safetensors or shards + index)."""
     path = Path(path)
+    hf = read_json(path / "config.json")
     try:
-        cfg = config_from_hf(read_json(path / "config.json"))
+        cfg = config_from_hf(hf)
     except ConfigError as e:
         raise CheckpointError(f"{path / 'config.json'}: {e}") from e
-    tensors = state_dict_from_hf(read_safetensors_dir(path), cfg, str(path))
+    tensors = read_safetensors_dir(path)
+    if cfg.mla is not None:  # deepseek_v3
+        tensors = drop_mtp_layers(tensors, hf, cfg.n_layers, str(path))
+    tensors = state_dict_from_hf(tensors, cfg, str(path), rope_interleave=bool(hf.get("rope_interleave", True)))
     return model_from_tensors(cfg, tensors, str(path), device, dtype)
 
 

@@ -1,4 +1,5 @@
-"""HF `config.json` <-> ModelConfig for the gpt2, llama, mistral and qwen2 architectures.
+"""HF `config.json` <-> ModelConfig for the gpt2, llama, mistral and qwen2 architectures; the
+mixture-of-experts ones (mixtral, qwen2_moe, deepseek_v3) are mapped in `hf_moe_config`.
 
 Reads configs as written by transformers 4.x (`rope_theta` + `rope_scaling`) and 5.x
 (`rope_parameters`); writes both spellings so either version reads the export.
@@ -6,18 +7,21 @@ Reads configs as written by transformers 4.x (`rope_theta` + `rope_scaling`) and
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from tformer.config import ConfigError, ModelConfig, RopeConfig
+from tformer.config import ConfigError, ModelConfig, RopeConfig, yarn_mscale
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
-SUPPORTED_MODEL_TYPES = ("gpt2", *LLAMA_FAMILY)
+MOE_FAMILY = ("mixtral", "qwen2_moe", "deepseek_v3")
+SUPPORTED_MODEL_TYPES = ("gpt2", *LLAMA_FAMILY, *MOE_FAMILY)
 ARCHITECTURES = {
     "gpt2": "GPT2LMHeadModel",
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 
 # HF `activation_function` / `hidden_act` -> our activation (plain FFN for gpt2, gated for llama family)
@@ -32,10 +36,20 @@ _ROPE_TYPES = {"default": "none", "linear": "linear", "dynamic": "dynamic", "yar
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """A ModelConfig from an HF `config.json` dict; ConfigError for what we cannot express."""
     model_type = hf.get("model_type")
+    if hf.get("quantization_config"):
+        method = hf["quantization_config"].get("quant_method", "?")
+        raise ConfigError(
+            f"{model_type}: the checkpoint is quantized (quant_method={method!r}); tformer reads full-precision "
+            "weights only: use a bf16/fp32 copy of the model, or quantize after loading (tformer.quantize)"
+        )
     if model_type == "gpt2":
         return ModelConfig(**_gpt2_fields(hf))
     if model_type in LLAMA_FAMILY:
         return ModelConfig(**_llama_family_fields(hf, model_type))
+    if model_type in MOE_FAMILY:
+        from tformer.convert.hf_moe_config import moe_config_from_hf  # it builds on this module's helpers
+
+        return moe_config_from_hf(hf)
     raise ConfigError(
         f"HF model_type={model_type!r} is not supported; supported model types: {list(SUPPORTED_MODEL_TYPES)}"
     )
@@ -173,15 +187,17 @@ def _yarn_from_hf(rope: RopeConfig, params: dict, max_pos: int | None) -> None:
     mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
     if rope.attention_factor is None and mscale and mscale_all_dim and (rope.factor or 0) > 1:
         # DeepSeek-style: ratio of two mscales (as HF's _compute_yarn_parameters)
-        rope.attention_factor = (0.1 * mscale * math.log(rope.factor) + 1) / (
-            0.1 * mscale_all_dim * math.log(rope.factor) + 1
-        )
+        rope.attention_factor = yarn_mscale(rope.factor, mscale) / yarn_mscale(rope.factor, mscale_all_dim)
 
 
 def hf_model_type(cfg: ModelConfig) -> str:
     """The HF architecture that expresses `cfg`, or ConfigError naming the field that prevents it."""
     if cfg.norm_placement != "pre":
         _inexpressible(f"norm_placement={cfg.norm_placement!r} (all supported HF decoders are pre-norm)")
+    if cfg.moe is not None or cfg.mla is not None:
+        from tformer.convert.hf_moe_config import moe_model_type
+
+        return moe_model_type(cfg)
     if cfg.positions == "learned":
         return _check_gpt2(cfg)
     if cfg.positions != "rope":
@@ -231,9 +247,17 @@ def _inexpressible(reason: str) -> None:
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
-    """An HF `config.json` dict for `cfg` (gpt2, llama, mistral or qwen2, whichever expresses it)."""
+    """An HF `config.json` dict for `cfg` (gpt2, llama, mistral, qwen2, mixtral, qwen2_moe or
+    deepseek_v3, whichever expresses it)."""
     model_type = hf_model_type(cfg)
-    fields = _gpt2_to_hf(cfg) if model_type == "gpt2" else _llama_family_to_hf(cfg, model_type)
+    if model_type in MOE_FAMILY:
+        from tformer.convert.hf_moe_config import moe_config_to_hf
+
+        fields = moe_config_to_hf(cfg, model_type)
+    elif model_type == "gpt2":
+        fields = _gpt2_to_hf(cfg)
+    else:
+        fields = _llama_family_to_hf(cfg, model_type)
     head = {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type}
     return {**head, **fields, "torch_dtype": dtype, "dtype": dtype, "use_cache": True}
 
@@ -261,6 +285,20 @@ def _gpt2_to_hf(cfg: ModelConfig) -> dict:
 
 
 def _llama_family_to_hf(cfg: ModelConfig, model_type: str) -> dict:
+    out = decoder_to_hf(cfg)
+    if model_type == "llama":
+        out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.ffn_bias)
+    elif model_type == "mistral":
+        out.update(sliding_window=cfg.sliding_window)
+    else:  # qwen2: window every layer (max_window_layers=0) or none
+        windowed = cfg.sliding_window is not None
+        out.update(use_sliding_window=windowed, sliding_window=cfg.sliding_window,
+                   max_window_layers=0 if windowed else cfg.n_layers)  # fmt: skip
+    return out
+
+
+def decoder_to_hf(cfg: ModelConfig) -> dict:
+    """The fields every llama-style HF config shares (sizes, norm, RoPE, tying, init)."""
     out = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.dim,
@@ -276,14 +314,6 @@ def _llama_family_to_hf(cfg: ModelConfig, model_type: str) -> dict:
         attention_dropout=cfg.attn_dropout,
         initializer_range=cfg.init_std,
     )
-    if model_type == "llama":
-        out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.ffn_bias)
-    elif model_type == "mistral":
-        out.update(sliding_window=cfg.sliding_window)
-    else:  # qwen2: window every layer (max_window_layers=0) or none
-        windowed = cfg.sliding_window is not None
-        out.update(use_sliding_window=windowed, sliding_window=cfg.sliding_window,
-                   max_window_layers=0 if windowed else cfg.n_layers)  # fmt: skip
     out.update(_rope_to_hf(cfg))
     if cfg.rope.scaling == "dynamic":  # HF's dynamic NTK takes max_position_embeddings as the original length
         out["max_position_embeddings"] = cfg.rope.original_max_seq_len
