@@ -12,8 +12,9 @@ best validation checkpoint (evaluated every 250 steps: the 1.3M-token corpus ove
 Decoding: prompts are --prompts windows of --prompt tokens from the held-out validation split;
 temperature 0, --new tokens each. Plain decoding is `generate` with the compiled prefill and CUDA-graph
 decode step; speculative decoding is `speculative_generate` with `compiled_spec_steps()` (the
-whole round, k draft steps and the target's (k+1)-token verify, as one CUDA graph). tokens/s = new tokens / wall time
-of the whole call (prefill included), median over prompts after a warm-up call per variant.
+whole round, k draft steps and the target's (k+1)-token verify, as one CUDA graph). tokens/s = new
+tokens / wall time of the whole call (prefill included), median over prompts after a warm-up call per variant. The
+compiled speculative output is checked to equal eager speculative decoding token for token.
 same_as_plain: the share of tokens before the first difference from plain greedy decoding (in fp32
 they are equal, as the tests check; in bf16 the (k+1)-token verify rounds differently from the
 one-token step, so near-ties can go the other way). --no-tuning turns off inductor's
@@ -109,6 +110,9 @@ def main() -> None:
     for k in args.k:
         spec = lambda p: speculative_generate(target, draft, p, args.new, k=k, sampling=GREEDY, steps=steps)  # noqa: E731
         warm, _ = timed(lambda: spec(prompts[0]))
+        eager, _ = speculative_generate(target, draft, prompts[0], args.new, k=k, sampling=GREEDY)
+        graphed, _ = spec(prompts[0])
+        assert graphed == eager, f"compiled speculative decoding differs from eager at k={k}"
         times, acc, prop, fwd, same = [], 0, 0, 0, 0
         for p, ref in zip(prompts, want):
             t, (out, stats) = timed(lambda: spec(p))
