@@ -56,7 +56,7 @@ def draft_step(model, token, input_pos, sampling: SamplingConfig, counts=None):
     """One draft token: token (1, 1) at slot input_pos (1,) -> (next token (1,), its distribution q (1, V))."""
     logits = model(token, input_pos=input_pos)[:, -1]
     q = _probs(logits, sampling, counts)
-    return _draw(q), q
+    return (q.argmax(-1) if sampling.temperature == 0 else _draw(q)), q  # greedy: no random draw
 
 
 def target_verify(model, tokens, input_pos, drafts, q, sampling: SamplingConfig, counts=None):
@@ -66,7 +66,12 @@ def target_verify(model, tokens, input_pos, drafts, q, sampling: SamplingConfig,
     if counts is not None:  # row i has seen d_1..d_i as well
         seen = F.one_hot(drafts[0], logits.shape[-1]).to(counts.dtype).cumsum(0)  # (k, V)
         counts = counts + F.pad(seen, (0, 0, 1, 0))  # (k+1, V)
-    return verify(_probs(logits, sampling, counts)[None], q, drafts)
+    p = _probs(logits, sampling, counts)  # (k+1, V)
+    if sampling.temperature == 0:  # the rule with one-hot p and q, without random draws
+        best = p.argmax(-1)  # (k+1,)
+        n_acc = (drafts[0] == best[:-1]).long().cumprod(0).sum(0, keepdim=True)  # (1,)
+        return n_acc, best.gather(0, n_acc)
+    return verify(p[None], q, drafts)
 
 
 def spec_round(target, draft, cur, input_pos, k: int, sampling: SamplingConfig, counts=None):
