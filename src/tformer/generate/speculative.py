@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from tformer.generate.engine import compiled_prefill, prefill, seeded
+from tformer.generate.engine import compiled_decode_step, compiled_prefill, prefill, seeded
 from tformer.generate.sampling import SamplingConfig, apply_repetition_penalty, filter_logits
 
 
@@ -109,14 +109,9 @@ class SpecSteps:
 @functools.cache
 def compiled_spec_steps() -> SpecSteps:
     """Prefill compiled for any prompt length; the whole round (k draft steps and the verify, both
-    models) captured as one CUDA graph, one per k.
-
-    The round is captured with the `cudagraphs` backend (the eager kernels, replayed) rather than
-    inductor: on an H100 with torch 2.11, inductor's code for this round (the draft's cache written
-    and read k+1 times in one graph) gave tokens that differ from eager decoding, while the
-    cudagraphs backend matched eager exactly (bench/speculative.py checks this on every run).
-    """
-    return SpecSteps(compiled_prefill(), torch.compile(spec_round, backend="cudagraphs", fullgraph=True, dynamic=False))
+    models) compiled into one CUDA graph (`reduce-overhead`, fullgraph), one per k."""
+    compiled_decode_step()  # sets the inductor tuning flags the decode step uses
+    return SpecSteps(compiled_prefill(), torch.compile(spec_round, mode="reduce-overhead", fullgraph=True, dynamic=False))
 
 
 @torch.no_grad()
