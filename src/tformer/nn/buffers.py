@@ -1,4 +1,5 @@
-"""Modules whose buffers are derived from the config (RoPE frequencies, sinusoids, ALiBi slopes)."""
+"""Modules whose floating buffers stay fp32: derived tables (RoPE frequencies, sinusoids, ALiBi
+slopes) and counters or small learned offsets (MoE token counts, DeepSeek-V3's expert bias)."""
 
 from __future__ import annotations
 
@@ -6,20 +7,27 @@ import torch
 from torch import nn
 
 
-class DerivedBuffers(nn.Module):
-    """Buffers are recomputed by `reset_buffers()` and always kept in fp32.
+class FP32Buffers(nn.Module):
+    """Floating buffers keep dtype fp32 and their values through `model.to(dtype)`.
 
-    `model.to(torch.bfloat16)` would otherwise round RoPE frequencies to 8 bits of mantissa,
-    which visibly shifts positions past a few hundred tokens.
+    `model.to(torch.bfloat16)` would otherwise round RoPE frequencies to 8 bits of mantissa (which
+    visibly shifts positions past a few hundred tokens), stop token counts at 256, and swallow the
+    small steps of an expert-bias update.
     """
+
+    def _apply(self, fn, recurse=True):
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, buf in list(self._buffers.items()):
+            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
+                old = before[name]
+                self._buffers[name] = (torch.empty(buf.shape, dtype=torch.float32, device=buf.device) if old.is_meta
+                                       else old.to(device=buf.device, dtype=torch.float32))
+        return self
+
+
+class DerivedBuffers(FP32Buffers):
+    """Buffers computed from the config by `reset_buffers()` (after a meta build), kept in fp32."""
 
     def reset_buffers(self) -> None:
         raise NotImplementedError
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        for name, buf in list(self._buffers.items()):
-            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32 and not buf.is_meta:
-                self._buffers[name] = torch.empty(buf.shape, dtype=torch.float32, device=buf.device)
-                self.reset_buffers()
-        return self

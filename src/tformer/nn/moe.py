@@ -18,23 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from tformer.config import GATED_ACTIVATIONS, ConfigError, ModelConfig
+from tformer.nn.buffers import FP32Buffers
 from tformer.nn.mlp import ACTIVATIONS, GatedFeedForward
 
 
-class KeepFP32Buffers(nn.Module):
-    """Floating buffers stay fp32, values kept, through `model.to(dtype)`: token counts past 256 and
-    the small expert-bias steps need fp32 (DeepSeek-V3 keeps e_score_correction_bias in fp32)."""
-
-    def _apply(self, fn, recurse=True):
-        before = dict(self._buffers)
-        super()._apply(fn, recurse)
-        for name, buf in self._buffers.items():
-            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
-                self._buffers[name] = before[name].to(buf.device)
-        return self
-
-
-class Router(KeepFP32Buffers):
+class Router(FP32Buffers):
     """Token -> top-k experts and their weights, all in fp32 (the gate matmul too, as HF DeepSeek-V3).
 
     scores = softmax (Mixtral, Qwen2-MoE) or sigmoid (DeepSeek-V3) of the gate logits. Selection may
@@ -183,7 +171,7 @@ class AuxLossScaler(torch.autograd.Function):
         return grad, torch.ones_like(loss)
 
 
-class MoE(KeepFP32Buffers):
+class MoE(FP32Buffers):
     """Routed experts plus optional shared experts, in place of a block's FFN: (B, T, C) -> (B, T, C).
 
     Training losses, when their coefficients are > 0, reach the gradient through `AuxLossScaler`:
