@@ -252,6 +252,10 @@ class ModelConfig:
                 raise ConfigError(f"RoPE needs an even number of rotated dims per head, got head_dim={hd}")
         if self.moe is not None:
             self.moe.validate()
+            if self.activation not in GATED_ACTIVATIONS:
+                raise ConfigError(
+                    f"MoE experts are gated FFNs: set activation to 'swiglu' or 'geglu' (got {self.activation!r})"
+                )
         if self.mla is not None:
             self.mla.validate()
             if self.positions not in ("rope", "none"):

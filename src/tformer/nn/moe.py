@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tformer.config import GATED_ACTIVATIONS, ConfigError, ModelConfig
+from tformer.config import GATED_ACTIVATIONS, ModelConfig
 from tformer.nn.buffers import FP32Buffers
 from tformer.nn.mlp import ACTIVATIONS, GatedFeedForward
 
@@ -184,10 +184,6 @@ class MoE(FP32Buffers):
     def __init__(self, config: ModelConfig):
         super().__init__()
         m = config.moe
-        if not config.gated:
-            raise ConfigError(
-                f"MoE experts are gated FFNs: set activation to 'swiglu' or 'geglu' (got {config.activation!r})"
-            )
         self.n_experts, self.top_k = m.n_experts, m.top_k
         self.aux_coef, self.z_coef, self.bias_rate = m.aux_loss_coef, m.z_loss_coef, m.bias_update_rate
         self.aux_grad_scale = 1.0  # the training loop sets 1 / grad_accum, as it divides the main loss
