@@ -3,10 +3,12 @@
 Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding";
 Chen et al. 2023, "Accelerating Large Language Model Decoding with Speculative Sampling".
 
-One round, with n tokens in the sequence so far:
+The target's prefill gives the first new token; then rounds, each with n tokens so far, the last
+one (`cur`, slot n-1) not yet in either cache:
 
-    draft:  k autoregressive steps                 -> d_1..d_k, drawn from q_1..q_k
-    target: ONE forward over [pending, d_1..d_k]   -> p_1..p_{k+1}  (p_i scores slot n-1+i)
+    draft:  k one-token steps from cur             -> d_1..d_k, drawn from q_1..q_k
+            (and one more step that only caches d_k, so the draft never lags the target)
+    target: ONE forward over [cur, d_1..d_k]       -> p_1..p_{k+1}  (p_i scores slot n-1+i)
     verify: accept d_i with prob min(1, p_i(d_i) / q_i(d_i)); at the first rejection i draw
             from norm(max(0, p_i - q_i)) and stop; if all k pass, draw a bonus from p_{k+1}
 
@@ -15,6 +17,7 @@ A round emits (accepted + 1) tokens, distributed exactly as if the target sample
 min-p filtering. Greedy decoding (temperature 0) is the same rule with one-hot p and q:
 accept while the draft agrees with the target's argmax, then take the target's argmax.
 
+Every round has the same shapes, so `compiled_spec_steps()` captures it whole as one CUDA graph.
 Caches: each model keeps a static KV cache. Slots written for rejected drafts are not
 cleared: the next forward rewrites them, and the causal mask (key slot <= query slot) hides
 everything past the current position.
