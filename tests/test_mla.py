@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from tests.test_model import _padded
+from tests.test_model import _cached_logits, _padded
 from tformer.config import MLAConfig, ModelConfig, RopeConfig, deepseek_yarn_scales
 from tformer.models import build_model
 from tformer.nn.mla import LatentAttention
@@ -159,11 +159,7 @@ def test_cached_decode_equals_full_forward(q_rank, absorb):
     for layer in m.layers:
         layer.attn.absorb = absorb
     calls = _count_calls(m.layers[0].attn, "_absorbed")
-    cache_mask = torch.zeros(2, m.cache_slots, dtype=torch.long)
-    cache_mask[:, :10] = mask
-    prefill = m(tokens[:, :5], input_pos=torch.arange(5), attention_mask=cache_mask)
-    steps = [m(tokens[:, t:t + 1], input_pos=torch.tensor([t]), attention_mask=cache_mask) for t in range(5, 10)]
-    cached = torch.cat([prefill, *steps], dim=1)
+    cached = _cached_logits(m, tokens, mask, 5)
     real = mask.bool()
     torch.testing.assert_close(cached[real], full[real], atol=1e-5, rtol=1e-5)
     assert len(calls) == (6 if absorb else 0)

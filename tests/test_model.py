@@ -58,6 +58,17 @@ def _padded(batch, pad_to, pad_id=0):
     return tokens, mask
 
 
+def _cached_logits(m, tokens, mask, prefill_len):
+    """Logits from the caches already set up on m: the first prefill_len tokens in one forward,
+    then one token a step; mask (B, T) is the key-padding mask of the whole sequence."""
+    B, T = tokens.shape
+    cache_mask = torch.zeros(B, m.cache_slots, dtype=torch.long)
+    cache_mask[:, :T] = mask
+    prefill = m(tokens[:, :prefill_len], input_pos=torch.arange(prefill_len), attention_mask=cache_mask)
+    steps = [m(tokens[:, t:t + 1], input_pos=torch.tensor([t]), attention_mask=cache_mask) for t in range(prefill_len, T)]
+    return torch.cat([prefill, *steps], dim=1)
+
+
 @pytest.mark.parametrize("positions", SCHEMES)
 @pytest.mark.parametrize("window", [None, 4])
 def test_left_padding_gives_unpadded_logits(positions, window):
@@ -93,11 +104,7 @@ def test_cached_decode_equals_full_forward(positions):
     tokens, mask = _padded(rows, 12)
     full = m(tokens, attention_mask=mask)
     m.setup_caches(batch_size=2, n_slots=12)
-    cache_mask = torch.zeros(2, m.cache_slots, dtype=torch.long)
-    cache_mask[:, :12] = mask
-    prefill = m(tokens[:, :6], input_pos=torch.arange(6), attention_mask=cache_mask)
-    steps = [m(tokens[:, t:t + 1], input_pos=torch.tensor([t]), attention_mask=cache_mask) for t in range(6, 12)]
-    cached = torch.cat([prefill, *steps], dim=1)
+    cached = _cached_logits(m, tokens, mask, 6)
     real = mask.bool()
     torch.testing.assert_close(cached[real], full[real], atol=1e-5, rtol=1e-5)
     m.clear_caches()
