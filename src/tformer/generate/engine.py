@@ -109,7 +109,7 @@ def generate(
             key_mask = torch.ones(B, model.cache_slots, dtype=torch.long, device=device)
             key_mask[:, :L] = prompt_mask.to(device)
             tokens = tokens.to(device)
-            counts = _prompt_counts(tokens, key_mask[:, :L], model.config.vocab_size, sampling)
+            counts = prompt_counts(tokens, key_mask[:, :L], model.config.vocab_size, sampling)
             first = (prefill_fn or prefill)(model, tokens, torch.arange(L, device=device), key_mask, sampling, counts)
             rows = _decode(model, first, key_mask, counts, L, max_new_tokens, sampling, stop_ids, on_tokens,
                            step_fn or decode_step, sync_every)
@@ -118,7 +118,7 @@ def generate(
     return [_cut_at_stop(r, stop_ids) for r in rows]
 
 
-def _prompt_counts(tokens, mask, vocab_size: int, sampling: SamplingConfig):
+def prompt_counts(tokens, mask, vocab_size: int, sampling: SamplingConfig):
     """(B, V) occurrences of each token so far, for the repetition penalty (None when off)."""
     if sampling.repetition_penalty == 1.0:
         return None

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from tformer.generate.engine import compiled_decode_step, compiled_prefill, prefill, seeded
+from tformer.generate.engine import compiled_decode_step, compiled_prefill, prefill, prompt_counts, seeded
 from tformer.generate.sampling import SamplingConfig, apply_repetition_penalty, filter_logits
 
 
@@ -163,7 +163,7 @@ def _run(target, draft, prompt, max_new_tokens, k, sampling, stop_ids, steps: Sp
     device = next(target.parameters()).device
     tokens = torch.tensor([prompt], dtype=torch.long, device=device)
     L = len(prompt)
-    counts = _counts(tokens, target.config.vocab_size, sampling)
+    counts = prompt_counts(tokens, torch.ones_like(tokens), target.config.vocab_size, sampling)
     slots = torch.arange(L, device=device)
     cur = steps.prefill(target, tokens, slots, None, sampling, counts).clone()  # (1,)
     steps.prefill(draft, tokens, slots, None, sampling, counts)
@@ -228,13 +228,6 @@ def _draw(probs: torch.Tensor, generator=None) -> torch.Tensor:
     """
     noise = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(-1)
-
-
-def _counts(tokens: torch.Tensor, vocab_size: int, sampling: SamplingConfig):
-    """(1, V) occurrences of each token in `tokens`, for the repetition penalty (None when off)."""
-    if sampling.repetition_penalty == 1.0:
-        return None
-    return torch.zeros(1, vocab_size, device=tokens.device).scatter_add_(1, tokens, torch.ones_like(tokens, dtype=torch.float))
 
 
 def _check_request(target, draft, prompt, max_new_tokens: int, k: int, sampling: SamplingConfig) -> None:
