@@ -29,7 +29,8 @@ from tformer.generate.engine import compiled_decode_step, compiled_prefill
 from tformer.models import build_model
 from tformer.presets import get_preset
 
-# gpt-fast's inductor settings, applied to every compiled variant alike
+# gpt-fast's inductor settings; tformer's decode step overrides coordinate-descent tuning (off: see
+# tformer.generate.engine.decode_compile_options), its prefill compiles with these
 inductor_config.coordinate_descent_tuning = True
 inductor_config.triton.unique_kernel_names = True
 inductor_config.fx_graph_cache = True
@@ -70,9 +71,7 @@ def tformer_runner(config, prompt, new, batch, quantize: str | None = None):
     if quantize:
         from tformer.quantize import quantize_model
 
-        # the output head stays bf16: inside the compiled decode graph inductor rewrites an int8 head
-        # (128256 x 2048) into aten._weight_int8pack_mm, which took 5.4 ms a token on the H100
-        quantize_model(model, mode=quantize, group_size=64)
+        quantize_model(model, mode=quantize, group_size=64)  # the untied head as int8 in both modes
     step, first = compiled_decode_step(), compiled_prefill()
     sampling = SamplingConfig(temperature=0.8, top_k=200)
     prompts = [prompt.tolist()] * batch

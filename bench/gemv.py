@@ -1,17 +1,17 @@
 """Batch-1 matrix-vector products of the Llama-3.2-1B decode step, one kernel choice at a time.
 
-    PYTHONPATH=src python bench/gemv.py [--m 1]
+    PYTHONPATH=src python bench/gemv.py [--copies 16]
 
 For each weight shape of the decode step (wqkv, wo, w1/w3, w2, the untied head) and each way of
-computing y = x W^T with a bf16, int8 or int4 weight, the GPU time of one call, measured inside a
-CUDA graph of 50 calls (no launch overhead; median of 20 replays), and the bandwidth it implies
-from the bytes of the weight as stored. Variants:
-  bf16-linear     F.linear, eager (cuBLAS)
-  bf16-compiled   F.linear under torch.compile
-  bf16-reduce     (x[:, None, :] * W).sum(-1) compiled: inductor's own reduction kernel
-  int8-linear     F.linear(x, Wq.to(bf16)) * s compiled (tformer's Int8Linear, gpt-fast's form)
-  int8-reduce     (x[:, None, :] * Wq.to(bf16)).sum(-1) * s compiled
-  int4-tinygemm   aten._weight_int4pack_mm, group 64 (tformer's Int4Linear)
+computing y = W x with a bf16, int8 or int4 weight: the GPU time of one call, measured inside a
+CUDA graph that calls it once on each of --copies different weights (as a decode step walks the
+layers, so the weights come from HBM, not the 50 MB L2 cache; median of 20 replays), and the
+bandwidth that implies from the bytes of the weight as stored. Variants:
+  bf16-cublas     F.linear, eager (cuBLAS)
+  bf16-inductor   F.linear under torch.compile (coordinate-descent tuning)
+  int8-inductor   F.linear(x, Wq.to(bf16)) * s under torch.compile (gpt-fast's form)
+  int4-tinygemm   aten._weight_int4pack_mm, group 64
+  {bf16,int8,int4}-triton   tformer.kernels.matvec (int4: group 64)
 """
 
 from __future__ import annotations
@@ -24,23 +24,25 @@ import torch
 import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 
-from tformer.quantize.int4 import Int4Linear
-from tformer.quantize.int8 import quantize_int8
+from tformer.kernels import matvec
+from tformer.quantize.int4 import Int4Linear, dequantize_int4, quantize_int4
+from tformer.quantize.int8 import dequantize_int8, quantize_int8
 
 inductor_config.coordinate_descent_tuning = True
 
 SHAPES = {"wqkv": (3072, 2048), "wo": (2048, 2048), "w1": (8192, 2048), "w2": (2048, 8192), "head": (128256, 2048)}
 
 
-def graph_time(fn, x, calls: int = 50, replays: int = 20) -> float:
-    """Seconds per call of fn(x), from a CUDA graph of `calls` calls."""
-    for _ in range(3):
-        fn(x)
+def graph_time(calls, replays: int = 20) -> float:
+    """Seconds per call, from a CUDA graph running every call in `calls` once."""
+    for _ in range(2):
+        for c in calls:
+            c()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn(x)
+        for c in calls:
+            c()
     times = []
     for _ in range(replays):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -48,47 +50,64 @@ def graph_time(fn, x, calls: int = 50, replays: int = 20) -> float:
         g.replay()
         e.record()
         torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / 1e3 / calls)
+        times.append(s.elapsed_time(e) / 1e3 / len(calls))
     return statistics.median(times)
 
 
 def variants(w: torch.Tensor):
-    """name -> (fn(x), bytes of the weight as stored)."""
-    q, s = quantize_int8(w)
-    lin4 = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="cuda", dtype=torch.bfloat16)
-    lin4.weight.data.copy_(w)
-    int4 = Int4Linear.from_linear(lin4, group_size=64)
-    compile_ = torch.compile
-    return {
-        "bf16-linear": (lambda x: F.linear(x, w), w.numel() * 2),
-        "bf16-compiled": (compile_(lambda x: F.linear(x, w)), w.numel() * 2),
-        "bf16-reduce": (compile_(lambda x: (x[:, None, :] * w).sum(-1)), w.numel() * 2),
-        "int8-linear": (compile_(lambda x: F.linear(x, q.to(x.dtype)) * s), q.numel() + s.numel() * 2),
-        "int8-reduce": (compile_(lambda x: (x[:, None, :] * q.to(x.dtype)).sum(-1) * s), q.numel() + s.numel() * 2),
-        "int4-tinygemm": (int4, w.numel() // 2 + w.numel() // 64 * 4),
+    """name -> (fn(x), bytes of the weight as stored, the weight it stands for)."""
+    N, K = w.shape
+    q8, s8 = quantize_int8(w)
+    p4, s4, z4 = quantize_int4(w, 64)
+    lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+    lin.weight.data.copy_(w)
+    tiny = Int4Linear.from_linear(lin, group_size=64)
+    del lin
+    b8, b4 = q8.numel() + s8.numel() * 2, p4.numel() + s4.numel() * 4
+    w8, w4 = dequantize_int8(q8, s8), dequantize_int4(p4, s4, z4, 64)
+    out = {
+        "bf16-cublas": (lambda x: F.linear(x, w), w.numel() * 2, w),
+        "bf16-inductor": (torch.compile(lambda x: F.linear(x, w)), w.numel() * 2, w),
+        "int8-inductor": (torch.compile(lambda x: F.linear(x, q8.to(x.dtype)) * s8), b8, w8),
+        "int4-tinygemm": (lambda x: torch.ops.aten._weight_int4pack_mm(x, tiny.int4pack, 64, tiny.scales_and_zeros),
+                          b4, w4),
+        "bf16-triton": (lambda x: matvec(x, w), w.numel() * 2, w),
+        "int8-triton": (lambda x: matvec(x, q8, s8, fmt="int8"), b8, w8),
+        "int4-triton": (lambda x: matvec(x, p4, s4, z4, fmt="int4", group_size=64), b4, w4),
     }
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--m", type=int, default=1, help="rows of x (the decode batch)")
+    ap.add_argument("--copies", type=int, default=16, help="different weights per shape, called in turn")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--json")
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = []
-    for name, (n, k) in SHAPES.items():
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        x = torch.randn(args.m, k, device="cuda", dtype=torch.bfloat16)
-        ref = F.linear(x, w).float()
-        for variant, (fn, nbytes) in variants(w).items():
+    for name in args.shapes.split(","):
+        n, k = SHAPES[name]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        copies = [variants(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
+                  for _ in range(args.copies if name != "head" else 4)]
+        for variant in copies[0]:
+            fn, nbytes, ref_w = copies[0][variant]
+            ref = F.linear(x.float(), ref_w.float())
             err = ((fn(x).float() - ref).norm() / ref.norm()).item()
-            t = graph_time(fn, x)
+            t = graph_time([lambda f=c[variant][0]: f(x) for c in copies])
             rows.append({"shape": name, "variant": variant, "us": round(t * 1e6, 2), "GB/s": round(nbytes / t / 1e9),
                          "rel_err": round(err, 4)})
             print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{'shape':6} " + " ".join(f"{v:>14}" for v in dict.fromkeys(r["variant"] for r in rows)))
-    for name in SHAPES:
-        cells = [f"{r['us']:>7.1f}us {r['GB/s']:>4}" for r in rows if r["shape"] == name]
-        print(f"{name:6} " + " ".join(f"{c:>14}" for c in cells))
+        del copies
+        torch.cuda.empty_cache()
+    print(f"\ndevice: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for name in dict.fromkeys(r["shape"] for r in rows):
+        print(name + ": " + ", ".join(f"{r['variant']} {r['us']:.1f}us {r['GB/s']}GB/s"
+                                      for r in rows if r["shape"] == name))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
 
 
 if __name__ == "__main__":

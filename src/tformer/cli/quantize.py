@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group-size", type=int, default=64, help="int4: input channels per scale (32/64/128/256)")
     p.add_argument("--skip", action="append", default=None, metavar="NAME",
                    help="layer name or suffix (e.g. ffn.w2) to keep in full precision; repeatable "
-                        "(default: output)")
+                        "(default: none; an untied output head becomes int8 in both modes, a tied one stays as it is)")
     p.add_argument("--out", help="output checkpoint directory (created)")
     p.add_argument("--dtype", choices=DTYPES, help="cast weights before quantizing (default: keep)")
     p.add_argument("--eval", action="store_true", help="report validation perplexity before and after")
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{ckpt} is already quantized: quantize the full-precision checkpoint")
     batches = _val_batches(args, ckpt, model.config.max_seq_len, device) if args.eval else None
     before = perplexity(model, batches) if batches else None
-    quantize_model(model, args.mode, args.group_size, skip=args.skip if args.skip is not None else ("output",))
+    quantize_model(model, args.mode, args.group_size, skip=args.skip or ())
     what = args.mode + (f", group size {args.group_size}" if args.mode == "int4" else "")
     if args.out:
         save(model, args.out)

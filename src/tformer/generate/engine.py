@@ -50,16 +50,21 @@ def compiled_prefill():
     return torch.compile(prefill, dynamic=True, fullgraph=True)
 
 
-def compiled_decode_step(mode: str = "reduce-overhead"):
-    """`decode_step` for torch.compile with fullgraph=True (a graph break is an error).
+def decode_compile_options(cuda_graphs: bool = True) -> dict:
+    """Inductor options for compiled decode steps (batch-1 rounds included).
 
-    Coordinate-descent tuning lets inductor pick good tiles for the batch-1 matrix-vector
-    products; without it a compiled int8 weight-only matmul is slower than bf16.
+    `mode="reduce-overhead"` is `triton.cudagraphs`. Coordinate-descent tuning is off on purpose:
+    with it on, inductor rewrites every one-row matmul into its own reduction kernel, which the
+    H100 ran at 0.58-0.93x cuBLAS's speed (bench/gemv.py: the output head 328 vs 191 us); with it
+    off a bf16 layer stays a cuBLAS call and an int8/int4 layer calls tformer's matvec kernel.
     """
-    import torch._inductor.config as inductor_config
+    return {"triton.cudagraphs": cuda_graphs, "coordinate_descent_tuning": False}
 
-    inductor_config.coordinate_descent_tuning = True
-    return torch.compile(decode_step, mode=mode, fullgraph=True)
+
+def compiled_decode_step(mode: str = "reduce-overhead"):
+    """`decode_step` for torch.compile with fullgraph=True (a graph break is an error);
+    mode "reduce-overhead" captures it as a CUDA graph, "default" does not."""
+    return torch.compile(decode_step, fullgraph=True, options=decode_compile_options(mode == "reduce-overhead"))
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from tformer.generate.engine import compiled_decode_step, compiled_prefill, prefill, prompt_counts, seeded
+from tformer.generate.engine import compiled_prefill, decode_compile_options, prefill, prompt_counts, seeded
 from tformer.generate.sampling import SamplingConfig, apply_repetition_penalty, filter_logits
 
 
@@ -113,8 +113,8 @@ class SpecSteps:
 def compiled_spec_steps() -> SpecSteps:
     """Prefill compiled for any prompt length; the whole round (k draft steps and the verify, both
     models) compiled into one CUDA graph (`reduce-overhead`, fullgraph), one per k."""
-    compiled_decode_step()  # sets the inductor tuning flags the decode step uses
-    return SpecSteps(compiled_prefill(), torch.compile(spec_round, mode="reduce-overhead", fullgraph=True, dynamic=False))
+    spec = torch.compile(spec_round, fullgraph=True, dynamic=False, options=decode_compile_options())
+    return SpecSteps(compiled_prefill(), spec)
 
 
 @torch.no_grad()

@@ -10,7 +10,9 @@ kernel, so on a CUDA GPU (sm80+) the kernel's tiled layout is one call away:
 `aten._convert_weight_to_int4pack(packed, inner_k_tiles)` (uint8 input since torch 2.5), used by
 `aten._weight_int4pack_mm(x_bf16, w, group_size, scales_and_zeros (K/g, N, 2) bf16)`.
 That layout is derived, never saved: it is rebuilt whenever the module moves or is loaded.
-Elsewhere (CPU, fp32/fp16 activations) the forward dequantizes to x.dtype and calls F.linear.
+A single row of x (batch-1 decoding) goes through `tformer.kernels.matvec`, which reads the stored
+form directly and dequantizes in registers. Elsewhere (CPU, fp32/fp16 activations) the forward
+dequantizes to x.dtype and calls F.linear.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tformer.kernels.gemv import matvec, use_matvec
 
 GROUP_SIZES = (32, 64, 128, 256)  # what the tinygemm kernel accepts
 
@@ -138,7 +142,9 @@ class Int4Linear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int4pack is not None and x.dtype == torch.bfloat16:
+        if use_matvec(x, self.in_features):
+            y = matvec(x, self.weight, self.scales, self.zeros, fmt="int4", group_size=self.group_size)
+        elif self.int4pack is not None and x.dtype == torch.bfloat16:
             x2 = x.reshape(-1, self.in_features).contiguous()  # (M, K)
             y = torch.ops.aten._weight_int4pack_mm(x2, self.int4pack, self.group_size, self.scales_and_zeros)
             y = y.reshape(*x.shape[:-1], self.out_features)

@@ -3,10 +3,10 @@
     weight (N, K) float  ->  q (N, K) int8 in [-128, 127],  scales (N,) float
     w ~= q * scales[:, None]                    |w - q * s| <= s / 2 per element
 
-Activations stay in floating point. The forward is `F.linear(x, q.to(x.dtype)) * scales`:
-scaling the (M, N) output instead of the (N, K) weight is what lets torch.compile fuse the
-int8 -> float conversion into the matmul, so batch-1 decoding reads one byte per weight
-(gpt-fast's WeightOnlyInt8Linear).
+Activations stay in floating point. A single row of x (batch-1 decoding) goes through the
+`tformer.kernels.matvec` kernel, which reads one byte per weight and dequantizes in registers;
+other shapes (prefill, CPU) use `F.linear(x, q.to(x.dtype)) * scales`, scaling the (M, N) output
+instead of the (N, K) weight.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tformer.kernels.gemv import matvec, use_matvec
 
 
 @torch.no_grad()
@@ -58,7 +60,10 @@ class Int8Linear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)  # (..., out)
+        if use_matvec(x, self.in_features):
+            y = matvec(x, self.weight, self.scales, fmt="int8")
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)  # (..., out)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,9 @@
+"""Hand-written GPU kernels (Triton) for the hot paths that torch.compile does not generate well.
+
+Each kernel is a torch custom op with a PyTorch fallback at its call site; `use_matvec(x, in_features)`
+says whether it applies. Triton is optional: without it everything runs through PyTorch.
+"""
+
+from tformer.kernels.gemv import matvec, use_matvec
+
+__all__ = ["matvec", "use_matvec"]

@@ -1,0 +1,130 @@
+"""Matrix-vector products for batch-1 decoding: y = W x with a bf16, int8 or int4 weight (Triton).
+
+At batch 1 a decode step reads every weight once and does two FLOPs per weight, so the only
+thing that matters is streaming W from memory at full bandwidth and dequantizing it in
+registers. tformer's int8/int4 layers use it for a single row; bf16 layers keep cuBLAS, which
+measured as fast or faster for every decode shape but the output head (bench/gemv.py). The
+weight formats are exactly the ones tformer stores (no repacking):
+
+    bf16/fp16 W (N, K)
+    int8      q (N, K) int8, scales (N,)                 w = q * s
+    int4      packed (N, K/2) uint8, scales/zeros (N, K/g)  w = (q - 8) * s + z,
+              byte j = q[2j] << 4 | q[2j+1]   (tformer.quantize.int4)
+
+Shapes: x (K,), W (N, K) -> y (N,). A program owns BLOCK_N rows and walks K in steps of BLOCK_K
+columns (whole int4 groups, so each group's scale and zero are loaded once per row), accumulating
+in fp32; the tiles are autotuned per (format, N, K). Splitting K across programs was measured
+slower on the H100 for every decode shape (bench/gemv.py), so each row is summed by one program.
+
+`matvec` is a torch custom op, so a compiled, CUDA-graphed decode step calls it as one kernel.
+With TRITON_INTERPRET=1 the same kernel runs on CPU tensors (how the tests check it without a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: callers check `available()` first
+    triton = None
+
+FORMATS = {"float": 0, "int8": 1, "int4": 2}
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE_TYPE = None if triton is None else ("cpu" if INTERPRET else "cuda")  # where the kernel runs
+
+
+def use_matvec(x: torch.Tensor, in_features: int) -> bool:
+    """Whether a layer with `in_features` inputs should send x through `matvec`: a single row of
+    x, on the kernel's device, and no gradient wanted (the kernel has no backward)."""
+    return (x.device.type == DEVICE_TYPE and x.numel() == in_features
+            and not (torch.is_grad_enabled() and x.requires_grad))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _matvec_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K,
+                       FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        row_ok = rows < N
+        rows = tl.where(row_ok, rows, 0)  # the tail reads row 0 and stores nothing
+        if FMT == 2:  # int4: byte j holds columns 2j (high nibble) and 2j+1 (low); NG groups a step
+            NG: tl.constexpr = BLOCK_K // GROUP
+            HALF: tl.constexpr = GROUP // 2
+            j = tl.arange(0, NG)[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (NG, HALF) bytes of a step
+            acc = tl.zeros((BLOCK_N, NG, HALF), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                byte = k0 // 2 + j
+                ok = 2 * byte < K
+                b = tl.load(w_ptr + rows[:, None, None] * (K // 2) + byte[None], mask=ok[None], other=0).to(tl.int32)
+                g = rows[:, None] * (K // GROUP) + k0 // GROUP + tl.arange(0, NG)[None, :]  # (BLOCK_N, NG)
+                g_ok = (k0 + tl.arange(0, NG) * GROUP < K)[None, :]
+                s = tl.load(s_ptr + g, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
+                z = tl.load(z_ptr + g, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
+                x_even = tl.load(x_ptr + 2 * byte, mask=ok, other=0.0).to(tl.float32)[None]
+                x_odd = tl.load(x_ptr + 2 * byte + 1, mask=ok, other=0.0).to(tl.float32)[None]
+                hi = ((b >> 4) - 8).to(tl.float32) * s + z
+                lo = ((b & 15) - 8).to(tl.float32) * s + z
+                acc += hi * x_even + lo * x_odd
+            y = tl.sum(tl.sum(acc, axis=2), axis=1)
+        else:  # bf16/fp16/fp32, or int8 (its per-row scale is applied once at the end)
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                ok = cols < K
+                w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=ok[None, :], other=0)
+                x = tl.load(x_ptr + cols, mask=ok, other=0.0)
+                acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            y = tl.sum(acc, axis=1)  # (BLOCK_N,)
+            if FMT == 1:
+                y = y * tl.load(s_ptr + rows).to(tl.float32)
+        tl.store(out_ptr + rows, y, mask=row_ok)
+
+    def _configs(tiles):
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                for bn, bk, w in tiles for st in (2, 3, 4)]
+
+    # (BLOCK_N, BLOCK_K, warps): 1-4 KB of weight per row and step, a few rows per program
+    _TUNED = {
+        0: triton.autotune(_configs([(2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
+                                     (16, 256, 4), (16, 512, 8)]), key=["N", "K"])(_matvec_kernel),
+        1: triton.autotune(_configs([(2, 2048, 4), (4, 1024, 4), (4, 2048, 8), (8, 512, 4), (8, 1024, 4),
+                                     (16, 512, 4), (16, 1024, 8)]), key=["N", "K"])(_matvec_kernel),
+        2: triton.autotune(_configs([(4, 1024, 4), (4, 2048, 8), (8, 512, 4), (8, 1024, 4), (16, 256, 4),
+                                     (16, 512, 8), (32, 256, 8)]), key=["N", "K", "GROUP"])(_matvec_kernel),
+    }
+
+
+@torch.library.custom_op("tformer::matvec", mutates_args=())
+def matvec_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, zeros: torch.Tensor | None,
+              fmt: int, group_size: int) -> torch.Tensor:
+    """(N,) = W x in x.dtype, accumulated in fp32. x (K,) contiguous."""
+    N, K = weight.shape[0], x.shape[0]
+    out = torch.empty(N, device=x.device, dtype=x.dtype)
+    s = scales if scales is not None else weight
+    z = zeros if zeros is not None else weight
+    args = (x, weight, s, z, out, N, K, fmt, group_size)
+    if INTERPRET:  # one fixed tile: the interpreter cannot time configurations
+        _matvec_kernel[(triton.cdiv(N, 4),)](*args, BLOCK_N=4, BLOCK_K=max(128, group_size))
+    else:
+        _TUNED[fmt][lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args)
+    return out
+
+
+@matvec_op.register_fake
+def _(x, weight, scales, zeros, fmt, group_size):
+    return x.new_empty(weight.shape[0])
+
+
+def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None,
+           zeros: torch.Tensor | None = None, fmt: str = "float", group_size: int = 0) -> torch.Tensor:
+    """x (..., K) with one row in all -> (..., N) in x.dtype; W in one of the FORMATS (module docstring)."""
+    K = x.shape[-1]
+    if x.numel() != K:
+        raise ValueError(f"matvec takes a single row, got x of shape {tuple(x.shape)}")
+    y = matvec_op(x.reshape(K).contiguous(), weight, scales, zeros, FORMATS[fmt], group_size)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
