@@ -10,8 +10,9 @@ kernel, so on a CUDA GPU (sm80+) the kernel's tiled layout is one call away:
 `aten._convert_weight_to_int4pack(packed, inner_k_tiles)` (uint8 input since torch 2.5), used by
 `aten._weight_int4pack_mm(x_bf16, w, group_size, scales_and_zeros (K/g, N, 2) bf16)`.
 That layout is derived, never saved: it is rebuilt whenever the module moves or is loaded.
-A single row of x (batch-1 decoding) goes through `tformer.kernels.matvec`, which reads the stored
-form directly and dequantizes in registers. Elsewhere (CPU, fp32/fp16 activations) the forward
+Where tinygemm does not apply (fp16 activations, shapes it refuses) a single row of x goes through
+`tformer.kernels.matvec`, which reads the stored form directly (tinygemm measured 1.4-2.5x faster
+than it at one row on the H100: bench/gemv.py). Elsewhere (CPU, several rows) the forward
 dequantizes to x.dtype and calls F.linear.
 """
 
@@ -142,12 +143,12 @@ class Int4Linear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_matvec(x, self.in_features):
-            y = matvec(x, self.weight, self.scales, self.zeros, fmt="int4", group_size=self.group_size)
-        elif self.int4pack is not None and x.dtype == torch.bfloat16:
+        if self.int4pack is not None and x.dtype == torch.bfloat16:  # tinygemm: faster than matvec even at one row
             x2 = x.reshape(-1, self.in_features).contiguous()  # (M, K)
             y = torch.ops.aten._weight_int4pack_mm(x2, self.int4pack, self.group_size, self.scales_and_zeros)
             y = y.reshape(*x.shape[:-1], self.out_features)
+        elif use_matvec(x, self.in_features):
+            y = matvec(x, self.weight, self.scales, self.zeros, fmt="int4", group_size=self.group_size)
         else:
             y = F.linear(x, dequantize_int4(self.weight, self.scales, self.zeros, self.group_size, x.dtype))
         return y if self.bias is None else y + self.bias.to(x.dtype)
