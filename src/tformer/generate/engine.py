@@ -2,7 +2,8 @@
 
     prefill: the padded prompts (B, L) fill cache slots 0..L-1 in one forward
     decode:  one token per step at slot L+i; the step (forward + sampling) is one function that
-             `torch.compile(mode="reduce-overhead", fullgraph=True)` captures as a CUDA graph
+             `torch.compile(fullgraph=True)` with CUDA graphs (reduce-overhead's `triton.cudagraphs`)
+             captures whole
 
 Nothing in a step waits on the host: the key mask is fixed for the whole decode (prompt padding
 masked, every later slot valid; causality hides slots not yet written), the slot index is a
