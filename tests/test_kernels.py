@@ -69,6 +69,8 @@ def test_matvec_refuses_several_rows():
 
     with pytest.raises(ValueError, match="single row"):
         matvec(torch.randn(2, 64), torch.randn(8, 64))
+    with pytest.raises(ValueError, match="contiguous"):
+        matvec(torch.randn(1, 64), torch.randn(64, 8).T)
 
 
 @interpreted

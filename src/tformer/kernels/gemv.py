@@ -126,5 +126,7 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
     K = x.shape[-1]
     if x.numel() != K:
         raise ValueError(f"matvec takes a single row, got x of shape {tuple(x.shape)}")
+    if not weight.is_contiguous():
+        raise ValueError("matvec reads the weight row by row: pass a contiguous weight (weight.contiguous())")
     y = matvec_op(x.reshape(K).contiguous(), weight, scales, zeros, FORMATS[fmt], group_size)
     return y.reshape(*x.shape[:-1], weight.shape[0])

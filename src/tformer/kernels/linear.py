@@ -18,7 +18,7 @@ from tformer.kernels.gemv import matvec, use_matvec
 
 class MatvecLinear(nn.Linear):
     def forward(self, x):
-        if use_matvec(x, self.in_features):
+        if use_matvec(x, self.in_features) and self.weight.is_contiguous():
             y = matvec(x, self.weight)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
