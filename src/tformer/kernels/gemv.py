@@ -2,7 +2,8 @@
 
 At batch 1 a decode step reads every weight once and does two FLOPs per weight, so the only
 thing that matters is streaming W from memory at full bandwidth and dequantizing it in
-registers. tformer's int8/int4 layers use it for a single row, and full-precision layers after
+registers. tformer's int8 layers use it for a single row (int4 layers only where PyTorch's
+tinygemm does not apply: tinygemm measured faster), and full-precision layers after
 `with_matvec(model)` (tformer.kernels.linear). The weight formats are exactly the ones tformer
 stores (no repacking):
 
