@@ -65,7 +65,7 @@ def variants(w: torch.Tensor):
     del lin
     b8, b4 = q8.numel() + s8.numel() * 2, p4.numel() + s4.numel() * 4
     w8, w4 = dequantize_int8(q8, s8), dequantize_int4(p4, s4, z4, 64)
-    out = {
+    return {
         "bf16-cublas": (lambda x: F.linear(x, w), w.numel() * 2, w),
         "bf16-inductor": (torch.compile(lambda x: F.linear(x, w)), w.numel() * 2, w),
         "int8-inductor": (torch.compile(lambda x: F.linear(x, q8.to(x.dtype)) * s8), b8, w8),
@@ -75,7 +75,6 @@ def variants(w: torch.Tensor):
         "int8-triton": (lambda x: matvec(x, q8, s8, fmt="int8"), b8, w8),
         "int4-triton": (lambda x: matvec(x, p4, s4, z4, fmt="int4", group_size=64), b4, w4),
     }
-    return out
 
 
 def main() -> None:

@@ -112,7 +112,7 @@ class SpecSteps:
 @functools.cache
 def compiled_spec_steps() -> SpecSteps:
     """Prefill compiled for any prompt length; the whole round (k draft steps and the verify, both
-    models) compiled into one CUDA graph (`reduce-overhead`, fullgraph), one per k."""
+    models) compiled into one CUDA graph (fullgraph, `decode_compile_options()`), one per k."""
     spec = torch.compile(spec_round, fullgraph=True, dynamic=False, options=decode_compile_options())
     return SpecSteps(compiled_prefill(), spec)
 

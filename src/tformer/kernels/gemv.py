@@ -30,7 +30,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: callers check `available()` first
+except ImportError:  # CPU-only installs: use_matvec() is then always False
     triton = None
 
 FORMATS = {"float": 0, "int8": 1, "int4": 2}
