@@ -26,7 +26,7 @@ import torch._inductor.config as inductor_config
 
 from tformer.generate import SamplingConfig, generate
 from tformer.generate.engine import compiled_decode_step, compiled_prefill
-from tformer.kernels import with_matvec
+from tformer.models import with_decode_kernels
 from tformer.models import build_model
 from tformer.presets import get_preset
 
@@ -73,7 +73,7 @@ def tformer_runner(config, prompt, new, batch, quantize: str | None = None):
         from tformer.quantize import quantize_model
 
         quantize_model(model, mode=quantize, group_size=64)  # the untied head as int8 in both modes
-    with_matvec(model)  # one-row products of bf16 layers through tformer's matvec kernel
+    with_decode_kernels(model)  # one-row steps through tformer's fused kernels (tformer.models.fused)
     step, first = compiled_decode_step(), compiled_prefill()
     sampling = SamplingConfig(temperature=0.8, top_k=200)
     prompts = [prompt.tolist()] * batch

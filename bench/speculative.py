@@ -37,7 +37,7 @@ from tformer.checkpoint import load
 from tformer.generate import SamplingConfig, generate
 from tformer.generate.engine import compiled_decode_step, compiled_prefill
 from tformer.generate.speculative import compiled_spec_steps, speculative_generate
-from tformer.kernels import with_matvec
+from tformer.models import with_decode_kernels
 from tformer.params import parameter_breakdown
 from tformer.train.config import TrainConfig
 from tformer.train.loop import train
@@ -86,7 +86,7 @@ def main() -> None:
     target_path = train_model(args.out / "target", args.target_steps, TARGET, lr=6e-4, eval_every=args.target_steps)
     target = load(target_path, device="cuda", dtype=torch.bfloat16).eval()
     draft = load(draft_path, device="cuda", dtype=torch.bfloat16).eval()
-    with_matvec(target), with_matvec(draft)
+    with_decode_kernels(target), with_decode_kernels(draft)
     sizes = {n: parameter_breakdown(m.config)["total"] for n, m in (("target", target), ("draft", draft))}
     print(json.dumps({"parameters": sizes, "ratio": round(sizes["target"] / sizes["draft"], 1)}), flush=True)
 

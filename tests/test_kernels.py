@@ -26,7 +26,7 @@ def test_kernels_under_interpreter():
     r = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", __file__],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "8 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
+    assert "14 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
 
 
 SHAPES = [(37, 320, 32), (37, 320, 64), (64, 2048, 64)]  # tails of rows and of K steps (interpreted: 128 a step)
@@ -91,37 +91,122 @@ def test_quantized_layers_take_the_kernel_for_one_row_only():
 
 
 @interpreted
-def test_with_matvec_swaps_full_precision_linears_in_place():
-    from torch import nn
-
-    from tformer.kernels import MatvecLinear, with_matvec, without_matvec
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matvec_fusions_round_like_the_modules(dtype):
+    from tformer.kernels import StoredWeight, matvec
+    from tformer.nn.norm import RMSNorm
+    from tformer.quantize import Int8Linear
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(128, 96, bias=True), nn.Linear(96, 32))
-    weight = model[0].weight
-    x1, x3 = torch.randn(1, 1, 128), torch.randn(3, 128)
+    k, n = 320, 96
+    norm = RMSNorm(k, eps=1e-5).to(dtype)
     with torch.no_grad():
-        want1, want3 = model(x1), model(x3)
-        with_matvec(model)
-        assert type(model[0]) is MatvecLinear and model[0].weight is weight
-        torch.testing.assert_close(model(x1), want1, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(model(x3), want3)
-    assert list(model.state_dict()) == ["0.weight", "0.bias", "1.weight", "1.bias"]
-    assert type(without_matvec(model)[0]) is nn.Linear
+        norm.weight.copy_(torch.rand(k) + 0.5)
+    b = torch.randn(n).to(dtype)
+    w1, w3 = (torch.randn(n, k).to(dtype) for _ in range(2))
+    x, r = torch.randn(1, 1, k).to(dtype), torch.randn(1, 1, n).to(dtype)
+    def lin(inp, w):  # what the unfused modules compute: fp32 products, one rounding
+        return (inp.float() @ w.float().T).to(dtype)
+
+    with torch.no_grad():
+        h = norm(x)
+        cases = {
+            "norm": (matvec(x, w1, norm=(norm.weight, norm.eps)), lin(h, w1)),
+            "bias": (matvec(x, w1, bias=b), lin(x, w1) + b),
+            "residual": (matvec(x, w1, residual=r), r + lin(x, w1)),
+            "gated": (matvec(x, w1, norm=(norm.weight, norm.eps), up=StoredWeight(w3)),
+                      torch.nn.functional.silu(lin(h, w1)) * lin(h, w3)),
+        }
+        q1, q3 = (Int8Linear.from_linear(torch.nn.Linear(k, n, bias=False).to(dtype)) for _ in range(2))
+        cases["int8 gated"] = (matvec(x, *q1.matvec_weight(), norm=(norm.weight, norm.eps), up=q3.matvec_weight()),
+                               torch.nn.functional.silu(q1(h)) * q3(h))
+    for name, (got, want) in cases.items():
+        assert got.dtype == dtype and got.shape == want.shape, name
+        # bf16: the kernel's sum of squares may round the norm's output one ulp apart, so a few ulps of the largest value
+        tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 0, "atol": 0.03 * want.abs().max().item()}
+        torch.testing.assert_close(got, want, **tol, msg=name)
+    with pytest.raises(ValueError, match="same format"):
+        matvec(x, w1, up=q3.matvec_weight())
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_matches_reference_with_grouped_heads_and_padding(dtype):
+    from tformer.kernels import decode_attention, use_decode_attention
+    from tformer.nn.attention import reference_attention
+    from tformer.nn.masks import causal_mask
+
+    torch.manual_seed(0)
+    B, H, Hkv, S, D = 2, 8, 2, 80, 48  # a head_dim that is not a power of two; S spans two blocks
+    q = torch.randn(B, 1, H, D).to(dtype).transpose(1, 2)  # the layout attention hands over
+    k, v = (torch.randn(B, Hkv, S, D).to(dtype) for _ in range(2))
+    valid = torch.ones(B, S, dtype=torch.long)
+    valid[1, :30] = 0  # row 1 is left padded
+    mask = causal_mask(torch.tensor([70]), S, valid)  # (B, 1, 1, S): slots past 70 not yet written
+    k[:, :, 71:] = float("nan")  # never read
+    v[:, :, 71:] = float("nan")
+    assert use_decode_attention(q, k, v, mask, 0.0)
+    assert not use_decode_attention(q, k, v, None, 0.0) and not use_decode_attention(q, k, v, mask, 0.1)
+    got = decode_attention(q, k, v, mask)
+    want, _ = reference_attention(q.float(), k.float().nan_to_num(), v.float().nan_to_num(), mask)
+    assert got.shape == (B, H, 1, D) and got.dtype == dtype
+    tol = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(got.float(), want, **tol)
+
+
+def _tiny_llama(**overrides):
+    from tformer.config import ModelConfig
+    from tformer.models import build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=32,
+                      tie_embeddings=False, **overrides)
+    return build_model(cfg).eval()
+
+
+@interpreted
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+def test_fused_decode_matches_unfused(quant):
+    from tformer.kernels import MatvecLinear
+    from tformer.models import with_decode_kernels, without_decode_kernels
+    from tformer.models.fused import FusedBlock
+    from tformer.quantize import quantize_model
+
+    model = _tiny_llama(qkv_bias=True)
+    if quant:
+        quantize_model(model, quant, group_size=32)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    prompt, tok = torch.tensor([[3, 5, 7, 11]]), torch.tensor([[9]])
+
+    def run(m):
+        m.setup_caches(1, 16)
+        mask = torch.ones(1, m.cache_slots, dtype=torch.long)
+        with torch.no_grad():
+            first = m(prompt, input_pos=torch.arange(4), attention_mask=mask)
+            step = m(tok, input_pos=torch.tensor([4]), attention_mask=mask)
+        m.clear_caches()
+        return first, step
+
+    want = run(model)
+    with_decode_kernels(model)
+    assert all(type(b) is FusedBlock for b in model.layers)
+    assert quant or type(model.output) is MatvecLinear
+    got = run(model)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    without_decode_kernels(model)
+    assert not any(isinstance(m, (FusedBlock, MatvecLinear)) for m in model.modules())
 
 
 @interpreted
 def test_compiled_model_keeps_the_kernel_in_one_graph():
-    from tformer.config import ModelConfig
     from tformer.generate.engine import decode_step
     from tformer.generate.sampling import SamplingConfig
-    from tformer.models import build_model
+    from tformer.models import with_decode_kernels
     from tformer.quantize import quantize_model
 
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=32,
-                      tie_embeddings=False)
-    model = quantize_model(build_model(cfg).eval(), "int4", group_size=32, skip=())
+    model = with_decode_kernels(quantize_model(_tiny_llama(), "int4", group_size=32, skip=()))
     assert model.output.__class__.__name__ == "Int8Linear"  # the untied head: int8, the rest int4
     greedy = SamplingConfig(temperature=0)
     step = torch.compile(decode_step, backend="aot_eager", fullgraph=True)

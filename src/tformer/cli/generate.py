@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from tformer.checkpoint import load
     from tformer.generate.sampling import SamplingConfig
     from tformer.generate.text import generate_text, load_tokenizer
-    from tformer.kernels import with_matvec
+    from tformer.models import with_decode_kernels
     from tformer.train.loop import resolve_device
 
     if args.max_new_tokens <= 0:
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = torch_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else None)
     tokenizer = load_tokenizer(args.path)
-    model = with_matvec(load(args.path, device=device, dtype=dtype).eval())  # one-row matmuls: tformer's kernel on GPU
+    model = with_decode_kernels(load(args.path, device=device, dtype=dtype).eval())  # fused one-row kernels on GPU
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
     prompts = args.prompt or ["\n"]
     if args.draft:
@@ -83,11 +83,11 @@ def _speculative(args, model, tokenizer, sampling, prompts, device, dtype) -> in
 
     from tformer.checkpoint import load
     from tformer.generate.text import speculative_text
-    from tformer.kernels import with_matvec
+    from tformer.models import with_decode_kernels
 
     if len(prompts) != 1:
         raise UserError("--draft decodes one prompt at a time: pass a single --prompt")
-    draft = with_matvec(load(args.draft, device=device, dtype=dtype).eval())
+    draft = with_decode_kernels(load(args.draft, device=device, dtype=dtype).eval())
     steps = None
     if args.compile:
         from tformer.generate.speculative import compiled_spec_steps

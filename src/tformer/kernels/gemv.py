@@ -17,6 +17,11 @@ columns (whole int4 groups, so each group's scale and zero are loaded once per r
 in fp32; the tiles are autotuned per (format, N, K). Splitting K across programs was measured
 slower on the H100 for every decode shape (bench/gemv.py), so each row is summed by one program.
 
+Around the product the kernel can fuse what surrounds a weight in a pre-norm decoder block
+(tformer.kernels.block): RMSNorm of x (each program sums x^2 itself, x being a few KB), a bias,
+a residual add, and a gated FFN's second weight with silu(W x) * (W2 x). Each value is rounded to
+x's dtype where the unfused modules round it, so fused and unfused steps agree closely.
+
 `matvec` is a torch custom op, so a compiled, CUDA-graphed decode step calls it as one kernel.
 With TRITON_INTERPRET=1 the same kernel runs on CPU tensors (how the tests check it without a GPU).
 """
@@ -24,6 +29,7 @@ With TRITON_INTERPRET=1 the same kernel runs on CPU tensors (how the tests check
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -48,11 +54,19 @@ def use_matvec(x: torch.Tensor, in_features: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _matvec_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K,
-                       FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-        row_ok = rows < N
-        rows = tl.where(row_ok, rows, 0)  # the tail reads row 0 and stores nothing
+    def _load_x(x_ptr, nw_ptr, idx, ok, inv_rms, NORM: tl.constexpr):
+        """x[idx] in fp32; with NORM, RMSNorm's output (rounded to x's dtype as the module rounds it)."""
+        x = tl.load(x_ptr + idx, mask=ok, other=0.0)
+        if NORM:
+            h = (x.to(tl.float32) * inv_rms).to(x.dtype)
+            x = (h.to(tl.float32) * tl.load(nw_ptr + idx, mask=ok, other=0.0).to(tl.float32)).to(x.dtype)
+        return x.to(tl.float32)
+
+    @triton.jit
+    def _rows_dot(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, rows, K,
+                  FMT: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(BLOCK_N,) fp32 dot products of weight rows `rows` with x, dequantized in registers."""
         if FMT == 2:  # int4: byte j holds columns 2j (high nibble) and 2j+1 (low); NG groups a step
             NG: tl.constexpr = BLOCK_K // GROUP
             HALF: tl.constexpr = GROUP // 2
@@ -66,8 +80,8 @@ if triton is not None:
                 g_ok = (k0 + tl.arange(0, NG) * GROUP < K)[None, :]
                 s = tl.load(s_ptr + g, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
                 z = tl.load(z_ptr + g, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
-                x_even = tl.load(x_ptr + 2 * byte, mask=ok, other=0.0).to(tl.float32)[None]
-                x_odd = tl.load(x_ptr + 2 * byte + 1, mask=ok, other=0.0).to(tl.float32)[None]
+                x_even = _load_x(x_ptr, nw_ptr, 2 * byte, ok, inv_rms, NORM)[None]
+                x_odd = _load_x(x_ptr, nw_ptr, 2 * byte + 1, ok, inv_rms, NORM)[None]
                 hi = ((b >> 4) - 8).to(tl.float32) * s + z
                 lo = ((b & 15) - 8).to(tl.float32) * s + z
                 acc += hi * x_even + lo * x_odd
@@ -78,37 +92,70 @@ if triton is not None:
                 cols = k0 + tl.arange(0, BLOCK_K)
                 ok = cols < K
                 w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=ok[None, :], other=0)
-                x = tl.load(x_ptr + cols, mask=ok, other=0.0)
-                acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-            y = tl.sum(acc, axis=1)  # (BLOCK_N,)
+                acc += w.to(tl.float32) * _load_x(x_ptr, nw_ptr, cols, ok, inv_rms, NORM)[None, :]
+            y = tl.sum(acc, axis=1)
             if FMT == 1:
                 y = y * tl.load(s_ptr + rows).to(tl.float32)
-        tl.store(out_ptr + rows, y, mask=row_ok)
+        return y
+
+    @triton.jit
+    def _matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, z_ptr, w2_ptr, s2_ptr, z2_ptr, b_ptr, r_ptr, out_ptr,
+                       N, K, eps, FMT: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr,
+                       GATED: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        row_ok = rows < N
+        rows = tl.where(row_ok, rows, 0)  # the tail reads row 0 and stores nothing
+        dtype = out_ptr.dtype.element_ty
+        inv_rms = 1.0
+        if NORM:  # every program sums x^2 itself (x is a few KB, read from L2): no extra kernel
+            sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+                sq += x * x
+            inv_rms = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
+        y = _rows_dot(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, rows, K, FMT, GROUP, NORM, BLOCK_N, BLOCK_K)
+        if GATED:  # silu(W x) * (W2 x), each rounded as the unfused modules round them
+            up = _rows_dot(x_ptr, nw_ptr, inv_rms, w2_ptr, s2_ptr, z2_ptr, rows, K, FMT, GROUP, NORM, BLOCK_N, BLOCK_K)
+            gate = y.to(dtype).to(tl.float32)
+            gate = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
+            y = gate * up.to(dtype).to(tl.float32)
+        if BIAS:
+            y = y.to(dtype).to(tl.float32) + tl.load(b_ptr + rows).to(tl.float32)
+        if RESIDUAL:
+            y = tl.load(r_ptr + rows).to(tl.float32) + y.to(dtype).to(tl.float32)
+        tl.store(out_ptr + rows, y.to(dtype), mask=row_ok)
 
     def _configs(tiles):
         return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
                 for bn, bk, w in tiles for st in (2, 3, 4)]
 
     # (BLOCK_N, BLOCK_K, warps): 1-4 KB of weight per row and step, a few rows per program
+    _KEY = ["N", "K", "GROUP", "NORM", "GATED"]
     _TUNED = {
         0: triton.autotune(_configs([(2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
-                                     (16, 256, 4), (16, 512, 8)]), key=["N", "K"])(_matvec_kernel),
+                                     (16, 256, 4), (16, 512, 8)]), key=_KEY)(_matvec_kernel),
         1: triton.autotune(_configs([(2, 2048, 4), (4, 1024, 4), (4, 2048, 8), (8, 512, 4), (8, 1024, 4),
-                                     (16, 512, 4), (16, 1024, 8)]), key=["N", "K"])(_matvec_kernel),
+                                     (16, 512, 4), (16, 1024, 8)]), key=_KEY)(_matvec_kernel),
         2: triton.autotune(_configs([(4, 1024, 4), (4, 2048, 8), (8, 512, 4), (8, 1024, 4), (16, 256, 4),
-                                     (16, 512, 8), (32, 256, 8)]), key=["N", "K", "GROUP"])(_matvec_kernel),
+                                     (16, 512, 8), (32, 256, 8)]), key=_KEY)(_matvec_kernel),
     }
 
 
 @torch.library.custom_op("tformer::matvec", mutates_args=())
 def matvec_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, zeros: torch.Tensor | None,
-              fmt: int, group_size: int) -> torch.Tensor:
-    """(N,) = W x in x.dtype, accumulated in fp32. x (K,) contiguous."""
+              fmt: int, group_size: int, weight2: torch.Tensor | None = None, scales2: torch.Tensor | None = None,
+              zeros2: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+              bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) in x.dtype, accumulated in fp32. x (K,) contiguous; the optional parts as in `matvec`."""
     N, K = weight.shape[0], x.shape[0]
     out = torch.empty(N, device=x.device, dtype=x.dtype)
-    s = scales if scales is not None else weight
-    z = zeros if zeros is not None else weight
-    args = (x, weight, s, z, out, N, K, fmt, group_size)
+    s, z = (t if t is not None else weight for t in (scales, zeros))
+    w2, s2, z2 = (t if t is not None else weight for t in (weight2, scales2, zeros2))
+    nw, b, r = (t if t is not None else x for t in (norm_weight, bias, residual))
+    args = (x, nw, weight, s, z, w2, s2, z2, b, r, out, N, K, eps, fmt, group_size,
+            norm_weight is not None, weight2 is not None, bias is not None, residual is not None)
     if INTERPRET:  # one fixed tile: the interpreter cannot time configurations
         _matvec_kernel[(triton.cdiv(N, 4),)](*args, BLOCK_N=4, BLOCK_K=max(128, group_size))
     else:
@@ -117,17 +164,45 @@ def matvec_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None
 
 
 @matvec_op.register_fake
-def _(x, weight, scales, zeros, fmt, group_size):
+def _(x, weight, scales, zeros, fmt, group_size, weight2=None, scales2=None, zeros2=None, norm_weight=None,
+      eps=0.0, bias=None, residual=None):
     return x.new_empty(weight.shape[0])
 
 
+class StoredWeight(NamedTuple):
+    """A linear layer's weight in one of the FORMATS, as the kernel reads it (see the module docstring)."""
+
+    weight: torch.Tensor
+    scales: torch.Tensor | None = None
+    zeros: torch.Tensor | None = None
+    fmt: str = "float"
+    group_size: int = 0
+
+
 def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None,
-           zeros: torch.Tensor | None = None, fmt: str = "float", group_size: int = 0) -> torch.Tensor:
-    """x (..., K) with one row in all -> (..., N) in x.dtype; W in one of the FORMATS (module docstring)."""
+           zeros: torch.Tensor | None = None, fmt: str = "float", group_size: int = 0, *,
+           norm: tuple[torch.Tensor, float] | None = None, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None, up: StoredWeight | None = None) -> torch.Tensor:
+    """x (..., K) with one row in all -> (..., N) in x.dtype; W in one of the FORMATS (module docstring).
+
+    The fusions a decoder block needs, each rounding where the unfused modules round:
+      norm=(weight, eps)  RMSNorm x first          bias      + bias
+      residual (..., N)   + residual at the end    up        silu(W x) * (up x): a gated FFN's
+                                                             gate and up weights (same format)
+    """
     K = x.shape[-1]
     if x.numel() != K:
         raise ValueError(f"matvec takes a single row, got x of shape {tuple(x.shape)}")
-    if not weight.is_contiguous():
+    weights = [weight] + ([up.weight] if up is not None else [])
+    if not all(w.is_contiguous() for w in weights):
         raise ValueError("matvec reads the weight row by row: pass a contiguous weight (weight.contiguous())")
-    y = matvec_op(x.reshape(K).contiguous(), weight, scales, zeros, FORMATS[fmt], group_size)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    if up is not None and (up.fmt, up.group_size, up.weight.shape) != (fmt, group_size, weight.shape):
+        raise ValueError("matvec's gate and up weights must have the same format, group size and shape")
+    norm_weight, eps = norm if norm is not None else (None, 0.0)
+    up = up or StoredWeight(None)
+    N = weight.shape[0]
+    flat = [None if t is None else t.reshape(-1) for t in (norm_weight, bias, residual)]
+    y = matvec_op(x.reshape(K).contiguous(), weight, scales, zeros, FORMATS[fmt], group_size,
+                  up.weight, up.scales, up.zeros, flat[0], float(eps), flat[1],
+                  None if residual is None else flat[2].contiguous())
+    return y.reshape(*x.shape[:-1], N)

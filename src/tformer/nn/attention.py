@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tformer.config import ModelConfig
+from tformer.kernels.attention import decode_attention, use_decode_attention
 from tformer.nn.kv_cache import KVCache
 from tformer.nn.rope import apply_rope
 
@@ -42,7 +43,10 @@ def reference_attention(q, k, v, mask=None, dropout_p: float = 0.0):
 
 
 def fused_attention(q, k, v, mask=None, dropout_p: float = 0.0):
-    """torch SDPA (flash / memory-efficient kernels on GPU)."""
+    """torch SDPA (flash / memory-efficient kernels on GPU); a one-token decode step on GPU takes
+    tformer's decode kernel, which reads grouped K/V heads in place."""
+    if use_decode_attention(q, k, v, mask, dropout_p):
+        return decode_attention(q, k, v, mask)
     if mask is None:  # plain causal: the flash kernel handles grouped heads natively
         return F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=q.shape[1] != k.shape[1]
@@ -71,8 +75,12 @@ class Attention(nn.Module):
         return KVCache(batch_size, n_slots, self.n_kv_heads, self.head_dim, dtype, device)
 
     def forward(self, x, rope=None, mask=None, input_pos=None):
-        B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split(self.split_sizes, dim=-1)
+        return self.resid_drop(self.wo(self.attend(self.wqkv(x), rope, mask, input_pos)))
+
+    def attend(self, qkv, rope=None, mask=None, input_pos=None):
+        """The projected q|k|v (B, T, (H + 2 Hkv) D) -> attention output (B, T, H*D), before wo."""
+        B, T, _ = qkv.shape
+        q, k, v = qkv.split(self.split_sizes, dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
@@ -86,8 +94,7 @@ class Attention(nn.Module):
             y, self.weights = reference_attention(q, k, v, mask, dropout_p)
         else:
             y = fused_attention(q, k, v, mask, dropout_p)
-        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
-        return self.resid_drop(self.wo(y))
+        return y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
 
 
 class capture_attention:

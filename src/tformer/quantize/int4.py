@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tformer.kernels.gemv import matvec, use_matvec
+from tformer.kernels.gemv import StoredWeight, matvec, use_matvec
 
 GROUP_SIZES = (32, 64, 128, 256)  # what the tinygemm kernel accepts
 
@@ -142,13 +142,19 @@ class Int4Linear(nn.Module):
         self.refresh_layout()
         return self
 
+    def matvec_weight(self) -> StoredWeight | None:
+        """The stored form for `matvec`; None where tinygemm applies (measured faster at one row)."""
+        if self.int4pack is not None:
+            return None
+        return StoredWeight(self.weight, self.scales, self.zeros, "int4", self.group_size)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int4pack is not None and x.dtype == torch.bfloat16:  # tinygemm: faster than matvec even at one row
             x2 = x.reshape(-1, self.in_features).contiguous()  # (M, K)
             y = torch.ops.aten._weight_int4pack_mm(x2, self.int4pack, self.group_size, self.scales_and_zeros)
             y = y.reshape(*x.shape[:-1], self.out_features)
         elif use_matvec(x, self.in_features):
-            y = matvec(x, self.weight, self.scales, self.zeros, fmt="int4", group_size=self.group_size)
+            return matvec(x, self.weight, self.scales, self.zeros, "int4", self.group_size, bias=self.bias)
         else:
             y = F.linear(x, dequantize_int4(self.weight, self.scales, self.zeros, self.group_size, x.dtype))
         return y if self.bias is None else y + self.bias.to(x.dtype)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tformer.kernels.gemv import matvec, use_matvec
+from tformer.kernels.gemv import StoredWeight, matvec, use_matvec
 
 
 @torch.no_grad()
@@ -60,11 +60,13 @@ class Int8Linear(nn.Module):
             m.bias = linear.bias.detach().clone()
         return m
 
+    def matvec_weight(self) -> StoredWeight:
+        return StoredWeight(self.weight, self.scales, fmt="int8")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_matvec(x, self.in_features):
-            y = matvec(x, self.weight, self.scales, fmt="int8")
-        else:
-            y = F.linear(x, dequantize_int8(self.weight, self.scales, x.dtype))  # (..., out)
+            return matvec(x, *self.matvec_weight(), bias=self.bias)
+        y = F.linear(x, dequantize_int8(self.weight, self.scales, x.dtype))  # (..., out)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,90 @@
+"""Decode kernels for a whole model: one-row steps through fused Triton kernels, as class swaps.
+
+    with_decode_kernels(model)     # in place; parameters, buffers and state dict unchanged
+    without_decode_kernels(model)  # back to the plain classes
+
+At batch 1 a Llama-style block is seven weight reads and a dozen small kernels around them
+(norms, residual adds, the SwiGLU product). After the swap a pre-norm block's one-row forward is
+
+    qkv = matvec(x, wqkv, norm=attn_norm)           RMSNorm fused into the product
+    h   = matvec(attend(qkv), wo, residual=x)        + residual in the epilogue
+    g   = matvec(h, w1, up=w3, norm=ffn_norm)        silu(w1 h) * (w3 h), one kernel for both weights
+    y   = matvec(g, w2, residual=h)
+
+plus RoPE and the cache write (compiled code) and the decode attention kernel: each value is
+rounded where the unfused modules round it. Every other call (prompts, batches, training, CPU,
+layers the kernel cannot read such as tinygemm's int4) runs the unfused code, so a swapped model
+stays correct everywhere. Full-precision nn.Linear layers become `MatvecLinear` (the head included).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from tformer.kernels.gemv import matvec, use_matvec
+from tformer.kernels.linear import MatvecLinear
+from tformer.models.blocks import Block
+from tformer.nn.attention import Attention
+from tformer.nn.mlp import GatedFeedForward
+from tformer.nn.norm import RMSNorm
+
+
+def _stored(linear: nn.Module):
+    return linear.matvec_weight() if hasattr(linear, "matvec_weight") else None
+
+
+def _project(linear: nn.Module, x, norm: nn.Module | None = None, residual=None):
+    """residual + linear(norm(x)), in one kernel where the layer and the norm allow it."""
+    w = _stored(linear)
+    if norm is not None and (w is None or not isinstance(norm, RMSNorm)):
+        x, norm = norm(x), None
+    if w is None:
+        y = linear(x)
+        return y if residual is None else residual + y
+    norm_args = None if norm is None else (norm.weight, norm.eps)
+    return matvec(x, *w, norm=norm_args, bias=linear.bias, residual=residual)
+
+
+def _gated(ffn: GatedFeedForward, x, norm: nn.Module):
+    """act(w1 n) * w3 n with n = norm(x): one kernel for a SiLU gate over two same-format weights."""
+    gate, up = _stored(ffn.w1), _stored(ffn.w3)
+    fusable = (ffn.act is F.silu and isinstance(norm, RMSNorm) and gate is not None and up is not None
+               and ffn.w1.bias is None and ffn.w3.bias is None and gate.fmt == up.fmt)
+    if not fusable:
+        n = norm(x)
+        return ffn.act(ffn.w1(n)) * ffn.w3(n)
+    return matvec(x, *gate, norm=(norm.weight, norm.eps), up=up)
+
+
+class FusedBlock(Block):
+    """A pre-norm Block whose one-row eval forward runs through the fused kernels (module docstring)."""
+
+    def forward(self, x, rope=None, mask=None, input_pos=None):
+        if self.training or not use_matvec(x, x.shape[-1]):
+            return super().forward(x, rope, mask, input_pos)
+        attn = self.attn
+        qkv = _project(attn.wqkv, x, norm=self.attn_norm)
+        h = _project(attn.wo, attn.attend(qkv, rope, mask, input_pos), residual=x)
+        if isinstance(self.ffn, GatedFeedForward):
+            return _project(self.ffn.w2, _gated(self.ffn, h, self.ffn_norm), residual=h)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+def with_decode_kernels(model: nn.Module) -> nn.Module:
+    """Swap in place: full-precision nn.Linear -> MatvecLinear, pre-norm attention Block -> FusedBlock."""
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = MatvecLinear
+        elif type(m) is Block and type(m.attn) is Attention:
+            m.__class__ = FusedBlock
+    return model
+
+
+def without_decode_kernels(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if type(m) is MatvecLinear:
+            m.__class__ = nn.Linear
+        elif type(m) is FusedBlock:
+            m.__class__ = Block
+    return model
