@@ -242,3 +242,33 @@ def test_matvec_on_cuda_matches_dequantized_reference():
             ref = x.float() @ w_ref.float().T
             err = ((y.float() - ref).norm() / ref.norm()).item()
             assert y.dtype == torch.bfloat16 and err < 5e-3, (fmt, n, k, err)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU")
+def test_fused_decode_on_cuda_matches_unfused_in_bf16():
+    pytest.importorskip("triton")
+    from tformer.generate.engine import compiled_decode_step, decode_step
+    from tformer.generate.sampling import SamplingConfig
+    from tformer.models import with_decode_kernels
+
+    model = _tiny_llama().to("cuda", torch.bfloat16)
+    greedy, tok, pos = SamplingConfig(temperature=0), torch.tensor([[9]], device="cuda"), torch.tensor([5], device="cuda")
+
+    def logits_and_token(step):
+        model.setup_caches(1, 16)
+        mask = torch.ones(1, model.cache_slots, dtype=torch.long, device="cuda")
+        mask[:, :2] = 0  # left padding
+        with torch.no_grad():
+            model(torch.tensor([[0, 0, 3, 5, 7]], device="cuda"), input_pos=torch.arange(5, device="cuda"),
+                  attention_mask=mask)
+            logits = model(tok, input_pos=pos, attention_mask=mask)
+            nxt = step(model, tok, pos, mask, greedy)
+        return logits.float(), nxt
+
+    want, want_tok = logits_and_token(decode_step)
+    with_decode_kernels(model)
+    got, got_tok = logits_and_token(decode_step)
+    compiled, compiled_tok = logits_and_token(compiled_decode_step())
+    scale = want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=0, atol=0.03 * scale)
+    assert torch.equal(got_tok, compiled_tok)
