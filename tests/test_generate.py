@@ -81,6 +81,17 @@ def test_sampling_follows_distribution():
     torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
 
 
+def test_top_k_sampling_draws_from_the_filtered_distribution():
+    # sample() draws among the k best only (a faster path); it must match filter_logits' distribution
+    logits = torch.tensor([0.1, 2.0, -1.0, 1.5, 0.7, 1.9, -0.5, 1.0]).expand(40000, 8)
+    cfg = SamplingConfig(temperature=0.7, top_k=4, top_p=0.9, min_p=0.1)
+    want = filter_logits(logits[:1], cfg).softmax(-1)[0]
+    draws = sample(logits, cfg, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=8).float() / 40000
+    assert (freq[want == 0] == 0).all()
+    torch.testing.assert_close(freq, want, atol=0.01, rtol=0)
+
+
 def test_repetition_penalty_in_generate_matches_manual_loop():
     model = build_model(tiny_config()).eval()
     cfg = SamplingConfig(temperature=0, repetition_penalty=1.8)

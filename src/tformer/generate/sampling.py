@@ -44,6 +44,10 @@ def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     if cfg.top_k > 0:
         kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    return _top_p_min_p(logits, cfg)
+
+
+def _top_p_min_p(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     if cfg.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
@@ -61,7 +65,14 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, counts: torch.Tensor | Non
         logits = apply_repetition_penalty(logits, counts, cfg.repetition_penalty)
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
-    probs = filter_logits(logits, cfg).softmax(dim=-1)
-    # Exponential-race sampling: argmax(p / E), E ~ Exp(1), draws from p without a host sync.
+    if 0 < cfg.top_k < logits.shape[-1]:  # the same draw over the k best only: the rest has probability 0
+        best, ids = torch.topk(logits.float() / cfg.temperature, cfg.top_k, dim=-1)  # (B, k), descending
+        pick = _race(_top_p_min_p(best, cfg).softmax(dim=-1), generator)
+        return ids.gather(-1, pick[:, None]).squeeze(-1)
+    return _race(filter_logits(logits, cfg).softmax(dim=-1), generator)
+
+
+def _race(probs: torch.Tensor, generator=None) -> torch.Tensor:
+    """Exponential-race sampling: argmax(p / E), E ~ Exp(1), draws from p without a host sync."""
     noise = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / noise).argmax(dim=-1)

@@ -5,7 +5,7 @@
 For a single new token, torch's masked SDPA wants equal head counts, so grouped-query attention
 first copies K and V Hq/Hkv times (two copy kernels a layer), then runs a kernel built for long
 queries. Here one program per (sequence, query head) reads its key/value head straight from the
-cache, skips the loads of masked slots (padding, slots not yet written), and keeps an online
+cache (tiles autotuned per cache size), masks padding and slots not yet written, and keeps an online
 softmax in fp32 (scores, running max and sum), so the step is one small kernel. The output is
 written in (B, 1, H, D) order, the layout the output projection reads, so no transpose copy follows.
 """
@@ -33,22 +33,27 @@ if triton is not None:
         m_i = tl.full((), float("-inf"), tl.float32)
         l_i = tl.zeros((), tl.float32)
         acc = tl.zeros((BLOCK_D,), tl.float32)
-        for s0 in range(0, S, BLOCK_S):
+        for s0 in range(0, S, BLOCK_S):  # loads do not wait on the mask, so they can be in flight together
             s = s0 + tl.arange(0, BLOCK_S)
-            keep = (tl.load(m_ptr + b * sm_b + s * sm_s, mask=s < S, other=0) != 0) & (s < S)
+            in_range = s < S
+            keep = (tl.load(m_ptr + b * sm_b + s * sm_s, mask=in_range, other=0) != 0) & in_range
             offs = s[:, None] * sk_s + d[None, :]
-            kv_ok = keep[:, None] & d_ok[None, :]
+            kv_ok = in_range[:, None] & d_ok[None, :]
             k = tl.load(k_ptr + head + offs, mask=kv_ok, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + head + offs, mask=kv_ok, other=0.0).to(tl.float32)
             scores = tl.where(keep, tl.sum(k * q[None, :], axis=1), float("-inf"))  # (BLOCK_S,)
             m_new = tl.maximum(m_i, tl.max(scores, axis=0))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with nothing kept adds nothing
             alpha = tl.exp(m_i - m_ref)
             p = tl.exp(scores - m_ref)
-            v = tl.load(v_ptr + head + offs, mask=kv_ok, other=0.0).to(tl.float32)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            acc = acc * alpha + tl.sum(tl.where(keep[:, None], p[:, None] * v, 0.0), axis=0)  # masked: any value
             l_i = l_i * alpha + tl.sum(p, axis=0)
             m_i = m_new
         tl.store(out_ptr + (b * H + h) * D + d, acc / l_i, mask=d_ok)
+
+    _tuned_decode_attention = triton.autotune(
+        [triton.Config({"BLOCK_S": bs}, num_warps=w, num_stages=st)
+         for bs in (32, 64, 128) for w in (2, 4, 8) for st in (1, 3)], key=["S", "D"])(_decode_attention_kernel)
 
 
 @torch.library.custom_op("tformer::decode_attention", mutates_args=())
@@ -58,10 +63,11 @@ def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep:
     B, H, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
-    _decode_attention_kernel[(B * H,)](
+    kernel = _decode_attention_kernel if INTERPRET else _tuned_decode_attention
+    kernel[(B * H,)](
         q, k, v, keep, out, S, H, H // Hkv, 1.0 / math.sqrt(D),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), keep.stride(0), keep.stride(1),
-        D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_S=64 if INTERPRET else 32, num_warps=4)
+        D=D, BLOCK_D=triton.next_power_of_2(D), **({"BLOCK_S": 64} if INTERPRET else {}))
     return out
 
 
