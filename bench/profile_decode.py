@@ -1,9 +1,12 @@
-"""Where decode time goes: kernel time per generated token, tformer vs gpt-fast.
+"""Where decode time goes: kernel time per generated token (or per speculative round).
 
-    python bench/profile_decode.py [--gpt-fast third_party/gpt-fast-src] [--new 64]
+    python bench/profile_decode.py [--gpt-fast third_party/gpt-fast-src] [--new 64] [--variants ...]
 
-Runs bench/decode.py's batch-1 setup for both, warms up, then profiles one generate call and
-prints GPU kernel time per token, wall time per token, and the most expensive kernels.
+Runs bench/decode.py's batch-1 setup, warms up, then profiles one generate call and prints GPU
+kernel time and wall time per unit, and the most expensive kernels. Variants: tformer,
+tformer-int8, tformer-int4, gpt-fast, and spec-kN, a compiled greedy speculative round with
+k = N: the same target and the draft shape of bench/speculative.py (4 x 256, same vocabulary),
+random weights. A round costs the same whatever is accepted, so its unit is one round.
 """
 
 from __future__ import annotations
@@ -22,23 +25,46 @@ from decode import gpt_fast_runner, tformer_runner  # noqa: E402
 from tformer.presets import get_preset  # noqa: E402
 
 
-def report(name: str, run, new: int, rows: int) -> None:
-    run()
-    run()
+def report(name: str, run, rows: int, per: int | None = None, unit: str = "tok") -> None:
+    """Timings per unit: `per` units a call, or as many as run() returns (rounds)."""
+
+    def units() -> int:
+        out = run()
+        return per if per is not None else out
+
+    units()
+    units()
     torch.cuda.synchronize()
     t = time.perf_counter()
-    run()
+    n = units()
     torch.cuda.synchronize()
-    wall = (time.perf_counter() - t) / new
+    wall = (time.perf_counter() - t) / n
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        run()
+        n = units()
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    gpu = sum(e.self_device_time_total for e in events) / 1e3 / new
-    print(f"\n== {name}: wall {wall * 1e3:.3f} ms/token, GPU kernels {gpu:.3f} ms/token")
+    gpu = sum(e.self_device_time_total for e in events) / 1e3 / n
+    print(f"\n== {name}: wall {wall * 1e3:.3f} ms/{unit}, GPU kernels {gpu:.3f} ms/{unit}")
     events.sort(key=lambda e: -e.self_device_time_total)
     for e in events[:rows]:
-        print(f"{e.self_device_time_total / 1e3 / new:8.4f} ms/tok {e.count / new:6.1f}/tok  {e.key[:90]}")
+        print(f"{e.self_device_time_total / 1e3 / n:8.4f} ms/{unit} {e.count / n:6.1f}/{unit}  {e.key[:90]}")
+
+
+def speculative_runner(config, prompt, new: int, k: int):
+    from tformer.generate import SamplingConfig
+    from tformer.generate.speculative import compiled_spec_steps, speculative_generate
+    from tformer.models import build_model, with_decode_kernels
+
+    draft_config = config.replace(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=768, tie_embeddings=True)
+    target, draft = (with_decode_kernels(build_model(c, device="cuda", dtype=torch.bfloat16).eval())
+                     for c in (config, draft_config))
+    steps, greedy = compiled_spec_steps(), SamplingConfig(temperature=0)
+
+    def run() -> int:
+        _, stats = speculative_generate(target, draft, prompt.tolist(), new, k=k, sampling=greedy, steps=steps)
+        return stats.target_forwards
+
+    return run
 
 
 def main() -> None:
@@ -46,16 +72,20 @@ def main() -> None:
     ap.add_argument("--gpt-fast", type=Path, default=Path("third_party/gpt-fast-src"))
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--rows", type=int, default=14)
-    ap.add_argument("--variants", default="tformer,gpt-fast", help="tformer, tformer-int8, tformer-int4, gpt-fast")
+    ap.add_argument("--variants", default="tformer,gpt-fast",
+                    help="comma-separated: tformer, tformer-int8, tformer-int4, gpt-fast, spec-kN (N draft tokens)")
     args = ap.parse_args()
     config = get_preset("llama-3.2-1b").replace(tie_embeddings=False, max_seq_len=2048)
     prompt = torch.randint(0, config.vocab_size, (128,))
     for name in args.variants.split(","):
+        if name.startswith("spec-k"):
+            report(name, speculative_runner(config, prompt, args.new, int(name[6:])), args.rows, unit="round")
+            continue
         if name == "gpt-fast":
             _, run = gpt_fast_runner(args.gpt_fast, config, prompt, args.new, 1)
         else:
             _, run = tformer_runner(config, prompt, args.new, 1, name.split("-")[1] if "-" in name else None)
-        report(name, run, args.new, args.rows)
+        report(name, run, args.rows, per=args.new)
 
 
 if __name__ == "__main__":
