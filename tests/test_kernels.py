@@ -26,7 +26,7 @@ def test_kernels_under_interpreter():
     r = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", __file__],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "14 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
+    assert "20 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
 
 
 SHAPES = [(37, 320, 32), (37, 320, 64), (64, 2048, 64)]  # tails of rows and of K steps (interpreted: 128 a step)
@@ -154,49 +154,85 @@ def test_decode_attention_matches_reference_with_grouped_heads_and_padding(dtype
     torch.testing.assert_close(got.float(), want, **tol)
 
 
-def _tiny_llama(**overrides):
-    from tformer.config import ModelConfig
+def _tiny(name: str = "tiny-llama", **overrides):
     from tformer.models import build_model
+    from tformer.presets import get_preset
 
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=32,
-                      tie_embeddings=False, **overrides)
-    return build_model(cfg).eval()
+    return build_model(get_preset(name).replace(**overrides)).eval()
+
+
+def _prefill_and_step(model, device="cpu"):
+    """Logits of a left-padded 5-token prompt and of one decode step after it."""
+    model.setup_caches(1, 16)
+    mask = torch.ones(1, model.cache_slots, dtype=torch.long, device=device)
+    mask[:, :1] = 0
+    with torch.no_grad():
+        first = model(torch.tensor([[0, 3, 5, 7, 11]], device=device), input_pos=torch.arange(5, device=device),
+                      attention_mask=mask)
+        step = model(torch.tensor([[9]], device=device), input_pos=torch.tensor([5], device=device),
+                     attention_mask=mask)
+    model.clear_caches()
+    return first, step
+
+
+FUSED_CASES = [("tiny-llama", None), ("tiny-llama", "int8"), ("tiny-llama", "int4"), ("tiny-qwen2", None),
+               ("tiny-mistral", None), ("tiny-gpt2", None), ("tiny-moe", None), ("tiny-mla-moe", None)]
 
 
 @interpreted
-@pytest.mark.parametrize("quant", [None, "int8", "int4"])
-def test_fused_decode_matches_unfused(quant):
+@pytest.mark.parametrize("preset,quant", FUSED_CASES)
+def test_fused_decode_matches_unfused(preset, quant):
     from tformer.kernels import MatvecLinear
     from tformer.models import with_decode_kernels, without_decode_kernels
     from tformer.models.fused import FusedBlock
     from tformer.quantize import quantize_model
 
-    model = _tiny_llama(qkv_bias=True)
+    model = _tiny(preset, tie_embeddings=False, **({"ffn_dim": 192} if quant else {}))  # int4 groups of 32
     if quant:
         quantize_model(model, quant, group_size=32)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    prompt, tok = torch.tensor([[3, 5, 7, 11]]), torch.tensor([[9]])
-
-    def run(m):
-        m.setup_caches(1, 16)
-        mask = torch.ones(1, m.cache_slots, dtype=torch.long)
-        with torch.no_grad():
-            first = m(prompt, input_pos=torch.arange(4), attention_mask=mask)
-            step = m(tok, input_pos=torch.tensor([4]), attention_mask=mask)
-        m.clear_caches()
-        return first, step
-
-    want = run(model)
+    want = _prefill_and_step(model)
     with_decode_kernels(model)
-    assert all(type(b) is FusedBlock for b in model.layers)
+    fused = [type(b) is FusedBlock for b in model.layers]
+    assert all(fused) if preset != "tiny-mla-moe" else not any(fused)  # latent attention keeps its own path
     assert quant or type(model.output) is MatvecLinear
-    got = run(model)
+    got = _prefill_and_step(model)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
     without_decode_kernels(model)
     assert not any(isinstance(m, (FusedBlock, MatvecLinear)) for m in model.modules())
+
+
+@interpreted
+def test_fused_block_takes_the_fused_kernels():
+    """The Llama block's one-row step is four matvec calls (norms, residuals and SwiGLU inside) plus attention."""
+    from tformer.kernels import gemv
+    from tformer.models import with_decode_kernels
+
+    model = with_decode_kernels(_tiny("tiny-llama", tie_embeddings=False))
+    calls = []
+    original = gemv.matvec_op
+
+    def spy(*args):
+        given = dict(zip(["up", "norm", "bias", "residual"], (args[i] is not None for i in (6, 9, 11, 12))))
+        calls.append(sorted(k for k, v in given.items() if v))
+        return original(*args)
+
+    block = model.layers[0]
+    x = torch.randn(1, 1, 64)
+    gemv.matvec_op = spy
+    try:
+        with torch.no_grad():
+            model.setup_caches(1, 8)
+            cos_sin = model.rope(torch.zeros(1, 1, dtype=torch.long), x.dtype)
+            mask = torch.ones(1, 1, 1, model.cache_slots, dtype=torch.bool)
+            block(x, cos_sin, mask, torch.tensor([0]))
+    finally:
+        gemv.matvec_op = original
+        model.clear_caches()
+    assert calls == [["norm"], ["residual"], ["norm", "up"], ["residual"]]  # wqkv, wo, w1 + w3, w2
 
 
 @interpreted
@@ -206,7 +242,7 @@ def test_compiled_model_keeps_the_kernel_in_one_graph():
     from tformer.models import with_decode_kernels
     from tformer.quantize import quantize_model
 
-    model = with_decode_kernels(quantize_model(_tiny_llama(), "int4", group_size=32, skip=()))
+    model = with_decode_kernels(quantize_model(_tiny(tie_embeddings=False, ffn_dim=192), "int4", group_size=32, skip=()))
     assert model.output.__class__.__name__ == "Int8Linear"  # the untied head: int8, the rest int4
     greedy = SamplingConfig(temperature=0)
     step = torch.compile(decode_step, backend="aot_eager", fullgraph=True)
@@ -251,24 +287,20 @@ def test_fused_decode_on_cuda_matches_unfused_in_bf16():
     from tformer.generate.sampling import SamplingConfig
     from tformer.models import with_decode_kernels
 
-    model = _tiny_llama().to("cuda", torch.bfloat16)
+    model = _tiny(tie_embeddings=False).to("cuda", torch.bfloat16)
+    want = _prefill_and_step(model, "cuda")
+    with_decode_kernels(model)
+    got = _prefill_and_step(model, "cuda")
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w.float(), rtol=0, atol=0.03 * w.float().abs().max().item())
     greedy, tok, pos = SamplingConfig(temperature=0), torch.tensor([[9]], device="cuda"), torch.tensor([5], device="cuda")
-
-    def logits_and_token(step):
+    tokens = []
+    for step in (decode_step, compiled_decode_step()):  # the fused step, eager and CUDA-graphed
         model.setup_caches(1, 16)
         mask = torch.ones(1, model.cache_slots, dtype=torch.long, device="cuda")
-        mask[:, :2] = 0  # left padding
         with torch.no_grad():
-            model(torch.tensor([[0, 0, 3, 5, 7]], device="cuda"), input_pos=torch.arange(5, device="cuda"),
+            model(torch.tensor([[0, 3, 5, 7, 11]], device="cuda"), input_pos=torch.arange(5, device="cuda"),
                   attention_mask=mask)
-            logits = model(tok, input_pos=pos, attention_mask=mask)
-            nxt = step(model, tok, pos, mask, greedy)
-        return logits.float(), nxt
-
-    want, want_tok = logits_and_token(decode_step)
-    with_decode_kernels(model)
-    got, got_tok = logits_and_token(decode_step)
-    compiled, compiled_tok = logits_and_token(compiled_decode_step())
-    scale = want.abs().max().item()
-    torch.testing.assert_close(got, want, rtol=0, atol=0.03 * scale)
-    assert torch.equal(got_tok, compiled_tok)
+            tokens.append(step(model, tok, pos, mask, greedy))
+        model.clear_caches()
+    assert torch.equal(tokens[0], tokens[1])
