@@ -163,17 +163,20 @@ def _tiny(name: str = "tiny-llama", **overrides):
 
 
 def _prefill_and_step(model, device="cpu"):
-    """Logits of a left-padded 5-token prompt and of one decode step after it."""
+    """Logits of a left-padded 5-token prompt and of two decode steps after it (the second reads
+    the cache slot the first wrote)."""
     model.setup_caches(1, 16)
     mask = torch.ones(1, model.cache_slots, dtype=torch.long, device=device)
     mask[:, :1] = 0
+    out = []
     with torch.no_grad():
-        first = model(torch.tensor([[0, 3, 5, 7, 11]], device=device), input_pos=torch.arange(5, device=device),
-                      attention_mask=mask)
-        step = model(torch.tensor([[9]], device=device), input_pos=torch.tensor([5], device=device),
-                     attention_mask=mask)
+        out.append(model(torch.tensor([[0, 3, 5, 7, 11]], device=device), input_pos=torch.arange(5, device=device),
+                         attention_mask=mask))
+        for slot, token in ((5, 9), (6, 2)):
+            out.append(model(torch.tensor([[token]], device=device), input_pos=torch.tensor([slot], device=device),
+                             attention_mask=mask))
     model.clear_caches()
-    return first, step
+    return out
 
 
 FUSED_CASES = [("tiny-llama", None), ("tiny-llama", "int8"), ("tiny-llama", "int4"), ("tiny-qwen2", None),
@@ -207,8 +210,9 @@ def test_fused_decode_matches_unfused(preset, quant):
 
 @interpreted
 def test_fused_block_takes_the_fused_kernels():
-    """The Llama block's one-row step is four matvec calls (norms, residuals and SwiGLU inside) plus attention."""
-    from tformer.kernels import gemv
+    """The Llama block's one-row step is four matvec calls (norms, residuals and SwiGLU inside) plus
+    one attention kernel that also applies RoPE and writes the cache."""
+    from tformer.kernels import attention, gemv
     from tformer.models import with_decode_kernels
 
     model = with_decode_kernels(_tiny("tiny-llama", tie_embeddings=False))
@@ -222,17 +226,21 @@ def test_fused_block_takes_the_fused_kernels():
 
     block = model.layers[0]
     x = torch.randn(1, 1, 64)
+    attention_op = attention.cached_attention_op
     gemv.matvec_op = spy
+    attention.cached_attention_op = lambda *args: calls.append("attention") or attention_op(*args)
     try:
         with torch.no_grad():
             model.setup_caches(1, 8)
             cos_sin = model.rope(torch.zeros(1, 1, dtype=torch.long), x.dtype)
             mask = torch.ones(1, 1, 1, model.cache_slots, dtype=torch.bool)
             block(x, cos_sin, mask, torch.tensor([0]))
+        k_written = block.attn.kv_cache.k[0, :, 0].clone()
     finally:
-        gemv.matvec_op = original
+        gemv.matvec_op, attention.cached_attention_op = original, attention_op
         model.clear_caches()
-    assert calls == [["norm"], ["residual"], ["norm", "up"], ["residual"]]  # wqkv, wo, w1 + w3, w2
+    assert calls == [["norm"], "attention", ["residual"], ["norm", "up"], ["residual"]]  # wqkv, wo, w1 + w3, w2
+    assert k_written.abs().sum() > 0  # the new token's key went into slot 0
 
 
 @interpreted

@@ -4,8 +4,9 @@ Each kernel is a torch custom op with a PyTorch fallback at its call site; `use_
 (`use_matvec`, `use_decode_attention`) says whether it applies. Triton is optional: without it everything runs through PyTorch.
 """
 
-from tformer.kernels.attention import decode_attention, use_decode_attention
+from tformer.kernels.attention import cached_attention, decode_attention, use_cached_attention, use_decode_attention
 from tformer.kernels.gemv import StoredWeight, matvec, use_matvec
 from tformer.kernels.linear import MatvecLinear
 
-__all__ = ["MatvecLinear", "StoredWeight", "decode_attention", "matvec", "use_decode_attention", "use_matvec"]
+__all__ = ["MatvecLinear", "StoredWeight", "cached_attention", "decode_attention", "matvec", "use_cached_attention",
+           "use_decode_attention", "use_matvec"]

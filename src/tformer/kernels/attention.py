@@ -8,6 +8,12 @@ queries. Here one program per (sequence, query head) reads its key/value head st
 cache (tiles autotuned per cache size), masks padding and slots not yet written, and keeps an online
 softmax in fp32 (scores, running max and sum), so the step is one small kernel. The output is
 written in (B, 1, H, D) order, the layout the output projection reads, so no transpose copy follows.
+
+`cached_attention` goes one step further for tformer's fused decode blocks (tformer.models.fused):
+from the projected q|k|v it applies RoPE to q and the new k, writes the new k and v into the cache
+and attends, all in one kernel (three compiled kernels and the attention kernel before). Every
+program uses the new token's k and v from registers; one program per key/value head stores them,
+and none reads that slot back, so the write races with nothing.
 """
 
 from __future__ import annotations
@@ -22,21 +28,14 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, m_ptr, out_ptr, S, H, GROUP, scale,
-                                 sq_b, sq_h, sk_b, sk_h, sk_s, sm_b, sm_s,
-                                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-        b, h = tl.program_id(0) // H, tl.program_id(0) % H
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < D
-        q = tl.load(q_ptr + b * sq_b + h * sq_h + d, mask=d_ok, other=0.0).to(tl.float32) * scale
-        head = b * sk_b + (h // GROUP) * sk_h  # this query head's key/value head
-        m_i = tl.full((), float("-inf"), tl.float32)
-        l_i = tl.zeros((), tl.float32)
-        acc = tl.zeros((BLOCK_D,), tl.float32)
+    def _attend_cache(q, k_ptr, v_ptr, m_ptr, head, b, S, skip, m_i, l_i, acc, sk_s, sm_b, sm_s, d, d_ok,
+                      BLOCK_S: tl.constexpr):
+        """Online softmax of q (BLOCK_D,) fp32, pre-scaled, over the kept cache slots of one key/value
+        head (all but slot `skip`); folds them into the running (max, sum, output)."""
         for s0 in range(0, S, BLOCK_S):  # loads do not wait on the mask, so they can be in flight together
             s = s0 + tl.arange(0, BLOCK_S)
             in_range = s < S
-            keep = (tl.load(m_ptr + b * sm_b + s * sm_s, mask=in_range, other=0) != 0) & in_range
+            keep = (tl.load(m_ptr + b * sm_b + s * sm_s, mask=in_range, other=0) != 0) & in_range & (s != skip)
             offs = s[:, None] * sk_s + d[None, :]
             kv_ok = in_range[:, None] & d_ok[None, :]
             k = tl.load(k_ptr + head + offs, mask=kv_ok, other=0.0).to(tl.float32)
@@ -49,11 +48,63 @@ if triton is not None:
             acc = acc * alpha + tl.sum(tl.where(keep[:, None], p[:, None] * v, 0.0), axis=0)  # masked: any value
             l_i = l_i * alpha + tl.sum(p, axis=0)
             m_i = m_new
+        return m_i, l_i, acc
+
+    @triton.jit
+    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, m_ptr, out_ptr, S, H, GROUP, scale,
+                                 sq_b, sq_h, sk_b, sk_h, sk_s, sm_b, sm_s,
+                                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+        b, h = tl.program_id(0) // H, tl.program_id(0) % H
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        q = tl.load(q_ptr + b * sq_b + h * sq_h + d, mask=d_ok, other=0.0).to(tl.float32) * scale
+        head = b * sk_b + (h // GROUP) * sk_h  # this query head's key/value head
+        m_i, l_i, acc = _attend_cache(q, k_ptr, v_ptr, m_ptr, head, b, S, -1, tl.full((), float("-inf"), tl.float32),
+                                      tl.zeros((), tl.float32), tl.zeros((BLOCK_D,), tl.float32),
+                                      sk_s, sm_b, sm_s, d, d_ok, BLOCK_S)
         tl.store(out_ptr + (b * H + h) * D + d, acc / l_i, mask=d_ok)
 
-    _tuned_decode_attention = triton.autotune(
-        [triton.Config({"BLOCK_S": bs}, num_warps=w, num_stages=st)
-         for bs in (32, 64, 128) for w in (2, 4, 8) for st in (1, 3)], key=["S", "D"])(_decode_attention_kernel)
+    @triton.jit
+    def _rope(ptr, cos_ptr, sin_ptr, d, D, R):
+        """One head's vector at ptr (D,), its first R dims rotated "rotate half" style, in fp32."""
+        half = R // 2
+        rot = d < R
+        partner = tl.where(d < half, d + half, d - half)
+        x = tl.load(ptr + d, mask=d < D, other=0.0).to(tl.float32)
+        x_partner = tl.load(ptr + partner, mask=rot, other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + d, mask=rot, other=1.0).to(tl.float32)
+        s = tl.load(sin_ptr + d, mask=rot, other=0.0).to(tl.float32)
+        return tl.where(rot, x * c + tl.where(d < half, -x_partner, x_partner) * s, x)
+
+    @triton.jit
+    def _cached_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, out_ptr,
+                                 S, H, HKV, R, scale, s_qkv, s_cos, sk_b, sk_h, sk_s, sm_b, sm_s,
+                                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+        b, h = tl.program_id(0) // H, tl.program_id(0) % H
+        kvh = h // (H // HKV)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        dtype = k_ptr.dtype.element_ty
+        row, cos, sin = qkv_ptr + b * s_qkv, cos_ptr + b * s_cos, sin_ptr + b * s_cos
+        # RoPE, rounded to the cache's dtype as the unfused path stores q and k
+        q = _rope(row + h * D, cos, sin, d, D, R).to(dtype).to(tl.float32) * scale
+        k_new = _rope(row + (H + kvh) * D, cos, sin, d, D, R).to(dtype)
+        v_new = tl.load(row + (H + HKV + kvh) * D + d, mask=d_ok, other=0.0).to(dtype)
+        pos = tl.load(pos_ptr)
+        head = b * sk_b + kvh * sk_h
+        if h % (H // HKV) == 0:  # one query head of the group writes the new slot; no one reads it back
+            tl.store(k_ptr + head + pos * sk_s + d, k_new, mask=d_ok)
+            tl.store(v_ptr + head + pos * sk_s + d, v_new, mask=d_ok)
+        m_i = tl.sum(q * k_new.to(tl.float32), axis=0)  # the new token sees itself: the softmax starts there
+        m_i, l_i, acc = _attend_cache(q, k_ptr, v_ptr, m_ptr, head, b, S, pos, m_i, tl.full((), 1.0, tl.float32),
+                                      v_new.to(tl.float32), sk_s, sm_b, sm_s, d, d_ok, BLOCK_S)
+        tl.store(out_ptr + (b * H + h) * D + d, acc / l_i, mask=d_ok)
+
+    _CONFIGS = [triton.Config({"BLOCK_S": bs}, num_warps=w, num_stages=st)
+                for bs in (32, 64, 128) for w in (2, 4, 8) for st in (1, 3)]
+    _tuned_decode_attention = triton.autotune(_CONFIGS, key=["S", "D"])(_decode_attention_kernel)
+    # its cache write is idempotent (the same values at the same slot), so the timing runs are harmless
+    _tuned_cached_attention = triton.autotune(_CONFIGS, key=["S", "D"])(_cached_attention_kernel)
 
 
 @torch.library.custom_op("tformer::decode_attention", mutates_args=())
@@ -96,3 +147,58 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     keep = mask[:, 0, 0, :].expand(B, -1)
     out = decode_attention_op(q[:, :, 0] if q.stride(-1) == 1 else q[:, :, 0].contiguous(), k, v, keep)
     return out.view(B, 1, H, D).transpose(1, 2)
+
+
+@torch.library.custom_op("tformer::cached_attention", mutates_args=("k_cache", "v_cache"))
+def cached_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, input_pos: torch.Tensor, keep: torch.Tensor, n_heads: int,
+                        rot_dim: int) -> torch.Tensor:
+    """qkv (B, (H + 2 Hkv) D) unit stride in the last dim; cos, sin (B, rot_dim) (0: no RoPE); caches
+    (B, Hkv, S, D) with unit stride in D; input_pos (1,); keep (B, S) bool. Returns (B, H, D)."""
+    B = qkv.shape[0]
+    Hkv, S, D = k_cache.shape[1:]
+    out = torch.empty(B, n_heads, D, device=qkv.device, dtype=qkv.dtype)
+    kernel = _cached_attention_kernel if INTERPRET else _tuned_cached_attention
+    kernel[(B * n_heads,)](
+        qkv, cos, sin, k_cache, v_cache, input_pos, keep, out, S, n_heads, Hkv, rot_dim, 1.0 / math.sqrt(D),
+        qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        keep.stride(0), keep.stride(1),
+        D=D, BLOCK_D=triton.next_power_of_2(D), **({"BLOCK_S": 64} if INTERPRET else {}))
+    return out
+
+
+@cached_attention_op.register_fake
+def _(qkv, cos, sin, k_cache, v_cache, input_pos, keep, n_heads, rot_dim):
+    return qkv.new_empty(qkv.shape[0], n_heads, k_cache.shape[-1])
+
+
+def use_cached_attention(qkv: torch.Tensor, k_cache, v_cache, mask, rope, n_heads: int) -> bool:
+    """Whether `cached_attention` applies: one new token a sequence on the kernel's device, a cache
+    for exactly this batch, a boolean key mask shared by all heads, RoPE over an even share of D."""
+    if triton is None or qkv.device.type != DEVICE_TYPE or qkv.dim() != 3 or qkv.shape[1] != 1:
+        return False
+    if k_cache is None or k_cache.shape[0] != qkv.shape[0] or k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
+        return False
+    if mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1):
+        return False
+    Hkv, D = k_cache.shape[1], k_cache.shape[3]
+    if n_heads % Hkv or qkv.shape[-1] != (n_heads + 2 * Hkv) * D or qkv.stride(-1) != 1:
+        return False
+    return rope is None or (rope[0].shape[-1] % 2 == 0 and rope[0].shape[-1] <= D and rope[0].shape[1] == 1)
+
+
+def cached_attention(qkv: torch.Tensor, rope, k_cache: torch.Tensor, v_cache: torch.Tensor, input_pos: torch.Tensor,
+                     mask: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """A decode step's attention from the projected q|k|v (B, 1, (H + 2 Hkv) D) in one kernel: RoPE on q
+    and the new k, the new k and v written into the caches (B, Hkv, S, D) at slot input_pos (1,), and
+    softmax(q k^T / sqrt(D), masked) v over the cache -> (B, 1, H*D). rope: (cos, sin) (B, 1, R) or None;
+    mask: (B or 1, 1, 1, S) bool, True = attend (the new slot always is)."""
+    B = qkv.shape[0]
+    if rope is None:
+        cos = sin = qkv.new_zeros(B, 1)  # never read
+    else:
+        cos, sin = (t[:, 0].expand(B, -1) for t in rope)
+    keep = mask[:, 0, 0, :].expand(B, -1)
+    rot_dim = 0 if rope is None else cos.shape[-1]
+    out = cached_attention_op(qkv[:, 0], cos, sin, k_cache, v_cache, input_pos, keep, n_heads, rot_dim)
+    return out.view(B, 1, -1)

@@ -7,12 +7,12 @@ At batch 1 a Llama-style block is seven weight reads and a dozen small kernels a
 (norms, residual adds, the SwiGLU product). After the swap a pre-norm block's one-row forward is
 
     qkv = matvec(x, wqkv, norm=attn_norm)           RMSNorm fused into the product
-    h   = matvec(attend(qkv), wo, residual=x)        + residual in the epilogue
+    a   = cached_attention(qkv, rope, cache)         RoPE, cache write and attention in one kernel
+    h   = matvec(a, wo, residual=x)                  + residual in the epilogue
     g   = matvec(h, w1, up=w3, norm=ffn_norm)        silu(w1 h) * (w3 h), one kernel for both weights
     y   = matvec(g, w2, residual=h)
 
-plus RoPE and the cache write (compiled code) and the decode attention kernel: each value is
-rounded where the unfused modules round it. Every other call (prompts, batches, training, CPU,
+five kernels a layer; each value is rounded where the unfused modules round it. Every other call (prompts, batches, training, CPU,
 layers the kernel cannot read such as tinygemm's int4) runs the unfused code, so a swapped model
 stays correct everywhere. Full-precision nn.Linear layers become `MatvecLinear` (the head included).
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from tformer.kernels.attention import cached_attention, use_cached_attention
 from tformer.kernels.gemv import matvec, use_matvec
 from tformer.kernels.linear import MatvecLinear
 from tformer.models.blocks import Block
@@ -57,6 +58,15 @@ def _gated(ffn: GatedFeedForward, x, norm: nn.Module):
     return matvec(x, *gate, norm=(norm.weight, norm.eps), up=up)
 
 
+def _attend(attn: Attention, qkv, rope, mask, input_pos):
+    """attn.attend(...), as one kernel (RoPE, cache write, attention) where it applies."""
+    cache = attn.kv_cache
+    k, v = (None, None) if cache is None else (cache.k, cache.v)
+    if attn.capture or not use_cached_attention(qkv, k, v, mask, rope, attn.n_heads):
+        return attn.attend(qkv, rope, mask, input_pos)
+    return cached_attention(qkv, rope, k, v, input_pos, mask, attn.n_heads)
+
+
 class FusedBlock(Block):
     """A pre-norm Block whose one-row eval forward runs through the fused kernels (module docstring)."""
 
@@ -65,7 +75,7 @@ class FusedBlock(Block):
             return super().forward(x, rope, mask, input_pos)
         attn = self.attn
         qkv = _project(attn.wqkv, x, norm=self.attn_norm)
-        h = _project(attn.wo, attn.attend(qkv, rope, mask, input_pos), residual=x)
+        h = _project(attn.wo, _attend(attn, qkv, rope, mask, input_pos), residual=x)
         if isinstance(self.ffn, GatedFeedForward):
             return _project(self.ffn.w2, _gated(self.ffn, h, self.ffn_norm), residual=h)
         return h + self.ffn(self.ffn_norm(h))
