@@ -12,9 +12,9 @@ At batch 1 a Llama-style block is seven weight reads and a dozen small kernels a
     g   = matvec(h, w1, up=w3, norm=ffn_norm)        silu(w1 h) * (w3 h), one kernel for both weights
     y   = matvec(g, w2, residual=h)
 
-five kernels a layer; each value is rounded where the unfused modules round it. Every other call (prompts, batches, training, CPU,
-layers the kernel cannot read such as tinygemm's int4) runs the unfused code, so a swapped model
-stays correct everywhere. Full-precision nn.Linear layers become `MatvecLinear` (the head included).
+five kernels a layer; each value is rounded where the unfused modules round it. Every other call
+(prompts, batches, training, CPU, layers the kernel cannot read such as tinygemm's int4) runs the
+unfused code, so a swapped model stays correct everywhere. Full-precision nn.Linear layers become `MatvecLinear` (the head included).
 """
 
 from __future__ import annotations
