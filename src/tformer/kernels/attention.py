@@ -107,23 +107,28 @@ if triton is not None:
     _tuned_cached_attention = triton.autotune(_CONFIGS, key=["S", "D"])(_cached_attention_kernel)
 
 
+def _batch_stride(t: torch.Tensor) -> int:
+    """Stride between sequences of a tensor shared by the batch (0 when it has one row for all)."""
+    return t.stride(0) if t.shape[0] > 1 else 0
+
+
 @torch.library.custom_op("tformer::decode_attention", mutates_args=())
-def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """q (B, H, D) with unit stride in D; k, v (B, Hkv, S, D) with equal strides; keep (B, S) bool
-    (any strides). Returns (B, H, D) contiguous, in q.dtype."""
+def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q (B, H, D) with unit stride in D; k, v (B, Hkv, S, D) with equal strides; mask (B or 1, 1, 1, S)
+    bool. Returns (B, H, D) contiguous, in q.dtype."""
     B, H, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
     kernel = _decode_attention_kernel if INTERPRET else _tuned_decode_attention
     kernel[(B * H,)](
-        q, k, v, keep, out, S, H, H // Hkv, 1.0 / math.sqrt(D),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), keep.stride(0), keep.stride(1),
+        q, k, v, mask, out, S, H, H // Hkv, 1.0 / math.sqrt(D),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), _batch_stride(mask), mask.stride(3),
         D=D, BLOCK_D=triton.next_power_of_2(D), **({"BLOCK_S": 64} if INTERPRET else {}))
     return out
 
 
 @decode_attention_op.register_fake
-def _(q, k, v, keep):
+def _(q, k, v, mask):
     return q.new_empty(q.shape)
 
 
@@ -132,7 +137,9 @@ def use_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     key mask shared by all heads and that query, K/V of the same layout, no dropout or gradient."""
     if triton is None or q.device.type != DEVICE_TYPE or q.shape[2] != 1 or dropout_p > 0:
         return False
-    if mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+    if mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1):
+        return False
+    if mask.shape[0] not in (1, q.shape[0]) or mask.shape[3] != k.shape[2]:
         return False
     if q.shape[1] % k.shape[1] or k.stride(-1) != 1 or v.stride() != k.stride():
         return False
@@ -144,31 +151,32 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
     mask: (B or 1, 1, 1, S) bool, True = attend. The result is a view of a (B, 1, H, D) tensor."""
     B, H, _, D = q.shape
-    keep = mask[:, 0, 0, :].expand(B, -1)
-    out = decode_attention_op(q[:, :, 0] if q.stride(-1) == 1 else q[:, :, 0].contiguous(), k, v, keep)
+    out = decode_attention_op(q[:, :, 0] if q.stride(-1) == 1 else q[:, :, 0].contiguous(), k, v, mask)
     return out.view(B, 1, H, D).transpose(1, 2)
 
 
 @torch.library.custom_op("tformer::cached_attention", mutates_args=("k_cache", "v_cache"))
 def cached_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                        v_cache: torch.Tensor, input_pos: torch.Tensor, keep: torch.Tensor, n_heads: int,
+                        v_cache: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor, n_heads: int,
                         rot_dim: int) -> torch.Tensor:
-    """qkv (B, (H + 2 Hkv) D) unit stride in the last dim; cos, sin (B, rot_dim) (0: no RoPE); caches
-    (B, Hkv, S, D) with unit stride in D; input_pos (1,); keep (B, S) bool. Returns (B, H, D)."""
+    """qkv (B, (H + 2 Hkv) D) unit stride in the last dim; cos, sin (B or 1, 1, rot_dim) (0: no RoPE,
+    never read); caches (B, Hkv, S, D) with unit stride in D; input_pos (1,); mask (B or 1, 1, 1, S)
+    bool. Returns (B, H, D). The shared tensors go in unsliced, so a compiled step builds them once
+    for all layers."""
     B = qkv.shape[0]
     Hkv, S, D = k_cache.shape[1:]
     out = torch.empty(B, n_heads, D, device=qkv.device, dtype=qkv.dtype)
     kernel = _cached_attention_kernel if INTERPRET else _tuned_cached_attention
     kernel[(B * n_heads,)](
-        qkv, cos, sin, k_cache, v_cache, input_pos, keep, out, S, n_heads, Hkv, rot_dim, 1.0 / math.sqrt(D),
-        qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        keep.stride(0), keep.stride(1),
+        qkv, cos, sin, k_cache, v_cache, input_pos, mask, out, S, n_heads, Hkv, rot_dim, 1.0 / math.sqrt(D),
+        qkv.stride(0), _batch_stride(cos), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        _batch_stride(mask), mask.stride(3),
         D=D, BLOCK_D=triton.next_power_of_2(D), **({"BLOCK_S": 64} if INTERPRET else {}))
     return out
 
 
 @cached_attention_op.register_fake
-def _(qkv, cos, sin, k_cache, v_cache, input_pos, keep, n_heads, rot_dim):
+def _(qkv, cos, sin, k_cache, v_cache, input_pos, mask, n_heads, rot_dim):
     return qkv.new_empty(qkv.shape[0], n_heads, k_cache.shape[-1])
 
 
@@ -181,10 +189,16 @@ def use_cached_attention(qkv: torch.Tensor, k_cache, v_cache, mask, rope, n_head
         return False
     if mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1):
         return False
+    if mask.shape[0] not in (1, qkv.shape[0]) or mask.shape[3] != k_cache.shape[2]:
+        return False
     Hkv, D = k_cache.shape[1], k_cache.shape[3]
     if n_heads % Hkv or qkv.shape[-1] != (n_heads + 2 * Hkv) * D or qkv.stride(-1) != 1:
         return False
-    return rope is None or (rope[0].shape[-1] % 2 == 0 and rope[0].shape[-1] <= D and rope[0].shape[1] == 1)
+    if rope is None:
+        return True
+    cos, sin = rope
+    return (cos.shape == sin.shape and cos.stride() == sin.stride() and cos.stride(-1) == 1 and cos.shape[1] == 1
+            and cos.shape[0] in (1, qkv.shape[0]) and cos.shape[-1] % 2 == 0 and cos.shape[-1] <= D)
 
 
 def cached_attention(qkv: torch.Tensor, rope, k_cache: torch.Tensor, v_cache: torch.Tensor, input_pos: torch.Tensor,
@@ -193,12 +207,7 @@ def cached_attention(qkv: torch.Tensor, rope, k_cache: torch.Tensor, v_cache: to
     and the new k, the new k and v written into the caches (B, Hkv, S, D) at slot input_pos (1,), and
     softmax(q k^T / sqrt(D), masked) v over the cache -> (B, 1, H*D). rope: (cos, sin) (B, 1, R) or None;
     mask: (B or 1, 1, 1, S) bool, True = attend (the new slot always is)."""
-    B = qkv.shape[0]
-    if rope is None:
-        cos = sin = qkv.new_zeros(B, 1)  # never read
-    else:
-        cos, sin = (t[:, 0].expand(B, -1) for t in rope)
-    keep = mask[:, 0, 0, :].expand(B, -1)
+    cos, sin = rope if rope is not None else (qkv, qkv)
     rot_dim = 0 if rope is None else cos.shape[-1]
-    out = cached_attention_op(qkv[:, 0], cos, sin, k_cache, v_cache, input_pos, keep, n_heads, rot_dim)
-    return out.view(B, 1, -1)
+    out = cached_attention_op(qkv[:, 0], cos, sin, k_cache, v_cache, input_pos, mask, n_heads, rot_dim)
+    return out.view(qkv.shape[0], 1, -1)
