@@ -57,7 +57,8 @@ def decode_compile_options(cuda_graphs: bool = True) -> dict:
     `mode="reduce-overhead"` is `triton.cudagraphs`. Coordinate-descent tuning is off on purpose:
     with it on, inductor rewrites every one-row matmul into its own reduction kernel, which the
     H100 ran at 0.58-0.93x cuBLAS's speed (bench/gemv.py: the output head 328 vs 191 us); with it
-    off a bf16 layer stays a cuBLAS call and an int8/int4 layer calls tformer's matvec kernel.
+    off a one-row product stays the call the layer makes (cuBLAS, tinygemm, or tformer's matvec
+    kernel for int8 layers and after `with_decode_kernels`).
     """
     return {"triton.cudagraphs": cuda_graphs, "coordinate_descent_tuning": False}
 

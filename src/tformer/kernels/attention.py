@@ -107,6 +107,13 @@ if triton is not None:
     _tuned_cached_attention = triton.autotune(_CONFIGS, key=["S", "D"])(_cached_attention_kernel)
 
 
+def _one_key_mask(mask, batch: int, n_slots: int) -> bool:
+    """Whether `mask` is what the kernels read: (batch or 1, 1, 1, n_slots) bool, one row of keys
+    shared by every head of a sequence's single query."""
+    return (mask is not None and mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1:3] == (1, 1)
+            and mask.shape[0] in (1, batch) and mask.shape[3] == n_slots)
+
+
 def _batch_stride(t: torch.Tensor) -> int:
     """Stride between sequences of a tensor shared by the batch (0 when it has one row for all)."""
     return t.stride(0) if t.shape[0] > 1 else 0
@@ -137,9 +144,7 @@ def use_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     key mask shared by all heads and that query, K/V of the same layout, no dropout or gradient."""
     if triton is None or q.device.type != DEVICE_TYPE or q.shape[2] != 1 or dropout_p > 0:
         return False
-    if mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1):
-        return False
-    if mask.shape[0] not in (1, q.shape[0]) or mask.shape[3] != k.shape[2]:
+    if not _one_key_mask(mask, q.shape[0], k.shape[2]):
         return False
     if q.shape[1] % k.shape[1] or k.stride(-1) != 1 or v.stride() != k.stride():
         return False
@@ -187,9 +192,7 @@ def use_cached_attention(qkv: torch.Tensor, k_cache, v_cache, mask, rope, n_head
         return False
     if k_cache is None or k_cache.shape[0] != qkv.shape[0] or k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
         return False
-    if mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1):
-        return False
-    if mask.shape[0] not in (1, qkv.shape[0]) or mask.shape[3] != k_cache.shape[2]:
+    if not _one_key_mask(mask, qkv.shape[0], k_cache.shape[2]):
         return False
     Hkv, D = k_cache.shape[1], k_cache.shape[3]
     if n_heads % Hkv or qkv.shape[-1] != (n_heads + 2 * Hkv) * D or qkv.stride(-1) != 1:

@@ -200,9 +200,7 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
         raise ValueError("matvec's gate and up weights must have the same format, group size and shape")
     norm_weight, eps = norm if norm is not None else (None, 0.0)
     up = up or StoredWeight(None)
-    N = weight.shape[0]
-    flat = [None if t is None else t.reshape(-1) for t in (norm_weight, bias, residual)]
+    residual = None if residual is None else residual.reshape(-1).contiguous()
     y = matvec_op(x.reshape(K).contiguous(), weight, scales, zeros, FORMATS[fmt], group_size,
-                  up.weight, up.scales, up.zeros, flat[0], float(eps), flat[1],
-                  None if residual is None else flat[2].contiguous())
-    return y.reshape(*x.shape[:-1], N)
+                  up.weight, up.scales, up.zeros, norm_weight, float(eps), bias, residual)
+    return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -14,7 +14,8 @@ At batch 1 a Llama-style block is seven weight reads and a dozen small kernels a
 
 five kernels a layer; each value is rounded where the unfused modules round it. Every other call
 (prompts, batches, training, CPU, layers the kernel cannot read such as tinygemm's int4) runs the
-unfused code, so a swapped model stays correct everywhere. Full-precision nn.Linear layers become `MatvecLinear` (the head included).
+unfused code, so a swapped model stays correct everywhere. Full-precision nn.Linear layers become
+`MatvecLinear` (the head included).
 """
 
 from __future__ import annotations
@@ -47,15 +48,15 @@ def _project(linear: nn.Module, x, norm: nn.Module | None = None, residual=None)
     return matvec(x, *w, norm=norm_args, bias=linear.bias, residual=residual)
 
 
-def _gated(ffn: GatedFeedForward, x, norm: nn.Module):
-    """act(w1 n) * w3 n with n = norm(x): one kernel for a SiLU gate over two same-format weights."""
-    gate, up = _stored(ffn.w1), _stored(ffn.w3)
-    fusable = (ffn.act is F.silu and isinstance(norm, RMSNorm) and gate is not None and up is not None
-               and ffn.w1.bias is None and ffn.w3.bias is None and gate.fmt == up.fmt)
-    if not fusable:
-        n = norm(x)
-        return ffn.act(ffn.w1(n)) * ffn.w3(n)
-    return matvec(x, *gate, norm=(norm.weight, norm.eps), up=up)
+def _ffn(ffn: nn.Module, x, norm: nn.Module):
+    """x + ffn(norm(x)); a SwiGLU FFN over same-format weights as two kernels: RMSNorm, w1, w3 and
+    silu(w1 n) * (w3 n) in one, w2 and the residual in the other."""
+    gated = isinstance(ffn, GatedFeedForward) and ffn.act is F.silu and isinstance(norm, RMSNorm)
+    gate, up = (_stored(ffn.w1), _stored(ffn.w3)) if gated else (None, None)
+    if (gate is None or up is None or gate.fmt != up.fmt or ffn.w1.bias is not None
+            or ffn.w3.bias is not None):
+        return x + ffn(norm(x))
+    return _project(ffn.w2, matvec(x, *gate, norm=(norm.weight, norm.eps), up=up), residual=x)
 
 
 def _attend(attn: Attention, qkv, rope, mask, input_pos):
@@ -76,9 +77,7 @@ class FusedBlock(Block):
         attn = self.attn
         qkv = _project(attn.wqkv, x, norm=self.attn_norm)
         h = _project(attn.wo, _attend(attn, qkv, rope, mask, input_pos), residual=x)
-        if isinstance(self.ffn, GatedFeedForward):
-            return _project(self.ffn.w2, _gated(self.ffn, h, self.ffn_norm), residual=h)
-        return h + self.ffn(self.ffn_norm(h))
+        return _ffn(self.ffn, h, self.ffn_norm)
 
 
 def with_decode_kernels(model: nn.Module) -> nn.Module:
