@@ -26,8 +26,7 @@ import torch._inductor.config as inductor_config
 
 from tformer.generate import SamplingConfig, generate
 from tformer.generate.engine import compiled_decode_step, compiled_prefill
-from tformer.models import with_decode_kernels
-from tformer.models import build_model
+from tformer.models import build_model, with_decode_kernels
 from tformer.presets import get_preset
 
 # gpt-fast's inductor settings; tformer's decode step overrides coordinate-descent tuning (off: see

@@ -14,10 +14,10 @@ temperature 0, --new tokens each. Plain decoding is `generate` with the compiled
 decode step; speculative decoding is `speculative_generate` with `compiled_spec_steps()` (the
 whole round, k draft steps and the target's (k+1)-token verify, as one CUDA graph). tokens/s = new
 tokens / wall time of the whole call (prefill included), median over prompts after a warm-up call per variant.
-same_as_eager: the same share, compiled against eager speculative decoding (first prompt).
 same_as_plain: the share of tokens before the first difference from plain greedy decoding (in fp32
 they are equal, as the tests check; in bf16 the (k+1)-token verify rounds differently from the
-one-token step, so near-ties can go the other way). --no-tuning turns off inductor's
+one-token step, so near-ties can go the other way). same_as_eager: the same share, compiled
+against eager speculative decoding (first prompt). --no-tuning turns off inductor's
 coordinate-descent tuning for both variants alike (it costs minutes of compile time).
 """
 

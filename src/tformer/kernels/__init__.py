@@ -1,7 +1,8 @@
 """Hand-written GPU kernels (Triton) for the hot paths that torch.compile does not generate well.
 
-Each kernel is a torch custom op with a PyTorch fallback at its call site; `use_matvec(x, in_features)`
-(`use_matvec`, `use_decode_attention`) says whether it applies. Triton is optional: without it everything runs through PyTorch.
+Each kernel is a torch custom op with a PyTorch fallback at its call site; its `use_*` function
+(`use_matvec`, `use_decode_attention`, `use_cached_attention`) says whether it applies. Triton is
+optional: without it everything runs through PyTorch.
 """
 
 from tformer.kernels.attention import cached_attention, decode_attention, use_cached_attention, use_decode_attention
