@@ -5,7 +5,7 @@ import torch
 
 from tests.conftest import tiny_config
 from tformer.generate import SamplingConfig, generate
-from tformer.generate.sampling import apply_repetition_penalty, filter_logits, sample
+from tformer.generate.sampling import apply_repetition_penalty, argmax, filter_logits, sample
 from tformer.models import build_model
 
 
@@ -90,6 +90,19 @@ def test_top_k_sampling_draws_from_the_filtered_distribution():
     freq = torch.bincount(draws, minlength=8).float() / 40000
     assert (freq[want == 0] == 0).all()
     torch.testing.assert_close(freq, want, atol=0.01, rtol=0)
+
+
+@pytest.mark.parametrize("V", [7, 1024, 3000, 5120])
+def test_two_stage_argmax_equals_argmax(V):
+    g = torch.Generator().manual_seed(V)
+    x = torch.randint(-3, 4, (6, V), generator=g).float()  # many ties: the first index must win
+    x[1] = float("-inf")
+    x[2, V // 2] = float("inf")
+    x[3, V - 1] = 100.0  # the best in the last, partly padded chunk
+    assert torch.equal(argmax(x), x.argmax(-1))
+    assert torch.equal(argmax(x.bfloat16()), x.bfloat16().argmax(-1))
+    compiled = torch.compile(argmax, fullgraph=True, dynamic=False)
+    assert torch.equal(compiled(x), x.argmax(-1))
 
 
 def test_repetition_penalty_in_generate_matches_manual_loop():

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from tformer.generate.engine import compiled_prefill, decode_compile_options, prefill, prompt_counts, seeded
-from tformer.generate.sampling import SamplingConfig, apply_repetition_penalty, filter_logits
+from tformer.generate.sampling import SamplingConfig, apply_repetition_penalty, argmax, filter_logits, race
 
 
 @dataclass
@@ -56,25 +56,28 @@ class SpecStats:
 
 
 def draft_step(model, token, input_pos, sampling: SamplingConfig, counts=None):
-    """One draft token: token (1, 1) at slot input_pos (1,) -> (next token (1,), its distribution q (1, V))."""
-    logits = model(token, input_pos=input_pos)[:, -1]
-    q = _probs(logits, sampling, counts)
-    return (q.argmax(-1) if sampling.temperature == 0 else _draw(q)), q  # greedy: no random draw
+    """One draft token: token (1, 1) at slot input_pos (1,) -> (next token (1,), its distribution
+    q (1, V), or None when greedy: the greedy rule needs no q)."""
+    logits = _penalised(model(token, input_pos=input_pos)[:, -1], sampling, counts)
+    if sampling.temperature == 0:
+        return argmax(logits), None
+    q = filter_logits(logits, sampling).softmax(-1)
+    return race(q), q
 
 
 def target_verify(model, tokens, input_pos, drafts, q, sampling: SamplingConfig, counts=None):
     """The target scores [cur, d_1..d_k] (1, k+1) at slots input_pos (k+1,) and judges the drafts
-    (1, k) drawn from q (1, k, V) -> (n_accepted (1,), next token (1,))."""
+    (1, k) drawn from q (1, k, V) (None when greedy) -> (n_accepted (1,), next token (1,))."""
     logits = model(tokens, input_pos=input_pos)[0]  # (k+1, V)
     if counts is not None:  # row i has seen d_1..d_i as well
         seen = F.one_hot(drafts[0], logits.shape[-1]).to(counts.dtype).cumsum(0)  # (k, V)
         counts = counts + F.pad(seen, (0, 0, 1, 0))  # (k+1, V)
-    p = _probs(logits, sampling, counts)  # (k+1, V)
+    logits = _penalised(logits, sampling, counts)
     if sampling.temperature == 0:  # the rule with one-hot p and q, without random draws
-        best = p.argmax(-1)  # (k+1,)
+        best = argmax(logits)  # (k+1,)
         n_acc = (drafts[0] == best[:-1]).long().cumprod(0).sum(0, keepdim=True)  # (1,)
         return n_acc, best.gather(0, n_acc)
-    return verify(p[None], q, drafts)
+    return verify(filter_logits(logits, sampling).softmax(-1)[None], q, drafts)
 
 
 def spec_round(target, draft, cur, input_pos, k: int, sampling: SamplingConfig, counts=None):
@@ -96,8 +99,8 @@ def spec_round(target, draft, cur, input_pos, k: int, sampling: SamplingConfig, 
     draft(tok.view(1, 1), input_pos=input_pos + k)
     drafts = torch.stack(drafts, dim=1)  # (1, k)
     slots = input_pos + torch.arange(k + 1, device=input_pos.device)  # (k+1,)
-    n_acc, nxt = target_verify(target, torch.cat([cur, drafts], dim=1), slots, drafts, torch.stack(qs, 1), sampling,
-                               counts)
+    q = None if sampling.temperature == 0 else torch.stack(qs, 1)
+    n_acc, nxt = target_verify(target, torch.cat([cur, drafts], dim=1), slots, drafts, q, sampling, counts)
     return n_acc, nxt, drafts
 
 
@@ -207,27 +210,12 @@ def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator=Non
     idx = n_acc[:, None, None].expand(B, 1, V)
     row, p_row = residual.gather(1, idx)[:, 0], p.gather(1, idx)[:, 0]  # (B, V)
     row = torch.where(row.sum(-1, keepdim=True) > 0, row, p_row)  # p == q up to rounding: use p
-    return n_acc, _draw(row, generator)
+    return n_acc, race(row, generator)
 
 
-def _probs(logits: torch.Tensor, sampling: SamplingConfig, counts=None) -> torch.Tensor:
-    """logits (R, V) -> the distribution sampling draws from (R, V); one-hot when greedy.
-    counts (R|1, V): tokens seen so far, for the repetition penalty."""
-    if counts is not None:
-        logits = apply_repetition_penalty(logits, counts, sampling.repetition_penalty)
-    if sampling.temperature == 0:
-        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    return filter_logits(logits, sampling).softmax(-1)
-
-
-def _draw(probs: torch.Tensor, generator=None) -> torch.Tensor:
-    """One token per row of probs (..., V), unnormalised allowed, with no host sync.
-
-    Exponential race: argmax(p / E), E ~ Exp(1), is distributed as p. E is kept above 0 so a
-    zero-probability token can never win with 0 / 0 = NaN.
-    """
-    noise = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(-1)
+def _penalised(logits: torch.Tensor, sampling: SamplingConfig, counts=None) -> torch.Tensor:
+    """logits (R, V) after the repetition penalty; counts (R|1, V): tokens seen so far."""
+    return logits if counts is None else apply_repetition_penalty(logits, counts, sampling.repetition_penalty)
 
 
 def _check_request(target, draft, prompt, max_new_tokens: int, k: int, sampling: SamplingConfig) -> None:
