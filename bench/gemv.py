@@ -1,6 +1,9 @@
 """Batch-1 matrix-vector products of the Llama-3.2-1B decode step, one kernel choice at a time.
 
-    PYTHONPATH=src python bench/gemv.py [--copies 16]
+    PYTHONPATH=src python bench/gemv.py [--copies 16] [--rows 6] [--variants bf16-cublas,bf16-triton]
+
+--rows M multiplies M rows of x at once (a speculative verify, a batch of M sequences): the
+triton variants then take the tensor-core kernel for a few rows.
 
 For each weight shape of the decode step (wqkv, wo, w1/w3, w2, the untied head) and each way of
 computing y = W x with a bf16, int8 or int4 weight: the GPU time of one call, measured inside a
@@ -81,21 +84,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--copies", type=int, default=16, help="different weights per shape, called in turn")
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--rows", type=int, default=1, help="rows of x (at most tformer.kernels.gemv.MAX_ROWS)")
+    ap.add_argument("--variants", help="comma-separated subset of the variants (default: all)")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = []
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(args.rows, k, device="cuda", dtype=torch.bfloat16)
         copies = [variants(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
                   for _ in range(args.copies if name != "head" else 4)]
-        for variant in copies[0]:
+        for variant in args.variants.split(",") if args.variants else copies[0]:
             fn, nbytes, ref_w = copies[0][variant]
             ref = F.linear(x.float(), ref_w.float())
             err = ((fn(x).float() - ref).norm() / ref.norm()).item()
             t = graph_time([lambda f=c[variant][0]: f(x) for c in copies])
-            rows.append({"shape": name, "variant": variant, "us": round(t * 1e6, 2), "GB/s": round(nbytes / t / 1e9),
+            rows.append({"shape": name, "rows": args.rows, "variant": variant, "us": round(t * 1e6, 2), "GB/s": round(nbytes / t / 1e9),
                          "rel_err": round(err, 4)})
             print(json.dumps(rows[-1]), flush=True)
         del copies

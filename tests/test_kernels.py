@@ -26,20 +26,21 @@ def test_kernels_under_interpreter():
     r = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", __file__],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "20 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
+    assert "27 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
 
 
 SHAPES = [(37, 320, 32), (37, 320, 64), (64, 2048, 64)]  # tails of rows and of K steps (interpreted: 128 a step)
 
 
 @interpreted
+@pytest.mark.parametrize("rows", [1, 5])  # one row, or the tensor-core kernel for a few
 @pytest.mark.parametrize("n,k,group", SHAPES)
-def test_matvec_formats_match_dequantized_reference(n, k, group):
+def test_matvec_formats_match_dequantized_reference(n, k, group, rows):
     from tformer.kernels import matvec
     from tformer.quantize import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 
     torch.manual_seed(0)
-    w, x = torch.randn(n, k), torch.randn(1, k)
+    w, x = torch.randn(n, k), torch.randn(rows, k)
     q8, s8 = quantize_int8(w)
     p4, s4, z4 = quantize_int4(w, group)
     cases = {
@@ -48,7 +49,7 @@ def test_matvec_formats_match_dequantized_reference(n, k, group):
         "int4": (matvec(x, p4, s4, z4, fmt="int4", group_size=group), dequantize_int4(p4, s4, z4, group)),
     }
     for fmt, (y, w_ref) in cases.items():
-        assert y.shape == (1, n), fmt
+        assert y.shape == (rows, n), fmt
         torch.testing.assert_close(y, x @ w_ref.T, rtol=1e-5, atol=1e-4, msg=fmt)
 
 
@@ -64,35 +65,39 @@ def test_matvec_rounds_once_in_low_precision():
 
 
 @interpreted
-def test_matvec_refuses_several_rows():
+def test_matvec_refuses_many_rows():
     from tformer.kernels import matvec
+    from tformer.kernels.gemv import MAX_ROWS
 
-    with pytest.raises(ValueError, match="single row"):
-        matvec(torch.randn(2, 64), torch.randn(8, 64))
+    with pytest.raises(ValueError, match=f"1 to {MAX_ROWS} rows"):
+        matvec(torch.randn(MAX_ROWS + 1, 64), torch.randn(8, 64))
     with pytest.raises(ValueError, match="contiguous"):
         matvec(torch.randn(1, 64), torch.randn(64, 8).T)
 
 
 @interpreted
-def test_quantized_layers_take_the_kernel_for_one_row_only():
+def test_quantized_layers_take_the_kernel_for_a_few_rows_only():
     from tformer.kernels import use_matvec
+    from tformer.kernels.gemv import MAX_ROWS
     from tformer.quantize import Int4Linear, Int8Linear
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(128, 96, bias=True)
-    x1 = torch.randn(1, 1, 128)
-    assert use_matvec(x1, 128) and not use_matvec(x1.expand(2, 1, 128), 128)
-    assert not use_matvec(x1.clone().requires_grad_(), 128)  # the kernel has no backward
+    x = torch.randn(MAX_ROWS + 1, 1, 128)
+    assert use_matvec(x[:1], 128) and use_matvec(x[:MAX_ROWS], 128) and not use_matvec(x, 128)
+    assert not use_matvec(x[:1].clone().requires_grad_(), 128)  # the kernel has no backward
     for q in (Int8Linear.from_linear(lin), Int4Linear.from_linear(lin, 64)):
         with torch.no_grad():
-            kernel = q(x1)
-            rows = q(x1.expand(2, 1, 128))  # two rows: the dequantizing F.linear path
-        torch.testing.assert_close(kernel, rows[:1], rtol=1e-5, atol=1e-5, msg=type(q).__name__)
+            one, few = q(x[:1]), q(x[:3])
+            many = q(x)  # the dequantizing F.linear path
+        torch.testing.assert_close(one, many[:1], rtol=1e-5, atol=1e-5, msg=type(q).__name__)
+        torch.testing.assert_close(few, many[:3], rtol=1e-5, atol=1e-5, msg=type(q).__name__)
 
 
 @interpreted
+@pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matvec_fusions_round_like_the_modules(dtype):
+def test_matvec_fusions_round_like_the_modules(dtype, rows):
     from tformer.kernels import StoredWeight, matvec
     from tformer.nn.norm import RMSNorm
     from tformer.quantize import Int8Linear
@@ -104,7 +109,8 @@ def test_matvec_fusions_round_like_the_modules(dtype):
         norm.weight.copy_(torch.rand(k) + 0.5)
     b = torch.randn(n).to(dtype)
     w1, w3 = (torch.randn(n, k).to(dtype) for _ in range(2))
-    x, r = torch.randn(1, 1, k).to(dtype), torch.randn(1, 1, n).to(dtype)
+    x, r = torch.randn(rows, 1, k).to(dtype), torch.randn(rows, 1, n).to(dtype)
+
     def lin(inp, w):  # what the unfused modules compute: fp32 products, one rounding
         return (inp.float() @ w.float().T).to(dtype)
 
@@ -154,6 +160,49 @@ def test_decode_attention_matches_reference_with_grouped_heads_and_padding(dtype
     torch.testing.assert_close(got.float(), want, **tol)
 
 
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_attention_for_several_new_tokens(dtype):
+    """A verify-sized step (T new tokens a sequence): RoPE, cache write and causal attention over the
+    cache in one kernel, against RoPE, the cache update and the reference attention."""
+    _check_cached_attention_rows(dtype, "cpu")
+
+
+def _check_cached_attention_rows(dtype, device):
+    from tformer.config import RopeConfig
+    from tformer.kernels import cached_attention, use_cached_attention
+    from tformer.nn.attention import reference_attention
+    from tformer.nn.masks import causal_mask
+    from tformer.nn.rope import RotaryEmbedding, apply_rope
+
+    torch.manual_seed(0)
+    B, T, H, Hkv, S, D = 2, 4, 8, 2, 80, 48  # head_dim not a power of two, RoPE on 32 of its 48 dims
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * D).to(device, dtype)
+    slots = torch.arange(66, 66 + T, device=device)
+    valid = torch.ones(B, S, dtype=torch.long, device=device)
+    valid[1, :30] = 0  # row 1 is left padded
+    positions = (valid.cumsum(-1) - 1).gather(1, slots.expand(B, -1))
+    cos, sin = RotaryEmbedding(RopeConfig(partial_rotary_factor=2 / 3), D).to(device)(positions, dtype)
+    mask = causal_mask(slots, S, valid)  # (B, 1, T, S)
+    k_cache, v_cache = (torch.randn(B, Hkv, S, D).to(device, dtype) for _ in range(2))
+    for c in (k_cache, v_cache):
+        c[:, :, 66:] = float("nan")  # the new slots and those not yet written: never read
+    assert use_cached_attention(qkv, k_cache, v_cache, mask, (cos, sin), H)
+    q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+    q, k = apply_rope(q.view(B, T, H, D), cos, sin), apply_rope(k.view(B, T, Hkv, D), cos, sin)
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    k_want[:, :, slots], v_want[:, :, slots] = k.transpose(1, 2), v.view(B, T, Hkv, D).transpose(1, 2)
+    want, _ = reference_attention(q.transpose(1, 2).float(), k_want.float().nan_to_num(),
+                                  v_want.float().nan_to_num(), mask)
+    got = cached_attention(qkv, (cos, sin), k_cache, v_cache, slots, mask, H)
+    assert got.shape == (B, T, H * D) and got.dtype == dtype
+    tol = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(got.float(), want.transpose(1, 2).reshape(B, T, H * D), **tol)
+    # RoPE in fp32, rounded once (the module rounds each bf16 op): an ulp or so apart in bf16
+    torch.testing.assert_close(k_cache[:, :, slots], k_want[:, :, slots], **tol)
+    torch.testing.assert_close(v_cache[:, :, slots], v_want[:, :, slots], rtol=0, atol=0)
+
+
 def _tiny(name: str = "tiny-llama", **overrides):
     from tformer.models import build_model
     from tformer.presets import get_preset
@@ -163,8 +212,8 @@ def _tiny(name: str = "tiny-llama", **overrides):
 
 
 def _prefill_and_step(model, device="cpu"):
-    """Logits of a left-padded 5-token prompt and of two decode steps after it (the second reads
-    the cache slot the first wrote)."""
+    """Logits of a left-padded 5-token prompt, of two decode steps after it (the second reads the
+    cache slot the first wrote) and of a 3-token step (as a speculative verify)."""
     model.setup_caches(1, 16)
     mask = torch.ones(1, model.cache_slots, dtype=torch.long, device=device)
     mask[:, :1] = 0
@@ -172,8 +221,8 @@ def _prefill_and_step(model, device="cpu"):
     with torch.no_grad():
         out.append(model(torch.tensor([[0, 3, 5, 7, 11]], device=device), input_pos=torch.arange(5, device=device),
                          attention_mask=mask))
-        for slot, token in ((5, 9), (6, 2)):
-            out.append(model(torch.tensor([[token]], device=device), input_pos=torch.tensor([slot], device=device),
+        for slots, tokens in (([5], [9]), ([6], [2]), ([7, 8, 9], [4, 1, 8])):
+            out.append(model(torch.tensor([tokens], device=device), input_pos=torch.tensor(slots, device=device),
                              attention_mask=mask))
     model.clear_caches()
     return out
@@ -235,12 +284,15 @@ def test_fused_block_takes_the_fused_kernels():
             cos_sin = model.rope(torch.zeros(1, 1, dtype=torch.long), x.dtype)
             mask = torch.ones(1, 1, 1, model.cache_slots, dtype=torch.bool)
             block(x, cos_sin, mask, torch.tensor([0]))
-        k_written = block.attn.kv_cache.k[0, :, 0].clone()
+            x3 = torch.randn(1, 3, 64)  # three new tokens (a speculative verify): the same kernels
+            cos_sin = model.rope(torch.arange(1, 4)[None], x.dtype)
+            block(x3, cos_sin, torch.ones(1, 1, 3, model.cache_slots, dtype=torch.bool), torch.arange(1, 4))
+        k_written = block.attn.kv_cache.k[0, :, :4].clone()
     finally:
         gemv.matvec_op, attention.cached_attention_op = original, attention_op
         model.clear_caches()
-    assert calls == [["norm"], "attention", ["residual"], ["norm", "up"], ["residual"]]  # wqkv, wo, w1 + w3, w2
-    assert k_written.abs().sum() > 0  # the new token's key went into slot 0
+    assert calls == [["norm"], "attention", ["residual"], ["norm", "up"], ["residual"]] * 2  # wqkv, wo, w1 + w3, w2
+    assert (k_written.abs().sum(-1) > 0).all()  # the new tokens' keys went into slots 0..3
 
 
 @interpreted
@@ -272,9 +324,9 @@ def test_matvec_on_cuda_matches_dequantized_reference():
     from tformer.quantize import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 
     torch.manual_seed(0)
-    for n, k in [(3072, 2048), (2048, 8192), (1000, 320)]:
+    for n, k, rows in [(3072, 2048, 1), (2048, 8192, 1), (1000, 320, 1), (3072, 2048, 6), (1000, 320, 3)]:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         q8, s8 = quantize_int8(w)
         p4, s4, z4 = quantize_int4(w, 64)
         cases = {
@@ -285,7 +337,13 @@ def test_matvec_on_cuda_matches_dequantized_reference():
         for fmt, (y, w_ref) in cases.items():
             ref = x.float() @ w_ref.float().T
             err = ((y.float() - ref).norm() / ref.norm()).item()
-            assert y.dtype == torch.bfloat16 and err < 5e-3, (fmt, n, k, err)
+            assert y.dtype == torch.bfloat16 and err < 5e-3, (fmt, n, k, rows, err)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU")
+def test_cached_attention_for_several_new_tokens_on_cuda():
+    pytest.importorskip("triton")
+    _check_cached_attention_rows(torch.bfloat16, "cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU")

@@ -27,6 +27,8 @@ from tformer.kernels.gemv import DEVICE_TYPE, INTERPRET, triton
 if triton is not None:
     import triton.language as tl
 
+    from tformer.kernels.gemv import _dot_t
+
     @triton.jit
     def _attend_cache(q, k_ptr, v_ptr, m_ptr, head, b, S, skip, m_i, l_i, acc, sk_s, sm_b, sm_s, d, d_ok,
                       BLOCK_S: tl.constexpr):
@@ -100,17 +102,79 @@ if triton is not None:
                                       v_new.to(tl.float32), sk_s, sm_b, sm_s, d, d_ok, BLOCK_S)
         tl.store(out_ptr + (b * H + h) * D + d, acc / l_i, mask=d_ok)
 
+    @triton.jit
+    def _cached_attention_rows_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, out_ptr,
+                                      S, T, H, HKV, R, scale, sq_b, sq_t, sc_b, sc_t, sk_b, sk_h, sk_s, sm_b, sm_t, sm_s,
+                                      D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                                      ROWS: tl.constexpr, NEW: tl.constexpr):
+        """`_cached_attention_kernel` for T new tokens a sequence: one program per (sequence, key/value
+        head) takes every query of the group (T tokens x H/HKV heads, ROWS padded) on tensor cores."""
+        b, kvh = tl.program_id(0) // HKV, tl.program_id(0) % HKV
+        G = H // HKV
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        dtype = k_ptr.dtype.element_ty
+        r = tl.arange(0, ROWS)  # query rows: token r // G, head kvh * G + r % G
+        r_ok = r < T * G
+        t = tl.where(r_ok, r // G, 0)
+        h = kvh * G + r % G
+        q_row = qkv_ptr + b * sq_b + t * sq_t
+        q = _rope((q_row + h * D)[:, None], (cos_ptr + b * sc_b + t * sc_t)[:, None],
+                  (sin_ptr + b * sc_b + t * sc_t)[:, None], d[None, :], D, R).to(dtype)  # (ROWS, BLOCK_D)
+        j = tl.arange(0, NEW)  # the new tokens, NEW padded
+        j_ok = j < T
+        tj = tl.where(j_ok, j, 0)
+        row = qkv_ptr + b * sq_b + tj * sq_t
+        k_new = _rope((row + (H + kvh) * D)[:, None], (cos_ptr + b * sc_b + tj * sc_t)[:, None],
+                      (sin_ptr + b * sc_b + tj * sc_t)[:, None], d[None, :], D, R).to(dtype)  # (NEW, BLOCK_D)
+        v_new = tl.load((row + (H + HKV + kvh) * D)[:, None] + d[None, :], mask=d_ok[None, :], other=0.0).to(dtype)
+        pos = tl.load(pos_ptr + tj)  # (NEW,)
+        head = b * sk_b + kvh * sk_h
+        new_ok = j_ok[:, None] & d_ok[None, :]
+        tl.store(k_ptr + head + pos[:, None] * sk_s + d[None, :], k_new, mask=new_ok)
+        tl.store(v_ptr + head + pos[:, None] * sk_s + d[None, :], v_new, mask=new_ok)
+        # the new keys first, from registers (this program alone writes them, and reads them back never)
+        rows_mask = m_ptr + b * sm_b + t[:, None] * sm_t  # (ROWS, 1)
+        keep = (tl.load(rows_mask + pos[None, :] * sm_s) != 0) & j_ok[None, :] & r_ok[:, None]  # (ROWS, NEW)
+        scores = tl.where(keep, _dot_t(q, k_new) * scale, float("-inf"))
+        m_i = tl.max(scores, axis=1)
+        m_i = tl.where(m_i == float("-inf"), 0.0, m_i)  # padding rows (nothing kept): any finite value
+        p = tl.exp(scores - m_i[:, None])
+        l_i = tl.sum(p, axis=1)
+        acc = _dot_t(p.to(dtype), tl.trans(v_new))  # (ROWS, BLOCK_D)
+        for s0 in range(0, S, BLOCK_S):  # then the cache, without the new slots
+            s = s0 + tl.arange(0, BLOCK_S)
+            in_range = s < S
+            fresh = tl.max((s[None, :] == pos[:, None]).to(tl.int32), axis=0) != 0  # (BLOCK_S,)
+            keep = (tl.load(rows_mask + s[None, :] * sm_s, mask=in_range[None, :], other=0) != 0) & (
+                in_range & ~fresh)[None, :]  # (ROWS, BLOCK_S)
+            used = tl.max(keep.to(tl.int32), axis=0) != 0  # slots some row keeps; unwritten ones may hold NaN
+            offs = s[:, None] * sk_s + d[None, :]
+            kv_ok = used[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + head + offs, mask=kv_ok, other=0.0)
+            v = tl.load(v_ptr + head + offs, mask=kv_ok, other=0.0)
+            scores = tl.where(keep, _dot_t(q, k) * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            acc = acc * alpha[:, None] + _dot_t(p.to(dtype), tl.trans(v))
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
+        out = acc / tl.where(r_ok, l_i, 1.0)[:, None]  # padding rows kept nothing
+        tl.store(out_ptr + ((b * T + t) * H + h)[:, None] * D + d[None, :], out, mask=r_ok[:, None] & d_ok[None, :])
+
     _CONFIGS = [triton.Config({"BLOCK_S": bs}, num_warps=w, num_stages=st)
                 for bs in (32, 64, 128) for w in (2, 4, 8) for st in (1, 3)]
     _tuned_decode_attention = triton.autotune(_CONFIGS, key=["S", "D"])(_decode_attention_kernel)
     # its cache write is idempotent (the same values at the same slot), so the timing runs are harmless
     _tuned_cached_attention = triton.autotune(_CONFIGS, key=["S", "D"])(_cached_attention_kernel)
+    _tuned_cached_attention_rows = triton.autotune(_CONFIGS, key=["S", "D", "T"])(_cached_attention_rows_kernel)
 
 
-def _one_key_mask(mask, batch: int, n_slots: int) -> bool:
-    """Whether `mask` is what the kernels read: (batch or 1, 1, 1, n_slots) bool, one row of keys
-    shared by every head of a sequence's single query."""
-    return (mask is not None and mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1:3] == (1, 1)
+def _key_mask(mask, batch: int, n_queries: int, n_slots: int) -> bool:
+    """Whether `mask` is what the kernels read: (batch or 1, 1, n_queries, n_slots) bool, one row of
+    keys a query, shared by every head of a sequence."""
+    return (mask is not None and mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1:3] == (1, n_queries)
             and mask.shape[0] in (1, batch) and mask.shape[3] == n_slots)
 
 
@@ -144,7 +208,7 @@ def use_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     key mask shared by all heads and that query, K/V of the same layout, no dropout or gradient."""
     if triton is None or q.device.type != DEVICE_TYPE or q.shape[2] != 1 or dropout_p > 0:
         return False
-    if not _one_key_mask(mask, q.shape[0], k.shape[2]):
+    if not _key_mask(mask, q.shape[0], 1, k.shape[2]):
         return False
     if q.shape[1] % k.shape[1] or k.stride(-1) != 1 or v.stride() != k.stride():
         return False
@@ -160,57 +224,73 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return out.view(B, 1, H, D).transpose(1, 2)
 
 
+MAX_NEW_TOKENS = 16  # new tokens a sequence that `cached_attention` takes in one call
+
+
 @torch.library.custom_op("tformer::cached_attention", mutates_args=("k_cache", "v_cache"))
 def cached_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor, n_heads: int,
                         rot_dim: int) -> torch.Tensor:
-    """qkv (B, (H + 2 Hkv) D) unit stride in the last dim; cos, sin (B or 1, 1, rot_dim) (0: no RoPE,
-    never read); caches (B, Hkv, S, D) with unit stride in D; input_pos (1,); mask (B or 1, 1, 1, S)
-    bool. Returns (B, H, D). The shared tensors go in unsliced, so a compiled step builds them once
+    """qkv (B, T, (H + 2 Hkv) D) unit stride in the last dim; cos, sin (B or 1, T, rot_dim) (0: no RoPE,
+    never read); caches (B, Hkv, S, D) with unit stride in D; input_pos (T,); mask (B or 1, 1, T, S)
+    bool. Returns (B, T, H, D). The shared tensors go in unsliced, so a compiled step builds them once
     for all layers."""
-    B = qkv.shape[0]
+    B, T = qkv.shape[:2]
     Hkv, S, D = k_cache.shape[1:]
-    out = torch.empty(B, n_heads, D, device=qkv.device, dtype=qkv.dtype)
-    kernel = _cached_attention_kernel if INTERPRET else _tuned_cached_attention
-    kernel[(B * n_heads,)](
-        qkv, cos, sin, k_cache, v_cache, input_pos, mask, out, S, n_heads, Hkv, rot_dim, 1.0 / math.sqrt(D),
-        qkv.stride(0), _batch_stride(cos), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        _batch_stride(mask), mask.stride(3),
-        D=D, BLOCK_D=triton.next_power_of_2(D), **({"BLOCK_S": 64} if INTERPRET else {}))
+    out = torch.empty(B, T, n_heads, D, device=qkv.device, dtype=qkv.dtype)
+    common = (qkv, cos, sin, k_cache, v_cache, input_pos, mask, out, S)
+    strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), _batch_stride(mask))
+    fixed = {"BLOCK_S": 64} if INTERPRET else {}
+    if T == 1:  # one program per (sequence, query head)
+        kernel = _cached_attention_kernel if INTERPRET else _tuned_cached_attention
+        kernel[(B * n_heads,)](*common, n_heads, Hkv, rot_dim, 1.0 / math.sqrt(D), qkv.stride(0), _batch_stride(cos),
+                               *strides, mask.stride(3), D=D, BLOCK_D=triton.next_power_of_2(D), **fixed)
+        return out
+    kernel = _cached_attention_rows_kernel if INTERPRET else _tuned_cached_attention_rows
+    kernel[(B * Hkv,)](*common, T, n_heads, Hkv, rot_dim, 1.0 / math.sqrt(D), qkv.stride(0), qkv.stride(1),
+                       _batch_stride(cos), cos.stride(1), *strides[:3], strides[3], mask.stride(2), mask.stride(3),
+                       D=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+                       ROWS=max(16, triton.next_power_of_2(T * (n_heads // Hkv))), NEW=max(16, triton.next_power_of_2(T)),
+                       **fixed)
     return out
 
 
 @cached_attention_op.register_fake
 def _(qkv, cos, sin, k_cache, v_cache, input_pos, mask, n_heads, rot_dim):
-    return qkv.new_empty(qkv.shape[0], n_heads, k_cache.shape[-1])
+    return qkv.new_empty(*qkv.shape[:2], n_heads, k_cache.shape[-1])
 
 
 def use_cached_attention(qkv: torch.Tensor, k_cache, v_cache, mask, rope, n_heads: int) -> bool:
-    """Whether `cached_attention` applies: one new token a sequence on the kernel's device, a cache
-    for exactly this batch, a boolean key mask shared by all heads, RoPE over an even share of D."""
-    if triton is None or qkv.device.type != DEVICE_TYPE or qkv.dim() != 3 or qkv.shape[1] != 1:
+    """Whether `cached_attention` applies: up to MAX_NEW_TOKENS new tokens a sequence on the kernel's
+    device, a cache for exactly this batch, a boolean key mask shared by all heads, RoPE over an even
+    share of D."""
+    if triton is None or qkv.device.type != DEVICE_TYPE or qkv.dim() != 3 or not 0 < qkv.shape[1] <= MAX_NEW_TOKENS:
         return False
-    if k_cache is None or k_cache.shape[0] != qkv.shape[0] or k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
+    B, T = qkv.shape[:2]
+    if k_cache is None or k_cache.shape[0] != B or k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
         return False
-    if not _one_key_mask(mask, qkv.shape[0], k_cache.shape[2]):
+    if not _key_mask(mask, B, T, k_cache.shape[2]):
         return False
     Hkv, D = k_cache.shape[1], k_cache.shape[3]
     if n_heads % Hkv or qkv.shape[-1] != (n_heads + 2 * Hkv) * D or qkv.stride(-1) != 1:
         return False
+    if T > 1 and T * (n_heads // Hkv) > 128:  # the rows kernel holds a group's queries in registers
+        return False
     if rope is None:
         return True
     cos, sin = rope
-    return (cos.shape == sin.shape and cos.stride() == sin.stride() and cos.stride(-1) == 1 and cos.shape[1] == 1
-            and cos.shape[0] in (1, qkv.shape[0]) and cos.shape[-1] % 2 == 0 and cos.shape[-1] <= D)
+    return (cos.shape == sin.shape and cos.stride() == sin.stride() and cos.stride(-1) == 1 and cos.shape[1] == T
+            and cos.shape[0] in (1, B) and cos.shape[-1] % 2 == 0 and cos.shape[-1] <= D)
 
 
 def cached_attention(qkv: torch.Tensor, rope, k_cache: torch.Tensor, v_cache: torch.Tensor, input_pos: torch.Tensor,
                      mask: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """A decode step's attention from the projected q|k|v (B, 1, (H + 2 Hkv) D) in one kernel: RoPE on q
-    and the new k, the new k and v written into the caches (B, Hkv, S, D) at slot input_pos (1,), and
-    softmax(q k^T / sqrt(D), masked) v over the cache -> (B, 1, H*D). rope: (cos, sin) (B, 1, R) or None;
-    mask: (B or 1, 1, 1, S) bool, True = attend (the new slot always is)."""
+    """Attention for T new tokens a sequence from the projected q|k|v (B, T, (H + 2 Hkv) D) in one
+    kernel: RoPE on q and the new k, the new k and v written into the caches (B, Hkv, S, D) at slots
+    input_pos (T,), and softmax(q k^T / sqrt(D), masked) v over the cache -> (B, T, H*D).
+    rope: (cos, sin) (B or 1, T, R) or None; mask: (B or 1, 1, T, S) bool, True = attend (a token's
+    own slot always is). T = 1 is a decode step; a few tokens, a speculative verify."""
     cos, sin = rope if rope is not None else (qkv, qkv)
     rot_dim = 0 if rope is None else cos.shape[-1]
-    out = cached_attention_op(qkv[:, 0], cos, sin, k_cache, v_cache, input_pos, mask, n_heads, rot_dim)
-    return out.view(qkv.shape[0], 1, -1)
+    out = cached_attention_op(qkv, cos, sin, k_cache, v_cache, input_pos, mask, n_heads, rot_dim)
+    return out.view(*qkv.shape[:2], -1)

@@ -45,21 +45,30 @@ DEVICE_TYPE = None if triton is None else ("cpu" if INTERPRET else "cuda")  # wh
 
 
 def use_matvec(x: torch.Tensor, in_features: int) -> bool:
-    """Whether a layer with `in_features` inputs should send x through `matvec`: a single row of
-    x, on the kernel's device, and no gradient wanted (the kernel has no backward)."""
-    return (x.device.type == DEVICE_TYPE and x.numel() == in_features
+    """Whether a layer with `in_features` inputs should send x through `matvec`: at most MAX_ROWS
+    rows of x, on the kernel's device, and no gradient wanted (the kernel has no backward)."""
+    return (x.device.type == DEVICE_TYPE and 0 < x.numel() <= MAX_ROWS * in_features
             and not (torch.is_grad_enabled() and x.requires_grad))
 
 
 if triton is not None:
+    _INTERPRETED = tl.constexpr(INTERPRET)
 
     @triton.jit
-    def _load_x(x_ptr, nw_ptr, idx, ok, inv_rms, NORM: tl.constexpr):
-        """x[idx] in fp32; with NORM, RMSNorm's output (rounded to x's dtype as the module rounds it)."""
-        x = tl.load(x_ptr + idx, mask=ok, other=0.0)
+    def _dot_t(a, b):
+        """a @ b^T in fp32 (fp32 inputs exactly, not as TF32)."""
+        if _INTERPRETED or a.dtype == tl.float32:  # Triton 3.9's interpreter multiplies bf16 wrongly
+            return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
+        return tl.dot(a, tl.trans(b))
+
+    @triton.jit
+    def _load_x(x_ptr, nw_ptr, cols, ok, inv_rms, NORM: tl.constexpr):
+        """x at x_ptr + cols (x_ptr: one row, or a column of row starts) in fp32; with NORM, RMSNorm's
+        output (rounded to x's dtype as the module rounds it)."""
+        x = tl.load(x_ptr + cols, mask=ok, other=0.0)
         if NORM:
             h = (x.to(tl.float32) * inv_rms).to(x.dtype)
-            x = (h.to(tl.float32) * tl.load(nw_ptr + idx, mask=ok, other=0.0).to(tl.float32)).to(x.dtype)
+            x = (h.to(tl.float32) * tl.load(nw_ptr + cols, mask=ok, other=0.0).to(tl.float32)).to(x.dtype)
         return x.to(tl.float32)
 
     @triton.jit
@@ -127,6 +136,75 @@ if triton is not None:
             y = tl.load(r_ptr + rows).to(tl.float32) + y.to(dtype).to(tl.float32)
         tl.store(out_ptr + rows, y.to(dtype), mask=row_ok)
 
+    @triton.jit
+    def _tile_dot(x_rows, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, n, K, dtype,
+                  FMT: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr,
+                  ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(ROWS, BLOCK_N) fp32 products of the x rows starting at x_rows (ROWS, 1) with weight rows n,
+        on tensor cores: each weight tile is dequantized to x's dtype once and serves every row."""
+        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if FMT == 2:  # int4: even and odd columns as two products (byte j: 2j high nibble, 2j+1 low)
+                j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                ok = 2 * j < K
+                b = tl.load(w_ptr + n[:, None] * (K // 2) + j[None, :], mask=ok[None, :], other=0).to(tl.int32)
+                g = n[:, None] * (K // GROUP) + (2 * j[None, :]) // GROUP
+                s = tl.load(s_ptr + g, mask=ok[None, :], other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + g, mask=ok[None, :], other=0.0).to(tl.float32)
+                hi = (((b >> 4) - 8).to(tl.float32) * s + z).to(dtype)
+                lo = (((b & 15) - 8).to(tl.float32) * s + z).to(dtype)
+                x_even = _load_x(x_rows, nw_ptr, 2 * j[None, :], ok[None, :], inv_rms, NORM).to(dtype)
+                x_odd = _load_x(x_rows, nw_ptr, 2 * j[None, :] + 1, ok[None, :], inv_rms, NORM).to(dtype)
+                acc += _dot_t(x_even, hi) + _dot_t(x_odd, lo)
+            else:
+                cols = k0 + tl.arange(0, BLOCK_K)
+                ok = cols < K
+                w = tl.load(w_ptr + n[:, None] * K + cols[None, :], mask=ok[None, :], other=0)
+                if FMT == 1:  # through fp32: the interpreter converts int8 to bf16 wrongly
+                    w = w.to(tl.float32)
+                w = w.to(dtype)
+                x = _load_x(x_rows, nw_ptr, cols[None, :], ok[None, :], inv_rms, NORM).to(dtype)
+                acc += _dot_t(x, w)
+        if FMT == 1:  # int8 codes are exact in x's dtype; the per-row scale comes last
+            acc = acc * tl.load(s_ptr + n).to(tl.float32)[None, :]
+        return acc
+
+    @triton.jit
+    def _rows_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, z_ptr, w2_ptr, s2_ptr, z2_ptr, b_ptr, r_ptr, out_ptr,
+                     M, N, K, eps, FMT: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr,
+                     GATED: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+                     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """`_matvec_kernel` for M <= ROWS rows of x: y (M, N) = x (M, K) W^T, the same fusions."""
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        n = tl.where(n_ok, n, 0)
+        m = tl.arange(0, ROWS)
+        m_ok = m < M
+        m = tl.where(m_ok, m, 0)  # padding rows repeat row 0 and store nothing
+        x_rows = x_ptr + m[:, None] * K  # (ROWS, 1)
+        dtype = out_ptr.dtype.element_ty
+        inv_rms = tl.full((ROWS, 1), 1.0, tl.float32)
+        if NORM:
+            sq = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_rows + cols[None, :], mask=(cols < K)[None, :], other=0.0).to(tl.float32)
+                sq += x * x
+            inv_rms = tl.rsqrt(tl.sum(sq, axis=1) / K + eps)[:, None]
+        y = _tile_dot(x_rows, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, n, K, dtype, FMT, GROUP, NORM, ROWS, BLOCK_N, BLOCK_K)
+        if GATED:
+            up = _tile_dot(x_rows, nw_ptr, inv_rms, w2_ptr, s2_ptr, z2_ptr, n, K, dtype, FMT, GROUP, NORM, ROWS,
+                           BLOCK_N, BLOCK_K)
+            gate = y.to(dtype).to(tl.float32)
+            gate = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
+            y = gate * up.to(dtype).to(tl.float32)
+        if BIAS:
+            y = y.to(dtype).to(tl.float32) + tl.load(b_ptr + n).to(tl.float32)[None, :]
+        out = m[:, None] * N + n[None, :]
+        if RESIDUAL:
+            y = tl.load(r_ptr + out).to(tl.float32) + y.to(dtype).to(tl.float32)
+        tl.store(out_ptr + out, y.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
+
     def _configs(tiles):
         return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
                 for bn, bk, w in tiles for st in (2, 3, 4)]
@@ -141,6 +219,12 @@ if triton is not None:
         2: triton.autotune(_configs([(4, 1024, 4), (4, 2048, 8), (8, 512, 4), (8, 1024, 4), (16, 256, 4),
                                      (16, 512, 8), (32, 256, 8)]), key=_KEY)(_matvec_kernel),
     }
+    # several rows: tensor-core tiles, at least 16 weight rows and 32 columns a program
+    _TUNED_ROWS = triton.autotune(
+        _configs([(16, 128, 4), (16, 256, 4), (16, 512, 4), (16, 512, 8), (32, 128, 4), (32, 256, 4), (32, 256, 8),
+                  (64, 128, 4)]), key=["M"] + _KEY)(_rows_kernel)
+
+MAX_ROWS = 16  # rows of x the kernels take; more is a matmul for cuBLAS
 
 
 @torch.library.custom_op("tformer::matvec", mutates_args=())
@@ -148,14 +232,22 @@ def matvec_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None
               fmt: int, group_size: int, weight2: torch.Tensor | None = None, scales2: torch.Tensor | None = None,
               zeros2: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
               bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """(N,) in x.dtype, accumulated in fp32. x (K,) contiguous; the optional parts as in `matvec`."""
-    N, K = weight.shape[0], x.shape[0]
-    out = torch.empty(N, device=x.device, dtype=x.dtype)
+    """(M, N) in x.dtype, accumulated in fp32. x (M, K) contiguous, M <= MAX_ROWS; residual (M, N)
+    contiguous; the optional parts as in `matvec`."""
+    (M, K), N = x.shape, weight.shape[0]
+    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     s, z = (t if t is not None else weight for t in (scales, zeros))
     w2, s2, z2 = (t if t is not None else weight for t in (weight2, scales2, zeros2))
     nw, b, r = (t if t is not None else x for t in (norm_weight, bias, residual))
-    args = (x, nw, weight, s, z, w2, s2, z2, b, r, out, N, K, eps, fmt, group_size,
-            norm_weight is not None, weight2 is not None, bias is not None, residual is not None)
+    flags = (norm_weight is not None, weight2 is not None, bias is not None, residual is not None)
+    if M > 1:
+        args = (x, nw, weight, s, z, w2, s2, z2, b, r, out, M, N, K, eps, fmt, group_size, *flags)
+        if INTERPRET:
+            _rows_kernel[(triton.cdiv(N, 16),)](*args, ROWS=MAX_ROWS, BLOCK_N=16, BLOCK_K=max(64, group_size))
+        else:
+            _TUNED_ROWS[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, ROWS=MAX_ROWS)
+        return out
+    args = (x, nw, weight, s, z, w2, s2, z2, b, r, out, N, K, eps, fmt, group_size, *flags)
     if INTERPRET:  # one fixed tile: the interpreter cannot time configurations
         _matvec_kernel[(triton.cdiv(N, 4),)](*args, BLOCK_N=4, BLOCK_K=max(128, group_size))
     else:
@@ -166,7 +258,7 @@ def matvec_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None
 @matvec_op.register_fake
 def _(x, weight, scales, zeros, fmt, group_size, weight2=None, scales2=None, zeros2=None, norm_weight=None,
       eps=0.0, bias=None, residual=None):
-    return x.new_empty(weight.shape[0])
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 class StoredWeight(NamedTuple):
@@ -183,7 +275,8 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
            zeros: torch.Tensor | None = None, fmt: str = "float", group_size: int = 0, *,
            norm: tuple[torch.Tensor, float] | None = None, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, up: StoredWeight | None = None) -> torch.Tensor:
-    """x (..., K) with one row in all -> (..., N) in x.dtype; W in one of the FORMATS (module docstring).
+    """x (..., K) with at most MAX_ROWS rows in all -> (..., N) in x.dtype; W in one of the FORMATS
+    (module docstring).
 
     The fusions a decoder block needs, each rounding where the unfused modules round:
       norm=(weight, eps)  RMSNorm x first          bias      + bias
@@ -191,8 +284,9 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
                                                              gate and up weights (same format)
     """
     K = x.shape[-1]
-    if x.numel() != K:
-        raise ValueError(f"matvec takes a single row, got x of shape {tuple(x.shape)}")
+    M = x.numel() // K
+    if not 0 < M <= MAX_ROWS:
+        raise ValueError(f"matvec takes 1 to {MAX_ROWS} rows, got x of shape {tuple(x.shape)}")
     weights = [weight] + ([up.weight] if up is not None else [])
     if not all(w.is_contiguous() for w in weights):
         raise ValueError("matvec reads the weight row by row: pass a contiguous weight (weight.contiguous())")
@@ -200,7 +294,8 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
         raise ValueError("matvec's gate and up weights must have the same format, group size and shape")
     norm_weight, eps = norm if norm is not None else (None, 0.0)
     up = up or StoredWeight(None)
-    residual = None if residual is None else residual.reshape(-1).contiguous()
-    y = matvec_op(x.reshape(K).contiguous(), weight, scales, zeros, FORMATS[fmt], group_size,
+    N = weight.shape[0]
+    residual = None if residual is None else residual.reshape(M, N).contiguous()
+    y = matvec_op(x.reshape(M, K).contiguous(), weight, scales, zeros, FORMATS[fmt], group_size,
                   up.weight, up.scales, up.zeros, norm_weight, float(eps), bias, residual)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return y.reshape(*x.shape[:-1], N)
