@@ -146,19 +146,19 @@ if triton is not None:
             s = s0 + tl.arange(0, BLOCK_S)
             in_range = s < S
             fresh = tl.max((s[None, :] == pos[:, None]).to(tl.int32), axis=0) != 0  # (BLOCK_S,)
-            keep = (tl.load(rows_mask + s[None, :] * sm_s, mask=in_range[None, :], other=0) != 0) & (
+            kept = (tl.load(rows_mask + s[None, :] * sm_s, mask=in_range[None, :], other=0) != 0) & (
                 in_range & ~fresh)[None, :]  # (ROWS, BLOCK_S)
-            used = tl.max(keep.to(tl.int32), axis=0) != 0  # slots some row keeps; unwritten ones may hold NaN
+            used = tl.max(kept.to(tl.int32), axis=0) != 0  # slots some row keeps; unwritten ones may hold NaN
             offs = s[:, None] * sk_s + d[None, :]
             kv_ok = used[:, None] & d_ok[None, :]
             k = tl.load(k_ptr + head + offs, mask=kv_ok, other=0.0)
             v = tl.load(v_ptr + head + offs, mask=kv_ok, other=0.0)
-            scores = tl.where(keep, _dot_t(q, k) * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            block_scores = tl.where(kept, _dot_t(q, k) * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(block_scores, axis=1))
             alpha = tl.exp(m_i - m_new)
-            p = tl.exp(scores - m_new[:, None])
-            acc = acc * alpha[:, None] + _dot_t(p.to(dtype), tl.trans(v))
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            block_p = tl.exp(block_scores - m_new[:, None])
+            acc = acc * alpha[:, None] + _dot_t(block_p.to(dtype), tl.trans(v))
+            l_i = l_i * alpha + tl.sum(block_p, axis=1)
             m_i = m_new
         out = acc / tl.where(r_ok, l_i, 1.0)[:, None]  # padding rows kept nothing
         tl.store(out_ptr + ((b * T + t) * H + h)[:, None] * D + d[None, :], out, mask=r_ok[:, None] & d_ok[None, :])

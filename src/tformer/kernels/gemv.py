@@ -44,11 +44,18 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE_TYPE = None if triton is None else ("cpu" if INTERPRET else "cuda")  # where the kernel runs
 
 
-def use_matvec(x: torch.Tensor, in_features: int) -> bool:
-    """Whether a layer with `in_features` inputs should send x through `matvec`: at most MAX_ROWS
-    rows of x, on the kernel's device, and no gradient wanted (the kernel has no backward)."""
-    return (x.device.type == DEVICE_TYPE and 0 < x.numel() <= MAX_ROWS * in_features
+def use_matvec(x: torch.Tensor, in_features: int, fmt: str = "float") -> bool:
+    """Whether a layer with `in_features` inputs and weights in `fmt` should send x through `matvec`:
+    at most `max_rows(fmt)` rows of x, on the kernel's device, and no gradient wanted (the kernel
+    has no backward)."""
+    return (x.device.type == DEVICE_TYPE and 0 < x.numel() <= max_rows(fmt) * in_features
             and not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def max_rows(fmt: str) -> int:
+    """Rows of x that `matvec` takes for weights in `fmt`: MAX_ROWS, but one for int4 (several rows
+    of an int4 layer are tinygemm's on CUDA)."""
+    return 1 if fmt == "int4" else MAX_ROWS
 
 
 if triton is not None:
@@ -137,34 +144,21 @@ if triton is not None:
         tl.store(out_ptr + rows, y.to(dtype), mask=row_ok)
 
     @triton.jit
-    def _tile_dot(x_rows, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, n, K, dtype,
-                  FMT: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr,
+    def _tile_dot(x_rows, nw_ptr, inv_rms, w_ptr, s_ptr, n, K, dtype, FMT: tl.constexpr, NORM: tl.constexpr,
                   ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """(ROWS, BLOCK_N) fp32 products of the x rows starting at x_rows (ROWS, 1) with weight rows n,
-        on tensor cores: each weight tile is dequantized to x's dtype once and serves every row."""
+        on tensor cores: each weight tile is converted to x's dtype once and serves every row.
+        Full-precision and int8 weights (int4 with several rows is tinygemm's, or dequantized)."""
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            if FMT == 2:  # int4: even and odd columns as two products (byte j: 2j high nibble, 2j+1 low)
-                j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-                ok = 2 * j < K
-                b = tl.load(w_ptr + n[:, None] * (K // 2) + j[None, :], mask=ok[None, :], other=0).to(tl.int32)
-                g = n[:, None] * (K // GROUP) + (2 * j[None, :]) // GROUP
-                s = tl.load(s_ptr + g, mask=ok[None, :], other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + g, mask=ok[None, :], other=0.0).to(tl.float32)
-                hi = (((b >> 4) - 8).to(tl.float32) * s + z).to(dtype)
-                lo = (((b & 15) - 8).to(tl.float32) * s + z).to(dtype)
-                x_even = _load_x(x_rows, nw_ptr, 2 * j[None, :], ok[None, :], inv_rms, NORM).to(dtype)
-                x_odd = _load_x(x_rows, nw_ptr, 2 * j[None, :] + 1, ok[None, :], inv_rms, NORM).to(dtype)
-                acc += _dot_t(x_even, hi) + _dot_t(x_odd, lo)
-            else:
-                cols = k0 + tl.arange(0, BLOCK_K)
-                ok = cols < K
-                w = tl.load(w_ptr + n[:, None] * K + cols[None, :], mask=ok[None, :], other=0)
-                if FMT == 1:  # through fp32: the interpreter converts int8 to bf16 wrongly
-                    w = w.to(tl.float32)
-                w = w.to(dtype)
-                x = _load_x(x_rows, nw_ptr, cols[None, :], ok[None, :], inv_rms, NORM).to(dtype)
-                acc += _dot_t(x, w)
+            cols = k0 + tl.arange(0, BLOCK_K)
+            ok = cols < K
+            w = tl.load(w_ptr + n[:, None] * K + cols[None, :], mask=ok[None, :], other=0)
+            if FMT == 1:  # through fp32: the interpreter converts int8 to bf16 wrongly
+                w = w.to(tl.float32)
+            w = w.to(dtype)
+            x = _load_x(x_rows, nw_ptr, cols[None, :], ok[None, :], inv_rms, NORM).to(dtype)
+            acc += _dot_t(x, w)
         if FMT == 1:  # int8 codes are exact in x's dtype; the per-row scale comes last
             acc = acc * tl.load(s_ptr + n).to(tl.float32)[None, :]
         return acc
@@ -174,7 +168,8 @@ if triton is not None:
                      M, N, K, eps, FMT: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr,
                      GATED: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
                      ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """`_matvec_kernel` for M <= ROWS rows of x: y (M, N) = x (M, K) W^T, the same fusions."""
+        """`_matvec_kernel` for M <= ROWS rows of x: y (M, N) = x (M, K) W^T, the same fusions
+        (full-precision and int8 weights)."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < N
         n = tl.where(n_ok, n, 0)
@@ -191,10 +186,9 @@ if triton is not None:
                 x = tl.load(x_rows + cols[None, :], mask=(cols < K)[None, :], other=0.0).to(tl.float32)
                 sq += x * x
             inv_rms = tl.rsqrt(tl.sum(sq, axis=1) / K + eps)[:, None]
-        y = _tile_dot(x_rows, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, n, K, dtype, FMT, GROUP, NORM, ROWS, BLOCK_N, BLOCK_K)
+        y = _tile_dot(x_rows, nw_ptr, inv_rms, w_ptr, s_ptr, n, K, dtype, FMT, NORM, ROWS, BLOCK_N, BLOCK_K)
         if GATED:
-            up = _tile_dot(x_rows, nw_ptr, inv_rms, w2_ptr, s2_ptr, z2_ptr, n, K, dtype, FMT, GROUP, NORM, ROWS,
-                           BLOCK_N, BLOCK_K)
+            up = _tile_dot(x_rows, nw_ptr, inv_rms, w2_ptr, s2_ptr, n, K, dtype, FMT, NORM, ROWS, BLOCK_N, BLOCK_K)
             gate = y.to(dtype).to(tl.float32)
             gate = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
             y = gate * up.to(dtype).to(tl.float32)
@@ -243,7 +237,7 @@ def matvec_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None
     if M > 1:
         args = (x, nw, weight, s, z, w2, s2, z2, b, r, out, M, N, K, eps, fmt, group_size, *flags)
         if INTERPRET:
-            _rows_kernel[(triton.cdiv(N, 16),)](*args, ROWS=MAX_ROWS, BLOCK_N=16, BLOCK_K=max(64, group_size))
+            _rows_kernel[(triton.cdiv(N, 16),)](*args, ROWS=MAX_ROWS, BLOCK_N=16, BLOCK_K=64)
         else:
             _TUNED_ROWS[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, ROWS=MAX_ROWS)
         return out
@@ -275,8 +269,8 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
            zeros: torch.Tensor | None = None, fmt: str = "float", group_size: int = 0, *,
            norm: tuple[torch.Tensor, float] | None = None, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, up: StoredWeight | None = None) -> torch.Tensor:
-    """x (..., K) with at most MAX_ROWS rows in all -> (..., N) in x.dtype; W in one of the FORMATS
-    (module docstring).
+    """x (..., K) with at most `max_rows(fmt)` rows in all -> (..., N) in x.dtype; W in one of the
+    FORMATS (module docstring).
 
     The fusions a decoder block needs, each rounding where the unfused modules round:
       norm=(weight, eps)  RMSNorm x first          bias      + bias
@@ -285,8 +279,9 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
     """
     K = x.shape[-1]
     M = x.numel() // K
-    if not 0 < M <= MAX_ROWS:
-        raise ValueError(f"matvec takes 1 to {MAX_ROWS} rows, got x of shape {tuple(x.shape)}")
+    if not 0 < M <= max_rows(fmt):
+        raise ValueError(f"matvec takes 1 to {max_rows(fmt)} rows of x for {fmt} weights, got x of shape "
+                         f"{tuple(x.shape)}")
     weights = [weight] + ([up.weight] if up is not None else [])
     if not all(w.is_contiguous() for w in weights):
         raise ValueError("matvec reads the weight row by row: pass a contiguous weight (weight.contiguous())")

@@ -1,4 +1,4 @@
-"""Decode-time nn.Linear: a one-row call goes through the `matvec` kernel, anything else through F.linear.
+"""Decode-time nn.Linear: a call with a few rows goes through the `matvec` kernel, anything else through F.linear.
 
 Only the class changes (MatvecLinear is an nn.Linear), so weights stay shared (a tied head stays
 tied) and checkpoints are unaffected; `tformer.models.fused.with_decode_kernels` does the swap. On

@@ -1,4 +1,4 @@
-"""Decode kernels for a whole model: one-row steps through fused Triton kernels, as class swaps.
+"""Decode kernels for a whole model: decode steps through fused Triton kernels, as class swaps.
 
     with_decode_kernels(model)     # in place; parameters, buffers and state dict unchanged
     without_decode_kernels(model)  # back to the plain classes
@@ -12,9 +12,11 @@ At batch 1 a Llama-style block is seven weight reads and a dozen small kernels a
     g   = matvec(h, w1, up=w3, norm=ffn_norm)        silu(w1 h) * (w3 h), one kernel for both weights
     y   = matvec(g, w2, residual=h)
 
-five kernels a layer; each value is rounded where the unfused modules round it. Every other call
-(prompts, batches, training, CPU, layers the kernel cannot read such as tinygemm's int4) runs the
-unfused code, so a swapped model stays correct everywhere. Full-precision nn.Linear layers become
+five kernels a layer; each value is rounded where the unfused modules round it. The same five
+serve a few rows (up to MAX_ROWS tokens in all, at most 16 new tokens a sequence: a speculative
+verify, a small batch), where matvec switches to its tensor-core kernel. Every other call (long
+prompts, large batches, training, CPU, layers the kernel cannot read such as tinygemm's int4)
+runs the unfused code, so a swapped model stays correct everywhere. Full-precision nn.Linear layers become
 `MatvecLinear` (the head included).
 """
 
@@ -39,6 +41,8 @@ def _stored(linear: nn.Module):
 def _project(linear: nn.Module, x, norm: nn.Module | None = None, residual=None):
     """residual + linear(norm(x)), in one kernel where the layer and the norm allow it."""
     w = _stored(linear)
+    if w is not None and not use_matvec(x, x.shape[-1], w.fmt):
+        w = None
     if norm is not None and (w is None or not isinstance(norm, RMSNorm)):
         x, norm = norm(x), None
     if w is None:
@@ -53,8 +57,8 @@ def _ffn(ffn: nn.Module, x, norm: nn.Module):
     silu(w1 n) * (w3 n) in one, w2 and the residual in the other."""
     gated = isinstance(ffn, GatedFeedForward) and ffn.act is F.silu and isinstance(norm, RMSNorm)
     gate, up = (_stored(ffn.w1), _stored(ffn.w3)) if gated else (None, None)
-    if (gate is None or up is None or gate.fmt != up.fmt or ffn.w1.bias is not None
-            or ffn.w3.bias is not None):
+    if (gate is None or up is None or gate.fmt != up.fmt or not use_matvec(x, x.shape[-1], gate.fmt)
+            or ffn.w1.bias is not None or ffn.w3.bias is not None):
         return x + ffn(norm(x))
     return _project(ffn.w2, matvec(x, *gate, norm=(norm.weight, norm.eps), up=up), residual=x)
 
@@ -69,7 +73,7 @@ def _attend(attn: Attention, qkv, rope, mask, input_pos):
 
 
 class FusedBlock(Block):
-    """A pre-norm Block whose one-row eval forward runs through the fused kernels (module docstring)."""
+    """A pre-norm Block whose few-row eval forward runs through the fused kernels (module docstring)."""
 
     def forward(self, x, rope=None, mask=None, input_pos=None):
         if self.training or not use_matvec(x, x.shape[-1]):

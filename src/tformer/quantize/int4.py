@@ -153,7 +153,7 @@ class Int4Linear(nn.Module):
             x2 = x.reshape(-1, self.in_features).contiguous()  # (M, K)
             y = torch.ops.aten._weight_int4pack_mm(x2, self.int4pack, self.group_size, self.scales_and_zeros)
             y = y.reshape(*x.shape[:-1], self.out_features)
-        elif use_matvec(x, self.in_features):
+        elif use_matvec(x, self.in_features, "int4"):
             return matvec(x, self.weight, self.scales, self.zeros, "int4", self.group_size, bias=self.bias)
         else:
             y = F.linear(x, dequantize_int4(self.weight, self.scales, self.zeros, self.group_size, x.dtype))

@@ -64,7 +64,7 @@ class Int8Linear(nn.Module):
         return StoredWeight(self.weight, self.scales, fmt="int8")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_matvec(x, self.in_features):
+        if use_matvec(x, self.in_features, "int8"):
             return matvec(x, *self.matvec_weight(), bias=self.bias)
         y = F.linear(x, dequantize_int8(self.weight, self.scales, x.dtype))  # (..., out)
         return y if self.bias is None else y + self.bias.to(x.dtype)
