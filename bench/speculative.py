@@ -1,12 +1,15 @@
 """Speculative decoding speed on one GPU: a trained target/draft pair, greedy, timed in one process.
 
     PYTHONPATH=src python bench/speculative.py [--target-steps 700] [--draft-steps 1500] [--k 3 5] [--new 256]
+        [--drafts distilled plain] [--distill-alpha 1.0]
 
-The pair, both trained here by `tformer.train` on the default corpus (Shakespeare's plays, the
+The models, all trained here by `tformer.train` on the default corpus (Shakespeare's plays, the
 default 8192-token BPE tokenizer, so they share it):
   target: the Llama-3.2-1B layer shape (16 x 2048, 32/8 heads, SwiGLU 8192), untied, ~1.0B parameters
-  draft:  the default `shakespeare-bpe` recipe widened to 4 x 256 (SwiGLU 768, tied), ~5.3M parameters
-Each is trained for a number of 16 x 512-token steps (bf16 autocast, compiled); the draft keeps its
+  draft:  the default `shakespeare-bpe` recipe widened to 4 x 256 (SwiGLU 768, tied), ~5.3M parameters,
+          trained on the corpus ("plain"), or distilled from the target ("distilled": `--teacher`,
+          the loss mixes the target's distributions in with weight --distill-alpha; 1.0: those only)
+Each is trained for a number of 16 x 512-token steps (bf16 autocast, compiled); a draft keeps its
 best validation checkpoint (evaluated every 250 steps: the 1.3M-token corpus overfits fast).
 
 Decoding: prompts are --prompts windows of --prompt tokens from the held-out validation split;
@@ -24,6 +27,7 @@ coordinate-descent tuning for both variants alike (it costs minutes of compile t
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import tempfile
@@ -49,11 +53,12 @@ DRAFT = {"dim": 256, "n_layers": 4, "n_heads": 4, "ffn_dim": 768, "max_seq_len":
 GREEDY = SamplingConfig(temperature=0)
 
 
-def train_model(out: Path, steps: int, model: dict, lr: float, eval_every: int) -> Path:
-    """16 x 512-token batches; the checkpoint with the best validation loss (evaluated every eval_every)."""
+def train_model(out: Path, steps: int, model: dict, lr: float, eval_every: int, **distill) -> Path:
+    """16 x 512-token batches; the checkpoint with the best validation loss (evaluated every eval_every).
+    distill: TrainConfig's teacher and distill_alpha, for a distilled draft."""
     cfg = TrainConfig(model=model, out_dir=str(out), max_steps=steps, batch_size=16, seq_len=512, lr=lr,
                       min_lr=lr / 20, warmup=100, eval_every=eval_every, eval_batches=50, compile=True,
-                      sample_tokens=0, tensorboard=False, log_every=100, keep_last=1)
+                      sample_tokens=0, tensorboard=False, log_every=100, keep_last=1, **distill)
     t = time.perf_counter()
     result = train(cfg, progress=False)
     print(json.dumps({"trained": str(out), "steps": result.step, "val_bpc": round(result.val_bpc, 3),
@@ -80,15 +85,21 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "tformer-spec")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--no-tuning", action="store_true")
+    ap.add_argument("--drafts", nargs="+", choices=["plain", "distilled"], default=["distilled", "plain"],
+                    help="plain: the draft trained on the corpus alone; distilled: trained on the target's "
+                         "distributions (tformer train --teacher, --distill-alpha)")
+    ap.add_argument("--distill-alpha", type=float, default=1.0)
     args = ap.parse_args()
 
-    draft_path = train_model(args.out / "draft", args.draft_steps, DRAFT, lr=3e-3, eval_every=250)
     target_path = train_model(args.out / "target", args.target_steps, TARGET, lr=6e-4, eval_every=args.target_steps)
-    target = load(target_path, device="cuda", dtype=torch.bfloat16).eval()
-    draft = load(draft_path, device="cuda", dtype=torch.bfloat16).eval()
-    with_decode_kernels(target), with_decode_kernels(draft)
-    sizes = {n: parameter_breakdown(m.config)["total"] for n, m in (("target", target), ("draft", draft))}
-    print(json.dumps({"parameters": sizes, "ratio": round(sizes["target"] / sizes["draft"], 1)}), flush=True)
+    target = with_decode_kernels(load(target_path, device="cuda", dtype=torch.bfloat16).eval())
+    drafts = {}
+    for name in args.drafts:
+        distill = {"teacher": str(target_path), "distill_alpha": args.distill_alpha} if name == "distilled" else {}
+        path = train_model(args.out / f"draft-{name}", args.draft_steps, DRAFT, lr=3e-3, eval_every=250, **distill)
+        drafts[name] = with_decode_kernels(load(path, device="cuda", dtype=torch.bfloat16).eval())
+    sizes = {n: parameter_breakdown(m.config)["total"] for n, m in (("target", target), *drafts.items())}
+    print(json.dumps({"parameters": sizes, "ratio": round(sizes["target"] / sizes[args.drafts[0]], 1)}), flush=True)
 
     val = prepare_data(TrainConfig()).shards.val.tokens
     stride = len(val) // args.prompts
@@ -109,7 +120,7 @@ def main() -> None:
              "first_call_s": round(warm, 1)}]
     print(json.dumps(rows[-1]), flush=True)
 
-    for k in args.k:
+    for (name, draft), k in itertools.product(drafts.items(), args.k):
         spec = lambda p: speculative_generate(target, draft, p, args.new, k=k, sampling=GREEDY, steps=steps)  # noqa: E731
         warm, _ = timed(lambda: spec(prompts[0]))
         eager, _ = speculative_generate(target, draft, prompts[0], args.new, k=k, sampling=GREEDY)
@@ -122,7 +133,7 @@ def main() -> None:
             times.append(t)
             acc, prop, fwd = acc + stats.accepted, prop + stats.proposed, fwd + stats.target_forwards
         tok_s = args.new / statistics.median(times)
-        rows.append({"variant": f"speculative k={k}", "tokens_per_s": round(tok_s, 1),
+        rows.append({"variant": f"{name} draft, k={k}", "tokens_per_s": round(tok_s, 1),
                      "speedup": round(tok_s / base, 2), "acceptance": round(acc / prop, 3),
                      "tokens_per_target_forward": round(len(prompts) * args.new / fwd, 2),
                      "same_as_plain": round(same / (len(prompts) * args.new), 3),
@@ -131,9 +142,9 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
 
     print(f"\ndevice: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(f"{'variant':18} {'tokens/s':>9} {'speedup':>8} {'acceptance':>11} {'tok/fwd':>8} {'same':>6} {'first s':>8}")
+    print(f"{'variant':22} {'tokens/s':>9} {'speedup':>8} {'acceptance':>11} {'tok/fwd':>8} {'same':>6} {'first s':>8}")
     for r in rows:
-        print(f"{r['variant']:18} {r['tokens_per_s']:>9,.1f} {r['speedup']:>7.2f}x {r.get('acceptance', '-'):>11} "
+        print(f"{r['variant']:22} {r['tokens_per_s']:>9,.1f} {r['speedup']:>7.2f}x {r.get('acceptance', '-'):>11} "
               f"{r.get('tokens_per_target_forward', '-'):>8} {r.get('same_as_plain', '-'):>6} {r['first_call_s']:>8.1f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from tformer.train.distill import check_distill_options
 from tformer.train.schedule import SCHEDULES
 
 
@@ -39,6 +40,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     label_smoothing: float = 0.0
     dropout: float = 0.0  # sets emb/attn/resid dropout of the model
+    # distillation (tformer.train.distill)
+    teacher: str = ""  # a checkpoint to distill from (its tokenizer becomes the run's); empty: none
+    distill_alpha: float = 0.5  # the teacher's share of the loss (1: the teacher's distributions only)
+    distill_temperature: float = 1.0  # softening of both distributions in the teacher's term
     # precision and speed
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
@@ -67,6 +72,8 @@ class TrainConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r}: choose auto, float32, bfloat16 or float16")
+        if self.teacher:
+            check_distill_options(self.distill_alpha, self.distill_temperature)
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
@@ -79,6 +86,10 @@ FIELD_HELP = {
     "max_time": "stop after this many seconds of training (0: no limit); the LR schedule spans it",
     "schedule": f"learning-rate schedule: {', '.join(SCHEDULES)}",
     "resume": "continue from the last checkpoint in out_dir (exactly: same batches and RNG)",
+    "teacher": "distill from this checkpoint (tformer or HF directory with a tokenizer.json): the loss "
+               "mixes cross-entropy with KL from the teacher's distributions; the logged loss is that mix",
+    "distill_alpha": "the teacher's share of the distillation loss, in [0, 1]",
+    "distill_temperature": "softmax temperature of the distillation term (scaled by T^2)",
     "eval_batches": "validation batches per eval; 0 evaluates the whole split",
 }
 

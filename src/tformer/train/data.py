@@ -10,6 +10,7 @@ import torch
 
 from tformer.data import Batcher, build_shards, default_cache_dir, eval_batches, load_corpus
 from tformer.tokenizer import Tokenizer
+from tformer.train.distill import check_same_tokenizer, teacher_tokenizer
 
 
 class TrainData:
@@ -38,7 +39,13 @@ def _cache_root(cfg) -> Path:
 
 
 def make_tokenizer(cfg, docs: list[str]) -> Tokenizer:
-    """A tokenizer.json path, or BPE / char trained on `docs` (cached by corpus and vocab size)."""
+    """A tokenizer.json path, or BPE / char trained on `docs` (cached by corpus and vocab size);
+    with a teacher, the teacher's (a given path must hold the same tokenizer)."""
+    if cfg.teacher:
+        teacher = teacher_tokenizer(cfg.teacher)
+        if cfg.tokenizer not in ("bpe", "char"):
+            check_same_tokenizer(Tokenizer.load(cfg.tokenizer), teacher, cfg.teacher)
+        return teacher
     if cfg.tokenizer not in ("bpe", "char"):
         return Tokenizer.load(cfg.tokenizer)
     h = hashlib.sha256(f"{cfg.tokenizer}|{cfg.vocab_size}|".encode())

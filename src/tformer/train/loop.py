@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tformer.nn.moe import load_stats, moe_layers
 from tformer.train.config import TrainConfig
 from tformer.train.data import TrainData, prepare_data
+from tformer.train.distill import load_teacher, make_distill_loss_fn
 from tformer.train.flops import flops_per_token, peak_flops
 from tformer.train.logger import MetricsLogger
 from tformer.train.model_setup import setup_model
@@ -92,7 +93,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         if "cuda_rng" in state and device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         start, best = state["step"], state["best_val_loss"]
-    loss_fn = make_loss_fn(model, cfg.label_smoothing, cfg.compile)
+    if cfg.teacher:
+        teacher = load_teacher(cfg.teacher, device, data.tokenizer.vocab_size, cfg.seq_len)
+        loss_fn = make_distill_loss_fn(model, teacher, data.tokenizer.vocab_size, cfg.distill_alpha,
+                                       cfg.distill_temperature, cfg.label_smoothing, cfg.compile)
+    else:
+        loss_fn = make_loss_fn(model, cfg.label_smoothing, cfg.compile)
     autocast = autocast_for(device, cfg.dtype)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     flops_step = flops_per_token(model, cfg.seq_len) * tokens_per_step

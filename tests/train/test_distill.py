@@ -1,0 +1,90 @@
+"""Distillation: the loss is Hinton's mix, a distilled student moves toward its teacher, bad teachers fail clearly."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tformer
+from tests.train.test_loop import corpus, small_run  # noqa: F401 - the corpus fixture
+from tformer.tokenizer import Tokenizer
+from tformer.train.data import prepare_data
+from tformer.train.distill import distill_loss
+from tformer.train.loop import lm_loss, train
+
+
+def test_alpha_zero_is_cross_entropy():
+    s, t, y = torch.randn(2, 5, 11), torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    torch.testing.assert_close(distill_loss(s, t, y, alpha=0.0), lm_loss(s, y))
+    torch.testing.assert_close(distill_loss(s, t, y, alpha=0.0, label_smoothing=0.1), lm_loss(s, y, 0.1))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_soft_term_is_scaled_kl_from_the_teacher(temperature):
+    s, t, y = torch.randn(2, 5, 11), torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    p_t, log_p_s = (t / temperature).softmax(-1), (s / temperature).log_softmax(-1)
+    kl = (p_t * (p_t.log() - log_p_s)).sum(-1).mean()
+    torch.testing.assert_close(distill_loss(s, t, y, alpha=1.0, temperature=temperature), temperature**2 * kl)
+    mixed = 0.3 * lm_loss(s, y) + 0.7 * temperature**2 * kl
+    torch.testing.assert_close(distill_loss(s, t, y, alpha=0.7, temperature=temperature), mixed)
+    assert distill_loss(t + 3.0, t, y, alpha=1.0, temperature=temperature).abs() < 1e-5  # same distribution
+
+
+def test_padding_rows_past_the_vocabulary_are_left_out():
+    s, t, y = torch.randn(2, 5, 11), torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    padded_t = F.pad(t, (0, 5), value=7.0)  # a teacher padded to 16 entries
+    torch.testing.assert_close(distill_loss(s, padded_t, y, alpha=0.5), distill_loss(s, t, y, alpha=0.5))
+    torch.testing.assert_close(distill_loss(F.pad(s, (0, 5)), padded_t, y, alpha=0.5, vocab_size=11),
+                               distill_loss(s, t, y, alpha=0.5))
+
+
+def _val_kl(student, teacher, cfg) -> float:
+    """KL(teacher || student) per token over the run's validation batches (the tokenizer's entries)."""
+    data = prepare_data(cfg)
+    V = data.tokenizer.vocab_size
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for x, y in data.val_batches(cfg.batch_size, cfg.seq_len, 0, "cpu"):
+            total += distill_loss(student(x), teacher(x), y, alpha=1.0, vocab_size=V).item() * y.numel()
+            n += y.numel()
+    return total / n
+
+
+def test_distilled_student_is_closer_to_its_teacher(corpus, tmp_path):  # noqa: F811
+    teacher_cfg = small_run(corpus, tmp_path, out_dir=str(tmp_path / "teacher"), max_steps=60, eval_every=60,
+                            dropout=0.0)
+    train(teacher_cfg, progress=False)
+    teacher_dir = tmp_path / "teacher" / "best"
+    student = dict(model={"n_layers": 1}, max_steps=40, eval_every=40, dropout=0.0)
+    plain = small_run(corpus, tmp_path, out_dir=str(tmp_path / "plain"), **student)
+    train(plain, progress=False)
+    distilled = small_run(corpus, tmp_path, out_dir=str(tmp_path / "distilled"), teacher=str(teacher_dir),
+                          distill_alpha=1.0, **student)
+    train(distilled, progress=False)
+    teacher = tformer.load(teacher_dir).eval()
+    kl_plain = _val_kl(tformer.load(tmp_path / "plain" / "best").eval(), teacher, plain)
+    kl_distilled = _val_kl(tformer.load(tmp_path / "distilled" / "best").eval(), teacher, distilled)
+    assert kl_distilled < 0.5 * kl_plain  # measured 0.04 vs 0.18
+    # the student took the teacher's tokenizer
+    assert Tokenizer.load(tmp_path / "distilled" / "best").to_str() == Tokenizer.load(teacher_dir).to_str()
+
+
+def test_bad_teachers_fail_before_training(corpus, tmp_path):  # noqa: F811
+    train(small_run(corpus, tmp_path, out_dir=str(tmp_path / "teacher"), max_steps=2, eval_every=2), progress=False)
+    teacher_dir = tmp_path / "teacher" / "best"
+    other = Tokenizer.train_char(["xyz"])
+    other.save(tmp_path / "other.json")
+    with pytest.raises(ValueError, match="differs from the teacher's"):
+        train(small_run(corpus, tmp_path, teacher=str(teacher_dir), tokenizer=str(tmp_path / "other.json")),
+              progress=False)
+    with pytest.raises(ValueError, match="reads at most"):
+        train(small_run(corpus, tmp_path, teacher=str(teacher_dir), seq_len=4096, model={"max_seq_len": 4096}),
+              progress=False)
+    with pytest.raises(ValueError, match="distill_alpha"):
+        train(small_run(corpus, tmp_path, teacher=str(teacher_dir), distill_alpha=1.5), progress=False)
+    bare = tmp_path / "bare"
+    shutil.copytree(teacher_dir, bare)
+    (bare / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="has no tokenizer.json"):
+        train(small_run(corpus, tmp_path, teacher=str(bare)), progress=False)
