@@ -26,7 +26,7 @@ def test_kernels_under_interpreter():
     r = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", __file__],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "27 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
+    assert "28 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
 
 
 SHAPES = [(37, 320, 32), (37, 320, 64), (64, 2048, 64)]  # tails of rows and of K steps (interpreted: 128 a step)
@@ -375,3 +375,26 @@ def test_fused_decode_on_cuda_matches_unfused_in_bf16():
             tokens.append(step(model, tok, pos, mask, greedy))
         model.clear_caches()
     assert torch.equal(tokens[0], tokens[1])
+
+
+@interpreted
+def test_speculative_greedy_through_the_kernels_equals_target_greedy():
+    """Drafts of one row, verifies of k + 1 rows (the few-row kernels), eager and compiled rounds:
+    in fp32 the tokens are the target's own greedy tokens."""
+    from tformer.generate import SamplingConfig, generate
+    from tformer.generate.speculative import SpecSteps, spec_round, speculative_generate
+    from tformer.models import with_decode_kernels
+
+    small = dict(tie_embeddings=False, vocab_size=64, n_layers=1, ffn_dim=64)  # few interpreted programs
+    target, near = _tiny(**small), _tiny(**small)
+    with torch.no_grad():
+        for p in near.parameters():
+            p.add_(torch.randn_like(p) * 0.002)  # agrees with the target most of the time
+    greedy, prompt = SamplingConfig(temperature=0), [5, 17, 42, 3]
+    want = generate(target, [prompt], 8, greedy)[0]
+    with_decode_kernels(target), with_decode_kernels(near)
+    compiled = SpecSteps(round=torch.compile(spec_round, backend="aot_eager", fullgraph=True, dynamic=False))
+    for steps in (None, compiled):
+        out, stats = speculative_generate(target, near, prompt, 8, k=3, sampling=greedy, steps=steps)
+        assert out == want
+        assert 0 < stats.accepted < stats.proposed
