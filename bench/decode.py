@@ -26,6 +26,7 @@ import torch._inductor.config as inductor_config
 
 from tformer.generate import SamplingConfig, generate
 from tformer.generate.engine import compiled_decode_step, compiled_prefill
+from tformer.kernels.gemv import set_pdl
 from tformer.models import build_model, with_decode_kernels
 from tformer.presets import get_preset
 
@@ -66,7 +67,8 @@ def timed(fn, repeats: int) -> tuple[float, list[float]]:
     return first, runs
 
 
-def tformer_runner(config, prompt, new, batch, quantize: str | None = None):
+def tformer_runner(config, prompt, new, batch, quantize: str | None = None, pdl: bool = True):
+    set_pdl(pdl)  # read when the kernels launch and the step's CUDA graph is captured (the warm-up call)
     model = build_model(config, device="cuda", dtype=torch.bfloat16).eval()
     if quantize:
         from tformer.quantize import quantize_model
@@ -127,6 +129,14 @@ def bytes_per_token(model, config, prompt_len: int, new: int, batch: int) -> flo
     return (weights + batch * kv) / batch  # per generated token
 
 
+def tformer_variant(name: str) -> tuple[str | None, bool]:
+    """"tformer[-int8|-int4][:nopdl]" -> (quantization mode or None, programmatic dependent launch)."""
+    name, _, option = name.partition(":")
+    if option not in ("", "nopdl"):
+        raise SystemExit(f"unknown variant option {option!r} in {name}:{option} (known: nopdl)")
+    return (name.split("-")[1] if "-" in name else None), option != "nopdl"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpt-fast", type=Path, default=Path("third_party/gpt-fast-src"))
@@ -135,7 +145,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", default="tformer,gpt-fast,hf",
-                    help="comma-separated: tformer, tformer-int8, tformer-int4, gpt-fast, hf")
+                    help="comma-separated: tformer, tformer-int8, tformer-int4 (each may end in :nopdl, "
+                         "kernels without programmatic dependent launch), gpt-fast, hf")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     config = get_preset("llama-3.2-1b").replace(tie_embeddings=False, max_seq_len=2048)
@@ -146,9 +157,8 @@ def main() -> None:
     for batch in args.batch:
         for name in args.variants.split(","):
             torch.cuda.reset_peak_memory_stats()
-            if name.startswith("tformer"):  # tformer, tformer-int8, tformer-int4
-                quant = name.split("-")[1] if "-" in name else None
-                model, run = tformer_runner(config, prompt, args.new, batch, quant)
+            if name.startswith("tformer"):  # tformer, tformer-int8, tformer-int4, each may end in :nopdl
+                model, run = tformer_runner(config, prompt, args.new, batch, *tformer_variant(name))
             elif name == "gpt-fast":
                 model, run = gpt_fast_runner(args.gpt_fast, config, prompt, args.new, batch)
             else:

@@ -14,7 +14,9 @@ bandwidth that implies from the bytes of the weight as stored. Variants:
   bf16-inductor   F.linear under torch.compile (coordinate-descent tuning)
   int8-inductor   F.linear(x, Wq.to(bf16)) * s under torch.compile (gpt-fast's form)
   int4-tinygemm   aten._weight_int4pack_mm, group 64
-  {bf16,int8,int4}-triton   tformer.kernels.matvec (int4: group 64)
+  {bf16,int8,int4}-triton   tformer.kernels.matvec (int4: group 64), with programmatic dependent
+                  launch on Hopper (each call's first weight tile loads while the one before finishes)
+  {bf16,int8}-triton-nopdl  the same without it
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 
 from tformer.kernels import matvec
+from tformer.kernels.gemv import set_pdl
 from tformer.quantize.int4 import Int4Linear, dequantize_int4, quantize_int4
 from tformer.quantize.int8 import dequantize_int8, quantize_int8
 
@@ -77,7 +80,22 @@ def variants(w: torch.Tensor):
         "bf16-triton": (lambda x: matvec(x, w), w.numel() * 2, w),
         "int8-triton": (lambda x: matvec(x, q8, s8, fmt="int8"), b8, w8),
         "int4-triton": (lambda x: matvec(x, p4, s4, z4, fmt="int4", group_size=64), b4, w4),
+        "bf16-triton-nopdl": (without_pdl(lambda x: matvec(x, w)), w.numel() * 2, w),
+        "int8-triton-nopdl": (without_pdl(lambda x: matvec(x, q8, s8, fmt="int8")), b8, w8),
     }
+
+
+def without_pdl(fn):
+    """fn launching its kernels without programmatic dependent launch (tformer.kernels.gemv)."""
+
+    def call(x):
+        set_pdl(False)
+        try:
+            return fn(x)
+        finally:
+            set_pdl(True)
+
+    return call
 
 
 def main() -> None:

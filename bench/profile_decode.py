@@ -20,7 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode import gpt_fast_runner, tformer_runner  # noqa: E402
+from decode import gpt_fast_runner, tformer_runner, tformer_variant  # noqa: E402
 
 from tformer.presets import get_preset  # noqa: E402
 
@@ -73,7 +73,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--rows", type=int, default=14)
     ap.add_argument("--variants", default="tformer,gpt-fast",
-                    help="comma-separated: tformer, tformer-int8, tformer-int4, gpt-fast, spec-kN (N draft tokens)")
+                    help="comma-separated: tformer, tformer-int8, tformer-int4 (each may end in :nopdl), gpt-fast, "
+                         "spec-kN (N draft tokens)")
     args = ap.parse_args()
     config = get_preset("llama-3.2-1b").replace(tie_embeddings=False, max_seq_len=2048)
     prompt = torch.randint(0, config.vocab_size, (128,))
@@ -84,7 +85,7 @@ def main() -> None:
         if name == "gpt-fast":
             _, run = gpt_fast_runner(args.gpt_fast, config, prompt, args.new, 1)
         else:
-            _, run = tformer_runner(config, prompt, args.new, 1, name.split("-")[1] if "-" in name else None)
+            _, run = tformer_runner(config, prompt, args.new, 1, *tformer_variant(name))
         report(name, run, args.rows, per=args.new)
 
 

@@ -26,7 +26,7 @@ def test_kernels_under_interpreter():
     r = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", __file__],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "28 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
+    assert "32 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
 
 
 SHAPES = [(37, 320, 32), (37, 320, 64), (64, 2048, 64)]  # tails of rows and of K steps (interpreted: 128 a step)
@@ -99,13 +99,15 @@ def test_quantized_layers_take_the_kernel_for_a_few_rows_only():
 
 
 @interpreted
+@pytest.mark.parametrize("pdl", [False, True])  # True: the first weight tiles loaded before the wait
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matvec_fusions_round_like_the_modules(dtype, rows):
-    from tformer.kernels import StoredWeight, matvec
+def test_matvec_fusions_round_like_the_modules(dtype, rows, pdl, monkeypatch):
+    from tformer.kernels import StoredWeight, gemv, matvec
     from tformer.nn.norm import RMSNorm
     from tformer.quantize import Int8Linear
 
+    monkeypatch.setattr(gemv, "use_pdl", lambda device: pdl)
     torch.manual_seed(0)
     k, n = 320, 96
     norm = RMSNorm(k, eps=1e-5).to(dtype)
@@ -375,6 +377,32 @@ def test_fused_decode_on_cuda_matches_unfused_in_bf16():
             tokens.append(step(model, tok, pos, mask, greedy))
         model.clear_caches()
     assert torch.equal(tokens[0], tokens[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU")
+def test_programmatic_dependent_launch_changes_no_token_on_cuda():
+    """The same greedy tokens with and without PDL, eager and CUDA-graphed, one row and a few (batch 3)."""
+    pytest.importorskip("triton")
+    from tformer.generate import SamplingConfig, generate
+    from tformer.generate.engine import compiled_decode_step
+    from tformer.kernels import gemv
+    from tformer.models import with_decode_kernels
+
+    model = with_decode_kernels(_tiny(tie_embeddings=False).to("cuda", torch.bfloat16))
+    greedy, prompts = SamplingConfig(temperature=0), [[3, 5, 7, 11], [2, 9], [4, 4, 8]]
+    runs, before = {}, gemv._PDL["enabled"]
+    try:
+        for pdl in (False, True):
+            gemv.set_pdl(pdl)
+            torch._dynamo.reset()  # capture the graphs again under this setting
+            for graphed in (False, True):
+                step = compiled_decode_step() if graphed else None
+                runs[pdl, graphed] = [generate(model, p, 12, greedy, step_fn=step) for p in ([prompts[0]], prompts)]
+    finally:
+        gemv.set_pdl(before)
+        torch._dynamo.reset()
+    assert runs[True, False] == runs[False, False]
+    assert runs[True, True] == runs[False, True]
 
 
 @interpreted

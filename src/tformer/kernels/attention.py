@@ -22,12 +22,12 @@ import math
 
 import torch
 
-from tformer.kernels.gemv import DEVICE_TYPE, INTERPRET, triton
+from tformer.kernels.gemv import DEVICE_TYPE, INTERPRET, triton, use_pdl
 
 if triton is not None:
     import triton.language as tl
 
-    from tformer.kernels.gemv import _dot_t
+    from tformer.kernels.gemv import _dot_t, _wait_for_previous_kernel
 
     @triton.jit
     def _attend_cache(q, k_ptr, v_ptr, m_ptr, head, b, S, skip, m_i, l_i, acc, sk_s, sm_b, sm_s, d, d_ok,
@@ -81,7 +81,8 @@ if triton is not None:
     @triton.jit
     def _cached_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, out_ptr,
                                  S, H, HKV, R, scale, s_qkv, s_cos, sk_b, sk_h, sk_s, sm_b, sm_s,
-                                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+        _wait_for_previous_kernel(PDL)
         b, h = tl.program_id(0) // H, tl.program_id(0) % H
         kvh = h // (H // HKV)
         d = tl.arange(0, BLOCK_D)
@@ -106,9 +107,10 @@ if triton is not None:
     def _cached_attention_rows_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, out_ptr,
                                       S, T, H, HKV, R, scale, sq_b, sq_t, sc_b, sc_t, sk_b, sk_h, sk_s, sm_b, sm_t, sm_s,
                                       D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                                      ROWS: tl.constexpr, NEW: tl.constexpr):
+                                      ROWS: tl.constexpr, NEW: tl.constexpr, PDL: tl.constexpr):
         """`_cached_attention_kernel` for T new tokens a sequence: one program per (sequence, key/value
         head) takes every query of the group (T tokens x H/HKV heads, ROWS padded) on tensor cores."""
+        _wait_for_previous_kernel(PDL)
         b, kvh = tl.program_id(0) // HKV, tl.program_id(0) % HKV
         G = H // HKV
         d = tl.arange(0, BLOCK_D)
@@ -167,8 +169,9 @@ if triton is not None:
                 for bs in (32, 64, 128) for w in (2, 4, 8) for st in (1, 3)]
     _tuned_decode_attention = triton.autotune(_CONFIGS, key=["S", "D"])(_decode_attention_kernel)
     # its cache write is idempotent (the same values at the same slot), so the timing runs are harmless
-    _tuned_cached_attention = triton.autotune(_CONFIGS, key=["S", "D"])(_cached_attention_kernel)
-    _tuned_cached_attention_rows = triton.autotune(_CONFIGS, key=["S", "D", "T"])(_cached_attention_rows_kernel)
+    _tuned_cached_attention = triton.autotune(_CONFIGS, key=["S", "D", "PDL"])(_cached_attention_kernel)
+    _tuned_cached_attention_rows = triton.autotune(_CONFIGS, key=["S", "D", "T", "PDL"])(
+        _cached_attention_rows_kernel)
 
 
 def _key_mask(mask, batch: int, n_queries: int, n_slots: int) -> bool:
@@ -240,7 +243,8 @@ def cached_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     out = torch.empty(B, T, n_heads, D, device=qkv.device, dtype=qkv.dtype)
     common = (qkv, cos, sin, k_cache, v_cache, input_pos, mask, out, S)
     strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), _batch_stride(mask))
-    fixed = {"BLOCK_S": 64} if INTERPRET else {}
+    pdl = use_pdl(qkv.device)
+    fixed = {"BLOCK_S": 64, "PDL": False} if INTERPRET else {"PDL": pdl, "launch_pdl": pdl}
     if T == 1:  # one program per (sequence, query head)
         kernel = _cached_attention_kernel if INTERPRET else _tuned_cached_attention
         kernel[(B * n_heads,)](*common, n_heads, Hkv, rot_dim, 1.0 / math.sqrt(D), qkv.stride(0), _batch_stride(cos),

@@ -22,6 +22,13 @@ Around the product the kernel can fuse what surrounds a weight in a pre-norm dec
 a residual add, and a gated FFN's second weight with silu(W x) * (W2 x). Each value is rounded to
 x's dtype where the unfused modules round it, so fused and unfused steps agree closely.
 
+On Hopper and later GPUs the kernels launch with programmatic dependent launch (PDL): a
+kernel's programs start while the kernel before it finishes, load their first weight tile (the
+weights never depend on the kernel before), and only then wait for it (`gdc_wait`) before
+reading x or writing anything. A chain of small products then keeps memory busy across kernel
+boundaries instead of draining and ramping up at each. `set_pdl(False)` (or TFORMER_PDL=0)
+turns it off; the attention kernels (tformer.kernels.attention) follow the same switch.
+
 `matvec` is a torch custom op, so a compiled, CUDA-graphed decode step calls it as one kernel.
 With TRITON_INTERPRET=1 the same kernel runs on CPU tensors (how the tests check it without a GPU).
 """
@@ -42,6 +49,21 @@ except ImportError:  # CPU-only installs: use_matvec() is then always False
 FORMATS = {"float": 0, "int8": 1, "int4": 2}
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE_TYPE = None if triton is None else ("cpu" if INTERPRET else "cuda")  # where the kernel runs
+
+
+_PDL = {"enabled": os.environ.get("TFORMER_PDL", "1") != "0"}
+
+
+def set_pdl(enabled: bool) -> None:
+    """Turn programmatic dependent launch on or off for kernels launched (or CUDA graphs captured) from now on."""
+    _PDL["enabled"] = enabled
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with programmatic dependent launch (module docstring):
+    on when enabled, compiled (not interpreted) and on compute capability 9.0 or later."""
+    return (_PDL["enabled"] and not INTERPRET and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def use_matvec(x: torch.Tensor, in_features: int, fmt: str = "float") -> bool:
@@ -79,10 +101,28 @@ if triton is not None:
         return x.to(tl.float32)
 
     @triton.jit
-    def _rows_dot(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, rows, K,
-                  FMT: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr,
+    def _wait_for_previous_kernel(PDL: tl.constexpr):
+        """Under programmatic dependent launch: let the next kernel's programs start, and wait until
+        the previous kernel has finished and its writes are visible. Nothing before it may read what
+        the previous kernel writes, or write anything."""
+        if PDL:
+            if not _INTERPRETED:  # the interpreter runs one kernel at a time (and knows no GDC)
+                tl.extra.cuda.gdc_wait()
+                tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def _first_tile(w_ptr, rows, K, BLOCK_K: tl.constexpr):
+        """Columns 0..BLOCK_K-1 of weight rows `rows` (full-precision or int8), as `_rows_dot` loads them."""
+        cols = tl.arange(0, BLOCK_K)
+        return tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=(cols < K)[None, :], other=0)
+
+    @triton.jit
+    def _rows_dot(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, rows, K, w_first,
+                  FMT: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr, PREFETCHED: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """(BLOCK_N,) fp32 dot products of weight rows `rows` with x, dequantized in registers."""
+        """(BLOCK_N,) fp32 dot products of weight rows `rows` with x, dequantized in registers.
+        PREFETCHED: w_first holds the first tile (`_first_tile`; full-precision and int8 weights, int4
+        ignores it)."""
         if FMT == 2:  # int4: byte j holds columns 2j (high nibble) and 2j+1 (low); NG groups a step
             NG: tl.constexpr = BLOCK_K // GROUP
             HALF: tl.constexpr = GROUP // 2
@@ -104,7 +144,12 @@ if triton is not None:
             y = tl.sum(tl.sum(acc, axis=2), axis=1)
         else:  # bf16/fp16/fp32, or int8 (its per-row scale is applied once at the end)
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            start = 0
+            if PREFETCHED:
+                cols = tl.arange(0, BLOCK_K)
+                acc += w_first.to(tl.float32) * _load_x(x_ptr, nw_ptr, cols, cols < K, inv_rms, NORM)[None, :]
+                start = BLOCK_K
+            for k0 in range(start, K, BLOCK_K):
                 cols = k0 + tl.arange(0, BLOCK_K)
                 ok = cols < K
                 w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=ok[None, :], other=0)
@@ -117,12 +162,20 @@ if triton is not None:
     @triton.jit
     def _matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, z_ptr, w2_ptr, s2_ptr, z2_ptr, b_ptr, r_ptr, out_ptr,
                        N, K, eps, FMT: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr,
-                       GATED: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+                       GATED: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         row_ok = rows < N
         rows = tl.where(row_ok, rows, 0)  # the tail reads row 0 and stores nothing
         dtype = out_ptr.dtype.element_ty
+        w_first = 0
+        w2_first = 0
+        if PDL:  # the weights' first tiles before the wait (int4: none)
+            if FMT != 2:
+                w_first = _first_tile(w_ptr, rows, K, BLOCK_K)
+                if GATED:
+                    w2_first = _first_tile(w2_ptr, rows, K, BLOCK_K)
+        _wait_for_previous_kernel(PDL)
         inv_rms = 1.0
         if NORM:  # every program sums x^2 itself (x is a few KB, read from L2): no extra kernel
             sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -131,9 +184,11 @@ if triton is not None:
                 x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
                 sq += x * x
             inv_rms = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
-        y = _rows_dot(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, rows, K, FMT, GROUP, NORM, BLOCK_N, BLOCK_K)
+        y = _rows_dot(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, rows, K, w_first, FMT, GROUP, NORM, PDL,
+                      BLOCK_N, BLOCK_K)
         if GATED:  # silu(W x) * (W2 x), each rounded as the unfused modules round them
-            up = _rows_dot(x_ptr, nw_ptr, inv_rms, w2_ptr, s2_ptr, z2_ptr, rows, K, FMT, GROUP, NORM, BLOCK_N, BLOCK_K)
+            up = _rows_dot(x_ptr, nw_ptr, inv_rms, w2_ptr, s2_ptr, z2_ptr, rows, K, w2_first, FMT, GROUP, NORM,
+                           PDL, BLOCK_N, BLOCK_K)
             gate = y.to(dtype).to(tl.float32)
             gate = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
             y = gate * up.to(dtype).to(tl.float32)
@@ -166,10 +221,11 @@ if triton is not None:
     @triton.jit
     def _rows_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, z_ptr, w2_ptr, s2_ptr, z2_ptr, b_ptr, r_ptr, out_ptr,
                      M, N, K, eps, FMT: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr,
-                     GATED: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+                     GATED: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
                      ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """`_matvec_kernel` for M <= ROWS rows of x: y (M, N) = x (M, K) W^T, the same fusions
         (full-precision and int8 weights)."""
+        _wait_for_previous_kernel(PDL)
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < N
         n = tl.where(n_ok, n, 0)
@@ -204,7 +260,7 @@ if triton is not None:
                 for bn, bk, w in tiles for st in (2, 3, 4)]
 
     # (BLOCK_N, BLOCK_K, warps): 1-4 KB of weight per row and step, a few rows per program
-    _KEY = ["N", "K", "GROUP", "NORM", "GATED"]
+    _KEY = ["N", "K", "GROUP", "NORM", "GATED", "PDL"]
     _TUNED = {
         0: triton.autotune(_configs([(2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
                                      (16, 256, 4), (16, 512, 8)]), key=_KEY)(_matvec_kernel),
@@ -233,19 +289,20 @@ def matvec_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None
     s, z = (t if t is not None else weight for t in (scales, zeros))
     w2, s2, z2 = (t if t is not None else weight for t in (weight2, scales2, zeros2))
     nw, b, r = (t if t is not None else x for t in (norm_weight, bias, residual))
-    flags = (norm_weight is not None, weight2 is not None, bias is not None, residual is not None)
+    pdl = use_pdl(x.device)
+    flags = (norm_weight is not None, weight2 is not None, bias is not None, residual is not None, pdl)
     if M > 1:
         args = (x, nw, weight, s, z, w2, s2, z2, b, r, out, M, N, K, eps, fmt, group_size, *flags)
         if INTERPRET:
             _rows_kernel[(triton.cdiv(N, 16),)](*args, ROWS=MAX_ROWS, BLOCK_N=16, BLOCK_K=64)
         else:
-            _TUNED_ROWS[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, ROWS=MAX_ROWS)
+            _TUNED_ROWS[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, ROWS=MAX_ROWS, launch_pdl=pdl)
         return out
     args = (x, nw, weight, s, z, w2, s2, z2, b, r, out, N, K, eps, fmt, group_size, *flags)
     if INTERPRET:  # one fixed tile: the interpreter cannot time configurations
         _matvec_kernel[(triton.cdiv(N, 4),)](*args, BLOCK_N=4, BLOCK_K=max(128, group_size))
     else:
-        _TUNED[fmt][lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args)
+        _TUNED[fmt][lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, launch_pdl=pdl)
     return out
 
 
