@@ -205,6 +205,27 @@ def test_stop_ids_end_generation(models):
         _check_stats(out, stats, stopped=True)
 
 
+@pytest.mark.parametrize("sync_every", [1, 3, 16])
+def test_rounds_queued_between_syncs_change_nothing(models, sync_every):
+    """However many rounds run between host syncs: the same tokens and stats, stop ids and
+    the token limit included (the rounds queued after a stop id are dropped)."""
+    target, small, near = models
+    sampled = SamplingConfig(temperature=0.9, top_k=50, repetition_penalty=1.2)
+    for draft in (small, near):
+        for cfg, stop in ((GREEDY, None), (sampled, None), (GREEDY, "6th")):
+            full = speculative_generate(target, draft, PROMPTS[2], 13, k=2, sampling=cfg, seed=5, sync_every=1)
+            stop_ids = {full[0][5]} if stop else None
+            want = speculative_generate(target, draft, PROMPTS[2], 13, k=2, sampling=cfg, seed=5, stop_ids=stop_ids,
+                                        sync_every=1)
+            got = speculative_generate(target, draft, PROMPTS[2], 13, k=2, sampling=cfg, seed=5, stop_ids=stop_ids,
+                                       sync_every=sync_every)
+            assert got[0] == want[0]
+            assert (got[1].accepted, got[1].proposed, got[1].target_forwards) == (
+                want[1].accepted, want[1].proposed, want[1].target_forwards)
+    with pytest.raises(ValueError, match="sync_every"):
+        speculative_generate(target, small, [1, 2], 4, sync_every=0)
+
+
 def test_mismatched_vocab_is_refused(models):
     target, *_ = models
     other = build_model(_draft_config(target.config).replace(vocab_size=128)).eval()

@@ -131,6 +131,7 @@ def speculative_generate(
     stop_ids: set[int] | None = None,
     seed: int | None = None,
     steps: SpecSteps | None = None,
+    sync_every: int = 4,
 ) -> tuple[list[int], SpecStats]:
     """New tokens (prompt excluded), ending at a stop id (kept) or after max_new_tokens.
 
@@ -138,9 +139,12 @@ def speculative_generate(
     the target's own distribution (at temperature 0: exactly the target's greedy tokens).
     The draft must share the target's tokenizer. Both models should be in eval mode.
     steps: `compiled_spec_steps()` for the fast path on GPU (every round has the same shapes).
+    sync_every: rounds queued on the device between two looks of the host at the tokens.
     """
     sampling = sampling or SamplingConfig()
     _check_request(target, draft, prompt, max_new_tokens, k, sampling)
+    if sync_every < 1:
+        raise ValueError(f"sync_every (rounds between host syncs) must be >= 1, got {sync_every}")
     stats = SpecStats()
     if max_new_tokens == 0:
         return [], stats
@@ -149,7 +153,8 @@ def speculative_generate(
         for model in (target, draft):
             model.setup_caches(1, len(prompt) + max_new_tokens + k)
         try:
-            out = _run(target, draft, prompt, max_new_tokens, k, sampling, stop_ids or set(), steps or SpecSteps(), stats)
+            out = _run(target, draft, prompt, max_new_tokens, k, sampling, stop_ids or set(), steps or SpecSteps(), stats,
+                       sync_every)
         finally:
             for model in (target, draft):
                 model.clear_caches()
@@ -157,11 +162,16 @@ def speculative_generate(
     return out, stats
 
 
-def _run(target, draft, prompt, max_new_tokens, k, sampling, stop_ids, steps: SpecSteps, stats) -> list[int]:
+def _run(target, draft, prompt, max_new_tokens, k, sampling, stop_ids, steps: SpecSteps, stats,
+         sync_every: int) -> list[int]:
     """Prefill both models, then draft-then-verify rounds until max_new_tokens or a stop id.
 
     Invariant at each round start: n tokens so far, both caches hold slots 0..n-2, and the last
-    token `cur` (slot n-1) is fed next. A round is one call and one host sync.
+    token `cur` (slot n-1, on the device like the slot) is fed next. The rounds run without the
+    host: each writes [n_accepted, drafts, next] to a log row and moves cur and the slot on the
+    device, and the host reads the log once per batch of up to `sync_every` rounds. A batch is
+    never longer than the tokens left allow, even if every draft were accepted, so no round
+    writes past the caches; rounds after a stop id are dropped, stats included.
     """
     device = next(target.parameters()).device
     tokens = torch.tensor([prompt], dtype=torch.long, device=device)
@@ -171,23 +181,27 @@ def _run(target, draft, prompt, max_new_tokens, k, sampling, stop_ids, steps: Sp
     cur = steps.prefill(target, tokens, slots, None, sampling, counts).clone()  # (1,)
     steps.prefill(draft, tokens, slots, None, sampling, counts)
     stats.target_forwards, new = 1, [int(cur)]
-    pos = torch.zeros(1, dtype=torch.long, device=device)
+    pos = torch.tensor([L], device=device)  # cur's slot
+    log = torch.empty(sync_every, k + 2, dtype=torch.long, device=device)
+    first_k = torch.arange(k, device=device)
     while not (new[-1] in stop_ids or len(new) >= max_new_tokens):
-        pos.fill_(L + len(new) - 1)
-        if counts is not None:
-            counts.scatter_add_(1, cur.view(1, 1), torch.ones_like(counts[:, :1]))
-        n_acc, nxt, drafts = steps.round(target, draft, cur.view(1, 1), pos, k, sampling, counts)
-        vals = torch.cat([n_acc, drafts[0], nxt]).tolist()  # the round's one host sync
-        a = vals[0]
-        stats.proposed, stats.accepted, stats.target_forwards = stats.proposed + k, stats.accepted + a, stats.target_forwards + 1
-        for t in vals[1 : 1 + a] + vals[-1:]:
-            new.append(t)
-            if t in stop_ids or len(new) >= max_new_tokens:
-                return new
-        if counts is not None:  # the accepted drafts (cur and nxt are counted at the round start)
-            accepted = (torch.arange(k, device=device) < n_acc).float()[None]  # (1, k)
-            counts.scatter_add_(1, drafts, accepted)
-        cur = nxt.clone()
+        rounds = max(1, min(sync_every, (max_new_tokens - len(new)) // (k + 1)))
+        for r in range(rounds):
+            if counts is not None:
+                counts.scatter_add_(1, cur.view(1, 1), torch.ones_like(counts[:, :1]))
+            n_acc, nxt, drafts = steps.round(target, draft, cur.view(1, 1), pos, k, sampling, counts)
+            torch.cat([n_acc, drafts[0], nxt], out=log[r])
+            if counts is not None:  # the accepted drafts (cur and nxt are counted at a round start)
+                counts.scatter_add_(1, drafts, (first_k < n_acc).float()[None])
+            pos += n_acc + 1
+            cur.copy_(nxt)
+        for vals in log[:rounds].tolist():  # one host sync per batch of rounds
+            a = vals[0]
+            stats.proposed, stats.accepted, stats.target_forwards = stats.proposed + k, stats.accepted + a, stats.target_forwards + 1
+            for t in vals[1 : 1 + a] + vals[-1:]:
+                new.append(t)
+                if t in stop_ids or len(new) >= max_new_tokens:
+                    return new
     return new
 
 
