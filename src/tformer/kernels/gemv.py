@@ -26,7 +26,8 @@ On Hopper and later GPUs the kernels launch with programmatic dependent launch (
 kernel's programs start while the kernel before it finishes, load their first weight tile (the
 weights never depend on the kernel before), and only then wait for it (`gdc_wait`) before
 reading x or writing anything. A chain of small products then keeps memory busy across kernel
-boundaries instead of draining and ramping up at each. `set_pdl(False)` (or TFORMER_PDL=0)
+boundaries instead of draining and ramping up at each. (So the kernel launched just before a
+product must not write its weights; in a decode step it never does.) `set_pdl(False)` (or TFORMER_PDL=0)
 turns it off; the attention kernels (tformer.kernels.attention) follow the same switch.
 
 `matvec` is a torch custom op, so a compiled, CUDA-graphed decode step calls it as one kernel.
