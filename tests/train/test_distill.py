@@ -88,3 +88,27 @@ def test_bad_teachers_fail_before_training(corpus, tmp_path):  # noqa: F811
     (bare / "tokenizer.json").unlink()
     with pytest.raises(ValueError, match="has no tokenizer.json"):
         train(small_run(corpus, tmp_path, teacher=str(bare)), progress=False)
+
+
+def test_distill_init_starts_from_evenly_spaced_teacher_layers(corpus, tmp_path):  # noqa: F811
+    from tformer.train.model_setup import setup_model
+
+    train(small_run(corpus, tmp_path, out_dir=str(tmp_path / "teacher"), model={"n_layers": 4}, max_steps=2,
+                    eval_every=2), progress=False)
+    teacher_dir = tmp_path / "teacher" / "best"
+    teacher = tformer.load(teacher_dir)
+    cfg = small_run(corpus, tmp_path, teacher=str(teacher_dir), distill_init=True, model={"n_layers": 2})
+    student = setup_model(cfg, prepare_data(cfg).tokenizer, torch.device("cpu"), None)
+    assert len(student.layers) == 2
+    torch.testing.assert_close(student.tok_emb.weight, teacher.tok_emb.weight)
+    torch.testing.assert_close(student.output.weight, teacher.output.weight)
+    for i, j in ((0, 0), (1, 2)):  # every other layer
+        for (name, p), q in zip(student.layers[i].named_parameters(), teacher.layers[j].parameters()):
+            torch.testing.assert_close(p, q, msg=name)
+    result = train(cfg, progress=False)  # and it trains from there
+    assert result.step == cfg.max_steps
+    wide = small_run(corpus, tmp_path, teacher=str(teacher_dir), distill_init=True, model={"n_layers": 2, "dim": 96})
+    with pytest.raises(ValueError, match="but for n_layers"):
+        train(wide, progress=False)
+    with pytest.raises(ValueError, match="pass --teacher"):
+        train(small_run(corpus, tmp_path, distill_init=True), progress=False)

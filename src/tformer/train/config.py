@@ -44,6 +44,7 @@ class TrainConfig:
     teacher: str = ""  # a checkpoint to distill from (its tokenizer becomes the run's); empty: none
     distill_alpha: float = 0.5  # the teacher's share of the loss (1: the teacher's distributions only)
     distill_temperature: float = 1.0  # softening of both distributions in the teacher's term
+    distill_init: bool = False  # start from the teacher's weights (same width, evenly spaced layers)
     # precision and speed
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
@@ -74,6 +75,8 @@ class TrainConfig:
             raise ValueError(f"dtype={self.dtype!r}: choose auto, float32, bfloat16 or float16")
         if self.teacher:
             check_distill_options(self.distill_alpha, self.distill_temperature)
+        elif self.distill_init:
+            raise ValueError("distill_init starts the student from a teacher's weights: pass --teacher CKPT too")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
@@ -90,6 +93,8 @@ FIELD_HELP = {
                "mixes cross-entropy with KL from the teacher's distributions; the logged loss is that mix",
     "distill_alpha": "the teacher's share of the distillation loss, in [0, 1]",
     "distill_temperature": "softmax temperature of the distillation term (scaled by T^2)",
+    "distill_init": "start the student from the teacher's weights: embeddings, final norm, head and evenly "
+                    "spaced layers (DistilBERT); the student must be the teacher's shape but for n_layers",
     "eval_batches": "validation batches per eval; 0 evaluates the whole split",
 }
 

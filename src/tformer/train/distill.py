@@ -14,7 +14,9 @@ which is what a speculative-decoding draft needs (bench/speculative.py).
 
 `tformer train --teacher CKPT` turns it on. Teacher and student share the tokenizer (the run
 takes the teacher's); their vocabularies may differ only in padding rows past the tokenizer's
-size, which the loss leaves out. The teacher runs in eval mode without gradients.
+size, which the loss leaves out. The teacher runs in eval mode without gradients. With
+`--distill_init` a student of the teacher's width starts from the teacher's own weights
+(`init_from_teacher`, DistilBERT's initialisation).
 """
 
 from __future__ import annotations
@@ -82,6 +84,35 @@ def load_teacher(path: str | Path, device, vocab_size: int, seq_len: int) -> nn.
         raise ValueError(f"the teacher {path} reads at most {teacher.config.max_seq_len} tokens; lower "
                          f"--seq_len from {seq_len}")
     return teacher
+
+
+def init_from_teacher(student: nn.Module, teacher: nn.Module) -> list[int]:
+    """Copy the teacher's weights into a shallower student of the same width, as DistilBERT starts
+    its 6 layers from BERT's 12: embeddings, final norm and head as they are, and evenly spaced
+    layers (student layer i <- teacher layer i * L_teacher // L_student; every other one for half
+    the depth). Returns the teacher layers taken."""
+    L_s, L_t = len(student.layers), len(teacher.layers)
+    if L_s > L_t:
+        raise ValueError(f"distill_init: the student has {L_s} layers, more than the teacher's {L_t}")
+    taken = [i * L_t // L_s for i in range(L_s)]
+    source = teacher.state_dict()
+    state, wrong = {}, []
+    for name, param in student.state_dict().items():
+        if name.startswith("layers."):
+            i, rest = name[len("layers."):].split(".", 1)
+            name_t = f"layers.{taken[int(i)]}.{rest}"
+        else:
+            name_t = name
+        value = source.get(name_t)
+        if value is None or value.shape != param.shape:
+            wrong.append(f"{name} {tuple(param.shape)} vs {name_t} {None if value is None else tuple(value.shape)}")
+        else:
+            state[name] = value
+    if wrong:
+        raise ValueError("distill_init copies the teacher's weights, so the student must have its shape but for "
+                         "n_layers (leave the other --model.* options out); these differ: " + "; ".join(wrong[:4]))
+    student.load_state_dict(state)
+    return taken
 
 
 def make_distill_loss_fn(model, teacher, vocab_size: int, alpha: float, temperature: float,

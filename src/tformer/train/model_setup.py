@@ -10,17 +10,20 @@ from tformer.checkpoint import is_tformer_checkpoint, load
 from tformer.config import ModelConfig
 from tformer.models import build_model
 from tformer.sources import resolve_config
+from tformer.train.distill import init_from_teacher
 
 PAD_VOCAB_TO = 64  # matmul-friendly output size (nanoGPT's 50257 -> 50304 trick)
 
 
 def model_config(cfg, tokenizer) -> ModelConfig:
-    """The preset with the run's overrides; vocab sized to the tokenizer, context to seq_len."""
-    config, _ = resolve_config(cfg.preset)
+    """The preset (with distill_init: the teacher's config) with the run's overrides; vocab sized
+    to the tokenizer, context to seq_len."""
+    source = cfg.teacher if cfg.distill_init else cfg.preset
+    config, _ = resolve_config(source)
     changes = dict(cfg.model)
     if cfg.dropout:
         changes.update(emb_dropout=cfg.dropout, attn_dropout=cfg.dropout, resid_dropout=cfg.dropout)
-    if not Path(cfg.preset).is_dir():  # a fresh model: fit vocab and context to this run
+    if not Path(source).is_dir():  # a fresh model: fit vocab and context to this run
         vocab = tokenizer.vocab_size
         changes.setdefault("vocab_size", (vocab + PAD_VOCAB_TO - 1) // PAD_VOCAB_TO * PAD_VOCAB_TO)
         changes.setdefault("max_seq_len", max(config.max_seq_len, cfg.seq_len))
@@ -43,7 +46,11 @@ def setup_model(cfg, tokenizer, device: torch.device, resume_from: Path | None):
         if model.config != config:
             model = _with_config(model, config, device)
         return model.train()
-    return build_model(config, device=device).train()
+    model = build_model(config, device=device)
+    if cfg.distill_init:
+        taken = init_from_teacher(model, load(cfg.teacher, device=device))
+        print(f"student initialised from the teacher's embeddings, head and layers {taken}")
+    return model.train()
 
 
 def _with_config(model, config: ModelConfig, device):
