@@ -1,5 +1,6 @@
 """Distillation: the loss is Hinton's mix, a distilled student moves toward its teacher, bad teachers fail clearly."""
 
+import math
 import shutil
 
 import pytest
@@ -110,5 +111,22 @@ def test_distill_init_starts_from_evenly_spaced_teacher_layers(corpus, tmp_path)
     wide = small_run(corpus, tmp_path, teacher=str(teacher_dir), distill_init=True, model={"n_layers": 2, "dim": 96})
     with pytest.raises(ValueError, match="but for n_layers"):
         train(wide, progress=False)
-    with pytest.raises(ValueError, match="pass --teacher"):
+    with pytest.raises(ValueError, match="need a teacher"):
         train(small_run(corpus, tmp_path, distill_init=True), progress=False)
+
+
+def test_cosine_term_compares_directions_of_hidden_states(corpus, tmp_path):  # noqa: F811
+    from tformer.train.distill import cosine_loss
+
+    h = torch.randn(2, 5, 8)
+    assert cosine_loss(3.0 * h, h).abs() < 1e-6
+    torch.testing.assert_close(cosine_loss(-h, h), torch.tensor(2.0))
+    train(small_run(corpus, tmp_path, out_dir=str(tmp_path / "teacher"), max_steps=2, eval_every=2), progress=False)
+    teacher_dir = str(tmp_path / "teacher" / "best")
+    result = train(small_run(corpus, tmp_path, teacher=teacher_dir, distill_init=True, distill_cosine=1.0,
+                             model={"n_layers": 1}), progress=False)
+    assert math.isfinite(result.val_loss)
+    with pytest.raises(ValueError, match="distill_cosine compares hidden states"):
+        train(small_run(corpus, tmp_path, teacher=teacher_dir, distill_cosine=1.0, model={"dim": 96}), progress=False)
+    with pytest.raises(ValueError, match="need a teacher"):
+        train(small_run(corpus, tmp_path, distill_cosine=1.0), progress=False)

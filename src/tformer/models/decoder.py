@@ -71,6 +71,10 @@ class Decoder(nn.Module):
         input_pos (T,): cache slots of these tokens (required once caches are set up).
         attention_mask (B,S): 1 for real tokens, 0 for padding; S = T, or the cache size.
         """
+        return self.output(self.features(tokens, input_pos, attention_mask))
+
+    def features(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, attention_mask=None):
+        """tokens (B,T) -> the final hidden states (B,T,C), normalised: what the output head reads."""
         B, T = tokens.shape
         slots = self._slots(T, input_pos, tokens.device)
         n_keys = self.cache_slots or T  # key slots: the whole cache, or this sequence
@@ -82,7 +86,7 @@ class Decoder(nn.Module):
         rope = self.rope(positions, x.dtype) if self.rope is not None else None
         for layer in self.layers:
             x = layer(x, rope, mask, input_pos)
-        return self.output(self.norm(x))
+        return self.norm(x)
 
     def _slots(self, T: int, input_pos, device) -> torch.Tensor:
         if self.cache_slots and input_pos is None:

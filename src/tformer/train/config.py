@@ -45,6 +45,7 @@ class TrainConfig:
     distill_alpha: float = 0.5  # the teacher's share of the loss (1: the teacher's distributions only)
     distill_temperature: float = 1.0  # softening of both distributions in the teacher's term
     distill_init: bool = False  # start from the teacher's weights (same width, evenly spaced layers)
+    distill_cosine: float = 0.0  # weight of 1 - cos between final hidden states (same width)
     # precision and speed
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
@@ -75,8 +76,10 @@ class TrainConfig:
             raise ValueError(f"dtype={self.dtype!r}: choose auto, float32, bfloat16 or float16")
         if self.teacher:
             check_distill_options(self.distill_alpha, self.distill_temperature)
-        elif self.distill_init:
-            raise ValueError("distill_init starts the student from a teacher's weights: pass --teacher CKPT too")
+            if self.distill_cosine < 0:
+                raise ValueError(f"distill_cosine must be >= 0, got {self.distill_cosine}")
+        elif self.distill_init or self.distill_cosine:
+            raise ValueError("distill_init and distill_cosine need a teacher: pass --teacher CKPT too")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
@@ -95,6 +98,8 @@ FIELD_HELP = {
     "distill_temperature": "softmax temperature of the distillation term (scaled by T^2)",
     "distill_init": "start the student from the teacher's weights: embeddings, final norm, head and evenly "
                     "spaced layers (DistilBERT); the student must be the teacher's shape but for n_layers",
+    "distill_cosine": "weight of DistilBERT's hidden-state term, 1 - cos(student, teacher) of the final hidden "
+                      "states (a student of the teacher's width)",
     "eval_batches": "validation batches per eval; 0 evaluates the whole split",
 }
 

@@ -7,7 +7,9 @@ teacher's softened distribution,
     loss = (1 - alpha) * CE(student, next token) + alpha * T^2 * KL(softmax(t / T) || softmax(s / T))
 
 t and s are the teacher's and student's logits and T the temperature (T^2 keeps the soft term's
-gradient scale independent of T). alpha = 1 trains on the teacher alone. The teacher's full
+gradient scale independent of T). alpha = 1 trains on the teacher alone. DistilBERT adds a third
+term, `distill_cosine` x (1 - cos) between the two models' final hidden states, for students of
+the teacher's width. The teacher's full
 distribution says which tokens it finds plausible, so the student learns more per token than
 from the one-hot label; a student distilled this way also agrees with its teacher more often,
 which is what a speculative-decoding draft needs (bench/speculative.py).
@@ -115,13 +117,26 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module) -> list[int]:
     return taken
 
 
+def cosine_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of 1 - cos(student, teacher) between final hidden states (B, T, C):
+    DistilBERT's third term, which aligns the directions of the two models' representations."""
+    return (1 - F.cosine_similarity(student_hidden.float(), teacher_hidden.float(), dim=-1)).mean()
+
+
 def make_distill_loss_fn(model, teacher, vocab_size: int, alpha: float, temperature: float,
-                         label_smoothing: float = 0.0, compile_: bool = False):
-    """(x, y) -> the student's distillation loss; compiled with both forwards in one graph."""
+                         label_smoothing: float = 0.0, cosine: float = 0.0, compile_: bool = False):
+    """(x, y) -> the student's distillation loss (+ cosine x `cosine_loss` of the final hidden
+    states when cosine > 0); compiled with both forwards in one graph."""
+    if cosine > 0 and model.config.dim != teacher.config.dim:
+        raise ValueError(f"distill_cosine compares hidden states, so the student's dim ({model.config.dim}) must be "
+                         f"the teacher's ({teacher.config.dim}); set distill_cosine to 0 or match the width")
 
     def forward_loss(x, y):
         with torch.no_grad():
-            teacher_logits = teacher(x)
-        return distill_loss(model(x), teacher_logits, y, alpha, temperature, vocab_size, label_smoothing)
+            teacher_hidden = teacher.features(x)
+            teacher_logits = teacher.output(teacher_hidden)
+        hidden = model.features(x)
+        loss = distill_loss(model.output(hidden), teacher_logits, y, alpha, temperature, vocab_size, label_smoothing)
+        return loss + cosine * cosine_loss(hidden, teacher_hidden) if cosine > 0 else loss
 
     return torch.compile(forward_loss) if compile_ else forward_loss

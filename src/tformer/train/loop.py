@@ -96,7 +96,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     if cfg.teacher:
         teacher = load_teacher(cfg.teacher, device, data.tokenizer.vocab_size, cfg.seq_len)
         loss_fn = make_distill_loss_fn(model, teacher, data.tokenizer.vocab_size, cfg.distill_alpha,
-                                       cfg.distill_temperature, cfg.label_smoothing, cfg.compile)
+                                       cfg.distill_temperature, cfg.label_smoothing, cfg.distill_cosine, cfg.compile)
     else:
         loss_fn = make_loss_fn(model, cfg.label_smoothing, cfg.compile)
     autocast = autocast_for(device, cfg.dtype)
