@@ -26,7 +26,7 @@ def test_kernels_under_interpreter():
     r = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", __file__],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "32 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
+    assert "34 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
 
 
 SHAPES = [(37, 320, 32), (37, 320, 64), (64, 2048, 64)]  # tails of rows and of K steps (interpreted: 128 a step)
@@ -167,14 +167,17 @@ def test_decode_attention_matches_reference_with_grouped_heads_and_padding(dtype
 
 
 @interpreted
+@pytest.mark.parametrize("T", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cached_attention_for_several_new_tokens(dtype):
-    """A verify-sized step (T new tokens a sequence): RoPE, cache write and causal attention over the
+def test_cached_attention_matches_reference(dtype, T):
+    """A decode step (T = 1: the cache split in two parts, merged by the last to finish) and a
+    verify-sized one (T new tokens a sequence): RoPE, cache write and causal attention over the
     cache in one kernel, against RoPE, the cache update and the reference attention."""
-    _check_cached_attention_rows(dtype, "cpu")
+    _check_cached_attention(dtype, "cpu", T)
 
 
-def _check_cached_attention_rows(dtype, device):
+def _check_cached_attention(dtype, device, T):
+    from tformer.kernels import attention
     from tformer.config import RopeConfig
     from tformer.kernels import cached_attention, use_cached_attention
     from tformer.nn.attention import reference_attention
@@ -182,7 +185,7 @@ def _check_cached_attention_rows(dtype, device):
     from tformer.nn.rope import RotaryEmbedding, apply_rope
 
     torch.manual_seed(0)
-    B, T, H, Hkv, S, D = 2, 4, 8, 2, 80, 48  # head_dim not a power of two, RoPE on 32 of its 48 dims
+    B, H, Hkv, S, D = 2, 8, 2, 80, 48  # head_dim not a power of two, RoPE on 32 of its 48 dims
     qkv = torch.randn(B, T, (H + 2 * Hkv) * D).to(device, dtype)
     slots = torch.arange(66, 66 + T, device=device)
     valid = torch.ones(B, S, dtype=torch.long, device=device)
@@ -207,6 +210,8 @@ def _check_cached_attention_rows(dtype, device):
     # RoPE in fp32, rounded once (the module rounds each bf16 op): an ulp or so apart in bf16
     torch.testing.assert_close(k_cache[:, :, slots], k_want[:, :, slots], **tol)
     torch.testing.assert_close(v_cache[:, :, slots], v_want[:, :, slots], rtol=0, atol=0)
+    if T == 1:  # every count of finished splits is back at zero for the next call
+        assert all(not counts.any() for counts in attention._COUNTS.values())
 
 
 def _tiny(name: str = "tiny-llama", **overrides):
@@ -348,9 +353,10 @@ def test_matvec_on_cuda_matches_dequantized_reference():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU")
-def test_cached_attention_for_several_new_tokens_on_cuda():
+def test_cached_attention_on_cuda_matches_reference():
     pytest.importorskip("triton")
-    _check_cached_attention_rows(torch.bfloat16, "cuda")
+    for T in (1, 4):
+        _check_cached_attention(torch.bfloat16, "cuda", T)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU")

@@ -13,7 +13,10 @@ written in (B, 1, H, D) order, the layout the output projection reads, so no tra
 from the projected q|k|v it applies RoPE to q and the new k, writes the new k and v into the cache
 and attends, all in one kernel (three compiled kernels and the attention kernel before). Every
 program uses the new token's k and v from registers; one program per key/value head stores them,
-and none reads that slot back, so the write races with nothing.
+and none reads that slot back, so the write races with nothing. For one new token the cache can
+also be split into parts (flash-decoding; the autotuner picks 1, 4 or 8 per cache size), so a
+head's keys are read by several programs at once; each writes its partial softmax state, and the
+last of a head to finish (an atomic count) merges them, so it stays one kernel.
 """
 
 from __future__ import annotations
@@ -30,13 +33,13 @@ if triton is not None:
     from tformer.kernels.gemv import _dot_t, _wait_for_previous_kernel
 
     @triton.jit
-    def _attend_cache(q, k_ptr, v_ptr, m_ptr, head, b, S, skip, m_i, l_i, acc, sk_s, sm_b, sm_s, d, d_ok,
+    def _attend_cache(q, k_ptr, v_ptr, m_ptr, head, b, lo, hi, skip, m_i, l_i, acc, sk_s, sm_b, sm_s, d, d_ok,
                       BLOCK_S: tl.constexpr):
-        """Online softmax of q (BLOCK_D,) fp32, pre-scaled, over the kept cache slots of one key/value
-        head (all but slot `skip`); folds them into the running (max, sum, output)."""
-        for s0 in range(0, S, BLOCK_S):  # loads do not wait on the mask, so they can be in flight together
+        """Online softmax of q (BLOCK_D,) fp32, pre-scaled, over the kept cache slots lo..hi-1 of one
+        key/value head (all but slot `skip`); folds them into the running (max, sum, output)."""
+        for s0 in range(lo, hi, BLOCK_S):  # loads do not wait on the mask, so they can be in flight together
             s = s0 + tl.arange(0, BLOCK_S)
-            in_range = s < S
+            in_range = s < hi
             keep = (tl.load(m_ptr + b * sm_b + s * sm_s, mask=in_range, other=0) != 0) & in_range & (s != skip)
             offs = s[:, None] * sk_s + d[None, :]
             kv_ok = in_range[:, None] & d_ok[None, :]
@@ -61,7 +64,7 @@ if triton is not None:
         d_ok = d < D
         q = tl.load(q_ptr + b * sq_b + h * sq_h + d, mask=d_ok, other=0.0).to(tl.float32) * scale
         head = b * sk_b + (h // GROUP) * sk_h  # this query head's key/value head
-        m_i, l_i, acc = _attend_cache(q, k_ptr, v_ptr, m_ptr, head, b, S, -1, tl.full((), float("-inf"), tl.float32),
+        m_i, l_i, acc = _attend_cache(q, k_ptr, v_ptr, m_ptr, head, b, 0, S, -1, tl.full((), float("-inf"), tl.float32),
                                       tl.zeros((), tl.float32), tl.zeros((BLOCK_D,), tl.float32),
                                       sk_s, sm_b, sm_s, d, d_ok, BLOCK_S)
         tl.store(out_ptr + (b * H + h) * D + d, acc / l_i, mask=d_ok)
@@ -79,11 +82,16 @@ if triton is not None:
         return tl.where(rot, x * c + tl.where(d < half, -x_partner, x_partner) * s, x)
 
     @triton.jit
-    def _cached_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, out_ptr,
+    def _cached_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, out_ptr, ws_ptr, count_ptr,
                                  S, H, HKV, R, scale, s_qkv, s_cos, sk_b, sk_h, sk_s, sm_b, sm_s,
-                                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+                                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
+                                 PDL: tl.constexpr):
+        """Program (sequence x query head, split): the split's share of the cache slots. With
+        SPLITS > 1 each writes its partial (max, sum, output) to ws and the last of a head to finish
+        (an atomic count) merges them, so one kernel still does everything."""
         _wait_for_previous_kernel(PDL)
-        b, h = tl.program_id(0) // H, tl.program_id(0) % H
+        bh, split = tl.program_id(0), tl.program_id(1)
+        b, h = bh // H, bh % H
         kvh = h // (H // HKV)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < D
@@ -96,12 +104,38 @@ if triton is not None:
         pos = tl.load(pos_ptr)
         head = b * sk_b + kvh * sk_h
         if h % (H // HKV) == 0:  # one query head of the group writes the new slot; no one reads it back
-            tl.store(k_ptr + head + pos * sk_s + d, k_new, mask=d_ok)
-            tl.store(v_ptr + head + pos * sk_s + d, v_new, mask=d_ok)
-        m_i = tl.sum(q * k_new.to(tl.float32), axis=0)  # the new token sees itself: the softmax starts there
-        m_i, l_i, acc = _attend_cache(q, k_ptr, v_ptr, m_ptr, head, b, S, pos, m_i, tl.full((), 1.0, tl.float32),
-                                      v_new.to(tl.float32), sk_s, sm_b, sm_s, d, d_ok, BLOCK_S)
-        tl.store(out_ptr + (b * H + h) * D + d, acc / l_i, mask=d_ok)
+            if split == 0:
+                tl.store(k_ptr + head + pos * sk_s + d, k_new, mask=d_ok)
+                tl.store(v_ptr + head + pos * sk_s + d, v_new, mask=d_ok)
+        chunk = tl.cdiv(tl.cdiv(S, SPLITS), BLOCK_S) * BLOCK_S
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, S)
+        if split == 0:  # the new token sees itself: split 0's softmax starts there
+            m_i = tl.sum(q * k_new.to(tl.float32), axis=0)
+            l_i = tl.full((), 1.0, tl.float32)
+            acc = v_new.to(tl.float32)
+        else:
+            m_i = tl.full((), float("-inf"), tl.float32)
+            l_i = tl.zeros((), tl.float32)
+            acc = tl.zeros((BLOCK_D,), tl.float32)
+        m_i, l_i, acc = _attend_cache(q, k_ptr, v_ptr, m_ptr, head, b, lo, hi, pos, m_i, l_i, acc,
+                                      sk_s, sm_b, sm_s, d, d_ok, BLOCK_S)
+        if SPLITS == 1:
+            tl.store(out_ptr + bh * D + d, acc / l_i, mask=d_ok)
+        else:  # ws per (sequence x head): SPLITS rows of [max, sum, output (BLOCK_D)]
+            part = ws_ptr + (bh * SPLITS + split) * (BLOCK_D + 2)
+            tl.store(part, m_i)
+            tl.store(part + 1, l_i)
+            tl.store(part + 2 + d, acc)
+            if tl.atomic_add(count_ptr + bh, 1) == SPLITS - 1:  # acq_rel: the other splits' rows are visible
+                rows = ws_ptr + (bh * SPLITS + tl.arange(0, SPLITS)) * (BLOCK_D + 2)
+                ms = tl.load(rows, cache_modifier=".cg")
+                ls = tl.load(rows + 1, cache_modifier=".cg")
+                accs = tl.load(rows[:, None] + 2 + d[None, :], cache_modifier=".cg")  # (SPLITS, BLOCK_D)
+                w = tl.exp(ms - tl.max(ms, axis=0))  # split 0 always holds the new token: a finite max
+                out = tl.sum(accs * w[:, None], axis=0) / tl.sum(ls * w, axis=0)
+                tl.store(out_ptr + bh * D + d, out, mask=d_ok)
+                tl.atomic_xchg(count_ptr + bh, 0)  # ready for the next call
 
     @triton.jit
     def _cached_attention_rows_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, out_ptr,
@@ -168,8 +202,11 @@ if triton is not None:
     _CONFIGS = [triton.Config({"BLOCK_S": bs}, num_warps=w, num_stages=st)
                 for bs in (32, 64, 128) for w in (2, 4, 8) for st in (1, 3)]
     _tuned_decode_attention = triton.autotune(_CONFIGS, key=["S", "D"])(_decode_attention_kernel)
-    # its cache write is idempotent (the same values at the same slot), so the timing runs are harmless
-    _tuned_cached_attention = triton.autotune(_CONFIGS, key=["S", "D", "PDL"])(_cached_attention_kernel)
+    # its cache write is idempotent (the same values at the same slot), so the timing runs are harmless;
+    # the cache split in 1 to MAX_SPLITS parts (flash-decoding), whichever is fastest for the cache size
+    _SPLIT_CONFIGS = [triton.Config({"BLOCK_S": bs, "SPLITS": sp}, num_warps=w, num_stages=st)
+                      for bs in (32, 64, 128) for sp in (1, 4, 8) for w in (2, 4) for st in (1, 3)]
+    _tuned_cached_attention = triton.autotune(_SPLIT_CONFIGS, key=["S", "D", "PDL"])(_cached_attention_kernel)
     _tuned_cached_attention_rows = triton.autotune(_CONFIGS, key=["S", "D", "T", "PDL"])(
         _cached_attention_rows_kernel)
 
@@ -228,6 +265,21 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 
 MAX_NEW_TOKENS = 16  # new tokens a sequence that `cached_attention` takes in one call
+_INTERPRETED_SPLITS = 2  # the interpreter runs one configuration: a split cache, so tests cover the merge
+MAX_SPLITS = 8  # parts of the cache that one-token `cached_attention` may split the keys into
+_COUNTS: dict = {}  # device -> int32 counts of finished splits per (sequence x head), zero between calls
+
+
+def _split_counts(device: torch.device, n: int) -> torch.Tensor:
+    """At least n zeroed counters that stay allocated (a CUDA graph may hold their address); the
+    kernel's last split of a head sets its counter back to zero."""
+    counts = _COUNTS.get(device)
+    if counts is None or counts.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("cached_attention's first call with this many heads was inside a CUDA graph "
+                               "capture: run the step once before capturing it")
+        counts = _COUNTS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return counts
 
 
 @torch.library.custom_op("tformer::cached_attention", mutates_args=("k_cache", "v_cache"))
@@ -241,15 +293,24 @@ def cached_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     B, T = qkv.shape[:2]
     Hkv, S, D = k_cache.shape[1:]
     out = torch.empty(B, T, n_heads, D, device=qkv.device, dtype=qkv.dtype)
-    common = (qkv, cos, sin, k_cache, v_cache, input_pos, mask, out, S)
+    common = (qkv, cos, sin, k_cache, v_cache, input_pos, mask, out)
     strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), _batch_stride(mask))
     pdl = use_pdl(qkv.device)
     fixed = {"BLOCK_S": 64, "PDL": False} if INTERPRET else {"PDL": pdl, "launch_pdl": pdl}
-    if T == 1:  # one program per (sequence, query head)
-        kernel = _cached_attention_kernel if INTERPRET else _tuned_cached_attention
-        kernel[(B * n_heads,)](*common, n_heads, Hkv, rot_dim, 1.0 / math.sqrt(D), qkv.stride(0), _batch_stride(cos),
-                               *strides, mask.stride(3), D=D, BLOCK_D=triton.next_power_of_2(D), **fixed)
+    if T == 1:  # one program per (sequence, query head, part of the cache)
+        block_d = triton.next_power_of_2(D)
+        ws = torch.empty(B * n_heads * MAX_SPLITS * (block_d + 2), device=qkv.device, dtype=torch.float32)
+        counts = _split_counts(qkv.device, B * n_heads)
+        args = (*common, ws, counts, S, n_heads, Hkv, rot_dim, 1.0 / math.sqrt(D), qkv.stride(0), _batch_stride(cos),
+                *strides, mask.stride(3))
+        if INTERPRET:  # small blocks, so both splits hold keys in the tests' short caches
+            _cached_attention_kernel[(B * n_heads, _INTERPRETED_SPLITS)](*args, D=D, BLOCK_D=block_d,
+                                                                         SPLITS=_INTERPRETED_SPLITS,
+                                                                         **{**fixed, "BLOCK_S": 8})
+        else:
+            _tuned_cached_attention[lambda meta: (B * n_heads, meta["SPLITS"])](*args, D=D, BLOCK_D=block_d, **fixed)
         return out
+    common = (*common, S)
     kernel = _cached_attention_rows_kernel if INTERPRET else _tuned_cached_attention_rows
     kernel[(B * Hkv,)](*common, T, n_heads, Hkv, rot_dim, 1.0 / math.sqrt(D), qkv.stride(0), qkv.stride(1),
                        _batch_stride(cos), cos.stride(1), *strides[:3], strides[3], mask.stride(2), mask.stride(3),
