@@ -127,6 +127,7 @@ if triton is not None:
             tl.store(part, m_i)
             tl.store(part + 1, l_i)
             tl.store(part + 2 + d, acc)
+            tl.debug_barrier()  # every thread's part of the row stored before the count says so
             if tl.atomic_add(count_ptr + bh, 1) == SPLITS - 1:  # acq_rel: the other splits' rows are visible
                 rows = ws_ptr + (bh * SPLITS + tl.arange(0, SPLITS)) * (BLOCK_D + 2)
                 ms = tl.load(rows, cache_modifier=".cg")
