@@ -13,6 +13,9 @@ import pytest
 triton = pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("compiles kernels; the interpreter run is tests/test_kernels.py", allow_module_level=True)
+if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9):
+    pytest.skip("written against Triton 3.9's compiler API; on a GPU the CUDA tests compile the kernels",
+                allow_module_level=True)
 
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
