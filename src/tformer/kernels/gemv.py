@@ -46,6 +46,11 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: use_matvec() is then always False
     triton = None
+try:  # grid dependency control, for programmatic dependent launch (Triton 3.5 and later)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+    HAS_GDC = True
+except ImportError:
+    HAS_GDC = False
 
 FORMATS = {"float": 0, "int8": 1, "int4": 2}
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -62,8 +67,9 @@ def set_pdl(enabled: bool) -> None:
 
 def use_pdl(device: torch.device) -> bool:
     """Whether kernels on `device` launch with programmatic dependent launch (module docstring):
-    on when enabled, compiled (not interpreted) and on compute capability 9.0 or later."""
-    return (_PDL["enabled"] and not INTERPRET and device.type == "cuda"
+    on when enabled, compiled (not interpreted), Triton has the intrinsics, and on compute
+    capability 9.0 or later."""
+    return (_PDL["enabled"] and HAS_GDC and not INTERPRET and device.type == "cuda"
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
