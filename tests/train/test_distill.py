@@ -92,6 +92,7 @@ def test_bad_teachers_fail_before_training(corpus, tmp_path):  # noqa: F811
 
 
 def test_distill_init_starts_from_evenly_spaced_teacher_layers(corpus, tmp_path):  # noqa: F811
+    from tformer.train.distill import load_teacher
     from tformer.train.model_setup import setup_model
 
     train(small_run(corpus, tmp_path, out_dir=str(tmp_path / "teacher"), model={"n_layers": 4}, max_steps=2,
@@ -99,7 +100,9 @@ def test_distill_init_starts_from_evenly_spaced_teacher_layers(corpus, tmp_path)
     teacher_dir = tmp_path / "teacher" / "best"
     teacher = tformer.load(teacher_dir)
     cfg = small_run(corpus, tmp_path, teacher=str(teacher_dir), distill_init=True, model={"n_layers": 2})
-    student = setup_model(cfg, prepare_data(cfg).tokenizer, torch.device("cpu"), None)
+    tokenizer = prepare_data(cfg).tokenizer
+    student = setup_model(cfg, tokenizer, torch.device("cpu"), None,
+                          load_teacher(teacher_dir, "cpu", tokenizer.vocab_size, cfg.seq_len))
     assert len(student.layers) == 2
     torch.testing.assert_close(student.tok_emb.weight, teacher.tok_emb.weight)
     torch.testing.assert_close(student.output.weight, teacher.output.weight)

@@ -75,9 +75,7 @@ class TrainConfig:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r}: choose auto, float32, bfloat16 or float16")
         if self.teacher:
-            check_distill_options(self.distill_alpha, self.distill_temperature)
-            if self.distill_cosine < 0:
-                raise ValueError(f"distill_cosine must be >= 0, got {self.distill_cosine}")
+            check_distill_options(self.distill_alpha, self.distill_temperature, self.distill_cosine)
         elif self.distill_init or self.distill_cosine:
             raise ValueError("distill_init and distill_cosine need a teacher: pass --teacher CKPT too")
         if not 0 < self.val_fraction < 1:

@@ -9,10 +9,10 @@ teacher's softened distribution,
 t and s are the teacher's and student's logits and T the temperature (T^2 keeps the soft term's
 gradient scale independent of T). alpha = 1 trains on the teacher alone. DistilBERT adds a third
 term, `distill_cosine` x (1 - cos) between the two models' final hidden states, for students of
-the teacher's width. The teacher's full
-distribution says which tokens it finds plausible, so the student learns more per token than
-from the one-hot label; a student distilled this way also agrees with its teacher more often,
-which is what a speculative-decoding draft needs (bench/speculative.py).
+the teacher's width. The teacher's full distribution says which tokens it finds plausible, so the
+student learns more per token than from the one-hot label; a student distilled this way also
+agrees with its teacher more often, which is what a speculative-decoding draft needs
+(bench/speculative.py).
 
 `tformer train --teacher CKPT` turns it on. Teacher and student share the tokenizer (the run
 takes the teacher's); their vocabularies may differ only in padding rows past the tokenizer's
@@ -51,11 +51,13 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tar
     return loss
 
 
-def check_distill_options(alpha: float, temperature: float) -> None:
+def check_distill_options(alpha: float, temperature: float, cosine: float) -> None:
     if not 0 <= alpha <= 1:
         raise ValueError(f"distill_alpha must be in [0, 1] (the teacher's share of the loss), got {alpha}")
     if temperature <= 0:
         raise ValueError(f"distill_temperature must be > 0, got {temperature}")
+    if cosine < 0:
+        raise ValueError(f"distill_cosine must be >= 0, got {cosine}")
 
 
 def teacher_tokenizer(path: str | Path) -> Tokenizer:

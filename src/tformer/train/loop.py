@@ -83,7 +83,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     resume_from = checkpoint_dirs(cfg.out_dir)[-1] if cfg.resume and checkpoint_dirs(cfg.out_dir) else None
     if cfg.resume and resume_from is None:
         print(f"no checkpoint in {cfg.out_dir}/checkpoints: starting from scratch")
-    model = setup_model(cfg, data.tokenizer, device, resume_from)
+    teacher = load_teacher(cfg.teacher, device, data.tokenizer.vocab_size, cfg.seq_len) if cfg.teacher else None
+    model = setup_model(cfg, data.tokenizer, device, resume_from, teacher)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     start, best = 0, float("inf")
     if resume_from is not None:
@@ -93,8 +94,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         if "cuda_rng" in state and device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         start, best = state["step"], state["best_val_loss"]
-    if cfg.teacher:
-        teacher = load_teacher(cfg.teacher, device, data.tokenizer.vocab_size, cfg.seq_len)
+    if teacher is not None:
         loss_fn = make_distill_loss_fn(model, teacher, data.tokenizer.vocab_size, cfg.distill_alpha,
                                        cfg.distill_temperature, cfg.label_smoothing, cfg.distill_cosine, cfg.compile)
     else:

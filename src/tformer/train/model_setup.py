@@ -37,7 +37,8 @@ def model_config(cfg, tokenizer) -> ModelConfig:
     return config
 
 
-def setup_model(cfg, tokenizer, device: torch.device, resume_from: Path | None):
+def setup_model(cfg, tokenizer, device: torch.device, resume_from: Path | None, teacher=None):
+    """The model to train; with cfg.distill_init, a fresh one starts from `teacher`'s weights."""
     if resume_from is not None:
         return load(resume_from, device=device).train()
     config = model_config(cfg, tokenizer)
@@ -48,7 +49,7 @@ def setup_model(cfg, tokenizer, device: torch.device, resume_from: Path | None):
         return model.train()
     model = build_model(config, device=device)
     if cfg.distill_init:
-        taken = init_from_teacher(model, load(cfg.teacher, device=device))
+        taken = init_from_teacher(model, teacher)
         print(f"student initialised from the teacher's embeddings, head and layers {taken}")
     return model.train()
 
