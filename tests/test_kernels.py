@@ -1,8 +1,10 @@
-"""tformer.kernels.matvec against PyTorch references, on CPU through Triton's interpreter.
+"""tformer.kernels (matvec, decode and cached attention) against PyTorch references, on CPU
+through Triton's interpreter.
 
 The kernels are Triton code; with TRITON_INTERPRET=1 the very same kernel runs on CPU tensors. The
 interpreter must be on before Triton is imported, so `test_kernels_under_interpreter` runs this file
-again in a child process with it set; there the other tests run (elsewhere they skip).
+and tests/test_kernels_fused.py (whole models through the kernels) again in a child process with
+it set; there the other tests run (elsewhere they skip).
 """
 
 import os
@@ -23,7 +25,8 @@ def test_kernels_under_interpreter():
     if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9):
         pytest.skip("Triton's interpreter before 3.9 fails on this kernel (the compiled kernel is tested on CUDA)")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", __file__],
+    files = [__file__, os.path.join(os.path.dirname(__file__), "test_kernels_fused.py")]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", *files],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert "34 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
@@ -214,120 +217,6 @@ def _check_cached_attention(dtype, device, T):
         assert all(not counts.any() for counts in attention._COUNTS.values())
 
 
-def _tiny(name: str = "tiny-llama", **overrides):
-    from tformer.models import build_model
-    from tformer.presets import get_preset
-
-    torch.manual_seed(0)
-    return build_model(get_preset(name).replace(**overrides)).eval()
-
-
-def _prefill_and_step(model, device="cpu"):
-    """Logits of a left-padded 5-token prompt, of two decode steps after it (the second reads the
-    cache slot the first wrote) and of a 3-token step (as a speculative verify)."""
-    model.setup_caches(1, 16)
-    mask = torch.ones(1, model.cache_slots, dtype=torch.long, device=device)
-    mask[:, :1] = 0
-    out = []
-    with torch.no_grad():
-        out.append(model(torch.tensor([[0, 3, 5, 7, 11]], device=device), input_pos=torch.arange(5, device=device),
-                         attention_mask=mask))
-        for slots, tokens in (([5], [9]), ([6], [2]), ([7, 8, 9], [4, 1, 8])):
-            out.append(model(torch.tensor([tokens], device=device), input_pos=torch.tensor(slots, device=device),
-                             attention_mask=mask))
-    model.clear_caches()
-    return out
-
-
-FUSED_CASES = [("tiny-llama", None), ("tiny-llama", "int8"), ("tiny-llama", "int4"), ("tiny-qwen2", None),
-               ("tiny-mistral", None), ("tiny-gpt2", None), ("tiny-moe", None), ("tiny-mla-moe", None)]
-
-
-@interpreted
-@pytest.mark.parametrize("preset,quant", FUSED_CASES)
-def test_fused_decode_matches_unfused(preset, quant):
-    from tformer.kernels import MatvecLinear
-    from tformer.models import with_decode_kernels, without_decode_kernels
-    from tformer.models.fused import FusedBlock
-    from tformer.quantize import quantize_model
-
-    model = _tiny(preset, tie_embeddings=False, **({"ffn_dim": 192} if quant else {}))  # int4 groups of 32
-    if quant:
-        quantize_model(model, quant, group_size=32)
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    want = _prefill_and_step(model)
-    with_decode_kernels(model)
-    fused = [type(b) is FusedBlock for b in model.layers]
-    assert all(fused) if preset != "tiny-mla-moe" else not any(fused)  # latent attention keeps its own path
-    assert quant or type(model.output) is MatvecLinear
-    got = _prefill_and_step(model)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
-    without_decode_kernels(model)
-    assert not any(isinstance(m, (FusedBlock, MatvecLinear)) for m in model.modules())
-
-
-@interpreted
-def test_fused_block_takes_the_fused_kernels():
-    """The Llama block's one-row step is four matvec calls (norms, residuals and SwiGLU inside) plus
-    one attention kernel that also applies RoPE and writes the cache."""
-    from tformer.kernels import attention, gemv
-    from tformer.models import with_decode_kernels
-
-    model = with_decode_kernels(_tiny("tiny-llama", tie_embeddings=False))
-    calls = []
-    original = gemv.matvec_op
-
-    def spy(*args):
-        given = dict(zip(["up", "norm", "bias", "residual"], (args[i] is not None for i in (6, 9, 11, 12))))
-        calls.append(sorted(k for k, v in given.items() if v))
-        return original(*args)
-
-    block = model.layers[0]
-    x = torch.randn(1, 1, 64)
-    attention_op = attention.cached_attention_op
-    gemv.matvec_op = spy
-    attention.cached_attention_op = lambda *args: calls.append("attention") or attention_op(*args)
-    try:
-        with torch.no_grad():
-            model.setup_caches(1, 8)
-            cos_sin = model.rope(torch.zeros(1, 1, dtype=torch.long), x.dtype)
-            mask = torch.ones(1, 1, 1, model.cache_slots, dtype=torch.bool)
-            block(x, cos_sin, mask, torch.tensor([0]))
-            x3 = torch.randn(1, 3, 64)  # three new tokens (a speculative verify): the same kernels
-            cos_sin = model.rope(torch.arange(1, 4)[None], x.dtype)
-            block(x3, cos_sin, torch.ones(1, 1, 3, model.cache_slots, dtype=torch.bool), torch.arange(1, 4))
-        k_written = block.attn.kv_cache.k[0, :, :4].clone()
-    finally:
-        gemv.matvec_op, attention.cached_attention_op = original, attention_op
-        model.clear_caches()
-    assert calls == [["norm"], "attention", ["residual"], ["norm", "up"], ["residual"]] * 2  # wqkv, wo, w1 + w3, w2
-    assert (k_written.abs().sum(-1) > 0).all()  # the new tokens' keys went into slots 0..3
-
-
-@interpreted
-def test_compiled_model_keeps_the_kernel_in_one_graph():
-    from tformer.generate.engine import decode_step
-    from tformer.generate.sampling import SamplingConfig
-    from tformer.models import with_decode_kernels
-    from tformer.quantize import quantize_model
-
-    model = with_decode_kernels(quantize_model(_tiny(tie_embeddings=False, ffn_dim=192), "int4", group_size=32, skip=()))
-    assert model.output.__class__.__name__ == "Int8Linear"  # the untied head: int8, the rest int4
-    greedy = SamplingConfig(temperature=0)
-    step = torch.compile(decode_step, backend="aot_eager", fullgraph=True)
-    with torch.no_grad():
-        model.setup_caches(1, 16)
-        prompt = torch.tensor([[3, 5, 7]])
-        mask = torch.ones(1, model.cache_slots, dtype=torch.long)
-        model(prompt, input_pos=torch.arange(3), attention_mask=mask)
-        tok, pos = torch.tensor([[9]]), torch.tensor([3])
-        eager = decode_step(model, tok, pos, mask, greedy)
-        compiled = step(model, tok, pos, mask, greedy)
-    assert torch.equal(eager, compiled)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU")
 def test_matvec_on_cuda_matches_dequantized_reference():
     pytest.importorskip("triton")
@@ -357,78 +246,3 @@ def test_cached_attention_on_cuda_matches_reference():
     pytest.importorskip("triton")
     for T in (1, 4):
         _check_cached_attention(torch.bfloat16, "cuda", T)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU")
-def test_fused_decode_on_cuda_matches_unfused_in_bf16():
-    pytest.importorskip("triton")
-    from tformer.generate.engine import compiled_decode_step, decode_step
-    from tformer.generate.sampling import SamplingConfig
-    from tformer.models import with_decode_kernels
-
-    model = _tiny(tie_embeddings=False).to("cuda", torch.bfloat16)
-    want = _prefill_and_step(model, "cuda")
-    with_decode_kernels(model)
-    got = _prefill_and_step(model, "cuda")
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g.float(), w.float(), rtol=0, atol=0.03 * w.float().abs().max().item())
-    greedy, tok, pos = SamplingConfig(temperature=0), torch.tensor([[9]], device="cuda"), torch.tensor([5], device="cuda")
-    tokens = []
-    for step in (decode_step, compiled_decode_step()):  # the fused step, eager and CUDA-graphed
-        model.setup_caches(1, 16)
-        mask = torch.ones(1, model.cache_slots, dtype=torch.long, device="cuda")
-        with torch.no_grad():
-            model(torch.tensor([[0, 3, 5, 7, 11]], device="cuda"), input_pos=torch.arange(5, device="cuda"),
-                  attention_mask=mask)
-            tokens.append(step(model, tok, pos, mask, greedy))
-        model.clear_caches()
-    assert torch.equal(tokens[0], tokens[1])
-
-
-@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU")
-def test_programmatic_dependent_launch_changes_no_token_on_cuda():
-    """The same greedy tokens with and without PDL, eager and CUDA-graphed, one row and a few (batch 3)."""
-    pytest.importorskip("triton")
-    from tformer.generate import SamplingConfig, generate
-    from tformer.generate.engine import compiled_decode_step
-    from tformer.kernels import gemv
-    from tformer.models import with_decode_kernels
-
-    model = with_decode_kernels(_tiny(tie_embeddings=False).to("cuda", torch.bfloat16))
-    greedy, prompts = SamplingConfig(temperature=0), [[3, 5, 7, 11], [2, 9], [4, 4, 8]]
-    runs, before = {}, gemv._PDL["enabled"]
-    try:
-        for pdl in (False, True):
-            gemv.set_pdl(pdl)
-            torch._dynamo.reset()  # capture the graphs again under this setting
-            for graphed in (False, True):
-                step = compiled_decode_step() if graphed else None
-                runs[pdl, graphed] = [generate(model, p, 12, greedy, step_fn=step) for p in ([prompts[0]], prompts)]
-    finally:
-        gemv.set_pdl(before)
-        torch._dynamo.reset()
-    assert runs[True, False] == runs[False, False]
-    assert runs[True, True] == runs[False, True]
-
-
-@interpreted
-def test_speculative_greedy_through_the_kernels_equals_target_greedy():
-    """Drafts of one row, verifies of k + 1 rows (the few-row kernels), eager and compiled rounds:
-    in fp32 the tokens are the target's own greedy tokens."""
-    from tformer.generate import SamplingConfig, generate
-    from tformer.generate.speculative import SpecSteps, spec_round, speculative_generate
-    from tformer.models import with_decode_kernels
-
-    small = dict(tie_embeddings=False, vocab_size=64, n_layers=1, ffn_dim=64)  # few interpreted programs
-    target, near = _tiny(**small), _tiny(**small)
-    with torch.no_grad():
-        for p in near.parameters():
-            p.add_(torch.randn_like(p) * 0.002)  # agrees with the target most of the time
-    greedy, prompt = SamplingConfig(temperature=0), [5, 17, 42, 3]
-    want = generate(target, [prompt], 8, greedy)[0]
-    with_decode_kernels(target), with_decode_kernels(near)
-    compiled = SpecSteps(round=torch.compile(spec_round, backend="aot_eager", fullgraph=True, dynamic=False))
-    for steps in (None, compiled):
-        out, stats = speculative_generate(target, near, prompt, 8, k=3, sampling=greedy, steps=steps)
-        assert out == want
-        assert 0 < stats.accepted < stats.proposed
