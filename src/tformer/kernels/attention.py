@@ -205,8 +205,8 @@ if triton is not None:
     _tuned_decode_attention = triton.autotune(_CONFIGS, key=["S", "D"])(_decode_attention_kernel)
     # its cache write is idempotent (the same values at the same slot), so the timing runs are harmless;
     # the cache split in 1 to MAX_SPLITS parts (flash-decoding), whichever is fastest for the cache size
-    _SPLIT_CONFIGS = [triton.Config({"BLOCK_S": bs, "SPLITS": sp}, num_warps=w, num_stages=st)
-                      for bs in (32, 64, 128) for sp in (1, 4, 8) for w in (2, 4) for st in (1, 3)]
+    _SPLIT_CONFIGS = [triton.Config({"BLOCK_S": bs, "SPLITS": sp}, num_warps=w, num_stages=1)
+                      for bs in (32, 64, 128) for sp in (1, 4, 8) for w in (2, 4)]  # 1 stage won every time
     _tuned_cached_attention = triton.autotune(_SPLIT_CONFIGS, key=["S", "D", "PDL"])(_cached_attention_kernel)
     _tuned_cached_attention_rows = triton.autotune(_CONFIGS, key=["S", "D", "T", "PDL"])(
         _cached_attention_rows_kernel)
@@ -271,14 +271,19 @@ MAX_SPLITS = 8  # parts of the cache that one-token `cached_attention` may split
 _COUNTS: dict = {}  # device -> int32 counts of finished splits per (sequence x head), zero between calls
 
 
-def _split_counts(device: torch.device, n: int) -> torch.Tensor:
-    """At least n zeroed counters that stay allocated (a CUDA graph may hold their address); the
-    kernel's last split of a head sets its counter back to zero."""
+def reserve_split_counts(device, n: int) -> torch.Tensor:
+    """At least n zeroed counters for one-token `cached_attention` to merge its splits by (its last
+    split of a (sequence, head) sets the counter back to zero). They stay allocated, since a CUDA graph
+    holds their address, so they must not come from a CUDA-graph memory pool: models with the decode
+    kernels reserve them when they make their KV caches, outside compiled code."""
+    device = torch.device(device if device is not None else torch.get_default_device())
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     counts = _COUNTS.get(device)
     if counts is None or counts.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("cached_attention's first call with this many heads was inside a CUDA graph "
-                               "capture: run the step once before capturing it")
+            raise RuntimeError("cached_attention's counters were first needed inside a CUDA graph capture: "
+                               "make the KV caches (setup_caches) before capturing a step")
         counts = _COUNTS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
     return counts
 
@@ -301,7 +306,7 @@ def cached_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     if T == 1:  # one program per (sequence, query head, part of the cache)
         block_d = triton.next_power_of_2(D)
         ws = torch.empty(B * n_heads * MAX_SPLITS * (block_d + 2), device=qkv.device, dtype=torch.float32)
-        counts = _split_counts(qkv.device, B * n_heads)
+        counts = reserve_split_counts(qkv.device, B * n_heads)
         args = (*common, ws, counts, S, n_heads, Hkv, rot_dim, 1.0 / math.sqrt(D), qkv.stride(0), _batch_stride(cos),
                 *strides, mask.stride(3))
         if INTERPRET:  # small blocks, so both splits hold keys in the tests' short caches

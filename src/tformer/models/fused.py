@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from tformer.kernels.attention import cached_attention, use_cached_attention
+from tformer.kernels.attention import cached_attention, reserve_split_counts, use_cached_attention
 from tformer.kernels.gemv import matvec, use_matvec
 from tformer.kernels.linear import MatvecLinear
 from tformer.models.blocks import Block
@@ -72,6 +72,15 @@ def _attend(attn: Attention, qkv, rope, mask, input_pos):
     return cached_attention(qkv, rope, k, v, input_pos, mask, attn.n_heads)
 
 
+class FusedAttention(Attention):
+    """Attention whose caches come with the counters `cached_attention` merges its splits by, made
+    here, eagerly: allocated later, inside a CUDA-graph tree's warm-up, they would land in its pool."""
+
+    def make_cache(self, batch_size: int, n_slots: int, dtype, device=None):
+        reserve_split_counts(device, batch_size * self.n_heads)
+        return super().make_cache(batch_size, n_slots, dtype, device)
+
+
 class FusedBlock(Block):
     """A pre-norm Block whose few-row eval forward runs through the fused kernels (module docstring)."""
 
@@ -85,12 +94,16 @@ class FusedBlock(Block):
 
 
 def with_decode_kernels(model: nn.Module) -> nn.Module:
-    """Swap in place: full-precision nn.Linear -> MatvecLinear, pre-norm attention Block -> FusedBlock."""
+    """Swap in place: full-precision nn.Linear -> MatvecLinear, pre-norm attention Block -> FusedBlock
+    (its Attention -> FusedAttention)."""
     for m in model.modules():
         if type(m) is nn.Linear:
             m.__class__ = MatvecLinear
         elif type(m) is Block and type(m.attn) is Attention:
-            m.__class__ = FusedBlock
+            m.__class__, m.attn.__class__ = FusedBlock, FusedAttention
+            cache = m.attn.kv_cache
+            if cache is not None:  # made before the swap
+                reserve_split_counts(cache.k.device, cache.k.shape[0] * m.attn.n_heads)
     return model
 
 
@@ -99,5 +112,5 @@ def without_decode_kernels(model: nn.Module) -> nn.Module:
         if type(m) is MatvecLinear:
             m.__class__ = nn.Linear
         elif type(m) is FusedBlock:
-            m.__class__ = Block
+            m.__class__, m.attn.__class__ = Block, Attention
     return model
