@@ -69,6 +69,7 @@ def timed(fn, repeats: int) -> tuple[float, list[float]]:
 
 def tformer_runner(config, prompt, new, batch, quantize: str | None = None, pdl: bool = True):
     set_pdl(pdl)  # read when the kernels launch and the step's CUDA graph is captured (the warm-up call)
+    torch._dynamo.reset()  # else a variant reuses the last one's compiled step, re-recorded without warm-up
     model = build_model(config, device="cuda", dtype=torch.bfloat16).eval()
     if quantize:
         from tformer.quantize import quantize_model

@@ -29,7 +29,7 @@ def test_kernels_under_interpreter():
     r = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", *files],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "35 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
+    assert "36 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
 
 
 SHAPES = [(37, 320, 32), (37, 320, 64), (64, 2048, 64)]  # tails of rows and of K steps (interpreted: 128 a step)
@@ -58,6 +58,20 @@ def test_matvec_formats_match_dequantized_reference(n, k, group, rows):
     for fmt, (y, w_ref) in cases.items():
         assert y.shape == (rows, n), fmt
         torch.testing.assert_close(y, x @ w_ref.T, rtol=1e-5, atol=1e-4, msg=fmt)
+
+
+def test_untuned_kernels_launch_their_first_configuration(monkeypatch):
+    """TFORMER_TUNE=0 (`_TUNE` off): every autotuned kernel keeps its first configuration, times none."""
+    pytest.importorskip("triton")
+    from tformer.kernels import attention, gemv
+
+    for tuner in (*gemv._TUNED.values(), gemv._TUNED_ROWS, attention._tuned_cached_attention,
+                  attention._tuned_cached_attention_rows, attention._tuned_decode_attention):
+        monkeypatch.setitem(gemv._TUNE, "enabled", False)
+        tuner.nargs = {}
+        assert tuner.prune_configs({}) == tuner.configs[:1]
+        monkeypatch.setitem(gemv._TUNE, "enabled", True)
+        assert tuner.prune_configs({}) == tuner.configs and len(tuner.configs) > 1
 
 
 @interpreted

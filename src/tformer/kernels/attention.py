@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from tformer.kernels.gemv import DEVICE_TYPE, INTERPRET, triton, use_pdl
+from tformer.kernels.gemv import DEVICE_TYPE, INTERPRET, triton, tuned, use_pdl
 
 if triton is not None:
     import triton.language as tl
@@ -202,14 +202,13 @@ if triton is not None:
 
     _CONFIGS = [triton.Config({"BLOCK_S": bs}, num_warps=w, num_stages=st)
                 for bs in (32, 64, 128) for w in (2, 4, 8) for st in (1, 3)]
-    _tuned_decode_attention = triton.autotune(_CONFIGS, key=["S", "D"])(_decode_attention_kernel)
+    _tuned_decode_attention = tuned(_CONFIGS, ["S", "D"])(_decode_attention_kernel)
     # its cache write is idempotent (the same values at the same slot), so the timing runs are harmless;
     # the cache split in 1 to MAX_SPLITS parts (flash-decoding), whichever is fastest for the cache size
     _SPLIT_CONFIGS = [triton.Config({"BLOCK_S": bs, "SPLITS": sp}, num_warps=w, num_stages=1)
-                      for bs in (32, 64, 128) for sp in (1, 4, 8) for w in (2, 4)]  # 1 stage won every time
-    _tuned_cached_attention = triton.autotune(_SPLIT_CONFIGS, key=["S", "D", "PDL"])(_cached_attention_kernel)
-    _tuned_cached_attention_rows = triton.autotune(_CONFIGS, key=["S", "D", "T", "PDL"])(
-        _cached_attention_rows_kernel)
+                      for sp in (4, 8, 1) for bs in (64, 128, 32) for w in (4, 2)]  # 1 stage won every time
+    _tuned_cached_attention = tuned(_SPLIT_CONFIGS, ["S", "D", "PDL"])(_cached_attention_kernel)
+    _tuned_cached_attention_rows = tuned(_CONFIGS, ["S", "D", "T", "PDL"])(_cached_attention_rows_kernel)
 
 
 def _key_mask(mask, batch: int, n_queries: int, n_slots: int) -> bool:

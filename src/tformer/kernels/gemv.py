@@ -14,8 +14,9 @@ stores (no repacking):
 
 Shapes: x (K,), W (N, K) -> y (N,). A program owns BLOCK_N rows and walks K in steps of BLOCK_K
 columns (whole int4 groups, so each group's scale and zero are loaded once per row), accumulating
-in fp32; the tiles are autotuned per (format, N, K). Splitting K across programs was measured
-slower on the H100 for every decode shape (bench/gemv.py), so each row is summed by one program.
+in fp32; the tiles are autotuned per (format, N, K) (`tuned`; TFORMER_TUNE=0 takes a default).
+Splitting K across programs was measured slower on the H100 for every decode shape
+(bench/gemv.py), so each row is summed by one program.
 
 Around the product the kernel can fuse what surrounds a weight in a pre-norm decoder block
 (tformer.kernels.block): RMSNorm of x (each program sums x^2 itself, x being a few KB), a bias,
@@ -60,9 +61,24 @@ DEVICE_TYPE = None if triton is None else ("cpu" if INTERPRET else "cuda")  # wh
 _PDL = {"enabled": os.environ.get("TFORMER_PDL", "1") != "0"}
 
 
+_TUNE = {"enabled": os.environ.get("TFORMER_TUNE", "1") != "0"}
+
+
 def set_pdl(enabled: bool) -> None:
-    """Turn programmatic dependent launch on or off for kernels launched (or CUDA graphs captured) from now on."""
+    """Turn programmatic dependent launch on or off for kernels launched (or CUDA graphs captured) from
+    now on. A step compiled and graphed under the other setting must be compiled again
+    (torch._dynamo.reset()): its graph would be re-recorded with kernels that were never warmed up."""
     _PDL["enabled"] = enabled
+
+
+def tuned(configs: list, key: list[str]):
+    """triton.autotune over `configs`: each new key times them all and keeps the fastest, unless
+    TFORMER_TUNE=0, which launches the first (each list puts a good default first) and times nothing,
+    for quick starts and tests."""
+    def first_unless_tuning(configs, named_args, **kwargs):
+        return configs if _TUNE["enabled"] else configs[:1]
+
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": first_unless_tuning})
 
 
 def use_pdl(device: torch.device) -> bool:
@@ -269,17 +285,17 @@ if triton is not None:
     # (BLOCK_N, BLOCK_K, warps): 1-4 KB of weight per row and step, a few rows per program
     _KEY = ["N", "K", "GROUP", "NORM", "GATED", "PDL"]
     _TUNED = {
-        0: triton.autotune(_configs([(2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
-                                     (16, 256, 4), (16, 512, 8)]), key=_KEY)(_matvec_kernel),
-        1: triton.autotune(_configs([(2, 2048, 4), (4, 1024, 4), (4, 2048, 8), (8, 512, 4), (8, 1024, 4),
-                                     (16, 512, 4), (16, 1024, 8)]), key=_KEY)(_matvec_kernel),
-        2: triton.autotune(_configs([(4, 1024, 4), (4, 2048, 8), (8, 512, 4), (8, 1024, 4), (16, 256, 4),
-                                     (16, 512, 8), (32, 256, 8)]), key=_KEY)(_matvec_kernel),
+        0: tuned(_configs([(2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4), (16, 256, 4),
+                           (16, 512, 8)]), _KEY)(_matvec_kernel),
+        1: tuned(_configs([(2, 2048, 4), (4, 1024, 4), (4, 2048, 8), (8, 512, 4), (8, 1024, 4), (16, 512, 4),
+                           (16, 1024, 8)]), _KEY)(_matvec_kernel),
+        2: tuned(_configs([(4, 1024, 4), (4, 2048, 8), (8, 512, 4), (8, 1024, 4), (16, 256, 4), (16, 512, 8),
+                           (32, 256, 8)]), _KEY)(_matvec_kernel),
     }
     # several rows: tensor-core tiles, at least 16 weight rows and 32 columns a program
-    _TUNED_ROWS = triton.autotune(
+    _TUNED_ROWS = tuned(
         _configs([(16, 128, 4), (16, 256, 4), (16, 512, 4), (16, 512, 8), (32, 128, 4), (32, 256, 4), (32, 256, 8),
-                  (64, 128, 4)]), key=["M"] + _KEY)(_rows_kernel)
+                  (64, 128, 4)]), ["M"] + _KEY)(_rows_kernel)
 
 MAX_ROWS = 16  # rows of x the kernels take; more is a matmul for cuBLAS
 
