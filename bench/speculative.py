@@ -1,12 +1,14 @@
 """Speculative decoding speed on one GPU: a trained target/draft pair, greedy, timed in one process.
 
     PYTHONPATH=src python bench/speculative.py [--target-steps 700] [--draft-steps 1500] [--k 3 5] [--new 256]
-        [--drafts distilled plain] [--distill-alpha 1.0]
+        [--drafts distilled plain] [--distill-alpha 1.0] [--draft-dim 256] [--draft-layers 4]
 
 The models, all trained here by `tformer.train` on the default corpus (Shakespeare's plays, the
 default 8192-token BPE tokenizer, so they share it):
   target: the Llama-3.2-1B layer shape (16 x 2048, 32/8 heads, SwiGLU 8192), untied, ~1.0B parameters
-  draft:  the default `shakespeare-bpe` recipe widened to 4 x 256 (SwiGLU 768, tied), ~5.3M parameters,
+  draft:  the default `shakespeare-bpe` recipe widened to 4 x 256 (SwiGLU 768, tied), ~5.3M parameters
+          (--draft-layers x --draft-dim: heads of 64, SwiGLU 3 x dim; at batch 1 a step's cost grows
+          with the layers, hardly with the width),
           trained on the corpus ("plain"), or distilled from the target ("distilled": `--teacher`,
           the loss mixes the target's distributions in with weight --distill-alpha; 1.0: those only)
 Each is trained for a number of 16 x 512-token steps (bf16 autocast, compiled); a draft keeps its
@@ -49,8 +51,11 @@ from tformer.train.data import prepare_data
 
 TARGET = {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "ffn_dim": 8192, "tie_embeddings": False,
           "max_seq_len": 1024}
-DRAFT = {"dim": 256, "n_layers": 4, "n_heads": 4, "ffn_dim": 768, "max_seq_len": 1024}
 GREEDY = SamplingConfig(temperature=0)
+
+
+def draft_shape(dim: int, layers: int) -> dict:
+    return {"dim": dim, "n_layers": layers, "n_heads": dim // 64, "ffn_dim": 3 * dim, "max_seq_len": 1024}
 
 
 def train_model(out: Path, steps: int, model: dict, lr: float, eval_every: int, **distill) -> Path:
@@ -89,6 +94,8 @@ def main() -> None:
                     help="plain: the draft trained on the corpus alone; distilled: trained on the target's "
                          "distributions (tformer train --teacher, --distill-alpha)")
     ap.add_argument("--distill-alpha", type=float, default=1.0)
+    ap.add_argument("--draft-dim", type=int, default=256)
+    ap.add_argument("--draft-layers", type=int, default=4)
     args = ap.parse_args()
 
     target_path = train_model(args.out / "target", args.target_steps, TARGET, lr=6e-4, eval_every=args.target_steps)
@@ -96,7 +103,8 @@ def main() -> None:
     drafts = {}
     for name in args.drafts:
         distill = {"teacher": str(target_path), "distill_alpha": args.distill_alpha} if name == "distilled" else {}
-        path = train_model(args.out / f"draft-{name}", args.draft_steps, DRAFT, lr=3e-3, eval_every=250, **distill)
+        path = train_model(args.out / f"draft-{name}", args.draft_steps, draft_shape(args.draft_dim, args.draft_layers),
+                           lr=3e-3, eval_every=250, **distill)
         drafts[name] = with_decode_kernels(load(path, device="cuda", dtype=torch.bfloat16).eval())
     sizes = {n: parameter_breakdown(m.config)["total"] for n, m in (("target", target), *drafts.items())}
     print(json.dumps({"parameters": sizes, "ratio": round(sizes["target"] / sizes[args.drafts[0]], 1)}), flush=True)

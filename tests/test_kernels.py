@@ -63,12 +63,12 @@ def test_matvec_formats_match_dequantized_reference(n, k, group, rows):
 def test_untuned_kernels_launch_their_first_configuration(monkeypatch):
     """TFORMER_TUNE=0 (`_TUNE` off): every autotuned kernel keeps its first configuration, times none."""
     pytest.importorskip("triton")
-    from tformer.kernels import attention, gemv
+    from tformer.kernels import attention, gemv, rows
 
-    for tuner in (*gemv._TUNED.values(), gemv._TUNED_ROWS, attention._tuned_cached_attention,
+    for tuner in (*gemv._TUNED.values(), rows._TUNED_ROWS, attention._tuned_cached_attention,
                   attention._tuned_cached_attention_rows, attention._tuned_decode_attention):
         monkeypatch.setitem(gemv._TUNE, "enabled", False)
-        tuner.nargs = {}
+        tuner.nargs = {"N": 4096}  # what launches pass (the rows kernel splits K below SPLIT_K_BELOW rows)
         assert tuner.prune_configs({}) == tuner.configs[:1]
         monkeypatch.setitem(gemv._TUNE, "enabled", True)
         assert tuner.prune_configs({}) == tuner.configs and len(tuner.configs) > 1
@@ -154,6 +154,8 @@ def test_matvec_fusions_round_like_the_modules(dtype, rows, pdl, monkeypatch):
         # bf16: the kernel's sum of squares may round the norm's output one ulp apart, so a few ulps of the largest value
         tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 0, "atol": 0.03 * want.abs().max().item()}
         torch.testing.assert_close(got, want, **tol, msg=name)
+    from tformer.kernels import base  # several rows: K split in two, merged by the last part to finish
+    assert all(not counts.any() for counts in base._COUNTS.values())  # every count back at zero
     with pytest.raises(ValueError, match="same format"):
         matvec(x, w1, up=q3.matvec_weight())
 
@@ -194,7 +196,7 @@ def test_cached_attention_matches_reference(dtype, T):
 
 
 def _check_cached_attention(dtype, device, T):
-    from tformer.kernels import attention
+    from tformer.kernels import base
     from tformer.config import RopeConfig
     from tformer.kernels import cached_attention, use_cached_attention
     from tformer.nn.attention import reference_attention
@@ -228,7 +230,7 @@ def _check_cached_attention(dtype, device, T):
     torch.testing.assert_close(k_cache[:, :, slots], k_want[:, :, slots], **tol)
     torch.testing.assert_close(v_cache[:, :, slots], v_want[:, :, slots], rtol=0, atol=0)
     if T == 1:  # every count of finished splits is back at zero for the next call
-        assert all(not counts.any() for counts in attention._COUNTS.values())
+        assert all(not counts.any() for counts in base._COUNTS.values())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU")

@@ -20,7 +20,7 @@ if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9):
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from tformer.kernels import attention, gemv  # noqa: E402
+from tformer.kernels import attention, gemv, rows  # noqa: E402
 
 ACTIVATIONS = ("qkv_ptr", "cos_ptr", "sin_ptr", "k_ptr", "v_ptr", "out_ptr")
 MATVEC_PTRS = ("x_ptr", "nw_ptr", "w_ptr", "w2_ptr", "b_ptr", "r_ptr", "out_ptr", "s_ptr", "z_ptr", "s2_ptr", "z2_ptr")
@@ -60,5 +60,10 @@ def test_matvec_compiles(fmt, weight):
     types = {**dict.fromkeys(MATVEC_PTRS, "*bf16"), "w_ptr": weight, "w2_ptr": weight, "eps": "fp32"}
     flags = dict(FMT=fmt, GROUP=64, NORM=True, GATED=True, BIAS=True, RESIDUAL=True, PDL=True)
     _compile(gemv._matvec_kernel, types, dict(flags, BLOCK_N=4, BLOCK_K=512), launch_pdl=True)
-    if fmt != 2:  # several rows: tensor-core tiles (int4 is tinygemm's)
-        _compile(gemv._rows_kernel, types, dict(flags, ROWS=16, BLOCK_N=32, BLOCK_K=256), launch_pdl=True)
+    if fmt == 2:  # several rows of int4 are tinygemm's
+        return
+    types.update(ws_ptr="*fp32", count_ptr="*i32")
+    for split_k in (1, 4):  # several rows: tensor-core tiles, K whole or split (merged after an atomic count)
+        ptx = _compile(rows._rows_kernel, types, dict(flags, ROWS=16, BLOCK_N=32, BLOCK_K=256, SPLIT_K=split_k),
+                       launch_pdl=True).asm["ptx"]
+        assert ("atom.global.gpu.acq_rel.add" in ptx) == (split_k > 1)

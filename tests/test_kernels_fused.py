@@ -202,13 +202,13 @@ def test_speculative_greedy_through_the_kernels_equals_target_greedy():
 def test_fused_caches_reserve_the_split_counters():
     """The counters come with the caches (eagerly), not from the first kernel call, which may run
     inside a CUDA-graph tree's warm-up and leave them in its memory pool."""
-    from tformer.kernels import attention
+    from tformer.kernels import base
     from tformer.models import with_decode_kernels
 
     model = with_decode_kernels(_tiny())
-    attention._COUNTS.clear()
+    base._COUNTS.clear()
     model.setup_caches(3, 16)
-    counts = attention._COUNTS[torch.device("cpu")]
+    counts = base._COUNTS[torch.device("cpu")]
     assert counts.numel() >= 3 * model.layers[0].attn.n_heads and not counts.any()
 
 
@@ -217,11 +217,11 @@ def test_graphed_step_as_first_call_on_cuda():
     """A CUDA-graphed decode step as the kernels' very first call (no eager call to allocate first)."""
     from tformer.generate import SamplingConfig, generate
     from tformer.generate.engine import compiled_decode_step
-    from tformer.kernels import attention
+    from tformer.kernels import base
     from tformer.models import with_decode_kernels
 
     model = with_decode_kernels(_tiny(tie_embeddings=False).to("cuda", torch.bfloat16))
-    attention._COUNTS.clear()
+    base._COUNTS.clear()
     torch._dynamo.reset()
     greedy = SamplingConfig(temperature=0)
     graphed = generate(model, [[3, 5, 7, 11]], 12, greedy, step_fn=compiled_decode_step())

@@ -25,12 +25,12 @@ import math
 
 import torch
 
-from tformer.kernels.gemv import DEVICE_TYPE, INTERPRET, triton, tuned, use_pdl
+from tformer.kernels.base import DEVICE_TYPE, INTERPRET, reserve_counters, triton, tuned, use_pdl
 
 if triton is not None:
     import triton.language as tl
 
-    from tformer.kernels.gemv import _dot_t, _wait_for_previous_kernel
+    from tformer.kernels.base import _dot_t, _wait_for_previous_kernel
 
     @triton.jit
     def _attend_cache(q, k_ptr, v_ptr, m_ptr, head, b, lo, hi, skip, m_i, l_i, acc, sk_s, sm_b, sm_s, d, d_ok,
@@ -267,24 +267,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 MAX_NEW_TOKENS = 16  # new tokens a sequence that `cached_attention` takes in one call
 _INTERPRETED_SPLITS = 2  # the interpreter runs one configuration: a split cache, so tests cover the merge
 MAX_SPLITS = 8  # parts of the cache that one-token `cached_attention` may split the keys into
-_COUNTS: dict = {}  # device -> int32 counts of finished splits per (sequence x head), zero between calls
-
-
-def reserve_split_counts(device, n: int) -> torch.Tensor:
-    """At least n zeroed counters for one-token `cached_attention` to merge its splits by (its last
-    split of a (sequence, head) sets the counter back to zero). They stay allocated, since a CUDA graph
-    holds their address, so they must not come from a CUDA-graph memory pool: models with the decode
-    kernels reserve them when they make their KV caches, outside compiled code."""
-    device = torch.device(device if device is not None else torch.get_default_device())
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    counts = _COUNTS.get(device)
-    if counts is None or counts.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("cached_attention's counters were first needed inside a CUDA graph capture: "
-                               "make the KV caches (setup_caches) before capturing a step")
-        counts = _COUNTS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return counts
 
 
 @torch.library.custom_op("tformer::cached_attention", mutates_args=("k_cache", "v_cache"))
@@ -305,7 +287,7 @@ def cached_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     if T == 1:  # one program per (sequence, query head, part of the cache)
         block_d = triton.next_power_of_2(D)
         ws = torch.empty(B * n_heads * MAX_SPLITS * (block_d + 2), device=qkv.device, dtype=torch.float32)
-        counts = reserve_split_counts(qkv.device, B * n_heads)
+        counts = reserve_counters(qkv.device, B * n_heads)
         args = (*common, ws, counts, S, n_heads, Hkv, rot_dim, 1.0 / math.sqrt(D), qkv.stride(0), _batch_stride(cos),
                 *strides, mask.stride(3))
         if INTERPRET:  # small blocks, so both splits hold keys in the tests' short caches

@@ -15,21 +15,18 @@ stores (no repacking):
 Shapes: x (K,), W (N, K) -> y (N,). A program owns BLOCK_N rows and walks K in steps of BLOCK_K
 columns (whole int4 groups, so each group's scale and zero are loaded once per row), accumulating
 in fp32; the tiles are autotuned per (format, N, K) (`tuned`; TFORMER_TUNE=0 takes a default).
-Splitting K across programs was measured slower on the H100 for every decode shape
-(bench/gemv.py), so each row is summed by one program.
+Splitting K across programs was measured slower on the H100 for every one-row decode shape
+(bench/gemv.py), so each row is summed by one program. 2 to MAX_ROWS rows of x go to the
+tensor-core kernel in tformer.kernels.rows.
 
 Around the product the kernel can fuse what surrounds a weight in a pre-norm decoder block
 (tformer.kernels.block): RMSNorm of x (each program sums x^2 itself, x being a few KB), a bias,
 a residual add, and a gated FFN's second weight with silu(W x) * (W2 x). Each value is rounded to
 x's dtype where the unfused modules round it, so fused and unfused steps agree closely.
 
-On Hopper and later GPUs the kernels launch with programmatic dependent launch (PDL): a
-kernel's programs start while the kernel before it finishes, load their first weight tile (the
-weights never depend on the kernel before), and only then wait for it (`gdc_wait`) before
-reading x or writing anything. A chain of small products then keeps memory busy across kernel
-boundaries instead of draining and ramping up at each. (So the kernel launched just before a
-product must not write its weights; in a decode step it never does.) `set_pdl(False)` (or TFORMER_PDL=0)
-turns it off; the attention kernels (tformer.kernels.attention) follow the same switch.
+On Hopper the kernel launches with programmatic dependent launch (tformer.kernels.base): its
+programs load their first weight tile before they wait for the kernel before it (so that kernel
+must not write the weights; in a decode step it never does).
 
 `matvec` is a torch custom op, so a compiled, CUDA-graphed decode step calls it as one kernel.
 With TRITON_INTERPRET=1 the same kernel runs on CPU tensors (how the tests check it without a GPU).
@@ -37,56 +34,15 @@ With TRITON_INTERPRET=1 the same kernel runs on CPU tensors (how the tests check
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: use_matvec() is then always False
-    triton = None
-try:  # grid dependency control, for programmatic dependent launch (Triton 3.5 and later)
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
-    HAS_GDC = True
-except ImportError:
-    HAS_GDC = False
+from tformer.kernels.base import (DEVICE_TYPE, HAS_GDC, INTERPRET, _PDL, _TUNE, reserve_counters,  # noqa: F401
+                                  set_pdl, triton, tuned, use_pdl)
+from tformer.kernels.rows import MAX_ROWS, rows_matvec
 
 FORMATS = {"float": 0, "int8": 1, "int4": 2}
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE_TYPE = None if triton is None else ("cpu" if INTERPRET else "cuda")  # where the kernel runs
-
-
-_PDL = {"enabled": os.environ.get("TFORMER_PDL", "1") != "0"}
-
-
-_TUNE = {"enabled": os.environ.get("TFORMER_TUNE", "1") != "0"}
-
-
-def set_pdl(enabled: bool) -> None:
-    """Turn programmatic dependent launch on or off for kernels launched (or CUDA graphs captured) from
-    now on. A step compiled and graphed under the other setting must be compiled again
-    (torch._dynamo.reset()): its graph would be re-recorded with kernels that were never warmed up."""
-    _PDL["enabled"] = enabled
-
-
-def tuned(configs: list, key: list[str]):
-    """triton.autotune over `configs`: each new key times them all and keeps the fastest, unless
-    TFORMER_TUNE=0, which launches the first (each list puts a good default first) and times nothing,
-    for quick starts and tests."""
-    def first_unless_tuning(configs, named_args, **kwargs):
-        return configs if _TUNE["enabled"] else configs[:1]
-
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": first_unless_tuning})
-
-
-def use_pdl(device: torch.device) -> bool:
-    """Whether kernels on `device` launch with programmatic dependent launch (module docstring):
-    on when enabled, compiled (not interpreted), Triton has the intrinsics, and on compute
-    capability 9.0 or later."""
-    return (_PDL["enabled"] and HAS_GDC and not INTERPRET and device.type == "cuda"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def use_matvec(x: torch.Tensor, in_features: int, fmt: str = "float") -> bool:
@@ -104,34 +60,9 @@ def max_rows(fmt: str) -> int:
 
 
 if triton is not None:
-    _INTERPRETED = tl.constexpr(INTERPRET)
+    import triton.language as tl
 
-    @triton.jit
-    def _dot_t(a, b):
-        """a @ b^T in fp32 (fp32 inputs exactly, not as TF32)."""
-        if _INTERPRETED or a.dtype == tl.float32:  # Triton 3.9's interpreter multiplies bf16 wrongly
-            return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
-        return tl.dot(a, tl.trans(b))
-
-    @triton.jit
-    def _load_x(x_ptr, nw_ptr, cols, ok, inv_rms, NORM: tl.constexpr):
-        """x at x_ptr + cols (x_ptr: one row, or a column of row starts) in fp32; with NORM, RMSNorm's
-        output (rounded to x's dtype as the module rounds it)."""
-        x = tl.load(x_ptr + cols, mask=ok, other=0.0)
-        if NORM:
-            h = (x.to(tl.float32) * inv_rms).to(x.dtype)
-            x = (h.to(tl.float32) * tl.load(nw_ptr + cols, mask=ok, other=0.0).to(tl.float32)).to(x.dtype)
-        return x.to(tl.float32)
-
-    @triton.jit
-    def _wait_for_previous_kernel(PDL: tl.constexpr):
-        """Under programmatic dependent launch: let the next kernel's programs start, and wait until
-        the previous kernel has finished and its writes are visible. Nothing before it may read what
-        the previous kernel writes, or write anything."""
-        if PDL:
-            if not _INTERPRETED:  # the interpreter runs one kernel at a time (and knows no GDC)
-                tl.extra.cuda.gdc_wait()
-                tl.extra.cuda.gdc_launch_dependents()
+    from tformer.kernels.base import _configs, _load_x, _wait_for_previous_kernel
 
     @triton.jit
     def _first_tile(w_ptr, rows, K, BLOCK_K: tl.constexpr):
@@ -221,66 +152,6 @@ if triton is not None:
             y = tl.load(r_ptr + rows).to(tl.float32) + y.to(dtype).to(tl.float32)
         tl.store(out_ptr + rows, y.to(dtype), mask=row_ok)
 
-    @triton.jit
-    def _tile_dot(x_rows, nw_ptr, inv_rms, w_ptr, s_ptr, n, K, dtype, FMT: tl.constexpr, NORM: tl.constexpr,
-                  ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """(ROWS, BLOCK_N) fp32 products of the x rows starting at x_rows (ROWS, 1) with weight rows n,
-        on tensor cores: each weight tile is converted to x's dtype once and serves every row.
-        Full-precision and int8 weights (int4 with several rows is tinygemm's, or dequantized)."""
-        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            ok = cols < K
-            w = tl.load(w_ptr + n[:, None] * K + cols[None, :], mask=ok[None, :], other=0)
-            if FMT == 1:  # through fp32: the interpreter converts int8 to bf16 wrongly
-                w = w.to(tl.float32)
-            w = w.to(dtype)
-            x = _load_x(x_rows, nw_ptr, cols[None, :], ok[None, :], inv_rms, NORM).to(dtype)
-            acc += _dot_t(x, w)
-        if FMT == 1:  # int8 codes are exact in x's dtype; the per-row scale comes last
-            acc = acc * tl.load(s_ptr + n).to(tl.float32)[None, :]
-        return acc
-
-    @triton.jit
-    def _rows_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, z_ptr, w2_ptr, s2_ptr, z2_ptr, b_ptr, r_ptr, out_ptr,
-                     M, N, K, eps, FMT: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr,
-                     GATED: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
-                     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """`_matvec_kernel` for M <= ROWS rows of x: y (M, N) = x (M, K) W^T, the same fusions
-        (full-precision and int8 weights)."""
-        _wait_for_previous_kernel(PDL)
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < N
-        n = tl.where(n_ok, n, 0)
-        m = tl.arange(0, ROWS)
-        m_ok = m < M
-        m = tl.where(m_ok, m, 0)  # padding rows repeat row 0 and store nothing
-        x_rows = x_ptr + m[:, None] * K  # (ROWS, 1)
-        dtype = out_ptr.dtype.element_ty
-        inv_rms = tl.full((ROWS, 1), 1.0, tl.float32)
-        if NORM:
-            sq = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(x_rows + cols[None, :], mask=(cols < K)[None, :], other=0.0).to(tl.float32)
-                sq += x * x
-            inv_rms = tl.rsqrt(tl.sum(sq, axis=1) / K + eps)[:, None]
-        y = _tile_dot(x_rows, nw_ptr, inv_rms, w_ptr, s_ptr, n, K, dtype, FMT, NORM, ROWS, BLOCK_N, BLOCK_K)
-        if GATED:
-            up = _tile_dot(x_rows, nw_ptr, inv_rms, w2_ptr, s2_ptr, n, K, dtype, FMT, NORM, ROWS, BLOCK_N, BLOCK_K)
-            gate = y.to(dtype).to(tl.float32)
-            gate = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
-            y = gate * up.to(dtype).to(tl.float32)
-        if BIAS:
-            y = y.to(dtype).to(tl.float32) + tl.load(b_ptr + n).to(tl.float32)[None, :]
-        out = m[:, None] * N + n[None, :]
-        if RESIDUAL:
-            y = tl.load(r_ptr + out).to(tl.float32) + y.to(dtype).to(tl.float32)
-        tl.store(out_ptr + out, y.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
-
-    def _configs(tiles):
-        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-                for bn, bk, w in tiles for st in (2, 3, 4)]
 
     # (BLOCK_N, BLOCK_K, warps): 1-4 KB of weight per row and step, a few rows per program
     _KEY = ["N", "K", "GROUP", "NORM", "GATED", "PDL"]
@@ -292,12 +163,6 @@ if triton is not None:
         2: tuned(_configs([(4, 1024, 4), (4, 2048, 8), (8, 512, 4), (8, 1024, 4), (16, 256, 4), (16, 512, 8),
                            (32, 256, 8)]), _KEY)(_matvec_kernel),
     }
-    # several rows: tensor-core tiles, at least 16 weight rows and 32 columns a program
-    _TUNED_ROWS = tuned(
-        _configs([(16, 128, 4), (16, 256, 4), (16, 512, 4), (16, 512, 8), (32, 128, 4), (32, 256, 4), (32, 256, 8),
-                  (64, 128, 4)]), ["M"] + _KEY)(_rows_kernel)
-
-MAX_ROWS = 16  # rows of x the kernels take; more is a matmul for cuBLAS
 
 
 @torch.library.custom_op("tformer::matvec", mutates_args=())
@@ -315,12 +180,7 @@ def matvec_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None
     pdl = use_pdl(x.device)
     flags = (norm_weight is not None, weight2 is not None, bias is not None, residual is not None, pdl)
     if M > 1:
-        args = (x, nw, weight, s, z, w2, s2, z2, b, r, out, M, N, K, eps, fmt, group_size, *flags)
-        if INTERPRET:
-            _rows_kernel[(triton.cdiv(N, 16),)](*args, ROWS=MAX_ROWS, BLOCK_N=16, BLOCK_K=64)
-        else:
-            _TUNED_ROWS[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, ROWS=MAX_ROWS, launch_pdl=pdl)
-        return out
+        return rows_matvec(x, nw, weight, s, z, w2, s2, z2, b, r, out, M, N, K, eps, fmt, group_size, flags, pdl)
     args = (x, nw, weight, s, z, w2, s2, z2, b, r, out, N, K, eps, fmt, group_size, *flags)
     if INTERPRET:  # one fixed tile: the interpreter cannot time configurations
         _matvec_kernel[(triton.cdiv(N, 4),)](*args, BLOCK_N=4, BLOCK_K=max(128, group_size))

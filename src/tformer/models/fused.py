@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from tformer.kernels.attention import cached_attention, reserve_split_counts, use_cached_attention
+from tformer.kernels.attention import cached_attention, use_cached_attention
+from tformer.kernels.base import reserve_counters
 from tformer.kernels.gemv import matvec, use_matvec
 from tformer.kernels.linear import MatvecLinear
 from tformer.models.blocks import Block
@@ -73,11 +74,11 @@ def _attend(attn: Attention, qkv, rope, mask, input_pos):
 
 
 class FusedAttention(Attention):
-    """Attention whose caches come with the counters `cached_attention` merges its splits by, made
-    here, eagerly: allocated later, inside a CUDA-graph tree's warm-up, they would land in its pool."""
+    """Attention whose caches come with the counters the kernels merge split work by (`reserve_counters`),
+    made here, eagerly: allocated later, inside a CUDA-graph tree's warm-up, they would land in its pool."""
 
     def make_cache(self, batch_size: int, n_slots: int, dtype, device=None):
-        reserve_split_counts(device, batch_size * self.n_heads)
+        reserve_counters(device, batch_size * self.n_heads)
         return super().make_cache(batch_size, n_slots, dtype, device)
 
 
@@ -103,7 +104,7 @@ def with_decode_kernels(model: nn.Module) -> nn.Module:
             m.__class__, m.attn.__class__ = FusedBlock, FusedAttention
             cache = m.attn.kv_cache
             if cache is not None:  # made before the swap
-                reserve_split_counts(cache.k.device, cache.k.shape[0] * m.attn.n_heads)
+                reserve_counters(cache.k.device, cache.k.shape[0] * m.attn.n_heads)
     return model
 
 

@@ -1,0 +1,120 @@
+"""What tformer's Triton kernels share: the optional Triton import, where they run, the launch
+switches (programmatic dependent launch, autotuning), counters for in-kernel merges, and small
+jit helpers.
+
+On Hopper and later GPUs the kernels launch with programmatic dependent launch (PDL): a
+kernel's programs start while the kernel before it finishes, load what never depends on it (a
+matvec's first weight tile), and only then wait for it (`gdc_wait`) before reading its output or
+writing anything. A chain of small kernels then keeps memory busy across kernel boundaries instead
+of draining and ramping up at each. `set_pdl(False)` (or TFORMER_PDL=0) turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: use_matvec() is then always False
+    triton = None
+try:  # grid dependency control, for programmatic dependent launch (Triton 3.5 and later)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+    HAS_GDC = True
+except ImportError:
+    HAS_GDC = False
+
+FORMATS = {"float": 0, "int8": 1, "int4": 2}
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE_TYPE = None if triton is None else ("cpu" if INTERPRET else "cuda")  # where the kernel runs
+
+_PDL = {"enabled": os.environ.get("TFORMER_PDL", "1") != "0"}
+
+
+_TUNE = {"enabled": os.environ.get("TFORMER_TUNE", "1") != "0"}
+
+
+def set_pdl(enabled: bool) -> None:
+    """Turn programmatic dependent launch on or off for kernels launched (or CUDA graphs captured) from
+    now on. A step compiled and graphed under the other setting must be compiled again
+    (torch._dynamo.reset()): its graph would be re-recorded with kernels that were never warmed up."""
+    _PDL["enabled"] = enabled
+
+
+def tuned(configs: list, key: list[str], prune=None):
+    """triton.autotune over `configs`: each new key times them all (those `prune(configs, named_args)`
+    keeps, if given) and keeps the fastest, unless TFORMER_TUNE=0, which launches the first (each
+    list puts a good default first) and times nothing, for quick starts and tests."""
+    def first_unless_tuning(configs, named_args, **kwargs):
+        configs = prune(configs, named_args) if prune is not None else configs
+        return configs if _TUNE["enabled"] else configs[:1]
+
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": first_unless_tuning})
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with programmatic dependent launch (module docstring):
+    on when enabled, compiled (not interpreted), Triton has the intrinsics, and on compute
+    capability 9.0 or later."""
+    return (_PDL["enabled"] and HAS_GDC and not INTERPRET and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+_COUNTS: dict = {}  # device -> int32 counters for in-kernel merges, zero between kernels
+
+
+def reserve_counters(device, n: int) -> torch.Tensor:
+    """At least n zeroed int32 counters on `device`, shared by the kernels that merge partial results
+    in the same kernel (split attention, split-K products): the last program of a group to finish
+    (an atomic count) merges and sets its counter back to zero. Kernels run one after another (under
+    PDL, each waits for the one before before it counts), so one array serves them all. It stays
+    allocated, since a CUDA graph holds its address, so it must not come from a CUDA-graph memory
+    pool: models with the decode kernels reserve it when they make their KV caches."""
+    device = torch.device(device if device is not None else torch.get_default_device())
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    counts = _COUNTS.get(device)
+    if counts is None or counts.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the decode kernels' counters were first needed inside a CUDA graph capture: "
+                               "make the KV caches (setup_caches), or call the kernel once, before capturing")
+        counts = _COUNTS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)  # >= rows' blocks
+    return counts
+
+
+if triton is not None:
+    _INTERPRETED = tl.constexpr(INTERPRET)
+
+    @triton.jit
+    def _dot_t(a, b):
+        """a @ b^T in fp32 (fp32 inputs exactly, not as TF32)."""
+        if _INTERPRETED or a.dtype == tl.float32:  # Triton 3.9's interpreter multiplies bf16 wrongly
+            return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
+        return tl.dot(a, tl.trans(b))
+
+    @triton.jit
+    def _load_x(x_ptr, nw_ptr, cols, ok, inv_rms, NORM: tl.constexpr):
+        """x at x_ptr + cols (x_ptr: one row, or a column of row starts) in fp32; with NORM, RMSNorm's
+        output (rounded to x's dtype as the module rounds it)."""
+        x = tl.load(x_ptr + cols, mask=ok, other=0.0)
+        if NORM:
+            h = (x.to(tl.float32) * inv_rms).to(x.dtype)
+            x = (h.to(tl.float32) * tl.load(nw_ptr + cols, mask=ok, other=0.0).to(tl.float32)).to(x.dtype)
+        return x.to(tl.float32)
+
+    @triton.jit
+    def _wait_for_previous_kernel(PDL: tl.constexpr):
+        """Under programmatic dependent launch: let the next kernel's programs start, and wait until
+        the previous kernel has finished and its writes are visible. Nothing before it may read what
+        the previous kernel writes, or write anything."""
+        if PDL:
+            if not _INTERPRETED:  # the interpreter runs one kernel at a time (and knows no GDC)
+                tl.extra.cuda.gdc_wait()
+                tl.extra.cuda.gdc_launch_dependents()
+
+
+    def _configs(tiles):
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                for bn, bk, w in tiles for st in (2, 3, 4)]

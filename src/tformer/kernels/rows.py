@@ -1,0 +1,147 @@
+"""Products for a few rows of x (2 to MAX_ROWS: a speculative verify, a small batch) on tensor cores.
+
+    y (M, N) = x (M, K) W^T, full-precision or int8 W in its stored layout, M <= MAX_ROWS
+
+the same fusions as `matvec`'s one-row kernel (tformer.kernels.gemv): RMSNorm of x, a gated FFN's
+second weight, bias, residual. x is padded to MAX_ROWS rows in registers (the tensor cores' least
+tile), so a program owns at least 16 weight rows; for a 2048-row weight that is 128 programs, too
+few to keep an H100's memory busy. So K can also be split over SPLIT_K programs (autotuned, for
+weights of fewer than SPLIT_K_BELOW rows): each writes its fp32 partial tile to a workspace, and
+the last of a column block to finish (an atomic count) sums them and applies the epilogue, so it
+stays one kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tformer.kernels.base import INTERPRET, reserve_counters, triton, tuned
+
+MAX_ROWS = 16  # rows of x the kernels take; more is a matmul for cuBLAS
+MAX_SPLIT_K = 4
+SPLIT_K_BELOW = 16384  # weights with fewer rows may split K (larger ones have programs enough)
+_INTERPRETED_SPLIT_K = 2  # the interpreter runs one configuration: a split K, so tests cover the merge
+
+if triton is not None:
+    import triton.language as tl
+
+    from tformer.kernels.base import _configs, _dot_t, _load_x, _wait_for_previous_kernel
+
+    @triton.jit
+    def _tile_dot(x_rows, nw_ptr, inv_rms, w_ptr, s_ptr, n, lo, hi, K, dtype, FMT: tl.constexpr,
+                  NORM: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(ROWS, BLOCK_N) fp32 products over columns lo..hi-1 of the x rows starting at x_rows (ROWS, 1)
+        with weight rows n, on tensor cores: each weight tile is converted to x's dtype once and
+        serves every row."""
+        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        for k0 in range(lo, hi, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            ok = cols < hi
+            w = tl.load(w_ptr + n[:, None] * K + cols[None, :], mask=ok[None, :], other=0)
+            if FMT == 1:  # through fp32: the interpreter converts int8 to bf16 wrongly
+                w = w.to(tl.float32)
+            w = w.to(dtype)
+            x = _load_x(x_rows, nw_ptr, cols[None, :], ok[None, :], inv_rms, NORM).to(dtype)
+            acc += _dot_t(x, w)
+        if FMT == 1:  # int8 codes are exact in x's dtype; the per-row scale comes last
+            acc = acc * tl.load(s_ptr + n).to(tl.float32)[None, :]
+        return acc
+
+    @triton.jit
+    def _epilogue(y, up, n, n_ok, m, m_ok, b_ptr, r_ptr, out_ptr, N, dtype, GATED: tl.constexpr,
+                  BIAS: tl.constexpr, RESIDUAL: tl.constexpr):
+        """silu(y) * up, + bias, + residual, each rounded as the unfused modules round them; store."""
+        if GATED:
+            gate = y.to(dtype).to(tl.float32)
+            gate = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
+            y = gate * up.to(dtype).to(tl.float32)
+        if BIAS:
+            y = y.to(dtype).to(tl.float32) + tl.load(b_ptr + n).to(tl.float32)[None, :]
+        out = m[:, None] * N + n[None, :]
+        if RESIDUAL:
+            y = tl.load(r_ptr + out).to(tl.float32) + y.to(dtype).to(tl.float32)
+        tl.store(out_ptr + out, y.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _rows_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, z_ptr, w2_ptr, s2_ptr, z2_ptr, b_ptr, r_ptr, out_ptr, ws_ptr,
+                     count_ptr, M, N, K, eps, FMT: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr,
+                     GATED: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+                     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        """Program (column block, part of K). With SPLIT_K > 1 each writes its partial tiles to ws and
+        the last of a column block to finish merges them (module docstring)."""
+        _wait_for_previous_kernel(PDL)
+        block, split = tl.program_id(0), tl.program_id(1)
+        n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        n = tl.where(n_ok, n, 0)
+        m = tl.arange(0, ROWS)
+        m_ok = m < M
+        m = tl.where(m_ok, m, 0)  # padding rows repeat row 0 and store nothing
+        x_rows = x_ptr + m[:, None] * K  # (ROWS, 1)
+        dtype = out_ptr.dtype.element_ty
+        inv_rms = tl.full((ROWS, 1), 1.0, tl.float32)
+        if NORM:  # over all of K, in every program (x is a few KB, read from L2)
+            sq = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_rows + cols[None, :], mask=(cols < K)[None, :], other=0.0).to(tl.float32)
+                sq += x * x
+            inv_rms = tl.rsqrt(tl.sum(sq, axis=1) / K + eps)[:, None]
+        chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, K)
+        y = _tile_dot(x_rows, nw_ptr, inv_rms, w_ptr, s_ptr, n, lo, hi, K, dtype, FMT, NORM, ROWS, BLOCK_N, BLOCK_K)
+        up = y
+        if GATED:
+            up = _tile_dot(x_rows, nw_ptr, inv_rms, w2_ptr, s2_ptr, n, lo, hi, K, dtype, FMT, NORM, ROWS, BLOCK_N,
+                           BLOCK_K)
+        if SPLIT_K == 1:
+            _epilogue(y, up, n, n_ok, m, m_ok, b_ptr, r_ptr, out_ptr, N, dtype, GATED, BIAS, RESIDUAL)
+        else:  # ws per column block: SPLIT_K parts of [y tile, up tile], each (ROWS, BLOCK_N) fp32
+            TILE: tl.constexpr = ROWS * BLOCK_N
+            tile = tl.arange(0, ROWS)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            rows_ok = m_ok[:, None] & (tile >= 0)
+            part = ws_ptr + (block * SPLIT_K + split) * (2 * TILE) + tile
+            tl.store(part, y, mask=rows_ok)
+            if GATED:
+                tl.store(part + TILE, up, mask=rows_ok)
+            tl.debug_barrier()  # every thread's part of the tiles stored before the count says so
+            if tl.atomic_add(count_ptr + block, 1) == SPLIT_K - 1:  # acq_rel: the other parts are visible
+                y = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+                up = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+                for s in tl.static_range(SPLIT_K):
+                    part = ws_ptr + (block * SPLIT_K + s) * (2 * TILE) + tile
+                    y += tl.load(part, mask=rows_ok, other=0.0, cache_modifier=".cg")
+                    if GATED:
+                        up += tl.load(part + TILE, mask=rows_ok, other=0.0, cache_modifier=".cg")
+                _epilogue(y, up, n, n_ok, m, m_ok, b_ptr, r_ptr, out_ptr, N, dtype, GATED, BIAS, RESIDUAL)
+                tl.atomic_xchg(count_ptr + block, 0)  # ready for the next kernel
+
+    def _split_configs(tiles):
+        return [triton.Config({**c.kwargs, "SPLIT_K": sk}, num_warps=c.num_warps, num_stages=c.num_stages)
+                for sk in (1, 2, MAX_SPLIT_K) for c in _configs(tiles)]
+
+    def _fits(configs, named_args):
+        """Split K only for weights of fewer than SPLIT_K_BELOW rows (what the workspace is sized for)."""
+        return [c for c in configs if c.kwargs["SPLIT_K"] == 1 or named_args["N"] < SPLIT_K_BELOW]
+
+    # tensor-core tiles, at least 16 weight rows and 32 columns a program; the first is the default
+    _TUNED_ROWS = tuned(_split_configs([(16, 128, 4), (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 4),
+                                        (32, 256, 8), (64, 128, 4)]),
+                        ["M", "N", "K", "GROUP", "NORM", "GATED", "PDL"], prune=_fits)(_rows_kernel)
+
+
+def rows_matvec(x, nw, weight, s, z, w2, s2, z2, b, r, out, M, N, K, eps, fmt, group_size, flags, pdl: bool):
+    """Launch the few-row kernel (matvec_op's arguments, the optional ones already filled in)."""
+    split_ok = N < SPLIT_K_BELOW
+    ws = torch.empty(triton.cdiv(N, 64) * 64 * MAX_ROWS * 2 * MAX_SPLIT_K if split_ok else 1, device=x.device,
+                     dtype=torch.float32)
+    counts = reserve_counters(x.device, triton.cdiv(N, 16)) if split_ok else ws  # within the caches' reserve
+    args = (x, nw, weight, s, z, w2, s2, z2, b, r, out, ws, counts, M, N, K, eps, fmt, group_size, *flags)
+    if INTERPRET:  # one fixed tile: the interpreter cannot time configurations
+        split = _INTERPRETED_SPLIT_K if split_ok else 1
+        _rows_kernel[(triton.cdiv(N, 16), split)](*args, ROWS=MAX_ROWS, BLOCK_N=16, BLOCK_K=64, SPLIT_K=split)
+    else:
+        _TUNED_ROWS[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])](*args, ROWS=MAX_ROWS,
+                                                                                     launch_pdl=pdl)
+    return out
