@@ -20,7 +20,7 @@ Splitting K across programs was measured slower on the H100 for every one-row de
 tensor-core kernel in tformer.kernels.rows.
 
 Around the product the kernel can fuse what surrounds a weight in a pre-norm decoder block
-(tformer.kernels.block): RMSNorm of x (each program sums x^2 itself, x being a few KB), a bias,
+(tformer.models.fused): RMSNorm of x (each program sums x^2 itself, x being a few KB), a bias,
 a residual add, and a gated FFN's second weight with silu(W x) * (W2 x). Each value is rounded to
 x's dtype where the unfused modules round it, so fused and unfused steps agree closely.
 
