@@ -26,7 +26,7 @@ import torch._inductor.config as inductor_config
 
 from tformer.generate import SamplingConfig, generate
 from tformer.generate.engine import compiled_decode_step, compiled_prefill
-from tformer.kernels.gemv import set_pdl
+from tformer.kernels.base import set_pdl
 from tformer.models import build_model, with_decode_kernels
 from tformer.presets import get_preset
 

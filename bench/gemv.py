@@ -30,7 +30,7 @@ import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 
 from tformer.kernels import matvec
-from tformer.kernels.gemv import set_pdl
+from tformer.kernels.base import set_pdl
 from tformer.quantize.int4 import Int4Linear, dequantize_int4, quantize_int4
 from tformer.quantize.int8 import dequantize_int8, quantize_int8
 
@@ -86,7 +86,7 @@ def variants(w: torch.Tensor):
 
 
 def without_pdl(fn):
-    """fn launching its kernels without programmatic dependent launch (tformer.kernels.gemv)."""
+    """fn launching its kernels without programmatic dependent launch (tformer.kernels.base)."""
 
     def call(x):
         set_pdl(False)

@@ -63,14 +63,14 @@ def test_matvec_formats_match_dequantized_reference(n, k, group, rows):
 def test_untuned_kernels_launch_their_first_configuration(monkeypatch):
     """TFORMER_TUNE=0 (`_TUNE` off): every autotuned kernel keeps its first configuration, times none."""
     pytest.importorskip("triton")
-    from tformer.kernels import attention, gemv, rows
+    from tformer.kernels import attention, base, gemv, rows
 
     for tuner in (*gemv._TUNED.values(), rows._TUNED_ROWS, attention._tuned_cached_attention,
                   attention._tuned_cached_attention_rows, attention._tuned_decode_attention):
-        monkeypatch.setitem(gemv._TUNE, "enabled", False)
+        monkeypatch.setitem(base._TUNE, "enabled", False)
         tuner.nargs = {"N": 4096}  # what launches pass (the rows kernel splits K below SPLIT_K_BELOW rows)
         assert tuner.prune_configs({}) == tuner.configs[:1]
-        monkeypatch.setitem(gemv._TUNE, "enabled", True)
+        monkeypatch.setitem(base._TUNE, "enabled", True)
         assert tuner.prune_configs({}) == tuner.configs and len(tuner.configs) > 1
 
 

@@ -156,21 +156,21 @@ def test_programmatic_dependent_launch_changes_no_token_on_cuda():
     pytest.importorskip("triton")
     from tformer.generate import SamplingConfig, generate
     from tformer.generate.engine import compiled_decode_step
-    from tformer.kernels import gemv
+    from tformer.kernels import base
     from tformer.models import with_decode_kernels
 
     model = with_decode_kernels(_tiny(tie_embeddings=False).to("cuda", torch.bfloat16))
     greedy, prompts = SamplingConfig(temperature=0), [[3, 5, 7, 11], [2, 9], [4, 4, 8]]
-    runs, before = {}, gemv._PDL["enabled"]
+    runs, before = {}, base._PDL["enabled"]
     try:
         for pdl in (False, True):
-            gemv.set_pdl(pdl)
+            base.set_pdl(pdl)
             torch._dynamo.reset()  # capture the graphs again under this setting
             for graphed in (False, True):
                 step = compiled_decode_step() if graphed else None
                 runs[pdl, graphed] = [generate(model, p, 12, greedy, step_fn=step) for p in ([prompts[0]], prompts)]
     finally:
-        gemv.set_pdl(before)
+        base.set_pdl(before)
         torch._dynamo.reset()
     assert runs[True, False] == runs[False, False]
     assert runs[True, True] == runs[False, True]

@@ -30,7 +30,7 @@ from tformer.kernels.base import DEVICE_TYPE, INTERPRET, reserve_counters, trito
 if triton is not None:
     import triton.language as tl
 
-    from tformer.kernels.base import _dot_t, _wait_for_previous_kernel
+    from tformer.kernels.base import _dot_t, _last_to_finish, _wait_for_previous_kernel
 
     @triton.jit
     def _attend_cache(q, k_ptr, v_ptr, m_ptr, head, b, lo, hi, skip, m_i, l_i, acc, sk_s, sm_b, sm_s, d, d_ok,
@@ -127,8 +127,7 @@ if triton is not None:
             tl.store(part, m_i)
             tl.store(part + 1, l_i)
             tl.store(part + 2 + d, acc)
-            tl.debug_barrier()  # every thread's part of the row stored before the count says so
-            if tl.atomic_add(count_ptr + bh, 1) == SPLITS - 1:  # acq_rel: the other splits' rows are visible
+            if _last_to_finish(count_ptr, bh, SPLITS):  # then the other splits' rows are visible
                 rows = ws_ptr + (bh * SPLITS + tl.arange(0, SPLITS)) * (BLOCK_D + 2)
                 ms = tl.load(rows, cache_modifier=".cg")
                 ls = tl.load(rows + 1, cache_modifier=".cg")

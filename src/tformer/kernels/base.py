@@ -26,13 +26,10 @@ try:  # grid dependency control, for programmatic dependent launch (Triton 3.5 a
 except ImportError:
     HAS_GDC = False
 
-FORMATS = {"float": 0, "int8": 1, "int4": 2}
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE_TYPE = None if triton is None else ("cpu" if INTERPRET else "cuda")  # where the kernel runs
 
 _PDL = {"enabled": os.environ.get("TFORMER_PDL", "1") != "0"}
-
-
 _TUNE = {"enabled": os.environ.get("TFORMER_TUNE", "1") != "0"}
 
 
@@ -114,6 +111,13 @@ if triton is not None:
                 tl.extra.cuda.gdc_wait()
                 tl.extra.cuda.gdc_launch_dependents()
 
+    @triton.jit
+    def _last_to_finish(count_ptr, group, PARTS: tl.constexpr):
+        """Call after storing this program's part of a group's partial results (`reserve_counters`):
+        whether it is the group's last part to finish. If so, every other part's stores are visible
+        to it; it merges them and sets the group's counter back to zero (tl.atomic_xchg)."""
+        tl.debug_barrier()  # every thread's stores done before the count says so
+        return tl.atomic_add(count_ptr + group, 1) == PARTS - 1  # acq_rel
 
     def _configs(tiles):
         return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)

@@ -38,8 +38,7 @@ from typing import NamedTuple
 
 import torch
 
-from tformer.kernels.base import (DEVICE_TYPE, HAS_GDC, INTERPRET, _PDL, _TUNE, reserve_counters,  # noqa: F401
-                                  set_pdl, triton, tuned, use_pdl)
+from tformer.kernels.base import DEVICE_TYPE, INTERPRET, triton, tuned, use_pdl
 from tformer.kernels.rows import MAX_ROWS, rows_matvec
 
 FORMATS = {"float": 0, "int8": 1, "int4": 2}

@@ -25,7 +25,7 @@ _INTERPRETED_SPLIT_K = 2  # the interpreter runs one configuration: a split K, s
 if triton is not None:
     import triton.language as tl
 
-    from tformer.kernels.base import _configs, _dot_t, _load_x, _wait_for_previous_kernel
+    from tformer.kernels.base import _configs, _dot_t, _last_to_finish, _load_x, _wait_for_previous_kernel
 
     @triton.jit
     def _tile_dot(x_rows, nw_ptr, inv_rms, w_ptr, s_ptr, n, lo, hi, K, dtype, FMT: tl.constexpr,
@@ -105,8 +105,7 @@ if triton is not None:
             tl.store(part, y, mask=rows_ok)
             if GATED:
                 tl.store(part + TILE, up, mask=rows_ok)
-            tl.debug_barrier()  # every thread's part of the tiles stored before the count says so
-            if tl.atomic_add(count_ptr + block, 1) == SPLIT_K - 1:  # acq_rel: the other parts are visible
+            if _last_to_finish(count_ptr, block, SPLIT_K):  # then the other parts are visible
                 y = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
                 up = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
                 for s in tl.static_range(SPLIT_K):
