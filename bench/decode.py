@@ -67,7 +67,11 @@ def timed(fn, repeats: int) -> tuple[float, list[float]]:
     return first, runs
 
 
-def tformer_runner(config, prompt, new, batch, quantize: str | None = None, pdl: bool = True):
+def tformer_runner(config, prompt, new, batch, quantize: str | None = None, pdl: bool = True,
+                   int4_one_row: str = "tinygemm"):
+    from tformer.quantize.int4 import Int4Linear
+
+    Int4Linear.one_row = int4_one_row
     set_pdl(pdl)  # read when the kernels launch and the step's CUDA graph is captured (the warm-up call)
     torch._dynamo.reset()  # else a variant reuses the last one's compiled step, re-recorded without warm-up
     model = build_model(config, device="cuda", dtype=torch.bfloat16).eval()
@@ -130,12 +134,14 @@ def bytes_per_token(model, config, prompt_len: int, new: int, batch: int) -> flo
     return (weights + batch * kv) / batch  # per generated token
 
 
-def tformer_variant(name: str) -> tuple[str | None, bool]:
-    """"tformer[-int8|-int4][:nopdl]" -> (quantization mode or None, programmatic dependent launch)."""
-    name, _, option = name.partition(":")
-    if option not in ("", "nopdl"):
-        raise SystemExit(f"unknown variant option {option!r} in {name}:{option} (known: nopdl)")
-    return (name.split("-")[1] if "-" in name else None), option != "nopdl"
+def tformer_variant(name: str) -> tuple[str | None, bool, str]:
+    """"tformer[-int8|-int4][:nopdl][:matvec]" -> (quantization mode or None, programmatic dependent
+    launch, kernel of one-row int4 layers: tinygemm, or the fused matvec kernels)."""
+    name, *options = name.split(":")
+    if unknown := set(options) - {"nopdl", "matvec"}:
+        raise SystemExit(f"unknown variant option(s) {sorted(unknown)} in {name} (known: nopdl, matvec)")
+    quantize = name.split("-")[1] if "-" in name else None
+    return quantize, "nopdl" not in options, "matvec" if "matvec" in options else "tinygemm"
 
 
 def main() -> None:
@@ -147,7 +153,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", default="tformer,gpt-fast,hf",
                     help="comma-separated: tformer, tformer-int8, tformer-int4 (each may end in :nopdl, "
-                         "kernels without programmatic dependent launch), gpt-fast, hf")
+                         "kernels without programmatic dependent launch; int4 in :matvec, one-row int4 "
+                         "layers through the fused matvec kernels, not tinygemm), gpt-fast, hf")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     config = get_preset("llama-3.2-1b").replace(tie_embeddings=False, max_seq_len=2048)

@@ -3,9 +3,9 @@
 At batch 1 a decode step reads every weight once and does two FLOPs per weight, so the only
 thing that matters is streaming W from memory at full bandwidth and dequantizing it in
 registers. tformer's int8 layers use it for a single row (int4 layers only where PyTorch's
-tinygemm does not apply: tinygemm measured faster), and full-precision layers after
-`with_matvec(model)` (tformer.kernels.linear). The weight formats are exactly the ones tformer
-stores (no repacking):
+tinygemm does not apply, or where `Int4Linear.one_row` asks: tinygemm measured faster), and
+full-precision layers after `with_matvec(model)` (tformer.kernels.linear). The weight formats are
+exactly the ones tformer stores (no repacking):
 
     bf16/fp16 W (N, K)
     int8      q (N, K) int8, scales (N,)                 w = q * s
@@ -18,6 +18,14 @@ in fp32; the tiles are autotuned per (format, N, K) (`tuned`; TFORMER_TUNE=0 tak
 Splitting K across programs was measured slower on the H100 for every one-row decode shape
 (bench/gemv.py), so each row is summed by one program. 2 to MAX_ROWS rows of x go to the
 tensor-core kernel in tformer.kernels.rows.
+
+Quantized codes become floats without int-to-float conversions, which run at a quarter of the
+FMA rate on the H100 and bounded the int8 kernel: a code u >= 0 ORed into the bits 0x4B000000 is
+the float 2^23 + u exactly, and one subtraction removes 2^23 and the code's offset (`_code`;
+int8 codes are offset by 128 first). A group's int4 scale and zero are applied to partial sums
+rather than to each weight: sum(((q - 8) s + z) x) = s sum((q - 8) x) + z sum(x). Timed on the
+H100 in BENCHMARKS.md ("Batch-1 matrix-vector products"): both kernels got faster, and tinygemm is
+still faster at int4.
 
 Around the product the kernel can fuse what surrounds a weight in a pre-norm decoder block
 (tformer.models.fused): RMSNorm of x (each program sums x^2 itself, x being a few KB), a bias,
@@ -70,6 +78,20 @@ if triton is not None:
         return tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=(cols < K)[None, :], other=0)
 
     @triton.jit
+    def _code(u, OFFSET: tl.constexpr):
+        """u - OFFSET in fp32, for integers 0 <= u < 2^23, without an int-to-float conversion (a
+        quarter-rate instruction that would bound the quantized kernels): the bits 0x4B000000 | u
+        are the float 2^23 + u exactly."""
+        return (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
+
+    @triton.jit
+    def _weight(w, FMT: tl.constexpr):
+        """A full-precision or int8 weight tile in fp32 (int8: its code, through `_code`)."""
+        if FMT == 1:
+            return _code(w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x80, 128)  # byte q + 128, then q
+        return w.to(tl.float32)
+
+    @triton.jit
     def _rows_dot(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, rows, K, w_first,
                   FMT: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr, PREFETCHED: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -82,31 +104,31 @@ if triton is not None:
             j = tl.arange(0, NG)[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (NG, HALF) bytes of a step
             acc = tl.zeros((BLOCK_N, NG, HALF), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                byte = k0 // 2 + j
-                ok = 2 * byte < K
-                b = tl.load(w_ptr + rows[:, None, None] * (K // 2) + byte[None], mask=ok[None], other=0).to(tl.int32)
+                byte = tl.multiple_of(k0 // 2, BLOCK_K // 2) + j
+                g_ok = k0 + tl.arange(0, NG) * GROUP < K  # whole groups in or out
+                ok = tl.broadcast_to(g_ok[:, None], (NG, HALF))
+                b = tl.load(w_ptr + rows[:, None, None] * (K // 2) + byte[None], mask=ok[None], other=0)
                 g = rows[:, None] * (K // GROUP) + k0 // GROUP + tl.arange(0, NG)[None, :]  # (BLOCK_N, NG)
-                g_ok = (k0 + tl.arange(0, NG) * GROUP < K)[None, :]
-                s = tl.load(s_ptr + g, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
-                z = tl.load(z_ptr + g, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
+                s = tl.load(s_ptr + g, mask=g_ok[None, :], other=0.0).to(tl.float32)[:, :, None]
+                z = tl.load(z_ptr + g, mask=g_ok[None, :], other=0.0).to(tl.float32)[:, :, None]
                 x_even = _load_x(x_ptr, nw_ptr, 2 * byte, ok, inv_rms, NORM)[None]
                 x_odd = _load_x(x_ptr, nw_ptr, 2 * byte + 1, ok, inv_rms, NORM)[None]
-                hi = ((b >> 4) - 8).to(tl.float32) * s + z
-                lo = ((b & 15) - 8).to(tl.float32) * s + z
-                acc += hi * x_even + lo * x_odd
+                b = b.to(tl.int32)
+                dot = _code(b >> 4, 8) * x_even + _code(b & 15, 8) * x_odd  # (q - 8) x of both columns
+                acc += dot * s + z * (x_even + x_odd)  # ((q - 8) s + z) x
             y = tl.sum(tl.sum(acc, axis=2), axis=1)
         else:  # bf16/fp16/fp32, or int8 (its per-row scale is applied once at the end)
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             start = 0
             if PREFETCHED:
                 cols = tl.arange(0, BLOCK_K)
-                acc += w_first.to(tl.float32) * _load_x(x_ptr, nw_ptr, cols, cols < K, inv_rms, NORM)[None, :]
+                acc += _weight(w_first, FMT) * _load_x(x_ptr, nw_ptr, cols, cols < K, inv_rms, NORM)[None, :]
                 start = BLOCK_K
             for k0 in range(start, K, BLOCK_K):
                 cols = k0 + tl.arange(0, BLOCK_K)
                 ok = cols < K
                 w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=ok[None, :], other=0)
-                acc += w.to(tl.float32) * _load_x(x_ptr, nw_ptr, cols, ok, inv_rms, NORM)[None, :]
+                acc += _weight(w, FMT) * _load_x(x_ptr, nw_ptr, cols, ok, inv_rms, NORM)[None, :]
             y = tl.sum(acc, axis=1)
             if FMT == 1:
                 y = y * tl.load(s_ptr + rows).to(tl.float32)

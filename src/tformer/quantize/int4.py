@@ -10,9 +10,11 @@ kernel, so on a CUDA GPU (sm80+) the kernel's tiled layout is one call away:
 `aten._convert_weight_to_int4pack(packed, inner_k_tiles)` (uint8 input since torch 2.5), used by
 `aten._weight_int4pack_mm(x_bf16, w, group_size, scales_and_zeros (K/g, N, 2) bf16)`.
 That layout is derived, never saved: it is rebuilt whenever the module moves or is loaded.
-Where tinygemm does not apply (fp16 activations, shapes it refuses) a single row of x goes through
-`tformer.kernels.matvec`, which reads the stored form directly (tinygemm measured 1.4-2.5x faster
-than it at one row on the H100: bench/gemv.py). Elsewhere (CPU, several rows) the forward
+A single row of x (a batch-1 decode step) goes through tinygemm too: it measured 1.4-1.9x faster
+than `tformer.kernels.matvec` on the H100 (bench/gemv.py, BENCHMARKS.md). `Int4Linear.one_row =
+"matvec"` sends it to the matvec kernel instead, which reads the stored form directly and fuses the
+norm, SwiGLU and residual around it (tformer.models.fused); so does any layer tinygemm cannot run
+(fp16 activations, shapes it refuses). Elsewhere (CPU, several rows without tinygemm) the forward
 dequantizes to x.dtype and calls F.linear.
 """
 
@@ -98,7 +100,10 @@ def tinygemm_supported(weight: torch.Tensor, in_features: int, group_size: int) 
 class Int4Linear(nn.Module):
     """Drop-in for nn.Linear with a grouped int4 weight. Buffers (what a checkpoint stores):
     weight (out, in/2) uint8, scales and zeros (out, in/group_size) float, bias (out,) or absent.
-    The non-persistent int4pack / scales_and_zeros hold the CUDA kernel's layout, or None."""
+    The non-persistent int4pack / scales_and_zeros hold the CUDA kernel's layout, or None.
+    one_row: the kernel of a one-row forward, "matvec" or "tinygemm" (module docstring)."""
+
+    one_row = "tinygemm"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 64,
                  device=None, dtype: torch.dtype | None = None):
@@ -143,18 +148,18 @@ class Int4Linear(nn.Module):
         return self
 
     def matvec_weight(self) -> StoredWeight | None:
-        """The stored form for `matvec`; None where tinygemm applies (measured faster at one row)."""
-        if self.int4pack is not None:
+        """The stored form for `matvec`; None where a one-row forward is tinygemm's (`one_row`)."""
+        if self.int4pack is not None and self.one_row == "tinygemm":
             return None
         return StoredWeight(self.weight, self.scales, self.zeros, "int4", self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int4pack is not None and x.dtype == torch.bfloat16:  # tinygemm: faster than matvec even at one row
+        if use_matvec(x, self.in_features, "int4") and self.matvec_weight() is not None:
+            return matvec(x, self.weight, self.scales, self.zeros, "int4", self.group_size, bias=self.bias)
+        if self.int4pack is not None and x.dtype == torch.bfloat16:
             x2 = x.reshape(-1, self.in_features).contiguous()  # (M, K)
             y = torch.ops.aten._weight_int4pack_mm(x2, self.int4pack, self.group_size, self.scales_and_zeros)
             y = y.reshape(*x.shape[:-1], self.out_features)
-        elif use_matvec(x, self.in_features, "int4"):
-            return matvec(x, self.weight, self.scales, self.zeros, "int4", self.group_size, bias=self.bias)
         else:
             y = F.linear(x, dequantize_int4(self.weight, self.scales, self.zeros, self.group_size, x.dtype))
         return y if self.bias is None else y + self.bias.to(x.dtype)
