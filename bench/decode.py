@@ -1,6 +1,7 @@
 """Decode speed on one GPU: tformer vs gpt-fast vs HF `generate`, timed in one process.
 
     python bench/decode.py [--gpt-fast third_party/gpt-fast-src] [--batch 1 8] [--new 256]
+    python bench/decode.py --floor 16 2     # the step's fixed cost, on near-weightless models
 
 Shape: Llama-3.2-1B with an untied output head (gpt-fast cannot tie, so every implementation
 reads the same bytes per token), random bf16 weights, a 128-token prompt, 256 new tokens,
@@ -144,6 +145,18 @@ def tformer_variant(name: str) -> tuple[str | None, bool, str]:
     return quantize, "nopdl" not in options, "matvec" if "matvec" in options else "tinygemm"
 
 
+def floor(config, layer_counts: list[int], prompt_len: int, new: int, repeats: int) -> None:
+    """Per-token time of steps whose weights take no time to read: kernel latencies, sampling and
+    the host's loop, which the full-size step pays on top of its weight reads."""
+    prompt = torch.randint(0, 4096, (prompt_len,))
+    for layers in layer_counts:
+        tiny = config.replace(n_layers=layers, dim=256, n_heads=4, n_kv_heads=2, ffn_dim=512, vocab_size=4096)
+        _, run = tformer_runner(tiny, prompt, new, 1)
+        first, runs = timed(run, repeats)
+        ms = statistics.median(runs) / new * 1e3
+        print(json.dumps({"floor_layers": layers, "ms_per_token": round(ms, 3), "first_call_s": round(first, 1)}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpt-fast", type=Path, default=Path("third_party/gpt-fast-src"))
@@ -155,9 +168,14 @@ def main() -> None:
                     help="comma-separated: tformer, tformer-int8, tformer-int4 (each may end in :nopdl, "
                          "kernels without programmatic dependent launch; int4 in :matvec, one-row int4 "
                          "layers through the fused matvec kernels, not tinygemm), gpt-fast, hf")
+    ap.add_argument("--floor", type=int, nargs="+", metavar="LAYERS",
+                    help="instead: the fixed cost of tformer's bf16 step, timed on models of these layer counts "
+                         "with almost no weights (dim 256, 4/2 heads, SwiGLU 512, vocabulary 4096)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     config = get_preset("llama-3.2-1b").replace(tie_embeddings=False, max_seq_len=2048)
+    if args.floor:
+        return floor(config, args.floor, args.prompt, args.new, args.repeats)
     bw = copy_bandwidth()
     torch.manual_seed(0)
     prompt = torch.randint(0, config.vocab_size, (args.prompt,))
