@@ -140,7 +140,8 @@ def _decode(model, nxt, key_mask, counts, L, max_new_tokens, sampling, stop_ids,
     input_pos = torch.tensor([L], device=device)
     new = [nxt]
     for i in range(1, max_new_tokens + 1):
-        done |= torch.isin(nxt, stop)
+        if stop.numel():  # else no kernels for it: at batch 1 a step is ~100 short kernels, each launch counts
+            done |= torch.isin(nxt, stop)
         if counts is not None:
             counts.scatter_add_(1, nxt[:, None], torch.ones_like(counts[:, :1]))
         if on_tokens is not None and on_tokens(nxt):
