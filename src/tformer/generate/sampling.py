@@ -67,7 +67,8 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, counts: torch.Tensor | Non
     if cfg.temperature == 0:
         return argmax(logits)
     if 0 < cfg.top_k < logits.shape[-1]:  # the same draw over the k best only: the rest has probability 0
-        best, ids = torch.topk(logits.float() / cfg.temperature, cfg.top_k, dim=-1)  # (B, k), descending
+        # (B, k) in no particular order: nothing below needs it, and sorting them costs a kernel a step
+        best, ids = torch.topk(logits.float() / cfg.temperature, cfg.top_k, dim=-1, sorted=False)
         pick = race(_top_p_min_p(best, cfg).softmax(dim=-1), generator)
         return ids.gather(-1, pick[:, None]).squeeze(-1)
     return race(filter_logits(logits, cfg).softmax(dim=-1), generator)
