@@ -9,7 +9,8 @@ temperature 0.8 and top-k 200 (gpt-fast's defaults). tokens/s = new tokens / wal
 whole generate call (prefill included), median of --repeats after one warm-up call whose time is
 reported as the first-call (compile) time. Roofline: bytes read per token (all weights but the
 embedding table, plus the KV cache at its mean length) against the measured device-to-device
-copy bandwidth.
+copy bandwidth. tformer's rows also give the host's own time per step (its first 64 steps, while
+the GPU is still behind), to tell a GPU-bound step from a host-bound one.
 """
 
 from __future__ import annotations
@@ -84,7 +85,23 @@ def tformer_runner(config, prompt, new, batch, quantize: str | None = None, pdl:
     step, first = compiled_decode_step(), compiled_prefill()
     sampling = SamplingConfig(temperature=0.8, top_k=200)
     prompts = [prompt.tolist()] * batch
-    return model, lambda: generate(model, prompts, new, sampling, step_fn=step, prefill_fn=first)
+    ticks: list[float] = []
+
+    def run():
+        ticks.clear()
+        return generate(model, prompts, new, sampling, step_fn=step, prefill_fn=first,
+                        on_tokens=lambda _: ticks.append(time.perf_counter()))
+
+    run.host_ms = lambda: host_ms_per_step(ticks)
+    return model, run
+
+
+def host_ms_per_step(ticks: list[float], steps: int = 64) -> float:
+    """The host's own time per decode step: the median gap between its first `steps` streaming
+    callbacks. Nothing in the loop waits on the GPU, so while the launch queue is short these gaps
+    are host work alone. A step whose host time is close to its wall time is bound by the host."""
+    gaps = [b - a for a, b in zip(ticks[:steps], ticks[1:steps + 1])]
+    return statistics.median(gaps) * 1e3 if gaps else float("nan")
 
 
 def gpt_fast_runner(path: Path, config, prompt, new, batch):
@@ -154,7 +171,8 @@ def floor(config, layer_counts: list[int], prompt_len: int, new: int, repeats: i
         _, run = tformer_runner(tiny, prompt, new, 1)
         first, runs = timed(run, repeats)
         ms = statistics.median(runs) / new * 1e3
-        print(json.dumps({"floor_layers": layers, "ms_per_token": round(ms, 3), "first_call_s": round(first, 1)}))
+        print(json.dumps({"floor_layers": layers, "ms_per_token": round(ms, 3),
+                          "host_ms_per_step": round(run.host_ms(), 3), "first_call_s": round(first, 1)}))
 
 
 def main() -> None:
@@ -195,6 +213,8 @@ def main() -> None:
             row = {"impl": name, "batch": batch, "tokens_per_s": round(tok_s, 1),
                    "per_sequence_tok_s": round(tok_s / batch, 1), "roofline_share": round(tok_s * bpt / bw, 3),
                    "first_call_s": round(first, 1), "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)}
+            if hasattr(run, "host_ms"):  # the last timed call's host time per step, against its wall time
+                row.update(host_ms_per_step=round(run.host_ms(), 3), wall_ms_per_step=round(1e3 * batch / tok_s, 3))
             rows.append(row)
             print(json.dumps(row), flush=True)
             del model, run
