@@ -102,6 +102,20 @@ if triton is not None:
         return x.to(tl.float32)
 
     @triton.jit
+    def _code(u, OFFSET: tl.constexpr):
+        """u - OFFSET in fp32, for integers 0 <= u < 2^23, without an int-to-float conversion (a
+        quarter-rate instruction that would bound the quantized kernels): the bits 0x4B000000 | u
+        are the float 2^23 + u exactly."""
+        return (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
+
+    @triton.jit
+    def _weight(w, FMT: tl.constexpr):
+        """A full-precision or int8 weight tile in fp32 (int8: its code, through `_code`)."""
+        if FMT == 1:
+            return _code(w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x80, 128)  # byte q + 128, then q
+        return w.to(tl.float32)
+
+    @triton.jit
     def _wait_for_previous_kernel(PDL: tl.constexpr):
         """Under programmatic dependent launch: let the next kernel's programs start, and wait until
         the previous kernel has finished and its writes are visible. Nothing before it may read what

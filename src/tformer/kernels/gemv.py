@@ -19,13 +19,13 @@ Splitting K across programs was measured slower on the H100 for every one-row de
 (bench/gemv.py), so each row is summed by one program. 2 to MAX_ROWS rows of x go to the
 tensor-core kernel in tformer.kernels.rows.
 
-Quantized codes become floats without int-to-float conversions, which run at a quarter of the
-FMA rate on the H100 and bounded the int8 kernel: a code u >= 0 ORed into the bits 0x4B000000 is
-the float 2^23 + u exactly, and one subtraction removes 2^23 and the code's offset (`_code`;
-int8 codes are offset by 128 first). A group's int4 scale and zero are applied to partial sums
-rather than to each weight: sum(((q - 8) s + z) x) = s sum((q - 8) x) + z sum(x). Timed on the
-H100 in BENCHMARKS.md ("Batch-1 matrix-vector products"): both kernels got faster, and tinygemm is
-still faster at int4.
+Quantized codes become floats without int-to-float conversions (a quarter-rate instruction on
+the H100): a code u >= 0 ORed into the bits 0x4B000000 is the float 2^23 + u exactly, and one
+subtraction removes 2^23 and the code's offset (`kernels.base._code`; int8 codes are offset by 128
+first; the few-row kernel's int8 tiles use it too). A group's int4 scale and zero are applied to
+partial sums rather than to each weight: sum(((q - 8) s + z) x) = s sum((q - 8) x) + z sum(x).
+Timed on the H100 in BENCHMARKS.md ("Batch-1 matrix-vector products"): both kernels got faster,
+and tinygemm is still faster at int4.
 
 Around the product the kernel can fuse what surrounds a weight in a pre-norm decoder block
 (tformer.models.fused): RMSNorm of x (each program sums x^2 itself, x being a few KB), a bias,
@@ -69,27 +69,13 @@ def max_rows(fmt: str) -> int:
 if triton is not None:
     import triton.language as tl
 
-    from tformer.kernels.base import _configs, _load_x, _wait_for_previous_kernel
+    from tformer.kernels.base import _code, _configs, _load_x, _wait_for_previous_kernel, _weight
 
     @triton.jit
     def _first_tile(w_ptr, rows, K, BLOCK_K: tl.constexpr):
         """Columns 0..BLOCK_K-1 of weight rows `rows` (full-precision or int8), as `_rows_dot` loads them."""
         cols = tl.arange(0, BLOCK_K)
         return tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=(cols < K)[None, :], other=0)
-
-    @triton.jit
-    def _code(u, OFFSET: tl.constexpr):
-        """u - OFFSET in fp32, for integers 0 <= u < 2^23, without an int-to-float conversion (a
-        quarter-rate instruction that would bound the quantized kernels): the bits 0x4B000000 | u
-        are the float 2^23 + u exactly."""
-        return (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
-
-    @triton.jit
-    def _weight(w, FMT: tl.constexpr):
-        """A full-precision or int8 weight tile in fp32 (int8: its code, through `_code`)."""
-        if FMT == 1:
-            return _code(w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x80, 128)  # byte q + 128, then q
-        return w.to(tl.float32)
 
     @triton.jit
     def _rows_dot(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, rows, K, w_first,

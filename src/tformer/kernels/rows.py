@@ -25,7 +25,8 @@ _INTERPRETED_SPLIT_K = 2  # the interpreter runs one configuration: a split K, s
 if triton is not None:
     import triton.language as tl
 
-    from tformer.kernels.base import _configs, _dot_t, _last_to_finish, _load_x, _wait_for_previous_kernel
+    from tformer.kernels.base import (_configs, _dot_t, _last_to_finish, _load_x, _wait_for_previous_kernel,
+                                      _weight)
 
     @triton.jit
     def _tile_dot(x_rows, nw_ptr, inv_rms, w_ptr, s_ptr, n, lo, hi, K, dtype, FMT: tl.constexpr,
@@ -38,8 +39,8 @@ if triton is not None:
             cols = k0 + tl.arange(0, BLOCK_K)
             ok = cols < hi
             w = tl.load(w_ptr + n[:, None] * K + cols[None, :], mask=ok[None, :], other=0)
-            if FMT == 1:  # through fp32: the interpreter converts int8 to bf16 wrongly
-                w = w.to(tl.float32)
+            if FMT == 1:  # through fp32 (`_weight`: no int-to-float conversion)
+                w = _weight(w, FMT)
             w = w.to(dtype)
             x = _load_x(x_rows, nw_ptr, cols[None, :], ok[None, :], inv_rms, NORM).to(dtype)
             acc += _dot_t(x, w)
