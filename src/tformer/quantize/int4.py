@@ -10,7 +10,7 @@ kernel, so on a CUDA GPU (sm80+) the kernel's tiled layout is one call away:
 `aten._convert_weight_to_int4pack(packed, inner_k_tiles)` (uint8 input since torch 2.5), used by
 `aten._weight_int4pack_mm(x_bf16, w, group_size, scales_and_zeros (K/g, N, 2) bf16)`.
 That layout is derived, never saved: it is rebuilt whenever the module moves or is loaded.
-A single row of x (a batch-1 decode step) goes through tinygemm too: it measured 1.4-1.9x faster
+A single row of x (a batch-1 decode step) goes through tinygemm too: it measured 1.4-1.8x faster
 than `tformer.kernels.matvec` on the H100 (bench/gemv.py, BENCHMARKS.md). `Int4Linear.one_row =
 "matvec"` sends it to the matvec kernel instead, which reads the stored form directly and fuses the
 norm, SwiGLU and residual around it (tformer.models.fused); so does any layer tinygemm cannot run
@@ -154,9 +154,10 @@ class Int4Linear(nn.Module):
         return StoredWeight(self.weight, self.scales, self.zeros, "int4", self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_matvec(x, self.in_features, "int4") and self.matvec_weight() is not None:
+        tinygemm = self.int4pack is not None and x.dtype == torch.bfloat16
+        if use_matvec(x, self.in_features, "int4") and not (tinygemm and self.one_row == "tinygemm"):
             return matvec(x, self.weight, self.scales, self.zeros, "int4", self.group_size, bias=self.bias)
-        if self.int4pack is not None and x.dtype == torch.bfloat16:
+        if tinygemm:
             x2 = x.reshape(-1, self.in_features).contiguous()  # (M, K)
             y = torch.ops.aten._weight_int4pack_mm(x2, self.int4pack, self.group_size, self.scales_and_zeros)
             y = y.reshape(*x.shape[:-1], self.out_features)
