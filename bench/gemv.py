@@ -89,11 +89,11 @@ def without_pdl(fn):
     """fn launching its kernels without programmatic dependent launch (tformer.kernels.base)."""
 
     def call(x):
-        set_pdl(False)
+        previous = set_pdl(False)
         try:
             return fn(x)
         finally:
-            set_pdl(True)
+            set_pdl(previous)
 
     return call
 

@@ -33,11 +33,13 @@ _PDL = {"enabled": os.environ.get("TFORMER_PDL", "1") != "0"}
 _TUNE = {"enabled": os.environ.get("TFORMER_TUNE", "1") != "0"}
 
 
-def set_pdl(enabled: bool) -> None:
+def set_pdl(enabled: bool) -> bool:
     """Turn programmatic dependent launch on or off for kernels launched (or CUDA graphs captured) from
-    now on. A step compiled and graphed under the other setting must be compiled again
-    (torch._dynamo.reset()): its graph would be re-recorded with kernels that were never warmed up."""
-    _PDL["enabled"] = enabled
+    now on; returns the setting it replaces. A step compiled and graphed under the other setting must
+    be compiled again (torch._dynamo.reset()): its graph would be re-recorded with kernels that were
+    never warmed up."""
+    previous, _PDL["enabled"] = _PDL["enabled"], enabled
+    return previous
 
 
 def tuned(configs: list, key: list[str], prune=None):
@@ -104,8 +106,7 @@ if triton is not None:
     @triton.jit
     def _code(u, OFFSET: tl.constexpr):
         """u - OFFSET in fp32, for integers 0 <= u < 2^23, without an int-to-float conversion (a
-        quarter-rate instruction that would bound the quantized kernels): the bits 0x4B000000 | u
-        are the float 2^23 + u exactly."""
+        quarter-rate instruction on the H100): the bits 0x4B000000 | u are the float 2^23 + u exactly."""
         return (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
 
     @triton.jit
