@@ -78,8 +78,11 @@ class FusedAttention(Attention):
     made here, eagerly: allocated later, inside a CUDA-graph tree's warm-up, they would land in its pool."""
 
     def make_cache(self, batch_size: int, n_slots: int, dtype, device=None):
-        reserve_counters(device, batch_size * self.n_heads)
+        self.reserve_counters(batch_size, device)
         return super().make_cache(batch_size, n_slots, dtype, device)
+
+    def reserve_counters(self, batch_size: int, device) -> None:
+        reserve_counters(device, batch_size * self.n_heads)  # one per (sequence, query head)
 
 
 class FusedBlock(Block):
@@ -104,7 +107,7 @@ def with_decode_kernels(model: nn.Module) -> nn.Module:
             m.__class__, m.attn.__class__ = FusedBlock, FusedAttention
             cache = m.attn.kv_cache
             if cache is not None:  # made before the swap
-                reserve_counters(cache.k.device, cache.k.shape[0] * m.attn.n_heads)
+                m.attn.reserve_counters(cache.k.shape[0], cache.k.device)
     return model
 
 
