@@ -29,7 +29,7 @@ def test_kernels_under_interpreter():
     r = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", *files],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "36 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
+    assert "37 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
 
 
 SHAPES = [(37, 320, 32), (37, 320, 64), (64, 2048, 64)]  # tails of rows and of K steps (interpreted: 128 a step)
@@ -61,17 +61,37 @@ def test_matvec_formats_match_dequantized_reference(n, k, group, rows):
 
 
 def test_untuned_kernels_launch_their_first_configuration(monkeypatch):
-    """TFORMER_TUNE=0 (`_TUNE` off): every autotuned kernel keeps its first configuration, times none."""
+    """TFORMER_TUNE=0 (`_TUNE` off): every autotuned kernel keeps the first configuration it would time,
+    and times none."""
     pytest.importorskip("triton")
     from tformer.kernels import attention, base, gemv, rows
 
     for tuner in (*gemv._TUNED.values(), rows._TUNED_ROWS, attention._tuned_cached_attention,
                   attention._tuned_cached_attention_rows, attention._tuned_decode_attention):
-        monkeypatch.setitem(base._TUNE, "enabled", False)
         tuner.nargs = {"N": 4096}  # what launches pass (the rows kernel splits K below SPLIT_K_BELOW rows)
-        assert tuner.prune_configs({}) == tuner.configs[:1]
         monkeypatch.setitem(base._TUNE, "enabled", True)
-        assert tuner.prune_configs({}) == tuner.configs and len(tuner.configs) > 1
+        kept = tuner.prune_configs({})
+        monkeypatch.setitem(base._TUNE, "enabled", False)
+        assert tuner.prune_configs({}) == kept[:1] and len(kept) > 1
+        if tuner is rows._TUNED_ROWS:  # each tile with the split of K that gives the SMs programs enough
+            assert [c.kwargs["SPLIT_K"] for c in kept] == [rows.split_k(4096, c.kwargs["BLOCK_N"]) for c in kept]
+            assert {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in kept} == {
+                (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in tuner.configs}
+        else:
+            assert kept == tuner.configs
+
+
+def test_rows_split_k_gives_every_sm_two_programs():
+    pytest.importorskip("triton")
+    from tformer.kernels.rows import MAX_SPLIT_K, SPLIT_K_BELOW, split_k
+
+    sms = 132
+    assert split_k(8192, 16) == 1 and split_k(3072, 16) == 2 and split_k(2048, 16) == MAX_SPLIT_K
+    assert split_k(2048, 64) == MAX_SPLIT_K and split_k(SPLIT_K_BELOW, 16) == 1
+    for n in (256, 2048, 3072, 8192):
+        for bn in (16, 32, 64):
+            s = split_k(n, bn)
+            assert s == MAX_SPLIT_K or -(-n // bn) * s >= 2 * sms
 
 
 @interpreted

@@ -134,6 +134,6 @@ if triton is not None:
         tl.debug_barrier()  # every thread's stores done before the count says so
         return tl.atomic_add(count_ptr + group, 1) == PARTS - 1  # acq_rel
 
-    def _configs(tiles):
-        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-                for bn, bk, w in tiles for st in (2, 3, 4)]
+    def _configs(tiles, stages=(2, 3, 4), **fixed):
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, **fixed}, num_warps=w, num_stages=st)
+                for bn, bk, w in tiles for st in stages]

@@ -5,8 +5,8 @@
 the same fusions as `matvec`'s one-row kernel (tformer.kernels.gemv): RMSNorm of x, a gated FFN's
 second weight, bias, residual. x is padded to MAX_ROWS rows in registers (the tensor cores' least
 tile), so a program owns at least 16 weight rows; for a 2048-row weight that is 128 programs, too
-few to keep an H100's memory busy. So K can also be split over SPLIT_K programs (autotuned, for
-weights of fewer than SPLIT_K_BELOW rows): each writes its fp32 partial tile to a workspace, and
+few to keep an H100's memory busy. So K can also be split over SPLIT_K programs (for weights of
+fewer than SPLIT_K_BELOW rows, as many as give each SM two programs: `split_k`): each writes its fp32 partial tile to a workspace, and
 the last of a column block to finish (an atomic count) sums them and applies the epilogue, so it
 stays one kernel.
 """
@@ -118,17 +118,34 @@ if triton is not None:
                 tl.atomic_xchg(count_ptr + block, 0)  # ready for the next kernel
 
     def _split_configs(tiles):
-        return [triton.Config({**c.kwargs, "SPLIT_K": sk}, num_warps=c.num_warps, num_stages=c.num_stages)
-                for sk in (1, 2, MAX_SPLIT_K) for c in _configs(tiles)]
+        return [c for sk in (1, 2, MAX_SPLIT_K) for c in _configs(tiles, stages=(3, 4), SPLIT_K=sk)]
 
     def _fits(configs, named_args):
-        """Split K only for weights of fewer than SPLIT_K_BELOW rows (what the workspace is sized for)."""
-        return [c for c in configs if c.kwargs["SPLIT_K"] == 1 or named_args["N"] < SPLIT_K_BELOW]
+        """Each tile with the one split of K that `split_k` gives it (the rest are never timed)."""
+        return [c for c in configs if c.kwargs["SPLIT_K"] == split_k(named_args["N"], c.kwargs["BLOCK_N"])]
 
-    # tensor-core tiles, at least 16 weight rows and 32 columns a program; the first is the default
+    # tensor-core tiles, at least 16 weight rows and 32 columns a program; the first is the default. M is
+    # not in the key: x is padded to MAX_ROWS rows whatever M is, so one tuning serves every row count.
     _TUNED_ROWS = tuned(_split_configs([(16, 128, 4), (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 4),
                                         (32, 256, 8), (64, 128, 4)]),
-                        ["M", "N", "K", "GROUP", "NORM", "GATED", "PDL"], prune=_fits)(_rows_kernel)
+                        ["N", "K", "GROUP", "NORM", "GATED", "PDL"], prune=_fits)(_rows_kernel)
+
+
+def split_k(n: int, block_n: int, programs_per_sm: int = 2) -> int:
+    """Parts to split K into for a weight of n rows in blocks of block_n: the fewest (1, 2 or MAX_SPLIT_K)
+    that give every SM `programs_per_sm` programs; 1 from SPLIT_K_BELOW rows (the workspace's size)."""
+    if n >= SPLIT_K_BELOW:
+        return 1
+    want = programs_per_sm * _sm_count()
+    blocks = -(-n // block_n)
+    return next((s for s in (1, 2) if blocks * s >= want), MAX_SPLIT_K)
+
+
+def _sm_count() -> int:
+    """The current GPU's SMs (an H100's 132 where there is none: the interpreter, CPU tests)."""
+    if not torch.cuda.is_available():
+        return 132
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
 def rows_matvec(x, nw, weight, s, z, w2, s2, z2, b, r, out, M, N, K, eps, fmt, group_size, flags, pdl: bool):
