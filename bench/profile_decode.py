@@ -5,8 +5,8 @@
 Runs bench/decode.py's batch-1 setup, warms up, then profiles one generate call and prints GPU
 kernel time and wall time per unit, and the most expensive kernels. Variants: tformer,
 tformer-int8, tformer-int4, gpt-fast, and spec-kN, a compiled greedy speculative round with
-k = N: the same target and the draft shape of bench/speculative.py (4 x 256, same vocabulary),
-random weights. A round costs the same whatever is accepted, so its unit is one round.
+k = N: the target shape of bench/speculative.py and a 4-layer draft --draft-dim wide (same
+vocabulary; `--vocab 8192 --draft-dim 512` is that script's pair), random weights. A round costs the same whatever is accepted, so its unit is one round.
 """
 
 from __future__ import annotations
@@ -50,12 +50,14 @@ def report(name: str, run, rows: int, per: int | None = None, unit: str = "tok")
         print(f"{e.self_device_time_total / 1e3 / n:8.4f} ms/{unit} {e.count / n:6.1f}/{unit}  {e.key[:90]}")
 
 
-def speculative_runner(config, prompt, new: int, k: int):
+def speculative_runner(config, prompt, new: int, k: int, draft_dim: int = 256):
     from tformer.generate import SamplingConfig
     from tformer.generate.speculative import compiled_spec_steps, speculative_generate
     from tformer.models import build_model, with_decode_kernels
 
-    draft_config = config.replace(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=768, tie_embeddings=True)
+    heads = draft_dim // 64
+    draft_config = config.replace(dim=draft_dim, n_layers=4, n_heads=heads, n_kv_heads=heads, ffn_dim=3 * draft_dim,
+                                  tie_embeddings=True)
     target, draft = (with_decode_kernels(build_model(c, device="cuda", dtype=torch.bfloat16).eval())
                      for c in (config, draft_config))
     steps, greedy = compiled_spec_steps(), SamplingConfig(temperature=0)
@@ -72,15 +74,20 @@ def main() -> None:
     ap.add_argument("--gpt-fast", type=Path, default=Path("third_party/gpt-fast-src"))
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--rows", type=int, default=14)
+    ap.add_argument("--vocab", type=int, help="vocabulary size (default: Llama-3.2-1B's 128256; bench/speculative.py's "
+                                              "pair has 8192)")
+    ap.add_argument("--draft-dim", type=int, default=256, help="spec-kN: the 4-layer draft's width")
     ap.add_argument("--variants", default="tformer,gpt-fast",
                     help="comma-separated: tformer, tformer-int8, tformer-int4 (each may end in :nopdl), gpt-fast, "
                          "spec-kN (N draft tokens)")
     args = ap.parse_args()
     config = get_preset("llama-3.2-1b").replace(tie_embeddings=False, max_seq_len=2048)
+    if args.vocab:
+        config = config.replace(vocab_size=args.vocab)
     prompt = torch.randint(0, config.vocab_size, (128,))
     for name in args.variants.split(","):
         if name.startswith("spec-k"):
-            report(name, speculative_runner(config, prompt, args.new, int(name[6:])), args.rows, unit="round")
+            report(name, speculative_runner(config, prompt, args.new, int(name[6:]), args.draft_dim), args.rows, unit="round")
             continue
         if name == "gpt-fast":
             _, run = gpt_fast_runner(args.gpt_fast, config, prompt, args.new, 1)
