@@ -3,8 +3,7 @@
     PYTHONPATH=src python bench/gemv.py [--copies 16] [--rows 6] [--variants bf16-cublas,bf16-triton]
 
 --rows M multiplies M rows of x at once (a speculative verify, a batch of M sequences): the
-triton variants then take a few-row kernel (tformer.kernels.rows: on the CUDA cores up to
-CUDA_CORE_MAX_ROWS rows, else on the tensor cores; the -tc variants always on the tensor cores).
+triton variants then take the tensor-core kernel for a few rows.
 
 For each weight shape of the decode step (wqkv, wo, w1/w3, w2, the untied head) and each way of
 computing y = W x with a bf16, int8 or int4 weight: the GPU time of one call, measured inside a
@@ -31,7 +30,6 @@ import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 
 from tformer.kernels import matvec
-from tformer.kernels import rows as rows_kernels
 from tformer.kernels.base import set_pdl
 from tformer.quantize.int4 import Int4Linear, dequantize_int4, quantize_int4
 from tformer.quantize.int8 import dequantize_int8, quantize_int8
@@ -84,22 +82,7 @@ def variants(w: torch.Tensor):
         "int4-triton": (lambda x: matvec(x, p4, s4, z4, fmt="int4", group_size=64), b4, w4),
         "bf16-triton-nopdl": (without_pdl(lambda x: matvec(x, w)), w.numel() * 2, w),
         "int8-triton-nopdl": (without_pdl(lambda x: matvec(x, q8, s8, fmt="int8")), b8, w8),
-        "bf16-triton-tc": (on_tensor_cores(lambda x: matvec(x, w)), w.numel() * 2, w),
-        "int8-triton-tc": (on_tensor_cores(lambda x: matvec(x, q8, s8, fmt="int8")), b8, w8),
     }
-
-
-def on_tensor_cores(fn):
-    """fn with every few-row product on the tensor-core kernel (none on the CUDA-core one)."""
-
-    def call(x):
-        previous, rows_kernels.CUDA_CORE_MAX_ROWS = rows_kernels.CUDA_CORE_MAX_ROWS, 0
-        try:
-            return fn(x)
-        finally:
-            rows_kernels.CUDA_CORE_MAX_ROWS = previous
-
-    return call
 
 
 def without_pdl(fn):

@@ -62,9 +62,6 @@ def test_matvec_compiles(fmt, weight):
     _compile(gemv._matvec_kernel, types, dict(flags, BLOCK_N=4, BLOCK_K=512), launch_pdl=True)
     if fmt == 2:  # several rows of int4 are tinygemm's
         return
-    cuda_core = {k: v for k, v in flags.items() if k != "GROUP"}
-    for rows_ in (2, 8):  # a few rows on the CUDA cores
-        _compile(rows._cuda_core_kernel, types, dict(cuda_core, ROWS=rows_, BLOCK_N=2, BLOCK_K=512), launch_pdl=True)
     types.update(ws_ptr="*fp32", count_ptr="*i32")
     for split_k in (1, 4):  # several rows: tensor-core tiles, K whole or split (merged after an atomic count)
         ptx = _compile(rows._rows_kernel, types, dict(flags, ROWS=16, BLOCK_N=32, BLOCK_K=256, SPLIT_K=split_k),

@@ -117,13 +117,6 @@ if triton is not None:
         return w.to(tl.float32)
 
     @triton.jit
-    def _first_tile(w_ptr, rows, K, BLOCK_K: tl.constexpr):
-        """Columns 0..BLOCK_K-1 of weight rows `rows` (full-precision or int8): what a kernel under
-        programmatic dependent launch loads before it waits for the previous kernel."""
-        cols = tl.arange(0, BLOCK_K)
-        return tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=(cols < K)[None, :], other=0)
-
-    @triton.jit
     def _wait_for_previous_kernel(PDL: tl.constexpr):
         """Under programmatic dependent launch: let the next kernel's programs start, and wait until
         the previous kernel has finished and its writes are visible. Nothing before it may read what

@@ -69,7 +69,13 @@ def max_rows(fmt: str) -> int:
 if triton is not None:
     import triton.language as tl
 
-    from tformer.kernels.base import _code, _configs, _first_tile, _load_x, _wait_for_previous_kernel, _weight
+    from tformer.kernels.base import _code, _configs, _load_x, _wait_for_previous_kernel, _weight
+
+    @triton.jit
+    def _first_tile(w_ptr, rows, K, BLOCK_K: tl.constexpr):
+        """Columns 0..BLOCK_K-1 of weight rows `rows` (full-precision or int8), as `_rows_dot` loads them."""
+        cols = tl.arange(0, BLOCK_K)
+        return tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=(cols < K)[None, :], other=0)
 
     @triton.jit
     def _rows_dot(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, rows, K, w_first,

@@ -9,25 +9,15 @@ few to keep an H100's memory busy. So K can also be split over SPLIT_K programs 
 fewer than SPLIT_K_BELOW rows, as many as give each SM two programs: `split_k`): each writes its fp32 partial tile to a workspace, and
 the last of a column block to finish (an atomic count) sums them and applies the epilogue, so it
 stays one kernel.
-
-Up to CUDA_CORE_MAX_ROWS rows go instead to a kernel on the CUDA cores, shaped like the one-row
-`matvec`: a program owns a few weight rows, converts each weight tile once and multiplies it by
-every row of x (padded to a power of two), accumulating (rows, BLOCK_N, BLOCK_K) products in
-registers. It keeps the one-row kernel's long, narrow tiles, which stream a weight at full speed,
-where the tensor-core kernel's 16-row tiles do not.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
 from tformer.kernels.base import INTERPRET, reserve_counters, triton, tuned
 
 MAX_ROWS = 16  # rows of x the kernels take; more is a matmul for cuBLAS
-# rows of x that go to the CUDA-core kernel, more to the tensor-core one (TFORMER_CUDA_CORE_ROWS=0: none)
-CUDA_CORE_MAX_ROWS = int(os.environ.get("TFORMER_CUDA_CORE_ROWS", "8"))
 MAX_SPLIT_K = 4
 SPLIT_K_BELOW = 16384  # weights with fewer rows may split K (larger ones have programs enough)
 _INTERPRETED_SPLIT_K = 2  # the interpreter runs one configuration: a split K, so tests cover the merge
@@ -35,7 +25,8 @@ _INTERPRETED_SPLIT_K = 2  # the interpreter runs one configuration: a split K, s
 if triton is not None:
     import triton.language as tl
 
-    from tformer.kernels.base import _configs, _dot_t, _last_to_finish, _load_x, _wait_for_previous_kernel, _weight
+    from tformer.kernels.base import (_configs, _dot_t, _last_to_finish, _load_x, _wait_for_previous_kernel,
+                                      _weight)
 
     @triton.jit
     def _tile_dot(x_rows, nw_ptr, inv_rms, w_ptr, s_ptr, n, lo, hi, K, dtype, FMT: tl.constexpr,
@@ -90,8 +81,13 @@ if triton is not None:
         x_rows = x_ptr + m[:, None] * K  # (ROWS, 1)
         dtype = out_ptr.dtype.element_ty
         inv_rms = tl.full((ROWS, 1), 1.0, tl.float32)
-        if NORM:  # over all of K, in every program
-            inv_rms = _inv_rms(x_rows, K, eps, ROWS, BLOCK_K)
+        if NORM:  # over all of K, in every program (x is a few KB, read from L2)
+            sq = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_rows + cols[None, :], mask=(cols < K)[None, :], other=0.0).to(tl.float32)
+                sq += x * x
+            inv_rms = tl.rsqrt(tl.sum(sq, axis=1) / K + eps)[:, None]
         chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
         lo = split * chunk
         hi = tl.minimum(lo + chunk, K)
@@ -135,68 +131,6 @@ if triton is not None:
                         ["N", "K", "GROUP", "NORM", "GATED", "PDL"], prune=_fits)(_rows_kernel)
 
 
-    @triton.jit
-    def _inv_rms(x_rows, K, eps, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-        """(ROWS, 1) 1 / rms of the x rows starting at x_rows (ROWS, 1), over all of K (x is a few KB, from L2)."""
-        sq = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_rows + cols[None, :], mask=(cols < K)[None, :], other=0.0).to(tl.float32)
-            sq += x * x
-        return tl.rsqrt(tl.sum(sq, axis=1) / K + eps)[:, None]
-
-    @triton.jit
-    def _cuda_core_dot(x_rows, nw_ptr, inv_rms, w_ptr, s_ptr, n, K, FMT: tl.constexpr, NORM: tl.constexpr,
-                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """(ROWS, BLOCK_N) fp32 products of the x rows starting at x_rows (ROWS, 1, 1, 1) with weight rows n
-        (BLOCK_N,) (full precision or int8), each weight tile converted once for all rows.
-
-        A step's columns are a (BLOCK_K / 8, 8) block: a thread loads 8 consecutive columns (16 bytes of
-        bf16) of the weight and of every x row, so the broadcast axes (rows of x, rows of W) are the
-        thread's own and the product needs no layout conversion; its 8 columns are summed in the thread,
-        leaving ROWS x BLOCK_N accumulators a thread, summed across threads once at the end."""
-        acc = tl.zeros((ROWS, BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
-        block = (tl.arange(0, BLOCK_K // 8)[:, None] * 8 + tl.arange(0, 8)[None, :])[None, None, :, :]
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + block
-            ok = cols < K
-            w = tl.load(w_ptr + n[None, :, None, None] * K + cols, mask=ok, other=0)
-            acc += tl.sum(_weight(w, FMT) * _load_x(x_rows, nw_ptr, cols, ok, inv_rms, NORM), axis=3)
-        y = tl.sum(acc, axis=2)
-        if FMT == 1:  # int8: the per-row scale once, at the end
-            y = y * tl.load(s_ptr + n).to(tl.float32)[None, :]
-        return y
-
-    @triton.jit
-    def _cuda_core_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, w2_ptr, s2_ptr, b_ptr, r_ptr, out_ptr, M, N, K, eps,
-                          FMT: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, BIAS: tl.constexpr,
-                          RESIDUAL: tl.constexpr, PDL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
-        """Program: BLOCK_N weight rows against all M (<= ROWS) rows of x (module docstring)."""
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < N
-        n = tl.where(n_ok, n, 0)
-        _wait_for_previous_kernel(PDL)  # (no first tile before it: the loop is software-pipelined)
-        m = tl.arange(0, ROWS)
-        m_ok = m < M
-        m = tl.where(m_ok, m, 0)  # padding rows repeat row 0 and store nothing
-        dtype = out_ptr.dtype.element_ty
-        inv_rms = tl.full((ROWS, 1), 1.0, tl.float32)
-        if NORM:
-            inv_rms = _inv_rms(x_ptr + m[:, None] * K, K, eps, ROWS, BLOCK_K)
-        x_rows, inv_rms = x_ptr + m[:, None, None, None] * K, inv_rms[:, :, None, None]  # (ROWS, 1, 1, 1)
-        y = _cuda_core_dot(x_rows, nw_ptr, inv_rms, w_ptr, s_ptr, n, K, FMT, NORM, ROWS, BLOCK_N, BLOCK_K)
-        up = y
-        if GATED:
-            up = _cuda_core_dot(x_rows, nw_ptr, inv_rms, w2_ptr, s2_ptr, n, K, FMT, NORM, ROWS, BLOCK_N, BLOCK_K)
-        _epilogue(y, up, n, n_ok, m, m_ok, b_ptr, r_ptr, out_ptr, N, dtype, GATED, BIAS, RESIDUAL)
-
-    # (BLOCK_N, BLOCK_K, warps): BLOCK_K = 8 x threads (`_cuda_core_dot`); the first is the default
-    _TUNED_CUDA_CORE = tuned(_configs([(1, 1024, 4), (2, 1024, 4), (4, 1024, 4), (1, 2048, 8), (2, 2048, 8),
-                                       (1, 512, 2), (2, 512, 2)], stages=(1, 3)),
-                             ["N", "K", "NORM", "GATED", "PDL", "ROWS"])(_cuda_core_kernel)
-
-
 def split_k(n: int, block_n: int, programs_per_sm: int = 2) -> int:
     """Parts to split K into for a weight of n rows in blocks of block_n: the fewest (1, 2 or MAX_SPLIT_K)
     that give every SM `programs_per_sm` programs; 1 from SPLIT_K_BELOW rows (the workspace's size)."""
@@ -215,10 +149,7 @@ def _sm_count() -> int:
 
 
 def rows_matvec(x, nw, weight, s, z, w2, s2, z2, b, r, out, M, N, K, eps, fmt, group_size, flags, pdl: bool):
-    """Launch a few-row kernel (matvec_op's arguments, the optional ones already filled in): the CUDA-core
-    one up to CUDA_CORE_MAX_ROWS rows of x (full-precision and int8 weights), else the tensor-core one."""
-    if M <= CUDA_CORE_MAX_ROWS and fmt != 2:
-        return _cuda_core_matvec(x, nw, weight, s, w2, s2, b, r, out, M, N, K, eps, fmt, flags, pdl)
+    """Launch the few-row kernel (matvec_op's arguments, the optional ones already filled in)."""
     split_ok = N < SPLIT_K_BELOW
     ws = torch.empty(triton.cdiv(N, 64) * 64 * MAX_ROWS * 2 * MAX_SPLIT_K if split_ok else 1, device=x.device,
                      dtype=torch.float32)
@@ -230,15 +161,4 @@ def rows_matvec(x, nw, weight, s, z, w2, s2, z2, b, r, out, M, N, K, eps, fmt, g
     else:
         _TUNED_ROWS[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])](*args, ROWS=MAX_ROWS,
                                                                                      launch_pdl=pdl)
-    return out
-
-
-def _cuda_core_matvec(x, nw, weight, s, w2, s2, b, r, out, M, N, K, eps, fmt, flags, pdl: bool):
-    norm, gated, bias, residual, pdl_flag = flags
-    rows = triton.next_power_of_2(M)
-    args = (x, nw, weight, s, w2, s2, b, r, out, M, N, K, eps, fmt, norm, gated, bias, residual, pdl_flag)
-    if INTERPRET:  # one fixed tile: the interpreter cannot time configurations
-        _cuda_core_kernel[(triton.cdiv(N, 4),)](*args, ROWS=rows, BLOCK_N=4, BLOCK_K=128)
-    else:
-        _TUNED_CUDA_CORE[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, ROWS=rows, launch_pdl=pdl)
     return out
