@@ -47,8 +47,20 @@ def prefill(model, tokens, input_pos, key_mask, sampling: SamplingConfig, counts
 
 
 def compiled_prefill():
-    """`prefill` compiled once for any prompt length (dynamic shapes, no CUDA graph)."""
-    return torch.compile(prefill, dynamic=True, fullgraph=True)
+    """`prefill` compiled for any prompt length (dynamic lengths, no CUDA graph), once per batch size.
+
+    The batch size stays static (`mark_static`): with the batch and the length both symbolic, inductor
+    (PyTorch 2.11) failed to generate a fused kernel over their product ("CantSplit: s52 not divisible
+    by s11*s52", batch 8 after batch 1, H100)."""
+    compiled = torch.compile(prefill, dynamic=True, fullgraph=True)
+
+    def call(model, tokens, input_pos, key_mask, sampling: SamplingConfig, counts=None):
+        for t in (tokens, key_mask, counts):
+            if t is not None:
+                torch._dynamo.mark_static(t, 0)
+        return compiled(model, tokens, input_pos, key_mask, sampling, counts)
+
+    return call
 
 
 def decode_compile_options(cuda_graphs: bool = True) -> dict:
