@@ -47,18 +47,17 @@ def prefill(model, tokens, input_pos, key_mask, sampling: SamplingConfig, counts
 
 
 def compiled_prefill():
-    """`prefill` compiled for any prompt length (dynamic lengths, no CUDA graph), once per batch size.
+    """`prefill` compiled without a CUDA graph: for one prompt, once for any length (dynamic shapes);
+    for a batch, once per (batch size, padded length).
 
-    The batch size stays static (`mark_static`): with the batch and the length both symbolic, inductor
-    (PyTorch 2.11) failed to generate a fused kernel over their product ("CantSplit: s52 not divisible
-    by s11*s52", batch 8 after batch 1, H100)."""
-    compiled = torch.compile(prefill, dynamic=True, fullgraph=True)
+    A batch compiles with static shapes because inductor (PyTorch 2.11) failed to generate a fused
+    kernel over batch x a symbolic length ("CantSplit: 8 not divisible by 8*s11", batch 8 on an H100),
+    whether the batch size was symbolic too or not."""
+    one = torch.compile(prefill, dynamic=True, fullgraph=True)
+    batch = torch.compile(prefill, dynamic=False, fullgraph=True)
 
     def call(model, tokens, input_pos, key_mask, sampling: SamplingConfig, counts=None):
-        for t in (tokens, key_mask, counts):
-            if t is not None:
-                torch._dynamo.mark_static(t, 0)
-        return compiled(model, tokens, input_pos, key_mask, sampling, counts)
+        return (one if tokens.shape[0] == 1 else batch)(model, tokens, input_pos, key_mask, sampling, counts)
 
     return call
 
