@@ -128,3 +128,26 @@ def test_decode_step_compiles_without_graph_breaks():
         eager = generate(model, [[1, 2, 3], [7]], 6, cfg, seed=5)
         compiled = generate(model, [[1, 2, 3], [7]], 6, cfg, seed=5, step_fn=step, prefill_fn=first)
         assert compiled == eager
+
+
+def test_compiled_prefill_takes_batches_with_static_shapes_and_one_prompt_at_any_length():
+    """One prompt: dynamic lengths (one compile serves them all). A batch: static shapes (inductor
+    could not fuse batch x a symbolic length on the GPU). Both give the eager first tokens."""
+    from tformer.generate.engine import compiled_prefill, prefill
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = build_model(tiny_config()).eval()
+    first, greedy = compiled_prefill(), SamplingConfig(temperature=0)
+    with torch.no_grad():
+        for i, tokens in enumerate((torch.tensor([[1, 2, 3, 4]]), torch.tensor([[5, 6, 7]]),
+                                    torch.tensor([[1, 2, 3], [4, 5, 6]]))):
+            model.setup_caches(tokens.shape[0], 16)
+            mask = torch.ones(tokens.shape[0], model.cache_slots, dtype=torch.long)
+            pos = torch.arange(tokens.shape[1])
+            want = prefill(model, tokens, pos, mask, greedy)
+            assert torch.equal(first(model, tokens, pos, mask, greedy), want)
+            model.clear_caches()
+            assert counters["stats"]["unique_graphs"] == (1 if i < 2 else 2)  # lengths 4 and 3: one graph
