@@ -147,15 +147,19 @@ class Int4Linear(nn.Module):
         self.refresh_layout()
         return self
 
+    def one_row_on_tinygemm(self, dtype: torch.dtype = torch.bfloat16) -> bool:
+        """Whether a one-row forward of x in `dtype` runs tinygemm (`one_row`; tinygemm takes bf16 only)."""
+        return self.int4pack is not None and dtype == torch.bfloat16 and self.one_row == "tinygemm"
+
     def matvec_weight(self) -> StoredWeight | None:
-        """The stored form for `matvec`; None where a one-row forward is tinygemm's (`one_row`)."""
-        if self.int4pack is not None and self.one_row == "tinygemm":
+        """The stored form for `matvec`; None where a one-row bf16 forward is tinygemm's (`one_row`)."""
+        if self.one_row_on_tinygemm():
             return None
         return StoredWeight(self.weight, self.scales, self.zeros, "int4", self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tinygemm = self.int4pack is not None and x.dtype == torch.bfloat16
-        if use_matvec(x, self.in_features, "int4") and not (tinygemm and self.one_row == "tinygemm"):
+        if use_matvec(x, self.in_features, "int4") and not self.one_row_on_tinygemm(x.dtype):
             return matvec(x, self.weight, self.scales, self.zeros, "int4", self.group_size, bias=self.bias)
         if tinygemm:
             x2 = x.reshape(-1, self.in_features).contiguous()  # (M, K)
