@@ -6,9 +6,9 @@ the same fusions as `matvec`'s one-row kernel (tformer.kernels.gemv): RMSNorm of
 second weight, bias, residual. x is padded to MAX_ROWS rows in registers (the tensor cores' least
 tile), so a program owns at least 16 weight rows; for a 2048-row weight that is 128 programs, too
 few to keep an H100's memory busy. So K can also be split over SPLIT_K programs (for weights of
-fewer than SPLIT_K_BELOW rows, as many as give each SM two programs: `split_k`): each writes its fp32 partial tile to a workspace, and
-the last of a column block to finish (an atomic count) sums them and applies the epilogue, so it
-stays one kernel.
+fewer than SPLIT_K_BELOW rows, as many as give each SM two programs: `split_k`): each writes its
+fp32 partial tile to a workspace, and the last of a column block to finish (an atomic count) sums
+them and applies the epilogue, so it stays one kernel.
 """
 
 from __future__ import annotations
