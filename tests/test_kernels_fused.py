@@ -124,6 +124,30 @@ def test_compiled_model_keeps_the_kernel_in_one_graph():
     assert torch.equal(eager, compiled)
 
 
+@interpreted
+def test_compiled_step_builds_rope_and_mask_once_for_all_layers():
+    """Inductor hands every layer's cached_attention the same cos, sin and mask buffers (no copy a layer:
+    on a GPU each copy was one more kernel in the step)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from tformer.generate.engine import decode_step
+    from tformer.generate.sampling import SamplingConfig
+    from tformer.models import with_decode_kernels
+
+    model = with_decode_kernels(_tiny(n_layers=3))
+    step = torch.compile(decode_step, fullgraph=True, options={"triton.cudagraphs": False})
+    with torch.no_grad():
+        model.setup_caches(1, 16)
+        mask = torch.ones(1, model.cache_slots, dtype=torch.long)
+        _, code = run_and_get_code(step, model, torch.tensor([[3]]), torch.tensor([0]), mask, SamplingConfig(temperature=0))
+        model.clear_caches()
+    calls = re.findall(r"tformer\.cached_attention\.default\((.*)\)", "\n".join(code))
+    shared = {tuple(a.strip() for i, a in enumerate(c.rsplit(", ", 8)[1:]) if i in (0, 1, 5)) for c in calls}
+    assert len(calls) == 3 and len(shared) == 1, calls  # (cos, sin, mask) the same for every layer
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU")
 def test_fused_decode_on_cuda_matches_unfused_in_bf16():
     pytest.importorskip("triton")

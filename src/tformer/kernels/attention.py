@@ -268,7 +268,10 @@ _INTERPRETED_SPLITS = 2  # the interpreter runs one configuration: a split cache
 MAX_SPLITS = 8  # parts of the cache that one-token `cached_attention` may split the keys into
 
 
-@torch.library.custom_op("tformer::cached_attention", mutates_args=("k_cache", "v_cache"))
+# flexible_layout: inductor hands every layer the same rope and mask buffers. Without it, it made each
+# layer's call its own copy of them, one more small kernel a layer in a compiled step.
+@torch.library.custom_op("tformer::cached_attention", mutates_args=("k_cache", "v_cache"),
+                         tags=(torch.Tag.flexible_layout,) if hasattr(torch.Tag, "flexible_layout") else ())
 def cached_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor, n_heads: int,
                         rot_dim: int) -> torch.Tensor:
@@ -278,6 +281,8 @@ def cached_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     for all layers."""
     B, T = qkv.shape[:2]
     Hkv, S, D = k_cache.shape[1:]
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():  # the layout the kernel reads them in
+        cos, sin = cos.contiguous(), sin.contiguous()
     out = torch.empty(B, T, n_heads, D, device=qkv.device, dtype=qkv.dtype)
     common = (qkv, cos, sin, k_cache, v_cache, input_pos, mask, out)
     strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), _batch_stride(mask))
