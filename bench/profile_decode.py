@@ -6,7 +6,8 @@ Runs bench/decode.py's batch-1 setup, warms up, then profiles one generate call 
 kernel time and wall time per unit, and the most expensive kernels. Variants: tformer,
 tformer-int8, tformer-int4, gpt-fast, and spec-kN, a compiled greedy speculative round with
 k = N: the target shape of bench/speculative.py and a 4-layer draft --draft-dim wide (same
-vocabulary; `--vocab 8192 --draft-dim 512` is that script's pair), random weights. A round costs the same whatever is accepted, so its unit is one round.
+vocabulary; `--vocab 8192 --draft-dim 512` is that script's pair), random weights. A round costs
+the same whatever is accepted, so its unit is one round.
 """
 
 from __future__ import annotations

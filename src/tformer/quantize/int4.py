@@ -147,9 +147,13 @@ class Int4Linear(nn.Module):
         self.refresh_layout()
         return self
 
+    def tinygemm_applies(self, dtype: torch.dtype) -> bool:
+        """Whether tinygemm can take x in `dtype`: its layout is built (CUDA) and x is bf16."""
+        return self.int4pack is not None and dtype == torch.bfloat16
+
     def one_row_on_tinygemm(self, dtype: torch.dtype = torch.bfloat16) -> bool:
-        """Whether a one-row forward of x in `dtype` runs tinygemm (`one_row`; tinygemm takes bf16 only)."""
-        return self.int4pack is not None and dtype == torch.bfloat16 and self.one_row == "tinygemm"
+        """Whether a one-row forward of x in `dtype` runs tinygemm (`one_row`)."""
+        return self.tinygemm_applies(dtype) and self.one_row == "tinygemm"
 
     def matvec_weight(self) -> StoredWeight | None:
         """The stored form for `matvec`; None where a one-row bf16 forward is tinygemm's (`one_row`)."""
@@ -158,10 +162,9 @@ class Int4Linear(nn.Module):
         return StoredWeight(self.weight, self.scales, self.zeros, "int4", self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tinygemm = self.int4pack is not None and x.dtype == torch.bfloat16
         if use_matvec(x, self.in_features, "int4") and not self.one_row_on_tinygemm(x.dtype):
             return matvec(x, self.weight, self.scales, self.zeros, "int4", self.group_size, bias=self.bias)
-        if tinygemm:
+        if self.tinygemm_applies(x.dtype):
             x2 = x.reshape(-1, self.in_features).contiguous()  # (M, K)
             y = torch.ops.aten._weight_int4pack_mm(x2, self.int4pack, self.group_size, self.scales_and_zeros)
             y = y.reshape(*x.shape[:-1], self.out_features)
