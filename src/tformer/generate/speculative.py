@@ -169,9 +169,12 @@ def _run(target, draft, prompt, max_new_tokens, k, sampling, stop_ids, steps: Sp
     Invariant at each round start: n tokens so far, both caches hold slots 0..n-2, and the last
     token `cur` (slot n-1, on the device like the slot) is fed next. The rounds run without the
     host: each writes [n_accepted, drafts, next] to a log row and moves cur and the slot on the
-    device, and the host reads the log once per batch of up to `sync_every` rounds. A batch is
-    never longer than the tokens left allow, even if every draft were accepted, so no round
-    writes past the caches; rounds after a stop id are dropped, stats included.
+    device. The host queues them in batches of up to `sync_every` rounds and reads a batch's log
+    only after queuing the next batch, so the device never waits for the host between batches
+    (launching a round's CUDA graph takes the host most of a round's device time: with a sync
+    between batches the device sat idle for about one launch per batch). A batch is never longer
+    than the tokens left allow, even if every draft of every round still unread were accepted,
+    so no round writes past the caches; rounds after a stop id are dropped, stats included.
     """
     device = next(target.parameters()).device
     tokens = torch.tensor([prompt], dtype=torch.long, device=device)
@@ -182,27 +185,53 @@ def _run(target, draft, prompt, max_new_tokens, k, sampling, stop_ids, steps: Sp
     steps.prefill(draft, tokens, slots, None, sampling, counts)
     stats.target_forwards, new = 1, [int(cur)]
     pos = torch.tensor([L], device=device)  # cur's slot
-    log = torch.empty(sync_every, k + 2, dtype=torch.long, device=device)
+    logs = torch.empty(2, sync_every, k + 2, dtype=torch.long, device=device)  # two batches: one read, one run
+    host_logs = torch.empty(logs.shape, dtype=torch.long, pin_memory=device.type == "cuda")
     first_k = torch.arange(k, device=device)
+    unread: tuple[int, int, torch.cuda.Event | None] | None = None  # (rounds, log, copied) of the batch in flight
+    which = 0
     while not (new[-1] in stop_ids or len(new) >= max_new_tokens):
-        rounds = max(1, min(sync_every, (max_new_tokens - len(new)) // (k + 1)))
-        for r in range(rounds):
-            if counts is not None:
-                counts.scatter_add_(1, cur.view(1, 1), torch.ones_like(counts[:, :1]))
-            n_acc, nxt, drafts = steps.round(target, draft, cur.view(1, 1), pos, k, sampling, counts)
-            torch.cat([n_acc, drafts[0], nxt], out=log[r])
-            if counts is not None:  # the accepted drafts (cur and nxt are counted at a round start)
-                counts.scatter_add_(1, drafts, (first_k < n_acc).float()[None])
-            pos += n_acc + 1
-            cur.copy_(nxt)
-        for vals in log[:rounds].tolist():  # one host sync per batch of rounds
-            a = vals[0]
-            stats.proposed, stats.accepted, stats.target_forwards = stats.proposed + k, stats.accepted + a, stats.target_forwards + 1
-            for t in vals[1 : 1 + a] + vals[-1:]:
-                new.append(t)
-                if t in stop_ids or len(new) >= max_new_tokens:
-                    return new
+        in_flight = unread[0] if unread else 0
+        rounds = min(sync_every, (max_new_tokens - len(new)) // (k + 1) - in_flight)
+        queued = None
+        if rounds > 0 or not unread:
+            queued = (max(1, rounds), which, _queue_rounds(steps, target, draft, cur, pos, k, sampling, counts,
+                                                           first_k, max(1, rounds), logs[which], host_logs[which]))
+            which ^= 1
+        if unread:
+            n, log, copied = unread
+            if copied is not None:
+                copied.synchronize()
+            for vals in host_logs[log, :n].tolist():
+                a = vals[0]
+                stats.proposed, stats.accepted, stats.target_forwards = (stats.proposed + k, stats.accepted + a,
+                                                                         stats.target_forwards + 1)
+                for t in vals[1 : 1 + a] + vals[-1:]:
+                    new.append(t)
+                    if t in stop_ids or len(new) >= max_new_tokens:
+                        return new
+        unread = queued
     return new
+
+
+def _queue_rounds(steps: SpecSteps, target, draft, cur, pos, k, sampling, counts, first_k, rounds: int, log, host_log):
+    """Queue `rounds` rounds on the device, each logging [n_accepted, drafts, next] to a row of log, and
+    the log's copy to host_log; returns the event the copy records (None on CPU, where it is done)."""
+    for r in range(rounds):
+        if counts is not None:
+            counts.scatter_add_(1, cur.view(1, 1), torch.ones_like(counts[:, :1]))
+        n_acc, nxt, drafts = steps.round(target, draft, cur.view(1, 1), pos, k, sampling, counts)
+        torch.cat([n_acc, drafts[0], nxt], out=log[r])
+        if counts is not None:  # the accepted drafts (cur and nxt are counted at a round start)
+            counts.scatter_add_(1, drafts, (first_k < n_acc).float()[None])
+        pos += n_acc + 1
+        cur.copy_(nxt)
+    host_log[:rounds].copy_(log[:rounds], non_blocking=True)
+    if log.device.type != "cuda":
+        return None
+    copied = torch.cuda.Event()
+    copied.record()
+    return copied
 
 
 def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor]:

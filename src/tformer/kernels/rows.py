@@ -29,24 +29,37 @@ if triton is not None:
                                       _weight)
 
     @triton.jit
-    def _tile_dot(x_rows, nw_ptr, inv_rms, w_ptr, s_ptr, n, lo, hi, K, dtype, FMT: tl.constexpr,
-                  NORM: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _operand(w, dtype, FMT: tl.constexpr):
+        """A weight tile in x's dtype for the tensor cores (int8 through fp32: `_weight`, no int-to-float
+        conversion; its codes are exact in x's dtype)."""
+        if FMT == 1:
+            w = _weight(w, FMT)
+        return w.to(dtype)
+
+    @triton.jit
+    def _tile_dots(x_rows, nw_ptr, inv_rms, w_ptr, s_ptr, w2_ptr, s2_ptr, n, lo, hi, K, dtype,
+                   FMT: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, ROWS: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """(ROWS, BLOCK_N) fp32 products over columns lo..hi-1 of the x rows starting at x_rows (ROWS, 1)
-        with weight rows n, on tensor cores: each weight tile is converted to x's dtype once and
-        serves every row."""
+        with weight rows n, and with the second weight's if GATED (else zeros), on tensor
+        cores: each x tile is loaded once for both weights, each weight tile converted once for every
+        row."""
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
         for k0 in range(lo, hi, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             ok = cols < hi
-            w = tl.load(w_ptr + n[:, None] * K + cols[None, :], mask=ok[None, :], other=0)
-            if FMT == 1:  # through fp32 (`_weight`: no int-to-float conversion)
-                w = _weight(w, FMT)
-            w = w.to(dtype)
             x = _load_x(x_rows, nw_ptr, cols[None, :], ok[None, :], inv_rms, NORM).to(dtype)
-            acc += _dot_t(x, w)
-        if FMT == 1:  # int8 codes are exact in x's dtype; the per-row scale comes last
+            w = tl.load(w_ptr + n[:, None] * K + cols[None, :], mask=ok[None, :], other=0)
+            acc += _dot_t(x, _operand(w, dtype, FMT))
+            if GATED:
+                w2 = tl.load(w2_ptr + n[:, None] * K + cols[None, :], mask=ok[None, :], other=0)
+                acc2 += _dot_t(x, _operand(w2, dtype, FMT))
+        if FMT == 1:  # the per-row scales come last
             acc = acc * tl.load(s_ptr + n).to(tl.float32)[None, :]
-        return acc
+            if GATED:
+                acc2 = acc2 * tl.load(s2_ptr + n).to(tl.float32)[None, :]
+        return acc, acc2
 
     @triton.jit
     def _epilogue(y, up, n, n_ok, m, m_ok, b_ptr, r_ptr, out_ptr, N, dtype, GATED: tl.constexpr,
@@ -70,11 +83,14 @@ if triton is not None:
                      ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
         """Program (column block, part of K). With SPLIT_K > 1 each writes its partial tiles to ws and
         the last of a column block to finish merges them (module docstring)."""
-        _wait_for_previous_kernel(PDL)
         block, split = tl.program_id(0), tl.program_id(1)
         n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < N
         n = tl.where(n_ok, n, 0)
+        chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, K)
+        _wait_for_previous_kernel(PDL)
         m = tl.arange(0, ROWS)
         m_ok = m < M
         m = tl.where(m_ok, m, 0)  # padding rows repeat row 0 and store nothing
@@ -88,14 +104,8 @@ if triton is not None:
                 x = tl.load(x_rows + cols[None, :], mask=(cols < K)[None, :], other=0.0).to(tl.float32)
                 sq += x * x
             inv_rms = tl.rsqrt(tl.sum(sq, axis=1) / K + eps)[:, None]
-        chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-        lo = split * chunk
-        hi = tl.minimum(lo + chunk, K)
-        y = _tile_dot(x_rows, nw_ptr, inv_rms, w_ptr, s_ptr, n, lo, hi, K, dtype, FMT, NORM, ROWS, BLOCK_N, BLOCK_K)
-        up = y
-        if GATED:
-            up = _tile_dot(x_rows, nw_ptr, inv_rms, w2_ptr, s2_ptr, n, lo, hi, K, dtype, FMT, NORM, ROWS, BLOCK_N,
-                           BLOCK_K)
+        y, up = _tile_dots(x_rows, nw_ptr, inv_rms, w_ptr, s_ptr, w2_ptr, s2_ptr, n, lo, hi, K, dtype,
+                           FMT, NORM, GATED, ROWS, BLOCK_N, BLOCK_K)
         if SPLIT_K == 1:
             _epilogue(y, up, n, n_ok, m, m_ok, b_ptr, r_ptr, out_ptr, N, dtype, GATED, BIAS, RESIDUAL)
         else:  # ws per column block: SPLIT_K parts of [y tile, up tile], each (ROWS, BLOCK_N) fp32
