@@ -1,14 +1,14 @@
 """Speculative decoding speed on one GPU: a trained target/draft pair, greedy, timed in one process.
 
     PYTHONPATH=src python bench/speculative.py [--target-steps 700] [--draft-steps 1500] [--k 3 5] [--new 256]
-        [--drafts distilled plain] [--distill-alpha 1.0] [--draft-dim 256] [--draft-layers 4]
+        [--drafts distilled plain] [--distill-alpha 1.0] [--draft-dim 256] [--draft-layers 4 2]
 
 The models, all trained here by `tformer.train` on the default corpus (Shakespeare's plays, the
 default 8192-token BPE tokenizer, so they share it):
   target: the Llama-3.2-1B layer shape (16 x 2048, 32/8 heads, SwiGLU 8192), untied, ~1.0B parameters
   draft:  the default `shakespeare-bpe` recipe widened to 4 x 256 (SwiGLU 768, tied), ~5.3M parameters
           (--draft-layers x --draft-dim: heads of 64, SwiGLU 3 x dim; at batch 1 a step's cost grows
-          with the layers, hardly with the width),
+          with the layers, hardly with the width; one draft per depth given),
           trained on the corpus ("plain"), or distilled from the target ("distilled": `--teacher`,
           the loss mixes the target's distributions in with weight --distill-alpha; 1.0: those only)
 Each is trained for a number of 16 x 512-token steps (bf16 autocast, compiled); a draft keeps its
@@ -95,19 +95,21 @@ def main() -> None:
                          "distributions (tformer train --teacher, --distill-alpha)")
     ap.add_argument("--distill-alpha", type=float, default=1.0)
     ap.add_argument("--draft-dim", type=int, default=256)
-    ap.add_argument("--draft-layers", type=int, default=4)
+    ap.add_argument("--draft-layers", type=int, nargs="+", default=[4],
+                    help="a draft of each depth (fewer layers: a cheaper draft step, usually lower acceptance)")
     args = ap.parse_args()
 
     target_path = train_model(args.out / "target", args.target_steps, TARGET, lr=6e-4, eval_every=args.target_steps)
     target = with_decode_kernels(load(target_path, device="cuda", dtype=torch.bfloat16).eval())
     drafts = {}
-    for name in args.drafts:
+    for name, layers in itertools.product(args.drafts, args.draft_layers):
         distill = {"teacher": str(target_path), "distill_alpha": args.distill_alpha} if name == "distilled" else {}
-        path = train_model(args.out / f"draft-{name}", args.draft_steps, draft_shape(args.draft_dim, args.draft_layers),
+        path = train_model(args.out / f"draft-{name}-{layers}", args.draft_steps, draft_shape(args.draft_dim, layers),
                            lr=3e-3, eval_every=250, **distill)
-        drafts[name] = with_decode_kernels(load(path, device="cuda", dtype=torch.bfloat16).eval())
+        drafts[f"{name} {layers}L"] = with_decode_kernels(load(path, device="cuda", dtype=torch.bfloat16).eval())
     sizes = {n: parameter_breakdown(m.config)["total"] for n, m in (("target", target), *drafts.items())}
-    print(json.dumps({"parameters": sizes, "ratio": round(sizes["target"] / sizes[args.drafts[0]], 1)}), flush=True)
+    print(json.dumps({"parameters": sizes, "ratio": {n: round(sizes["target"] / v, 1) for n, v in sizes.items()}}),
+          flush=True)
 
     val = prepare_data(TrainConfig()).shards.val.tokens
     stride = len(val) // args.prompts

@@ -211,9 +211,9 @@ def test_decode_attention_matches_reference_with_grouped_heads_and_padding(dtype
 @pytest.mark.parametrize("T", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cached_attention_matches_reference(dtype, T):
-    """A decode step (T = 1: the cache split in two parts, merged by the last to finish) and a
-    verify-sized one (T new tokens a sequence): RoPE, cache write and causal attention over the
-    cache in one kernel, against RoPE, the cache update and the reference attention."""
+    """A decode step (T = 1) and a verify-sized one (T new tokens a sequence), each with the cache
+    split in two parts merged by the last to finish: RoPE, cache write and causal attention over
+    the cache in one kernel, against RoPE, the cache update and the reference attention."""
     _check_cached_attention(dtype, "cpu", T)
 
 
@@ -251,8 +251,8 @@ def _check_cached_attention(dtype, device, T):
     # RoPE in fp32, rounded once (the module rounds each bf16 op): an ulp or so apart in bf16
     torch.testing.assert_close(k_cache[:, :, slots], k_want[:, :, slots], **tol)
     torch.testing.assert_close(v_cache[:, :, slots], v_want[:, :, slots], rtol=0, atol=0)
-    if T == 1:  # every count of finished splits is back at zero for the next call
-        assert all(not counts.any() for counts in base._COUNTS.values())
+    # every count of finished splits is back at zero for the next call
+    assert all(not counts.any() for counts in base._COUNTS.values())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU")

@@ -49,10 +49,13 @@ def test_cached_attention_compiles(splits):
     assert ("atom.global.gpu.acq_rel.add" in ptx) == (splits > 1)  # the merge of split softmax states
 
 
-def test_cached_attention_rows_compiles():
-    types = {**dict.fromkeys(ACTIVATIONS, "*bf16"), "pos_ptr": "*i64", "m_ptr": "*i1", "scale": "fp32"}
-    _compile(attention._cached_attention_rows_kernel, types,
-             dict(D=64, BLOCK_D=64, BLOCK_S=64, ROWS=32, NEW=16, PDL=True), launch_pdl=True)
+@pytest.mark.parametrize("splits", [1, 4])
+def test_cached_attention_rows_compiles(splits):
+    types = {**dict.fromkeys(ACTIVATIONS, "*bf16"), "pos_ptr": "*i64", "m_ptr": "*i1", "ws_ptr": "*fp32",
+             "count_ptr": "*i32", "scale": "fp32"}
+    kernel = _compile(attention._cached_attention_rows_kernel, types,
+                      dict(D=64, BLOCK_D=64, BLOCK_S=64, ROWS=32, NEW=16, SPLITS=splits, PDL=True), launch_pdl=True)
+    assert ("atom.global.gpu.acq_rel.add" in kernel.asm["ptx"]) == (splits > 1)
 
 
 @pytest.mark.parametrize("fmt,weight", [(0, "*bf16"), (1, "*i8"), (2, "*u8")])

@@ -13,10 +13,12 @@ written in (B, 1, H, D) order, the layout the output projection reads, so no tra
 from the projected q|k|v it applies RoPE to q and the new k, writes the new k and v into the cache
 and attends, all in one kernel (three compiled kernels and the attention kernel before). Every
 program uses the new token's k and v from registers; one program per key/value head stores them,
-and none reads that slot back, so the write races with nothing. For one new token the cache can
-also be split into parts (flash-decoding; the autotuner picks 1, 4 or 8 per cache size), so a
-head's keys are read by several programs at once; each writes its partial softmax state, and the
-last of a head to finish (an atomic count) merges them, so it stays one kernel.
+and none reads that slot back, so the write races with nothing. The cache can also be split into
+parts (flash-decoding; the autotuner picks 1 to 8 per cache size), so a head's keys are read by
+several programs at once; each writes its partial softmax state, and the last of a head to finish
+(an atomic count) merges them, so it stays one kernel. For a few new tokens (a speculative verify)
+one program takes a key/value head's whole group of queries on tensor cores, and the split matters
+more: without it a 1B model's 8 key/value heads made 8 programs.
 """
 
 from __future__ import annotations
@@ -138,14 +140,18 @@ if triton is not None:
                 tl.atomic_xchg(count_ptr + bh, 0)  # ready for the next call
 
     @triton.jit
-    def _cached_attention_rows_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, out_ptr,
-                                      S, T, H, HKV, R, scale, sq_b, sq_t, sc_b, sc_t, sk_b, sk_h, sk_s, sm_b, sm_t, sm_s,
-                                      D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                                      ROWS: tl.constexpr, NEW: tl.constexpr, PDL: tl.constexpr):
+    def _cached_attention_rows_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, out_ptr, ws_ptr,
+                                      count_ptr, S, T, H, HKV, R, scale, sq_b, sq_t, sc_b, sc_t, sk_b, sk_h, sk_s, sm_b,
+                                      sm_t, sm_s, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                                      ROWS: tl.constexpr, NEW: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
         """`_cached_attention_kernel` for T new tokens a sequence: one program per (sequence, key/value
-        head) takes every query of the group (T tokens x H/HKV heads, ROWS padded) on tensor cores."""
+        head, part of the cache) takes every query of the group (T tokens x H/HKV heads, ROWS padded) on
+        tensor cores. Part 0 also writes the new keys and values and attends to them from registers;
+        with SPLITS > 1 each part writes its partial softmax state to ws and the last of a group to
+        finish merges them, so one kernel still does everything."""
         _wait_for_previous_kernel(PDL)
-        b, kvh = tl.program_id(0) // HKV, tl.program_id(0) % HKV
+        bh, split = tl.program_id(0), tl.program_id(1)
+        b, kvh = bh // HKV, bh % HKV
         G = H // HKV
         d = tl.arange(0, BLOCK_D)
         d_ok = d < D
@@ -160,27 +166,34 @@ if triton is not None:
         j = tl.arange(0, NEW)  # the new tokens, NEW padded
         j_ok = j < T
         tj = tl.where(j_ok, j, 0)
-        row = qkv_ptr + b * sq_b + tj * sq_t
-        k_new = _rope((row + (H + kvh) * D)[:, None], (cos_ptr + b * sc_b + tj * sc_t)[:, None],
-                      (sin_ptr + b * sc_b + tj * sc_t)[:, None], d[None, :], D, R).to(dtype)  # (NEW, BLOCK_D)
-        v_new = tl.load((row + (H + HKV + kvh) * D)[:, None] + d[None, :], mask=d_ok[None, :], other=0.0).to(dtype)
         pos = tl.load(pos_ptr + tj)  # (NEW,)
         head = b * sk_b + kvh * sk_h
-        new_ok = j_ok[:, None] & d_ok[None, :]
-        tl.store(k_ptr + head + pos[:, None] * sk_s + d[None, :], k_new, mask=new_ok)
-        tl.store(v_ptr + head + pos[:, None] * sk_s + d[None, :], v_new, mask=new_ok)
-        # the new keys first, from registers (this program alone writes them, and reads them back never)
         rows_mask = m_ptr + b * sm_b + t[:, None] * sm_t  # (ROWS, 1)
-        keep = (tl.load(rows_mask + pos[None, :] * sm_s) != 0) & j_ok[None, :] & r_ok[:, None]  # (ROWS, NEW)
-        scores = tl.where(keep, _dot_t(q, k_new) * scale, float("-inf"))
-        m_i = tl.max(scores, axis=1)
-        m_i = tl.where(m_i == float("-inf"), 0.0, m_i)  # padding rows (nothing kept): any finite value
-        p = tl.exp(scores - m_i[:, None])
-        l_i = tl.sum(p, axis=1)
-        acc = _dot_t(p.to(dtype), tl.trans(v_new))  # (ROWS, BLOCK_D)
-        for s0 in range(0, S, BLOCK_S):  # then the cache, without the new slots
+        if split == 0:  # the new keys first, from registers (this program alone writes them, and reads them back never)
+            row = qkv_ptr + b * sq_b + tj * sq_t
+            k_new = _rope((row + (H + kvh) * D)[:, None], (cos_ptr + b * sc_b + tj * sc_t)[:, None],
+                          (sin_ptr + b * sc_b + tj * sc_t)[:, None], d[None, :], D, R).to(dtype)  # (NEW, BLOCK_D)
+            v_new = tl.load((row + (H + HKV + kvh) * D)[:, None] + d[None, :], mask=d_ok[None, :], other=0.0).to(dtype)
+            new_ok = j_ok[:, None] & d_ok[None, :]
+            tl.store(k_ptr + head + pos[:, None] * sk_s + d[None, :], k_new, mask=new_ok)
+            tl.store(v_ptr + head + pos[:, None] * sk_s + d[None, :], v_new, mask=new_ok)
+            keep = (tl.load(rows_mask + pos[None, :] * sm_s) != 0) & j_ok[None, :] & r_ok[:, None]  # (ROWS, NEW)
+            scores = tl.where(keep, _dot_t(q, k_new) * scale, float("-inf"))
+            m_i = tl.max(scores, axis=1)
+            m_i = tl.where(m_i == float("-inf"), 0.0, m_i)  # padding rows (nothing kept): any finite value
+            p = tl.exp(scores - m_i[:, None])
+            l_i = tl.sum(p, axis=1)
+            acc = _dot_t(p.to(dtype), tl.trans(v_new))  # (ROWS, BLOCK_D)
+        else:
+            m_i = tl.full((ROWS,), float("-inf"), tl.float32)
+            l_i = tl.zeros((ROWS,), tl.float32)
+            acc = tl.zeros((ROWS, BLOCK_D), tl.float32)
+        chunk = tl.cdiv(tl.cdiv(S, SPLITS), BLOCK_S) * BLOCK_S
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, S)
+        for s0 in range(lo, hi, BLOCK_S):  # then this part of the cache, without the new slots
             s = s0 + tl.arange(0, BLOCK_S)
-            in_range = s < S
+            in_range = s < hi
             fresh = tl.max((s[None, :] == pos[:, None]).to(tl.int32), axis=0) != 0  # (BLOCK_S,)
             kept = (tl.load(rows_mask + s[None, :] * sm_s, mask=in_range[None, :], other=0) != 0) & (
                 in_range & ~fresh)[None, :]  # (ROWS, BLOCK_S)
@@ -191,13 +204,35 @@ if triton is not None:
             v = tl.load(v_ptr + head + offs, mask=kv_ok, other=0.0)
             block_scores = tl.where(kept, _dot_t(q, k) * scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(block_scores, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            block_p = tl.exp(block_scores - m_new[:, None])
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing kept yet (parts after the first)
+            alpha = tl.exp(m_i - m_ref)
+            block_p = tl.exp(block_scores - m_ref[:, None])
             acc = acc * alpha[:, None] + _dot_t(block_p.to(dtype), tl.trans(v))
             l_i = l_i * alpha + tl.sum(block_p, axis=1)
             m_i = m_new
-        out = acc / tl.where(r_ok, l_i, 1.0)[:, None]  # padding rows kept nothing
-        tl.store(out_ptr + ((b * T + t) * H + h)[:, None] * D + d[None, :], out, mask=r_ok[:, None] & d_ok[None, :])
+        out = out_ptr + ((b * T + t) * H + h)[:, None] * D + d[None, :]
+        out_ok = r_ok[:, None] & d_ok[None, :]
+        if SPLITS == 1:
+            tl.store(out, acc / tl.where(r_ok, l_i, 1.0)[:, None], mask=out_ok)  # padding rows kept nothing
+        else:  # ws per (sequence x key/value head): SPLITS parts of [max (ROWS), sum (ROWS), output (ROWS, BLOCK_D)]
+            PART: tl.constexpr = ROWS * (BLOCK_D + 2)
+            part = ws_ptr + bh * (SPLITS * PART)
+            tl.store(part + split * PART + r, m_i)
+            tl.store(part + split * PART + ROWS + r, l_i)
+            tl.store(part + split * PART + 2 * ROWS + r[:, None] * BLOCK_D + d[None, :], acc)
+            if _last_to_finish(count_ptr, bh, SPLITS):  # then the other parts are visible
+                m_all = tl.full((ROWS,), float("-inf"), tl.float32)
+                for i in tl.static_range(SPLITS):
+                    m_all = tl.maximum(m_all, tl.load(part + i * PART + r, cache_modifier=".cg"))
+                l_all = tl.zeros((ROWS,), tl.float32)
+                acc = tl.zeros((ROWS, BLOCK_D), tl.float32)
+                for i in tl.static_range(SPLITS):  # part 0 holds the new tokens: m_all is finite
+                    w = tl.exp(tl.load(part + i * PART + r, cache_modifier=".cg") - m_all)
+                    l_all += w * tl.load(part + i * PART + ROWS + r, cache_modifier=".cg")
+                    acc += w[:, None] * tl.load(part + i * PART + 2 * ROWS + r[:, None] * BLOCK_D + d[None, :],
+                                                cache_modifier=".cg")
+                tl.store(out, acc / tl.where(r_ok, l_all, 1.0)[:, None], mask=out_ok)
+                tl.atomic_xchg(count_ptr + bh, 0)  # ready for the next call
 
     _CONFIGS = [triton.Config({"BLOCK_S": bs}, num_warps=w, num_stages=st)
                 for bs in (32, 64, 128) for w in (2, 4, 8) for st in (1, 3)]
@@ -207,7 +242,10 @@ if triton is not None:
     _SPLIT_CONFIGS = [triton.Config({"BLOCK_S": bs, "SPLITS": sp}, num_warps=w, num_stages=1)
                       for sp in (4, 8, 1) for bs in (64, 128, 32) for w in (4, 2)]  # 1 stage won every time
     _tuned_cached_attention = tuned(_SPLIT_CONFIGS, ["S", "D", "PDL"])(_cached_attention_kernel)
-    _tuned_cached_attention_rows = tuned(_CONFIGS, ["S", "D", "T", "PDL"])(_cached_attention_rows_kernel)
+    # a few new tokens a sequence: the cache split like the one-token kernel's, or whole
+    _ROWS_CONFIGS = [triton.Config({"BLOCK_S": bs, "SPLITS": sp}, num_warps=w, num_stages=st)
+                     for sp in (4, 8, 2, 1) for bs in (64, 32) for w in (4, 8) for st in (1, 3)]
+    _tuned_cached_attention_rows = tuned(_ROWS_CONFIGS, ["S", "D", "T", "PDL"])(_cached_attention_rows_kernel)
 
 
 def _key_mask(mask, batch: int, n_queries: int, n_slots: int) -> bool:
@@ -265,7 +303,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 MAX_NEW_TOKENS = 16  # new tokens a sequence that `cached_attention` takes in one call
 _INTERPRETED_SPLITS = 2  # the interpreter runs one configuration: a split cache, so tests cover the merge
-MAX_SPLITS = 8  # parts of the cache that one-token `cached_attention` may split the keys into
+MAX_SPLITS = 8  # parts of the cache that `cached_attention` may split the keys into
 
 
 # flexible_layout: inductor hands every layer the same rope and mask buffers. Without it, it made each
@@ -301,13 +339,17 @@ def cached_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         else:
             _tuned_cached_attention[lambda meta: (B * n_heads, meta["SPLITS"])](*args, D=D, BLOCK_D=block_d, **fixed)
         return out
-    common = (*common, S)
-    kernel = _cached_attention_rows_kernel if INTERPRET else _tuned_cached_attention_rows
-    kernel[(B * Hkv,)](*common, T, n_heads, Hkv, rot_dim, 1.0 / math.sqrt(D), qkv.stride(0), qkv.stride(1),
-                       _batch_stride(cos), cos.stride(1), *strides[:3], strides[3], mask.stride(2), mask.stride(3),
-                       D=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-                       ROWS=max(16, triton.next_power_of_2(T * (n_heads // Hkv))), NEW=max(16, triton.next_power_of_2(T)),
-                       **fixed)
+    rows, block_d = max(16, triton.next_power_of_2(T * (n_heads // Hkv))), max(16, triton.next_power_of_2(D))
+    ws = torch.empty(B * Hkv * MAX_SPLITS * rows * (block_d + 2), device=qkv.device, dtype=torch.float32)
+    counts = reserve_counters(qkv.device, B * Hkv)
+    args = (*common, ws, counts, S, T, n_heads, Hkv, rot_dim, 1.0 / math.sqrt(D), qkv.stride(0), qkv.stride(1),
+            _batch_stride(cos), cos.stride(1), *strides[:3], strides[3], mask.stride(2), mask.stride(3))
+    meta = dict(D=D, BLOCK_D=block_d, ROWS=rows, NEW=max(16, triton.next_power_of_2(T)), **fixed)
+    if INTERPRET:  # a split cache, so the tests cover the merge
+        _cached_attention_rows_kernel[(B * Hkv, _INTERPRETED_SPLITS)](*args, SPLITS=_INTERPRETED_SPLITS,
+                                                                      **{**meta, "BLOCK_S": 16})
+    else:
+        _tuned_cached_attention_rows[lambda m: (B * Hkv, m["SPLITS"])](*args, **meta)
     return out
 
 
