@@ -96,12 +96,17 @@ if triton is not None:
     @triton.jit
     def _load_x(x_ptr, nw_ptr, cols, ok, inv_rms, NORM: tl.constexpr):
         """x at x_ptr + cols (x_ptr: one row, or a column of row starts) in fp32; with NORM, RMSNorm's
-        output (rounded to x's dtype as the module rounds it)."""
-        x = tl.load(x_ptr + cols, mask=ok, other=0.0)
+        output (`_norm_x`)."""
+        return _norm_x(tl.load(x_ptr + cols, mask=ok, other=0.0), nw_ptr, cols, ok, inv_rms, NORM).to(tl.float32)
+
+    @triton.jit
+    def _norm_x(x, nw_ptr, cols, ok, inv_rms, NORM: tl.constexpr):
+        """With NORM, RMSNorm's output for x (columns cols, ok) in x's dtype, rounded as the module rounds
+        it: x * inv_rms, then * the norm weight (nw_ptr + cols); else x."""
         if NORM:
             h = (x.to(tl.float32) * inv_rms).to(x.dtype)
             x = (h.to(tl.float32) * tl.load(nw_ptr + cols, mask=ok, other=0.0).to(tl.float32)).to(x.dtype)
-        return x.to(tl.float32)
+        return x
 
     @triton.jit
     def _code(u, OFFSET: tl.constexpr):

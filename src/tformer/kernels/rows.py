@@ -25,7 +25,7 @@ _INTERPRETED_SPLIT_K = 2  # the interpreter runs one configuration: a split K, s
 if triton is not None:
     import triton.language as tl
 
-    from tformer.kernels.base import (_configs, _dot_t, _last_to_finish, _load_x, _wait_for_previous_kernel,
+    from tformer.kernels.base import (_configs, _dot_t, _last_to_finish, _norm_x, _wait_for_previous_kernel,
                                       _weight)
 
     @triton.jit
@@ -37,19 +37,20 @@ if triton is not None:
         return w.to(dtype)
 
     @triton.jit
-    def _tile_dots(x_rows, nw_ptr, inv_rms, w_ptr, s_ptr, w2_ptr, s2_ptr, n, lo, hi, K, dtype,
+    def _tile_dots(x_rows, m_ok, nw_ptr, inv_rms, w_ptr, s_ptr, w2_ptr, s2_ptr, n, lo, hi, K, dtype,
                    FMT: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, ROWS: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """(ROWS, BLOCK_N) fp32 products over columns lo..hi-1 of the x rows starting at x_rows (ROWS, 1)
         with weight rows n, and with the second weight's if GATED (else zeros), on tensor
         cores: each x tile is loaded once for both weights, each weight tile converted once for every
-        row."""
+        row. Padding rows (not m_ok) are zeros, never loaded."""
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
         acc2 = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
         for k0 in range(lo, hi, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             ok = cols < hi
-            x = _load_x(x_rows, nw_ptr, cols[None, :], ok[None, :], inv_rms, NORM).to(dtype)
+            x = tl.load(x_rows + cols[None, :], mask=m_ok[:, None] & ok[None, :], other=0.0)
+            x = _norm_x(x, nw_ptr, cols[None, :], ok[None, :], inv_rms, NORM).to(dtype)
             w = tl.load(w_ptr + n[:, None] * K + cols[None, :], mask=ok[None, :], other=0)
             acc += _dot_t(x, _operand(w, dtype, FMT))
             if GATED:
@@ -93,18 +94,18 @@ if triton is not None:
         _wait_for_previous_kernel(PDL)
         m = tl.arange(0, ROWS)
         m_ok = m < M
-        m = tl.where(m_ok, m, 0)  # padding rows repeat row 0 and store nothing
+        m = tl.where(m_ok, m, 0)  # padding rows load nothing and store nothing
         x_rows = x_ptr + m[:, None] * K  # (ROWS, 1)
         dtype = out_ptr.dtype.element_ty
         inv_rms = tl.full((ROWS, 1), 1.0, tl.float32)
-        if NORM:  # over all of K, in every program (x is a few KB, read from L2)
+        if NORM:  # over all of K, in every program (x is a few KB a row, read from L2)
             sq = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 cols = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(x_rows + cols[None, :], mask=(cols < K)[None, :], other=0.0).to(tl.float32)
+                x = tl.load(x_rows + cols[None, :], mask=m_ok[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
                 sq += x * x
             inv_rms = tl.rsqrt(tl.sum(sq, axis=1) / K + eps)[:, None]
-        y, up = _tile_dots(x_rows, nw_ptr, inv_rms, w_ptr, s_ptr, w2_ptr, s2_ptr, n, lo, hi, K, dtype,
+        y, up = _tile_dots(x_rows, m_ok, nw_ptr, inv_rms, w_ptr, s_ptr, w2_ptr, s2_ptr, n, lo, hi, K, dtype,
                            FMT, NORM, GATED, ROWS, BLOCK_N, BLOCK_K)
         if SPLIT_K == 1:
             _epilogue(y, up, n, n_ok, m, m_ok, b_ptr, r_ptr, out_ptr, N, dtype, GATED, BIAS, RESIDUAL)
