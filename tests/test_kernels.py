@@ -29,19 +29,20 @@ def test_kernels_under_interpreter():
     r = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", *files],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "38 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
+    assert "41 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
 
 
 SHAPES = [(37, 320, 32), (37, 320, 64), (64, 2048, 64)]  # tails of rows and of K steps (interpreted: 128 a step)
 
 
 @interpreted
-@pytest.mark.parametrize("rows", [1, 5])  # one row, or the tensor-core kernel for a few
+@pytest.mark.parametrize("rows,swap", [(1, 0), (5, 0), (5, 1)])  # one row, or the tensor-core kernel (x W^T, W x^T)
 @pytest.mark.parametrize("n,k,group", SHAPES)
-def test_matvec_formats_match_dequantized_reference(n, k, group, rows):
-    from tformer.kernels import matvec
+def test_matvec_formats_match_dequantized_reference(n, k, group, rows, swap, monkeypatch):
+    from tformer.kernels import matvec, rows as rows_kernel
     from tformer.quantize import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 
+    monkeypatch.setattr(rows_kernel, "_INTERPRETED_SWAP", swap)
     torch.manual_seed(0)
     w, x = torch.randn(n, k), torch.randn(rows, k)
     q8, s8 = quantize_int8(w)
@@ -75,8 +76,8 @@ def test_untuned_kernels_launch_their_first_configuration(monkeypatch):
         assert tuner.prune_configs({}) == kept[:1] and len(kept) > 1
         if tuner is rows._TUNED_ROWS:  # each tile with the split of K that gives the SMs programs enough
             assert [c.kwargs["SPLIT_K"] for c in kept] == [rows.split_k(4096, c.kwargs["BLOCK_N"]) for c in kept]
-            assert {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in kept} == {
-                (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in tuner.configs}
+            tile = lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SWAP"], c.num_warps, c.num_stages)  # noqa: E731
+            assert {tile(c) for c in kept} == {tile(c) for c in tuner.configs}
         else:
             assert kept == tuner.configs
 

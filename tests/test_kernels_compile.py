@@ -66,7 +66,9 @@ def test_matvec_compiles(fmt, weight):
     if fmt == 2:  # several rows of int4 are tinygemm's
         return
     types.update(ws_ptr="*fp32", count_ptr="*i32")
-    for split_k in (1, 4):  # several rows: tensor-core tiles, K whole or split (merged after an atomic count)
-        ptx = _compile(rows._rows_kernel, types, dict(flags, ROWS=16, BLOCK_N=32, BLOCK_K=256, SPLIT_K=split_k),
-                       launch_pdl=True).asm["ptx"]
+    for split_k, swap in ((1, 0), (4, 0), (4, 1)):  # several rows: tensor-core tiles, K whole or split (merged
+        # after an atomic count), summed as x W^T or as W x^T (then on Hopper's warpgroup MMA)
+        ptx = _compile(rows._rows_kernel, types, dict(flags, ROWS=16, BLOCK_N=32 << swap, BLOCK_K=128, SPLIT_K=split_k,
+                                                      SWAP=swap), launch_pdl=True).asm["ptx"]
         assert ("atom.global.gpu.acq_rel.add" in ptx) == (split_k > 1)
+        assert ("wgmma.mma_async" in ptx) == bool(swap)

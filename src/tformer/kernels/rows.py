@@ -21,6 +21,7 @@ MAX_ROWS = 16  # rows of x the kernels take; more is a matmul for cuBLAS
 MAX_SPLIT_K = 4
 SPLIT_K_BELOW = 16384  # weights with fewer rows may split K (larger ones have programs enough)
 _INTERPRETED_SPLIT_K = 2  # the interpreter runs one configuration: a split K, so tests cover the merge
+_INTERPRETED_SWAP = 1  # and summed as W x^T (tests/test_kernels.py also runs it unswapped)
 
 if triton is not None:
     import triton.language as tl
@@ -37,25 +38,40 @@ if triton is not None:
         return w.to(dtype)
 
     @triton.jit
+    def _dot_rows(x, w, SWAP: tl.constexpr):
+        """x (ROWS, BLOCK_K) times w (BLOCK_N, BLOCK_K)^T, or with SWAP its transpose, w x^T."""
+        if SWAP:
+            d = _dot_t(w, x)
+        else:
+            d = _dot_t(x, w)
+        return d
+
+    @triton.jit
     def _tile_dots(x_rows, m_ok, nw_ptr, inv_rms, w_ptr, s_ptr, w2_ptr, s2_ptr, n, lo, hi, K, dtype,
                    FMT: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, ROWS: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr):
         """(ROWS, BLOCK_N) fp32 products over columns lo..hi-1 of the x rows starting at x_rows (ROWS, 1)
         with weight rows n, and with the second weight's if GATED (else zeros), on tensor
         cores: each x tile is loaded once for both weights, each weight tile converted once for every
-        row. Padding rows (not m_ok) are zeros, never loaded."""
-        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-        acc2 = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        row. Padding rows (not m_ok) are zeros, never loaded. SWAP: summed as W x^T (BLOCK_N, ROWS) and
+        transposed once at the end, so the weight tile is the tensor cores' left operand (from 64 rows:
+        Hopper's warpgroup MMA, which reads it from shared memory as it arrives)."""
+        SHAPE: tl.constexpr = (BLOCK_N, ROWS) if SWAP else (ROWS, BLOCK_N)
+        acc = tl.zeros(SHAPE, dtype=tl.float32)
+        acc2 = tl.zeros(SHAPE, dtype=tl.float32)
         for k0 in range(lo, hi, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             ok = cols < hi
             x = tl.load(x_rows + cols[None, :], mask=m_ok[:, None] & ok[None, :], other=0.0)
             x = _norm_x(x, nw_ptr, cols[None, :], ok[None, :], inv_rms, NORM).to(dtype)
             w = tl.load(w_ptr + n[:, None] * K + cols[None, :], mask=ok[None, :], other=0)
-            acc += _dot_t(x, _operand(w, dtype, FMT))
+            acc += _dot_rows(x, _operand(w, dtype, FMT), SWAP)
             if GATED:
                 w2 = tl.load(w2_ptr + n[:, None] * K + cols[None, :], mask=ok[None, :], other=0)
-                acc2 += _dot_t(x, _operand(w2, dtype, FMT))
+                acc2 += _dot_rows(x, _operand(w2, dtype, FMT), SWAP)
+        if SWAP:
+            acc = tl.trans(acc)
+            acc2 = tl.trans(acc2)
         if FMT == 1:  # the per-row scales come last
             acc = acc * tl.load(s_ptr + n).to(tl.float32)[None, :]
             if GATED:
@@ -81,7 +97,8 @@ if triton is not None:
     def _rows_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, z_ptr, w2_ptr, s2_ptr, z2_ptr, b_ptr, r_ptr, out_ptr, ws_ptr,
                      count_ptr, M, N, K, eps, FMT: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr,
                      GATED: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
-                     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                     SWAP: tl.constexpr):
         """Program (column block, part of K). With SPLIT_K > 1 each writes its partial tiles to ws and
         the last of a column block to finish merges them (module docstring)."""
         block, split = tl.program_id(0), tl.program_id(1)
@@ -106,7 +123,7 @@ if triton is not None:
                 sq += x * x
             inv_rms = tl.rsqrt(tl.sum(sq, axis=1) / K + eps)[:, None]
         y, up = _tile_dots(x_rows, m_ok, nw_ptr, inv_rms, w_ptr, s_ptr, w2_ptr, s2_ptr, n, lo, hi, K, dtype,
-                           FMT, NORM, GATED, ROWS, BLOCK_N, BLOCK_K)
+                           FMT, NORM, GATED, ROWS, BLOCK_N, BLOCK_K, SWAP)
         if SPLIT_K == 1:
             _epilogue(y, up, n, n_ok, m, m_ok, b_ptr, r_ptr, out_ptr, N, dtype, GATED, BIAS, RESIDUAL)
         else:  # ws per column block: SPLIT_K parts of [y tile, up tile], each (ROWS, BLOCK_N) fp32
@@ -128,8 +145,8 @@ if triton is not None:
                 _epilogue(y, up, n, n_ok, m, m_ok, b_ptr, r_ptr, out_ptr, N, dtype, GATED, BIAS, RESIDUAL)
                 tl.atomic_xchg(count_ptr + block, 0)  # ready for the next kernel
 
-    def _split_configs(tiles):
-        return [c for sk in (1, 2, MAX_SPLIT_K) for c in _configs(tiles, stages=(3, 4), SPLIT_K=sk)]
+    def _split_configs(tiles, swap: int):
+        return [c for sk in (1, 2, MAX_SPLIT_K) for c in _configs(tiles, stages=(3, 4), SPLIT_K=sk, SWAP=swap)]
 
     def _fits(configs, named_args):
         """Each tile with the one split of K that `split_k` gives it (the rest are never timed)."""
@@ -137,8 +154,10 @@ if triton is not None:
 
     # tensor-core tiles, at least 16 weight rows and 32 columns a program; the first is the default. M is
     # not in the key: x is padded to MAX_ROWS rows whatever M is, so one tuning serves every row count.
+    # Swapped tiles (W x^T) of 64 and 128 rows run on Hopper's warpgroup MMA.
     _TUNED_ROWS = tuned(_split_configs([(16, 128, 4), (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 4),
-                                        (32, 256, 8), (64, 128, 4)]),
+                                        (32, 256, 8), (64, 128, 4)], swap=0)
+                        + _split_configs([(64, 128, 4), (64, 256, 4), (128, 128, 4)], swap=1),
                         ["N", "K", "GROUP", "NORM", "GATED", "PDL"], prune=_fits)(_rows_kernel)
 
 
@@ -168,7 +187,8 @@ def rows_matvec(x, nw, weight, s, z, w2, s2, z2, b, r, out, M, N, K, eps, fmt, g
     args = (x, nw, weight, s, z, w2, s2, z2, b, r, out, ws, counts, M, N, K, eps, fmt, group_size, *flags)
     if INTERPRET:  # one fixed tile: the interpreter cannot time configurations
         split = _INTERPRETED_SPLIT_K if split_ok else 1
-        _rows_kernel[(triton.cdiv(N, 16), split)](*args, ROWS=MAX_ROWS, BLOCK_N=16, BLOCK_K=64, SPLIT_K=split)
+        _rows_kernel[(triton.cdiv(N, 16), split)](*args, ROWS=MAX_ROWS, BLOCK_N=16, BLOCK_K=64, SPLIT_K=split,
+                                                  SWAP=_INTERPRETED_SWAP)
     else:
         _TUNED_ROWS[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])](*args, ROWS=MAX_ROWS,
                                                                                      launch_pdl=pdl)
