@@ -8,7 +8,8 @@ default 8192-token BPE tokenizer, so they share it):
   target: the Llama-3.2-1B layer shape (16 x 2048, 32/8 heads, SwiGLU 8192), untied, ~1.0B parameters
   draft:  the default `shakespeare-bpe` recipe widened to 4 x 256 (SwiGLU 768, tied), ~5.3M parameters
           (--draft-layers x --draft-dim: heads of 64, SwiGLU 3 x dim; at batch 1 a step's cost grows
-          with the layers, hardly with the width; one draft per depth given),
+          with the layers, hardly with the width; one draft per depth given; BENCHMARKS.md's best pair
+          is a distilled 2 x 512 draft at k=5: `--drafts distilled --draft-dim 512 --draft-layers 2 --k 5`),
           trained on the corpus ("plain"), or distilled from the target ("distilled": `--teacher`,
           the loss mixes the target's distributions in with weight --distill-alpha; 1.0: those only)
 Each is trained for a number of 16 x 512-token steps (bf16 autocast, compiled); a draft keeps its
