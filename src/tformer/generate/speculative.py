@@ -139,7 +139,8 @@ def speculative_generate(
     the target's own distribution (at temperature 0: exactly the target's greedy tokens).
     The draft must share the target's tokenizer. Both models should be in eval mode.
     steps: `compiled_spec_steps()` for the fast path on GPU (every round has the same shapes).
-    sync_every: rounds queued on the device between two looks of the host at the tokens.
+    sync_every: rounds a batch; the host reads a batch's tokens while the next batch runs (so up to
+        sync_every rounds may run past a stop id; their results are dropped).
     """
     sampling = sampling or SamplingConfig()
     _check_request(target, draft, prompt, max_new_tokens, k, sampling)
