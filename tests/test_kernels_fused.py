@@ -44,7 +44,7 @@ FUSED_CASES = [("tiny-llama", None), ("tiny-llama", "int8"), ("tiny-llama", "int
 def test_fused_decode_matches_unfused(preset, quant):
     from tformer.kernels import MatvecLinear
     from tformer.models import with_decode_kernels, without_decode_kernels
-    from tformer.models.fused import FusedBlock
+    from tformer.models.fused import FusedBlock, FusedDecoder
     from tformer.quantize import quantize_model
 
     model = _tiny(preset, tie_embeddings=False, **({"ffn_dim": 192} if quant else {}))  # int4 groups of 32
@@ -56,12 +56,13 @@ def test_fused_decode_matches_unfused(preset, quant):
     fused = [type(b) is FusedBlock for b in model.layers]
     assert all(fused) if preset != "tiny-mla-moe" else not any(fused)  # latent attention keeps its own path
     assert quant or type(model.output) is MatvecLinear
+    assert type(model) is FusedDecoder
     got = _prefill_and_step(model)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
     without_decode_kernels(model)
-    assert not any(isinstance(m, (FusedBlock, MatvecLinear)) for m in model.modules())
+    assert not any(isinstance(m, (FusedBlock, FusedDecoder, MatvecLinear)) for m in model.modules())
 
 
 @interpreted
@@ -100,6 +101,25 @@ def test_fused_block_takes_the_fused_kernels():
         model.clear_caches()
     assert calls == [["norm"], "attention", ["residual"], ["norm", "up"], ["residual"]] * 2  # wqkv, wo, w1 + w3, w2
     assert (k_written.abs().sum(-1) > 0).all()  # the new tokens' keys went into slots 0..3
+
+
+@interpreted
+def test_final_norm_runs_inside_the_head_kernel():
+    """A fused model's one-token forward ends in one matvec with the norm in it: the head's."""
+    from tformer.kernels import gemv
+    from tformer.models import with_decode_kernels
+
+    model = with_decode_kernels(_tiny("tiny-llama", tie_embeddings=False))
+    heads, original = [], gemv.matvec_op
+    gemv.matvec_op = lambda *args: heads.append(args[9] is not None and args[1].shape[0]) or original(*args)
+    try:
+        model.setup_caches(1, 8)
+        with torch.no_grad():
+            model(torch.tensor([[3]]), input_pos=torch.tensor([0]))
+    finally:
+        gemv.matvec_op = original
+        model.clear_caches()
+    assert heads[-1] == model.config.vocab_size  # the last product: the head, with the final norm's weight
 
 
 @interpreted

@@ -75,6 +75,10 @@ class Decoder(nn.Module):
 
     def features(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, attention_mask=None):
         """tokens (B,T) -> the final hidden states (B,T,C), normalised: what the output head reads."""
+        return self.norm(self.hidden(tokens, input_pos, attention_mask))
+
+    def hidden(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, attention_mask=None):
+        """tokens (B,T) -> the last block's output (B,T,C), before the final norm."""
         B, T = tokens.shape
         slots = self._slots(T, input_pos, tokens.device)
         n_keys = self.cache_slots or T  # key slots: the whole cache, or this sequence
@@ -86,7 +90,7 @@ class Decoder(nn.Module):
         rope = self.rope(positions, x.dtype) if self.rope is not None else None
         for layer in self.layers:
             x = layer(x, rope, mask, input_pos)
-        return self.norm(x)
+        return x
 
     def _slots(self, T: int, input_pos, device) -> torch.Tensor:
         if self.cache_slots and input_pos is None:

@@ -12,7 +12,8 @@ At batch 1 a Llama-style block is seven weight reads and a dozen small kernels a
     g   = matvec(h, w1, up=w3, norm=ffn_norm)        silu(w1 h) * (w3 h), one kernel for both weights
     y   = matvec(g, w2, residual=h)
 
-five kernels a layer; each value is rounded where the unfused modules round it. The same five
+five kernels a layer; each value is rounded where the unfused modules round it. The model's final
+RMSNorm runs inside the output head's kernel the same way (`FusedDecoder`). The same five
 serve a few rows (up to MAX_ROWS tokens in all, at most 16 new tokens a sequence: a speculative
 verify, a small batch), where matvec switches to its tensor-core kernel. Every other call (long
 prompts, large batches, training, CPU, layers the kernel cannot read such as tinygemm's int4)
@@ -30,6 +31,7 @@ from tformer.kernels.base import reserve_counters
 from tformer.kernels.gemv import matvec, use_matvec
 from tformer.kernels.linear import MatvecLinear
 from tformer.models.blocks import Block
+from tformer.models.decoder import Decoder
 from tformer.nn.attention import Attention
 from tformer.nn.mlp import GatedFeedForward
 from tformer.nn.norm import RMSNorm
@@ -97,11 +99,20 @@ class FusedBlock(Block):
         return _ffn(self.ffn, h, self.ffn_norm)
 
 
+class FusedDecoder(Decoder):
+    """A Decoder whose few-row forward applies the final RMSNorm inside the output head's kernel."""
+
+    def forward(self, tokens, input_pos=None, attention_mask=None):
+        return _project(self.output, self.hidden(tokens, input_pos, attention_mask), norm=self.norm)
+
+
 def with_decode_kernels(model: nn.Module) -> nn.Module:
     """Swap in place: full-precision nn.Linear -> MatvecLinear, pre-norm attention Block -> FusedBlock
-    (its Attention -> FusedAttention)."""
+    (its Attention -> FusedAttention), Decoder -> FusedDecoder."""
     for m in model.modules():
-        if type(m) is nn.Linear:
+        if type(m) is Decoder:
+            m.__class__ = FusedDecoder
+        elif type(m) is nn.Linear:
             m.__class__ = MatvecLinear
         elif type(m) is Block and type(m.attn) is Attention:
             m.__class__, m.attn.__class__ = FusedBlock, FusedAttention
@@ -113,7 +124,9 @@ def with_decode_kernels(model: nn.Module) -> nn.Module:
 
 def without_decode_kernels(model: nn.Module) -> nn.Module:
     for m in model.modules():
-        if type(m) is MatvecLinear:
+        if type(m) is FusedDecoder:
+            m.__class__ = Decoder
+        elif type(m) is MatvecLinear:
             m.__class__ = nn.Linear
         elif type(m) is FusedBlock:
             m.__class__, m.attn.__class__ = Block, Attention
