@@ -196,8 +196,9 @@ def _run(target, draft, prompt, max_new_tokens, k, sampling, stop_ids, steps: Sp
         rounds = min(sync_every, (max_new_tokens - len(new)) // (k + 1) - in_flight)
         queued = None
         if rounds > 0 or not unread:
-            queued = (max(1, rounds), which, _queue_rounds(steps, target, draft, cur, pos, k, sampling, counts,
-                                                           first_k, max(1, rounds), logs[which], host_logs[which]))
+            batch = max(1, rounds)
+            queued = (batch, which, _queue_rounds(steps, target, draft, cur, pos, k, sampling, counts, first_k, batch,
+                                                  logs[which], host_logs[which]))
             which ^= 1
         if unread:
             n, log, copied = unread
