@@ -25,11 +25,11 @@ def test_kernels_under_interpreter():
     if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9):
         pytest.skip("Triton's interpreter before 3.9 fails on this kernel (the compiled kernel is tested on CUDA)")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    files = [__file__, os.path.join(os.path.dirname(__file__), "test_kernels_fused.py")]
+    files = [__file__] + [os.path.join(os.path.dirname(__file__), f"test_kernels_{part}.py") for part in ("fused", "sampling")]
     r = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", *files],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "42 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
+    assert "47 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
 
 
 SHAPES = [(37, 320, 32), (37, 320, 64), (64, 2048, 64)]  # tails of rows and of K steps (interpreted: 128 a step)

@@ -20,7 +20,7 @@ if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9):
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from tformer.kernels import attention, gemv, rows  # noqa: E402
+from tformer.kernels import attention, gemv, rows, sampling  # noqa: E402
 
 ACTIVATIONS = ("qkv_ptr", "cos_ptr", "sin_ptr", "k_ptr", "v_ptr", "out_ptr")
 MATVEC_PTRS = ("x_ptr", "nw_ptr", "w_ptr", "w2_ptr", "b_ptr", "r_ptr", "out_ptr", "s_ptr", "z_ptr", "s2_ptr", "z2_ptr")
@@ -72,3 +72,11 @@ def test_matvec_compiles(fmt, weight):
                                                       SWAP=swap), launch_pdl=True).asm["ptx"]
         assert ("atom.global.gpu.acq_rel.add" in ptx) == (split_k > 1)
         assert ("wgmma.mma_async" in ptx) == bool(swap)
+
+
+@pytest.mark.parametrize("logits,bits", [("*bf16", 16), ("*fp32", 32)])
+def test_topk_sample_compiles(logits, bits):
+    types = {"x_ptr": logits, "seed_ptr": "*i64", "ids_ptr": "*i32", "out_ptr": "*i64", "inv_t": "fp32"}
+    ptx = _compile(sampling._topk_sample_kernel, types, dict(BITS=bits, PDL=True, BLOCK=4096, DRAW=256),
+                   num_warps=16, launch_pdl=True).asm["ptx"]
+    assert "griddepcontrol.wait" in ptx

@@ -1,0 +1,99 @@
+"""The top-k sampling kernel (tformer.kernels.sampling): it keeps exactly the logits >= the k-th largest
+(ties included) and draws among them as softmax(logits / T). Interpreted on CPU in the child process
+that tests/test_kernels.py starts; the CUDA test runs on a GPU.
+"""
+
+import pytest
+import torch
+
+from tests.test_kernels import INTERPRETED, interpreted
+
+DEVICE = "cpu" if INTERPRETED else "cuda"
+
+
+def _kept(logits: torch.Tensor, k: int) -> set[int]:
+    kth = torch.topk(logits.float(), k).values[-1]
+    return set(torch.nonzero(logits.float() >= kth).flatten().tolist())
+
+
+def _check_keeps_exactly_the_k_best(dtype, device, rows: int):
+    from tformer.kernels.sampling import topk_sample
+
+    torch.manual_seed(0)
+    logits = (torch.randn(300) * 3).to(dtype)  # two blocks of 256 when interpreted
+    logits[:40] = float("-inf")
+    order = logits.float().argsort(descending=True)
+    logits[order[5]] = logits[order[3]]  # a tie at the 4th largest: k=4 keeps five
+    logits[order[1]] = -logits[order[1]].abs()  # a negative among the best
+    order = logits.float().argsort(descending=True)
+    for k in (1, 4):
+        want = _kept(logits, k)
+        hot = topk_sample(logits.expand(rows, -1).to(device), k, temperature=1e4)  # near uniform over the kept
+        assert set(hot.tolist()) == want, (k, dtype)
+        cold = topk_sample(logits.expand(4, -1).to(device), k, temperature=1e-4)  # the best only
+        assert set(cold.tolist()) == {order[0].item()}
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_topk_sample_keeps_exactly_the_k_best(dtype):
+    _check_keeps_exactly_the_k_best(dtype, DEVICE, rows=48)  # misses one of five with p = 1e-4
+
+
+def _frequencies_match(device, rows: int, tol: float):
+    from tformer.kernels.sampling import topk_sample
+
+    torch.manual_seed(1)
+    V, k, T = 40, 6, 0.7
+    logits = torch.randn(V).to(torch.bfloat16)
+    got = torch.bincount(topk_sample(logits.expand(rows, V).to(device), k, T).cpu(), minlength=V).float() / rows
+    top = torch.topk(logits.float(), k).indices
+    want = torch.zeros(V)
+    want[top] = torch.softmax(logits.float()[top] / T, 0)
+    assert (got - want).abs().max() < tol, (got[top], want[top])
+    assert got[want == 0].sum() == 0
+
+
+@interpreted
+def test_topk_sample_draws_softmax_of_the_kept():
+    _frequencies_match(DEVICE, rows=384, tol=0.08)  # 3 standard deviations of the largest frequency
+
+
+@interpreted
+def test_sample_takes_the_kernel_for_top_k_alone(monkeypatch):
+    from tformer.generate import sampling
+    from tformer.generate.sampling import SamplingConfig, sample
+
+    calls = []
+    original = sampling.topk_sample
+    monkeypatch.setattr(sampling, "topk_sample", lambda *a, **kw: calls.append(a) or original(*a, **kw))
+    logits = torch.randn(2, 50)
+    assert sample(logits, SamplingConfig(temperature=0.8, top_k=5)).shape == (2,)
+    sample(logits, SamplingConfig(temperature=0.8, top_k=5, top_p=0.9))  # top-p needs the sorted path
+    sample(logits, SamplingConfig(temperature=0.8, top_k=50))  # k = V: no top-k at all
+    sample(logits, SamplingConfig(temperature=0.0, top_k=5))  # greedy
+    assert len(calls) == 1
+
+
+@interpreted
+def test_topk_sample_refuses_what_it_cannot_do():
+    from tformer.kernels.sampling import topk_sample
+
+    with pytest.raises(ValueError, match="0 < k < V"):
+        topk_sample(torch.randn(2, 8), 8, 1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        topk_sample(torch.randn(2, 8), 3, 0.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU")
+def test_topk_sample_on_cuda():
+    pytest.importorskip("triton")
+    for dtype in (torch.bfloat16, torch.float32):
+        _check_keeps_exactly_the_k_best(dtype, "cuda", rows=4096)
+    _frequencies_match("cuda", rows=200_000, tol=0.005)
+    from tformer.kernels.sampling import topk_sample
+
+    logits = torch.randn(8, 128256, device="cuda", dtype=torch.bfloat16)  # a Llama-3 vocabulary, batch 8
+    tokens = topk_sample(logits, 200, 0.8)
+    kth = torch.topk(logits.float(), 200).values[:, -1]
+    assert (logits.float().gather(1, tokens[:, None]).squeeze(1) >= kth).all()
