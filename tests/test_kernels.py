@@ -2,9 +2,9 @@
 through Triton's interpreter.
 
 The kernels are Triton code; with TRITON_INTERPRET=1 the very same kernel runs on CPU tensors. The
-interpreter must be on before Triton is imported, so `test_kernels_under_interpreter` runs this file
-and tests/test_kernels_fused.py (whole models through the kernels) again in a child process with
-it set; there the other tests run (elsewhere they skip).
+interpreter must be on before Triton is imported, so `test_kernels_under_interpreter` runs this file,
+tests/test_kernels_fused.py (whole models through the kernels) and tests/test_kernels_sampling.py
+again in a child process with it set; there the other tests run (elsewhere they skip).
 """
 
 import os
@@ -65,11 +65,12 @@ def test_untuned_kernels_launch_their_first_configuration(monkeypatch):
     """TFORMER_TUNE=0 (`_TUNE` off): every autotuned kernel keeps the first configuration it would time,
     and times none."""
     pytest.importorskip("triton")
-    from tformer.kernels import attention, base, gemv, rows
+    from tformer.kernels import attention, base, fused_attention, gemv, rows, sampling
 
-    for tuner in (*gemv._TUNED.values(), rows._TUNED_ROWS, attention._tuned_cached_attention,
-                  attention._tuned_cached_attention_rows, attention._tuned_decode_attention):
-        tuner.nargs = {"N": 4096}  # what launches pass (the rows kernel splits K below SPLIT_K_BELOW rows)
+    for tuner in (*gemv._TUNED.values(), *gemv._WHOLE_ROWS.values(), rows._TUNED_ROWS,
+                  fused_attention._tuned_cached_attention, fused_attention._tuned_cached_attention_rows,
+                  attention._tuned_decode_attention, sampling._TUNED):
+        tuner.nargs = {"N": 4096, "K": 2048}  # what launches pass (the rows kernel splits K below SPLIT_K_BELOW rows)
         monkeypatch.setitem(base._TUNE, "enabled", True)
         kept = tuner.prune_configs({})
         monkeypatch.setitem(base._TUNE, "enabled", False)
@@ -78,6 +79,8 @@ def test_untuned_kernels_launch_their_first_configuration(monkeypatch):
             assert [c.kwargs["SPLIT_K"] for c in kept] == [rows.split_k(4096, c.kwargs["BLOCK_N"]) for c in kept]
             tile = lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SWAP"], c.num_warps, c.num_stages)  # noqa: E731
             assert {tile(c) for c in kept} == {tile(c) for c in tuner.configs}
+        elif any(tuner is whole for whole in gemv._WHOLE_ROWS.values()):  # the tiles that take rows of K = 2048 whole
+            assert {c.kwargs["BLOCK_K"] for c in kept} == {2048}
         else:
             assert kept == tuner.configs
 
@@ -273,6 +276,8 @@ def test_matvec_on_cuda_matches_dequantized_reference():
             "int8": (matvec(x, q8, s8, fmt="int8"), dequantize_int8(q8, s8)),
         }
         if rows == 1:
+            cases["float whole rows"] = (matvec(x, w, whole_rows=True), w)
+            cases["int8 whole rows"] = (matvec(x, q8, s8, fmt="int8", whole_rows=True), dequantize_int8(q8, s8))
             cases["int4"] = (matvec(x, p4, s4, z4, fmt="int4", group_size=64), dequantize_int4(p4, s4, z4, 64))
         for fmt, (y, w_ref) in cases.items():
             ref = x.float() @ w_ref.float().T

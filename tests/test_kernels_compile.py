@@ -20,7 +20,7 @@ if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9):
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from tformer.kernels import attention, gemv, rows, sampling  # noqa: E402
+from tformer.kernels import fused_attention, gemv, rows, sampling  # noqa: E402
 
 ACTIVATIONS = ("qkv_ptr", "cos_ptr", "sin_ptr", "k_ptr", "v_ptr", "out_ptr")
 MATVEC_PTRS = ("x_ptr", "nw_ptr", "w_ptr", "w2_ptr", "b_ptr", "r_ptr", "out_ptr", "s_ptr", "z_ptr", "s2_ptr", "z2_ptr")
@@ -42,7 +42,7 @@ def _compile(fn, types: dict, constexprs: dict, **options):
 def test_cached_attention_compiles(splits):
     types = {**dict.fromkeys(ACTIVATIONS, "*bf16"), "pos_ptr": "*i64", "m_ptr": "*i1", "ws_ptr": "*fp32",
              "count_ptr": "*i32", "scale": "fp32"}
-    kernel = _compile(attention._cached_attention_kernel, types,
+    kernel = _compile(fused_attention._cached_attention_kernel, types,
                       dict(D=64, BLOCK_D=64, BLOCK_S=64, SPLITS=splits, PDL=True), launch_pdl=True)
     ptx = kernel.asm["ptx"]
     assert "griddepcontrol.wait" in ptx
@@ -53,7 +53,7 @@ def test_cached_attention_compiles(splits):
 def test_cached_attention_rows_compiles(splits):
     types = {**dict.fromkeys(ACTIVATIONS, "*bf16"), "pos_ptr": "*i64", "m_ptr": "*i1", "ws_ptr": "*fp32",
              "count_ptr": "*i32", "scale": "fp32"}
-    kernel = _compile(attention._cached_attention_rows_kernel, types,
+    kernel = _compile(fused_attention._cached_attention_rows_kernel, types,
                       dict(D=64, BLOCK_D=64, BLOCK_S=64, ROWS=32, NEW=16, SPLITS=splits, PDL=True), launch_pdl=True)
     assert ("atom.global.gpu.acq_rel.add" in kernel.asm["ptx"]) == (splits > 1)
 

@@ -69,7 +69,7 @@ def test_fused_decode_matches_unfused(preset, quant):
 def test_fused_block_takes_the_fused_kernels():
     """The Llama block's one-row step is four matvec calls (norms, residuals and SwiGLU inside) plus
     one attention kernel that also applies RoPE and writes the cache."""
-    from tformer.kernels import attention, gemv
+    from tformer.kernels import fused_attention as attention, gemv
     from tformer.models import with_decode_kernels
 
     model = with_decode_kernels(_tiny("tiny-llama", tie_embeddings=False))
@@ -77,7 +77,8 @@ def test_fused_block_takes_the_fused_kernels():
     original = gemv.matvec_op
 
     def spy(*args):
-        given = dict(zip(["up", "norm", "bias", "residual"], (args[i] is not None for i in (6, 9, 11, 12))))
+        given = dict(zip(["up", "norm", "bias", "residual"], (args[i] is not None for i in (6, 9, 11, 12))),
+                     whole_rows=len(args) > 13 and args[13])
         calls.append(sorted(k for k, v in given.items() if v))
         return original(*args)
 
@@ -99,7 +100,8 @@ def test_fused_block_takes_the_fused_kernels():
     finally:
         gemv.matvec_op, attention.cached_attention_op = original, attention_op
         model.clear_caches()
-    assert calls == [["norm"], "attention", ["residual"], ["norm", "up"], ["residual"]] * 2  # wqkv, wo, w1 + w3, w2
+    # wqkv, wo (its weights read while attention runs), w1 + w3, w2
+    assert calls == [["norm"], "attention", ["residual", "whole_rows"], ["norm", "up"], ["residual"]] * 2
     assert (k_written.abs().sum(-1) > 0).all()  # the new tokens' keys went into slots 0..3
 
 

@@ -5,7 +5,8 @@ Each kernel is a torch custom op with a PyTorch fallback at its call site; its `
 optional: without it everything runs through PyTorch.
 """
 
-from tformer.kernels.attention import cached_attention, decode_attention, use_cached_attention, use_decode_attention
+from tformer.kernels.attention import decode_attention, use_decode_attention
+from tformer.kernels.fused_attention import cached_attention, use_cached_attention
 from tformer.kernels.gemv import StoredWeight, matvec, use_matvec
 from tformer.kernels.linear import MatvecLinear
 

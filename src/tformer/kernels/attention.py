@@ -9,16 +9,7 @@ cache (tiles autotuned per cache size), masks padding and slots not yet written,
 softmax in fp32 (scores, running max and sum), so the step is one small kernel. The output is
 written in (B, 1, H, D) order, the layout the output projection reads, so no transpose copy follows.
 
-`cached_attention` goes one step further for tformer's fused decode blocks (tformer.models.fused):
-from the projected q|k|v it applies RoPE to q and the new k, writes the new k and v into the cache
-and attends, all in one kernel (three compiled kernels and the attention kernel before). Every
-program uses the new token's k and v from registers; one program per key/value head stores them,
-and none reads that slot back, so the write races with nothing. The cache can also be split into
-parts (flash-decoding; the autotuner picks 1 to 8 per cache size), so a head's keys are read by
-several programs at once; each writes its partial softmax state, and the last of a head to finish
-(an atomic count) merges them, so it stays one kernel. For a few new tokens (a speculative verify)
-one program takes a key/value head's whole group of queries on tensor cores, and the split matters
-more: without it a 1B model's 8 key/value heads made 8 programs.
+Its jit helpers (`_cache_tile`, `_fold`, `_attend_cache`) also serve `tformer.kernels.fused_attention`.
 """
 
 from __future__ import annotations
@@ -27,12 +18,35 @@ import math
 
 import torch
 
-from tformer.kernels.base import DEVICE_TYPE, INTERPRET, reserve_counters, triton, tuned, use_pdl
+from tformer.kernels.base import DEVICE_TYPE, INTERPRET, triton, tuned
 
 if triton is not None:
     import triton.language as tl
 
-    from tformer.kernels.base import _dot_t, _last_to_finish, _wait_for_previous_kernel
+    @triton.jit
+    def _fold(q, k, v, keep, m_i, l_i, acc):
+        """Folds one tile of cache slots (k, v (BLOCK_S, BLOCK_D), keep (BLOCK_S,)) into the online
+        softmax of q (BLOCK_D,) fp32, pre-scaled: the running (max, sum, output)."""
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+        scores = tl.where(keep, tl.sum(k * q[None, :], axis=1), float("-inf"))  # (BLOCK_S,)
+        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with nothing kept adds nothing
+        alpha = tl.exp(m_i - m_ref)
+        p = tl.exp(scores - m_ref)
+        acc = acc * alpha + tl.sum(tl.where(keep[:, None], p[:, None] * v, 0.0), axis=0)  # masked: any value
+        return m_new, l_i * alpha + tl.sum(p, axis=0), acc
+
+    @triton.jit
+    def _cache_tile(k_ptr, v_ptr, m_ptr, head, b, s0, hi, skip, sk_s, sm_b, sm_s, d, d_ok, BLOCK_S: tl.constexpr):
+        """Cache slots s0..s0+BLOCK_S-1 of one key/value head: k, v (BLOCK_S, BLOCK_D) and which slots
+        are kept (below hi, not `skip`, True in the mask)."""
+        s = s0 + tl.arange(0, BLOCK_S)
+        in_range = s < hi
+        keep = (tl.load(m_ptr + b * sm_b + s * sm_s, mask=in_range, other=0) != 0) & in_range & (s != skip)
+        offs = s[:, None] * sk_s + d[None, :]
+        kv_ok = in_range[:, None] & d_ok[None, :]
+        return tl.load(k_ptr + head + offs, mask=kv_ok, other=0.0), tl.load(v_ptr + head + offs, mask=kv_ok, other=0.0), keep
 
     @triton.jit
     def _attend_cache(q, k_ptr, v_ptr, m_ptr, head, b, lo, hi, skip, m_i, l_i, acc, sk_s, sm_b, sm_s, d, d_ok,
@@ -40,21 +54,8 @@ if triton is not None:
         """Online softmax of q (BLOCK_D,) fp32, pre-scaled, over the kept cache slots lo..hi-1 of one
         key/value head (all but slot `skip`); folds them into the running (max, sum, output)."""
         for s0 in range(lo, hi, BLOCK_S):  # loads do not wait on the mask, so they can be in flight together
-            s = s0 + tl.arange(0, BLOCK_S)
-            in_range = s < hi
-            keep = (tl.load(m_ptr + b * sm_b + s * sm_s, mask=in_range, other=0) != 0) & in_range & (s != skip)
-            offs = s[:, None] * sk_s + d[None, :]
-            kv_ok = in_range[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + head + offs, mask=kv_ok, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + head + offs, mask=kv_ok, other=0.0).to(tl.float32)
-            scores = tl.where(keep, tl.sum(k * q[None, :], axis=1), float("-inf"))  # (BLOCK_S,)
-            m_new = tl.maximum(m_i, tl.max(scores, axis=0))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with nothing kept adds nothing
-            alpha = tl.exp(m_i - m_ref)
-            p = tl.exp(scores - m_ref)
-            acc = acc * alpha + tl.sum(tl.where(keep[:, None], p[:, None] * v, 0.0), axis=0)  # masked: any value
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            m_i = m_new
+            k, v, keep = _cache_tile(k_ptr, v_ptr, m_ptr, head, b, s0, hi, skip, sk_s, sm_b, sm_s, d, d_ok, BLOCK_S)
+            m_i, l_i, acc = _fold(q, k, v, keep, m_i, l_i, acc)
         return m_i, l_i, acc
 
     @triton.jit
@@ -71,181 +72,11 @@ if triton is not None:
                                       sk_s, sm_b, sm_s, d, d_ok, BLOCK_S)
         tl.store(out_ptr + (b * H + h) * D + d, acc / l_i, mask=d_ok)
 
-    @triton.jit
-    def _rope(ptr, cos_ptr, sin_ptr, d, D, R):
-        """One head's vector at ptr (D,), its first R dims rotated "rotate half" style, in fp32."""
-        half = R // 2
-        rot = d < R
-        partner = tl.where(d < half, d + half, d - half)
-        x = tl.load(ptr + d, mask=d < D, other=0.0).to(tl.float32)
-        x_partner = tl.load(ptr + partner, mask=rot, other=0.0).to(tl.float32)
-        c = tl.load(cos_ptr + d, mask=rot, other=1.0).to(tl.float32)
-        s = tl.load(sin_ptr + d, mask=rot, other=0.0).to(tl.float32)
-        return tl.where(rot, x * c + tl.where(d < half, -x_partner, x_partner) * s, x)
-
-    @triton.jit
-    def _cached_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, out_ptr, ws_ptr, count_ptr,
-                                 S, H, HKV, R, scale, s_qkv, s_cos, sk_b, sk_h, sk_s, sm_b, sm_s,
-                                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
-                                 PDL: tl.constexpr):
-        """Program (sequence x query head, split): the split's share of the cache slots. With
-        SPLITS > 1 each writes its partial (max, sum, output) to ws and the last of a head to finish
-        (an atomic count) merges them, so one kernel still does everything."""
-        _wait_for_previous_kernel(PDL)
-        bh, split = tl.program_id(0), tl.program_id(1)
-        b, h = bh // H, bh % H
-        kvh = h // (H // HKV)
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < D
-        dtype = k_ptr.dtype.element_ty
-        row, cos, sin = qkv_ptr + b * s_qkv, cos_ptr + b * s_cos, sin_ptr + b * s_cos
-        # RoPE, rounded to the cache's dtype as the unfused path stores q and k
-        q = _rope(row + h * D, cos, sin, d, D, R).to(dtype).to(tl.float32) * scale
-        k_new = _rope(row + (H + kvh) * D, cos, sin, d, D, R).to(dtype)
-        v_new = tl.load(row + (H + HKV + kvh) * D + d, mask=d_ok, other=0.0).to(dtype)
-        pos = tl.load(pos_ptr)
-        head = b * sk_b + kvh * sk_h
-        if h % (H // HKV) == 0:  # one query head of the group writes the new slot; no one reads it back
-            if split == 0:
-                tl.store(k_ptr + head + pos * sk_s + d, k_new, mask=d_ok)
-                tl.store(v_ptr + head + pos * sk_s + d, v_new, mask=d_ok)
-        chunk = tl.cdiv(tl.cdiv(S, SPLITS), BLOCK_S) * BLOCK_S
-        lo = split * chunk
-        hi = tl.minimum(lo + chunk, S)
-        if split == 0:  # the new token sees itself: split 0's softmax starts there
-            m_i = tl.sum(q * k_new.to(tl.float32), axis=0)
-            l_i = tl.full((), 1.0, tl.float32)
-            acc = v_new.to(tl.float32)
-        else:
-            m_i = tl.full((), float("-inf"), tl.float32)
-            l_i = tl.zeros((), tl.float32)
-            acc = tl.zeros((BLOCK_D,), tl.float32)
-        m_i, l_i, acc = _attend_cache(q, k_ptr, v_ptr, m_ptr, head, b, lo, hi, pos, m_i, l_i, acc,
-                                      sk_s, sm_b, sm_s, d, d_ok, BLOCK_S)
-        if SPLITS == 1:
-            tl.store(out_ptr + bh * D + d, acc / l_i, mask=d_ok)
-        else:  # ws per (sequence x head): SPLITS rows of [max, sum, output (BLOCK_D)]
-            part = ws_ptr + (bh * SPLITS + split) * (BLOCK_D + 2)
-            tl.store(part, m_i)
-            tl.store(part + 1, l_i)
-            tl.store(part + 2 + d, acc)
-            if _last_to_finish(count_ptr, bh, SPLITS):  # then the other splits' rows are visible
-                rows = ws_ptr + (bh * SPLITS + tl.arange(0, SPLITS)) * (BLOCK_D + 2)
-                ms = tl.load(rows, cache_modifier=".cg")
-                ls = tl.load(rows + 1, cache_modifier=".cg")
-                accs = tl.load(rows[:, None] + 2 + d[None, :], cache_modifier=".cg")  # (SPLITS, BLOCK_D)
-                w = tl.exp(ms - tl.max(ms, axis=0))  # split 0 always holds the new token: a finite max
-                out = tl.sum(accs * w[:, None], axis=0) / tl.sum(ls * w, axis=0)
-                tl.store(out_ptr + bh * D + d, out, mask=d_ok)
-                tl.atomic_xchg(count_ptr + bh, 0)  # ready for the next call
-
-    @triton.jit
-    def _cached_attention_rows_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, out_ptr, ws_ptr,
-                                      count_ptr, S, T, H, HKV, R, scale, sq_b, sq_t, sc_b, sc_t, sk_b, sk_h, sk_s, sm_b,
-                                      sm_t, sm_s, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                                      ROWS: tl.constexpr, NEW: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
-        """`_cached_attention_kernel` for T new tokens a sequence: one program per (sequence, key/value
-        head, part of the cache) takes every query of the group (T tokens x H/HKV heads, ROWS padded) on
-        tensor cores. Part 0 also writes the new keys and values and attends to them from registers;
-        with SPLITS > 1 each part writes its partial softmax state to ws and the last of a group to
-        finish merges them, so one kernel still does everything."""
-        _wait_for_previous_kernel(PDL)
-        bh, split = tl.program_id(0), tl.program_id(1)
-        b, kvh = bh // HKV, bh % HKV
-        G = H // HKV
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < D
-        dtype = k_ptr.dtype.element_ty
-        r = tl.arange(0, ROWS)  # query rows: token r // G, head kvh * G + r % G
-        r_ok = r < T * G
-        t = tl.where(r_ok, r // G, 0)
-        h = kvh * G + r % G
-        q_row = qkv_ptr + b * sq_b + t * sq_t
-        q = _rope((q_row + h * D)[:, None], (cos_ptr + b * sc_b + t * sc_t)[:, None],
-                  (sin_ptr + b * sc_b + t * sc_t)[:, None], d[None, :], D, R).to(dtype)  # (ROWS, BLOCK_D)
-        j = tl.arange(0, NEW)  # the new tokens, NEW padded
-        j_ok = j < T
-        tj = tl.where(j_ok, j, 0)
-        pos = tl.load(pos_ptr + tj)  # (NEW,)
-        head = b * sk_b + kvh * sk_h
-        rows_mask = m_ptr + b * sm_b + t[:, None] * sm_t  # (ROWS, 1)
-        if split == 0:  # the new keys first, from registers (this program alone writes them, and reads them back never)
-            row = qkv_ptr + b * sq_b + tj * sq_t
-            k_new = _rope((row + (H + kvh) * D)[:, None], (cos_ptr + b * sc_b + tj * sc_t)[:, None],
-                          (sin_ptr + b * sc_b + tj * sc_t)[:, None], d[None, :], D, R).to(dtype)  # (NEW, BLOCK_D)
-            v_new = tl.load((row + (H + HKV + kvh) * D)[:, None] + d[None, :], mask=d_ok[None, :], other=0.0).to(dtype)
-            new_ok = j_ok[:, None] & d_ok[None, :]
-            tl.store(k_ptr + head + pos[:, None] * sk_s + d[None, :], k_new, mask=new_ok)
-            tl.store(v_ptr + head + pos[:, None] * sk_s + d[None, :], v_new, mask=new_ok)
-            keep = (tl.load(rows_mask + pos[None, :] * sm_s) != 0) & j_ok[None, :] & r_ok[:, None]  # (ROWS, NEW)
-            scores = tl.where(keep, _dot_t(q, k_new) * scale, float("-inf"))
-            m_i = tl.max(scores, axis=1)
-            m_i = tl.where(m_i == float("-inf"), 0.0, m_i)  # padding rows (nothing kept): any finite value
-            p = tl.exp(scores - m_i[:, None])
-            l_i = tl.sum(p, axis=1)
-            acc = _dot_t(p.to(dtype), tl.trans(v_new))  # (ROWS, BLOCK_D)
-        else:
-            m_i = tl.full((ROWS,), float("-inf"), tl.float32)
-            l_i = tl.zeros((ROWS,), tl.float32)
-            acc = tl.zeros((ROWS, BLOCK_D), tl.float32)
-        chunk = tl.cdiv(tl.cdiv(S, SPLITS), BLOCK_S) * BLOCK_S
-        lo = split * chunk
-        hi = tl.minimum(lo + chunk, S)
-        for s0 in range(lo, hi, BLOCK_S):  # then this part of the cache, without the new slots
-            s = s0 + tl.arange(0, BLOCK_S)
-            in_range = s < hi
-            fresh = tl.max((s[None, :] == pos[:, None]).to(tl.int32), axis=0) != 0  # (BLOCK_S,)
-            kept = (tl.load(rows_mask + s[None, :] * sm_s, mask=in_range[None, :], other=0) != 0) & (
-                in_range & ~fresh)[None, :]  # (ROWS, BLOCK_S)
-            used = tl.max(kept.to(tl.int32), axis=0) != 0  # slots some row keeps; unwritten ones may hold NaN
-            offs = s[:, None] * sk_s + d[None, :]
-            kv_ok = used[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + head + offs, mask=kv_ok, other=0.0)
-            v = tl.load(v_ptr + head + offs, mask=kv_ok, other=0.0)
-            block_scores = tl.where(kept, _dot_t(q, k) * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(block_scores, axis=1))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing kept yet (parts after the first)
-            alpha = tl.exp(m_i - m_ref)
-            block_p = tl.exp(block_scores - m_ref[:, None])
-            acc = acc * alpha[:, None] + _dot_t(block_p.to(dtype), tl.trans(v))
-            l_i = l_i * alpha + tl.sum(block_p, axis=1)
-            m_i = m_new
-        out = out_ptr + ((b * T + t) * H + h)[:, None] * D + d[None, :]
-        out_ok = r_ok[:, None] & d_ok[None, :]
-        if SPLITS == 1:
-            tl.store(out, acc / tl.where(r_ok, l_i, 1.0)[:, None], mask=out_ok)  # padding rows kept nothing
-        else:  # ws per (sequence x key/value head): SPLITS parts of [max (ROWS), sum (ROWS), output (ROWS, BLOCK_D)]
-            PART: tl.constexpr = ROWS * (BLOCK_D + 2)
-            part = ws_ptr + bh * (SPLITS * PART)
-            tl.store(part + split * PART + r, m_i)
-            tl.store(part + split * PART + ROWS + r, l_i)
-            tl.store(part + split * PART + 2 * ROWS + r[:, None] * BLOCK_D + d[None, :], acc)
-            if _last_to_finish(count_ptr, bh, SPLITS):  # then the other parts are visible
-                m_all = tl.full((ROWS,), float("-inf"), tl.float32)
-                for i in tl.static_range(SPLITS):
-                    m_all = tl.maximum(m_all, tl.load(part + i * PART + r, cache_modifier=".cg"))
-                l_all = tl.zeros((ROWS,), tl.float32)
-                acc = tl.zeros((ROWS, BLOCK_D), tl.float32)
-                for i in tl.static_range(SPLITS):  # part 0 holds the new tokens: m_all is finite
-                    w = tl.exp(tl.load(part + i * PART + r, cache_modifier=".cg") - m_all)
-                    l_all += w * tl.load(part + i * PART + ROWS + r, cache_modifier=".cg")
-                    acc += w[:, None] * tl.load(part + i * PART + 2 * ROWS + r[:, None] * BLOCK_D + d[None, :],
-                                                cache_modifier=".cg")
-                tl.store(out, acc / tl.where(r_ok, l_all, 1.0)[:, None], mask=out_ok)
-                tl.atomic_xchg(count_ptr + bh, 0)  # ready for the next call
-
     _CONFIGS = [triton.Config({"BLOCK_S": bs}, num_warps=w, num_stages=st)
                 for bs in (32, 64, 128) for w in (2, 4, 8) for st in (1, 3)]
     _tuned_decode_attention = tuned(_CONFIGS, ["S", "D"])(_decode_attention_kernel)
-    # its cache write is idempotent (the same values at the same slot), so the timing runs are harmless;
-    # the cache split in 1 to MAX_SPLITS parts (flash-decoding), whichever is fastest for the cache size
-    _SPLIT_CONFIGS = [triton.Config({"BLOCK_S": bs, "SPLITS": sp}, num_warps=w, num_stages=1)
-                      for sp in (4, 8, 1) for bs in (64, 128, 32) for w in (4, 2)]  # 1 stage won every time
-    _tuned_cached_attention = tuned(_SPLIT_CONFIGS, ["S", "D", "PDL"])(_cached_attention_kernel)
-    # a few new tokens a sequence: the cache split like the one-token kernel's, or whole
-    _ROWS_CONFIGS = [triton.Config({"BLOCK_S": bs, "SPLITS": sp}, num_warps=w, num_stages=st)
-                     for sp in (4, 8, 2, 1) for bs in (64, 32) for w in (4, 8) for st in (1, 3)]
-    _tuned_cached_attention_rows = tuned(_ROWS_CONFIGS, ["S", "D", "T", "PDL"])(_cached_attention_rows_kernel)
+
+
 
 
 def _key_mask(mask, batch: int, n_queries: int, n_slots: int) -> bool:
@@ -299,96 +130,3 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     B, H, _, D = q.shape
     out = decode_attention_op(q[:, :, 0] if q.stride(-1) == 1 else q[:, :, 0].contiguous(), k, v, mask)
     return out.view(B, 1, H, D).transpose(1, 2)
-
-
-MAX_NEW_TOKENS = 16  # new tokens a sequence that `cached_attention` takes in one call
-_INTERPRETED_SPLITS = 2  # the interpreter runs one configuration: a split cache, so tests cover the merge
-MAX_SPLITS = 8  # parts of the cache that `cached_attention` may split the keys into
-
-
-# flexible_layout: inductor hands every layer the same rope and mask buffers. Without it, it made each
-# layer's call its own copy of them, one more small kernel a layer in a compiled step.
-@torch.library.custom_op("tformer::cached_attention", mutates_args=("k_cache", "v_cache"),
-                         tags=(torch.Tag.flexible_layout,) if hasattr(torch.Tag, "flexible_layout") else ())
-def cached_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                        v_cache: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor, n_heads: int,
-                        rot_dim: int) -> torch.Tensor:
-    """qkv (B, T, (H + 2 Hkv) D) unit stride in the last dim; cos, sin (B or 1, T, rot_dim) (0: no RoPE,
-    never read); caches (B, Hkv, S, D) with unit stride in D; input_pos (T,); mask (B or 1, 1, T, S)
-    bool. Returns (B, T, H, D). The shared tensors go in unsliced, so a compiled step builds them once
-    for all layers."""
-    B, T = qkv.shape[:2]
-    Hkv, S, D = k_cache.shape[1:]
-    if cos.stride(-1) != 1 or sin.stride() != cos.stride():  # the layout the kernel reads them in
-        cos, sin = cos.contiguous(), sin.contiguous()
-    out = torch.empty(B, T, n_heads, D, device=qkv.device, dtype=qkv.dtype)
-    common = (qkv, cos, sin, k_cache, v_cache, input_pos, mask, out)
-    strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), _batch_stride(mask))
-    pdl = use_pdl(qkv.device)
-    fixed = {"BLOCK_S": 64, "PDL": False} if INTERPRET else {"PDL": pdl, "launch_pdl": pdl}
-    if T == 1:  # one program per (sequence, query head, part of the cache)
-        block_d = triton.next_power_of_2(D)
-        ws = torch.empty(B * n_heads * MAX_SPLITS * (block_d + 2), device=qkv.device, dtype=torch.float32)
-        counts = reserve_counters(qkv.device, B * n_heads)
-        args = (*common, ws, counts, S, n_heads, Hkv, rot_dim, 1.0 / math.sqrt(D), qkv.stride(0), _batch_stride(cos),
-                *strides, mask.stride(3))
-        if INTERPRET:  # small blocks, so both splits hold keys in the tests' short caches
-            _cached_attention_kernel[(B * n_heads, _INTERPRETED_SPLITS)](*args, D=D, BLOCK_D=block_d,
-                                                                         SPLITS=_INTERPRETED_SPLITS,
-                                                                         **{**fixed, "BLOCK_S": 8})
-        else:
-            _tuned_cached_attention[lambda meta: (B * n_heads, meta["SPLITS"])](*args, D=D, BLOCK_D=block_d, **fixed)
-        return out
-    rows, block_d = max(16, triton.next_power_of_2(T * (n_heads // Hkv))), max(16, triton.next_power_of_2(D))
-    ws = torch.empty(B * Hkv * MAX_SPLITS * rows * (block_d + 2), device=qkv.device, dtype=torch.float32)
-    counts = reserve_counters(qkv.device, B * Hkv)
-    args = (*common, ws, counts, S, T, n_heads, Hkv, rot_dim, 1.0 / math.sqrt(D), qkv.stride(0), qkv.stride(1),
-            _batch_stride(cos), cos.stride(1), *strides[:3], strides[3], mask.stride(2), mask.stride(3))
-    meta = dict(D=D, BLOCK_D=block_d, ROWS=rows, NEW=max(16, triton.next_power_of_2(T)), **fixed)
-    if INTERPRET:  # a split cache, so the tests cover the merge
-        _cached_attention_rows_kernel[(B * Hkv, _INTERPRETED_SPLITS)](*args, SPLITS=_INTERPRETED_SPLITS,
-                                                                      **{**meta, "BLOCK_S": 16})
-    else:
-        _tuned_cached_attention_rows[lambda m: (B * Hkv, m["SPLITS"])](*args, **meta)
-    return out
-
-
-@cached_attention_op.register_fake
-def _(qkv, cos, sin, k_cache, v_cache, input_pos, mask, n_heads, rot_dim):
-    return qkv.new_empty(*qkv.shape[:2], n_heads, k_cache.shape[-1])
-
-
-def use_cached_attention(qkv: torch.Tensor, k_cache, v_cache, mask, rope, n_heads: int) -> bool:
-    """Whether `cached_attention` applies: up to MAX_NEW_TOKENS new tokens a sequence on the kernel's
-    device, a cache for exactly this batch, a boolean key mask shared by all heads, RoPE over an even
-    share of D."""
-    if triton is None or qkv.device.type != DEVICE_TYPE or qkv.dim() != 3 or not 0 < qkv.shape[1] <= MAX_NEW_TOKENS:
-        return False
-    B, T = qkv.shape[:2]
-    if k_cache is None or k_cache.shape[0] != B or k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
-        return False
-    if not _key_mask(mask, B, T, k_cache.shape[2]):
-        return False
-    Hkv, D = k_cache.shape[1], k_cache.shape[3]
-    if n_heads % Hkv or qkv.shape[-1] != (n_heads + 2 * Hkv) * D or qkv.stride(-1) != 1:
-        return False
-    if T > 1 and T * (n_heads // Hkv) > 128:  # the rows kernel holds a group's queries in registers
-        return False
-    if rope is None:
-        return True
-    cos, sin = rope
-    return (cos.shape == sin.shape and cos.stride() == sin.stride() and cos.stride(-1) == 1 and cos.shape[1] == T
-            and cos.shape[0] in (1, B) and cos.shape[-1] % 2 == 0 and cos.shape[-1] <= D)
-
-
-def cached_attention(qkv: torch.Tensor, rope, k_cache: torch.Tensor, v_cache: torch.Tensor, input_pos: torch.Tensor,
-                     mask: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Attention for T new tokens a sequence from the projected q|k|v (B, T, (H + 2 Hkv) D) in one
-    kernel: RoPE on q and the new k, the new k and v written into the caches (B, Hkv, S, D) at slots
-    input_pos (T,), and softmax(q k^T / sqrt(D), masked) v over the cache -> (B, T, H*D).
-    rope: (cos, sin) (B or 1, T, R) or None; mask: (B or 1, 1, T, S) bool, True = attend (a token's
-    own slot always is). T = 1 is a decode step; a few tokens, a speculative verify."""
-    cos, sin = rope if rope is not None else (qkv, qkv)
-    rot_dim = 0 if rope is None else cos.shape[-1]
-    out = cached_attention_op(qkv, cos, sin, k_cache, v_cache, input_pos, mask, n_heads, rot_dim)
-    return out.view(*qkv.shape[:2], -1)

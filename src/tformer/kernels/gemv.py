@@ -171,12 +171,27 @@ if triton is not None:
                            (32, 256, 8)]), _KEY)(_matvec_kernel),
     }
 
+    # whole rows (BLOCK_K = K rounded up to a power of two): a program's weights all load before its
+    # PDL wait, 4-32 KB of them, so a product after a short kernel reads its weights during that kernel
+    def _whole(max_bytes: int):
+        tiles = [(bn, bk, 8 if bn * bk >= 8192 else 4) for bk in (512, 1024, 2048, 4096) for bn in (1, 2, 4, 8, 16, 32)
+                 if 2048 <= bn * bk <= max_bytes]
+        return _configs(tiles, stages=(1,))
+
+    def _whole_rows_only(configs, named_args, **kwargs):
+        return [c for c in configs if c.kwargs["BLOCK_K"] == triton.next_power_of_2(named_args["K"])]
+
+    _WHOLE_ROWS = {fmt: tuned(_whole(max_bytes), _KEY, prune=_whole_rows_only)(_matvec_kernel)
+                   for fmt, max_bytes in ((0, 16384), (1, 32768))}
+    WHOLE_ROWS_MAX_K = 4096
+
 
 @torch.library.custom_op("tformer::matvec", mutates_args=())
 def matvec_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, zeros: torch.Tensor | None,
               fmt: int, group_size: int, weight2: torch.Tensor | None = None, scales2: torch.Tensor | None = None,
               zeros2: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-              bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+              bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+              whole_rows: bool = False) -> torch.Tensor:
     """(M, N) in x.dtype, accumulated in fp32. x (M, K) contiguous, M <= MAX_ROWS; residual (M, N)
     contiguous; the optional parts as in `matvec`."""
     (M, K), N = x.shape, weight.shape[0]
@@ -192,13 +207,14 @@ def matvec_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None
     if INTERPRET:  # one fixed tile: the interpreter cannot time configurations
         _matvec_kernel[(triton.cdiv(N, 4),)](*args, BLOCK_N=4, BLOCK_K=max(128, group_size))
     else:
-        _TUNED[fmt][lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, launch_pdl=pdl)
+        whole = whole_rows and pdl and fmt in _WHOLE_ROWS and K <= WHOLE_ROWS_MAX_K
+        (_WHOLE_ROWS if whole else _TUNED)[fmt][lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, launch_pdl=pdl)
     return out
 
 
 @matvec_op.register_fake
 def _(x, weight, scales, zeros, fmt, group_size, weight2=None, scales2=None, zeros2=None, norm_weight=None,
-      eps=0.0, bias=None, residual=None):
+      eps=0.0, bias=None, residual=None, whole_rows=False):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
@@ -215,7 +231,8 @@ class StoredWeight(NamedTuple):
 def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None,
            zeros: torch.Tensor | None = None, fmt: str = "float", group_size: int = 0, *,
            norm: tuple[torch.Tensor, float] | None = None, bias: torch.Tensor | None = None,
-           residual: torch.Tensor | None = None, up: StoredWeight | None = None) -> torch.Tensor:
+           residual: torch.Tensor | None = None, up: StoredWeight | None = None,
+           whole_rows: bool = False) -> torch.Tensor:
     """x (..., K) with at most `max_rows(fmt)` rows in all -> (..., N) in x.dtype; W in one of the
     FORMATS (module docstring).
 
@@ -223,6 +240,10 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
       norm=(weight, eps)  RMSNorm x first          bias      + bias
       residual (..., N)   + residual at the end    up        silu(W x) * (up x): a gated FFN's
                                                              gate and up weights (same format)
+
+    whole_rows: for one row of x after a short kernel (attention, before its output projection), each
+    program loads its rows of W whole before it waits for that kernel (PDL), so W streams in while
+    the short kernel runs (full-precision and int8 weights, K <= 4096; otherwise no effect).
     """
     K = x.shape[-1]
     M = x.numel() // K
@@ -239,5 +260,5 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
     N = weight.shape[0]
     residual = None if residual is None else residual.reshape(M, N).contiguous()
     y = matvec_op(x.reshape(M, K).contiguous(), weight, scales, zeros, FORMATS[fmt], group_size,
-                  up.weight, up.scales, up.zeros, norm_weight, float(eps), bias, residual)
+                  up.weight, up.scales, up.zeros, norm_weight, float(eps), bias, residual, whole_rows)
     return y.reshape(*x.shape[:-1], N)

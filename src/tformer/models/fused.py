@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from tformer.kernels.attention import cached_attention, use_cached_attention
+from tformer.kernels.fused_attention import cached_attention, use_cached_attention
 from tformer.kernels.base import reserve_counters
 from tformer.kernels.gemv import matvec, use_matvec
 from tformer.kernels.linear import MatvecLinear
@@ -41,8 +41,10 @@ def _stored(linear: nn.Module):
     return linear.matvec_weight() if hasattr(linear, "matvec_weight") else None
 
 
-def _project(linear: nn.Module, x, norm: nn.Module | None = None, residual=None):
-    """residual + linear(norm(x)), in one kernel where the layer and the norm allow it."""
+def _project(linear: nn.Module, x, norm: nn.Module | None = None, residual=None, after_short_kernel=False):
+    """residual + linear(norm(x)), in one kernel where the layer and the norm allow it.
+    after_short_kernel: x comes from a short kernel (attention), so the weights load whole while it runs
+    (`matvec`'s whole_rows)."""
     w = _stored(linear)
     if w is not None and not use_matvec(x, x.shape[-1], w.fmt):
         w = None
@@ -52,7 +54,7 @@ def _project(linear: nn.Module, x, norm: nn.Module | None = None, residual=None)
         y = linear(x)
         return y if residual is None else residual + y
     norm_args = None if norm is None else (norm.weight, norm.eps)
-    return matvec(x, *w, norm=norm_args, bias=linear.bias, residual=residual)
+    return matvec(x, *w, norm=norm_args, bias=linear.bias, residual=residual, whole_rows=after_short_kernel)
 
 
 def _ffn(ffn: nn.Module, x, norm: nn.Module):
@@ -95,7 +97,7 @@ class FusedBlock(Block):
             return super().forward(x, rope, mask, input_pos)
         attn = self.attn
         qkv = _project(attn.wqkv, x, norm=self.attn_norm)
-        h = _project(attn.wo, _attend(attn, qkv, rope, mask, input_pos), residual=x)
+        h = _project(attn.wo, _attend(attn, qkv, rope, mask, input_pos), residual=x, after_short_kernel=True)
         return _ffn(self.ffn, h, self.ffn_norm)
 
 
