@@ -76,7 +76,11 @@ def test_matvec_compiles(fmt, weight):
 
 @pytest.mark.parametrize("logits,bits", [("*bf16", 16), ("*fp32", 32)])
 def test_topk_sample_compiles(logits, bits):
-    types = {"x_ptr": logits, "seed_ptr": "*i64", "ids_ptr": "*i32", "out_ptr": "*i64", "inv_t": "fp32"}
-    ptx = _compile(sampling._topk_sample_kernel, types, dict(BITS=bits, PDL=True, BLOCK=4096, DRAW=256),
-                   num_warps=16, launch_pdl=True).asm["ptx"]
-    assert "griddepcontrol.wait" in ptx
+    types = {"x_ptr": logits, "seed_ptr": "*i64", "count_ptr": "*i32", "out_ptr": "*i64", "inv_t": "fp32"}
+    for p in (0, 1):
+        ptx = _compile(sampling._digit_kernel, types, dict(BITS=bits, PASS=p, PDL=True, BLOCK=1024),
+                       launch_pdl=True).asm["ptx"]
+        assert "griddepcontrol.wait" in ptx and ("red.global" in ptx or "atom.global" in ptx)
+    ptx = _compile(sampling._draw_kernel, types, dict(PROGRAMS=126, BITS=bits, PDL=True, BLOCK=1024),
+                   launch_pdl=True).asm["ptx"]
+    assert "atom.global.gpu.acq_rel.add" in ptx and "max.u64" in ptx  # the count, the packed (score, token) max

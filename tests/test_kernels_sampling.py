@@ -37,14 +37,14 @@ def _check_keeps_exactly_the_k_best(dtype, device, rows: int):
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_topk_sample_keeps_exactly_the_k_best(dtype):
-    _check_keeps_exactly_the_k_best(dtype, DEVICE, rows=48)  # misses one of five with p = 1e-4
+    _check_keeps_exactly_the_k_best(dtype, DEVICE, rows=32)  # misses one of five with p = 0.004
 
 
 def _frequencies_match(device, rows: int, tol: float):
     from tformer.kernels.sampling import topk_sample
 
     torch.manual_seed(1)
-    V, k, T = 40, 6, 0.7
+    V, k, T = 200, 6, 0.7  # two programs a row when interpreted
     logits = torch.randn(V).to(torch.bfloat16)
     got = torch.bincount(topk_sample(logits.expand(rows, V).to(device), k, T).cpu(), minlength=V).float() / rows
     top = torch.topk(logits.float(), k).indices
@@ -56,7 +56,7 @@ def _frequencies_match(device, rows: int, tol: float):
 
 @interpreted
 def test_topk_sample_draws_softmax_of_the_kept():
-    _frequencies_match(DEVICE, rows=384, tol=0.08)  # 3 standard deviations of the largest frequency
+    _frequencies_match(DEVICE, rows=256, tol=0.095)  # 3 standard deviations of the largest frequency
 
 
 @interpreted
@@ -97,3 +97,6 @@ def test_topk_sample_on_cuda():
     tokens = topk_sample(logits, 200, 0.8)
     kth = torch.topk(logits.float(), 200).values[:, -1]
     assert (logits.float().gather(1, tokens[:, None]).squeeze(1) >= kth).all()
+    from tformer.kernels import base
+
+    assert all(not counts.any() for counts in base._COUNTS.values())  # histograms and counts back at zero

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from tformer.generate.sampling import SamplingConfig, sample
+from tformer.generate.sampling import SamplingConfig, prepare_sampling, sample
 
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,6 +123,7 @@ def generate(
         )
     with seeded(seed, device):
         model.setup_caches(B, L + max_new_tokens)
+        prepare_sampling(sampling, device, B)
         try:
             key_mask = torch.ones(B, model.cache_slots, dtype=torch.long, device=device)
             key_mask[:, :L] = prompt_mask.to(device)

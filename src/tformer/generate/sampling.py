@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tformer.kernels.sampling import topk_sample, use_topk_sample
+from tformer.kernels.base import DEVICE_TYPE
+from tformer.kernels.sampling import reserve_topk_sample, topk_sample, use_topk_sample
 
 
 @dataclass
@@ -32,6 +33,13 @@ class SamplingConfig:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def prepare_sampling(cfg: SamplingConfig, device: torch.device, rows: int) -> None:
+    """Allocate now, before any compiled or CUDA-graphed step, what `sample`'s kernels keep between
+    calls for `rows` rows (the top-k sampler's counters)."""
+    if cfg.temperature > 0 and cfg.top_k > 0 and torch.device(device).type == DEVICE_TYPE:
+        reserve_topk_sample(device, rows)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, counts: torch.Tensor, penalty: float) -> torch.Tensor:

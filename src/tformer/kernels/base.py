@@ -61,25 +61,26 @@ def use_pdl(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
-_COUNTS: dict = {}  # device -> int32 counters for in-kernel merges, zero between kernels
+_COUNTS: dict = {}  # (device, pool) -> int32 counters for in-kernel merges, zero between kernels
 
 
-def reserve_counters(device, n: int) -> torch.Tensor:
+def reserve_counters(device, n: int, pool: str = "merge") -> torch.Tensor:
     """At least n zeroed int32 counters on `device`, shared by the kernels that merge partial results
     in the same kernel (split attention, split-K products): the last program of a group to finish
     (an atomic count) merges and sets its counter back to zero. Kernels run one after another (under
     PDL, each waits for the one before before it counts), so one array serves them all. It stays
     allocated, since a CUDA graph holds its address, so it must not come from a CUDA-graph memory
-    pool: models with the decode kernels reserve it when they make their KV caches."""
+    pool: models with the decode kernels reserve it when they make their KV caches. `pool` names
+    another such array, for kernels whose counts span several launches (the top-k sampler's)."""
     device = torch.device(device if device is not None else torch.get_default_device())
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    counts = _COUNTS.get(device)
+    counts = _COUNTS.get((device, pool))
     if counts is None or counts.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("the decode kernels' counters were first needed inside a CUDA graph capture: "
                                "make the KV caches (setup_caches), or call the kernel once, before capturing")
-        counts = _COUNTS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)  # >= rows' blocks
+        counts = _COUNTS[(device, pool)] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)  # >= rows' blocks
     return counts
 
 

@@ -1,31 +1,41 @@
-"""Top-k sampling in one kernel (Triton): no sort, no list of the k best, nothing vocabulary-sized but scratch.
+"""Top-k sampling in a few short kernels (Triton): no sort, no list of the k best.
 
     logits (R, V) bf16/fp16/fp32, 0 < k < V, temperature > 0  ->  one token a row (R,) int64
 
 `torch.topk` over a 128K vocabulary is a radix select of about twenty small kernels (four 8-bit
-passes of three kernels each, scans, a gather); with the softmax and the exponential race after it
-that was about 70 microseconds of a 1B model's 1.16 ms decode step on the H100. Here one program a row:
+passes of three kernels each, scans, a gather); with the softmax and the exponential race after it,
+sampling took about 70 microseconds of a 1B model's 1.16 ms decode step on the H100. Here each row is
+split over many programs of BLOCK logits (a pass over the row is then one wave of short programs,
+not one program's long loop: a single program walking 128K logits from L2 took 200 microseconds):
 
-1. finds the k-th largest logit tau exactly by a radix select over the logits' bits: each pass
-   histograms one 8-bit digit of the logits that share the digits found so far and takes the digit
-   where the count from the top reaches k (two passes for 16-bit floats, four for fp32);
-2. writes the indices of the logits >= tau to scratch (ties at tau are all kept, as
-   `filter_logits` keeps them);
-3. draws among them with the exponential race of `tformer.generate.sampling.race` in log form:
-   argmax x/T - log E, E ~ Exp(1) from Philox keyed by (the row's seed, the token id), which is
-   distributed as softmax(x/T) over the kept tokens.
+1. the k-th largest logit tau, exactly, by a radix select over the logits' bits, one kernel per 8-bit
+   digit (two for 16-bit floats, four for fp32): each program histograms the digit among its logits
+   that share the digits found so far and adds its counts into the row's histogram (atomics); the
+   next kernel's programs each read the histograms and take the digit where the count from the top
+   reaches k;
+2. one more kernel draws among the logits >= tau (ties at tau all kept, as `filter_logits` keeps them)
+   with the exponential race of `tformer.generate.sampling.race` in log form: argmax x/T - log E,
+   E ~ Exp(1) from Philox keyed by (the row's seed, the token id), which is distributed as
+   softmax(x/T) over the kept tokens. Each program offers its best (score, token) packed in 64 bits
+   to an atomic max; the last program of the row to finish (an atomic count) writes the token and
+   sets the row's histograms and counters back to zero for the next call.
 
-Between passes the logits stay in L2 (256 KB for 128K bf16). The seeds come from torch's generator
-(`torch.randint`), so `torch.manual_seed` and the CUDA-graph-safe RNG state apply.
+The histograms live in counters reserved beside the decode kernels' (`reserve_topk_sample`, which
+`generate` calls before its first step: allocated inside a CUDA-graph tree's warm-up, they would
+land in its pool). The seeds come from torch's generator (`torch.randint`), so `torch.manual_seed`
+and the CUDA-graph-safe RNG state apply.
 """
 
 from __future__ import annotations
 
 import torch
 
-from tformer.kernels.base import DEVICE_TYPE, INTERPRET, triton, tuned, use_pdl
+from tformer.kernels.base import DEVICE_TYPE, INTERPRET, reserve_counters, triton, use_pdl
 
 _BITS = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}
+_BINS = 256  # one 8-bit digit a pass
+_ROW_COUNTERS = 4 + 4 * _BINS  # a row's best (two int32s), its count of finished programs, padding, histograms
+BLOCK = 1024  # logits a program (interpreted: 128, so the tests' rows span several programs)
 
 
 def use_topk_sample(logits: torch.Tensor, k: int) -> bool:
@@ -34,10 +44,16 @@ def use_topk_sample(logits: torch.Tensor, k: int) -> bool:
             and 0 < k < logits.shape[-1])
 
 
+def reserve_topk_sample(device, rows: int) -> None:
+    """Make the counters `topk_sample` needs for `rows` rows now, outside any CUDA-graph capture or
+    warm-up (module docstring)."""
+    reserve_counters(device, rows * _ROW_COUNTERS, pool="topk_sample")
+
+
 if triton is not None:
     import triton.language as tl
 
-    from tformer.kernels.base import _wait_for_previous_kernel
+    from tformer.kernels.base import _last_to_finish, _wait_for_previous_kernel
 
     @triton.jit
     def _keys(x, BITS: tl.constexpr):
@@ -52,54 +68,68 @@ if triton is not None:
         return key
 
     @triton.jit
-    def _topk_sample_kernel(x_ptr, seed_ptr, ids_ptr, out_ptr, V, k, inv_t, BITS: tl.constexpr,
-                            PDL: tl.constexpr, BLOCK: tl.constexpr, DRAW: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        x_row, ids_row = x_ptr + row * V, ids_ptr + row * V
+    def _found(hist_row, k, DONE: tl.constexpr):
+        """The digits of tau found by the first DONE passes' histograms: (prefix, how many of the logits
+        sharing it still belong to the k best)."""
         digits = tl.arange(0, 256)
-        _wait_for_previous_kernel(PDL)
-        need = k  # how many of the logits sharing the digits found so far still belong to the k best
+        need = k
         prefix = tl.zeros((), dtype=tl.uint32)
-        for p in tl.static_range(BITS // 8):  # 1. the k-th largest key, one 8-bit digit a pass
-            hist = tl.zeros((256,), dtype=tl.int32)
-            for s in range(0, V, BLOCK):
-                cols = s + tl.arange(0, BLOCK)
-                ok = cols < V
-                key = _keys(tl.load(x_row + cols, mask=ok, other=0.0), BITS)
-                if p > 0:
-                    ok = ok & ((key >> (BITS - 8 * p)) == prefix)
-                hist += tl.histogram(((key >> (BITS - 8 * (p + 1))) & 255).to(tl.int32), 256, mask=ok)
+        for p in tl.static_range(DONE):
+            hist = tl.load(hist_row + p * 256 + digits, cache_modifier=".cg")  # atomics of the kernels before
             above = tl.sum(hist, 0) - tl.cumsum(hist, 0)  # counts in higher digits
             digit = tl.max(tl.where(above + hist >= need, digits, -1), 0)
             need -= tl.sum(tl.where(digits == digit, above, 0), 0)
             prefix = (prefix << 8) | digit.to(tl.uint32)
-        n = tl.zeros((), dtype=tl.int32)
-        for s in range(0, V, BLOCK):  # 2. the indices of the keys >= tau, in order
-            cols = s + tl.arange(0, BLOCK)
-            keep = (cols < V) & (_keys(tl.load(x_row + cols, mask=cols < V, other=0.0), BITS) >= prefix)
-            keep = keep.to(tl.int32)
-            tl.store(ids_row + n + tl.cumsum(keep, 0) - 1, cols, mask=keep != 0)
-            n += tl.sum(keep, 0)
-        tl.debug_barrier()  # the block's index stores visible to all its threads
-        seed = tl.load(seed_ptr + row)
-        best = tl.full((), float("-inf"), dtype=tl.float32)
-        best_id = tl.load(ids_row)  # a kept token, should every score be -inf
-        for j0 in range(0, n, DRAW):  # 3. the exponential race among them
-            j = j0 + tl.arange(0, DRAW)
-            ok = j < n
-            idx = tl.load(ids_row + j, mask=ok, other=0)
-            x = tl.load(x_row + idx, mask=ok, other=0.0).to(tl.float32)
-            e = -tl.log(tl.rand(seed, idx))  # Exp(1); a draw of exactly 0 gives inf, which never wins
-            score = tl.where(ok, x * inv_t - tl.log(e), float("-inf"))
-            m = tl.max(score, 0)
-            first = tl.min(tl.where(ok & (score == m), idx, V), 0)  # ties to the lowest id
-            best_id = tl.where(m > best, first, best_id)
-            best = tl.maximum(best, m)
-        tl.store(out_ptr + row, best_id.to(tl.int64))
+        return prefix, need
 
-    _TUNED = tuned([triton.Config({"BLOCK": b, "DRAW": 256}, num_warps=w)
-                    for b, w in ((4096, 16), (2048, 8), (4096, 8), (8192, 16), (8192, 32))],
-                   ["V", "BITS", "PDL"])(_topk_sample_kernel)
+    @triton.jit
+    def _digit_kernel(x_ptr, count_ptr, V, k, BITS: tl.constexpr, PASS: tl.constexpr, PDL: tl.constexpr,
+                      BLOCK: tl.constexpr):
+        """Pass PASS of the radix select: this program's counts of digit PASS among its logits that
+        share the digits found so far, added into the row's histogram."""
+        row = tl.program_id(1)
+        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < V
+        x_row = x_ptr + row.to(tl.int64) * V
+        hist_row = count_ptr + row * (4 + 4 * 256) + 4
+        if PASS > 0:  # the logits came several kernels ago: read them before the wait
+            x = tl.load(x_row + cols, mask=ok, other=0.0)
+        _wait_for_previous_kernel(PDL)
+        if PASS == 0:
+            x = tl.load(x_row + cols, mask=ok, other=0.0)
+        key = _keys(x, BITS)
+        if PASS > 0:
+            prefix, need = _found(hist_row, k, PASS)
+            ok = ok & ((key >> (BITS - 8 * PASS)) == prefix)
+        hist = tl.histogram(((key >> (BITS - 8 * (PASS + 1))) & 255).to(tl.int32), 256, mask=ok)
+        tl.atomic_add(hist_row + PASS * 256 + tl.arange(0, 256), hist, mask=hist > 0, sem="relaxed")
+
+    @triton.jit
+    def _draw_kernel(x_ptr, seed_ptr, count_ptr, out_ptr, V, k, inv_t, PROGRAMS: tl.constexpr, BITS: tl.constexpr,
+                     PDL: tl.constexpr, BLOCK: tl.constexpr):
+        """The race among this program's logits >= tau; the row's last program writes the winner."""
+        row = tl.program_id(1)
+        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < V
+        x = tl.load(x_ptr + row.to(tl.int64) * V + cols, mask=ok, other=0.0)
+        seed = tl.load(seed_ptr + row)
+        counts_row = count_ptr + row * (4 + 4 * 256)
+        _wait_for_previous_kernel(PDL)
+        tau, need = _found(counts_row + 4, k, BITS // 8)
+        keep = ok & (_keys(x, BITS) >= tau)
+        e = -tl.log(tl.rand(seed, cols))  # Exp(1); a draw of exactly 0 gives inf, which never wins
+        score = x.to(tl.float32) * inv_t - tl.log(e)
+        # (score's key, then the lower token id on ties) as one unsigned 64-bit number; 0 = nothing kept
+        packed = (_keys(score, 32).to(tl.uint64) << 32) | (~cols).to(tl.uint32, bitcast=True).to(tl.uint64)
+        best = tl.max(tl.where(keep, packed, 0), 0)
+        best_ptr = (counts_row).to(tl.pointer_type(tl.uint64))
+        if best > 0:
+            tl.atomic_max(best_ptr, best, sem="relaxed")
+        if _last_to_finish(counts_row + 2, 0, PROGRAMS):  # every program's offer is in
+            won = tl.atomic_xchg(best_ptr, tl.zeros((), dtype=tl.uint64))
+            tl.store(out_ptr + row, (~won.to(tl.uint32)).to(tl.int64))  # the low half holds ~token
+            tl.store(counts_row + 4 + tl.arange(0, 4 * 256), tl.zeros((4 * 256,), dtype=tl.int32))
+            tl.atomic_xchg(counts_row + 2, 0)  # ready for the next call
 
 
 @torch.library.custom_op("tformer::topk_sample", mutates_args=())
@@ -107,13 +137,16 @@ def topk_sample_op(logits: torch.Tensor, seeds: torch.Tensor, k: int, temperatur
     """(R,) int64 tokens; logits (R, V) contiguous, seeds (R,) int64 (module docstring)."""
     R, V = logits.shape
     out = torch.empty(R, dtype=torch.int64, device=logits.device)
-    ids = torch.empty(R, V, dtype=torch.int32, device=logits.device)  # scratch: the kept indices
+    counts = reserve_counters(logits.device, R * _ROW_COUNTERS, pool="topk_sample")
+    block = 128 if INTERPRET else BLOCK
+    grid = (triton.cdiv(V, block), R)
+    bits = _BITS[logits.dtype]
     pdl = use_pdl(logits.device)
-    args = (logits, seeds, ids, out, V, k, 1.0 / temperature, _BITS[logits.dtype], pdl)
-    if INTERPRET:
-        _topk_sample_kernel[(R,)](*args, BLOCK=256, DRAW=64)
-    else:
-        _TUNED[(R,)](*args, launch_pdl=pdl)
+    launch = {} if INTERPRET else {"launch_pdl": pdl, "num_warps": 4}
+    for p in range(bits // 8):
+        _digit_kernel[grid](logits, counts, V, k, BITS=bits, PASS=p, PDL=pdl, BLOCK=block, **launch)
+    _draw_kernel[grid](logits, seeds, counts, out, V, k, 1.0 / temperature, grid[0], BITS=bits, PDL=pdl,
+                       BLOCK=block, **launch)
     return out
 
 
