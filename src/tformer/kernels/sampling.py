@@ -41,7 +41,7 @@ BLOCK = 1024  # logits a program (interpreted: 128, so the tests' rows span seve
 def use_topk_sample(logits: torch.Tensor, k: int) -> bool:
     """Whether `topk_sample` applies: (R, V) logits of a float type on the kernel's device, 0 < k < V."""
     return (logits.device.type == DEVICE_TYPE and logits.dim() == 2 and logits.dtype in _BITS
-            and 0 < k < logits.shape[-1])
+            and 0 < k < logits.shape[-1] <= 65535 * BLOCK)
 
 
 def reserve_topk_sample(device, rows: int) -> None:
@@ -87,8 +87,8 @@ if triton is not None:
                       BLOCK: tl.constexpr):
         """Pass PASS of the radix select: this program's counts of digit PASS among its logits that
         share the digits found so far, added into the row's histogram."""
-        row = tl.program_id(1)
-        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < V
         x_row = x_ptr + row.to(tl.int64) * V
         hist_row = count_ptr + row * (4 + 4 * 256) + 4
@@ -108,8 +108,8 @@ if triton is not None:
     def _draw_kernel(x_ptr, seed_ptr, count_ptr, out_ptr, V, k, inv_t, PROGRAMS: tl.constexpr, BITS: tl.constexpr,
                      PDL: tl.constexpr, BLOCK: tl.constexpr):
         """The race among this program's logits >= tau; the row's last program writes the winner."""
-        row = tl.program_id(1)
-        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < V
         x = tl.load(x_ptr + row.to(tl.int64) * V + cols, mask=ok, other=0.0)
         seed = tl.load(seed_ptr + row)
@@ -139,13 +139,13 @@ def topk_sample_op(logits: torch.Tensor, seeds: torch.Tensor, k: int, temperatur
     out = torch.empty(R, dtype=torch.int64, device=logits.device)
     counts = reserve_counters(logits.device, R * _ROW_COUNTERS, pool="topk_sample")
     block = 128 if INTERPRET else BLOCK
-    grid = (triton.cdiv(V, block), R)
+    grid = (R, triton.cdiv(V, block))  # rows first: a grid's second axis stops at 65535
     bits = _BITS[logits.dtype]
     pdl = use_pdl(logits.device)
     launch = {} if INTERPRET else {"launch_pdl": pdl, "num_warps": 4}
     for p in range(bits // 8):
         _digit_kernel[grid](logits, counts, V, k, BITS=bits, PASS=p, PDL=pdl, BLOCK=block, **launch)
-    _draw_kernel[grid](logits, seeds, counts, out, V, k, 1.0 / temperature, grid[0], BITS=bits, PDL=pdl,
+    _draw_kernel[grid](logits, seeds, counts, out, V, k, 1.0 / temperature, grid[1], BITS=bits, PDL=pdl,
                        BLOCK=block, **launch)
     return out
 
