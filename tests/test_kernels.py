@@ -65,11 +65,11 @@ def test_untuned_kernels_launch_their_first_configuration(monkeypatch):
     """TFORMER_TUNE=0 (`_TUNE` off): every autotuned kernel keeps the first configuration it would time,
     and times none."""
     pytest.importorskip("triton")
-    from tformer.kernels import attention, base, fused_attention, gemv, rows, sampling
+    from tformer.kernels import attention, base, fused_attention, gemv, rows
 
     for tuner in (*gemv._TUNED.values(), *gemv._WHOLE_ROWS.values(), rows._TUNED_ROWS,
                   fused_attention._tuned_cached_attention, fused_attention._tuned_cached_attention_rows,
-                  attention._tuned_decode_attention, sampling._TUNED):
+                  attention._tuned_decode_attention):
         tuner.nargs = {"N": 4096, "K": 2048}  # what launches pass (the rows kernel splits K below SPLIT_K_BELOW rows)
         monkeypatch.setitem(base._TUNE, "enabled", True)
         kept = tuner.prune_configs({})
