@@ -254,7 +254,7 @@ def test_fused_caches_reserve_the_split_counters():
     model = with_decode_kernels(_tiny())
     base._COUNTS.clear()
     model.setup_caches(3, 16)
-    counts = base._COUNTS[torch.device("cpu")]
+    counts = base._COUNTS[(torch.device("cpu"), "merge")]
     assert counts.numel() >= 3 * model.layers[0].attn.n_heads and not counts.any()
 
 
