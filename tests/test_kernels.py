@@ -29,7 +29,7 @@ def test_kernels_under_interpreter():
     r = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", *files],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "47 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
+    assert "48 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
 
 
 SHAPES = [(37, 320, 32), (37, 320, 64), (64, 2048, 64)]  # tails of rows and of K steps (interpreted: 128 a step)
@@ -83,6 +83,17 @@ def test_untuned_kernels_launch_their_first_configuration(monkeypatch):
             assert {c.kwargs["BLOCK_K"] for c in kept} == {2048}
         else:
             assert kept == tuner.configs
+
+
+def test_whole_row_tiles_cover_every_k_they_take():
+    pytest.importorskip("triton")
+    from tformer.kernels import gemv
+
+    lo, hi = gemv.WHOLE_ROWS_K
+    for fmt, tuner in gemv._WHOLE_ROWS.items():
+        for K in (lo, 100, 256, 576, 2048, 3000, hi):
+            kept = gemv._whole_rows_only(tuner.configs, {"K": K})
+            assert kept and all(c.kwargs["BLOCK_K"] >= K for c in kept), (fmt, K)
 
 
 def test_rows_split_k_gives_every_sm_two_programs(monkeypatch):

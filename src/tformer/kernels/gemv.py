@@ -173,17 +173,17 @@ if triton is not None:
 
     # whole rows (BLOCK_K = K rounded up to a power of two): a program's weights all load before its
     # PDL wait, 4-32 KB of them, so a product after a short kernel reads its weights during that kernel
-    def _whole(max_bytes: int):
-        tiles = [(bn, bk, 8 if bn * bk >= 8192 else 4) for bk in (512, 1024, 2048, 4096) for bn in (1, 2, 4, 8, 16, 32)
-                 if 2048 <= bn * bk <= max_bytes]
+    def _whole(max_weights: int):
+        tiles = [(bn, bk, 8 if bn * bk >= 8192 else 4) for bk in (64, 128, 256, 512, 1024, 2048, 4096)
+                 for bn in (1, 2, 4, 8, 16, 32, 64) if 2048 <= bn * bk <= max_weights]
         return _configs(tiles, stages=(1,))
 
     def _whole_rows_only(configs, named_args, **kwargs):
         return [c for c in configs if c.kwargs["BLOCK_K"] == triton.next_power_of_2(named_args["K"])]
 
-    _WHOLE_ROWS = {fmt: tuned(_whole(max_bytes), _KEY, prune=_whole_rows_only)(_matvec_kernel)
-                   for fmt, max_bytes in ((0, 16384), (1, 32768))}
-    WHOLE_ROWS_MAX_K = 4096
+    _WHOLE_ROWS = {fmt: tuned(_whole(max_weights), _KEY, prune=_whole_rows_only)(_matvec_kernel)
+                   for fmt, max_weights in ((0, 16384), (1, 32768))}
+    WHOLE_ROWS_K = (64, 4096)  # the K that whole-row tiles cover
 
 
 @torch.library.custom_op("tformer::matvec", mutates_args=())
@@ -207,7 +207,7 @@ def matvec_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None
     if INTERPRET:  # one fixed tile: the interpreter cannot time configurations
         _matvec_kernel[(triton.cdiv(N, 4),)](*args, BLOCK_N=4, BLOCK_K=max(128, group_size))
     else:
-        whole = whole_rows and pdl and fmt in _WHOLE_ROWS and K <= WHOLE_ROWS_MAX_K
+        whole = whole_rows and pdl and fmt in _WHOLE_ROWS and WHOLE_ROWS_K[0] <= K <= WHOLE_ROWS_K[1]
         (_WHOLE_ROWS if whole else _TUNED)[fmt][lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, launch_pdl=pdl)
     return out
 
@@ -243,7 +243,7 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
 
     whole_rows: for one row of x after a short kernel (attention, before its output projection), each
     program loads its rows of W whole before it waits for that kernel (PDL), so W streams in while
-    the short kernel runs (full-precision and int8 weights, K <= 4096; otherwise no effect).
+    the short kernel runs (full-precision and int8 weights, 64 <= K <= 4096; otherwise no effect).
     """
     K = x.shape[-1]
     M = x.numel() // K
