@@ -1,7 +1,7 @@
 """Hand-written GPU kernels (Triton) for the hot paths that torch.compile does not generate well.
 
 Each kernel is a torch custom op with a PyTorch fallback at its call site; its `use_*` function
-(`use_matvec`, `use_decode_attention`, `use_cached_attention`) says whether it applies. Triton is
+(`use_matvec`, `use_decode_attention`, `use_cached_attention`, `use_topk_sample`) says whether it applies. Triton is
 optional: without it everything runs through PyTorch.
 """
 
