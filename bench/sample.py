@@ -1,25 +1,29 @@
-"""Top-k sampling time on one GPU: tformer's one-kernel sampler against the torch.topk path, one process.
+"""Top-k sampling time on one GPU: tformer's sampling kernels against the torch.topk path, one process.
 
     python bench/sample.py [--vocab 128256] [--batch 1 8] [--k 200] [--temperature 0.8]
 
 Each variant draws one token a row from (batch, vocab) bf16 logits, as a decode step does after the
 output head: `kernel` is `tformer.kernels.sampling.topk_sample` (what `sample` takes on a GPU);
 `torch` is `sample`'s own path without it (torch.topk, softmax over the k best, exponential race),
-the same ops as gpt-fast's sampling. Times are CUDA-event medians over 200 calls after 20 warm-ups,
-each call inside a CUDA graph of 20 calls (as in a graphed decode step, so launch cost is what the
-GPU pays, not what the host does).
+the same ops as gpt-fast's sampling. Times: 20 calls in one CUDA graph (as in a graphed decode step, so
+launch cost is what the GPU pays, not what the host does), CUDA-event median of 20 replays
+(`bench/gemv.py`'s `graph_time`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
+from pathlib import Path
 
 import torch
 
-from tformer.generate import sampling
-from tformer.generate.sampling import SamplingConfig, sample
+sys.path.insert(0, str(Path(__file__).parent))
+from gemv import graph_time  # noqa: E402
+
+from tformer.generate import sampling  # noqa: E402
+from tformer.generate.sampling import SamplingConfig, sample  # noqa: E402
 
 
 def _torch_path(logits, cfg):
@@ -29,31 +33,6 @@ def _torch_path(logits, cfg):
         return sample(logits, cfg)
     finally:
         sampling.use_topk_sample = original
-
-
-def time_graphed(fn, calls: int = 20, repeats: int = 10) -> float:
-    """Microseconds a call: fn captured `calls` times in one CUDA graph, the replay timed with events."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(repeats):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        graph.replay()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / calls)
-    return statistics.median(times)
 
 
 def main():
@@ -69,7 +48,7 @@ def main():
     for batch in args.batch:
         logits = torch.randn(batch, args.vocab, device="cuda", dtype=torch.bfloat16) * 3
         for name, fn in (("kernel", lambda: sample(logits, cfg)), ("torch", lambda: _torch_path(logits, cfg))):
-            us = time_graphed(fn)
+            us = graph_time([fn] * 20) * 1e6
             rows.append({"variant": name, "batch": batch, "vocab": args.vocab, "k": args.k, "us_per_call": us})
             print(f"{name:7s} batch {batch}: {us:8.1f} us a call", flush=True)
     if args.json:
