@@ -77,7 +77,7 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, counts: torch.Tensor | Non
     if cfg.temperature == 0:
         return argmax(logits)
     if cfg.top_p == 1.0 and cfg.min_p == 0.0 and use_topk_sample(logits, cfg.top_k):
-        return topk_sample(logits, cfg.top_k, cfg.temperature, generator)  # one kernel: radix select, then the race
+        return topk_sample(logits, cfg.top_k, cfg.temperature, generator)  # radix select, then the race (kernels)
     if 0 < cfg.top_k < logits.shape[-1]:  # the same draw over the k best only: the rest has probability 0
         # (B, k) in no particular order: nothing below needs it, and sorting them costs a kernel a step
         best, ids = torch.topk(logits.float() / cfg.temperature, cfg.top_k, dim=-1, sorted=False)
