@@ -77,8 +77,6 @@ if triton is not None:
     _tuned_decode_attention = tuned(_CONFIGS, ["S", "D"])(_decode_attention_kernel)
 
 
-
-
 def _key_mask(mask, batch: int, n_queries: int, n_slots: int) -> bool:
     """Whether `mask` is what the kernels read: (batch or 1, 1, n_queries, n_slots) bool, one row of
     keys a query, shared by every head of a sequence."""

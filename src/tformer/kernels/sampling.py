@@ -44,10 +44,10 @@ def use_topk_sample(logits: torch.Tensor, k: int) -> bool:
             and 0 < k < logits.shape[-1] <= 65535 * BLOCK)
 
 
-def reserve_topk_sample(device, rows: int) -> None:
-    """Make the counters `topk_sample` needs for `rows` rows now, outside any CUDA-graph capture or
-    warm-up (module docstring)."""
-    reserve_counters(device, rows * _ROW_COUNTERS, pool="topk_sample")
+def reserve_topk_sample(device, rows: int) -> torch.Tensor:
+    """The counters `topk_sample` needs for `rows` rows; call it once before any CUDA-graph capture or
+    warm-up, which must not be the first to allocate them (module docstring)."""
+    return reserve_counters(device, rows * _ROW_COUNTERS, pool="topk_sample")
 
 
 if triton is not None:
@@ -66,6 +66,12 @@ if triton is not None:
             b = x.to(tl.int32, bitcast=True)
             key = (b ^ ((b >> 31) | -2147483648)).to(tl.uint32, bitcast=True)
         return key
+
+    @triton.jit
+    def _row_counters(count_ptr, row):
+        """A row's counters (`_ROW_COUNTERS`): its best at 0-1, its count of finished programs at 2, the
+        histograms of the four digits from 4."""
+        return count_ptr + row * (4 + 4 * 256)
 
     @triton.jit
     def _found(hist_row, k, DONE: tl.constexpr):
@@ -91,7 +97,7 @@ if triton is not None:
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < V
         x_row = x_ptr + row.to(tl.int64) * V
-        hist_row = count_ptr + row * (4 + 4 * 256) + 4
+        hist_row = _row_counters(count_ptr, row) + 4
         if PASS > 0:  # the logits came several kernels ago: read them before the wait
             x = tl.load(x_row + cols, mask=ok, other=0.0)
         _wait_for_previous_kernel(PDL)
@@ -113,7 +119,7 @@ if triton is not None:
         ok = cols < V
         x = tl.load(x_ptr + row.to(tl.int64) * V + cols, mask=ok, other=0.0)
         seed = tl.load(seed_ptr + row)
-        counts_row = count_ptr + row * (4 + 4 * 256)
+        counts_row = _row_counters(count_ptr, row)
         _wait_for_previous_kernel(PDL)
         tau, need = _found(counts_row + 4, k, BITS // 8)
         keep = ok & (_keys(x, BITS) >= tau)
@@ -137,7 +143,7 @@ def topk_sample_op(logits: torch.Tensor, seeds: torch.Tensor, k: int, temperatur
     """(R,) int64 tokens; logits (R, V) contiguous, seeds (R,) int64 (module docstring)."""
     R, V = logits.shape
     out = torch.empty(R, dtype=torch.int64, device=logits.device)
-    counts = reserve_counters(logits.device, R * _ROW_COUNTERS, pool="topk_sample")
+    counts = reserve_topk_sample(logits.device, R)
     block = 128 if INTERPRET else BLOCK
     grid = (R, triton.cdiv(V, block))  # rows first: a grid's second axis stops at 65535
     bits = _BITS[logits.dtype]
