@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch._inductor.config as inductor_config
 
-from tformer.generate import SamplingConfig, generate
+from tformer.generate import CapturedDecode, SamplingConfig, generate
 from tformer.generate.engine import compiled_decode_step, compiled_prefill
 from tformer.kernels.base import set_pdl
 from tformer.models import build_model, with_decode_kernels
@@ -70,7 +70,7 @@ def timed(fn, repeats: int) -> tuple[float, list[float]]:
 
 
 def tformer_runner(config, prompt, new, batch, quantize: str | None = None, pdl: bool = True,
-                   int4_one_row: str = "tinygemm"):
+                   int4_one_row: str = "tinygemm", captured: bool = True):
     from tformer.quantize.int4 import Int4Linear
 
     Int4Linear.one_row = int4_one_row
@@ -82,7 +82,8 @@ def tformer_runner(config, prompt, new, batch, quantize: str | None = None, pdl:
 
         quantize_model(model, mode=quantize, group_size=64)  # the untied head as int8 in both modes
     with_decode_kernels(model)  # one-row steps through tformer's fused kernels (tformer.models.fused)
-    step, first = compiled_decode_step(), compiled_prefill()
+    step = CapturedDecode() if captured else compiled_decode_step()  # else torch.compile's CUDA-graph tree
+    first = compiled_prefill()
     sampling = SamplingConfig(temperature=0.8, top_k=200)
     prompts = [prompt.tolist()] * batch
     ticks: list[float] = []
@@ -152,14 +153,15 @@ def bytes_per_token(model, config, prompt_len: int, new: int, batch: int) -> flo
     return (weights + batch * kv) / batch  # per generated token
 
 
-def tformer_variant(name: str) -> tuple[str | None, bool, str]:
-    """"tformer[-int8|-int4][:nopdl][:matvec]" -> (quantization mode or None, programmatic dependent
-    launch, kernel of one-row int4 layers: tinygemm, or the fused matvec kernels)."""
+def tformer_variant(name: str) -> tuple[str | None, bool, str, bool]:
+    """"tformer[-int8|-int4][:nopdl][:matvec][:tree]" -> (quantization mode or None, programmatic
+    dependent launch, kernel of one-row int4 layers: tinygemm, or the fused matvec kernels, and
+    whether the loop is tformer's captured graph or, with :tree, torch.compile's CUDA-graph tree)."""
     name, *options = name.split(":")
-    if unknown := set(options) - {"nopdl", "matvec"}:
-        raise SystemExit(f"unknown variant option(s) {sorted(unknown)} in {name} (known: nopdl, matvec)")
+    if unknown := set(options) - {"nopdl", "matvec", "tree"}:
+        raise SystemExit(f"unknown variant option(s) {sorted(unknown)} in {name} (known: nopdl, matvec, tree)")
     quantize = name.split("-")[1] if "-" in name else None
-    return quantize, "nopdl" not in options, "matvec" if "matvec" in options else "tinygemm"
+    return quantize, "nopdl" not in options, "matvec" if "matvec" in options else "tinygemm", "tree" not in options
 
 
 def floor(config, layer_counts: list[int], prompt_len: int, new: int, repeats: int) -> None:
@@ -184,7 +186,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", default="tformer,gpt-fast,hf",
                     help="comma-separated: tformer, tformer-int8, tformer-int4 (each may end in :nopdl, "
-                         "kernels without programmatic dependent launch; int4 in :matvec, one-row int4 "
+                         "kernels without programmatic dependent launch, and :tree, the step in torch.compile's "
+                         "CUDA-graph tree instead of tformer's CapturedDecode; int4 in :matvec, one-row int4 "
                          "layers through the fused matvec kernels, not tinygemm), gpt-fast, hf")
     ap.add_argument("--floor", type=int, nargs="+", metavar="LAYERS",
                     help="instead: the fixed cost of tformer's bf16 step, timed on models of these layer counts "

@@ -81,14 +81,48 @@ def report(name: str, run, rows: int, per: int | None = None, unit: str = "tok",
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         n = units()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    averages = prof.key_averages()
+    events = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu = sum(e.self_device_time_total for e in events) / 1e3 / n
     print(f"\n== {name}: wall {wall * 1e3:.3f} ms/{unit}, GPU kernels {gpu:.3f} ms/{unit}")
+    launches = {e.key: e.count / n for e in averages if e.key in LAUNCHES}
+    print("host launches per " + unit + ": " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(launches.items())))
     events.sort(key=lambda e: -e.self_device_time_total)
     for e in events[:rows]:
         print(f"{e.self_device_time_total / 1e3 / n:8.4f} ms/{unit} {e.count / n:6.1f}/{unit}  {e.key[:90]}")
     if out is not None:
         print(critical_path(prof, n, wall * 1e3, unit, out, name.replace(":", "_")))
+
+
+LAUNCHES = ("cudaGraphLaunch", "cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC",
+            "cudaMemcpyAsync", "cudaMemsetAsync")
+
+
+def host_profile(name: str, run, per: int, top: int = 30) -> None:
+    """The host's own time per unit by Python function (cProfile, after a warm-up call), and whether
+    inductor skipped a CUDA graph: a step that is not one graph replay launches its kernels one by one."""
+    import cProfile
+    import pstats
+
+    from torch._dynamo.utils import counters
+
+    run()
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    t = time.perf_counter()
+    pr.enable()
+    run()
+    pr.disable()
+    host = (time.perf_counter() - t) / per
+    torch.cuda.synchronize()
+    skips = counters["inductor"]["cudagraph_skips"]  # the reasons are logged as perf hints (main turns them on)
+    print(f"\n== {name} host: {host * 1e3:.3f} ms/tok before the final sync (profiled); cudagraph skips: {skips}")
+    stats = pstats.Stats(pr)
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]  # by own time
+    print("own ms/tok  total ms/tok  calls/tok  function")
+    for (file, line, fn), (_, calls, own, total, _) in rows:
+        where = f"{Path(file).parent.name}/{Path(file).name}:{line}" if line else file
+        print(f"{own / per * 1e3:10.4f} {total / per * 1e3:12.4f} {calls / per:10.1f}  {fn} {where[-70:]}")
 
 
 def speculative_runner(config, prompt, new: int, k: int, draft_dim: int = 256, draft_layers: int = 4):
@@ -122,10 +156,14 @@ def main() -> None:
                                                                            "count in turn)")
     ap.add_argument("--out", type=Path, help="write each variant's critical path, one unit's kernels and its Chrome "
                                              "trace here (module docstring)")
+    ap.add_argument("--host", action="store_true", help="also profile the host side of each tformer/gpt-fast "
+                                                          "variant by Python function (cProfile)")
     ap.add_argument("--variants", default="tformer,gpt-fast",
                     help="comma-separated: tformer, tformer-int8, tformer-int4 (each may end in :nopdl), gpt-fast, "
                          "spec-kN (N draft tokens)")
     args = ap.parse_args()
+    if args.host:
+        torch._logging.set_logs(perf_hints=True)  # "skipping cudagraphs due to ..."
     config = get_preset("llama-3.2-1b").replace(tie_embeddings=False, max_seq_len=2048)
     if args.vocab:
         config = config.replace(vocab_size=args.vocab)
@@ -141,6 +179,8 @@ def main() -> None:
         else:
             _, run = tformer_runner(config, prompt, args.new, 1, *tformer_variant(name))
         report(name, run, args.rows, per=args.new, out=args.out)
+        if args.host:
+            host_profile(name, run, args.new)
 
 
 if __name__ == "__main__":

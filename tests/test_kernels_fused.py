@@ -272,3 +272,26 @@ def test_graphed_step_as_first_call_on_cuda():
     greedy = SamplingConfig(temperature=0)
     graphed = generate(model, [[3, 5, 7, 11]], 12, greedy, step_fn=compiled_decode_step())
     assert graphed == generate(model, [[3, 5, 7, 11]], 12, greedy)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU")
+def test_captured_loop_on_cuda_gives_the_graph_trees_tokens():
+    """CapturedDecode (one CUDA graph with the loop's bookkeeping) against torch.compile's CUDA-graph
+    tree and eager steps: the same greedy tokens, one row and three; seeded top-k sampling repeats
+    itself from the first (capturing) call to the next (replaying) one."""
+    from tformer.generate import CapturedDecode, SamplingConfig, generate
+    from tformer.generate.engine import compiled_decode_step
+    from tformer.models import with_decode_kernels
+
+    model = with_decode_kernels(_tiny(tie_embeddings=False).to("cuda", torch.bfloat16))
+    greedy, prompts = SamplingConfig(temperature=0), [[3, 5, 7, 11], [2, 9], [4, 4, 8]]
+    captured, tree = CapturedDecode(), compiled_decode_step()
+    for batch in ([prompts[0]], prompts):
+        want = generate(model, batch, 12, greedy)
+        assert generate(model, batch, 12, greedy, step_fn=tree) == want
+        assert generate(model, batch, 12, greedy, step_fn=captured) == want
+        assert generate(model, batch, 12, greedy, step_fn=captured) == want
+    topk = SamplingConfig(temperature=0.9, top_k=7, repetition_penalty=1.2)
+    runs = [generate(model, prompts, 12, topk, seed=4, stop_ids={5}, step_fn=captured) for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert all(0 <= t < model.config.vocab_size for row in runs[0] for t in row)

@@ -64,9 +64,11 @@ def run(args: argparse.Namespace) -> int:
         print(prompts[0], end="", flush=True)
     step_fn = prefill_fn = None
     if args.compile:
+        from tformer.generate import CapturedDecode
         from tformer.generate.engine import compiled_decode_step, compiled_prefill
 
-        step_fn = compiled_decode_step("reduce-overhead" if device.type == "cuda" else "default")
+        # on a GPU the whole decode loop replays one CUDA graph (tformer.generate.captured)
+        step_fn = CapturedDecode() if device.type == "cuda" else compiled_decode_step("default")
         prefill_fn = compiled_prefill()
     texts = generate_text(model, tokenizer, prompts, args.max_new_tokens, sampling, args.stop, args.seed,
                           stream=single, step_fn=step_fn, prefill_fn=prefill_fn)

@@ -107,7 +107,8 @@ def generate(
 
     on_tokens(next_tokens (B,)) is called each step; returning True stops generation (stop
     strings, streaming). step_fn / prefill_fn: `decode_step` / `prefill` or compiled copies
-    (`compiled_decode_step()`, `compiled_prefill()`).
+    (`compiled_decode_step()`, `compiled_prefill()`); step_fn may also be a `CapturedDecode`, which
+    runs the whole loop from one CUDA graph (tformer.generate.captured).
     """
     sampling = sampling or SamplingConfig()
     sampling.validate()
@@ -130,8 +131,11 @@ def generate(
             tokens = tokens.to(device)
             counts = prompt_counts(tokens, key_mask[:, :L], model.config.vocab_size, sampling)
             first = (prefill_fn or prefill)(model, tokens, torch.arange(L, device=device), key_mask, sampling, counts)
-            rows = _decode(model, first, key_mask, counts, L, max_new_tokens, sampling, stop_ids, on_tokens,
-                           step_fn or decode_step, sync_every)
+            args = (model, first, key_mask, counts, L, max_new_tokens, sampling, stop_ids, on_tokens)
+            if hasattr(step_fn, "loop"):  # runs the loop itself (tformer.generate.captured.CapturedDecode)
+                rows = step_fn.loop(*args, sync_every)
+            else:
+                rows = _decode(*args, step_fn or decode_step, sync_every)
         finally:
             model.clear_caches()
     return [_cut_at_stop(r, stop_ids) for r in rows]

@@ -1,0 +1,149 @@
+"""Decode steps captured once as one CUDA graph that also does the loop's bookkeeping.
+
+A step compiled with torch.compile's own CUDA graphs (`compiled_decode_step()`) costs the host
+0.22-0.32 ms a step before the graph even launches (BENCHMARKS.md, session 11): dynamo gathers
+every parameter and buffer of the model as graph inputs on each call (437 for a 1B int4 model),
+the CUDA-graph tree checks their addresses and copies the token in, and the host loop clones the
+token out and bumps the slot with small kernels of their own. For a quantized model, whose step
+reads fewer bytes, that host time is the step's time.
+
+`CapturedDecode` compiles `advance` (no CUDA graph of its own) and captures it once per model
+state, batch shape and sampling setting in a graph that does, besides the step:
+
+    token <- the sampled token       slot += 1       history[n] <- token       n += 1
+    done |= token in the stop ids    counts[token] += 1 (repetition penalty)
+
+so a step costs the host one `graph.replay()`. The graph keeps the addresses it was captured
+with: the model's weights and KV cache (`setup_caches` keeps the cache across calls) and the
+static state below, which each `generate` call fills in. A model whose tensors moved (another
+cache size, a module swap) gets a new capture; after other in-place changes (switching kernels,
+`set_pdl`) call `reset()`. Without CUDA, `advance` runs step by step with no graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import torch
+
+from tformer.generate.engine import decode_compile_options, decode_step
+from tformer.generate.sampling import SamplingConfig
+
+
+def record(nxt, history, n, done, stop, counts) -> None:
+    """The loop's work on new tokens nxt (B,): history[n] <- nxt, n += 1, stop ids, counts."""
+    history.index_copy_(0, n, nxt[None])
+    n += 1
+    if stop is not None:
+        done |= torch.isin(nxt, stop)
+    if counts is not None:
+        counts.scatter_add_(1, nxt[:, None], torch.ones_like(counts[:, :1]))
+
+
+def advance(model, sampling: SamplingConfig, token, input_pos, key_mask, counts, history, n, done, stop) -> None:
+    """One decode step and its bookkeeping, all in place: token (B, 1) at slot input_pos (1,) is
+    replaced by the next token, which is recorded (`record`); the slot moves on by one."""
+    nxt = decode_step(model, token, input_pos, key_mask, sampling, counts)
+    record(nxt, history, n, done, stop, counts)
+    token.copy_(nxt[:, None])
+    input_pos += 1
+
+
+@dataclasses.dataclass
+class _State:
+    """Static tensors of one capture; `graph` is None until the first replay needs it."""
+    token: torch.Tensor  # (B, 1)
+    input_pos: torch.Tensor  # (1,)
+    key_mask: torch.Tensor  # (B, slots)
+    history: torch.Tensor  # (slots + 1, B): row i is the i-th new token
+    n: torch.Tensor  # (1,) rows of history written
+    done: torch.Tensor  # (B,) bool
+    stop: torch.Tensor | None  # (n_stop,)
+    counts: torch.Tensor | None  # (B, V)
+    graph: torch.cuda.CUDAGraph | None = None
+
+    def args(self, clone: bool = False) -> tuple:
+        c = (lambda t: t if t is None else t.clone()) if clone else (lambda t: t)
+        return (c(self.token), c(self.input_pos), self.key_mask, c(self.counts), c(self.history), c(self.n),
+                c(self.done), self.stop)
+
+
+class CapturedDecode:
+    """A `step_fn` for `generate` that runs the whole decode loop from one CUDA graph (module docstring).
+
+    advance: `advance` or a compiled copy; default `torch.compile(advance, fullgraph=True)` with
+    inductor and no CUDA graph of its own (tformer captures it)."""
+
+    def __init__(self, advance_fn=None, warmup: int = 2):
+        self.advance = advance_fn or torch.compile(advance, fullgraph=True, options=decode_compile_options(False))
+        self.warmup = warmup
+        self._states: dict[tuple, _State] = {}
+
+    def reset(self) -> None:
+        """Forget every capture (and free its memory)."""
+        self._states.clear()
+
+    def loop(self, model, first, key_mask, counts, L: int, max_new_tokens: int, sampling: SamplingConfig,
+             stop_ids, on_tokens, sync_every: int) -> list[list[int]]:
+        """`engine._decode`'s contract: rows of new tokens (B, up to max_new_tokens), first included."""
+        st = self._state(model, first.shape[0], key_mask.shape[1], sampling, counts, sorted(stop_ids or []))
+        st.token.copy_(first[:, None])
+        st.input_pos.fill_(L)
+        st.key_mask.copy_(key_mask)
+        st.n.zero_()
+        st.done.zero_()
+        if counts is not None:
+            st.counts.copy_(counts)
+        record(first, st.history, st.n, st.done, st.stop, st.counts)
+        produced = 1
+        while True:
+            if on_tokens is not None and on_tokens(st.history[produced - 1]):
+                break
+            if produced == max_new_tokens or (st.stop is not None and produced % sync_every == 0
+                                              and bool(st.done.all())):
+                break
+            self._step(model, sampling, st)
+            produced += 1
+        return st.history[:produced].T.tolist()
+
+    def _state(self, model, B: int, slots: int, sampling, counts, stop: list[int]) -> _State:
+        tensors = itertools.chain(model.parameters(), model.buffers())
+        key = (id(model), tuple(t.data_ptr() for t in tensors), B, slots, dataclasses.astuple(sampling),
+               counts is None, tuple(stop))
+        if key not in self._states:
+            device = next(model.parameters()).device
+            self._states[key] = _State(
+                token=torch.zeros(B, 1, dtype=torch.long, device=device),
+                input_pos=torch.zeros(1, dtype=torch.long, device=device),
+                key_mask=torch.zeros(B, slots, dtype=torch.long, device=device),
+                history=torch.zeros(slots + 1, B, dtype=torch.long, device=device),
+                n=torch.zeros(1, dtype=torch.long, device=device),
+                done=torch.zeros(B, dtype=torch.bool, device=device),
+                stop=torch.tensor(stop, dtype=torch.long, device=device) if stop else None,
+                counts=None if counts is None else torch.zeros_like(counts),
+            )
+        return self._states[key]
+
+    def _step(self, model, sampling, st: _State) -> None:
+        if st.token.device.type != "cuda":
+            self.advance(model, sampling, *st.args())
+            return
+        if st.graph is None:
+            st.graph = self._capture(model, sampling, st)
+        st.graph.replay()
+
+    def _capture(self, model, sampling, st: _State) -> torch.cuda.CUDAGraph:
+        """Warm up on copies of the state (compiles, autotunes; the KV cache write at this slot is
+        the one the replay makes again), then capture `advance` on the state itself."""
+        side, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.random.fork_rng(devices=[st.token.device]):  # a seeded call draws as a replaying one does
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self.advance(model, sampling, *st.args(clone=True))
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(graph):
+                self.advance(model, sampling, *st.args())
+        return graph
+
