@@ -85,24 +85,26 @@ if triton is not None:
         PREFETCHED: w_first holds the first tile (`_first_tile`; full-precision and int8 weights, int4
         ignores it)."""
         if FMT == 2:  # int4: byte j holds columns 2j (high nibble) and 2j+1 (low); NG groups a step
+            # the nibbles are interleaved back into column order in registers (join + reshape), so the
+            # tile is laid out as int8's; a group's scale and zero apply to its partial sums
             NG: tl.constexpr = BLOCK_K // GROUP
-            HALF: tl.constexpr = GROUP // 2
-            j = tl.arange(0, NG)[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (NG, HALF) bytes of a step
-            acc = tl.zeros((BLOCK_N, NG, HALF), dtype=tl.float32)
+            half = tl.arange(0, BLOCK_K // 2)
+            acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                byte = tl.multiple_of(k0 // 2, BLOCK_K // 2) + j
-                g_ok = k0 + tl.arange(0, NG) * GROUP < K  # whole groups in or out
-                ok = tl.broadcast_to(g_ok[:, None], (NG, HALF))
-                b = tl.load(w_ptr + rows[:, None, None] * (K // 2) + byte[None], mask=ok[None], other=0)
-                g = rows[:, None] * (K // GROUP) + k0 // GROUP + tl.arange(0, NG)[None, :]  # (BLOCK_N, NG)
-                s = tl.load(s_ptr + g, mask=g_ok[None, :], other=0.0).to(tl.float32)[:, :, None]
-                z = tl.load(z_ptr + g, mask=g_ok[None, :], other=0.0).to(tl.float32)[:, :, None]
-                x_even = _load_x(x_ptr, nw_ptr, 2 * byte, ok, inv_rms, NORM)[None]
-                x_odd = _load_x(x_ptr, nw_ptr, 2 * byte + 1, ok, inv_rms, NORM)[None]
-                b = b.to(tl.int32)
-                dot = _code(b >> 4, 8) * x_even + _code(b & 15, 8) * x_odd  # (q - 8) x of both columns
-                acc += dot * s + z * (x_even + x_odd)  # ((q - 8) s + z) x
-            y = tl.sum(tl.sum(acc, axis=2), axis=1)
+                cols = k0 + tl.arange(0, BLOCK_K)
+                byte = k0 // 2 + half
+                b = tl.load(w_ptr + rows[:, None] * (K // 2) + byte[None, :], mask=(byte < K // 2)[None, :],
+                            other=0).to(tl.int32)  # (BLOCK_N, BLOCK_K / 2)
+                q = tl.join(b >> 4, b & 15).reshape(BLOCK_N, BLOCK_K)  # codes in column order
+                x = _load_x(x_ptr, nw_ptr, cols, cols < K, inv_rms, NORM)
+                part = tl.sum((_code(q, 8) * x[None, :]).reshape(BLOCK_N, NG, GROUP), axis=2)  # sum (q - 8) x
+                x_sum = tl.sum(x.reshape(NG, GROUP), axis=1)
+                g = k0 // GROUP + tl.arange(0, NG)[None, :]  # (1, NG)
+                g_ok = g < K // GROUP  # whole groups in or out
+                s = tl.load(s_ptr + rows[:, None] * (K // GROUP) + g, mask=g_ok, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + rows[:, None] * (K // GROUP) + g, mask=g_ok, other=0.0).to(tl.float32)
+                acc += part * s + z * x_sum[None, :]  # sum ((q - 8) s + z) x over each group
+            y = tl.sum(acc, axis=1)
         else:  # bf16/fp16/fp32, or int8 (its per-row scale is applied once at the end)
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             start = 0
