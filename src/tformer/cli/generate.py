@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="speculative decoding with this smaller model (same tokenizer); one prompt only")
     p.add_argument("--speculate-k", type=int, default=4, help="draft tokens per round with --draft")
     p.add_argument("--compile", action="store_true",
-                   help="compile the decode step (CUDA graphs; with --draft: the draft step and the verify); "
+                   help="compile the decode step (on GPU the whole decode loop replays one CUDA graph; with --draft: "
+                        "each round, the draft steps and the verify, is one CUDA graph); "
                         "pays off for long generations on GPU")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on GPU, float32 on CPU")
     p.set_defaults(func=run)
