@@ -56,5 +56,9 @@ def test_a_moved_model_gets_a_new_capture():
     generate(model, [[1, 2]], 4, greedy, step_fn=captured)
     generate(model, [[1, 2]], 30, greedy, step_fn=captured)  # a longer cache: its tensors moved
     assert len(captured._states) == 2
+    few = CapturedDecode(advance, max_captures=1)
+    generate(model, [[1, 2]], 4, greedy, step_fn=few)
+    generate(model, [[1, 2], [3]], 4, greedy, step_fn=few)  # another batch shape replaces the first
+    assert len(few._states) == 1 and next(iter(few._states.values())).token.shape[0] == 2
     captured.reset()
     assert not captured._states

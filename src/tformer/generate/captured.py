@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections import OrderedDict
 
 import torch
 
@@ -73,12 +74,13 @@ class CapturedDecode:
     """A `step_fn` for `generate` that runs the whole decode loop from one CUDA graph (module docstring).
 
     advance: `advance` or a compiled copy; default `torch.compile(advance, fullgraph=True)` with
-    inductor and no CUDA graph of its own (tformer captures it)."""
+    inductor and no CUDA graph of its own (tformer captures it). max_captures: captures kept (each
+    holds a graph and its memory); past it the least recently used one is dropped."""
 
-    def __init__(self, advance_fn=None, warmup: int = 2):
+    def __init__(self, advance_fn=None, warmup: int = 2, max_captures: int = 8):
         self.advance = advance_fn or torch.compile(advance, fullgraph=True, options=decode_compile_options(False))
-        self.warmup = warmup
-        self._states: dict[tuple, _State] = {}
+        self.warmup, self.max_captures = warmup, max_captures
+        self._states: OrderedDict[tuple, _State] = OrderedDict()
 
     def reset(self) -> None:
         """Forget every capture (and free its memory)."""
@@ -111,7 +113,11 @@ class CapturedDecode:
         tensors = itertools.chain(model.parameters(), model.buffers())
         key = (id(model), tuple(t.data_ptr() for t in tensors), B, slots, dataclasses.astuple(sampling),
                counts is None, tuple(stop))
-        if key not in self._states:
+        if key in self._states:
+            self._states.move_to_end(key)
+        else:
+            if len(self._states) >= self.max_captures:
+                self._states.popitem(last=False)
             device = next(model.parameters()).device
             self._states[key] = _State(
                 token=torch.zeros(B, 1, dtype=torch.long, device=device),
