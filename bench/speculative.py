@@ -16,8 +16,8 @@ Each is trained for a number of 16 x 512-token steps (bf16 autocast, compiled); 
 best validation checkpoint (evaluated every 250 steps: the 1.3M-token corpus overfits fast).
 
 Decoding: prompts are --prompts windows of --prompt tokens from the held-out validation split;
-temperature 0, --new tokens each. Plain decoding is `generate` with the compiled prefill and CUDA-graph
-decode step; speculative decoding is `speculative_generate` with `compiled_spec_steps()` (the
+temperature 0, --new tokens each. Plain decoding is `generate` with the compiled prefill and `CapturedDecode`
+(the whole decode loop replayed from one CUDA graph, as bench/decode.py's tformer rows); speculative decoding is `speculative_generate` with `compiled_spec_steps()` (the
 whole round, k draft steps and the target's (k+1)-token verify, as one CUDA graph). tokens/s = new
 tokens / wall time of the whole call (prefill included), median over prompts after a warm-up call per variant.
 same_as_plain: the share of tokens before the first difference from plain greedy decoding (in fp32
@@ -42,7 +42,8 @@ import torch._inductor.config as inductor_config
 
 from tformer.checkpoint import load
 from tformer.generate import SamplingConfig, generate
-from tformer.generate.engine import compiled_decode_step, compiled_prefill
+from tformer.generate import CapturedDecode
+from tformer.generate.engine import compiled_prefill
 from tformer.generate.speculative import compiled_spec_steps, speculative_generate
 from tformer.models import with_decode_kernels
 from tformer.params import parameter_breakdown
@@ -116,7 +117,7 @@ def main() -> None:
     stride = len(val) // args.prompts
     prompts = [val[i * stride: i * stride + args.prompt].tolist() for i in range(args.prompts)]
 
-    step, first, steps = compiled_decode_step(), compiled_prefill(), compiled_spec_steps()
+    step, first, steps = CapturedDecode(), compiled_prefill(), compiled_spec_steps()  # plain: the captured loop
     if args.no_tuning:
         inductor_config.coordinate_descent_tuning = False
     plain = lambda p: generate(target, [p], args.new, GREEDY, step_fn=step, prefill_fn=first)[0]  # noqa: E731
