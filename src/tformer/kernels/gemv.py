@@ -3,7 +3,8 @@
 At batch 1 a decode step reads every weight once and does two FLOPs per weight, so the only
 thing that matters is streaming W from memory at full bandwidth and dequantizing it in
 registers. tformer's int8 layers use it for a single row (int4 layers only where PyTorch's
-tinygemm does not apply, or where `Int4Linear.one_row` asks: tinygemm measured faster), and
+tinygemm does not apply, or where `Int4Linear.one_row` asks: a decode step through either takes
+the same time on the H100), and
 full-precision layers after `with_matvec(model)` (tformer.kernels.linear). The weight formats are
 exactly the ones tformer stores (no repacking):
 
@@ -24,8 +25,11 @@ the H100): a code u >= 0 ORed into the bits 0x4B000000 is the float 2^23 + u exa
 subtraction removes 2^23 and the code's offset (`kernels.base._code`; int8 codes are offset by 128
 first; the few-row kernel's int8 tiles use it too). A group's int4 scale and zero are applied to
 partial sums rather than to each weight: sum(((q - 8) s + z) x) = s sum((q - 8) x) + z sum(x).
-Timed on the H100 in BENCHMARKS.md ("Batch-1 matrix-vector products"): both kernels got faster,
-and tinygemm is still faster at int4.
+An int4 tile's nibbles are interleaved back into column order in registers (`tl.join` + reshape),
+so the tile has int8's layout and x loads contiguously (taking the even and odd columns of x
+apart instead made the compiler convert whole tiles through shared memory every step). Timed on
+the H100 in BENCHMARKS.md ("Batch-1 matrix-vector products"): int8 beats inductor's code on every
+shape; int4 is level with tinygemm on the head and wo and up to 44% behind on the rest.
 
 Around the product the kernel can fuse what surrounds a weight in a pre-norm decoder block
 (tformer.models.fused): RMSNorm of x (each program sums x^2 itself, x being a few KB), a bias,

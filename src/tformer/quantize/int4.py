@@ -10,9 +10,10 @@ kernel, so on a CUDA GPU (sm80+) the kernel's tiled layout is one call away:
 `aten._convert_weight_to_int4pack(packed, inner_k_tiles)` (uint8 input since torch 2.5), used by
 `aten._weight_int4pack_mm(x_bf16, w, group_size, scales_and_zeros (K/g, N, 2) bf16)`.
 That layout is derived, never saved: it is rebuilt whenever the module moves or is loaded.
-A single row of x (a batch-1 decode step) goes through tinygemm too: it measured 1.4-1.8x faster
-than `tformer.kernels.matvec` on the H100 (bench/gemv.py, BENCHMARKS.md). `Int4Linear.one_row =
-"matvec"` sends it to the matvec kernel instead, which reads the stored form directly and fuses the
+A single row of x (a batch-1 decode step) goes through tinygemm too (per product up to 1.4x faster
+than `tformer.kernels.matvec` on the H100; a whole decode step takes the same time either way:
+bench/gemv.py and bench/decode.py, BENCHMARKS.md). `Int4Linear.one_row = "matvec"` sends it to the
+matvec kernel instead, which reads the stored form directly and fuses the
 norm, SwiGLU and residual around it (tformer.models.fused); so does any layer tinygemm cannot run
 (fp16 activations, shapes it refuses). Elsewhere (CPU, several rows without tinygemm) the forward
 dequantizes to x.dtype and calls F.linear.
