@@ -8,7 +8,8 @@
 Nothing in a step waits on the host: the key mask is fixed for the whole decode (prompt padding
 masked, every later slot valid; causality hides slots not yet written), the slot index is a
 device tensor bumped in place, and sampling is tensor ops. The host looks at the tokens only
-every `sync_every` steps (to stop early) or when a streaming callback wants them.
+every `sync_every` steps (to stop early) or when a streaming callback wants them. On a GPU,
+`CapturedDecode` (tformer.generate.captured) also moves the loop's bookkeeping into the graph.
 """
 
 from __future__ import annotations
