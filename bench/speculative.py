@@ -16,10 +16,10 @@ Each is trained for a number of 16 x 512-token steps (bf16 autocast, compiled); 
 best validation checkpoint (evaluated every 250 steps: the 1.3M-token corpus overfits fast).
 
 Decoding: prompts are --prompts windows of --prompt tokens from the held-out validation split;
-temperature 0, --new tokens each. Plain decoding is `generate` with the compiled prefill and `CapturedDecode`
-(the whole decode loop replayed from one CUDA graph, as bench/decode.py's tformer rows); speculative decoding is `speculative_generate` with `compiled_spec_steps()` (the
-whole round, k draft steps and the target's (k+1)-token verify, as one CUDA graph). tokens/s = new
-tokens / wall time of the whole call (prefill included), median over prompts after a warm-up call per variant.
+temperature 0, --new tokens each. Plain decoding is `generate` with the compiled prefill and
+`CapturedDecode` (the whole decode loop replayed from one CUDA graph, as bench/decode.py's tformer
+rows); speculative decoding is `speculative_generate` with `compiled_spec_steps()` (the whole round,
+k draft steps and the target's (k+1)-token verify, as one CUDA graph). tokens/s = new tokens / wall time of the whole call (prefill included), median over prompts after a warm-up call per variant.
 same_as_plain: the share of tokens before the first difference from plain greedy decoding (in fp32
 they are equal, as the tests check; in bf16 the (k+1)-token verify rounds differently from the
 one-token step, so near-ties can go the other way). same_as_eager: the same share, compiled
@@ -41,8 +41,7 @@ import torch
 import torch._inductor.config as inductor_config
 
 from tformer.checkpoint import load
-from tformer.generate import SamplingConfig, generate
-from tformer.generate import CapturedDecode
+from tformer.generate import CapturedDecode, SamplingConfig, generate
 from tformer.generate.engine import compiled_prefill
 from tformer.generate.speculative import compiled_spec_steps, speculative_generate
 from tformer.models import with_decode_kernels

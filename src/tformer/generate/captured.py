@@ -4,8 +4,9 @@ A step compiled with torch.compile's own CUDA graphs (`compiled_decode_step()`) 
 0.22-0.32 ms a step before the graph even launches (BENCHMARKS.md, session 11): dynamo gathers
 every parameter and buffer of the model as graph inputs on each call (437 for a 1B int4 model),
 the CUDA-graph tree checks their addresses and copies the token in, and the host loop clones the
-token out and bumps the slot with small kernels of their own. For a quantized model, whose step
-reads fewer bytes, that host time is the step's time.
+token out and bumps the slot with small kernels of their own. On the H100 the GPU was still the
+slower side for every decode step measured, so this does not make those steps faster; it takes the
+host out of the way, and the loop's small kernels into the graph.
 
 `CapturedDecode` compiles `advance` (no CUDA graph of its own) and captures it once per model
 state, batch shape and sampling setting in a graph that does, besides the step:
@@ -28,18 +29,15 @@ from collections import OrderedDict
 
 import torch
 
-from tformer.generate.engine import decode_compile_options, decode_step
+from tformer.generate.engine import decode_compile_options, decode_step, note_tokens
 from tformer.generate.sampling import SamplingConfig
 
 
 def record(nxt, history, n, done, stop, counts) -> None:
-    """The loop's work on new tokens nxt (B,): history[n] <- nxt, n += 1, stop ids, counts."""
+    """The loop's work on new tokens nxt (B,): history[n] <- nxt, n += 1, then `note_tokens`."""
     history.index_copy_(0, n, nxt[None])
     n += 1
-    if stop is not None:
-        done |= torch.isin(nxt, stop)
-    if counts is not None:
-        counts.scatter_add_(1, nxt[:, None], torch.ones_like(counts[:, :1]))
+    note_tokens(nxt, done, stop, counts)
 
 
 def advance(model, sampling: SamplingConfig, token, input_pos, key_mask, counts, history, n, done, stop) -> None:
@@ -152,4 +150,3 @@ class CapturedDecode:
             with torch.cuda.graph(graph):
                 self.advance(model, sampling, *st.args())
         return graph
-

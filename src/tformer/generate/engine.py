@@ -157,10 +157,7 @@ def _decode(model, nxt, key_mask, counts, L, max_new_tokens, sampling, stop_ids,
     input_pos = torch.tensor([L], device=device)
     new = [nxt]
     for i in range(1, max_new_tokens + 1):
-        if stop.numel():  # else no kernels for it: at batch 1 a step is ~100 short kernels, each launch counts
-            done |= torch.isin(nxt, stop)
-        if counts is not None:
-            counts.scatter_add_(1, nxt[:, None], torch.ones_like(counts[:, :1]))
+        note_tokens(nxt, done, stop if stop.numel() else None, counts)
         if on_tokens is not None and on_tokens(nxt):
             break
         if i == max_new_tokens or (stop.numel() and i % sync_every == 0 and bool(done.all())):
@@ -169,6 +166,16 @@ def _decode(model, nxt, key_mask, counts, L, max_new_tokens, sampling, stop_ids,
         input_pos += 1
         new.append(nxt)
     return torch.stack(new, dim=1).tolist()
+
+
+def note_tokens(nxt, done, stop, counts) -> None:
+    """The loop's record of new tokens nxt (B,): done |= nxt is a stop id (stop None: no stop ids, and
+    no kernels for them: at batch 1 a step is ~100 short kernels, each launch counts), and each row's
+    count of nxt + 1 for the repetition penalty (counts None: off)."""
+    if stop is not None:
+        done |= torch.isin(nxt, stop)
+    if counts is not None:
+        counts.scatter_add_(1, nxt[:, None], torch.ones_like(counts[:, :1]))
 
 
 def _cut_at_stop(row: list[int], stop_ids) -> list[int]:
