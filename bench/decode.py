@@ -28,7 +28,7 @@ import torch._inductor.config as inductor_config
 
 from tformer.generate import CapturedDecode, SamplingConfig, generate
 from tformer.generate.engine import compiled_decode_step, compiled_prefill
-from tformer.kernels.base import set_l2_prefetch, set_pdl
+from tformer.kernels.base import set_pdl
 from tformer.models import build_model, with_decode_kernels
 from tformer.presets import get_preset
 
@@ -94,7 +94,6 @@ def tformer_runner(config, prompt, new, batch, quantize: str | None = None, pdl:
                         on_tokens=lambda _: ticks.append(time.perf_counter()))
 
     run.host_ms = lambda: host_ms_per_step(ticks)
-    run.step = step
     return model, run
 
 
@@ -178,19 +177,6 @@ def floor(config, layer_counts: list[int], prompt_len: int, new: int, repeats: i
                           "host_ms_per_step": round(run.host_ms(), 3), "first_call_s": round(first, 1)}))
 
 
-def l2_row(row: dict, setting: str, run, repeats: int, tokens: int, s_per_token_at_roofline: float) -> dict:
-    """`row` again with the step captured anew under an L2 prefetch setting ("MB", "own" or "MB+own")."""
-    parts = setting.split("+")
-    set_l2_prefetch(float(next((p for p in parts if p != "own"), 0)), "own" in parts)
-    run.step.reset()  # the kernels read the setting when the step is captured
-    first, runs = timed(run, repeats)
-    tok_s = tokens / statistics.median(runs)
-    return {**row, "impl": f"{row['impl']}@l2={setting}", "tokens_per_s": round(tok_s, 1),
-            "per_sequence_tok_s": round(tok_s / row["batch"], 1),
-            "roofline_share": round(tok_s * s_per_token_at_roofline, 3), "first_call_s": round(first, 1),
-            "host_ms_per_step": round(run.host_ms(), 3), "wall_ms_per_step": round(1e3 * row["batch"] / tok_s, 3)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpt-fast", type=Path, default=Path("third_party/gpt-fast-src"))
@@ -206,11 +192,6 @@ def main() -> None:
     ap.add_argument("--floor", type=int, nargs="+", metavar="LAYERS",
                     help="instead: the fixed cost of tformer's bf16 step, timed on models of these layer counts "
                          "with almost no weights (dim 256, 4/2 heads, SwiGLU 512, vocabulary 4096)")
-    ap.add_argument("--l2", nargs="+", metavar="SETTING",
-                    help="after each tformer variant's row (with CapturedDecode), its step again under these L2 "
-                         "prefetch settings (tformer.kernels.base.set_l2_prefetch), each captured anew: MB (the "
-                         "next kernel's weights, up to MB MiB a kernel), own (each matvec program its own "
-                         "rows), or MB+own")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     config = get_preset("llama-3.2-1b").replace(tie_embeddings=False, max_seq_len=2048)
@@ -239,11 +220,6 @@ def main() -> None:
                 row.update(host_ms_per_step=round(run.host_ms(), 3), wall_ms_per_step=round(1e3 * batch / tok_s, 3))
             rows.append(row)
             print(json.dumps(row), flush=True)
-            sweep = args.l2 if hasattr(getattr(run, "step", None), "reset") else None  # CapturedDecode only
-            for setting in sweep or []:
-                rows.append(l2_row(row, setting, run, args.repeats, batch * args.new, bpt / bw))
-                print(json.dumps(rows[-1]), flush=True)
-            set_l2_prefetch()
             del model, run
             gc.collect()
             torch.cuda.empty_cache()

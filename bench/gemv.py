@@ -17,10 +17,6 @@ bandwidth that implies from the bytes of the weight as stored. Variants:
   {bf16,int8,int4}-triton   tformer.kernels.matvec (int4: group 64), with programmatic dependent
                   launch on Hopper (each call's first weight tile loads while the one before finishes)
   {bf16,int8}-triton-nopdl  the same without it
-A triton variant may end in L2 prefetch options (tformer.kernels.base.set_l2_prefetch; sm_90+):
-  :own            each program prefetches all of its own weight rows at its start
-  :next[MB]       each call prefetches the next call's weight (up to MB MiB; default all of it), as
-                  the fused decode kernels prefetch the next kernel's weights
 """
 
 from __future__ import annotations
@@ -34,7 +30,7 @@ import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 
 from tformer.kernels import matvec
-from tformer.kernels.base import set_l2_prefetch, set_pdl
+from tformer.kernels.base import set_pdl
 from tformer.quantize.int4 import Int4Linear, dequantize_int4, quantize_int4
 from tformer.quantize.int8 import dequantize_int8, quantize_int8
 
@@ -65,8 +61,7 @@ def graph_time(calls, replays: int = 20) -> float:
 
 
 def variants(w: torch.Tensor):
-    """name -> (fn(x, prefetch=()), bytes of the weight as stored, the weight it stands for, the tensor
-    the kernel streams)."""
+    """name -> (fn(x), bytes of the weight as stored, the weight it stands for)."""
     N, K = w.shape
     q8, s8 = quantize_int8(w)
     p4, s4, z4 = quantize_int4(w, 64)
@@ -77,42 +72,26 @@ def variants(w: torch.Tensor):
     b8, b4 = q8.numel() + s8.numel() * 2, p4.numel() + s4.numel() * 4
     w8, w4 = dequantize_int8(q8, s8), dequantize_int4(p4, s4, z4, 64)
     return {
-        "bf16-cublas": (lambda x, prefetch=(): F.linear(x, w), w.numel() * 2, w, w),
-        "bf16-inductor": (torch.compile(lambda x, prefetch=(): F.linear(x, w)), w.numel() * 2, w, w),
-        "int8-inductor": (torch.compile(lambda x, prefetch=(): F.linear(x, q8.to(x.dtype)) * s8), b8, w8, q8),
-        "int4-tinygemm": (lambda x, prefetch=(): torch.ops.aten._weight_int4pack_mm(x, tiny.int4pack, 64,
-                                                                                     tiny.scales_and_zeros),
-                          b4, w4, tiny.int4pack),
-        "bf16-triton": (lambda x, prefetch=(): matvec(x, w, prefetch=prefetch), w.numel() * 2, w, w),
-        "int8-triton": (lambda x, prefetch=(): matvec(x, q8, s8, fmt="int8", prefetch=prefetch), b8, w8, q8),
-        "int4-triton": (lambda x, prefetch=(): matvec(x, p4, s4, z4, fmt="int4", group_size=64, prefetch=prefetch),
-                        b4, w4, p4),
-        "bf16-triton-nopdl": (without_pdl(lambda x, prefetch=(): matvec(x, w)), w.numel() * 2, w, w),
-        "int8-triton-nopdl": (without_pdl(lambda x, prefetch=(): matvec(x, q8, s8, fmt="int8")), b8, w8, q8),
+        "bf16-cublas": (lambda x: F.linear(x, w), w.numel() * 2, w),
+        "bf16-inductor": (torch.compile(lambda x: F.linear(x, w)), w.numel() * 2, w),
+        "int8-inductor": (torch.compile(lambda x: F.linear(x, q8.to(x.dtype)) * s8), b8, w8),
+        "int4-tinygemm": (lambda x: torch.ops.aten._weight_int4pack_mm(x, tiny.int4pack, 64, tiny.scales_and_zeros),
+                          b4, w4),
+        "bf16-triton": (lambda x: matvec(x, w), w.numel() * 2, w),
+        "int8-triton": (lambda x: matvec(x, q8, s8, fmt="int8"), b8, w8),
+        "int4-triton": (lambda x: matvec(x, p4, s4, z4, fmt="int4", group_size=64), b4, w4),
+        "bf16-triton-nopdl": (without_pdl(lambda x: matvec(x, w)), w.numel() * 2, w),
+        "int8-triton-nopdl": (without_pdl(lambda x: matvec(x, q8, s8, fmt="int8")), b8, w8),
     }
-
-
-def l2_options(variant: str) -> tuple[str, bool, float | None]:
-    """"name[:own][:next[MB]]" -> (name, own-rows prefetch, MiB of the next call's weight to prefetch or None)."""
-    name, *options = variant.split(":")
-    own, next_mb = False, None
-    for option in options:
-        if option == "own":
-            own = True
-        elif option.startswith("next"):
-            next_mb = float(option[4:] or 4096)
-        else:
-            raise SystemExit(f"unknown option {option!r} in {variant} (known: own, next[MB])")
-    return name, own, next_mb
 
 
 def without_pdl(fn):
     """fn launching its kernels without programmatic dependent launch (tformer.kernels.base)."""
 
-    def call(x, prefetch=()):
+    def call(x):
         previous = set_pdl(False)
         try:
-            return fn(x, prefetch)
+            return fn(x)
         finally:
             set_pdl(previous)
 
@@ -135,14 +114,10 @@ def main() -> None:
         copies = [variants(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
                   for _ in range(args.copies if name != "head" else 4)]
         for variant in args.variants.split(",") if args.variants else copies[0]:
-            base, own, next_mb = l2_options(variant)
-            fn, nbytes, ref_w, _ = copies[0][base]
+            fn, nbytes, ref_w = copies[0][variant]
             ref = F.linear(x.float(), ref_w.float())
             err = ((fn(x).float() - ref).norm() / ref.norm()).item()
-            previous = set_l2_prefetch(next_mb or 0.0, own)  # read at launch and at capture (graph_time)
-            after = [(c[base][3],) if next_mb else () for c in copies[1:] + copies[:1]]  # the next call's weight
-            t = graph_time([lambda f=c[base][0], a=a: f(x, a) for c, a in zip(copies, after)])
-            set_l2_prefetch(*previous)
+            t = graph_time([lambda f=c[variant][0]: f(x) for c in copies])
             rows.append({"shape": name, "rows": args.rows, "variant": variant, "us": round(t * 1e6, 2), "GB/s": round(nbytes / t / 1e9),
                          "rel_err": round(err, 4)})
             print(json.dumps(rows[-1]), flush=True)

@@ -7,12 +7,6 @@ kernel's programs start while the kernel before it finishes, load what never dep
 matvec's first weight tile), and only then wait for it (`gdc_wait`) before reading its output or
 writing anything. A chain of small kernels then keeps memory busy across kernel boundaries instead
 of draining and ramping up at each. `set_pdl(False)` (or TFORMER_PDL=0) turns it off.
-
-L2 prefetch (`set_l2_prefetch`, off by default): on the same GPUs a kernel can ask the memory system
-to bring bytes into L2 without waiting for them (`cp.async.bulk.prefetch.L2`, one instruction per
-64 KB). A decode step's fused kernels can prefetch the first bytes of the next kernel's weights (so
-HBM keeps streaming during a short kernel such as attention, whose own reads are a few hundred KB) and
-each matvec program its own rows at its start (every byte it will read in flight at once).
 """
 
 from __future__ import annotations
@@ -37,8 +31,6 @@ DEVICE_TYPE = None if triton is None else ("cpu" if INTERPRET else "cuda")  # wh
 
 _PDL = {"enabled": os.environ.get("TFORMER_PDL", "1") != "0"}
 _TUNE = {"enabled": os.environ.get("TFORMER_TUNE", "1") != "0"}
-_L2 = {"next_bytes": int(float(os.environ.get("TFORMER_L2_NEXT_MB", "0")) * 2**20),
-       "own": os.environ.get("TFORMER_L2_OWN", "0") == "1"}
 
 
 def set_pdl(enabled: bool) -> bool:
@@ -48,29 +40,6 @@ def set_pdl(enabled: bool) -> bool:
     never warmed up."""
     previous, _PDL["enabled"] = _PDL["enabled"], enabled
     return previous
-
-
-def set_l2_prefetch(next_mb: float = 0.0, own: bool = False) -> tuple[float, bool]:
-    """L2 prefetch for kernels launched (or CUDA graphs captured) from now on (module docstring): each fused
-    decode kernel prefetches up to `next_mb` MiB of the next kernel's weights, and with `own` each matvec
-    program its own weight rows. Returns the settings it replaces. Read at launch, so a captured step must
-    be captured again (CapturedDecode.reset()) but not compiled again."""
-    previous = (_L2["next_bytes"] / 2**20, _L2["own"])
-    _L2["next_bytes"], _L2["own"] = int(next_mb * 2**20), bool(own)
-    return previous
-
-
-def l2_prefetch(device: torch.device, tensors=(), fallback: torch.Tensor | None = None) -> tuple[bool, list]:
-    """(own-rows prefetch on, [byte view, byte count] x 2 for the first two of `tensors`, each up to its
-    even share of the next-kernel budget): what a kernel launch on `device` passes for L2 prefetch. A
-    missing region is (fallback, 0). Off (False, no regions) where cp.async.bulk is missing (before compute
-    capability 9.0, or interpreted)."""
-    on = not INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-    tensors = [t for t in tensors if t is not None][:2] if on and _L2["next_bytes"] else []
-    budget = _L2["next_bytes"] // max(len(tensors), 1)
-    regions = [[t.reshape(-1).view(torch.uint8), min(budget, t.numel() * t.element_size())] for t in tensors]
-    regions += [[fallback, 0]] * (2 - len(regions))
-    return on and _L2["own"], [x for r in regions for x in r]
 
 
 def tuned(configs: list, key: list[str], prune=None):
@@ -162,29 +131,6 @@ if triton is not None:
             if not _INTERPRETED:  # the interpreter runs one kernel at a time (and knows no GDC)
                 tl.extra.cuda.gdc_wait()
                 tl.extra.cuda.gdc_launch_dependents()
-
-    @triton.jit
-    def _prefetch_l2(ptr, nbytes):
-        """The nbytes at ptr (16-byte aligned; the last nbytes % 16 are left out) prefetched into L2 by this
-        program's first thread, without waiting for them (sm_90 and later; the interpreter skips it)."""
-        if not _INTERPRETED:
-            end = nbytes // 16 * 16
-            for off in range(0, end, 65536):
-                tl.inline_asm_elementwise(
-                    "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
-                    "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-                    "=r,l,r", [ptr + off, tl.minimum(end - off, 65536).to(tl.int32)], dtype=tl.int32,
-                    is_pure=False, pack=1)
-
-    @triton.jit
-    def _prefetch_share(ptr, nbytes):
-        """This program's share of the nbytes at the byte pointer ptr, prefetched into L2 (`_prefetch_l2`):
-        a kernel's programs (a 1-D or 2-D grid) split them in 256-byte multiples."""
-        parts = tl.num_programs(0) * tl.num_programs(1)
-        share = tl.cdiv(tl.cdiv(nbytes, parts), 256) * 256
-        start = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * share
-        if start < nbytes:
-            _prefetch_l2(ptr + start, tl.minimum(share, nbytes - start))
 
     @triton.jit
     def _last_to_finish(count_ptr, group, PARTS: tl.constexpr):

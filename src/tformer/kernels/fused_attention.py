@@ -26,13 +26,13 @@ import math
 import torch
 
 from tformer.kernels.attention import _batch_stride, _key_mask
-from tformer.kernels.base import DEVICE_TYPE, INTERPRET, l2_prefetch, reserve_counters, triton, tuned, use_pdl
+from tformer.kernels.base import DEVICE_TYPE, INTERPRET, reserve_counters, triton, tuned, use_pdl
 
 if triton is not None:
     import triton.language as tl
 
     from tformer.kernels.attention import _attend_cache, _cache_tile, _fold
-    from tformer.kernels.base import _dot_t, _last_to_finish, _prefetch_share, _wait_for_previous_kernel
+    from tformer.kernels.base import _dot_t, _last_to_finish, _wait_for_previous_kernel
 
     @triton.jit
     def _rope(ptr, cos_ptr, sin_ptr, d, D, R):
@@ -48,14 +48,13 @@ if triton is not None:
 
     @triton.jit
     def _cached_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, out_ptr, ws_ptr, count_ptr,
-                                 pf_ptr, pf_bytes, pf2_ptr, pf2_bytes, S, H, HKV, R, scale, s_qkv, s_cos, sk_b, sk_h, sk_s, sm_b, sm_s,
+                                 S, H, HKV, R, scale, s_qkv, s_cos, sk_b, sk_h, sk_s, sm_b, sm_s,
                                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
                                  PDL: tl.constexpr):
         """Program (sequence x query head, split): the split's share of the cache slots. With
         SPLITS > 1 each writes its partial (max, sum, output) to ws and the last of a head to finish
         (an atomic count) merges them, so one kernel still does everything. The first tile of the
-        split's slots loads before the wait (module docstring), and the programs ask for L2 prefetches of
-        the next kernel's weights (pf, pf2; `kernels.base`)."""
+        split's slots loads before the wait (module docstring)."""
         bh, split = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
         kvh = h // (H // HKV)
@@ -69,8 +68,6 @@ if triton is not None:
         hi = tl.minimum(lo + chunk, S)
         k_first, v_first, keep_first = _cache_tile(k_ptr, v_ptr, m_ptr, head, b, lo, hi, pos, sk_s, sm_b, sm_s, d, d_ok,
                                                    BLOCK_S)
-        _prefetch_share(pf_ptr, pf_bytes)
-        _prefetch_share(pf2_ptr, pf2_bytes)
         _wait_for_previous_kernel(PDL)
         row, cos, sin = qkv_ptr + b * s_qkv, cos_ptr + b * s_cos, sin_ptr + b * s_cos
         # RoPE, rounded to the cache's dtype as the unfused path stores q and k
@@ -224,13 +221,11 @@ MAX_SPLITS = 8  # parts of the cache that `cached_attention` may split the keys 
                          tags=(torch.Tag.flexible_layout,) if hasattr(torch.Tag, "flexible_layout") else ())
 def cached_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor, n_heads: int,
-                        rot_dim: int, prefetch: torch.Tensor | None = None,
-                        prefetch2: torch.Tensor | None = None) -> torch.Tensor:
+                        rot_dim: int) -> torch.Tensor:
     """qkv (B, T, (H + 2 Hkv) D) unit stride in the last dim; cos, sin (B or 1, T, rot_dim) (0: no RoPE,
     never read); caches (B, Hkv, S, D) with unit stride in D; input_pos (T,); mask (B or 1, 1, T, S)
-    bool; prefetch, prefetch2: the next kernel's weights (one new token: their first bytes are prefetched
-    into L2 when `set_l2_prefetch` asks). Returns (B, T, H, D). The shared tensors go in unsliced, so a
-    compiled step builds them once for all layers."""
+    bool. Returns (B, T, H, D). The shared tensors go in unsliced, so a compiled step builds them once
+    for all layers."""
     B, T = qkv.shape[:2]
     Hkv, S, D = k_cache.shape[1:]
     if cos.stride(-1) != 1 or sin.stride() != cos.stride():  # the layout the kernel reads them in
@@ -244,8 +239,7 @@ def cached_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         block_d = triton.next_power_of_2(D)
         ws = torch.empty(B * n_heads * MAX_SPLITS * (block_d + 2), device=qkv.device, dtype=torch.float32)
         counts = reserve_counters(qkv.device, B * n_heads)
-        _, regions = l2_prefetch(qkv.device, (prefetch, prefetch2), fallback=qkv)
-        args = (*common, ws, counts, *regions, S, n_heads, Hkv, rot_dim, 1.0 / math.sqrt(D), qkv.stride(0), _batch_stride(cos),
+        args = (*common, ws, counts, S, n_heads, Hkv, rot_dim, 1.0 / math.sqrt(D), qkv.stride(0), _batch_stride(cos),
                 *strides, mask.stride(3))
         if INTERPRET:  # small blocks, so both splits hold keys in the tests' short caches
             _cached_attention_kernel[(B * n_heads, _INTERPRETED_SPLITS)](*args, D=D, BLOCK_D=block_d,
@@ -269,7 +263,7 @@ def cached_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 
 @cached_attention_op.register_fake
-def _(qkv, cos, sin, k_cache, v_cache, input_pos, mask, n_heads, rot_dim, prefetch=None, prefetch2=None):
+def _(qkv, cos, sin, k_cache, v_cache, input_pos, mask, n_heads, rot_dim):
     return qkv.new_empty(*qkv.shape[:2], n_heads, k_cache.shape[-1])
 
 
@@ -297,15 +291,13 @@ def use_cached_attention(qkv: torch.Tensor, k_cache, v_cache, mask, rope, n_head
 
 
 def cached_attention(qkv: torch.Tensor, rope, k_cache: torch.Tensor, v_cache: torch.Tensor, input_pos: torch.Tensor,
-                     mask: torch.Tensor, n_heads: int, prefetch: tuple = ()) -> torch.Tensor:
+                     mask: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Attention for T new tokens a sequence from the projected q|k|v (B, T, (H + 2 Hkv) D) in one
     kernel: RoPE on q and the new k, the new k and v written into the caches (B, Hkv, S, D) at slots
     input_pos (T,), and softmax(q k^T / sqrt(D), masked) v over the cache -> (B, T, H*D).
     rope: (cos, sin) (B or 1, T, R) or None; mask: (B or 1, 1, T, S) bool, True = attend (a token's
-    own slot always is). T = 1 is a decode step; a few tokens, a speculative verify. prefetch: up to two
-    tensors the next kernel reads (`matvec`'s prefetch)."""
+    own slot always is). T = 1 is a decode step; a few tokens, a speculative verify."""
     cos, sin = rope if rope is not None else (qkv, qkv)
     rot_dim = 0 if rope is None else cos.shape[-1]
-    out = cached_attention_op(qkv, cos, sin, k_cache, v_cache, input_pos, mask, n_heads, rot_dim,
-                              *(tuple(prefetch) + (None, None))[:2])
+    out = cached_attention_op(qkv, cos, sin, k_cache, v_cache, input_pos, mask, n_heads, rot_dim)
     return out.view(*qkv.shape[:2], -1)

@@ -50,7 +50,7 @@ from typing import NamedTuple
 
 import torch
 
-from tformer.kernels.base import DEVICE_TYPE, INTERPRET, l2_prefetch, triton, tuned, use_pdl
+from tformer.kernels.base import DEVICE_TYPE, INTERPRET, triton, tuned, use_pdl
 from tformer.kernels.rows import MAX_ROWS, rows_matvec
 
 FORMATS = {"float": 0, "int8": 1, "int4": 2}
@@ -73,8 +73,7 @@ def max_rows(fmt: str) -> int:
 if triton is not None:
     import triton.language as tl
 
-    from tformer.kernels.base import (_code, _configs, _load_x, _prefetch_l2, _prefetch_share,
-                                      _wait_for_previous_kernel, _weight)
+    from tformer.kernels.base import _code, _configs, _load_x, _wait_for_previous_kernel, _weight
 
     @triton.jit
     def _first_tile(w_ptr, rows, K, BLOCK_K: tl.constexpr):
@@ -129,14 +128,10 @@ if triton is not None:
 
     @triton.jit
     def _matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, z_ptr, w2_ptr, s2_ptr, z2_ptr, b_ptr, r_ptr, out_ptr,
-                       pf_ptr, pf_bytes, pf2_ptr, pf2_bytes, N, K, eps, FMT: tl.constexpr, GROUP: tl.constexpr,
-                       NORM: tl.constexpr, GATED: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
-                       PDL: tl.constexpr, OWN_PF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """One program: BLOCK_N rows of y. Before the PDL wait it loads its first weight tiles, and asks for
-        L2 prefetches (`kernels.base`): its share of the next kernel's weights (pf, pf2: byte pointers,
-        counts 0 for none) and with OWN_PF all of its own weight rows."""
-        row0 = tl.program_id(0) * BLOCK_N
-        rows = row0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+                       N, K, eps, FMT: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr,
+                       GATED: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         row_ok = rows < N
         rows = tl.where(row_ok, rows, 0)  # the tail reads row 0 and stores nothing
         dtype = out_ptr.dtype.element_ty
@@ -147,14 +142,6 @@ if triton is not None:
                 w_first = _first_tile(w_ptr, rows, K, BLOCK_K)
                 if GATED:
                     w2_first = _first_tile(w2_ptr, rows, K, BLOCK_K)
-        if OWN_PF:  # every weight byte this program reads, in flight at once
-            row_elems = K // 2 if FMT == 2 else K
-            own = tl.minimum(BLOCK_N, N - row0) * row_elems * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
-            _prefetch_l2(w_ptr + row0 * row_elems, own)
-            if GATED:
-                _prefetch_l2(w2_ptr + row0 * row_elems, own)
-        _prefetch_share(pf_ptr, pf_bytes)
-        _prefetch_share(pf2_ptr, pf2_bytes)
         _wait_for_previous_kernel(PDL)
         inv_rms = 1.0
         if NORM:  # every program sums x^2 itself (x is a few KB, read from L2): no extra kernel
@@ -210,8 +197,7 @@ def matvec_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None
               fmt: int, group_size: int, weight2: torch.Tensor | None = None, scales2: torch.Tensor | None = None,
               zeros2: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
               bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-              whole_rows: bool = False, prefetch: torch.Tensor | None = None,
-              prefetch2: torch.Tensor | None = None) -> torch.Tensor:
+              whole_rows: bool = False) -> torch.Tensor:
     """(M, N) in x.dtype, accumulated in fp32. x (M, K) contiguous, M <= MAX_ROWS; residual (M, N)
     contiguous; the optional parts as in `matvec`."""
     (M, K), N = x.shape, weight.shape[0]
@@ -223,8 +209,7 @@ def matvec_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None
     flags = (norm_weight is not None, weight2 is not None, bias is not None, residual is not None, pdl)
     if M > 1:
         return rows_matvec(x, nw, weight, s, z, w2, s2, z2, b, r, out, M, N, K, eps, fmt, group_size, flags, pdl)
-    own_pf, regions = l2_prefetch(x.device, (prefetch, prefetch2), fallback=weight)
-    args = (x, nw, weight, s, z, w2, s2, z2, b, r, out, *regions, N, K, eps, fmt, group_size, *flags, own_pf)
+    args = (x, nw, weight, s, z, w2, s2, z2, b, r, out, N, K, eps, fmt, group_size, *flags)
     if INTERPRET:  # one fixed tile: the interpreter cannot time configurations
         _matvec_kernel[(triton.cdiv(N, 4),)](*args, BLOCK_N=4, BLOCK_K=max(128, group_size))
     else:
@@ -235,7 +220,7 @@ def matvec_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None
 
 @matvec_op.register_fake
 def _(x, weight, scales, zeros, fmt, group_size, weight2=None, scales2=None, zeros2=None, norm_weight=None,
-      eps=0.0, bias=None, residual=None, whole_rows=False, prefetch=None, prefetch2=None):
+      eps=0.0, bias=None, residual=None, whole_rows=False):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
@@ -253,7 +238,7 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
            zeros: torch.Tensor | None = None, fmt: str = "float", group_size: int = 0, *,
            norm: tuple[torch.Tensor, float] | None = None, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, up: StoredWeight | None = None,
-           whole_rows: bool = False, prefetch: tuple = ()) -> torch.Tensor:
+           whole_rows: bool = False) -> torch.Tensor:
     """x (..., K) with at most `max_rows(fmt)` rows in all -> (..., N) in x.dtype; W in one of the
     FORMATS (module docstring).
 
@@ -265,8 +250,6 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
     whole_rows: for one row of x after a short kernel (attention, before its output projection), each
     program loads its rows of W whole before it waits for that kernel (PDL), so W streams in while
     the short kernel runs (full-precision and int8 weights, 64 <= K <= 4096; otherwise no effect).
-    prefetch: up to two tensors the next kernel reads (its weights), whose first bytes this one prefetches
-    into L2 when `set_l2_prefetch` asks for it (one row of x; otherwise no effect).
     """
     K = x.shape[-1]
     M = x.numel() // K
@@ -283,6 +266,5 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
     N = weight.shape[0]
     residual = None if residual is None else residual.reshape(M, N).contiguous()
     y = matvec_op(x.reshape(M, K).contiguous(), weight, scales, zeros, FORMATS[fmt], group_size,
-                  up.weight, up.scales, up.zeros, norm_weight, float(eps), bias, residual, whole_rows,
-                  *(tuple(prefetch) + (None, None))[:2])
+                  up.weight, up.scales, up.zeros, norm_weight, float(eps), bias, residual, whole_rows)
     return y.reshape(*x.shape[:-1], N)

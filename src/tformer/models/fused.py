@@ -41,17 +41,10 @@ def _stored(linear: nn.Module):
     return linear.matvec_weight() if hasattr(linear, "matvec_weight") else None
 
 
-def _weights(*linears) -> tuple:
-    """The weights the kernels of these layers read (for L2 prefetch); None layers and layers the kernels
-    cannot read give none."""
-    return tuple(w.weight for w in (_stored(m) for m in linears if m is not None) if w is not None)
-
-
-def _project(linear: nn.Module, x, norm: nn.Module | None = None, residual=None, after_short_kernel=False,
-             prefetch=()):
+def _project(linear: nn.Module, x, norm: nn.Module | None = None, residual=None, after_short_kernel=False):
     """residual + linear(norm(x)), in one kernel where the layer and the norm allow it.
     after_short_kernel: x comes from a short kernel (attention), so the weights load whole while it runs
-    (`matvec`'s whole_rows). prefetch: the next kernel's weights (`matvec`)."""
+    (`matvec`'s whole_rows)."""
     w = _stored(linear)
     if w is not None and not use_matvec(x, x.shape[-1], w.fmt):
         w = None
@@ -61,30 +54,27 @@ def _project(linear: nn.Module, x, norm: nn.Module | None = None, residual=None,
         y = linear(x)
         return y if residual is None else residual + y
     norm_args = None if norm is None else (norm.weight, norm.eps)
-    return matvec(x, *w, norm=norm_args, bias=linear.bias, residual=residual, whole_rows=after_short_kernel,
-                  prefetch=prefetch)
+    return matvec(x, *w, norm=norm_args, bias=linear.bias, residual=residual, whole_rows=after_short_kernel)
 
 
-def _ffn(ffn: nn.Module, x, norm: nn.Module, after: nn.Module | None = None):
+def _ffn(ffn: nn.Module, x, norm: nn.Module):
     """x + ffn(norm(x)); a SwiGLU FFN over same-format weights as two kernels: RMSNorm, w1, w3 and
-    silu(w1 n) * (w3 n) in one, w2 and the residual in the other. after: the layer whose kernel runs
-    next (the next block's q|k|v projection, or the output head), for L2 prefetch."""
+    silu(w1 n) * (w3 n) in one, w2 and the residual in the other."""
     gated = isinstance(ffn, GatedFeedForward) and ffn.act is F.silu and isinstance(norm, RMSNorm)
     gate, up = (_stored(ffn.w1), _stored(ffn.w3)) if gated else (None, None)
     if (gate is None or up is None or gate.fmt != up.fmt or not use_matvec(x, x.shape[-1], gate.fmt)
             or ffn.w1.bias is not None or ffn.w3.bias is not None):
         return x + ffn(norm(x))
-    g = matvec(x, *gate, norm=(norm.weight, norm.eps), up=up, prefetch=_weights(ffn.w2))
-    return _project(ffn.w2, g, residual=x, prefetch=_weights(after))
+    return _project(ffn.w2, matvec(x, *gate, norm=(norm.weight, norm.eps), up=up), residual=x)
 
 
-def _attend(attn: Attention, qkv, rope, mask, input_pos, prefetch=()):
+def _attend(attn: Attention, qkv, rope, mask, input_pos):
     """attn.attend(...), as one kernel (RoPE, cache write, attention) where it applies."""
     cache = attn.kv_cache
     k, v = (None, None) if cache is None else (cache.k, cache.v)
     if attn.capture or not use_cached_attention(qkv, k, v, mask, rope, attn.n_heads):
         return attn.attend(qkv, rope, mask, input_pos)
-    return cached_attention(qkv, rope, k, v, input_pos, mask, attn.n_heads, prefetch=prefetch)
+    return cached_attention(qkv, rope, k, v, input_pos, mask, attn.n_heads)
 
 
 class FusedAttention(Attention):
@@ -100,21 +90,15 @@ class FusedAttention(Attention):
 
 
 class FusedBlock(Block):
-    """A pre-norm Block whose few-row eval forward runs through the fused kernels (module docstring).
-    `after` (set by with_decode_kernels, not a submodule): a 1-tuple of the layer whose kernel runs after
-    this block's last one, for L2 prefetch."""
-
-    after: tuple = ()
+    """A pre-norm Block whose few-row eval forward runs through the fused kernels (module docstring)."""
 
     def forward(self, x, rope=None, mask=None, input_pos=None):
         if self.training or not use_matvec(x, x.shape[-1]):
             return super().forward(x, rope, mask, input_pos)
-        attn, ffn = self.attn, self.ffn
-        up = _weights(getattr(ffn, "w1", None), getattr(ffn, "w3", None))  # the FFN's first kernel's weights
-        qkv = _project(attn.wqkv, x, norm=self.attn_norm, prefetch=_weights(attn.wo))
-        a = _attend(attn, qkv, rope, mask, input_pos, prefetch=up)
-        h = _project(attn.wo, a, residual=x, after_short_kernel=True, prefetch=up)
-        return _ffn(ffn, h, self.ffn_norm, *self.after)
+        attn = self.attn
+        qkv = _project(attn.wqkv, x, norm=self.attn_norm)
+        h = _project(attn.wo, _attend(attn, qkv, rope, mask, input_pos), residual=x, after_short_kernel=True)
+        return _ffn(self.ffn, h, self.ffn_norm)
 
 
 class FusedDecoder(Decoder):
@@ -137,12 +121,6 @@ def with_decode_kernels(model: nn.Module) -> nn.Module:
             cache = m.attn.kv_cache
             if cache is not None:  # made before the swap
                 m.attn.reserve_counters(cache.k.shape[0], cache.k.device)
-    for m in model.modules():  # each fused block's `after`: the next block's q|k|v projection, or the head
-        if isinstance(m, FusedDecoder):
-            blocks = list(m.layers)
-            for block, nxt in zip(blocks, blocks[1:] + [None]):
-                if isinstance(block, FusedBlock):
-                    block.after = (nxt.attn.wqkv,) if isinstance(nxt, FusedBlock) else (m.output,)
     return model
 
 
@@ -154,5 +132,4 @@ def without_decode_kernels(model: nn.Module) -> nn.Module:
             m.__class__ = nn.Linear
         elif type(m) is FusedBlock:
             m.__class__, m.attn.__class__ = Block, Attention
-            m.__dict__.pop("after", None)
     return model
