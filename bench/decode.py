@@ -10,7 +10,8 @@ whole generate call (prefill included), median of --repeats after one warm-up ca
 reported as the first-call (compile) time. Roofline: bytes read per token (all weights but the
 embedding table, plus the KV cache at its mean length) against the measured device-to-device
 copy bandwidth. tformer's rows also give the host's own time per step (its first 64 steps, while
-the GPU is still behind), to tell a GPU-bound step from a host-bound one.
+the GPU is still behind), to tell a GPU-bound step from a host-bound one, and the time to the first
+token (a generate call of one new token: the prompt's forward and first sample; median of 5).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch._inductor.config as inductor_config
 
-from tformer.generate import CapturedDecode, SamplingConfig, generate
+from tformer.generate import CapturedDecode, CapturedPrefill, SamplingConfig, generate
 from tformer.generate.engine import compiled_decode_step, compiled_prefill
 from tformer.kernels.base import set_pdl
 from tformer.models import build_model, with_decode_kernels
@@ -69,11 +71,20 @@ def timed(fn, repeats: int) -> tuple[float, list[float]]:
     return first, runs
 
 
-def tformer_runner(config, prompt, new, batch, quantize: str | None = None, pdl: bool = True,
-                   int4_one_row: str = "tinygemm", captured: bool = True):
+class Variant(NamedTuple):
+    """A tformer row's settings (`tformer_variant`)."""
+
+    quantize: str | None = None  # None, "int8" or "int4"
+    pdl: bool = True  # programmatic dependent launch
+    int4_one_row: str = "tinygemm"  # one-row int4 layers: "tinygemm" or the fused "matvec" kernels
+    captured: bool = True  # the loop in tformer's CapturedDecode, else torch.compile's CUDA-graph tree
+    captured_prefill: bool = True  # the prompt's forward in tformer's CapturedPrefill, else compiled_prefill()
+
+
+def tformer_runner(config, prompt, new, batch, variant: Variant = Variant()):
     from tformer.quantize.int4 import Int4Linear
 
-    Int4Linear.one_row = int4_one_row
+    quantize, pdl, Int4Linear.one_row, captured, captured_prefill = variant
     set_pdl(pdl)  # read when the kernels launch and the step's CUDA graph is captured (the warm-up call)
     torch._dynamo.reset()  # else a variant reuses the last one's compiled step, re-recorded without warm-up
     model = build_model(config, device="cuda", dtype=torch.bfloat16).eval()
@@ -83,7 +94,7 @@ def tformer_runner(config, prompt, new, batch, quantize: str | None = None, pdl:
         quantize_model(model, mode=quantize, group_size=64)  # the untied head as int8 in both modes
     with_decode_kernels(model)  # one-row steps through tformer's fused kernels (tformer.models.fused)
     step = CapturedDecode() if captured else compiled_decode_step()  # else torch.compile's CUDA-graph tree
-    first = compiled_prefill()
+    first = CapturedPrefill() if captured_prefill else compiled_prefill()
     sampling = SamplingConfig(temperature=0.8, top_k=200)
     prompts = [prompt.tolist()] * batch
     ticks: list[float] = []
@@ -94,6 +105,7 @@ def tformer_runner(config, prompt, new, batch, quantize: str | None = None, pdl:
                         on_tokens=lambda _: ticks.append(time.perf_counter()))
 
     run.host_ms = lambda: host_ms_per_step(ticks)
+    run.first_token = lambda: generate(model, prompts, 1, sampling, step_fn=step, prefill_fn=first)
     return model, run
 
 
@@ -153,15 +165,14 @@ def bytes_per_token(model, config, prompt_len: int, new: int, batch: int) -> flo
     return (weights + batch * kv) / batch  # per generated token
 
 
-def tformer_variant(name: str) -> tuple[str | None, bool, str, bool]:
-    """"tformer[-int8|-int4][:nopdl][:matvec][:tree]" -> (quantization mode or None, programmatic
-    dependent launch, kernel of one-row int4 layers: tinygemm, or the fused matvec kernels, and
-    whether the loop is tformer's captured graph or, with :tree, torch.compile's CUDA-graph tree)."""
+def tformer_variant(name: str) -> Variant:
+    """"tformer[-int8|-int4][:nopdl][:matvec][:tree][:plainprefill]" -> its `Variant`."""
     name, *options = name.split(":")
-    if unknown := set(options) - {"nopdl", "matvec", "tree"}:
-        raise SystemExit(f"unknown variant option(s) {sorted(unknown)} in {name} (known: nopdl, matvec, tree)")
-    quantize = name.split("-")[1] if "-" in name else None
-    return quantize, "nopdl" not in options, "matvec" if "matvec" in options else "tinygemm", "tree" not in options
+    known = {"nopdl", "matvec", "tree", "plainprefill"}
+    if unknown := set(options) - known:
+        raise SystemExit(f"unknown variant option(s) {sorted(unknown)} in {name} (known: {', '.join(sorted(known))})")
+    return Variant(name.split("-")[1] if "-" in name else None, "nopdl" not in options,
+                   "matvec" if "matvec" in options else "tinygemm", "tree" not in options, "plainprefill" not in options)
 
 
 def floor(config, layer_counts: list[int], prompt_len: int, new: int, repeats: int) -> None:
@@ -187,7 +198,8 @@ def main() -> None:
     ap.add_argument("--variants", default="tformer,gpt-fast,hf",
                     help="comma-separated: tformer, tformer-int8, tformer-int4 (each may end in :nopdl, "
                          "kernels without programmatic dependent launch, and :tree, the step in torch.compile's "
-                         "CUDA-graph tree instead of tformer's CapturedDecode; int4 in :matvec, one-row int4 "
+                         "CUDA-graph tree instead of tformer's CapturedDecode, and :plainprefill, the prompt's "
+                         "forward compiled without tformer's CapturedPrefill; int4 in :matvec, one-row int4 "
                          "layers through the fused matvec kernels, not tinygemm), gpt-fast, hf")
     ap.add_argument("--floor", type=int, nargs="+", metavar="LAYERS",
                     help="instead: the fixed cost of tformer's bf16 step, timed on models of these layer counts "
@@ -205,7 +217,7 @@ def main() -> None:
         for name in args.variants.split(","):
             torch.cuda.reset_peak_memory_stats()
             if name.startswith("tformer"):  # tformer, tformer-int8, tformer-int4, each may end in :nopdl
-                model, run = tformer_runner(config, prompt, args.new, batch, *tformer_variant(name))
+                model, run = tformer_runner(config, prompt, args.new, batch, tformer_variant(name))
             elif name == "gpt-fast":
                 model, run = gpt_fast_runner(args.gpt_fast, config, prompt, args.new, batch)
             else:
@@ -218,6 +230,8 @@ def main() -> None:
                    "first_call_s": round(first, 1), "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)}
             if hasattr(run, "host_ms"):  # the last timed call's host time per step, against its wall time
                 row.update(host_ms_per_step=round(run.host_ms(), 3), wall_ms_per_step=round(1e3 * batch / tok_s, 3))
+            if hasattr(run, "first_token"):  # a generate call of one new token: the prompt's forward and sample
+                row.update(first_token_ms=round(1e3 * statistics.median(timed(run.first_token, 5)[1]), 2))
             rows.append(row)
             print(json.dumps(row), flush=True)
             del model, run

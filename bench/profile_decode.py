@@ -177,7 +177,7 @@ def main() -> None:
         if name == "gpt-fast":
             _, run = gpt_fast_runner(args.gpt_fast, config, prompt, args.new, 1)
         else:
-            _, run = tformer_runner(config, prompt, args.new, 1, *tformer_variant(name))
+            _, run = tformer_runner(config, prompt, args.new, 1, tformer_variant(name))
         report(name, run, args.rows, per=args.new, out=args.out)
         if args.host:
             host_profile(name, run, args.new)

@@ -1,12 +1,14 @@
 """CapturedDecode: the decode loop with its bookkeeping inside the step (one CUDA graph on a GPU)
-gives generate's tokens; on CPU it runs the same `advance` step by step."""
+gives generate's tokens; on CPU it runs the same `advance` step by step. CapturedPrefill: prompts
+padded to its bucket give the unpadded prompts' tokens."""
 
 import pytest
 import torch
 
 from tests.conftest import tiny_config
-from tformer.generate import CapturedDecode, SamplingConfig, generate
+from tformer.generate import CapturedDecode, CapturedPrefill, SamplingConfig, generate
 from tformer.generate.captured import advance
+from tformer.generate.engine import prefill
 from tformer.models import build_model
 
 PROMPTS = [[1, 2, 3], [7], [4, 4, 9, 2, 5]]
@@ -62,3 +64,33 @@ def test_a_moved_model_gets_a_new_capture():
     assert len(few._states) == 1 and next(iter(few._states.values())).token.shape[0] == 2
     captured.reset()
     assert not captured._states
+
+
+@pytest.mark.parametrize("cfg", SETTINGS, ids=["greedy", "sampled"])
+def test_prompts_padded_to_the_bucket_give_the_same_tokens(cfg):
+    """generate pads the prompts to CapturedPrefill.padded_length (masked, as a batch's shorter rows are):
+    the same tokens, alone or with CapturedDecode, as unpadded prompts."""
+    model = build_model(tiny_config()).eval()
+    first = CapturedPrefill(prefill, bucket=16)
+    seen = []
+    spy = CapturedPrefill(lambda m, tokens, *a: seen.append(tokens.shape) or prefill(m, tokens, *a), bucket=16)
+    for prompts in ([PROMPTS[0]], PROMPTS):
+        want = generate(model, prompts, 6, cfg, seed=5)
+        assert generate(model, prompts, 6, cfg, seed=5, prefill_fn=first) == want
+        assert generate(model, prompts, 6, cfg, seed=5, prefill_fn=first, step_fn=CapturedDecode(advance)) == want
+        assert generate(model, prompts, 6, cfg, seed=5, prefill_fn=spy) == want
+    assert seen == [(1, 16), (3, 16)]
+
+
+def test_padding_gives_way_to_max_seq_len():
+    model = build_model(tiny_config(max_seq_len=24)).eval()
+    seen = []
+    spy = CapturedPrefill(lambda m, tokens, *a: seen.append(tokens.shape[1]) or prefill(m, tokens, *a), bucket=16)
+    greedy = SamplingConfig(temperature=0)
+    assert generate(model, [[1, 2, 3]], 8, greedy, prefill_fn=spy) == generate(model, [[1, 2, 3]], 8, greedy)
+    assert generate(model, [[1, 2, 3]], 9, greedy, prefill_fn=spy) == generate(model, [[1, 2, 3]], 9, greedy)
+    assert seen == [16, 3]  # 16 + 9 new tokens would pass 24 slots: no padding
+    assert [CapturedPrefill(prefill, bucket=b).padded_length(n) for b, n in ((64, 1), (64, 64), (64, 65), (1, 7))] == \
+        [64, 64, 128, 7]
+    with pytest.raises(ValueError, match="bucket"):
+        CapturedPrefill(prefill, bucket=0)

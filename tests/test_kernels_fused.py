@@ -295,3 +295,26 @@ def test_captured_loop_on_cuda_gives_the_graph_trees_tokens():
     runs = [generate(model, prompts, 12, topk, seed=4, stop_ids={5}, step_fn=captured) for _ in range(2)]
     assert runs[0] == runs[1]
     assert all(0 <= t < model.config.vocab_size for row in runs[0] for t in row)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU")
+def test_captured_prefill_on_cuda_gives_the_compiled_prefills_tokens():
+    """CapturedPrefill (the prompt's forward and first sample replayed from a CUDA graph) against the same
+    padding through compiled_prefill: the same greedy tokens, one row and three, captured and replayed;
+    seeded sampling repeats itself from the capturing call to the replaying one."""
+    from tformer.generate import CapturedDecode, CapturedPrefill, SamplingConfig, generate
+    from tformer.generate.engine import compiled_prefill
+
+    model = _tiny(tie_embeddings=False).to("cuda", torch.bfloat16)
+    greedy, prompts = SamplingConfig(temperature=0), [[3, 5, 7, 11], [2, 9], [4, 4, 8]]
+    captured, plain = CapturedPrefill(bucket=8), compiled_prefill()
+    padded = lambda *a: plain(*a)  # noqa: E731
+    padded.padded_length = captured.padded_length  # the same padding, no CUDA graph
+    step = CapturedDecode()
+    for batch in ([prompts[0]], prompts):
+        want = generate(model, batch, 6, greedy, prefill_fn=padded, step_fn=step)
+        assert generate(model, batch, 6, greedy, prefill_fn=captured, step_fn=step) == want
+        assert generate(model, batch, 6, greedy, prefill_fn=captured, step_fn=step) == want
+    topk = SamplingConfig(temperature=0.9, top_k=7)
+    runs = [generate(model, prompts, 6, topk, seed=4, prefill_fn=captured, step_fn=step) for _ in range(2)]
+    assert runs[0] == runs[1] and len(captured._states) == 3

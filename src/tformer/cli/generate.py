@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="speculative decoding with this smaller model (same tokenizer); one prompt only")
     p.add_argument("--speculate-k", type=int, default=4, help="draft tokens per round with --draft")
     p.add_argument("--compile", action="store_true",
-                   help="compile the decode step (on GPU the whole decode loop replays one CUDA graph; with --draft: "
+                   help="compile the prompt's forward and the decode step (on GPU each replays a CUDA graph, the decode "
+                        "step with the whole loop's bookkeeping, the prompt padded to a multiple of 64 tokens; with --draft: "
                         "each round, the draft steps and the verify, is one CUDA graph); "
                         "pays off for long generations on GPU")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on GPU, float32 on CPU")
@@ -65,12 +66,13 @@ def run(args: argparse.Namespace) -> int:
         print(prompts[0], end="", flush=True)
     step_fn = prefill_fn = None
     if args.compile:
-        from tformer.generate import CapturedDecode
+        from tformer.generate import CapturedDecode, CapturedPrefill
         from tformer.generate.engine import compiled_decode_step, compiled_prefill
 
-        # on a GPU the whole decode loop replays one CUDA graph (tformer.generate.captured)
-        step_fn = CapturedDecode() if device.type == "cuda" else compiled_decode_step("default")
-        prefill_fn = compiled_prefill()
+        # on a GPU the prompt's forward and the whole decode loop replay CUDA graphs (tformer.generate.captured)
+        gpu = device.type == "cuda"
+        step_fn = CapturedDecode() if gpu else compiled_decode_step("default")
+        prefill_fn = CapturedPrefill() if gpu else compiled_prefill()
     texts = generate_text(model, tokenizer, prompts, args.max_new_tokens, sampling, args.stop, args.seed,
                           stream=single, step_fn=step_fn, prefill_fn=prefill_fn)
     if single:

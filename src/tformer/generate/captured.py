@@ -29,7 +29,7 @@ from collections import OrderedDict
 
 import torch
 
-from tformer.generate.engine import decode_compile_options, decode_step, note_tokens
+from tformer.generate.engine import compiled_prefill, decode_compile_options, decode_step, note_tokens
 from tformer.generate.sampling import SamplingConfig
 
 
@@ -108,14 +108,8 @@ class CapturedDecode:
         return st.history[:produced].T.tolist()
 
     def _state(self, model, B: int, slots: int, sampling, counts, stop: list[int]) -> _State:
-        tensors = itertools.chain(model.parameters(), model.buffers())
-        key = (id(model), tuple(t.data_ptr() for t in tensors), B, slots, dataclasses.astuple(sampling),
-               counts is None, tuple(stop))
-        if key in self._states:
-            self._states.move_to_end(key)
-        else:
-            if len(self._states) >= self.max_captures:
-                self._states.popitem(last=False)
+        key = (model_key(model), B, slots, dataclasses.astuple(sampling), counts is None, tuple(stop))
+        if not _reuse(self._states, key, self.max_captures):
             device = next(model.parameters()).device
             self._states[key] = _State(
                 token=torch.zeros(B, 1, dtype=torch.long, device=device),
@@ -140,13 +134,92 @@ class CapturedDecode:
     def _capture(self, model, sampling, st: _State) -> torch.cuda.CUDAGraph:
         """Warm up on copies of the state (compiles, autotunes; the KV cache write at this slot is
         the one the replay makes again), then capture `advance` on the state itself."""
-        side, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.random.fork_rng(devices=[st.token.device]):  # a seeded call draws as a replaying one does
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    self.advance(model, sampling, *st.args(clone=True))
-            torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(graph):
-                self.advance(model, sampling, *st.args())
-        return graph
+        return capture(lambda clone: self.advance(model, sampling, *st.args(clone)), self.warmup, st.token.device)[0]
+
+
+def model_key(model) -> tuple:
+    """What a capture depends on in `model`: the model and the addresses of its parameters and buffers."""
+    return id(model), tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def _reuse(states: OrderedDict, key, max_captures: int) -> bool:
+    """Whether `states` holds `key` (marked most recently used); if not, room is made for it."""
+    if key in states:
+        states.move_to_end(key)
+        return True
+    if len(states) >= max_captures:
+        states.popitem(last=False)
+    return False
+
+
+def capture(fn, warmup: int, device) -> tuple[torch.cuda.CUDAGraph, object]:
+    """(graph, fn's output tensors in it): fn(clone=True) `warmup` times on a side stream (compiles,
+    autotunes; fn must then work on copies of its state), then fn(clone=False) captured. Inside
+    `fork_rng`, so a seeded call draws as a replaying one does."""
+    side, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.random.fork_rng(devices=[device]):
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn(True)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            out = fn(False)
+    return graph, out
+
+
+@dataclasses.dataclass
+class _Prompt:
+    """Static inputs of one prefill capture, and its output (the first new tokens) once captured."""
+    tokens: torch.Tensor  # (B, L)
+    input_pos: torch.Tensor  # (L,)
+    key_mask: torch.Tensor  # (B, slots)
+    counts: torch.Tensor | None  # (B, V)
+    graph: torch.cuda.CUDAGraph | None = None
+    out: torch.Tensor | None = None  # (B,)
+
+
+class CapturedPrefill:
+    """A `prefill_fn` for `generate` that replays the prompt's forward and first sample from a CUDA graph.
+
+    A compiled prefill without CUDA graphs costs the host several milliseconds for a 1B model's 128-token
+    prompt (one launch per kernel and cuDNN call, about 15 a layer) while the GPU's share is under 2 ms
+    (BENCHMARKS.md, session 12). Here it is captured once per model state, prompt shape and sampling setting
+    and replayed. `generate` left-pads prompts to a multiple of `bucket` tokens (`padded_length`: masked
+    padding, which the batched path already uses), so prompts of nearby lengths share a capture. prefill_fn:
+    the function captured (default: `compiled_prefill()`, which has no CUDA graph of its own). Without CUDA
+    it runs prefill_fn directly. At most `max_captures` graphs are kept (least recently used
+    dropped); `reset()` drops them all."""
+
+    def __init__(self, prefill_fn=None, bucket: int = 64, warmup: int = 2, max_captures: int = 8):
+        if bucket < 1:
+            raise ValueError(f"bucket must be >= 1 token, got {bucket}")
+        self.prefill = prefill_fn or compiled_prefill()
+        self.bucket, self.warmup, self.max_captures = bucket, warmup, max_captures
+        self._states: OrderedDict[tuple, _Prompt] = OrderedDict()
+
+    def reset(self) -> None:
+        self._states.clear()
+
+    def padded_length(self, length: int) -> int:
+        """The prompt length `generate` pads a batch whose longest prompt has `length` tokens to."""
+        return -(-length // self.bucket) * self.bucket
+
+    def __call__(self, model, tokens, input_pos, key_mask, sampling: SamplingConfig, counts=None):
+        """`prefill`'s contract: the prompts (B, L) into cache slots input_pos (L,) -> first new tokens (B,)."""
+        if tokens.device.type != "cuda":
+            return self.prefill(model, tokens, input_pos, key_mask, sampling, counts)
+        key = (model_key(model), tuple(tokens.shape), tuple(key_mask.shape), dataclasses.astuple(sampling),
+               counts is None)
+        if not _reuse(self._states, key, self.max_captures):
+            self._states[key] = _Prompt(torch.empty_like(tokens), torch.empty_like(input_pos),
+                                        torch.empty_like(key_mask), None if counts is None else torch.empty_like(counts))
+        st = self._states[key]
+        for static, t in ((st.tokens, tokens), (st.input_pos, input_pos), (st.key_mask, key_mask), (st.counts, counts)):
+            if static is not None:
+                static.copy_(t)
+        if st.graph is None:  # warm-up and replay write the same cache slots with the same keys and values
+            st.graph, st.out = capture(lambda clone: self.prefill(model, st.tokens, st.input_pos, st.key_mask,
+                                                                  sampling, st.counts), self.warmup, tokens.device)
+        st.graph.replay()
+        return st.out.clone()

@@ -22,11 +22,12 @@ import torch
 from tformer.generate.sampling import SamplingConfig, prepare_sampling, sample
 
 
-def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) tokens and (B, L) mask (1 = real token), rows right-aligned."""
+def left_pad(prompts: list[list[int]], pad_id: int = 0, length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) tokens and (B, L) mask (1 = real token), rows right-aligned; L is the longest prompt's
+    length, or `length` if that is more."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (add a BOS token to an empty prompt)")
-    L = max(len(p) for p in prompts)
+    L = max(length, *(len(p) for p in prompts))
     tokens = torch.full((len(prompts), L), pad_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), L, dtype=torch.long)
     for i, p in enumerate(prompts):
@@ -109,14 +110,19 @@ def generate(
     on_tokens(next_tokens (B,)) is called each step; returning True stops generation (stop
     strings, streaming). step_fn / prefill_fn: `decode_step` / `prefill` or compiled copies
     (`compiled_decode_step()`, `compiled_prefill()`); step_fn may also be a `CapturedDecode`, which
-    runs the whole loop from one CUDA graph (tformer.generate.captured).
+    runs the whole loop from one CUDA graph, and prefill_fn a `CapturedPrefill`, whose
+    `padded_length` sets how far the prompts are padded (tformer.generate.captured).
     """
     sampling = sampling or SamplingConfig()
     sampling.validate()
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     device = next(model.parameters()).device
-    tokens, prompt_mask = left_pad(prompts)
+    longest = max((len(p) for p in prompts), default=0)
+    padded = getattr(prefill_fn, "padded_length", lambda n: n)(longest)
+    if padded + max_new_tokens > model.config.max_seq_len:  # no room for the padding: none
+        padded = longest
+    tokens, prompt_mask = left_pad(prompts, length=padded)
     B, L = tokens.shape
     if L + max_new_tokens > model.config.max_seq_len:
         raise ValueError(
