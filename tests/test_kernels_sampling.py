@@ -76,6 +76,18 @@ def test_sample_takes_the_kernel_for_top_k_alone(monkeypatch):
 
 
 @interpreted
+def test_topk_sample_compiles_for_any_batch_size():
+    """A compiled step calls the sampler at a symbolic batch size after a second one is seen (the seeds'
+    randint then has to take it; its generator overload does not)."""
+    from tformer.kernels.sampling import topk_sample
+
+    compiled = torch.compile(lambda x: topk_sample(x, 3, 0.7), dynamic=True, fullgraph=True)
+    for rows in (2, 3):
+        logits = torch.randn(rows, 300)
+        assert all(t in _kept(row, 3) for row, t in zip(logits, compiled(logits).tolist()))
+
+
+@interpreted
 def test_topk_sample_refuses_what_it_cannot_do():
     from tformer.kernels.sampling import topk_sample
 

@@ -271,3 +271,13 @@ def test_spec_steps_compile_without_graph_breaks(models):
         eager = speculative_generate(target, near, PROMPTS[1], 10, k=3, sampling=cfg, seed=3)
         fast = speculative_generate(target, near, PROMPTS[1], 10, k=3, sampling=cfg, seed=3, steps=compiled)
         assert fast == eager
+
+
+def test_verify_compiles_for_any_batch_size():
+    """A compiled round's random draws take symbolic batch sizes (the generator overloads of rand/randint
+    do not: a second batch size failed to compile before)."""
+    compiled = torch.compile(verify, dynamic=True, fullgraph=True)
+    for B in (3, 5):
+        p, q = torch.rand(B, 3, 11).softmax(-1), torch.rand(B, 2, 11).softmax(-1)
+        n_acc, nxt = compiled(p, q, torch.randint(0, 11, (B, 2)))
+        assert n_acc.shape == nxt.shape == (B,) and bool(((0 <= n_acc) & (n_acc <= 2)).all())

@@ -248,7 +248,8 @@ def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator=Non
     V = p.shape[-1]
     px = p[:, :k].gather(-1, drafts[..., None])[..., 0]  # (B, k)
     qx = q.gather(-1, drafts[..., None])[..., 0]  # (B, k); > 0, since drafts ~ q
-    u = torch.rand(B, k, generator=generator, device=p.device)
+    rng = {} if generator is None else {"generator": generator}  # rand's generator overload: no symbolic sizes
+    u = torch.rand(B, k, device=p.device, **rng)
     accept = u * qx < px  # u < p/q: probability min(1, p/q)
     n_acc = accept.long().cumprod(-1).sum(-1)  # (B,)
     residual = (p - F.pad(q, (0, 0, 0, 1))).clamp_min(0)  # (B, k+1, V); row k is p (no draft there)

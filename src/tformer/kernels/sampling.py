@@ -169,5 +169,7 @@ def topk_sample(logits: torch.Tensor, k: int, temperature: float, generator=None
                          f"{tuple(logits.shape)} {logits.dtype} on {logits.device.type}, k={k}")
     if not temperature > 0:
         raise ValueError(f"topk_sample needs temperature > 0 (temperature 0 is argmax), got {temperature}")
-    seeds = torch.randint(0, 2**62, (logits.shape[0],), device=logits.device, generator=generator)
+    # randint's generator overload takes no symbolic sizes: a step compiled for any batch size calls it without one
+    rng = {} if generator is None else {"generator": generator}
+    seeds = torch.randint(0, 2**62, (logits.shape[0],), device=logits.device, **rng)
     return topk_sample_op(logits.contiguous(), seeds, int(k), float(temperature))
