@@ -15,8 +15,8 @@ than `tformer.kernels.matvec` on the H100; a whole decode step takes the same ti
 bench/gemv.py and bench/decode.py, BENCHMARKS.md). `Int4Linear.one_row = "matvec"` sends it to the
 matvec kernel instead, which reads the stored form directly and fuses the
 norm, SwiGLU and residual around it (tformer.models.fused); so does any layer tinygemm cannot run
-(fp16 activations, shapes it refuses). Elsewhere (CPU, several rows without tinygemm) the forward
-dequantizes to x.dtype and calls F.linear.
+(fp16 activations, shapes it refuses). Elsewhere (CPU, several rows without tinygemm, or more than
+`Int4Linear.tinygemm_max_rows` rows: a prompt) the forward dequantizes to x.dtype and calls F.linear.
 """
 
 from __future__ import annotations
@@ -102,9 +102,13 @@ class Int4Linear(nn.Module):
     """Drop-in for nn.Linear with a grouped int4 weight. Buffers (what a checkpoint stores):
     weight (out, in/2) uint8, scales and zeros (out, in/group_size) float, bias (out,) or absent.
     The non-persistent int4pack / scales_and_zeros hold the CUDA kernel's layout, or None.
-    one_row: the kernel of a one-row forward, "matvec" or "tinygemm" (module docstring)."""
+    one_row: the kernel of a one-row forward, "matvec" or "tinygemm" (module docstring).
+    tinygemm_max_rows: more rows of x than this (a prompt) dequantize the weight and run cuBLAS instead
+    of tinygemm, whose kernel is built for a few rows (a 128-token prompt of a 1B model took 13 ms
+    through it, against 3.6 ms in bf16: BENCHMARKS.md, session 12)."""
 
     one_row = "tinygemm"
+    tinygemm_max_rows = 16
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 64,
                  device=None, dtype: torch.dtype | None = None):
@@ -165,7 +169,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_matvec(x, self.in_features, "int4") and not self.one_row_on_tinygemm(x.dtype):
             return matvec(x, self.weight, self.scales, self.zeros, "int4", self.group_size, bias=self.bias)
-        if self.tinygemm_applies(x.dtype):
+        if self.tinygemm_applies(x.dtype) and x.numel() <= self.tinygemm_max_rows * self.in_features:
             x2 = x.reshape(-1, self.in_features).contiguous()  # (M, K)
             y = torch.ops.aten._weight_int4pack_mm(x2, self.int4pack, self.group_size, self.scales_and_zeros)
             y = y.reshape(*x.shape[:-1], self.out_features)
