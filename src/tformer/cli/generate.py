@@ -34,9 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="speculative decoding with this smaller model (same tokenizer); one prompt only")
     p.add_argument("--speculate-k", type=int, default=4, help="draft tokens per round with --draft")
     p.add_argument("--compile", action="store_true",
-                   help="compile the prompt's forward and the decode step (on GPU each replays a CUDA graph, the decode "
-                        "step with the whole loop's bookkeeping, the prompt padded to a multiple of 64 tokens; with --draft: "
-                        "each round, the draft steps and the verify, is one CUDA graph); "
+                   help="compile the prompt's forward and the decode step (on GPU each replays a CUDA graph: the "
+                        "prompt padded to a multiple of 64 tokens, the decode step with the whole loop's bookkeeping; "
+                        "with --draft: each round, the draft steps and the verify, is one CUDA graph); "
                         "pays off for long generations on GPU")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on GPU, float32 on CPU")
     p.set_defaults(func=run)

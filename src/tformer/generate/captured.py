@@ -199,6 +199,7 @@ class CapturedPrefill:
         self._states: OrderedDict[tuple, _Prompt] = OrderedDict()
 
     def reset(self) -> None:
+        """Forget every capture (and free its memory)."""
         self._states.clear()
 
     def padded_length(self, length: int) -> int:
