@@ -19,6 +19,8 @@ with: the model's weights and KV cache (`setup_caches` keeps the cache across ca
 static state below, which each `generate` call fills in. A model whose tensors moved (another
 cache size, a module swap) gets a new capture; after other in-place changes (switching kernels,
 `set_pdl`) call `reset()`. Without CUDA, `advance` runs step by step with no graph.
+
+`CapturedPrefill` does the same for the prompt's forward and first sample (its docstring).
 """
 
 from __future__ import annotations
@@ -68,7 +70,30 @@ class _State:
                 c(self.done), self.stop)
 
 
-class CapturedDecode:
+class _Captures:
+    """CUDA graphs kept by key (model state, shapes, sampling): at most `max_captures`, the least recently
+    used dropped first."""
+
+    def __init__(self, warmup: int, max_captures: int):
+        self.warmup, self.max_captures = warmup, max_captures
+        self._states: OrderedDict = OrderedDict()
+
+    def reset(self) -> None:
+        """Forget every capture (and free its memory)."""
+        self._states.clear()
+
+    def _entry(self, key, make):
+        """The state kept under `key`, now the most recently used; make() makes it if there is none."""
+        if key in self._states:
+            self._states.move_to_end(key)
+        else:
+            if len(self._states) >= self.max_captures:
+                self._states.popitem(last=False)
+            self._states[key] = make()
+        return self._states[key]
+
+
+class CapturedDecode(_Captures):
     """A `step_fn` for `generate` that runs the whole decode loop from one CUDA graph (module docstring).
 
     advance: `advance` or a compiled copy; default `torch.compile(advance, fullgraph=True)` with
@@ -76,13 +101,8 @@ class CapturedDecode:
     holds a graph and its memory); past it the least recently used one is dropped."""
 
     def __init__(self, advance_fn=None, warmup: int = 2, max_captures: int = 8):
+        super().__init__(warmup, max_captures)
         self.advance = advance_fn or torch.compile(advance, fullgraph=True, options=decode_compile_options(False))
-        self.warmup, self.max_captures = warmup, max_captures
-        self._states: OrderedDict[tuple, _State] = OrderedDict()
-
-    def reset(self) -> None:
-        """Forget every capture (and free its memory)."""
-        self._states.clear()
 
     def loop(self, model, first, key_mask, counts, L: int, max_new_tokens: int, sampling: SamplingConfig,
              stop_ids, on_tokens, sync_every: int) -> list[list[int]]:
@@ -109,19 +129,17 @@ class CapturedDecode:
 
     def _state(self, model, B: int, slots: int, sampling, counts, stop: list[int]) -> _State:
         key = (model_key(model), B, slots, dataclasses.astuple(sampling), counts is None, tuple(stop))
-        if not _reuse(self._states, key, self.max_captures):
-            device = next(model.parameters()).device
-            self._states[key] = _State(
-                token=torch.zeros(B, 1, dtype=torch.long, device=device),
-                input_pos=torch.zeros(1, dtype=torch.long, device=device),
-                key_mask=torch.zeros(B, slots, dtype=torch.long, device=device),
-                history=torch.zeros(slots + 1, B, dtype=torch.long, device=device),
-                n=torch.zeros(1, dtype=torch.long, device=device),
-                done=torch.zeros(B, dtype=torch.bool, device=device),
-                stop=torch.tensor(stop, dtype=torch.long, device=device) if stop else None,
-                counts=None if counts is None else torch.zeros_like(counts),
-            )
-        return self._states[key]
+        device = next(model.parameters()).device
+        return self._entry(key, lambda: _State(
+            token=torch.zeros(B, 1, dtype=torch.long, device=device),
+            input_pos=torch.zeros(1, dtype=torch.long, device=device),
+            key_mask=torch.zeros(B, slots, dtype=torch.long, device=device),
+            history=torch.zeros(slots + 1, B, dtype=torch.long, device=device),
+            n=torch.zeros(1, dtype=torch.long, device=device),
+            done=torch.zeros(B, dtype=torch.bool, device=device),
+            stop=torch.tensor(stop, dtype=torch.long, device=device) if stop else None,
+            counts=None if counts is None else torch.zeros_like(counts),
+        ))
 
     def _step(self, model, sampling, st: _State) -> None:
         if st.token.device.type != "cuda":
@@ -140,16 +158,6 @@ class CapturedDecode:
 def model_key(model) -> tuple:
     """What a capture depends on in `model`: the model and the addresses of its parameters and buffers."""
     return id(model), tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
-
-
-def _reuse(states: OrderedDict, key, max_captures: int) -> bool:
-    """Whether `states` holds `key` (marked most recently used); if not, room is made for it."""
-    if key in states:
-        states.move_to_end(key)
-        return True
-    if len(states) >= max_captures:
-        states.popitem(last=False)
-    return False
 
 
 def capture(fn, warmup: int, device) -> tuple[torch.cuda.CUDAGraph, object]:
@@ -179,7 +187,7 @@ class _Prompt:
     out: torch.Tensor | None = None  # (B,)
 
 
-class CapturedPrefill:
+class CapturedPrefill(_Captures):
     """A `prefill_fn` for `generate` that replays the prompt's forward and first sample from a CUDA graph.
 
     A compiled prefill without CUDA graphs costs the host several milliseconds for a 1B model's 128-token
@@ -194,13 +202,9 @@ class CapturedPrefill:
     def __init__(self, prefill_fn=None, bucket: int = 64, warmup: int = 2, max_captures: int = 8):
         if bucket < 1:
             raise ValueError(f"bucket must be >= 1 token, got {bucket}")
+        super().__init__(warmup, max_captures)
         self.prefill = prefill_fn or compiled_prefill()
-        self.bucket, self.warmup, self.max_captures = bucket, warmup, max_captures
-        self._states: OrderedDict[tuple, _Prompt] = OrderedDict()
-
-    def reset(self) -> None:
-        """Forget every capture (and free its memory)."""
-        self._states.clear()
+        self.bucket = bucket
 
     def padded_length(self, length: int) -> int:
         """The prompt length `generate` pads a batch whose longest prompt has `length` tokens to."""
@@ -212,10 +216,9 @@ class CapturedPrefill:
             return self.prefill(model, tokens, input_pos, key_mask, sampling, counts)
         key = (model_key(model), tuple(tokens.shape), tuple(key_mask.shape), dataclasses.astuple(sampling),
                counts is None)
-        if not _reuse(self._states, key, self.max_captures):
-            self._states[key] = _Prompt(torch.empty_like(tokens), torch.empty_like(input_pos),
-                                        torch.empty_like(key_mask), None if counts is None else torch.empty_like(counts))
-        st = self._states[key]
+        st = self._entry(key, lambda: _Prompt(torch.empty_like(tokens), torch.empty_like(input_pos),
+                                              torch.empty_like(key_mask),
+                                              None if counts is None else torch.empty_like(counts)))
         for static, t in ((st.tokens, tokens), (st.input_pos, input_pos), (st.key_mask, key_mask), (st.counts, counts)):
             if static is not None:
                 static.copy_(t)
