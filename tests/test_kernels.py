@@ -263,6 +263,10 @@ def _check_cached_attention(dtype, device, T):
     assert got.shape == (B, T, H * D) and got.dtype == dtype
     tol = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(got.float(), want.transpose(1, 2).reshape(B, T, H * D), **tol)
+    future = mask.clone()
+    future[..., 66 + T:] = True  # slots after the last new token (NaN): never read, whatever the mask says
+    torch.testing.assert_close(cached_attention(qkv, (cos, sin), k_cache, v_cache, slots, future, H), got,
+                               rtol=0, atol=0)
     # RoPE in fp32, rounded once (the module rounds each bf16 op): an ulp or so apart in bf16
     torch.testing.assert_close(k_cache[:, :, slots], k_want[:, :, slots], **tol)
     torch.testing.assert_close(v_cache[:, :, slots], v_want[:, :, slots], rtol=0, atol=0)

@@ -13,6 +13,11 @@ several programs at once; each writes its partial softmax state, and the last of
 one program takes a key/value head's whole group of queries on tensor cores, and the split matters
 more: without it a 1B model's 8 key/value heads made 8 programs.
 
+The mask must be causal (every tformer decoder's is): no query keeps a slot after its own. The
+kernels then read the cache only up to the last new token's slot and split that live part, not the
+whole cache, so a step's cost follows the tokens so far and not the cache's size (before, a
+one-token step read all of a 2,048-slot cache's keys and values, masked or not).
+
 A one-token program reads its first tile of cache slots (keys, values, mask) before it waits for
 the kernel before it (programmatic dependent launch): those slots were written by earlier steps,
 never by that kernel (the q|k|v projection), so the read overlaps it. Only the new token's own slot,
@@ -63,10 +68,11 @@ if triton is not None:
         dtype = k_ptr.dtype.element_ty
         pos = tl.load(pos_ptr)
         head = b * sk_b + kvh * sk_h
-        chunk = tl.cdiv(tl.cdiv(S, SPLITS), BLOCK_S) * BLOCK_S
+        live = tl.minimum(pos, S)  # the slots before the new token's: a causal mask keeps none after it
+        chunk = tl.cdiv(tl.cdiv(live, SPLITS), BLOCK_S) * BLOCK_S
         lo = split * chunk
-        hi = tl.minimum(lo + chunk, S)
-        k_first, v_first, keep_first = _cache_tile(k_ptr, v_ptr, m_ptr, head, b, lo, hi, pos, sk_s, sm_b, sm_s, d, d_ok,
+        hi = tl.minimum(lo + chunk, live)
+        k_first, v_first, keep_first = _cache_tile(k_ptr, v_ptr, m_ptr, head, b, lo, hi, -1, sk_s, sm_b, sm_s, d, d_ok,
                                                    BLOCK_S)
         _wait_for_previous_kernel(PDL)
         row, cos, sin = qkv_ptr + b * s_qkv, cos_ptr + b * s_cos, sin_ptr + b * s_cos
@@ -87,7 +93,7 @@ if triton is not None:
             l_i = tl.zeros((), tl.float32)
             acc = tl.zeros((BLOCK_D,), tl.float32)
         m_i, l_i, acc = _fold(q, k_first, v_first, keep_first, m_i, l_i, acc)
-        m_i, l_i, acc = _attend_cache(q, k_ptr, v_ptr, m_ptr, head, b, lo + BLOCK_S, hi, pos, m_i, l_i, acc,
+        m_i, l_i, acc = _attend_cache(q, k_ptr, v_ptr, m_ptr, head, b, lo + BLOCK_S, hi, -1, m_i, l_i, acc,
                                       sk_s, sm_b, sm_s, d, d_ok, BLOCK_S)
         if SPLITS == 1:
             tl.store(out_ptr + bh * D + d, acc / l_i, mask=d_ok)
@@ -155,9 +161,10 @@ if triton is not None:
             m_i = tl.full((ROWS,), float("-inf"), tl.float32)
             l_i = tl.zeros((ROWS,), tl.float32)
             acc = tl.zeros((ROWS, BLOCK_D), tl.float32)
-        chunk = tl.cdiv(tl.cdiv(S, SPLITS), BLOCK_S) * BLOCK_S
+        live = tl.minimum(tl.max(tl.where(j_ok, pos, 0), axis=0) + 1, S)  # causal: no slot after the last new one
+        chunk = tl.cdiv(tl.cdiv(live, SPLITS), BLOCK_S) * BLOCK_S
         lo = split * chunk
-        hi = tl.minimum(lo + chunk, S)
+        hi = tl.minimum(lo + chunk, live)
         for s0 in range(lo, hi, BLOCK_S):  # then this part of the cache, without the new slots
             s = s0 + tl.arange(0, BLOCK_S)
             in_range = s < hi
@@ -296,7 +303,8 @@ def cached_attention(qkv: torch.Tensor, rope, k_cache: torch.Tensor, v_cache: to
     kernel: RoPE on q and the new k, the new k and v written into the caches (B, Hkv, S, D) at slots
     input_pos (T,), and softmax(q k^T / sqrt(D), masked) v over the cache -> (B, T, H*D).
     rope: (cos, sin) (B or 1, T, R) or None; mask: (B or 1, 1, T, S) bool, True = attend (a token's
-    own slot always is). T = 1 is a decode step; a few tokens, a speculative verify."""
+    own slot always is), causal: slots after the last new token's are never read, whatever it says.
+    T = 1 is a decode step; a few tokens, a speculative verify."""
     cos, sin = rope if rope is not None else (qkv, qkv)
     rot_dim = 0 if rope is None else cos.shape[-1]
     out = cached_attention_op(qkv, cos, sin, k_cache, v_cache, input_pos, mask, n_heads, rot_dim)
