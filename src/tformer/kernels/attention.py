@@ -18,7 +18,8 @@ import math
 
 import torch
 
-from tformer.kernels.base import DEVICE_TYPE, INTERPRET, triton, tuned
+from tformer.kernels.base import DEVICE_TYPE, INTERPRET, triton
+from tformer.kernels.tuning import tuned
 
 if triton is not None:
     import triton.language as tl
