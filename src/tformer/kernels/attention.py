@@ -18,8 +18,7 @@ import math
 
 import torch
 
-from tformer.kernels.base import DEVICE_TYPE, INTERPRET, triton
-from tformer.kernels.tuning import tuned
+from tformer.kernels.base import DEVICE_TYPE, INTERPRET, triton, tuned
 
 if triton is not None:
     import triton.language as tl

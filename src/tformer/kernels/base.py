@@ -1,5 +1,5 @@
 """What tformer's Triton kernels share: the optional Triton import, where they run, the launch
-switches (programmatic dependent launch), counters for in-kernel merges, and small
+switches (programmatic dependent launch, autotuning), counters for in-kernel merges, and small
 jit helpers.
 
 On Hopper and later GPUs the kernels launch with programmatic dependent launch (PDL): a
@@ -30,6 +30,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE_TYPE = None if triton is None else ("cpu" if INTERPRET else "cuda")  # where the kernel runs
 
 _PDL = {"enabled": os.environ.get("TFORMER_PDL", "1") != "0"}
+_TUNE = {"enabled": os.environ.get("TFORMER_TUNE", "1") != "0"}
 
 
 def set_pdl(enabled: bool) -> bool:
@@ -39,6 +40,17 @@ def set_pdl(enabled: bool) -> bool:
     never warmed up."""
     previous, _PDL["enabled"] = _PDL["enabled"], enabled
     return previous
+
+
+def tuned(configs: list, key: list[str], prune=None):
+    """triton.autotune over `configs`: each new key times them all (those `prune(configs, named_args)`
+    keeps, if given) and keeps the fastest, unless TFORMER_TUNE=0, which launches the first (each
+    list puts a good default first) and times nothing, for quick starts and tests."""
+    def first_unless_tuning(configs, named_args, **kwargs):
+        configs = prune(configs, named_args) if prune is not None else configs
+        return configs if _TUNE["enabled"] else configs[:1]
+
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": first_unless_tuning})
 
 
 def use_pdl(device: torch.device) -> bool:

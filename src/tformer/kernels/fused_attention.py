@@ -35,8 +35,7 @@ import math
 import torch
 
 from tformer.kernels.attention import _batch_stride, _key_mask
-from tformer.kernels.base import DEVICE_TYPE, INTERPRET, reserve_counters, triton, use_pdl
-from tformer.kernels.tuning import tuned
+from tformer.kernels.base import DEVICE_TYPE, INTERPRET, reserve_counters, triton, tuned, use_pdl
 
 if triton is not None:
     import triton.language as tl

@@ -50,9 +50,8 @@ from typing import NamedTuple
 
 import torch
 
-from tformer.kernels.base import DEVICE_TYPE, INTERPRET, triton, use_pdl
+from tformer.kernels.base import DEVICE_TYPE, INTERPRET, triton, tuned, use_pdl
 from tformer.kernels.rows import MAX_ROWS, rows_matvec
-from tformer.kernels.tuning import tuned
 
 FORMATS = {"float": 0, "int8": 1, "int4": 2}
 

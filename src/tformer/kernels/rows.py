@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from tformer.kernels.base import INTERPRET, reserve_counters, triton
-from tformer.kernels.tuning import tuned
+from tformer.kernels.base import INTERPRET, reserve_counters, triton, tuned
 
 MAX_ROWS = 16  # rows of x the kernels take; more is a matmul for cuBLAS
 MAX_SPLIT_K = 4
