@@ -188,8 +188,10 @@ def test_matvec_fusions_round_like_the_modules(dtype, rows, pdl, monkeypatch):
                                torch.nn.functional.silu(q1(h)) * q3(h))
     for name, (got, want) in cases.items():
         assert got.dtype == dtype and got.shape == want.shape, name
-        # bf16: the kernel's sum of squares may round the norm's output one ulp apart, so a few ulps of the largest value
-        tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 0, "atol": 0.03 * want.abs().max().item()}
+        # fp32: sums in another order, whose error the gate multiplies (up to ~1e-6 of the largest value); bf16: the
+        # kernel's sum of squares may round the norm's output one ulp apart, so a few ulps of the largest value
+        largest = want.abs().max().item()
+        tol = {"rtol": 1e-5, "atol": 1e-4 + 1e-6 * largest} if dtype == torch.float32 else {"rtol": 0, "atol": 0.03 * largest}
         torch.testing.assert_close(got, want, **tol, msg=name)
     from tformer.kernels import base  # several rows: K split in two, merged by the last part to finish
     assert all(not counts.any() for counts in base._COUNTS.values())  # every count back at zero
