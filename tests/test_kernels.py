@@ -70,7 +70,7 @@ def test_untuned_kernels_launch_their_first_configuration(monkeypatch):
     for tuner in (*gemv._TUNED.values(), *gemv._WHOLE_ROWS.values(), rows._TUNED_ROWS,
                   fused_attention._tuned_cached_attention, fused_attention._tuned_cached_attention_rows,
                   attention._tuned_decode_attention):
-        tuner.nargs = {"N": 4096, "K": 2048}  # what launches pass (the rows kernel splits K below SPLIT_K_BELOW rows)
+        tuner.nargs = {"N": 4096, "K": 2048, "S": 384}  # what launches pass (rows split K below SPLIT_K_BELOW rows)
         monkeypatch.setitem(base._TUNE, "enabled", True)
         kept = tuner.prune_configs({})
         monkeypatch.setitem(base._TUNE, "enabled", False)
@@ -81,6 +81,8 @@ def test_untuned_kernels_launch_their_first_configuration(monkeypatch):
             assert {tile(c) for c in kept} == {tile(c) for c in tuner.configs}
         elif any(tuner is whole for whole in gemv._WHOLE_ROWS.values()):  # the tiles that take rows of K = 2048 whole
             assert {c.kwargs["BLOCK_K"] for c in kept} == {2048}
+        elif tuner is fused_attention._tuned_cached_attention:  # parts of one tile each: 4 x 128 or 8 x 64-128 slots
+            assert {(c.kwargs["SPLITS"], c.kwargs["BLOCK_S"]) for c in kept} == {(4, 128), (8, 64), (8, 128)}
         else:
             assert kept == tuner.configs
 

@@ -16,11 +16,11 @@ more: without it a 1B model's 8 key/value heads made 8 programs.
 The mask must be causal (every tformer decoder's is): no query keeps a slot after its own. The
 kernels then read no slot after the last new token's, so a step's reads follow the tokens so far,
 not the cache's size (a one-token step read every slot's keys and values, masked or not). The parts
-stay fixed shares of the whole cache: a part past the last token reads nothing, and each part's
-first tile is still all of it for the autotuner's usual pick (split in one-tile parts), whatever
-the position. Parts sized to the tokens so far grew with them, past what loads before the wait,
-and the autotuner, which times one position, picked for the shortest (session 13: attention's
-share of a 1B step went from 5.8 to 7.6 microseconds a layer).
+stay fixed shares of the whole cache (a part past the last token reads nothing), and the one-token
+kernel's autotuner only times splits whose parts are one tile each, so every part loads whole
+before the wait at any position. It times one position, the first step's: parts sized to the
+tokens so far, or one part of several tiles, look cheapest there and cost more as the tokens grow
+(tried in session 13: attention's share of a 1B step went from 5.8 to 7.6 microseconds a layer).
 
 A one-token program reads its first tile of cache slots (keys, values, mask) before it waits for
 the kernel before it (programmatic dependent launch): those slots were written by earlier steps,
@@ -213,7 +213,18 @@ if triton is not None:
     # the cache split in 1 to MAX_SPLITS parts (flash-decoding), whichever is fastest for the cache size
     _SPLIT_CONFIGS = [triton.Config({"BLOCK_S": bs, "SPLITS": sp}, num_warps=w, num_stages=1)
                       for sp in (4, 8, 1) for bs in (64, 128, 32) for w in (4, 2)]  # 1 stage won every time
-    _tuned_cached_attention = tuned(_SPLIT_CONFIGS, ["S", "D", "PDL"])(_cached_attention_kernel)
+
+    def _fewest_tiles(configs, named_args, **kwargs):
+        """The configurations whose parts hold the fewest tiles (one, up to 8 x 128 slots): a part's first
+        tile loads before the PDL wait, so then each part's whole share does. Timed at the first decode
+        step's position, when the slots after it read nothing, parts of several tiles (one part of the
+        whole cache, say) look as cheap as they will be only at that position."""
+        tiles = {id(c): triton.cdiv(triton.cdiv(named_args["S"], c.kwargs["SPLITS"]), c.kwargs["BLOCK_S"])
+                 for c in configs}
+        fewest = min(tiles.values())
+        return [c for c in configs if tiles[id(c)] == fewest]
+
+    _tuned_cached_attention = tuned(_SPLIT_CONFIGS, ["S", "D", "PDL"], prune=_fewest_tiles)(_cached_attention_kernel)
     # a few new tokens a sequence: the cache split like the one-token kernel's, or whole
     _ROWS_CONFIGS = [triton.Config({"BLOCK_S": bs, "SPLITS": sp}, num_warps=w, num_stages=st)
                      for sp in (4, 8, 2, 1) for bs in (64, 32) for w in (4, 8) for st in (1, 3)]
