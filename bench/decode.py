@@ -79,12 +79,13 @@ class Variant(NamedTuple):
     int4_one_row: str = "tinygemm"  # one-row int4 layers: "tinygemm" or the fused "matvec" kernels
     captured: bool = True  # the loop in tformer's CapturedDecode, else torch.compile's CUDA-graph tree
     captured_prefill: bool = True  # the prompt's forward in tformer's CapturedPrefill, else compiled_prefill()
+    steps_per_replay: int = 4  # CapturedDecode's decode steps a CUDA-graph replay
 
 
 def tformer_runner(config, prompt, new, batch, variant: Variant = Variant()):
     from tformer.quantize.int4 import Int4Linear
 
-    quantize, pdl, Int4Linear.one_row, captured, captured_prefill = variant
+    quantize, pdl, Int4Linear.one_row, captured, captured_prefill, steps_per_replay = variant
     set_pdl(pdl)  # read when the kernels launch and the step's CUDA graph is captured (the warm-up call)
     torch._dynamo.reset()  # else a variant reuses the last one's compiled step, re-recorded without warm-up
     model = build_model(config, device="cuda", dtype=torch.bfloat16).eval()
@@ -93,7 +94,8 @@ def tformer_runner(config, prompt, new, batch, variant: Variant = Variant()):
 
         quantize_model(model, mode=quantize, group_size=64)  # the untied head as int8 in both modes
     with_decode_kernels(model)  # one-row steps through tformer's fused kernels (tformer.models.fused)
-    step = CapturedDecode() if captured else compiled_decode_step()  # else torch.compile's CUDA-graph tree
+    # else torch.compile's CUDA-graph tree
+    step = CapturedDecode(steps_per_replay=steps_per_replay) if captured else compiled_decode_step()
     first = CapturedPrefill() if captured_prefill else compiled_prefill()
     sampling = SamplingConfig(temperature=0.8, top_k=200)
     prompts = [prompt.tolist()] * batch
@@ -110,11 +112,12 @@ def tformer_runner(config, prompt, new, batch, variant: Variant = Variant()):
 
 
 def host_ms_per_step(ticks: list[float], steps: int = 64) -> float:
-    """The host's own time per decode step: the median gap between its first `steps` streaming
-    callbacks. Nothing in the loop waits on the GPU, so while the launch queue is short these gaps
-    are host work alone. A step whose host time is close to its wall time is bound by the host."""
-    gaps = [b - a for a, b in zip(ticks[:steps], ticks[1:steps + 1])]
-    return statistics.median(gaps) * 1e3 if gaps else float("nan")
+    """The host's own time per decode step: the mean gap over its first `steps` streaming callbacks
+    (a replay of several steps makes its tokens' callbacks at once, so a median gap would say 0).
+    Nothing in the loop waits on the GPU, so while the launch queue is short these gaps are host work
+    alone. A step whose host time is close to its wall time is bound by the host."""
+    steps = min(steps, len(ticks) - 1)
+    return (ticks[steps] - ticks[0]) / steps * 1e3 if steps > 0 else float("nan")
 
 
 def gpt_fast_runner(path: Path, config, prompt, new, batch):
@@ -166,13 +169,14 @@ def bytes_per_token(model, config, prompt_len: int, new: int, batch: int) -> flo
 
 
 def tformer_variant(name: str) -> Variant:
-    """"tformer[-int8|-int4][:nopdl][:matvec][:tree][:plainprefill]" -> its `Variant`."""
+    """"tformer[-int8|-int4][:nopdl][:matvec][:tree][:plainprefill][:onestep]" -> its `Variant`."""
     name, *options = name.split(":")
-    known = {"nopdl", "matvec", "tree", "plainprefill"}
+    known = {"nopdl", "matvec", "tree", "plainprefill", "onestep"}
     if unknown := set(options) - known:
         raise SystemExit(f"unknown variant option(s) {sorted(unknown)} in {name} (known: {', '.join(sorted(known))})")
     return Variant(name.split("-")[1] if "-" in name else None, "nopdl" not in options,
-                   "matvec" if "matvec" in options else "tinygemm", "tree" not in options, "plainprefill" not in options)
+                   "matvec" if "matvec" in options else "tinygemm", "tree" not in options, "plainprefill" not in options,
+                   1 if "onestep" in options else 4)
 
 
 def floor(config, layer_counts: list[int], prompt_len: int, new: int, repeats: int) -> None:
@@ -199,7 +203,8 @@ def main() -> None:
                     help="comma-separated: tformer, tformer-int8, tformer-int4 (each may end in :nopdl, "
                          "kernels without programmatic dependent launch, and :tree, the step in torch.compile's "
                          "CUDA-graph tree instead of tformer's CapturedDecode, and :plainprefill, the prompt's "
-                         "forward compiled without tformer's CapturedPrefill; int4 in :matvec, one-row int4 "
+                         "forward compiled without tformer's CapturedPrefill, and :onestep, one decode step a "
+                         "CapturedDecode replay instead of 4; int4 in :matvec, one-row int4 "
                          "layers through the fused matvec kernels, not tinygemm), gpt-fast, hf")
     ap.add_argument("--floor", type=int, nargs="+", metavar="LAYERS",
                     help="instead: the fixed cost of tformer's bf16 step, timed on models of these layer counts "

@@ -35,13 +35,20 @@ def test_captured_loop_stops_and_streams_like_generate():
     free = generate(model, PROMPTS, 9, greedy)
     stop = {free[0][2], free[2][4]}
     streams = {}
-    for name, step in (("plain", None), ("captured", CapturedDecode(advance))):
-        seen = streams[name] = []
-        out = generate(model, PROMPTS, 9, greedy, stop_ids=stop, sync_every=2, step_fn=step,
-                       on_tokens=lambda t: seen.append(t.tolist()) and False)
-        assert out == generate(model, PROMPTS, 9, greedy, stop_ids=stop)
-    assert streams["captured"] == streams["plain"]
-    assert generate(model, PROMPTS, 1, greedy, step_fn=CapturedDecode(advance)) == [r[:1] for r in free]
+    steps = {"plain": None, "captured": CapturedDecode(advance),
+             "3 a replay": CapturedDecode(advance, steps_per_replay=3)}
+    for sync_every in (2, 4):  # checks between and inside 3-step replays
+        for name, step in steps.items():
+            seen = streams[name] = []
+            out = generate(model, PROMPTS, 9, greedy, stop_ids=stop, sync_every=sync_every, step_fn=step,
+                           on_tokens=lambda t: seen.append(t.tolist()) and False)
+            assert out == generate(model, PROMPTS, 9, greedy, stop_ids=stop)
+        assert streams["captured"] == streams["plain"] == streams["3 a replay"]
+    for step in steps.values():
+        assert generate(model, PROMPTS, 1, greedy, step_fn=step) == [r[:1] for r in free]
+        calls = []  # a callback that stops inside a replay of several steps: the tokens up to it
+        assert generate(model, PROMPTS, 9, greedy, step_fn=step,
+                        on_tokens=lambda t: calls.append(t) or len(calls) == 5) == [r[:5] for r in free]
 
 
 def test_advance_compiles_without_graph_breaks():

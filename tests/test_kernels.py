@@ -81,7 +81,7 @@ def test_untuned_kernels_launch_their_first_configuration(monkeypatch):
             assert {tile(c) for c in kept} == {tile(c) for c in tuner.configs}
         elif any(tuner is whole for whole in gemv._WHOLE_ROWS.values()):  # the tiles that take rows of K = 2048 whole
             assert {c.kwargs["BLOCK_K"] for c in kept} == {2048}
-        elif tuner is fused_attention._tuned_cached_attention:  # parts of one tile each: 4 x 128 or 8 x 64-128 slots
+        elif tuner is fused_attention._tuned_cached_attention:  # parts of one tile: 4 x 128 or 8 x 64-128 slots
             assert {(c.kwargs["SPLITS"], c.kwargs["BLOCK_S"]) for c in kept} == {(4, 128), (8, 64), (8, 128)}
         else:
             assert kept == tuner.configs
@@ -193,7 +193,8 @@ def test_matvec_fusions_round_like_the_modules(dtype, rows, pdl, monkeypatch):
         # fp32: sums in another order, whose error the gate multiplies (up to ~1e-6 of the largest value); bf16: the
         # kernel's sum of squares may round the norm's output one ulp apart, so a few ulps of the largest value
         largest = want.abs().max().item()
-        tol = {"rtol": 1e-5, "atol": 1e-4 + 1e-6 * largest} if dtype == torch.float32 else {"rtol": 0, "atol": 0.03 * largest}
+        tol = ({"rtol": 1e-5, "atol": 1e-4 + 1e-6 * largest} if dtype == torch.float32
+               else {"rtol": 0, "atol": 0.03 * largest})
         torch.testing.assert_close(got, want, **tol, msg=name)
     from tformer.kernels import base  # several rows: K split in two, merged by the last part to finish
     assert all(not counts.any() for counts in base._COUNTS.values())  # every count back at zero

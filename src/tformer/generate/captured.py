@@ -14,11 +14,18 @@ state, batch shape and sampling setting in a graph that does, besides the step:
     token <- the sampled token       slot += 1       history[n] <- token       n += 1
     done |= token in the stop ids    counts[token] += 1 (repetition penalty)
 
-so a step costs the host one `graph.replay()`. The graph keeps the addresses it was captured
-with: the model's weights and KV cache (`setup_caches` keeps the cache across calls) and the
-static state below, which each `generate` call fills in. A model whose tensors moved (another
-cache size, a module swap) gets a new capture; after other in-place changes (switching kernels,
-`set_pdl`) call `reset()`. Without CUDA, `advance` runs step by step with no graph.
+A graph holds `steps_per_replay` steps (4) one after another, so the host replays once every few
+tokens. Each replay also costs the GPU a few microseconds before its first kernel: PyTorch sets the
+graph's random-number seed and offset with two small kernels, then the graph launches (on the H100,
+about 6.5 of a 1B model's 1,060 microseconds a step, session 13). The loop's last tokens, and with
+stop ids the tokens up to each check (every `sync_every`), take graphs of fewer steps, so a loop
+never runs past its limit or a check; it streams and returns the same tokens as one step a replay.
+
+The graphs keep the addresses they were captured with: the model's weights and KV cache
+(`setup_caches` keeps the cache across calls) and the static state below, which each `generate`
+call fills in. A model whose tensors moved (another cache size, a module swap) gets a new capture;
+after other in-place changes (switching kernels, `set_pdl`) call `reset()`. Without CUDA, `advance`
+runs step by step with no graph.
 
 `CapturedPrefill` does the same for the prompt's forward and first sample (its docstring).
 """
@@ -53,7 +60,7 @@ def advance(model, sampling: SamplingConfig, token, input_pos, key_mask, counts,
 
 @dataclasses.dataclass
 class _State:
-    """Static tensors of one capture; `graph` is None until the first replay needs it."""
+    """Static tensors of one capture, and its graphs, each captured when a replay first needs it."""
     token: torch.Tensor  # (B, 1)
     input_pos: torch.Tensor  # (1,)
     key_mask: torch.Tensor  # (B, slots)
@@ -62,7 +69,7 @@ class _State:
     done: torch.Tensor  # (B,) bool
     stop: torch.Tensor | None  # (n_stop,)
     counts: torch.Tensor | None  # (B, V)
-    graph: torch.cuda.CUDAGraph | None = None
+    graphs: dict = dataclasses.field(default_factory=dict)  # steps -> a CUDA graph of that many steps
 
     def args(self, clone: bool = False) -> tuple:
         c = (lambda t: t if t is None else t.clone()) if clone else (lambda t: t)
@@ -98,11 +105,15 @@ class CapturedDecode(_Captures):
 
     advance: `advance` or a compiled copy; default `torch.compile(advance, fullgraph=True)` with
     inductor and no CUDA graph of its own (tformer captures it). max_captures: captures kept (each
-    holds a graph and its memory); past it the least recently used one is dropped."""
+    holds its graphs and their memory); past it the least recently used one is dropped.
+    steps_per_replay: decode steps a graph holds (module docstring)."""
 
-    def __init__(self, advance_fn=None, warmup: int = 2, max_captures: int = 8):
+    def __init__(self, advance_fn=None, warmup: int = 2, max_captures: int = 8, steps_per_replay: int = 4):
+        if steps_per_replay < 1:
+            raise ValueError(f"steps_per_replay must be >= 1, got {steps_per_replay}")
         super().__init__(warmup, max_captures)
         self.advance = advance_fn or torch.compile(advance, fullgraph=True, options=decode_compile_options(False))
+        self.steps_per_replay = steps_per_replay
 
     def loop(self, model, first, key_mask, counts, L: int, max_new_tokens: int, sampling: SamplingConfig,
              stop_ids, on_tokens, sync_every: int) -> list[list[int]]:
@@ -116,15 +127,20 @@ class CapturedDecode(_Captures):
         if counts is not None:
             st.counts.copy_(counts)
         record(first, st.history, st.n, st.done, st.stop, st.counts)
-        produced = 1
+        produced, shown = 1, 0
         while True:
-            if on_tokens is not None and on_tokens(st.history[produced - 1]):
-                break
+            for row in range(shown, produced):  # the new tokens, one callback each, in order
+                if on_tokens is not None and on_tokens(st.history[row]):
+                    return st.history[:row + 1].T.tolist()
+            shown = produced
             if produced == max_new_tokens or (st.stop is not None and produced % sync_every == 0
                                               and bool(st.done.all())):
                 break
-            self._step(model, sampling, st)
-            produced += 1
+            steps = min(self.steps_per_replay, max_new_tokens - produced)
+            if st.stop is not None:  # no further than the next check
+                steps = min(steps, sync_every - produced % sync_every)
+            self._step(model, sampling, st, steps)
+            produced += steps
         return st.history[:produced].T.tolist()
 
     def _state(self, model, B: int, slots: int, sampling, counts, stop: list[int]) -> _State:
@@ -141,18 +157,27 @@ class CapturedDecode(_Captures):
             counts=None if counts is None else torch.zeros_like(counts),
         ))
 
-    def _step(self, model, sampling, st: _State) -> None:
+    def _step(self, model, sampling, st: _State, steps: int) -> None:
+        """`steps` decode steps: one replay of a graph of that many (captured first if new), or
+        without CUDA, `advance` that many times."""
         if st.token.device.type != "cuda":
-            self.advance(model, sampling, *st.args())
+            for _ in range(steps):
+                self.advance(model, sampling, *st.args())
             return
-        if st.graph is None:
-            st.graph = self._capture(model, sampling, st)
-        st.graph.replay()
+        if steps not in st.graphs:
+            st.graphs[steps] = self._capture(model, sampling, st, steps)
+        st.graphs[steps].replay()
 
-    def _capture(self, model, sampling, st: _State) -> torch.cuda.CUDAGraph:
-        """Warm up on copies of the state (compiles, autotunes; the KV cache write at this slot is
-        the one the replay makes again), then capture `advance` on the state itself."""
-        return capture(lambda clone: self.advance(model, sampling, *st.args(clone)), self.warmup, st.token.device)[0]
+    def _capture(self, model, sampling, st: _State, steps: int) -> torch.cuda.CUDAGraph:
+        """Warm up on copies of the state (compiles, autotunes; the KV cache writes at these slots
+        are made again by the replay before anything reads them), then capture `steps` calls of
+        `advance` on the state itself."""
+        def run(clone: bool) -> None:
+            args = st.args(clone)
+            for _ in range(steps):
+                self.advance(model, sampling, *args)
+
+        return capture(run, self.warmup, st.token.device)[0]
 
 
 def model_key(model) -> tuple:
