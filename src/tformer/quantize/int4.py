@@ -169,13 +169,14 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_matvec(x, self.in_features, "int4") and not self.one_row_on_tinygemm(x.dtype):
             return matvec(x, self.weight, self.scales, self.zeros, "int4", self.group_size, bias=self.bias)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.tinygemm_applies(x.dtype) and x.numel() <= self.tinygemm_max_rows * self.in_features:
             x2 = x.reshape(-1, self.in_features).contiguous()  # (M, K)
             y = torch.ops.aten._weight_int4pack_mm(x2, self.int4pack, self.group_size, self.scales_and_zeros)
             y = y.reshape(*x.shape[:-1], self.out_features)
-        else:
-            y = F.linear(x, dequantize_int4(self.weight, self.scales, self.zeros, self.group_size, x.dtype))
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+            return y if bias is None else y + bias
+        # exactly F.linear with the dequantized weight (the bias inside: the product rounds once with it)
+        return F.linear(x, dequantize_int4(self.weight, self.scales, self.zeros, self.group_size, x.dtype), bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
