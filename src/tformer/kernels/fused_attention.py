@@ -36,6 +36,7 @@ import torch
 
 from tformer.kernels.attention import _batch_stride, _key_mask
 from tformer.kernels.base import DEVICE_TYPE, INTERPRET, reserve_counters, triton, tuned, use_pdl
+from tformer.kernels.inductor import bound_operator_str
 
 if triton is not None:
     import triton.language as tl
@@ -284,6 +285,7 @@ def cached_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 @cached_attention_op.register_fake
 def _(qkv, cos, sin, k_cache, v_cache, input_pos, mask, n_heads, rot_dim):
+    bound_operator_str()  # before inductor lowers this op (tformer.kernels.inductor)
     return qkv.new_empty(*qkv.shape[:2], n_heads, k_cache.shape[-1])
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from tformer.kernels.base import DEVICE_TYPE, INTERPRET, reserve_counters, triton, use_pdl
+from tformer.kernels.inductor import bound_operator_str
 
 _BITS = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}
 _BINS = 256  # one 8-bit digit a pass
@@ -158,6 +159,7 @@ def topk_sample_op(logits: torch.Tensor, seeds: torch.Tensor, k: int, temperatur
 
 @topk_sample_op.register_fake
 def _(logits, seeds, k, temperature):
+    bound_operator_str()  # before inductor lowers this op (tformer.kernels.inductor)
     return logits.new_empty(logits.shape[0], dtype=torch.int64)
 
 
