@@ -79,13 +79,13 @@ class Variant(NamedTuple):
     int4_one_row: str = "tinygemm"  # one-row int4 layers: "tinygemm" or the fused "matvec" kernels
     captured: bool = True  # the loop in tformer's CapturedDecode, else torch.compile's CUDA-graph tree
     captured_prefill: bool = True  # the prompt's forward in tformer's CapturedPrefill, else compiled_prefill()
-    steps_per_replay: int = 4  # CapturedDecode's decode steps a CUDA-graph replay
+    one_step: bool = False  # one decode step a CapturedDecode replay, not its default steps_per_replay
 
 
 def tformer_runner(config, prompt, new, batch, variant: Variant = Variant()):
     from tformer.quantize.int4 import Int4Linear
 
-    quantize, pdl, Int4Linear.one_row, captured, captured_prefill, steps_per_replay = variant
+    quantize, pdl, Int4Linear.one_row, captured, captured_prefill, one_step = variant
     set_pdl(pdl)  # read when the kernels launch and the step's CUDA graph is captured (the warm-up call)
     torch._dynamo.reset()  # else a variant reuses the last one's compiled step, re-recorded without warm-up
     model = build_model(config, device="cuda", dtype=torch.bfloat16).eval()
@@ -94,8 +94,10 @@ def tformer_runner(config, prompt, new, batch, variant: Variant = Variant()):
 
         quantize_model(model, mode=quantize, group_size=64)  # the untied head as int8 in both modes
     with_decode_kernels(model)  # one-row steps through tformer's fused kernels (tformer.models.fused)
-    # else torch.compile's CUDA-graph tree
-    step = CapturedDecode(steps_per_replay=steps_per_replay) if captured else compiled_decode_step()
+    if captured:
+        step = CapturedDecode(steps_per_replay=1) if one_step else CapturedDecode()
+    else:  # torch.compile's CUDA-graph tree
+        step = compiled_decode_step()
     first = CapturedPrefill() if captured_prefill else compiled_prefill()
     sampling = SamplingConfig(temperature=0.8, top_k=200)
     prompts = [prompt.tolist()] * batch
@@ -176,7 +178,7 @@ def tformer_variant(name: str) -> Variant:
         raise SystemExit(f"unknown variant option(s) {sorted(unknown)} in {name} (known: {', '.join(sorted(known))})")
     return Variant(name.split("-")[1] if "-" in name else None, "nopdl" not in options,
                    "matvec" if "matvec" in options else "tinygemm", "tree" not in options, "plainprefill" not in options,
-                   1 if "onestep" in options else 4)
+                   "onestep" in options)
 
 
 def floor(config, layer_counts: list[int], prompt_len: int, new: int, repeats: int) -> None:
@@ -204,7 +206,7 @@ def main() -> None:
                          "kernels without programmatic dependent launch, and :tree, the step in torch.compile's "
                          "CUDA-graph tree instead of tformer's CapturedDecode, and :plainprefill, the prompt's "
                          "forward compiled without tformer's CapturedPrefill, and :onestep, one decode step a "
-                         "CapturedDecode replay instead of 4; int4 in :matvec, one-row int4 "
+                         "CapturedDecode replay instead of its default; int4 in :matvec, one-row int4 "
                          "layers through the fused matvec kernels, not tinygemm), gpt-fast, hf")
     ap.add_argument("--floor", type=int, nargs="+", metavar="LAYERS",
                     help="instead: the fixed cost of tformer's bf16 step, timed on models of these layer counts "
