@@ -161,7 +161,7 @@ def test_quantized_layers_take_the_kernel_for_a_few_rows_only():
 def test_matvec_fusions_round_like_the_modules(dtype, rows, pdl, monkeypatch):
     from tformer.kernels import StoredWeight, gemv, matvec
     from tformer.nn.norm import RMSNorm
-    from tformer.quantize import Int8Linear
+    from tformer.quantize import Int4Linear, Int8Linear, dequantize_int4
 
     monkeypatch.setattr(gemv, "use_pdl", lambda device: pdl)
     torch.manual_seed(0)
@@ -188,6 +188,12 @@ def test_matvec_fusions_round_like_the_modules(dtype, rows, pdl, monkeypatch):
         q1, q3 = (Int8Linear.from_linear(torch.nn.Linear(k, n, bias=False).to(dtype)) for _ in range(2))
         cases["int8 gated"] = (matvec(x, *q1.matvec_weight(), norm=(norm.weight, norm.eps), up=q3.matvec_weight()),
                                torch.nn.functional.silu(q1(h)) * q3(h))
+        if rows == 1:  # int4's kernel takes one row (with pdl, its first tile's bytes before the wait)
+            g1, g3 = (Int4Linear.from_linear(torch.nn.Linear(k, n, bias=False).to(dtype), 64) for _ in range(2))
+            cases["int4 gated"] = (matvec(x, *g1.matvec_weight(), norm=(norm.weight, norm.eps),
+                                          up=g3.matvec_weight()), torch.nn.functional.silu(g1(h)) * g3(h))
+            cases["int4 residual"] = (matvec(x, *g1.matvec_weight(), residual=r),  # against the fp32 dequantized weight
+                                      r + lin(x, dequantize_int4(g1.weight, g1.scales, g1.zeros, 64)))
     for name, (got, want) in cases.items():
         assert got.dtype == dtype and got.shape == want.shape, name
         # fp32: sums in another order, whose error the gate multiplies (up to ~1e-6 of the largest value); bf16: the

@@ -77,38 +77,53 @@ if triton is not None:
     from tformer.kernels.base import _code, _configs, _load_x, _wait_for_previous_kernel, _weight
 
     @triton.jit
-    def _first_tile(w_ptr, rows, K, BLOCK_K: tl.constexpr):
-        """Columns 0..BLOCK_K-1 of weight rows `rows` (full-precision or int8), as `_rows_dot` loads them."""
+    def _first_tile(w_ptr, rows, K, FMT: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Columns 0..BLOCK_K-1 of weight rows `rows` as `_rows_dot` loads them: elements (full precision,
+        int8) or the bytes that hold them (int4: BLOCK_K / 2 of them)."""
+        if FMT == 2:
+            byte = tl.arange(0, BLOCK_K // 2)
+            return tl.load(w_ptr + rows[:, None] * (K // 2) + byte[None, :], mask=(byte < K // 2)[None, :], other=0)
         cols = tl.arange(0, BLOCK_K)
         return tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=(cols < K)[None, :], other=0)
+
+    @triton.jit
+    def _int4_tile(b, x_ptr, nw_ptr, inv_rms, s_ptr, z_ptr, rows, k0, K, GROUP: tl.constexpr, NORM: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(BLOCK_N, BLOCK_K / GROUP) fp32: each group's sum of w x over columns k0..k0+BLOCK_K-1, from
+        the tile's bytes b (BLOCK_N, BLOCK_K / 2). Byte j holds columns 2j (high nibble) and 2j+1 (low);
+        the nibbles are interleaved back into column order in registers (join + reshape), so the tile
+        is laid out as int8's; a group's scale and zero apply to its partial sums."""
+        NG: tl.constexpr = BLOCK_K // GROUP
+        cols = k0 + tl.arange(0, BLOCK_K)
+        b = b.to(tl.int32)
+        q = tl.join(b >> 4, b & 15).reshape(BLOCK_N, BLOCK_K)  # codes in column order
+        x = _load_x(x_ptr, nw_ptr, cols, cols < K, inv_rms, NORM)
+        part = tl.sum((_code(q, 8) * x[None, :]).reshape(BLOCK_N, NG, GROUP), axis=2)  # sum (q - 8) x
+        x_sum = tl.sum(x.reshape(NG, GROUP), axis=1)
+        g = k0 // GROUP + tl.arange(0, NG)[None, :]  # (1, NG)
+        g_ok = g < K // GROUP  # whole groups in or out
+        s = tl.load(s_ptr + rows[:, None] * (K // GROUP) + g, mask=g_ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rows[:, None] * (K // GROUP) + g, mask=g_ok, other=0.0).to(tl.float32)
+        return part * s + z * x_sum[None, :]  # sum ((q - 8) s + z) x over each group
 
     @triton.jit
     def _rows_dot(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, rows, K, w_first,
                   FMT: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr, PREFETCHED: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """(BLOCK_N,) fp32 dot products of weight rows `rows` with x, dequantized in registers.
-        PREFETCHED: w_first holds the first tile (`_first_tile`; full-precision and int8 weights, int4
-        ignores it)."""
-        if FMT == 2:  # int4: byte j holds columns 2j (high nibble) and 2j+1 (low); NG groups a step
-            # the nibbles are interleaved back into column order in registers (join + reshape), so the
-            # tile is laid out as int8's; a group's scale and zero apply to its partial sums
-            NG: tl.constexpr = BLOCK_K // GROUP
+        PREFETCHED: w_first holds the first tile (`_first_tile`)."""
+        if FMT == 2:  # int4: BLOCK_K / GROUP groups a step (`_int4_tile`)
             half = tl.arange(0, BLOCK_K // 2)
-            acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
+            acc = tl.zeros((BLOCK_N, BLOCK_K // GROUP), dtype=tl.float32)
+            start = 0
+            if PREFETCHED:
+                acc += _int4_tile(w_first, x_ptr, nw_ptr, inv_rms, s_ptr, z_ptr, rows, 0, K, GROUP, NORM,
+                                  BLOCK_N, BLOCK_K)
+                start = BLOCK_K
+            for k0 in range(start, K, BLOCK_K):
                 byte = k0 // 2 + half
-                b = tl.load(w_ptr + rows[:, None] * (K // 2) + byte[None, :], mask=(byte < K // 2)[None, :],
-                            other=0).to(tl.int32)  # (BLOCK_N, BLOCK_K / 2)
-                q = tl.join(b >> 4, b & 15).reshape(BLOCK_N, BLOCK_K)  # codes in column order
-                x = _load_x(x_ptr, nw_ptr, cols, cols < K, inv_rms, NORM)
-                part = tl.sum((_code(q, 8) * x[None, :]).reshape(BLOCK_N, NG, GROUP), axis=2)  # sum (q - 8) x
-                x_sum = tl.sum(x.reshape(NG, GROUP), axis=1)
-                g = k0 // GROUP + tl.arange(0, NG)[None, :]  # (1, NG)
-                g_ok = g < K // GROUP  # whole groups in or out
-                s = tl.load(s_ptr + rows[:, None] * (K // GROUP) + g, mask=g_ok, other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + rows[:, None] * (K // GROUP) + g, mask=g_ok, other=0.0).to(tl.float32)
-                acc += part * s + z * x_sum[None, :]  # sum ((q - 8) s + z) x over each group
+                b = tl.load(w_ptr + rows[:, None] * (K // 2) + byte[None, :], mask=(byte < K // 2)[None, :], other=0)
+                acc += _int4_tile(b, x_ptr, nw_ptr, inv_rms, s_ptr, z_ptr, rows, k0, K, GROUP, NORM, BLOCK_N, BLOCK_K)
             y = tl.sum(acc, axis=1)
         else:  # bf16/fp16/fp32, or int8 (its per-row scale is applied once at the end)
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -138,11 +153,10 @@ if triton is not None:
         dtype = out_ptr.dtype.element_ty
         w_first = 0
         w2_first = 0
-        if PDL:  # the weights' first tiles before the wait (int4: none)
-            if FMT != 2:
-                w_first = _first_tile(w_ptr, rows, K, BLOCK_K)
-                if GATED:
-                    w2_first = _first_tile(w2_ptr, rows, K, BLOCK_K)
+        if PDL:  # the weights' first tiles before the wait
+            w_first = _first_tile(w_ptr, rows, K, FMT, BLOCK_K)
+            if GATED:
+                w2_first = _first_tile(w2_ptr, rows, K, FMT, BLOCK_K)
         _wait_for_previous_kernel(PDL)
         inv_rms = 1.0
         if NORM:  # every program sums x^2 itself (x is a few KB, read from L2): no extra kernel
@@ -179,7 +193,7 @@ if triton is not None:
     }
 
     # whole rows (BLOCK_K = K rounded up to a power of two): a program's weights all load before its
-    # PDL wait, 4-32 KB of them, so a product after a short kernel reads its weights during that kernel
+    # PDL wait, 4-32 KB of them (int4: up to 16 KB), so a product after a short kernel reads its weights during that kernel
     def _whole(max_weights: int):
         tiles = [(bn, bk, 8 if bn * bk >= 8192 else 4) for bk in (64, 128, 256, 512, 1024, 2048, 4096)
                  for bn in (1, 2, 4, 8, 16, 32, 64) if 2048 <= bn * bk <= max_weights]
@@ -189,7 +203,7 @@ if triton is not None:
         return [c for c in configs if c.kwargs["BLOCK_K"] == triton.next_power_of_2(named_args["K"])]
 
     _WHOLE_ROWS = {fmt: tuned(_whole(max_weights), _KEY, prune=_whole_rows_only)(_matvec_kernel)
-                   for fmt, max_weights in ((0, 16384), (1, 32768))}
+                   for fmt, max_weights in ((0, 16384), (1, 32768), (2, 32768))}
     WHOLE_ROWS_K = (64, 4096)  # the K that whole-row tiles cover
 
 
@@ -251,7 +265,7 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
 
     whole_rows: for one row of x after a short kernel (attention, before its output projection), each
     program loads its rows of W whole before it waits for that kernel (PDL), so W streams in while
-    the short kernel runs (full-precision and int8 weights, 64 <= K <= 4096; otherwise no effect).
+    the short kernel runs (64 <= K <= 4096; otherwise no effect).
     """
     K = x.shape[-1]
     M = x.numel() // K
