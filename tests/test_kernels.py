@@ -305,6 +305,8 @@ def test_matvec_on_cuda_matches_dequantized_reference():
             cases["float whole rows"] = (matvec(x, w, whole_rows=True), w)
             cases["int8 whole rows"] = (matvec(x, q8, s8, fmt="int8", whole_rows=True), dequantize_int8(q8, s8))
             cases["int4"] = (matvec(x, p4, s4, z4, fmt="int4", group_size=64), dequantize_int4(p4, s4, z4, 64))
+            cases["int4 whole rows"] = (matvec(x, p4, s4, z4, fmt="int4", group_size=64, whole_rows=True),
+                                        dequantize_int4(p4, s4, z4, 64))
         for fmt, (y, w_ref) in cases.items():
             ref = x.float() @ w_ref.float().T
             err = ((y.float() - ref).norm() / ref.norm()).item()
