@@ -80,11 +80,13 @@ if triton is not None:
     def _first_tile(w_ptr, rows, K, FMT: tl.constexpr, BLOCK_K: tl.constexpr):
         """Columns 0..BLOCK_K-1 of weight rows `rows` as `_rows_dot` loads them: elements (full precision,
         int8) or the bytes that hold them (int4: BLOCK_K / 2 of them)."""
-        if FMT == 2:
-            byte = tl.arange(0, BLOCK_K // 2)
-            return tl.load(w_ptr + rows[:, None] * (K // 2) + byte[None, :], mask=(byte < K // 2)[None, :], other=0)
-        cols = tl.arange(0, BLOCK_K)
-        return tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=(cols < K)[None, :], other=0)
+        if FMT == 2:  # one return: the compiler takes a constexpr branch's return as the function's type
+            cols = tl.arange(0, BLOCK_K // 2)
+            width = K // 2
+        else:
+            cols = tl.arange(0, BLOCK_K)
+            width = K
+        return tl.load(w_ptr + rows[:, None] * width + cols[None, :], mask=(cols < width)[None, :], other=0)
 
     @triton.jit
     def _int4_tile(b, x_ptr, nw_ptr, inv_rms, s_ptr, z_ptr, rows, k0, K, GROUP: tl.constexpr, NORM: tl.constexpr,
