@@ -76,7 +76,7 @@ class Variant(NamedTuple):
 
     quantize: str | None = None  # None, "int8" or "int4"
     pdl: bool = True  # programmatic dependent launch
-    int4_one_row: str = "tinygemm"  # one-row int4 layers: "tinygemm" or the fused "matvec" kernels
+    int4_one_row: str = "matvec"  # one-row int4 layers: the fused "matvec" kernels or PyTorch's "tinygemm"
     captured: bool = True  # the loop in tformer's CapturedDecode, else torch.compile's CUDA-graph tree
     captured_prefill: bool = True  # the prompt's forward in tformer's CapturedPrefill, else compiled_prefill()
     one_step: bool = False  # one decode step a CapturedDecode replay, not its default steps_per_replay
@@ -171,13 +171,13 @@ def bytes_per_token(model, config, prompt_len: int, new: int, batch: int) -> flo
 
 
 def tformer_variant(name: str) -> Variant:
-    """"tformer[-int8|-int4][:nopdl][:matvec][:tree][:plainprefill][:onestep]" -> its `Variant`."""
+    """"tformer[-int8|-int4][:nopdl][:tinygemm][:tree][:plainprefill][:onestep]" -> its `Variant`."""
     name, *options = name.split(":")
-    known = {"nopdl", "matvec", "tree", "plainprefill", "onestep"}
+    known = {"nopdl", "tinygemm", "tree", "plainprefill", "onestep"}
     if unknown := set(options) - known:
         raise SystemExit(f"unknown variant option(s) {sorted(unknown)} in {name} (known: {', '.join(sorted(known))})")
     return Variant(name.split("-")[1] if "-" in name else None, "nopdl" not in options,
-                   "matvec" if "matvec" in options else "tinygemm", "tree" not in options, "plainprefill" not in options,
+                   "tinygemm" if "tinygemm" in options else "matvec", "tree" not in options, "plainprefill" not in options,
                    "onestep" in options)
 
 
@@ -206,8 +206,8 @@ def main() -> None:
                          "kernels without programmatic dependent launch, and :tree, the step in torch.compile's "
                          "CUDA-graph tree instead of tformer's CapturedDecode, and :plainprefill, the prompt's "
                          "forward compiled without tformer's CapturedPrefill, and :onestep, one decode step a "
-                         "CapturedDecode replay instead of its default; int4 in :matvec, one-row int4 "
-                         "layers through the fused matvec kernels, not tinygemm), gpt-fast, hf")
+                         "CapturedDecode replay instead of its default; int4 in :tinygemm, one-row int4 "
+                         "layers through PyTorch's tinygemm, not the fused matvec kernels), gpt-fast, hf")
     ap.add_argument("--floor", type=int, nargs="+", metavar="LAYERS",
                     help="instead: the fixed cost of tformer's bf16 step, timed on models of these layer counts "
                          "with almost no weights (dim 256, 4/2 heads, SwiGLU 512, vocabulary 4096)")

@@ -160,7 +160,7 @@ def main() -> None:
                                                           "variant by Python function (cProfile)")
     ap.add_argument("--variants", default="tformer,gpt-fast",
                     help="comma-separated: tformer, tformer-int8, tformer-int4 (each may end in :nopdl, :tree "
-                         "and, for int4, :matvec, as in bench/decode.py), gpt-fast, spec-kN (N draft tokens)")
+                         "and, for int4, :tinygemm, as in bench/decode.py), gpt-fast, spec-kN (N draft tokens)")
     args = ap.parse_args()
     if args.host:
         torch._logging.set_logs(perf_hints=True)  # "skipping cudagraphs due to ..."

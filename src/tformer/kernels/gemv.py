@@ -2,10 +2,8 @@
 
 At batch 1 a decode step reads every weight once and does two FLOPs per weight, so the only
 thing that matters is streaming W from memory at full bandwidth and dequantizing it in
-registers. tformer's int8 layers use it for a single row (int4 layers only where PyTorch's
-tinygemm does not apply, or where `Int4Linear.one_row` asks: a decode step through either takes
-the same time on the H100), and
-full-precision layers after `with_matvec(model)` (tformer.kernels.linear). The weight formats are
+registers. tformer's int8 and int4 layers use it for a single row (int4 unless `Int4Linear.one_row`
+asks for PyTorch's tinygemm), and full-precision layers after `with_matvec(model)` (tformer.kernels.linear). The weight formats are
 exactly the ones tformer stores (no repacking):
 
     bf16/fp16 W (N, K)

@@ -10,13 +10,13 @@ kernel, so on a CUDA GPU (sm80+) the kernel's tiled layout is one call away:
 `aten._convert_weight_to_int4pack(packed, inner_k_tiles)` (uint8 input since torch 2.5), used by
 `aten._weight_int4pack_mm(x_bf16, w, group_size, scales_and_zeros (K/g, N, 2) bf16)`.
 That layout is derived, never saved: it is rebuilt whenever the module moves or is loaded.
-A single row of x (a batch-1 decode step) goes through tinygemm too (per product up to 1.4x faster
-than `tformer.kernels.matvec` on the H100; a whole decode step takes the same time either way:
-bench/gemv.py and bench/decode.py, BENCHMARKS.md). `Int4Linear.one_row = "matvec"` sends it to the
-matvec kernel instead, which reads the stored form directly and fuses the
-norm, SwiGLU and residual around it (tformer.models.fused); so does any layer tinygemm cannot run
-(fp16 activations, shapes it refuses). Elsewhere (CPU, several rows without tinygemm, or more than
-`Int4Linear.tinygemm_max_rows` rows: a prompt) the forward dequantizes to x.dtype and calls F.linear.
+A single row of x (a batch-1 decode step) goes to `tformer.kernels.matvec`, which reads the stored
+form directly, fuses the norm, SwiGLU and residual around it (tformer.models.fused) and loads its
+first weights before the kernel ahead of it ends: a 1B model's decode step ran 7% faster than through
+tinygemm on the H100 (BENCHMARKS.md, session 14). `Int4Linear.one_row = "tinygemm"` sends it to
+tinygemm instead. A few rows (up to `Int4Linear.tinygemm_max_rows`) go to tinygemm; elsewhere (CPU
+without the kernel, a prompt, shapes tinygemm refuses) the forward dequantizes to x.dtype and calls
+F.linear.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class Int4Linear(nn.Module):
     of tinygemm, whose kernel is built for a few rows (a 128-token prompt of a 1B model took 13 ms
     through it, against 3.6 ms in bf16: BENCHMARKS.md, session 12)."""
 
-    one_row = "tinygemm"
+    one_row = "matvec"
     tinygemm_max_rows = 16
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 64,
