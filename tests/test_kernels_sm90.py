@@ -41,3 +41,47 @@ def test_matvec_compiles_for_sm90_with_pdl(fmt, gated, norm, residual, block):
                       PDL=True, BLOCK_N=block[0], BLOCK_K=block[1])
     kernel = compile_sm90(gemv._matvec_kernel, pointers, {"N": "i32", "K": "i32", "eps": "fp32"}, constexprs)
     assert kernel.asm["cubin"]
+
+
+FLOATS = {"eps", "scale", "inv_t"}  # the kernels' fp32 scalar arguments; the other scalars are int32
+
+
+def compile_kernel(fn, pointer_types: dict[str, str], constexprs: dict):
+    """`compile_sm90` with bf16 pointers unless `pointer_types` says otherwise."""
+    pointers = {n: pointer_types.get(n, "*bf16") for n in fn.arg_names if n.endswith("_ptr")}
+    scalars = {n: "fp32" if n in FLOATS else "i32" for n in fn.arg_names
+               if not n.endswith("_ptr") and n not in constexprs}
+    return compile_sm90(fn, pointers, scalars, constexprs)
+
+
+@pytest.mark.parametrize("swap,split_k,fmt", [(0, 1, 0), (1, 2, 0), (1, 4, 1), (0, 2, 1)])
+def test_rows_kernel_compiles_for_sm90_with_pdl(swap, split_k, fmt):
+    from tformer.kernels import rows
+
+    weight = "*i8" if fmt == 1 else "*bf16"
+    types = {"w_ptr": weight, "w2_ptr": weight, "ws_ptr": "*fp32", "count_ptr": "*i32"}
+    block_n = 64 if swap else 16
+    constexprs = dict(FMT=fmt, GROUP=0, NORM=True, GATED=True, BIAS=False, RESIDUAL=False, PDL=True, ROWS=16,
+                      BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split_k, SWAP=swap)
+    assert compile_kernel(rows._rows_kernel, types, constexprs).asm["cubin"]
+
+
+@pytest.mark.parametrize("splits", [1, 8])
+def test_cached_attention_compiles_for_sm90_with_pdl(splits):
+    from tformer.kernels import fused_attention as fa
+
+    types = {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "m_ptr": "*i64", "ws_ptr": "*fp32",
+             "count_ptr": "*i32"}
+    one = dict(D=64, BLOCK_D=64, BLOCK_S=64, SPLITS=splits, PDL=True)
+    assert compile_kernel(fa._cached_attention_kernel, types, one).asm["cubin"]
+    assert compile_kernel(fa._cached_attention_rows_kernel, types, {**one, "ROWS": 32, "NEW": 16}).asm["cubin"]
+
+
+def test_topk_sampling_kernels_compile_for_sm90_with_pdl():
+    from tformer.kernels import sampling
+
+    types = {"count_ptr": "*i32", "seed_ptr": "*i64", "out_ptr": "*i64"}
+    for p in range(2):
+        assert compile_kernel(sampling._digit_kernel, types, dict(BITS=16, PASS=p, PDL=True, BLOCK=1024)).asm["cubin"]
+    draw = dict(PROGRAMS=126, BITS=16, PDL=True, BLOCK=1024)
+    assert compile_kernel(sampling._draw_kernel, types, draw).asm["cubin"]
