@@ -27,7 +27,7 @@ An int4 tile's nibbles are interleaved back into column order in registers (`tl.
 so the tile has int8's layout and x loads contiguously (taking the even and odd columns of x
 apart instead made the compiler convert whole tiles through shared memory every step). Timed on
 the H100 in BENCHMARKS.md ("Batch-1 matrix-vector products"): int8 beats inductor's code on every
-shape; int4 is within 13% of tinygemm on every layer shape alone (session 12), and a whole int4 decode
+shape; int4 is about level with tinygemm on each layer shape alone (session 12), and a whole int4 decode
 step through it, fused and prefetching, is 7% faster than through tinygemm (session 14).
 
 Around the product the kernel can fuse what surrounds a weight in a pre-norm decoder block
