@@ -177,8 +177,8 @@ def tformer_variant(name: str) -> Variant:
     if unknown := set(options) - known:
         raise SystemExit(f"unknown variant option(s) {sorted(unknown)} in {name} (known: {', '.join(sorted(known))})")
     return Variant(name.split("-")[1] if "-" in name else None, "nopdl" not in options,
-                   "tinygemm" if "tinygemm" in options else "matvec", "tree" not in options, "plainprefill" not in options,
-                   "onestep" in options)
+                   "tinygemm" if "tinygemm" in options else "matvec", "tree" not in options,
+                   "plainprefill" not in options, "onestep" in options)
 
 
 def floor(config, layer_counts: list[int], prompt_len: int, new: int, repeats: int) -> None:

@@ -3,8 +3,8 @@
 At batch 1 a decode step reads every weight once and does two FLOPs per weight, so the only
 thing that matters is streaming W from memory at full bandwidth and dequantizing it in
 registers. tformer's int8 and int4 layers use it for a single row (int4 unless `Int4Linear.one_row`
-asks for PyTorch's tinygemm), and full-precision layers after `with_matvec(model)` (tformer.kernels.linear). The weight formats are
-exactly the ones tformer stores (no repacking):
+asks for PyTorch's tinygemm), and full-precision layers after `with_matvec(model)`
+(tformer.kernels.linear). The weight formats are exactly the ones tformer stores (no repacking):
 
     bf16/fp16 W (N, K)
     int8      q (N, K) int8, scales (N,)                 w = q * s
@@ -194,7 +194,8 @@ if triton is not None:
     }
 
     # whole rows (BLOCK_K = K rounded up to a power of two): a program's weights all load before its
-    # PDL wait, 4-32 KB of them (int4: up to 16 KB), so a product after a short kernel reads its weights during that kernel
+    # PDL wait, 4-32 KB of them (int4: up to 16 KB), so a product after a short kernel reads its weights
+    # during that kernel
     def _whole(max_weights: int):
         tiles = [(bn, bk, 8 if bn * bk >= 8192 else 4) for bk in (64, 128, 256, 512, 1024, 2048, 4096)
                  for bn in (1, 2, 4, 8, 16, 32, 64) if 2048 <= bn * bk <= max_weights]
