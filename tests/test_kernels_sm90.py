@@ -16,8 +16,13 @@ from tformer.kernels import gemv  # noqa: E402
 SM90 = GPUTarget("cuda", 90, 32)
 
 
-def compile_sm90(fn, pointers: dict[str, str], scalars: dict[str, str], constexprs: dict):
-    signature = {name: pointers.get(name) or scalars.get(name) or "constexpr" for name in fn.arg_names}
+FLOATS = {"eps", "scale", "inv_t"}  # the kernels' fp32 scalar arguments; the other scalars are int32
+
+
+def compile_kernel(fn, pointer_types: dict[str, str], constexprs: dict):
+    """fn compiled for sm_90 down to its cubin: pointers bf16 unless `pointer_types` says otherwise."""
+    signature = {n: "constexpr" if n in constexprs else pointer_types.get(n, "*bf16") if n.endswith("_ptr")
+                 else "fp32" if n in FLOATS else "i32" for n in fn.arg_names}
     try:
         return triton.compile(triton.compiler.ASTSource(fn, signature, constexprs), target=SM90)
     except RuntimeError as e:  # a Triton without the NVIDIA toolchain (ptxas) cannot make the cubin
@@ -35,23 +40,9 @@ def compile_sm90(fn, pointers: dict[str, str], scalars: dict[str, str], constexp
 ])
 def test_matvec_compiles_for_sm90_with_pdl(fmt, gated, norm, residual, block):
     weight = {0: "*bf16", 1: "*i8", 2: "*u8"}[fmt]
-    pointers = {name: "*bf16" for name in gemv._matvec_kernel.arg_names if name.endswith("_ptr")}
-    pointers.update(w_ptr=weight, w2_ptr=weight)
     constexprs = dict(FMT=fmt, GROUP=64 if fmt == 2 else 0, NORM=norm, GATED=gated, BIAS=False, RESIDUAL=residual,
                       PDL=True, BLOCK_N=block[0], BLOCK_K=block[1])
-    kernel = compile_sm90(gemv._matvec_kernel, pointers, {"N": "i32", "K": "i32", "eps": "fp32"}, constexprs)
-    assert kernel.asm["cubin"]
-
-
-FLOATS = {"eps", "scale", "inv_t"}  # the kernels' fp32 scalar arguments; the other scalars are int32
-
-
-def compile_kernel(fn, pointer_types: dict[str, str], constexprs: dict):
-    """`compile_sm90` with bf16 pointers unless `pointer_types` says otherwise."""
-    pointers = {n: pointer_types.get(n, "*bf16") for n in fn.arg_names if n.endswith("_ptr")}
-    scalars = {n: "fp32" if n in FLOATS else "i32" for n in fn.arg_names
-               if not n.endswith("_ptr") and n not in constexprs}
-    return compile_sm90(fn, pointers, scalars, constexprs)
+    assert compile_kernel(gemv._matvec_kernel, {"w_ptr": weight, "w2_ptr": weight}, constexprs).asm["cubin"]
 
 
 @pytest.mark.parametrize("swap,split_k,fmt", [(0, 1, 0), (1, 2, 0), (1, 4, 1), (0, 2, 1)])
