@@ -39,23 +39,23 @@ if triton is not None:
         return m_new, l_i * alpha + tl.sum(p, axis=0), acc
 
     @triton.jit
-    def _cache_tile(k_ptr, v_ptr, m_ptr, head, b, s0, hi, skip, sk_s, sm_b, sm_s, d, d_ok, BLOCK_S: tl.constexpr):
+    def _cache_tile(k_ptr, v_ptr, m_ptr, head, b, s0, hi, sk_s, sm_b, sm_s, d, d_ok, BLOCK_S: tl.constexpr):
         """Cache slots s0..s0+BLOCK_S-1 of one key/value head: k, v (BLOCK_S, BLOCK_D) and which slots
-        are kept (below hi, not `skip`, True in the mask)."""
+        are kept (below hi, True in the mask)."""
         s = s0 + tl.arange(0, BLOCK_S)
         in_range = s < hi
-        keep = (tl.load(m_ptr + b * sm_b + s * sm_s, mask=in_range, other=0) != 0) & in_range & (s != skip)
+        keep = (tl.load(m_ptr + b * sm_b + s * sm_s, mask=in_range, other=0) != 0) & in_range
         offs = s[:, None] * sk_s + d[None, :]
         kv_ok = in_range[:, None] & d_ok[None, :]
         return tl.load(k_ptr + head + offs, mask=kv_ok, other=0.0), tl.load(v_ptr + head + offs, mask=kv_ok, other=0.0), keep
 
     @triton.jit
-    def _attend_cache(q, k_ptr, v_ptr, m_ptr, head, b, lo, hi, skip, m_i, l_i, acc, sk_s, sm_b, sm_s, d, d_ok,
+    def _attend_cache(q, k_ptr, v_ptr, m_ptr, head, b, lo, hi, m_i, l_i, acc, sk_s, sm_b, sm_s, d, d_ok,
                       BLOCK_S: tl.constexpr):
         """Online softmax of q (BLOCK_D,) fp32, pre-scaled, over the kept cache slots lo..hi-1 of one
-        key/value head (all but slot `skip`); folds them into the running (max, sum, output)."""
+        key/value head; folds them into the running (max, sum, output)."""
         for s0 in range(lo, hi, BLOCK_S):  # loads do not wait on the mask, so they can be in flight together
-            k, v, keep = _cache_tile(k_ptr, v_ptr, m_ptr, head, b, s0, hi, skip, sk_s, sm_b, sm_s, d, d_ok, BLOCK_S)
+            k, v, keep = _cache_tile(k_ptr, v_ptr, m_ptr, head, b, s0, hi, sk_s, sm_b, sm_s, d, d_ok, BLOCK_S)
             m_i, l_i, acc = _fold(q, k, v, keep, m_i, l_i, acc)
         return m_i, l_i, acc
 
@@ -68,7 +68,7 @@ if triton is not None:
         d_ok = d < D
         q = tl.load(q_ptr + b * sq_b + h * sq_h + d, mask=d_ok, other=0.0).to(tl.float32) * scale
         head = b * sk_b + (h // GROUP) * sk_h  # this query head's key/value head
-        m_i, l_i, acc = _attend_cache(q, k_ptr, v_ptr, m_ptr, head, b, 0, S, -1, tl.full((), float("-inf"), tl.float32),
+        m_i, l_i, acc = _attend_cache(q, k_ptr, v_ptr, m_ptr, head, b, 0, S, tl.full((), float("-inf"), tl.float32),
                                       tl.zeros((), tl.float32), tl.zeros((BLOCK_D,), tl.float32),
                                       sk_s, sm_b, sm_s, d, d_ok, BLOCK_S)
         tl.store(out_ptr + (b * H + h) * D + d, acc / l_i, mask=d_ok)

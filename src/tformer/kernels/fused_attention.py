@@ -76,7 +76,7 @@ if triton is not None:
         chunk = tl.cdiv(tl.cdiv(S, SPLITS), BLOCK_S) * BLOCK_S
         lo = split * chunk
         hi = tl.minimum(lo + chunk, pos)  # slots before the new token's: a causal mask keeps none after it
-        k_first, v_first, keep_first = _cache_tile(k_ptr, v_ptr, m_ptr, head, b, lo, hi, -1, sk_s, sm_b, sm_s, d, d_ok,
+        k_first, v_first, keep_first = _cache_tile(k_ptr, v_ptr, m_ptr, head, b, lo, hi, sk_s, sm_b, sm_s, d, d_ok,
                                                    BLOCK_S)
         _wait_for_previous_kernel(PDL)
         row, cos, sin = qkv_ptr + b * s_qkv, cos_ptr + b * s_cos, sin_ptr + b * s_cos
@@ -97,7 +97,7 @@ if triton is not None:
             l_i = tl.zeros((), tl.float32)
             acc = tl.zeros((BLOCK_D,), tl.float32)
         m_i, l_i, acc = _fold(q, k_first, v_first, keep_first, m_i, l_i, acc)
-        m_i, l_i, acc = _attend_cache(q, k_ptr, v_ptr, m_ptr, head, b, lo + BLOCK_S, hi, -1, m_i, l_i, acc,
+        m_i, l_i, acc = _attend_cache(q, k_ptr, v_ptr, m_ptr, head, b, lo + BLOCK_S, hi, m_i, l_i, acc,
                                       sk_s, sm_b, sm_s, d, d_ok, BLOCK_S)
         if SPLITS == 1:
             tl.store(out_ptr + bh * D + d, acc / l_i, mask=d_ok)
