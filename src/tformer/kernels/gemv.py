@@ -76,14 +76,14 @@ if triton is not None:
     from tformer.kernels.base import _code, _configs, _load_x, _wait_for_previous_kernel, _weight
 
     @triton.jit
-    def _first_tile(w_ptr, rows, K, FMT: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Columns 0..BLOCK_K-1 of weight rows `rows` as `_rows_dot` loads them: elements (full precision,
-        int8) or the bytes that hold them (int4: BLOCK_K / 2 of them)."""
+    def _weight_tile(w_ptr, rows, k0, K, FMT: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Columns k0..k0+BLOCK_K-1 of weight rows `rows` as stored: elements (full precision, int8) or
+        the bytes that hold them (int4: BLOCK_K / 2 of them)."""
         if FMT == 2:  # one return: the compiler takes a constexpr branch's return as the function's type
-            cols = tl.arange(0, BLOCK_K // 2)
+            cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             width = K // 2
         else:
-            cols = tl.arange(0, BLOCK_K)
+            cols = k0 + tl.arange(0, BLOCK_K)
             width = K
         return tl.load(w_ptr + rows[:, None] * width + cols[None, :], mask=(cols < width)[None, :], other=0)
 
@@ -108,39 +108,38 @@ if triton is not None:
         return part * s + z * x_sum[None, :]  # sum ((q - 8) s + z) x over each group
 
     @triton.jit
+    def _tile_sum(w, x_ptr, nw_ptr, inv_rms, s_ptr, z_ptr, rows, k0, K, FMT: tl.constexpr, GROUP: tl.constexpr,
+                  NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One weight tile w (`_weight_tile` at k0) times x, dequantized in registers, unsummed: (BLOCK_N,
+        BLOCK_K) products, or int4's (BLOCK_N, BLOCK_K / GROUP) group sums (`_int4_tile`)."""
+        if FMT == 2:  # one return, as in `_weight_tile`
+            part = _int4_tile(w, x_ptr, nw_ptr, inv_rms, s_ptr, z_ptr, rows, k0, K, GROUP, NORM, BLOCK_N, BLOCK_K)
+        else:  # bf16/fp16/fp32, or int8 codes (its per-row scale is applied once, by `_rows_dot`)
+            cols = k0 + tl.arange(0, BLOCK_K)
+            part = _weight(w, FMT) * _load_x(x_ptr, nw_ptr, cols, cols < K, inv_rms, NORM)[None, :]
+        return part
+
+    @triton.jit
     def _rows_dot(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, rows, K, w_first,
                   FMT: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr, PREFETCHED: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """(BLOCK_N,) fp32 dot products of weight rows `rows` with x, dequantized in registers.
-        PREFETCHED: w_first holds the first tile (`_first_tile`)."""
-        if FMT == 2:  # int4: BLOCK_K / GROUP groups a step (`_int4_tile`)
-            half = tl.arange(0, BLOCK_K // 2)
+        PREFETCHED: w_first holds the first tile (`_weight_tile` at column 0)."""
+        if FMT == 2:
             acc = tl.zeros((BLOCK_N, BLOCK_K // GROUP), dtype=tl.float32)
-            start = 0
-            if PREFETCHED:
-                acc += _int4_tile(w_first, x_ptr, nw_ptr, inv_rms, s_ptr, z_ptr, rows, 0, K, GROUP, NORM,
-                                  BLOCK_N, BLOCK_K)
-                start = BLOCK_K
-            for k0 in range(start, K, BLOCK_K):
-                byte = k0 // 2 + half
-                b = tl.load(w_ptr + rows[:, None] * (K // 2) + byte[None, :], mask=(byte < K // 2)[None, :], other=0)
-                acc += _int4_tile(b, x_ptr, nw_ptr, inv_rms, s_ptr, z_ptr, rows, k0, K, GROUP, NORM, BLOCK_N, BLOCK_K)
-            y = tl.sum(acc, axis=1)
-        else:  # bf16/fp16/fp32, or int8 (its per-row scale is applied once at the end)
+        else:
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            start = 0
-            if PREFETCHED:
-                cols = tl.arange(0, BLOCK_K)
-                acc += _weight(w_first, FMT) * _load_x(x_ptr, nw_ptr, cols, cols < K, inv_rms, NORM)[None, :]
-                start = BLOCK_K
-            for k0 in range(start, K, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
-                ok = cols < K
-                w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=ok[None, :], other=0)
-                acc += _weight(w, FMT) * _load_x(x_ptr, nw_ptr, cols, ok, inv_rms, NORM)[None, :]
-            y = tl.sum(acc, axis=1)
-            if FMT == 1:
-                y = y * tl.load(s_ptr + rows).to(tl.float32)
+        start = 0
+        if PREFETCHED:
+            acc += _tile_sum(w_first, x_ptr, nw_ptr, inv_rms, s_ptr, z_ptr, rows, 0, K, FMT, GROUP, NORM,
+                             BLOCK_N, BLOCK_K)
+            start = BLOCK_K
+        for k0 in range(start, K, BLOCK_K):
+            w = _weight_tile(w_ptr, rows, k0, K, FMT, BLOCK_K)
+            acc += _tile_sum(w, x_ptr, nw_ptr, inv_rms, s_ptr, z_ptr, rows, k0, K, FMT, GROUP, NORM, BLOCK_N, BLOCK_K)
+        y = tl.sum(acc, axis=1)
+        if FMT == 1:
+            y = y * tl.load(s_ptr + rows).to(tl.float32)
         return y
 
     @triton.jit
@@ -155,9 +154,9 @@ if triton is not None:
         w_first = 0
         w2_first = 0
         if PDL:  # the weights' first tiles before the wait
-            w_first = _first_tile(w_ptr, rows, K, FMT, BLOCK_K)
+            w_first = _weight_tile(w_ptr, rows, 0, K, FMT, BLOCK_K)
             if GATED:
-                w2_first = _first_tile(w2_ptr, rows, K, FMT, BLOCK_K)
+                w2_first = _weight_tile(w2_ptr, rows, 0, K, FMT, BLOCK_K)
         _wait_for_previous_kernel(PDL)
         inv_rms = 1.0
         if NORM:  # every program sums x^2 itself (x is a few KB, read from L2): no extra kernel
