@@ -29,7 +29,18 @@ def test_kernels_under_interpreter():
     r = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", *files],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "49 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
+    assert "52 passed" in r.stdout, r.stdout[-2000:]  # the child ran the kernel tests
+
+
+@interpreted
+def test_record_step_writes_the_loops_bookkeeping():
+    from tformer.kernels.record import record_step
+
+    history, n = torch.zeros(4, 3, dtype=torch.long), torch.tensor([2])
+    token, pos = torch.zeros(3, 1, dtype=torch.long), torch.tensor([9])
+    record_step(torch.tensor([4, 5, 6]), token, pos, history, n)
+    assert history.tolist() == [[0, 0, 0], [0, 0, 0], [4, 5, 6], [0, 0, 0]]
+    assert (n.item(), pos.item(), token.flatten().tolist()) == (3, 10, [4, 5, 6])
 
 
 SHAPES = [(37, 320, 32), (37, 320, 64), (64, 2048, 64)]  # tails of rows and of K steps (interpreted: 128 a step)

@@ -170,6 +170,28 @@ def test_compiled_step_builds_rope_and_mask_once_for_all_layers():
     assert len(calls) == 3 and len(shared) == 1, calls  # (cos, sin, mask) the same for every layer
 
 
+@interpreted
+def test_compiled_loop_step_draws_no_seeds_and_records_in_one_kernel():
+    """CapturedDecode's compiled `advance` with top-k sampling: no seed kernels (the sampler mixes the slot
+    into the seeds `generate` drew), the loop's bookkeeping is the one record_step call, and the tokens
+    are the eager step's."""
+    from torch._inductor.utils import run_and_get_code
+
+    from tformer.generate import CapturedDecode, SamplingConfig, generate
+    from tformer.generate.captured import advance
+    from tformer.models import with_decode_kernels
+
+    model = with_decode_kernels(_tiny(n_layers=2))
+    topk = SamplingConfig(temperature=0.9, top_k=5)
+    compiled = CapturedDecode(torch.compile(advance, fullgraph=True, options={"triton.cudagraphs": False}))
+    want = generate(model, [[3, 5, 7]], 6, topk, seed=2, step_fn=CapturedDecode(advance))
+    got, code = run_and_get_code(generate, model, [[3, 5, 7]], 6, topk, seed=2, step_fn=compiled)
+    code = "\n".join(code)
+    assert got == want
+    assert "tformer.record_step.default(" in code and "tformer.topk_sample.default(" in code
+    assert "randint" not in code and "index_copy" not in code, code
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU")
 def test_fused_decode_on_cuda_matches_unfused_in_bf16():
     pytest.importorskip("triton")

@@ -40,13 +40,14 @@ def test_topk_sample_keeps_exactly_the_k_best(dtype):
     _check_keeps_exactly_the_k_best(dtype, DEVICE, rows=32)  # misses one of five with p = 0.004
 
 
-def _frequencies_match(device, rows: int, tol: float):
+def _frequencies_match(device, rows: int, tol: float, step=None):
     from tformer.kernels.sampling import topk_sample
 
     torch.manual_seed(1)
     V, k, T = 200, 6, 0.7  # two programs a row when interpreted
     logits = torch.randn(V).to(torch.bfloat16)
-    got = torch.bincount(topk_sample(logits.expand(rows, V).to(device), k, T).cpu(), minlength=V).float() / rows
+    got = topk_sample(logits.expand(rows, V).to(device), k, T, step=step)
+    got = torch.bincount(got.cpu(), minlength=V).float() / rows
     top = torch.topk(logits.float(), k).indices
     want = torch.zeros(V)
     want[top] = torch.softmax(logits.float()[top] / T, 0)
@@ -57,6 +58,29 @@ def _frequencies_match(device, rows: int, tol: float):
 @interpreted
 def test_topk_sample_draws_softmax_of_the_kept():
     _frequencies_match(DEVICE, rows=256, tol=0.095)  # 3 standard deviations of the largest frequency
+
+
+@interpreted
+def test_topk_sample_with_a_step_draws_from_the_kept_seeds():
+    """With a step, a row's draw depends on its kept seed and the step alone: the same pair repeats it,
+    another step or other seeds change it, and the draws still follow softmax over the kept."""
+    from tformer.kernels.sampling import reseed_topk_sample, topk_sample
+
+    rows, step = 16, torch.tensor([7], device=DEVICE)
+    logits = torch.randn(rows, 300).to(DEVICE, torch.bfloat16)
+    torch.manual_seed(5)
+    reseed_topk_sample(DEVICE, 256)
+    first = topk_sample(logits, 50, 1.0, step=step)
+    assert torch.equal(first, topk_sample(logits, 50, 1.0, step=step))
+    assert not torch.equal(first, topk_sample(logits, 50, 1.0, step=step + 1))
+    reseed_topk_sample(DEVICE, 256)
+    assert not torch.equal(first, topk_sample(logits, 50, 1.0, step=step))
+    torch.manual_seed(5)
+    reseed_topk_sample(DEVICE, 256)
+    assert torch.equal(first, topk_sample(logits, 50, 1.0, step=step))
+    _frequencies_match(DEVICE, rows=256, tol=0.095, step=step)
+    with pytest.raises(ValueError, match="step must be a \\(1,\\) int64"):
+        topk_sample(logits, 5, 1.0, step=torch.tensor([1, 2], device=DEVICE))
 
 
 @interpreted

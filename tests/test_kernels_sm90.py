@@ -71,8 +71,16 @@ def test_cached_attention_compiles_for_sm90_with_pdl(splits):
 def test_topk_sampling_kernels_compile_for_sm90_with_pdl():
     from tformer.kernels import sampling
 
-    types = {"count_ptr": "*i32", "seed_ptr": "*i64", "out_ptr": "*i64"}
+    types = {"count_ptr": "*i32", "seed_ptr": "*i64", "step_ptr": "*i64", "out_ptr": "*i64"}
     for p in range(2):
         assert compile_kernel(sampling._digit_kernel, types, dict(BITS=16, PASS=p, PDL=True, BLOCK=1024)).asm["cubin"]
-    draw = dict(PROGRAMS=126, BITS=16, PDL=True, BLOCK=1024)
-    assert compile_kernel(sampling._draw_kernel, types, draw).asm["cubin"]
+    for step in (False, True):  # seeds drawn for the call, or the kept seeds mixed with a step
+        draw = dict(PROGRAMS=126, BITS=16, STEP=step, PDL=True, BLOCK=1024)
+        assert compile_kernel(sampling._draw_kernel, types, draw).asm["cubin"]
+
+
+def test_record_kernel_compiles_for_sm90_with_pdl():
+    from tformer.kernels import record
+
+    types = {n: "*i64" for n in record._record_kernel.arg_names if n.endswith("_ptr")}
+    assert compile_kernel(record._record_kernel, types, dict(PDL=True, BLOCK_B=1)).asm["cubin"]

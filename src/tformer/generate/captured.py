@@ -11,8 +11,11 @@ host out of the way, and the loop's small kernels into the graph.
 `CapturedDecode` compiles `advance` (no CUDA graph of its own) and captures it once per model
 state, batch shape and sampling setting in a graph that does, besides the step:
 
-    token <- the sampled token       slot += 1       history[n] <- token       n += 1
+    token <- the sampled token       slot += 1       history[n] <- token       n += 1   (one kernel)
     done |= token in the stop ids    counts[token] += 1 (repetition penalty)
+
+The first line is `tformer.kernels.record`'s one kernel; the top-k sampler's seeds come from the slot
+(`sample`'s step), so a step draws no seeds of its own.
 
 A graph holds `steps_per_replay` steps (4) one after another, so the host replays once every few
 tokens. Each replay also costs the GPU a few microseconds before its first kernel: PyTorch sets the
@@ -40,22 +43,21 @@ import torch
 
 from tformer.generate.engine import compiled_prefill, decode_compile_options, decode_step, note_tokens
 from tformer.generate.sampling import SamplingConfig
+from tformer.kernels.record import record_step
 
 
-def record(nxt, history, n, done, stop, counts) -> None:
-    """The loop's work on new tokens nxt (B,): history[n] <- nxt, n += 1, then `note_tokens`."""
-    history.index_copy_(0, n, nxt[None])
-    n += 1
+def record(nxt, token, input_pos, history, n, done, stop, counts) -> None:
+    """The loop's work on new tokens nxt (B,), in place: history[n] <- nxt, n += 1, token <- nxt, the
+    slot input_pos moves on by one (one kernel on a GPU, `record_step`), then `note_tokens`."""
+    record_step(nxt, token, input_pos, history, n)
     note_tokens(nxt, done, stop, counts)
 
 
 def advance(model, sampling: SamplingConfig, token, input_pos, key_mask, counts, history, n, done, stop) -> None:
-    """One decode step and its bookkeeping, all in place: token (B, 1) at slot input_pos (1,) is
-    replaced by the next token, which is recorded (`record`); the slot moves on by one."""
-    nxt = decode_step(model, token, input_pos, key_mask, sampling, counts)
-    record(nxt, history, n, done, stop, counts)
-    token.copy_(nxt[:, None])
-    input_pos += 1
+    """One decode step and its bookkeeping: token (B, 1) at slot input_pos (1,) -> the next token,
+    recorded (`record`)."""
+    record(decode_step(model, token, input_pos, key_mask, sampling, counts), token, input_pos, history, n, done,
+           stop, counts)
 
 
 @dataclasses.dataclass
@@ -119,14 +121,13 @@ class CapturedDecode(_Captures):
              stop_ids, on_tokens, sync_every: int) -> list[list[int]]:
         """`engine._decode`'s contract: rows of new tokens (B, up to max_new_tokens), first included."""
         st = self._state(model, first.shape[0], key_mask.shape[1], sampling, counts, sorted(stop_ids or []))
-        st.token.copy_(first[:, None])
-        st.input_pos.fill_(L)
+        st.input_pos.fill_(L - 1)  # the prompt's last slot; `record` moves it on to the first token's
         st.key_mask.copy_(key_mask)
         st.n.zero_()
         st.done.zero_()
         if counts is not None:
             st.counts.copy_(counts)
-        record(first, st.history, st.n, st.done, st.stop, st.counts)
+        record(first, st.token, st.input_pos, st.history, st.n, st.done, st.stop, st.counts)
         produced, shown = 1, 0
         while True:
             for row in range(shown, produced):  # the new tokens, one callback each, in order

@@ -39,13 +39,13 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0, length: int = 0) -> tupl
 def decode_step(model, token, input_pos, key_mask, sampling: SamplingConfig, counts=None):
     """One decode step: token (B, 1) at slot input_pos (1,) -> next token (B,)."""
     logits = model(token, input_pos=input_pos, attention_mask=key_mask)[:, -1]
-    return sample(logits, sampling, counts)
+    return sample(logits, sampling, counts, step=input_pos)
 
 
 def prefill(model, tokens, input_pos, key_mask, sampling: SamplingConfig, counts=None):
     """The prompts (B, L) into cache slots input_pos (L,) -> first new token (B,)."""
     logits = model(tokens, input_pos=input_pos, attention_mask=key_mask)[:, -1]
-    return sample(logits, sampling, counts)
+    return sample(logits, sampling, counts, step=input_pos[-1:])
 
 
 def compiled_prefill():

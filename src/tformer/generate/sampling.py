@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tformer.kernels.base import DEVICE_TYPE
-from tformer.kernels.sampling import reserve_topk_sample, topk_sample, use_topk_sample
+from tformer.kernels.sampling import reserve_topk_sample, reseed_topk_sample, topk_sample, use_topk_sample
 
 
 @dataclass
@@ -37,9 +37,11 @@ class SamplingConfig:
 
 def prepare_sampling(cfg: SamplingConfig, device: torch.device, rows: int) -> None:
     """Allocate now, before any compiled or CUDA-graphed step, what `sample`'s kernels keep between
-    calls for `rows` rows (the top-k sampler's counters)."""
+    calls for `rows` rows (the top-k sampler's counters), and draw the seeds that calls with a `step`
+    use from torch's generator (so `torch.manual_seed` before this call fixes them)."""
     if cfg.temperature > 0 and cfg.top_k > 0 and torch.device(device).type == DEVICE_TYPE:
         reserve_topk_sample(device, rows)
+        reseed_topk_sample(device, rows)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, counts: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -70,14 +72,19 @@ def _top_p_min_p(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, cfg: SamplingConfig, counts: torch.Tensor | None = None, generator=None):
-    """logits (B, V) -> next tokens (B,). counts (B, V): token occurrences, for the repetition penalty."""
+def sample(logits: torch.Tensor, cfg: SamplingConfig, counts: torch.Tensor | None = None, generator=None,
+           step: torch.Tensor | None = None):
+    """logits (B, V) -> next tokens (B,). counts (B, V): token occurrences, for the repetition penalty.
+    step: (1,) int64 on the logits' device, different at every call of a generation (the token's cache
+    slot): the top-k kernel then draws from the seeds `prepare_sampling` drew, mixed with it, instead of
+    drawing seeds a call (`tformer.kernels.sampling`); ignored with a generator and on other paths."""
     if counts is not None and cfg.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, counts, cfg.repetition_penalty)
     if cfg.temperature == 0:
         return argmax(logits)
     if cfg.top_p == 1.0 and cfg.min_p == 0.0 and use_topk_sample(logits, cfg.top_k):
-        return topk_sample(logits, cfg.top_k, cfg.temperature, generator)  # radix select, then the race (kernels)
+        step = None if generator is not None else step
+        return topk_sample(logits, cfg.top_k, cfg.temperature, generator, step)  # radix select, then the race
     if 0 < cfg.top_k < logits.shape[-1]:  # the same draw over the k best only: the rest has probability 0
         # (B, k) in no particular order: nothing below needs it, and sorting them costs a kernel a step
         best, ids = torch.topk(logits.float() / cfg.temperature, cfg.top_k, dim=-1, sorted=False)

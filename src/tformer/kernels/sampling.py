@@ -22,8 +22,14 @@ not one program's long loop: a single program walking 128K logits from L2 took 2
 
 The histograms live in counters reserved beside the decode kernels' (`reserve_topk_sample`, which
 `generate` calls before its first step: allocated inside a CUDA-graph tree's warm-up, they would
-land in its pool). The seeds come from torch's generator (`torch.randint`), so `torch.manual_seed`
-and the CUDA-graph-safe RNG state apply.
+land in its pool). Programs that hold none of the kept logits (most of them: k of V) skip the race.
+
+Seeds, one a row: by default drawn from torch's generator (`torch.randint`, two small kernels a
+call), so `torch.manual_seed` and the CUDA-graph-safe RNG state apply. A decode loop passes `step`
+instead, a (1,) device tensor that differs at every call (the token's cache slot): the kernel then
+mixes it into seeds kept beside the counters, which `reseed_topk_sample` draws from torch's generator
+once per `generate` call (`prepare_sampling`), so a step launches no kernel for its seeds and a
+seeded call still repeats itself.
 """
 
 from __future__ import annotations
@@ -46,9 +52,23 @@ def use_topk_sample(logits: torch.Tensor, k: int) -> bool:
 
 
 def reserve_topk_sample(device, rows: int) -> torch.Tensor:
-    """The counters `topk_sample` needs for `rows` rows; call it once before any CUDA-graph capture or
-    warm-up, which must not be the first to allocate them (module docstring)."""
+    """The counters `topk_sample` needs for `rows` rows (and its kept seeds, `kept_seeds`); call it once
+    before any CUDA-graph capture or warm-up, which must not be the first to allocate them (module
+    docstring)."""
+    kept_seeds(device, rows)
     return reserve_counters(device, rows * _ROW_COUNTERS, pool="topk_sample")
+
+
+def kept_seeds(device, rows: int) -> torch.Tensor:
+    """(rows,) int64: the seeds a `topk_sample` call with a `step` mixes it into (module docstring)."""
+    return reserve_counters(device, 2 * rows, pool="topk_seeds").view(torch.int64)[:rows]
+
+
+def reseed_topk_sample(device, rows: int, generator=None) -> None:
+    """Draw the kept seeds of `rows` rows afresh from torch's generator (or `generator`)."""
+    seeds = kept_seeds(device, rows)
+    rng = {} if generator is None else {"generator": generator}
+    seeds.copy_(torch.randint(0, 2**62, (rows,), device=seeds.device, **rng))
 
 
 if triton is not None:
@@ -112,26 +132,28 @@ if triton is not None:
         tl.atomic_add(hist_row + PASS * 256 + tl.arange(0, 256), hist, mask=hist > 0, sem="relaxed")
 
     @triton.jit
-    def _draw_kernel(x_ptr, seed_ptr, count_ptr, out_ptr, V, k, inv_t, PROGRAMS: tl.constexpr, BITS: tl.constexpr,
-                     PDL: tl.constexpr, BLOCK: tl.constexpr):
-        """The race among this program's logits >= tau; the row's last program writes the winner."""
+    def _draw_kernel(x_ptr, seed_ptr, step_ptr, count_ptr, out_ptr, V, k, inv_t, PROGRAMS: tl.constexpr,
+                     BITS: tl.constexpr, STEP: tl.constexpr, PDL: tl.constexpr, BLOCK: tl.constexpr):
+        """The race among this program's logits >= tau; the row's last program writes the winner.
+        STEP: the row's seed is mixed with the step at step_ptr (module docstring)."""
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < V
         x = tl.load(x_ptr + row.to(tl.int64) * V + cols, mask=ok, other=0.0)
-        seed = tl.load(seed_ptr + row)
+        seed = tl.load(seed_ptr + row)  # seeds and step come from kernels before the digits' (or the host)
+        if STEP:  # an odd 64-bit multiplier (wrapping): every step its own Philox key
+            seed = seed + tl.load(step_ptr).to(tl.int64) * 0x1E3779B97F4A7C15
         counts_row = _row_counters(count_ptr, row)
+        best_ptr = (counts_row).to(tl.pointer_type(tl.uint64))
         _wait_for_previous_kernel(PDL)
         tau, need = _found(counts_row + 4, k, BITS // 8)
         keep = ok & (_keys(x, BITS) >= tau)
-        e = -tl.log(tl.rand(seed, cols))  # Exp(1); a draw of exactly 0 gives inf, which never wins
-        score = x.to(tl.float32) * inv_t - tl.log(e)
-        # (score's key, then the lower token id on ties) as one unsigned 64-bit number; 0 = nothing kept
-        packed = (_keys(score, 32).to(tl.uint64) << 32) | (~cols).to(tl.uint32, bitcast=True).to(tl.uint64)
-        best = tl.max(tl.where(keep, packed, 0), 0)
-        best_ptr = (counts_row).to(tl.pointer_type(tl.uint64))
-        if best > 0:
-            tl.atomic_max(best_ptr, best, sem="relaxed")
+        if tl.max(keep.to(tl.int32), 0) > 0:  # most programs hold none of the k best: no draws for them
+            e = -tl.log(tl.rand(seed, cols))  # Exp(1); a draw of exactly 0 gives inf, which never wins
+            score = x.to(tl.float32) * inv_t - tl.log(e)
+            # (score's key, then the lower token id on ties) as one unsigned 64-bit number; 0 = nothing kept
+            packed = (_keys(score, 32).to(tl.uint64) << 32) | (~cols).to(tl.uint32, bitcast=True).to(tl.uint64)
+            tl.atomic_max(best_ptr, tl.max(tl.where(keep, packed, 0), 0), sem="relaxed")
         if _last_to_finish(counts_row + 2, 0, PROGRAMS):  # every program's offer is in
             won = tl.atomic_xchg(best_ptr, tl.zeros((), dtype=tl.uint64))
             tl.store(out_ptr + row, (~won.to(tl.uint32)).to(tl.int64))  # the low half holds ~token
@@ -140,11 +162,15 @@ if triton is not None:
 
 
 @torch.library.custom_op("tformer::topk_sample", mutates_args=())
-def topk_sample_op(logits: torch.Tensor, seeds: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
-    """(R,) int64 tokens; logits (R, V) contiguous, seeds (R,) int64 (module docstring)."""
+def topk_sample_op(logits: torch.Tensor, seeds: torch.Tensor | None, step: torch.Tensor | None, k: int,
+                   temperature: float) -> torch.Tensor:
+    """(R,) int64 tokens; logits (R, V) contiguous; seeds (R,) int64, or None with step (1,) int64: the
+    kept seeds mixed with the step (module docstring)."""
     R, V = logits.shape
     out = torch.empty(R, dtype=torch.int64, device=logits.device)
     counts = reserve_topk_sample(logits.device, R)
+    if seeds is None:
+        seeds = kept_seeds(logits.device, R)
     block = 128 if INTERPRET else BLOCK
     grid = (R, triton.cdiv(V, block))  # rows first: a grid's second axis stops at 65535
     bits = _BITS[logits.dtype]
@@ -152,26 +178,34 @@ def topk_sample_op(logits: torch.Tensor, seeds: torch.Tensor, k: int, temperatur
     launch = {} if INTERPRET else {"launch_pdl": pdl, "num_warps": 4}
     for p in range(bits // 8):
         _digit_kernel[grid](logits, counts, V, k, BITS=bits, PASS=p, PDL=pdl, BLOCK=block, **launch)
-    _draw_kernel[grid](logits, seeds, counts, out, V, k, 1.0 / temperature, grid[1], BITS=bits, PDL=pdl,
-                       BLOCK=block, **launch)
+    _draw_kernel[grid](logits, seeds, seeds if step is None else step, counts, out, V, k, 1.0 / temperature,
+                       grid[1], BITS=bits, STEP=step is not None, PDL=pdl, BLOCK=block, **launch)
     return out
 
 
 @topk_sample_op.register_fake
-def _(logits, seeds, k, temperature):
+def _(logits, seeds, step, k, temperature):
     bound_operator_str()  # before inductor lowers this op (tformer.kernels.inductor)
     return logits.new_empty(logits.shape[0], dtype=torch.int64)
 
 
-def topk_sample(logits: torch.Tensor, k: int, temperature: float, generator=None) -> torch.Tensor:
+def topk_sample(logits: torch.Tensor, k: int, temperature: float, generator=None,
+                step: torch.Tensor | None = None) -> torch.Tensor:
     """One token a row of logits (R, V), drawn from softmax(logits / temperature) over the row's k
-    largest logits (all of them tied with the k-th kept); see the module docstring."""
+    largest logits (all of them tied with the k-th kept); see the module docstring. Seeds come from
+    torch's generator (or `generator`), or with `step` ((1,) int64 on the logits' device, different at
+    every call) from the kept seeds (`reseed_topk_sample`)."""
     if not use_topk_sample(logits, k):
         raise ValueError(f"topk_sample takes (R, V) float logits on {DEVICE_TYPE} and 0 < k < V; got "
                          f"{tuple(logits.shape)} {logits.dtype} on {logits.device.type}, k={k}")
     if not temperature > 0:
         raise ValueError(f"topk_sample needs temperature > 0 (temperature 0 is argmax), got {temperature}")
+    if step is not None:
+        if step.shape != (1,) or step.dtype != torch.int64 or step.device != logits.device:
+            raise ValueError(f"topk_sample's step must be a (1,) int64 tensor on {logits.device}, got "
+                             f"{tuple(step.shape)} {step.dtype} on {step.device}")
+        return topk_sample_op(logits.contiguous(), None, step, int(k), float(temperature))
     # randint's generator overload takes no symbolic sizes: a step compiled for any batch size calls it without one
     rng = {} if generator is None else {"generator": generator}
     seeds = torch.randint(0, 2**62, (logits.shape[0],), device=logits.device, **rng)
-    return topk_sample_op(logits.contiguous(), seeds, int(k), float(temperature))
+    return topk_sample_op(logits.contiguous(), seeds, None, int(k), float(temperature))
