@@ -127,7 +127,10 @@ def test_topk_sample_on_cuda():
     for dtype in (torch.bfloat16, torch.float32):
         _check_keeps_exactly_the_k_best(dtype, "cuda", rows=4096)
     _frequencies_match("cuda", rows=200_000, tol=0.005)
-    from tformer.kernels.sampling import topk_sample
+    from tformer.kernels.sampling import reseed_topk_sample, topk_sample
+
+    reseed_topk_sample("cuda", 200_000)
+    _frequencies_match("cuda", rows=200_000, tol=0.005, step=torch.tensor([3], device="cuda"))
 
     logits = torch.randn(8, 128256, device="cuda", dtype=torch.bfloat16)  # a Llama-3 vocabulary, batch 8
     tokens = topk_sample(logits, 200, 0.8)
@@ -135,4 +138,5 @@ def test_topk_sample_on_cuda():
     assert (logits.float().gather(1, tokens[:, None]).squeeze(1) >= kth).all()
     from tformer.kernels import base
 
-    assert all(not counts.any() for counts in base._COUNTS.values())  # histograms and counts back at zero
+    assert all(not counts.any() for (_, pool), counts in base._COUNTS.items()
+               if pool != "topk_seeds")  # histograms and counts back at zero
