@@ -62,7 +62,9 @@ def test_cached_attention_rows_compiles(splits):
 def test_matvec_compiles(fmt, weight):
     types = {**dict.fromkeys(MATVEC_PTRS, "*bf16"), "w_ptr": weight, "w2_ptr": weight, "eps": "fp32"}
     flags = dict(FMT=fmt, GROUP=64, NORM=True, GATED=True, BIAS=True, RESIDUAL=True, PDL=True)
-    _compile(gemv._matvec_kernel, types, dict(flags, BLOCK_N=4, BLOCK_K=512), launch_pdl=True)
+    for early in (False, True):  # the residual loaded after the wait, or before it
+        _compile(gemv._matvec_kernel, types, dict(flags, EARLY_R=early, X_BLOCK=2048, BLOCK_N=4, BLOCK_K=512),
+                 launch_pdl=True)
     if fmt == 2:  # several rows of int4 are tinygemm's
         return
     types.update(ws_ptr="*fp32", count_ptr="*i32")
@@ -76,11 +78,12 @@ def test_matvec_compiles(fmt, weight):
 
 @pytest.mark.parametrize("logits,bits", [("*bf16", 16), ("*fp32", 32)])
 def test_topk_sample_compiles(logits, bits):
-    types = {"x_ptr": logits, "seed_ptr": "*i64", "count_ptr": "*i32", "out_ptr": "*i64", "inv_t": "fp32"}
+    types = {"x_ptr": logits, "seed_ptr": "*i64", "step_ptr": "*i64", "count_ptr": "*i32", "out_ptr": "*i64",
+             "inv_t": "fp32"}
     for p in (0, 1):
         ptx = _compile(sampling._digit_kernel, types, dict(BITS=bits, PASS=p, PDL=True, BLOCK=1024),
                        launch_pdl=True).asm["ptx"]
         assert "griddepcontrol.wait" in ptx and ("red.global" in ptx or "atom.global" in ptx)
-    ptx = _compile(sampling._draw_kernel, types, dict(PROGRAMS=126, BITS=bits, PDL=True, BLOCK=1024),
+    ptx = _compile(sampling._draw_kernel, types, dict(PROGRAMS=126, BITS=bits, STEP=True, PDL=True, BLOCK=1024),
                    launch_pdl=True).asm["ptx"]
     assert "atom.global.gpu.acq_rel.add" in ptx and "max.u64" in ptx  # the count, the packed (score, token) max

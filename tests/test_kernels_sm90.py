@@ -41,7 +41,7 @@ def compile_kernel(fn, pointer_types: dict[str, str], constexprs: dict):
 def test_matvec_compiles_for_sm90_with_pdl(fmt, gated, norm, residual, block):
     weight = {0: "*bf16", 1: "*i8", 2: "*u8"}[fmt]
     constexprs = dict(FMT=fmt, GROUP=64 if fmt == 2 else 0, NORM=norm, GATED=gated, BIAS=False, RESIDUAL=residual,
-                      PDL=True, BLOCK_N=block[0], BLOCK_K=block[1])
+                      EARLY_R=residual, PDL=True, X_BLOCK=2048, BLOCK_N=block[0], BLOCK_K=block[1])
     assert compile_kernel(gemv._matvec_kernel, {"w_ptr": weight, "w2_ptr": weight}, constexprs).asm["cubin"]
 
 

@@ -120,11 +120,12 @@ if triton is not None:
         return part
 
     @triton.jit
-    def _rows_dot(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, rows, K, w_first,
+    def _rows_dot(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, rows, K, w_first, row_scale,
                   FMT: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr, PREFETCHED: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """(BLOCK_N,) fp32 dot products of weight rows `rows` with x, dequantized in registers.
-        PREFETCHED: w_first holds the first tile (`_weight_tile` at column 0)."""
+        PREFETCHED: w_first holds the first tile (`_weight_tile` at column 0). row_scale: int8's per-row
+        scales (`_row_scales`), loaded by the caller before the wait."""
         if FMT == 2:
             acc = tl.zeros((BLOCK_N, BLOCK_K // GROUP), dtype=tl.float32)
         else:
@@ -139,14 +140,36 @@ if triton is not None:
             acc += _tile_sum(w, x_ptr, nw_ptr, inv_rms, s_ptr, z_ptr, rows, k0, K, FMT, GROUP, NORM, BLOCK_N, BLOCK_K)
         y = tl.sum(acc, axis=1)
         if FMT == 1:
-            y = y * tl.load(s_ptr + rows).to(tl.float32)
+            y = y * row_scale
         return y
+
+    @triton.jit
+    def _row_scales(s_ptr, rows, FMT: tl.constexpr):
+        """int8's per-row scales of `rows` in fp32 (other formats: 0, unused)."""
+        scale = 0.0
+        if FMT == 1:
+            scale = tl.load(s_ptr + rows).to(tl.float32)
+        return scale
+
+    @triton.jit
+    def _inv_rms(x_ptr, K, eps, X_BLOCK: tl.constexpr):
+        """RMSNorm's 1 / rms(x) for x (K,), summed in fp32 by every program itself (x is a few KB, read
+        from L2: no extra kernel); X_BLOCK >= K loads x at once, one round trip, as a K-step loop did not."""
+        sq = tl.zeros((X_BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, X_BLOCK):
+            cols = k0 + tl.arange(0, X_BLOCK)
+            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            sq += x * x
+        return tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
 
     @triton.jit
     def _matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, z_ptr, w2_ptr, s2_ptr, z2_ptr, b_ptr, r_ptr, out_ptr,
                        N, K, eps, FMT: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr,
-                       GATED: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       GATED: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, EARLY_R: tl.constexpr,
+                       PDL: tl.constexpr, X_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One program: BLOCK_N rows of y. Before the PDL wait it loads what no kernel of the step writes
+        (the first weight tiles, int8's row scales) and, with EARLY_R, the residual (`matvec`'s
+        residual_early)."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         row_ok = rows < N
         rows = tl.where(row_ok, rows, 0)  # the tail reads row 0 and stores nothing
@@ -157,27 +180,29 @@ if triton is not None:
             w_first = _weight_tile(w_ptr, rows, 0, K, FMT, BLOCK_K)
             if GATED:
                 w2_first = _weight_tile(w2_ptr, rows, 0, K, FMT, BLOCK_K)
+        scale = _row_scales(s_ptr, rows, FMT)
+        scale2 = _row_scales(s2_ptr, rows, FMT if GATED else 0)
+        r = 0.0
+        if RESIDUAL and EARLY_R:  # L2, not a stale L1 line: the buffer is rewritten every step
+            r = tl.load(r_ptr + rows, cache_modifier=".cg").to(tl.float32)
         _wait_for_previous_kernel(PDL)
         inv_rms = 1.0
-        if NORM:  # every program sums x^2 itself (x is a few KB, read from L2): no extra kernel
-            sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-                sq += x * x
-            inv_rms = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
-        y = _rows_dot(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, rows, K, w_first, FMT, GROUP, NORM, PDL,
+        if NORM:
+            inv_rms = _inv_rms(x_ptr, K, eps, X_BLOCK)
+        y = _rows_dot(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, rows, K, w_first, scale, FMT, GROUP, NORM, PDL,
                       BLOCK_N, BLOCK_K)
         if GATED:  # silu(W x) * (W2 x), each rounded as the unfused modules round them
-            up = _rows_dot(x_ptr, nw_ptr, inv_rms, w2_ptr, s2_ptr, z2_ptr, rows, K, w2_first, FMT, GROUP, NORM,
-                           PDL, BLOCK_N, BLOCK_K)
+            up = _rows_dot(x_ptr, nw_ptr, inv_rms, w2_ptr, s2_ptr, z2_ptr, rows, K, w2_first, scale2, FMT, GROUP,
+                           NORM, PDL, BLOCK_N, BLOCK_K)
             gate = y.to(dtype).to(tl.float32)
             gate = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
             y = gate * up.to(dtype).to(tl.float32)
         if BIAS:
             y = y.to(dtype).to(tl.float32) + tl.load(b_ptr + rows).to(tl.float32)
         if RESIDUAL:
-            y = tl.load(r_ptr + rows).to(tl.float32) + y.to(dtype).to(tl.float32)
+            if not EARLY_R:
+                r = tl.load(r_ptr + rows).to(tl.float32)
+            y = r + y.to(dtype).to(tl.float32)
         tl.store(out_ptr + rows, y.to(dtype), mask=row_ok)
 
 
@@ -213,7 +238,7 @@ def matvec_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None
               fmt: int, group_size: int, weight2: torch.Tensor | None = None, scales2: torch.Tensor | None = None,
               zeros2: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
               bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-              whole_rows: bool = False) -> torch.Tensor:
+              whole_rows: bool = False, residual_early: bool = False) -> torch.Tensor:
     """(M, N) in x.dtype, accumulated in fp32. x (M, K) contiguous, M <= MAX_ROWS; residual (M, N)
     contiguous; the optional parts as in `matvec`."""
     (M, K), N = x.shape, weight.shape[0]
@@ -225,7 +250,8 @@ def matvec_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None
     flags = (norm_weight is not None, weight2 is not None, bias is not None, residual is not None, pdl)
     if M > 1:
         return rows_matvec(x, nw, weight, s, z, w2, s2, z2, b, r, out, M, N, K, eps, fmt, group_size, flags, pdl)
-    args = (x, nw, weight, s, z, w2, s2, z2, b, r, out, N, K, eps, fmt, group_size, *flags)
+    args = (x, nw, weight, s, z, w2, s2, z2, b, r, out, N, K, eps, fmt, group_size, *flags[:4],
+            residual_early, pdl, min(triton.next_power_of_2(K), 8192))
     if INTERPRET:  # one fixed tile: the interpreter cannot time configurations
         _matvec_kernel[(triton.cdiv(N, 4),)](*args, BLOCK_N=4, BLOCK_K=max(128, group_size))
     else:
@@ -236,7 +262,7 @@ def matvec_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None
 
 @matvec_op.register_fake
 def _(x, weight, scales, zeros, fmt, group_size, weight2=None, scales2=None, zeros2=None, norm_weight=None,
-      eps=0.0, bias=None, residual=None, whole_rows=False):
+      eps=0.0, bias=None, residual=None, whole_rows=False, residual_early=False):
     bound_operator_str()  # before inductor lowers this op (tformer.kernels.inductor)
     return x.new_empty(x.shape[0], weight.shape[0])
 
@@ -255,7 +281,7 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
            zeros: torch.Tensor | None = None, fmt: str = "float", group_size: int = 0, *,
            norm: tuple[torch.Tensor, float] | None = None, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, up: StoredWeight | None = None,
-           whole_rows: bool = False) -> torch.Tensor:
+           whole_rows: bool = False, residual_early: bool = False) -> torch.Tensor:
     """x (..., K) with at most `max_rows(fmt)` rows in all -> (..., N) in x.dtype; W in one of the
     FORMATS (module docstring).
 
@@ -267,6 +293,9 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
     whole_rows: for one row of x after a short kernel (attention, before its output projection), each
     program loads its rows of W whole before it waits for that kernel (PDL), so W streams in while
     the short kernel runs (64 <= K <= 4096; otherwise no effect).
+    residual_early: the residual was written before the kernel before this one, so one row of x loads it
+    before the PDL wait (in a decode block both residual adds can: wo's residual is the block's input,
+    w2's is wo's output, two kernels back); not true of it, the product would read a stale residual.
     """
     K = x.shape[-1]
     M = x.numel() // K
@@ -283,5 +312,6 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
     N = weight.shape[0]
     residual = None if residual is None else residual.reshape(M, N).contiguous()
     y = matvec_op(x.reshape(M, K).contiguous(), weight, scales, zeros, FORMATS[fmt], group_size,
-                  up.weight, up.scales, up.zeros, norm_weight, float(eps), bias, residual, whole_rows)
+                  up.weight, up.scales, up.zeros, norm_weight, float(eps), bias, residual, whole_rows,
+                  residual_early)
     return y.reshape(*x.shape[:-1], N)

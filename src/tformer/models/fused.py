@@ -44,7 +44,8 @@ def _stored(linear: nn.Module):
 def _project(linear: nn.Module, x, norm: nn.Module | None = None, residual=None, after_short_kernel=False):
     """residual + linear(norm(x)), in one kernel where the layer and the norm allow it.
     after_short_kernel: x comes from a short kernel (attention), so the weights load whole while it runs
-    (`matvec`'s whole_rows)."""
+    (`matvec`'s whole_rows). A residual must come from before the kernel before this one (a block's input,
+    or its attention output after the FFN's first kernel): it loads before the wait (`residual_early`)."""
     w = _stored(linear)
     if w is not None and not use_matvec(x, x.shape[-1], w.fmt):
         w = None
@@ -54,7 +55,8 @@ def _project(linear: nn.Module, x, norm: nn.Module | None = None, residual=None,
         y = linear(x)
         return y if residual is None else residual + y
     norm_args = None if norm is None else (norm.weight, norm.eps)
-    return matvec(x, *w, norm=norm_args, bias=linear.bias, residual=residual, whole_rows=after_short_kernel)
+    return matvec(x, *w, norm=norm_args, bias=linear.bias, residual=residual, whole_rows=after_short_kernel,
+                  residual_early=True)
 
 
 def _ffn(ffn: nn.Module, x, norm: nn.Module):
