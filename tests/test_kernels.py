@@ -43,6 +43,14 @@ def test_record_step_writes_the_loops_bookkeeping():
     assert (n.item(), pos.item(), token.flatten().tolist()) == (3, 10, [4, 5, 6])
 
 
+def counts_back_at_zero() -> bool:
+    """Whether every counter of the kernels' merges is back at zero, ready for the next call (the top-k
+    sampler's kept seeds, kept beside them, are not counters)."""
+    from tformer.kernels import base
+
+    return all(not counts.any() for (_, pool), counts in base._COUNTS.items() if pool != "topk_seeds")
+
+
 SHAPES = [(37, 320, 32), (37, 320, 64), (64, 2048, 64)]  # tails of rows and of K steps (interpreted: 128 a step)
 
 
@@ -213,8 +221,7 @@ def test_matvec_fusions_round_like_the_modules(dtype, rows, pdl, monkeypatch):
         tol = ({"rtol": 1e-5, "atol": 1e-4 + 1e-6 * largest} if dtype == torch.float32
                else {"rtol": 0, "atol": 0.03 * largest})
         torch.testing.assert_close(got, want, **tol, msg=name)
-    from tformer.kernels import base  # several rows: K split in two, merged by the last part to finish
-    assert all(not counts.any() for counts in base._COUNTS.values())  # every count back at zero
+    assert counts_back_at_zero()  # several rows: K split in two, merged by the last part to finish
     with pytest.raises(ValueError, match="same format"):
         matvec(x, w1, up=q3.matvec_weight())
 
@@ -255,7 +262,6 @@ def test_cached_attention_matches_reference(dtype, T):
 
 
 def _check_cached_attention(dtype, device, T):
-    from tformer.kernels import base
     from tformer.config import RopeConfig
     from tformer.kernels import cached_attention, use_cached_attention
     from tformer.nn.attention import reference_attention
@@ -293,7 +299,7 @@ def _check_cached_attention(dtype, device, T):
     torch.testing.assert_close(k_cache[:, :, slots], k_want[:, :, slots], **tol)
     torch.testing.assert_close(v_cache[:, :, slots], v_want[:, :, slots], rtol=0, atol=0)
     # every count of finished splits is back at zero for the next call
-    assert all(not counts.any() for counts in base._COUNTS.values())
+    assert counts_back_at_zero()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU")
