@@ -67,8 +67,14 @@ def kept_seeds(device, rows: int) -> torch.Tensor:
 def reseed_topk_sample(device, rows: int, generator=None) -> None:
     """Draw the kept seeds of `rows` rows afresh from torch's generator (or `generator`)."""
     seeds = kept_seeds(device, rows)
+    seeds.copy_(_draw_seeds(rows, seeds.device, generator))
+
+
+def _draw_seeds(rows: int, device, generator=None) -> torch.Tensor:
+    """(rows,) int64 seeds from torch's generator (or `generator`)."""
+    # randint's generator overload takes no symbolic sizes: a step compiled for any batch size calls it without one
     rng = {} if generator is None else {"generator": generator}
-    seeds.copy_(torch.randint(0, 2**62, (rows,), device=seeds.device, **rng))
+    return torch.randint(0, 2**62, (rows,), device=device, **rng)
 
 
 if triton is not None:
@@ -205,7 +211,5 @@ def topk_sample(logits: torch.Tensor, k: int, temperature: float, generator=None
             raise ValueError(f"topk_sample's step must be a (1,) int64 tensor on {logits.device}, got "
                              f"{tuple(step.shape)} {step.dtype} on {step.device}")
         return topk_sample_op(logits.contiguous(), None, step, int(k), float(temperature))
-    # randint's generator overload takes no symbolic sizes: a step compiled for any batch size calls it without one
-    rng = {} if generator is None else {"generator": generator}
-    seeds = torch.randint(0, 2**62, (logits.shape[0],), device=logits.device, **rng)
+    seeds = _draw_seeds(logits.shape[0], logits.device, generator)
     return topk_sample_op(logits.contiguous(), seeds, None, int(k), float(temperature))
