@@ -46,9 +46,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from tformer.checkpoint import load
-    from tformer.generate.sampling import SamplingConfig
-    from tformer.generate.text import generate_text, load_tokenizer
-    from tformer.models import with_decode_kernels
+    from tformer.inference import DecodeEngine, EngineOptions, SamplingConfig, generate_text, load_tokenizer
     from tformer.train.loop import resolve_device
 
     if args.max_new_tokens <= 0:
@@ -56,25 +54,18 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = torch_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else None)
     tokenizer = load_tokenizer(args.path)
-    model = with_decode_kernels(load(args.path, device=device, dtype=dtype).eval())  # fused one-row kernels on GPU
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
     prompts = args.prompt or ["\n"]
+    # on a GPU the engine swaps in tformer's decode kernels; with --compile it replays CUDA graphs
+    options = EngineOptions(max_batch_size=len(prompts), compile=args.compile)
+    engine = DecodeEngine(load(args.path, device=device, dtype=dtype), options)
     if args.draft:
-        return _speculative(args, model, tokenizer, sampling, prompts, device, dtype)
+        return _speculative(args, engine, tokenizer, sampling, prompts, device, dtype, options)
     single = len(prompts) == 1
     if single:
         print(prompts[0], end="", flush=True)
-    step_fn = prefill_fn = None
-    if args.compile:
-        from tformer.generate import CapturedDecode, CapturedPrefill
-        from tformer.generate.engine import compiled_decode_step, compiled_prefill
-
-        # on a GPU the prompt's forward and the whole decode loop replay CUDA graphs (tformer.generate.captured)
-        gpu = device.type == "cuda"
-        step_fn = CapturedDecode() if gpu else compiled_decode_step("default")
-        prefill_fn = CapturedPrefill() if gpu else compiled_prefill()
-    texts = generate_text(model, tokenizer, prompts, args.max_new_tokens, sampling, args.stop, args.seed,
-                          stream=single, step_fn=step_fn, prefill_fn=prefill_fn)
+    texts = generate_text(engine, tokenizer, prompts, args.max_new_tokens, sampling, args.stop, args.seed,
+                          stream=single)
     if single:
         print()
     else:
@@ -83,23 +74,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _speculative(args, model, tokenizer, sampling, prompts, device, dtype) -> int:
+def _speculative(args, engine, tokenizer, sampling, prompts, device, dtype, options) -> int:
     import sys
 
     from tformer.checkpoint import load
-    from tformer.generate.text import speculative_text
-    from tformer.models import with_decode_kernels
+    from tformer.inference import DecodeEngine, speculative_text
 
     if len(prompts) != 1:
         raise UserError("--draft decodes one prompt at a time: pass a single --prompt")
-    draft = with_decode_kernels(load(args.draft, device=device, dtype=dtype).eval())
-    steps = None
-    if args.compile:
-        from tformer.generate.speculative import compiled_spec_steps
-
-        steps = compiled_spec_steps()
-    text, stats = speculative_text(model, draft, tokenizer, prompts[0], args.max_new_tokens, sampling,
-                                   args.stop, args.seed, args.speculate_k, steps)
+    draft = DecodeEngine(load(args.draft, device=device, dtype=dtype), options)
+    text, stats = speculative_text(engine, draft, tokenizer, prompts[0], args.max_new_tokens, sampling,
+                                   args.stop, args.seed, args.speculate_k)
     print(prompts[0] + text)
     print(f"speculative decoding: {stats.accepted}/{stats.proposed} draft tokens accepted "
           f"({stats.acceptance_rate:.0%}), {stats.tokens_per_target_forward:.2f} tokens per target forward",

@@ -40,30 +40,31 @@ class Decoder(nn.Module):
         if self.config.tie_embeddings:
             self.output.weight = self.tok_emb.weight
 
-    def setup_caches(self, batch_size: int, n_slots: int, dtype: torch.dtype | None = None) -> None:
-        """Attach a static KV cache of `n_slots` positions (rounded up to a multiple of 8).
-
-        Caches of the same shape are reused across calls (kept until `clear_caches(free=True)`),
-        so a compiled, CUDA-graphed decode step sees the same buffers every time.
-        """
-        n_slots = (n_slots + 7) // 8 * 8
+    def make_caches(self, batch_size: int, n_slots: int, dtype: torch.dtype | None = None) -> list[nn.Module]:
+        """New KV caches, one a layer, for `batch_size` sequences of `n_slots` positions, on the
+        model's device, in `dtype` (default: the embeddings')."""
         dtype = dtype or self.tok_emb.weight.dtype
         device = self.tok_emb.weight.device
-        key = (batch_size, n_slots, dtype, str(device))
-        if getattr(self, "_cache_key", None) != key:
-            self._caches = [layer.attn.make_cache(batch_size, n_slots, dtype, device) for layer in self.layers]
-            self._cache_key = key
-        for layer, cache in zip(self.layers, self._caches):
-            layer.attn.kv_cache = cache
-        self.cache_slots = n_slots
+        return [layer.attn.make_cache(batch_size, n_slots, dtype, device) for layer in self.layers]
 
-    def clear_caches(self, free: bool = False) -> None:
-        """Back to cache-free forwards; `free` also drops the buffers kept for reuse."""
+    def attach_caches(self, caches: list[nn.Module]) -> None:
+        """Forwards from now on write keys and values into `caches` (`make_caches`) and attend over
+        all their slots; tokens then need `input_pos`."""
+        if len(caches) != len(self.layers):
+            raise ValueError(f"{len(caches)} caches for {len(self.layers)} layers")
+        for layer, cache in zip(self.layers, caches):
+            layer.attn.kv_cache = cache
+        self.cache_slots = caches[0].n_slots
+
+    def setup_caches(self, batch_size: int, n_slots: int, dtype: torch.dtype | None = None) -> None:
+        """Attach new caches (`make_caches`, `attach_caches`)."""
+        self.attach_caches(self.make_caches(batch_size, n_slots, dtype))
+
+    def clear_caches(self) -> None:
+        """Back to cache-free forwards."""
         for layer in self.layers:
             layer.attn.kv_cache = None
         self.cache_slots = 0
-        if free:
-            self._caches, self._cache_key = [], None
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, attention_mask=None):
         """tokens (B,T) -> logits (B,T,vocab).

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from tformer.config import ModelConfig
-from tformer.kernels.attention import decode_attention, use_decode_attention
 from tformer.nn.kv_cache import KVCache
 from tformer.nn.rope import apply_rope
 
@@ -24,7 +23,7 @@ from tformer.nn.rope import apply_rope
 def reference_attention(q, k, v, mask=None, dropout_p: float = 0.0):
     """The textbook formula, one head group at a time; returns (output, weights (B,H,T,S)).
 
-    Used to check the fused kernels and to capture attention maps. mask: None (causal),
+    Used to check the kernels and to capture attention maps (tformer.viz). mask: None (causal),
     bool (True = attend) or additive float, broadcastable to (B, H, T, S).
     """
     n_rep = q.shape[1] // k.shape[1]
@@ -42,11 +41,10 @@ def reference_attention(q, k, v, mask=None, dropout_p: float = 0.0):
     return out, weights
 
 
-def fused_attention(q, k, v, mask=None, dropout_p: float = 0.0):
-    """torch SDPA (flash / memory-efficient kernels on GPU); a one-token decode step on GPU takes
-    tformer's decode kernel, which reads grouped K/V heads in place."""
-    if use_decode_attention(q, k, v, mask, dropout_p):
-        return decode_attention(q, k, v, mask)
+def scaled_dot_product(q, k, v, mask=None, dropout_p: float = 0.0):
+    """softmax(q k^T / sqrt(D) + mask) v through torch SDPA (flash / memory-efficient kernels on GPU).
+
+    q (B, H, T, D), k/v (B, Hkv, S, D) with H a multiple of Hkv; mask as `reference_attention`'s."""
     if mask is None:  # plain causal: the flash kernel handles grouped heads natively
         return F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=q.shape[1] != k.shape[1]
@@ -68,8 +66,6 @@ class Attention(nn.Module):
         self.attn_dropout = config.attn_dropout
         self.resid_drop = nn.Dropout(config.resid_dropout)
         self.kv_cache: KVCache | None = None
-        self.capture = False  # when True, use the reference path and keep the weights
-        self.weights: torch.Tensor | None = None
 
     def make_cache(self, batch_size: int, n_slots: int, dtype: torch.dtype, device=None) -> KVCache:
         return KVCache(batch_size, n_slots, self.n_kv_heads, self.head_dim, dtype, device)
@@ -89,38 +85,10 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|Hkv, T, D)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, S, D)
-        dropout_p = self.attn_dropout if self.training else 0.0
-        if self.capture:
-            y, self.weights = reference_attention(q, k, v, mask, dropout_p)
-        else:
-            y = fused_attention(q, k, v, mask, dropout_p)
+        y = self.core(q, k, v, mask, self.attn_dropout if self.training else 0.0)  # (B, H, T, D)
         return y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
 
-
-class capture_attention:
-    """Context manager: run `model` on the reference path and collect each layer's attention
-    weights (B, H, T, S), in layer order, for visualisation.
-
-        with capture_attention(model) as maps:
-            model(tokens)
-        maps[0]  # first layer's weights
-    """
-
-    def __init__(self, model: nn.Module):
-        self.layers = [m for m in model.modules() if isinstance(m, Attention)]
-        self.maps: list[torch.Tensor] = []
-
-    def __enter__(self) -> list[torch.Tensor]:
-        for layer in self.layers:
-            layer.capture = True
-        self._handles = [layer.register_forward_hook(self._keep) for layer in self.layers]
-        return self.maps
-
-    def _keep(self, module, _inputs, _output) -> None:
-        self.maps.append(module.weights.detach())
-        module.weights = None
-
-    def __exit__(self, *exc) -> None:
-        for layer, handle in zip(self.layers, self._handles):
-            layer.capture = False
-            handle.remove()
+    def core(self, q, k, v, mask=None, dropout_p: float = 0.0):
+        """Attention proper: q (B, H, T, D), k/v (B, Hkv, S, D) -> (B, H, T, D). An instance may
+        replace it (tformer.viz.capture_attention records the weights this way)."""
+        return scaled_dot_product(q, k, v, mask, dropout_p)

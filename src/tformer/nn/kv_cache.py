@@ -13,6 +13,7 @@ from torch import nn
 class KVCache(nn.Module):
     def __init__(self, batch_size: int, n_slots: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device=None):
         super().__init__()
+        self.n_slots = n_slots
         shape = (batch_size, n_kv_heads, n_slots, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -35,7 +36,7 @@ class LatentCache(nn.Module):
 
     def __init__(self, batch_size: int, n_slots: int, kv_rank: int, rope_dim: int, dtype: torch.dtype, device=None):
         super().__init__()
-        self.kv_rank = kv_rank
+        self.kv_rank, self.n_slots = kv_rank, n_slots
         shape = (batch_size, n_slots, kv_rank + rope_dim)
         self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 

@@ -10,13 +10,10 @@ kernel, so on a CUDA GPU (sm80+) the kernel's tiled layout is one call away:
 `aten._convert_weight_to_int4pack(packed, inner_k_tiles)` (uint8 input since torch 2.5), used by
 `aten._weight_int4pack_mm(x_bf16, w, group_size, scales_and_zeros (K/g, N, 2) bf16)`.
 That layout is derived, never saved: it is rebuilt whenever the module moves or is loaded.
-A single row of x (a batch-1 decode step) goes to `tformer.kernels.matvec`, which reads the stored
-form directly, fuses the norm, SwiGLU and residual around it (tformer.models.fused) and loads its
-first weights before the kernel ahead of it ends: a 1B model's decode step ran 7% faster than through
-tinygemm on the H100 (BENCHMARKS.md, session 14). `Int4Linear.one_row = "tinygemm"` sends it to
-tinygemm instead. A few rows (up to `Int4Linear.tinygemm_max_rows`) go to tinygemm; elsewhere (CPU
-without the kernel, a prompt, shapes tinygemm refuses) the forward dequantizes to x.dtype and calls
-F.linear.
+A few rows of x (up to `Int4Linear.tinygemm_max_rows`) go to tinygemm; elsewhere (CPU, a prompt,
+shapes tinygemm refuses) the forward dequantizes to x.dtype and calls F.linear. A decode engine
+reads the stored form directly instead (tformer.inference: its matvec kernel, fused with the norm,
+SwiGLU and residual around the layer).
 """
 
 from __future__ import annotations
@@ -24,8 +21,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from tformer.kernels.gemv import StoredWeight, matvec, use_matvec
 
 GROUP_SIZES = (32, 64, 128, 256)  # what the tinygemm kernel accepts
 
@@ -102,12 +97,9 @@ class Int4Linear(nn.Module):
     """Drop-in for nn.Linear with a grouped int4 weight. Buffers (what a checkpoint stores):
     weight (out, in/2) uint8, scales and zeros (out, in/group_size) float, bias (out,) or absent.
     The non-persistent int4pack / scales_and_zeros hold the CUDA kernel's layout, or None.
-    one_row: the kernel of a one-row forward, "matvec" or "tinygemm" (module docstring).
     tinygemm_max_rows: more rows of x than this (a prompt) dequantize the weight and run cuBLAS instead
-    of tinygemm, whose kernel is built for a few rows (a 128-token prompt of a 1B model took 13 ms
-    through it, against 3.6 ms in bf16: BENCHMARKS.md, session 12)."""
+    of tinygemm, whose kernel is built for a few rows."""
 
-    one_row = "matvec"
     tinygemm_max_rows = 16
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 64,
@@ -156,19 +148,7 @@ class Int4Linear(nn.Module):
         """Whether tinygemm can take x in `dtype`: its layout is built (CUDA) and x is bf16."""
         return self.int4pack is not None and dtype == torch.bfloat16
 
-    def one_row_on_tinygemm(self, dtype: torch.dtype = torch.bfloat16) -> bool:
-        """Whether a one-row forward of x in `dtype` runs tinygemm (`one_row`)."""
-        return self.tinygemm_applies(dtype) and self.one_row == "tinygemm"
-
-    def matvec_weight(self) -> StoredWeight | None:
-        """The stored form for `matvec`; None where a one-row bf16 forward is tinygemm's (`one_row`)."""
-        if self.one_row_on_tinygemm():
-            return None
-        return StoredWeight(self.weight, self.scales, self.zeros, "int4", self.group_size)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_matvec(x, self.in_features, "int4") and not self.one_row_on_tinygemm(x.dtype):
-            return matvec(x, self.weight, self.scales, self.zeros, "int4", self.group_size, bias=self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.tinygemm_applies(x.dtype) and x.numel() <= self.tinygemm_max_rows * self.in_features:
             x2 = x.reshape(-1, self.in_features).contiguous()  # (M, K)

@@ -3,11 +3,10 @@
     weight (N, K) float  ->  q (N, K) int8 in [-128, 127],  scales (N,) float
     w ~= q * scales[:, None]                    |w - q * s| <= s / 2 per element
 
-Activations stay in floating point. A single row of x (batch-1 decoding) goes through the
-`tformer.kernels.matvec` kernel, which reads one byte per weight and dequantizes in registers;
-other shapes (prefill, CPU) dequantize the weight and call F.linear. (Not `F.linear(x, q) * s`:
-inductor turns that form into `aten._weight_int8pack_mm`, which took 351 ms for the 81 layers of a
-128-token Llama-3.2-1B prefill on the H100.)
+Activations stay in floating point. The forward dequantizes the weight to x's dtype and calls
+F.linear (not `F.linear(x, q) * s`, which inductor lowers to the slow `aten._weight_int8pack_mm`
+for prompts). A decode engine reads the stored bytes directly instead (tformer.inference: its
+matvec kernel dequantizes in registers).
 """
 
 from __future__ import annotations
@@ -15,8 +14,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from tformer.kernels.gemv import StoredWeight, matvec, use_matvec
 
 
 @torch.no_grad()
@@ -60,12 +57,7 @@ class Int8Linear(nn.Module):
             m.bias = linear.bias.detach().clone()
         return m
 
-    def matvec_weight(self) -> StoredWeight:
-        return StoredWeight(self.weight, self.scales, fmt="int8")
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_matvec(x, self.in_features, "int8"):
-            return matvec(x, *self.matvec_weight(), bias=self.bias)
         y = F.linear(x, dequantize_int8(self.weight, self.scales, x.dtype))  # (..., out)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 

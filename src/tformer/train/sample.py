@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tformer.checkpoint import load
-from tformer.generate.sampling import SamplingConfig
-from tformer.generate.text import generate_text, load_tokenizer
+from tformer.inference import SamplingConfig, generate_text, load_tokenizer
 from tformer.train.loop import resolve_device
 from tformer.train.state import checkpoint_dirs
 

@@ -2,7 +2,7 @@
 
     qkv (B, T, (H + 2 Hkv) D), rope, caches (B, Hkv, S, D), input_pos (T,), mask  ->  (B, T, H*D)
 
-`cached_attention` (tformer.models.fused) goes one step beyond `tformer.kernels.attention`:
+`cached_attention` (tformer.inference.fused) goes one step beyond `tformer.inference.kernels.attention`:
 from the projected q|k|v it applies RoPE to q and the new k, writes the new k and v into the cache
 and attends, all in one kernel (three compiled kernels and the attention kernel before). Every
 program uses the new token's k and v from registers; one program per key/value head stores them,
@@ -34,15 +34,15 @@ import math
 
 import torch
 
-from tformer.kernels.attention import _batch_stride, _key_mask
-from tformer.kernels.base import DEVICE_TYPE, INTERPRET, reserve_counters, triton, tuned, use_pdl
-from tformer.kernels.inductor import bound_operator_str
+from tformer.inference.kernels.attention import _batch_stride, _key_mask
+from tformer.inference.kernels.base import DEVICE_TYPE, INTERPRET, counters, triton, tuned, use_pdl
+from tformer.inference.kernels.inductor import bound_operator_str
 
 if triton is not None:
     import triton.language as tl
 
-    from tformer.kernels.attention import _attend_cache, _cache_tile, _fold
-    from tformer.kernels.base import _dot_t, _last_to_finish, _wait_for_previous_kernel
+    from tformer.inference.kernels.attention import _attend_cache, _cache_tile, _fold
+    from tformer.inference.kernels.base import _dot_t, _last_to_finish, _wait_for_previous_kernel
 
     @triton.jit
     def _rope(ptr, cos_ptr, sin_ptr, d, D, R):
@@ -242,10 +242,10 @@ MAX_SPLITS = 8  # parts of the cache that `cached_attention` may split the keys 
                          tags=(torch.Tag.flexible_layout,) if hasattr(torch.Tag, "flexible_layout") else ())
 def cached_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor, n_heads: int,
-                        rot_dim: int) -> torch.Tensor:
+                        rot_dim: int, counts: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """qkv (B, T, (H + 2 Hkv) D) unit stride in the last dim; cos, sin (B or 1, T, rot_dim) (0: no RoPE,
     never read); caches (B, Hkv, S, D) with unit stride in D; input_pos (T,); mask (B or 1, 1, T, S)
-    bool. Returns (B, T, H, D). The shared tensors go in unsliced, so a compiled step builds them once
+    bool; counts as `cached_attention`'s; pdl resolved (`use_pdl`). Returns (B, T, H, D). The shared tensors go in unsliced, so a compiled step builds them once
     for all layers."""
     B, T = qkv.shape[:2]
     Hkv, S, D = k_cache.shape[1:]
@@ -254,12 +254,11 @@ def cached_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     out = torch.empty(B, T, n_heads, D, device=qkv.device, dtype=qkv.dtype)
     common = (qkv, cos, sin, k_cache, v_cache, input_pos, mask, out)
     strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), _batch_stride(mask))
-    pdl = use_pdl(qkv.device)
     fixed = {"BLOCK_S": 64, "PDL": False} if INTERPRET else {"PDL": pdl, "launch_pdl": pdl}
     if T == 1:  # one program per (sequence, query head, part of the cache)
         block_d = triton.next_power_of_2(D)
         ws = torch.empty(B * n_heads * MAX_SPLITS * (block_d + 2), device=qkv.device, dtype=torch.float32)
-        counts = reserve_counters(qkv.device, B * n_heads)
+        counts = counters(counts, B * n_heads, qkv.device)
         args = (*common, ws, counts, S, n_heads, Hkv, rot_dim, 1.0 / math.sqrt(D), qkv.stride(0), _batch_stride(cos),
                 *strides, mask.stride(3))
         if INTERPRET:  # small blocks, so both splits hold keys in the tests' short caches
@@ -271,7 +270,7 @@ def cached_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         return out
     rows, block_d = max(16, triton.next_power_of_2(T * (n_heads // Hkv))), max(16, triton.next_power_of_2(D))
     ws = torch.empty(B * Hkv * MAX_SPLITS * rows * (block_d + 2), device=qkv.device, dtype=torch.float32)
-    counts = reserve_counters(qkv.device, B * Hkv)
+    counts = counters(counts, B * Hkv, qkv.device)
     args = (*common, ws, counts, S, T, n_heads, Hkv, rot_dim, 1.0 / math.sqrt(D), qkv.stride(0), qkv.stride(1),
             _batch_stride(cos), cos.stride(1), *strides[:3], strides[3], mask.stride(2), mask.stride(3))
     meta = dict(D=D, BLOCK_D=block_d, ROWS=rows, NEW=max(16, triton.next_power_of_2(T)), **fixed)
@@ -284,8 +283,8 @@ def cached_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 
 @cached_attention_op.register_fake
-def _(qkv, cos, sin, k_cache, v_cache, input_pos, mask, n_heads, rot_dim):
-    bound_operator_str()  # before inductor lowers this op (tformer.kernels.inductor)
+def _(qkv, cos, sin, k_cache, v_cache, input_pos, mask, n_heads, rot_dim, counts=None, pdl=False):
+    bound_operator_str()  # before inductor lowers this op (tformer.inference.kernels.inductor)
     return qkv.new_empty(*qkv.shape[:2], n_heads, k_cache.shape[-1])
 
 
@@ -313,14 +312,17 @@ def use_cached_attention(qkv: torch.Tensor, k_cache, v_cache, mask, rope, n_head
 
 
 def cached_attention(qkv: torch.Tensor, rope, k_cache: torch.Tensor, v_cache: torch.Tensor, input_pos: torch.Tensor,
-                     mask: torch.Tensor, n_heads: int) -> torch.Tensor:
+                     mask: torch.Tensor, n_heads: int, counts: torch.Tensor | None = None,
+                     pdl: bool | None = None) -> torch.Tensor:
     """Attention for T new tokens a sequence from the projected q|k|v (B, T, (H + 2 Hkv) D) in one
     kernel: RoPE on q and the new k, the new k and v written into the caches (B, Hkv, S, D) at slots
     input_pos (T,), and softmax(q k^T / sqrt(D), masked) v over the cache -> (B, T, H*D).
     rope: (cos, sin) (B or 1, T, R) or None; mask: (B or 1, 1, T, S) bool, True = attend (a token's
     own slot always is), causal: slots after the last new token's are never read, whatever it says.
-    T = 1 is a decode step; a few tokens, a speculative verify."""
+    T = 1 is a decode step; a few tokens, a speculative verify. counts: int32 counters, zero between
+    kernels, at least B * H (`base.counters`; None: fresh ones); pdl as `matvec`'s."""
     cos, sin = rope if rope is not None else (qkv, qkv)
     rot_dim = 0 if rope is None else cos.shape[-1]
-    out = cached_attention_op(qkv, cos, sin, k_cache, v_cache, input_pos, mask, n_heads, rot_dim)
+    out = cached_attention_op(qkv, cos, sin, k_cache, v_cache, input_pos, mask, n_heads, rot_dim, counts,
+                              use_pdl(qkv.device, pdl))
     return out.view(*qkv.shape[:2], -1)

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from tformer.generate.engine import generate
-from tformer.generate.sampling import SamplingConfig
+from tformer.inference.engine import generate
+from tformer.inference.sampling import SamplingConfig
 
 
 def load_tokenizer(path: str | Path):
@@ -90,15 +90,13 @@ def generate_text(
     stop: list[str] | None = None,
     seed: int | None = None,
     stream: bool | Callable[[str], None] = False,
-    step_fn=None,
-    prefill_fn=None,
 ) -> list[str]:
-    """Completions of `prompts` (the prompt itself excluded)."""
+    """Completions of `prompts` (the prompt itself excluded). model: a model or a DecodeEngine;
+    stream: True writes the first completion to stdout as it grows, a callable receives it."""
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     writer = stream if callable(stream) else (_write_stdout if stream else None)
     watcher = _StopWatcher(tokenizer, len(prompts), stop or [], writer)
-    generate(model, ids, max_new_tokens, sampling, stop_ids=eos_ids(tokenizer), seed=seed, on_tokens=watcher, step_fn=step_fn,
-             prefill_fn=prefill_fn)
+    generate(model, ids, max_new_tokens, sampling, stop_ids=eos_ids(tokenizer), seed=seed, on_tokens=watcher)
     watcher.flush()
     return watcher.texts
 
@@ -110,13 +108,13 @@ def _write_stdout(s: str) -> None:
 
 def speculative_text(target, draft, tokenizer, prompt: str, max_new_tokens: int = 200,
                      sampling: SamplingConfig | None = None, stop: list[str] | None = None,
-                     seed: int | None = None, k: int = 4, steps=None):
-    """Completion of one prompt with speculative decoding; returns (text, SpecStats).
-    steps: `compiled_spec_steps()` for the compiled path."""
-    from tformer.generate.speculative import speculative_generate
+                     seed: int | None = None, k: int = 4):
+    """Completion of one prompt with speculative decoding; returns (text, SpecStats). target, draft:
+    DecodeEngines or models (tformer.inference.speculative.speculative_generate)."""
+    from tformer.inference.speculative import speculative_generate
 
     new, stats = speculative_generate(target, draft, prompt_ids(tokenizer, prompt), max_new_tokens, k=k,
-                                      sampling=sampling, stop_ids=eos_ids(tokenizer), seed=seed, steps=steps)
+                                      sampling=sampling, stop_ids=eos_ids(tokenizer), seed=seed)
     text = tokenizer.decode(new)
     cut = _first_stop(text, stop or [])
     return (text if cut is None else text[:cut]), stats

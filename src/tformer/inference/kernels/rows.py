@@ -2,7 +2,7 @@
 
     y (M, N) = x (M, K) W^T, full-precision or int8 W in its stored layout, M <= MAX_ROWS
 
-the same fusions as `matvec`'s one-row kernel (tformer.kernels.gemv): RMSNorm of x, a gated FFN's
+the same fusions as `matvec`'s one-row kernel (tformer.inference.kernels.gemv): RMSNorm of x, a gated FFN's
 second weight, bias, residual. x is padded to MAX_ROWS rows in registers (the tensor cores' least
 tile), so a program owns at least 16 weight rows; for a 2048-row weight that is 128 programs, too
 few to keep an H100's memory busy. So K can also be split over SPLIT_K programs (for weights of
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from tformer.kernels.base import INTERPRET, reserve_counters, triton, tuned
+from tformer.inference.kernels.base import INTERPRET, counters, triton, tuned
 
 MAX_ROWS = 16  # rows of x the kernels take; more is a matmul for cuBLAS
 MAX_SPLIT_K = 4
@@ -26,7 +26,7 @@ _INTERPRETED_SWAP = 1  # and summed as W x^T (tests/test_kernels.py also runs it
 if triton is not None:
     import triton.language as tl
 
-    from tformer.kernels.base import (_configs, _dot_t, _last_to_finish, _norm_x, _wait_for_previous_kernel,
+    from tformer.inference.kernels.base import (_configs, _dot_t, _last_to_finish, _norm_x, _wait_for_previous_kernel,
                                       _weight)
 
     @triton.jit
@@ -178,12 +178,13 @@ def _sm_count() -> int:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
-def rows_matvec(x, nw, weight, s, z, w2, s2, z2, b, r, out, M, N, K, eps, fmt, group_size, flags, pdl: bool):
+def rows_matvec(x, nw, weight, s, z, w2, s2, z2, b, r, out, M, N, K, eps, fmt, group_size, flags, pdl: bool,
+                counts=None):
     """Launch the few-row kernel (matvec_op's arguments, the optional ones already filled in)."""
     split_ok = N < SPLIT_K_BELOW
     ws = torch.empty(triton.cdiv(N, 64) * 64 * MAX_ROWS * 2 * MAX_SPLIT_K if split_ok else 1, device=x.device,
                      dtype=torch.float32)
-    counts = reserve_counters(x.device, triton.cdiv(N, 16)) if split_ok else ws  # within the caches' reserve
+    counts = counters(counts, triton.cdiv(N, 16), x.device) if split_ok else ws
     args = (x, nw, weight, s, z, w2, s2, z2, b, r, out, ws, counts, M, N, K, eps, fmt, group_size, *flags)
     if INTERPRET:  # one fixed tile: the interpreter cannot time configurations
         split = _INTERPRETED_SPLIT_K if split_ok else 1

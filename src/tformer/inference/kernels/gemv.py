@@ -4,7 +4,7 @@ At batch 1 a decode step reads every weight once and does two FLOPs per weight, 
 thing that matters is streaming W from memory at full bandwidth and dequantizing it in
 registers. tformer's int8 and int4 layers use it for a single row (int4 unless `Int4Linear.one_row`
 asks for PyTorch's tinygemm), and full-precision layers after `with_matvec(model)`
-(tformer.kernels.linear). The weight formats are exactly the ones tformer stores (no repacking):
+(tformer.inference.kernels.linear). The weight formats are exactly the ones tformer stores (no repacking):
 
     bf16/fp16 W (N, K)
     int8      q (N, K) int8, scales (N,)                 w = q * s
@@ -16,7 +16,7 @@ columns (whole int4 groups, so each group's scale and zero are loaded once per r
 in fp32; the tiles are autotuned per (format, N, K) (`tuned`; TFORMER_TUNE=0 takes a default).
 Splitting K across programs was measured slower on the H100 for every one-row decode shape
 (bench/gemv.py), so each row is summed by one program. 2 to MAX_ROWS rows of x go to the
-tensor-core kernel in tformer.kernels.rows.
+tensor-core kernel in tformer.inference.kernels.rows.
 
 Quantized codes become floats without int-to-float conversions (a quarter-rate instruction on
 the H100): a code u >= 0 ORed into the bits 0x4B000000 is the float 2^23 + u exactly, and one
@@ -31,11 +31,11 @@ shape; int4 is about level with tinygemm on each layer shape alone (session 12),
 step through it, fused and prefetching, is 7% faster than through tinygemm (session 14).
 
 Around the product the kernel can fuse what surrounds a weight in a pre-norm decoder block
-(tformer.models.fused): RMSNorm of x (each program sums x^2 itself, x being a few KB), a bias,
+(tformer.inference.fused): RMSNorm of x (each program sums x^2 itself, x being a few KB), a bias,
 a residual add, and a gated FFN's second weight with silu(W x) * (W2 x). Each value is rounded to
 x's dtype where the unfused modules round it, so fused and unfused steps agree closely.
 
-On Hopper the kernel launches with programmatic dependent launch (tformer.kernels.base): its
+On Hopper the kernel launches with programmatic dependent launch (tformer.inference.kernels.base): its
 programs load their first weight tile before they wait for the kernel before it (so that kernel
 must not write the weights; in a decode step it never does).
 
@@ -49,9 +49,9 @@ from typing import NamedTuple
 
 import torch
 
-from tformer.kernels.base import DEVICE_TYPE, INTERPRET, triton, tuned, use_pdl
-from tformer.kernels.inductor import bound_operator_str
-from tformer.kernels.rows import MAX_ROWS, rows_matvec
+from tformer.inference.kernels.base import DEVICE_TYPE, INTERPRET, triton, tuned, use_pdl
+from tformer.inference.kernels.inductor import bound_operator_str
+from tformer.inference.kernels.rows import MAX_ROWS, rows_matvec
 
 FORMATS = {"float": 0, "int8": 1, "int4": 2}
 
@@ -73,7 +73,7 @@ def max_rows(fmt: str) -> int:
 if triton is not None:
     import triton.language as tl
 
-    from tformer.kernels.base import _code, _configs, _load_x, _wait_for_previous_kernel, _weight
+    from tformer.inference.kernels.base import _code, _configs, _load_x, _wait_for_previous_kernel, _weight
 
     @triton.jit
     def _weight_tile(w_ptr, rows, k0, K, FMT: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -238,18 +238,19 @@ def matvec_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None
               fmt: int, group_size: int, weight2: torch.Tensor | None = None, scales2: torch.Tensor | None = None,
               zeros2: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
               bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-              whole_rows: bool = False, residual_early: bool = False) -> torch.Tensor:
+              whole_rows: bool = False, residual_early: bool = False, counts: torch.Tensor | None = None,
+              pdl: bool = False) -> torch.Tensor:
     """(M, N) in x.dtype, accumulated in fp32. x (M, K) contiguous, M <= MAX_ROWS; residual (M, N)
-    contiguous; the optional parts as in `matvec`."""
+    contiguous; the optional parts as in `matvec`; pdl already resolved (`use_pdl`)."""
     (M, K), N = x.shape, weight.shape[0]
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     s, z = (t if t is not None else weight for t in (scales, zeros))
     w2, s2, z2 = (t if t is not None else weight for t in (weight2, scales2, zeros2))
     nw, b, r = (t if t is not None else x for t in (norm_weight, bias, residual))
-    pdl = use_pdl(x.device)
     flags = (norm_weight is not None, weight2 is not None, bias is not None, residual is not None, pdl)
     if M > 1:
-        return rows_matvec(x, nw, weight, s, z, w2, s2, z2, b, r, out, M, N, K, eps, fmt, group_size, flags, pdl)
+        return rows_matvec(x, nw, weight, s, z, w2, s2, z2, b, r, out, M, N, K, eps, fmt, group_size, flags, pdl,
+                           counts)
     args = (x, nw, weight, s, z, w2, s2, z2, b, r, out, N, K, eps, fmt, group_size, *flags[:4],
             residual_early, pdl, min(triton.next_power_of_2(K), 8192))
     if INTERPRET:  # one fixed tile: the interpreter cannot time configurations
@@ -262,8 +263,8 @@ def matvec_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None
 
 @matvec_op.register_fake
 def _(x, weight, scales, zeros, fmt, group_size, weight2=None, scales2=None, zeros2=None, norm_weight=None,
-      eps=0.0, bias=None, residual=None, whole_rows=False, residual_early=False):
-    bound_operator_str()  # before inductor lowers this op (tformer.kernels.inductor)
+      eps=0.0, bias=None, residual=None, whole_rows=False, residual_early=False, counts=None, pdl=False):
+    bound_operator_str()  # before inductor lowers this op (tformer.inference.kernels.inductor)
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
@@ -281,7 +282,8 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
            zeros: torch.Tensor | None = None, fmt: str = "float", group_size: int = 0, *,
            norm: tuple[torch.Tensor, float] | None = None, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, up: StoredWeight | None = None,
-           whole_rows: bool = False, residual_early: bool = False) -> torch.Tensor:
+           whole_rows: bool = False, residual_early: bool = False, counts: torch.Tensor | None = None,
+           pdl: bool | None = None) -> torch.Tensor:
     """x (..., K) with at most `max_rows(fmt)` rows in all -> (..., N) in x.dtype; W in one of the
     FORMATS (module docstring).
 
@@ -296,6 +298,9 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
     residual_early: the residual was written before the kernel before this one, so one row of x loads it
     before the PDL wait (in a decode block both residual adds can: wo's residual is the block's input,
     w2's is wo's output, two kernels back); not true of it, the product would read a stale residual.
+    counts: int32 counters, zero between kernels, for a few-row product that splits K (`base.counters`;
+    None: fresh ones). pdl: launch with programmatic dependent launch where the GPU has it (None:
+    TFORMER_PDL's default).
     """
     K = x.shape[-1]
     M = x.numel() // K
@@ -313,5 +318,5 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
     residual = None if residual is None else residual.reshape(M, N).contiguous()
     y = matvec_op(x.reshape(M, K).contiguous(), weight, scales, zeros, FORMATS[fmt], group_size,
                   up.weight, up.scales, up.zeros, norm_weight, float(eps), bias, residual, whole_rows,
-                  residual_early)
+                  residual_early, counts, use_pdl(x.device, pdl))
     return y.reshape(*x.shape[:-1], N)

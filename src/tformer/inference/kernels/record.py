@@ -2,11 +2,11 @@
 
     nxt (B,) new tokens  ->  history[n] <- nxt,  n += 1,  token <- nxt (B, 1),  input_pos += 1
 
-In a CUDA graph of a decode step (`tformer.generate.captured`) these were three compiled kernels of
+In a CUDA graph of a decode step (`tformer.inference.graphs`) these were three compiled kernels of
 a few elements each, between the sampler and the next step's embedding: about 4.6 microseconds of
 a 1B model's step on the H100, each kernel a launch wait plus a microsecond of its own (session 15's
 profile). Here one program does all four writes; under programmatic dependent launch it starts while
-the sampler finishes and waits for it (tformer.kernels.base). On other devices `record_step` is the
+the sampler finishes and waits for it (tformer.inference.kernels.base). On other devices `record_step` is the
 same four writes in PyTorch ops.
 """
 
@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import torch
 
-from tformer.kernels.base import DEVICE_TYPE, INTERPRET, triton, use_pdl
+from tformer.inference.kernels.base import DEVICE_TYPE, INTERPRET, triton, use_pdl
 
 if triton is not None:
     import triton.language as tl
 
-    from tformer.kernels.base import _wait_for_previous_kernel
+    from tformer.inference.kernels.base import _wait_for_previous_kernel
 
     @triton.jit
     def _record_kernel(nxt_ptr, token_ptr, pos_ptr, history_ptr, n_ptr, B, PDL: tl.constexpr, BLOCK_B: tl.constexpr):
@@ -36,28 +36,27 @@ if triton is not None:
 
 @torch.library.custom_op("tformer::record_step", mutates_args=("token", "input_pos", "history", "n"))
 def record_step_op(nxt: torch.Tensor, token: torch.Tensor, input_pos: torch.Tensor, history: torch.Tensor,
-                   n: torch.Tensor) -> None:
+                   n: torch.Tensor, pdl: bool = False) -> None:
     """The module docstring's writes; nxt (B,), token (B, 1), history (rows, B) contiguous, input_pos and
     n (1,), all int64."""
     B = nxt.shape[0]
-    pdl = use_pdl(nxt.device)
     launch = {} if INTERPRET else {"launch_pdl": pdl, "num_warps": 1}
     _record_kernel[(1,)](nxt, token, input_pos, history, n, B, PDL=pdl, BLOCK_B=triton.next_power_of_2(B), **launch)
 
 
 @record_step_op.register_fake
-def _(nxt, token, input_pos, history, n):
+def _(nxt, token, input_pos, history, n, pdl=False):
     return None
 
 
 def record_step(nxt: torch.Tensor, token: torch.Tensor, input_pos: torch.Tensor, history: torch.Tensor,
-                n: torch.Tensor) -> None:
+                n: torch.Tensor, pdl: bool | None = None) -> None:
     """history[n] <- nxt, n += 1, token <- nxt[:, None], input_pos += 1, in place (module docstring).
     nxt, token, history, input_pos and n are int64; history (rows, B); input_pos and n (1,)."""
     tensors = (nxt, token, input_pos, history, n)
     if (triton is not None and nxt.device.type == DEVICE_TYPE and all(t.dtype == torch.int64 for t in tensors)
             and token.is_contiguous() and history.is_contiguous() and nxt.shape[0] <= 1024):
-        record_step_op(nxt.contiguous(), token, input_pos, history, n)
+        record_step_op(nxt.contiguous(), token, input_pos, history, n, use_pdl(nxt.device, pdl))
         return
     history.index_copy_(0, n, nxt[None])
     n += 1

@@ -14,7 +14,7 @@ not one program's long loop: a single program walking 128K logits from L2 took 2
    next kernel's programs each read the histograms and take the digit where the count from the top
    reaches k;
 2. one more kernel draws among the logits >= tau (ties at tau all kept, as `filter_logits` keeps them)
-   with the exponential race of `tformer.generate.sampling.race` in log form: argmax x/T - log E,
+   with the exponential race of `tformer.inference.sampling.race` in log form: argmax x/T - log E,
    E ~ Exp(1) from Philox keyed by (the row's seed, the token id), which is distributed as
    softmax(x/T) over the kept tokens. Each program offers its best (score, token) packed in 64 bits
    to an atomic max; the last program of the row to finish (an atomic count) writes the token and
@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import torch
 
-from tformer.kernels.base import DEVICE_TYPE, INTERPRET, reserve_counters, triton, use_pdl
-from tformer.kernels.inductor import bound_operator_str
+from tformer.inference.kernels.base import DEVICE_TYPE, INTERPRET, counters, triton, use_pdl
+from tformer.inference.kernels.inductor import bound_operator_str
 
 _BITS = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}
 _BINS = 256  # one 8-bit digit a pass
-_ROW_COUNTERS = 4 + 4 * _BINS  # a row's best (two int32s), its count of finished programs, padding, histograms
+ROW_COUNTERS = 4 + 4 * _BINS  # a row's best (two int32s), its count of finished programs, padding, histograms
 BLOCK = 1024  # logits a program (interpreted: 128, so the tests' rows span several programs)
 
 
@@ -51,26 +51,7 @@ def use_topk_sample(logits: torch.Tensor, k: int) -> bool:
             and 0 < k < logits.shape[-1] <= 65535 * BLOCK)
 
 
-def reserve_topk_sample(device, rows: int) -> torch.Tensor:
-    """The counters `topk_sample` needs for `rows` rows (and its kept seeds, `kept_seeds`); call it once
-    before any CUDA-graph capture or warm-up, which must not be the first to allocate them (module
-    docstring)."""
-    kept_seeds(device, rows)
-    return reserve_counters(device, rows * _ROW_COUNTERS, pool="topk_sample")
-
-
-def kept_seeds(device, rows: int) -> torch.Tensor:
-    """(rows,) int64: the seeds a `topk_sample` call with a `step` mixes it into (module docstring)."""
-    return reserve_counters(device, 2 * rows, pool="topk_seeds").view(torch.int64)[:rows]
-
-
-def reseed_topk_sample(device, rows: int, generator=None) -> None:
-    """Draw the kept seeds of `rows` rows afresh from torch's generator (or `generator`)."""
-    seeds = kept_seeds(device, rows)
-    seeds.copy_(_draw_seeds(rows, seeds.device, generator))
-
-
-def _draw_seeds(rows: int, device, generator=None) -> torch.Tensor:
+def draw_seeds(rows: int, device, generator=None) -> torch.Tensor:
     """(rows,) int64 seeds from torch's generator (or `generator`)."""
     # randint's generator overload takes no symbolic sizes: a step compiled for any batch size calls it without one
     rng = {} if generator is None else {"generator": generator}
@@ -80,7 +61,7 @@ def _draw_seeds(rows: int, device, generator=None) -> torch.Tensor:
 if triton is not None:
     import triton.language as tl
 
-    from tformer.kernels.base import _last_to_finish, _wait_for_previous_kernel
+    from tformer.inference.kernels.base import _last_to_finish, _wait_for_previous_kernel
 
     @triton.jit
     def _keys(x, BITS: tl.constexpr):
@@ -96,7 +77,7 @@ if triton is not None:
 
     @triton.jit
     def _row_counters(count_ptr, row):
-        """A row's counters (`_ROW_COUNTERS`): its best at 0-1, its count of finished programs at 2, the
+        """A row's counters (`ROW_COUNTERS`): its best at 0-1, its count of finished programs at 2, the
         histograms of the four digits from 4."""
         return count_ptr + row * (4 + 4 * 256)
 
@@ -168,19 +149,16 @@ if triton is not None:
 
 
 @torch.library.custom_op("tformer::topk_sample", mutates_args=())
-def topk_sample_op(logits: torch.Tensor, seeds: torch.Tensor | None, step: torch.Tensor | None, k: int,
-                   temperature: float) -> torch.Tensor:
-    """(R,) int64 tokens; logits (R, V) contiguous; seeds (R,) int64, or None with step (1,) int64: the
-    kept seeds mixed with the step (module docstring)."""
+def topk_sample_op(logits: torch.Tensor, seeds: torch.Tensor, step: torch.Tensor | None, counts: torch.Tensor | None,
+                   k: int, temperature: float, pdl: bool = False) -> torch.Tensor:
+    """(R,) int64 tokens; logits (R, V) contiguous; seeds (R,) int64, mixed with step (1,) int64 when
+    given (module docstring); counts as `topk_sample`'s; pdl resolved (`use_pdl`)."""
     R, V = logits.shape
     out = torch.empty(R, dtype=torch.int64, device=logits.device)
-    counts = reserve_topk_sample(logits.device, R)
-    if seeds is None:
-        seeds = kept_seeds(logits.device, R)
+    counts = counters(counts, R * ROW_COUNTERS, logits.device)
     block = 128 if INTERPRET else BLOCK
     grid = (R, triton.cdiv(V, block))  # rows first: a grid's second axis stops at 65535
     bits = _BITS[logits.dtype]
-    pdl = use_pdl(logits.device)
     launch = {} if INTERPRET else {"launch_pdl": pdl, "num_warps": 4}
     for p in range(bits // 8):
         _digit_kernel[grid](logits, counts, V, k, BITS=bits, PASS=p, PDL=pdl, BLOCK=block, **launch)
@@ -190,26 +168,35 @@ def topk_sample_op(logits: torch.Tensor, seeds: torch.Tensor | None, step: torch
 
 
 @topk_sample_op.register_fake
-def _(logits, seeds, step, k, temperature):
-    bound_operator_str()  # before inductor lowers this op (tformer.kernels.inductor)
+def _(logits, seeds, step, counts, k, temperature, pdl=False):
+    bound_operator_str()  # before inductor lowers this op (tformer.inference.kernels.inductor)
     return logits.new_empty(logits.shape[0], dtype=torch.int64)
 
 
-def topk_sample(logits: torch.Tensor, k: int, temperature: float, generator=None,
-                step: torch.Tensor | None = None) -> torch.Tensor:
+def topk_sample(logits: torch.Tensor, k: int, temperature: float, generator=None, step: torch.Tensor | None = None,
+                seeds: torch.Tensor | None = None, counts: torch.Tensor | None = None,
+                pdl: bool | None = None) -> torch.Tensor:
     """One token a row of logits (R, V), drawn from softmax(logits / temperature) over the row's k
-    largest logits (all of them tied with the k-th kept); see the module docstring. Seeds come from
-    torch's generator (or `generator`), or with `step` ((1,) int64 on the logits' device, different at
-    every call) from the kept seeds (`reseed_topk_sample`)."""
+    largest logits (all of them tied with the k-th kept); see the module docstring.
+
+    Seeds: drawn from torch's generator (or `generator`) at each call, or with `step` ((1,) int64 on
+    the logits' device, different at every call) the given `seeds` (R,) int64, mixed with it.
+    counts: int32 counters, zero between calls, at least R * ROW_COUNTERS (`base.counters`; None:
+    fresh ones). pdl as `matvec`'s."""
     if not use_topk_sample(logits, k):
         raise ValueError(f"topk_sample takes (R, V) float logits on {DEVICE_TYPE} and 0 < k < V; got "
                          f"{tuple(logits.shape)} {logits.dtype} on {logits.device.type}, k={k}")
     if not temperature > 0:
         raise ValueError(f"topk_sample needs temperature > 0 (temperature 0 is argmax), got {temperature}")
+    R = logits.shape[0]
     if step is not None:
         if step.shape != (1,) or step.dtype != torch.int64 or step.device != logits.device:
             raise ValueError(f"topk_sample's step must be a (1,) int64 tensor on {logits.device}, got "
                              f"{tuple(step.shape)} {step.dtype} on {step.device}")
-        return topk_sample_op(logits.contiguous(), None, step, int(k), float(temperature))
-    seeds = _draw_seeds(logits.shape[0], logits.device, generator)
-    return topk_sample_op(logits.contiguous(), seeds, None, int(k), float(temperature))
+        if seeds is None or seeds.dtype != torch.int64 or seeds.numel() < R:
+            raise ValueError(f"topk_sample with a step needs seeds: at least {R} int64 values kept between calls")
+        seeds = seeds[:R]
+    else:
+        seeds = draw_seeds(R, logits.device, generator)
+    return topk_sample_op(logits.contiguous(), seeds, step, counts, int(k), float(temperature),
+                          use_pdl(logits.device, pdl))

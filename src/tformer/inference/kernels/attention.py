@@ -9,7 +9,7 @@ cache (tiles autotuned per cache size), masks padding and slots not yet written,
 softmax in fp32 (scores, running max and sum), so the step is one small kernel. The output is
 written in (B, 1, H, D) order, the layout the output projection reads, so no transpose copy follows.
 
-Its jit helpers (`_cache_tile`, `_fold`, `_attend_cache`) also serve `tformer.kernels.fused_attention`.
+Its jit helpers (`_cache_tile`, `_fold`, `_attend_cache`) also serve `tformer.inference.kernels.fused_attention`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import math
 
 import torch
 
-from tformer.kernels.base import DEVICE_TYPE, INTERPRET, triton, tuned
-from tformer.kernels.inductor import bound_operator_str
+from tformer.inference.kernels.base import DEVICE_TYPE, INTERPRET, triton, tuned
+from tformer.inference.kernels.inductor import bound_operator_str
 
 if triton is not None:
     import triton.language as tl
@@ -107,7 +107,7 @@ def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
 
 @decode_attention_op.register_fake
 def _(q, k, v, mask):
-    bound_operator_str()  # before inductor lowers this op (tformer.kernels.inductor)
+    bound_operator_str()  # before inductor lowers this op (tformer.inference.kernels.inductor)
     return q.new_empty(q.shape)
 
 

@@ -6,7 +6,7 @@ On Hopper and later GPUs the kernels launch with programmatic dependent launch (
 kernel's programs start while the kernel before it finishes, load what never depends on it (a
 matvec's first weight tile), and only then wait for it (`gdc_wait`) before reading its output or
 writing anything. A chain of small kernels then keeps memory busy across kernel boundaries instead
-of draining and ramping up at each. `set_pdl(False)` (or TFORMER_PDL=0) turns it off.
+of draining and ramping up at each. TFORMER_PDL=0 (or an engine's `pdl=False`) turns it off.
 """
 
 from __future__ import annotations
@@ -29,58 +29,42 @@ except ImportError:
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE_TYPE = None if triton is None else ("cpu" if INTERPRET else "cuda")  # where the kernel runs
 
-_PDL = {"enabled": os.environ.get("TFORMER_PDL", "1") != "0"}
-_TUNE = {"enabled": os.environ.get("TFORMER_TUNE", "1") != "0"}
-
-
-def set_pdl(enabled: bool) -> bool:
-    """Turn programmatic dependent launch on or off for kernels launched (or CUDA graphs captured) from
-    now on; returns the setting it replaces. A step compiled and graphed under the other setting must
-    be compiled again (torch._dynamo.reset()): its graph would be re-recorded with kernels that were
-    never warmed up."""
-    previous, _PDL["enabled"] = _PDL["enabled"], enabled
-    return previous
+PDL_DEFAULT = os.environ.get("TFORMER_PDL", "1") != "0"  # TFORMER_PDL=0: launch without PDL by default
+TUNE = os.environ.get("TFORMER_TUNE", "1") != "0"  # TFORMER_TUNE=0: each kernel's first tile, no timing
 
 
 def tuned(configs: list, key: list[str], prune=None):
     """triton.autotune over `configs`: each new key times them all (those `prune(configs, named_args)`
-    keeps, if given) and keeps the fastest, unless TFORMER_TUNE=0, which launches the first (each
-    list puts a good default first) and times nothing, for quick starts and tests."""
+    keeps, if given) and keeps the fastest; with TFORMER_TUNE=0 it launches the first (each list puts
+    a good default first) and times nothing, for quick starts and tests."""
     def first_unless_tuning(configs, named_args, **kwargs):
         configs = prune(configs, named_args) if prune is not None else configs
-        return configs if _TUNE["enabled"] else configs[:1]
+        return configs if TUNE else configs[:1]
 
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": first_unless_tuning})
 
 
-def use_pdl(device: torch.device) -> bool:
+def use_pdl(device: torch.device, enabled: bool | None = None) -> bool:
     """Whether kernels on `device` launch with programmatic dependent launch (module docstring):
-    on when enabled, compiled (not interpreted), Triton has the intrinsics, and on compute
-    capability 9.0 or later."""
-    return (_PDL["enabled"] and HAS_GDC and not INTERPRET and device.type == "cuda"
+    when `enabled` (default: PDL_DEFAULT), compiled (not interpreted), Triton has the intrinsics, and
+    on compute capability 9.0 or later."""
+    enabled = PDL_DEFAULT if enabled is None else enabled
+    return (enabled and HAS_GDC and not INTERPRET and device.type == "cuda"
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
-_COUNTS: dict = {}  # (device, pool) -> int32 counters for in-kernel merges, zero between kernels
+def counters(counts: torch.Tensor | None, n: int, device) -> torch.Tensor:
+    """`counts` (int32, zero between kernels) checked to hold n counters; None: n fresh zeros.
 
-
-def reserve_counters(device, n: int, pool: str = "merge") -> torch.Tensor:
-    """At least n zeroed int32 counters on `device`, shared by the kernels that merge partial results
-    in the same kernel (split attention, split-K products): the last program of a group to finish
-    (an atomic count) merges and sets its counter back to zero. Kernels run one after another (under
-    PDL, each waits for the one before before it counts), so one array serves them all. It stays
-    allocated, since a CUDA graph holds its address, so it must not come from a CUDA-graph memory
-    pool: models with the decode kernels reserve it when they make their KV caches. `pool` names
-    another such array, for kernels whose counts span several launches (the top-k sampler's)."""
-    device = torch.device(device if device is not None else torch.get_default_device())
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    counts = _COUNTS.get((device, pool))
-    if counts is None or counts.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the decode kernels' counters were first needed inside a CUDA graph capture: "
-                               "make the KV caches (setup_caches), or call the kernel once, before capturing")
-        counts = _COUNTS[(device, pool)] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)  # >= rows' blocks
+    Kernels that merge partial results inside one launch (split attention, split-K products, the
+    top-k sampler's histograms) count finished programs here; the last to finish merges and sets its
+    counter back to zero. A CUDA graph keeps the address it was captured with, so a decode engine
+    passes counters it allocated once (tformer.inference.workspace); fresh zeros serve direct calls."""
+    if counts is None:
+        return torch.zeros(max(n, 1), dtype=torch.int32, device=device)
+    if counts.dtype != torch.int32 or counts.numel() < n:
+        raise ValueError(f"the kernel needs {n} int32 counters, got {counts.numel()} {counts.dtype}: "
+                         "size the workspace for this batch (DecodeEngine's max_batch_size)")
     return counts
 
 
@@ -134,7 +118,7 @@ if triton is not None:
 
     @triton.jit
     def _last_to_finish(count_ptr, group, PARTS: tl.constexpr):
-        """Call after storing this program's part of a group's partial results (`reserve_counters`):
+        """Call after storing this program's part of a group's partial results (`counters`):
         whether it is the group's last part to finish. If so, every other part's stores are visible
         to it; it merges them and sets the group's counter back to zero (tl.atomic_xchg)."""
         tl.debug_barrier()  # every thread's stores done before the count says so

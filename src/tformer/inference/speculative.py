@@ -17,8 +17,8 @@ A round emits (accepted + 1) tokens, distributed exactly as if the target sample
 min-p filtering. Greedy decoding (temperature 0) is the same rule with one-hot p and q:
 accept while the draft agrees with the target's argmax, then take the target's argmax.
 
-Every round has the same shapes, so `compiled_spec_steps()` captures it whole as one CUDA graph.
-Caches: each model keeps a static KV cache. Slots written for rejected drafts are not
+Every round has the same shapes, so an engine that compiles on CUDA replays it, with its
+bookkeeping, from one CUDA graph (`SpecRounds`). Caches: each model keeps a static KV cache. Slots written for rejected drafts are not
 cleared: the next forward rewrites them, and the causal mask (key slot <= query slot) hides
 everything past the current position.
 
@@ -27,15 +27,16 @@ Shapes: B independent rounds (1 in `speculative_generate`), k draft tokens, V vo
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from tformer.generate.engine import compiled_prefill, decode_compile_options, prefill, prompt_counts, seeded
-from tformer.generate.sampling import SamplingConfig, apply_repetition_penalty, argmax, filter_logits, race
+from tformer.inference.engine import DecodeEngine, EngineOptions
+from tformer.inference.graphs import _Captures, capture, model_key
+from tformer.inference.sampling import SamplingConfig, apply_repetition_penalty, argmax, filter_logits, race
+from tformer.inference.steps import COMPILE_OPTIONS, prompt_counts, seeded
 
 
 @dataclass
@@ -104,20 +105,66 @@ def spec_round(target, draft, cur, input_pos, k: int, sampling: SamplingConfig, 
     return n_acc, nxt, drafts
 
 
-@dataclass(frozen=True)
-class SpecSteps:
-    """The functions one speculative run calls: eager by default, or `compiled_spec_steps()`."""
+def round_and_log(target, draft, cur, pos, k: int, sampling: SamplingConfig, counts, first_k, row) -> None:
+    """One round and its bookkeeping, in place: cur (1,) at slot pos (1,) -> row (k+2,) =
+    [n_accepted, drafts, next]; counts (1, V) gains cur and the accepted drafts; pos moves past
+    them; cur becomes next."""
+    if counts is not None:
+        counts.scatter_add_(1, cur.view(1, 1), torch.ones_like(counts[:, :1]))
+    n_acc, nxt, drafts = spec_round(target, draft, cur.view(1, 1), pos, k, sampling, counts)
+    torch.cat([n_acc, drafts[0], nxt], out=row)
+    if counts is not None:  # the accepted drafts (cur and nxt are counted at a round start)
+        counts.scatter_add_(1, drafts, (first_k < n_acc).float()[None])
+    pos += n_acc + 1
+    cur.copy_(nxt)
 
-    prefill: Callable = prefill
-    round: Callable = spec_round
+
+@dataclasses.dataclass
+class _Round:
+    """The static state of a run's rounds (and, with graphs, the graph of one round)."""
+    cur: torch.Tensor  # (1,)
+    pos: torch.Tensor  # (1,)
+    counts: torch.Tensor | None  # (1, V)
+    first_k: torch.Tensor  # (k,)
+    row: torch.Tensor  # (k + 2,)
+    graph: torch.cuda.CUDAGraph | None = None
 
 
-@functools.cache
-def compiled_spec_steps() -> SpecSteps:
-    """Prefill compiled for any prompt length; the whole round (k draft steps and the verify, both
-    models) compiled into one CUDA graph (fullgraph, `decode_compile_options()`), one per k."""
-    spec = torch.compile(spec_round, fullgraph=True, dynamic=False, options=decode_compile_options())
-    return SpecSteps(compiled_prefill(), spec)
+class SpecRounds(_Captures):
+    """How a target engine runs speculative rounds: `round_and_log` eager, compiled (fullgraph, one
+    graph per k), or with `graphs` also replayed from a CUDA graph per (models, k, sampling)."""
+
+    def __init__(self, compile: bool = False, graphs: bool = False, warmup: int = 2, max_captures: int = 8):
+        super().__init__(warmup, max_captures)
+        self.graphs = graphs
+        self.fn = (torch.compile(round_and_log, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS) if compile
+                   else round_and_log)
+
+    def state(self, target, draft, k: int, sampling: SamplingConfig, counts) -> _Round:
+        device = next(target.parameters()).device
+
+        def make():
+            return _Round(torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device),
+                          None if counts is None else torch.zeros_like(counts), torch.arange(k, device=device),
+                          torch.zeros(k + 2, dtype=torch.long, device=device))
+
+        if not self.graphs:
+            return make()
+        return self._entry((model_key(target), model_key(draft), k, dataclasses.astuple(sampling), counts is None),
+                           make)
+
+    def run(self, target, draft, st: _Round, k: int, sampling: SamplingConfig) -> None:
+        """One round on the state st (its row then holds the round's log)."""
+        if not self.graphs:
+            self.fn(target, draft, st.cur, st.pos, k, sampling, st.counts, st.first_k, st.row)
+            return
+        if st.graph is None:  # warm-up and replay write the same cache slots from the same state
+            def fn(clone: bool) -> None:
+                c = (lambda t: None if t is None else t.clone()) if clone else (lambda t: t)
+                self.fn(target, draft, c(st.cur), c(st.pos), k, sampling, c(st.counts), st.first_k, c(st.row))
+
+            st.graph = capture(fn, self.warmup, st.cur.device)[0]
+        st.graph.replay()
 
 
 @torch.no_grad()
@@ -130,40 +177,54 @@ def speculative_generate(
     sampling: SamplingConfig | None = None,
     stop_ids: set[int] | None = None,
     seed: int | None = None,
-    steps: SpecSteps | None = None,
     sync_every: int = 4,
+    options: EngineOptions | None = None,
 ) -> tuple[list[int], SpecStats]:
     """New tokens (prompt excluded), ending at a stop id (kept) or after max_new_tokens.
 
     `draft` proposes k tokens a round, `target` checks them in one forward; the output has
     the target's own distribution (at temperature 0: exactly the target's greedy tokens).
-    The draft must share the target's tokenizer. Both models should be in eval mode.
-    steps: `compiled_spec_steps()` for the fast path on GPU (every round has the same shapes).
+    target, draft: DecodeEngines, or models (each then gets an engine made with `options` for this
+    call). The draft must share the target's tokenizer. The target engine's options decide how
+    rounds run (`SpecRounds`: compiled, and on CUDA replayed from CUDA graphs, with compile=True).
     sync_every: rounds a batch; the host reads a batch's tokens while the next batch runs (so up to
         sync_every rounds may run past a stop id; their results are dropped).
     """
-    sampling = sampling or SamplingConfig()
-    _check_request(target, draft, prompt, max_new_tokens, k, sampling)
+    engines = [e if isinstance(e, DecodeEngine) else DecodeEngine(e, options or EngineOptions(max_batch_size=1))
+               for e in (target, draft)]
+    try:
+        return _generate(*engines, prompt, max_new_tokens, k, sampling or SamplingConfig(), stop_ids or set(), seed,
+                         sync_every)
+    finally:
+        for given, engine in zip((target, draft), engines):
+            if engine is not given:
+                engine.close()
+
+
+def _generate(target: DecodeEngine, draft: DecodeEngine, prompt, max_new_tokens, k, sampling, stop_ids, seed,
+              sync_every) -> tuple[list[int], SpecStats]:
+    _check_request(target.model, draft.model, prompt, max_new_tokens, k, sampling)
     if sync_every < 1:
         raise ValueError(f"sync_every (rounds between host syncs) must be >= 1, got {sync_every}")
     stats = SpecStats()
     if max_new_tokens == 0:
         return [], stats
-    device = next(target.parameters()).device
-    with seeded(seed, device):
-        for model in (target, draft):
-            model.setup_caches(1, len(prompt) + max_new_tokens + k)
+    if target.spec_rounds is None:
+        target.spec_rounds = SpecRounds(target.options.compile, target.uses_graphs)
+    with seeded(seed, target.device):
+        for engine in (target, draft):
+            engine.prepare(1, sampling)
+            engine.attach_caches(1, len(prompt) + max_new_tokens + k)
         try:
-            out = _run(target, draft, prompt, max_new_tokens, k, sampling, stop_ids or set(), steps or SpecSteps(), stats,
-                       sync_every)
+            out = _run(target, draft, prompt, max_new_tokens, k, sampling, stop_ids, stats, sync_every)
         finally:
-            for model in (target, draft):
-                model.clear_caches()
+            for engine in (target, draft):
+                engine.model.clear_caches()
     stats.emitted = len(out)
     return out, stats
 
 
-def _run(target, draft, prompt, max_new_tokens, k, sampling, stop_ids, steps: SpecSteps, stats,
+def _run(target: DecodeEngine, draft: DecodeEngine, prompt, max_new_tokens, k, sampling, stop_ids, stats,
          sync_every: int) -> list[int]:
     """Prefill both models, then draft-then-verify rounds until max_new_tokens or a stop id.
 
@@ -171,34 +232,39 @@ def _run(target, draft, prompt, max_new_tokens, k, sampling, stop_ids, steps: Sp
     token `cur` (slot n-1, on the device like the slot) is fed next. The rounds run without the
     host: each writes [n_accepted, drafts, next] to a log row and moves cur and the slot on the
     device. The host queues them in batches of up to `sync_every` rounds and reads a batch's log
-    only after queuing the next batch, so the device never waits for the host between batches
-    (launching a round's CUDA graph takes the host most of a round's device time: with a sync
-    between batches the device sat idle for about one launch per batch). A batch is never longer
-    than the tokens left allow, even if every draft of every round still unread were accepted,
-    so no round writes past the caches; rounds after a stop id are dropped, stats included.
+    only after queuing the next batch, so the device never waits for the host between batches.
+    A batch is never longer than the tokens left allow, even if every draft of every round still
+    unread were accepted, so no round writes past the caches; rounds after a stop id are dropped,
+    stats included.
     """
-    device = next(target.parameters()).device
+    device = target.device
     tokens = torch.tensor([prompt], dtype=torch.long, device=device)
     L = len(prompt)
-    counts = prompt_counts(tokens, torch.ones_like(tokens), target.config.vocab_size, sampling)
+    counts = prompt_counts(tokens, torch.ones_like(tokens), target.model.config.vocab_size, sampling)
     slots = torch.arange(L, device=device)
-    cur = steps.prefill(target, tokens, slots, None, sampling, counts).clone()  # (1,)
-    steps.prefill(draft, tokens, slots, None, sampling, counts)
-    stats.target_forwards, new = 1, [int(cur)]
-    pos = torch.tensor([L], device=device)  # cur's slot
+    first = target.prefill_fn(target.model, tokens, slots, None, sampling, counts, target.workspace)
+    draft.prefill_fn(draft.model, tokens, slots, None, sampling, counts, draft.workspace)
+    rounds = target.spec_rounds
+    st = rounds.state(target.model, draft.model, k, sampling, counts)
+    st.cur.copy_(first)
+    st.pos.fill_(L)  # cur's slot
+    if counts is not None:
+        st.counts.copy_(counts)
+    stats.target_forwards, new = 1, [int(st.cur)]
     logs = torch.empty(2, sync_every, k + 2, dtype=torch.long, device=device)  # two batches: one read, one run
     host_logs = torch.empty(logs.shape, dtype=torch.long, pin_memory=device.type == "cuda")
-    first_k = torch.arange(k, device=device)
     unread: tuple[int, int, torch.cuda.Event | None] | None = None  # (rounds, log, copied) of the batch in flight
     which = 0
     while not (new[-1] in stop_ids or len(new) >= max_new_tokens):
         in_flight = unread[0] if unread else 0
-        rounds = min(sync_every, (max_new_tokens - len(new)) // (k + 1) - in_flight)
+        n_rounds = min(sync_every, (max_new_tokens - len(new)) // (k + 1) - in_flight)
         queued = None
-        if rounds > 0 or not unread:
-            batch = max(1, rounds)
-            queued = (batch, which, _queue_rounds(steps, target, draft, cur, pos, k, sampling, counts, first_k, batch,
-                                                  logs[which], host_logs[which]))
+        if n_rounds > 0 or not unread:
+            batch = max(1, n_rounds)
+            for r in range(batch):
+                rounds.run(target.model, draft.model, st, k, sampling)
+                logs[which, r].copy_(st.row)
+            queued = (batch, which, _copy_to_host(logs[which, :batch], host_logs[which, :batch]))
             which ^= 1
         if unread:
             n, log, copied = unread
@@ -216,19 +282,9 @@ def _run(target, draft, prompt, max_new_tokens, k, sampling, stop_ids, steps: Sp
     return new
 
 
-def _queue_rounds(steps: SpecSteps, target, draft, cur, pos, k, sampling, counts, first_k, rounds: int, log, host_log):
-    """Queue `rounds` rounds on the device, each logging [n_accepted, drafts, next] to a row of log, and
-    the log's copy to host_log; returns the event the copy records (None on CPU, where it is done)."""
-    for r in range(rounds):
-        if counts is not None:
-            counts.scatter_add_(1, cur.view(1, 1), torch.ones_like(counts[:, :1]))
-        n_acc, nxt, drafts = steps.round(target, draft, cur.view(1, 1), pos, k, sampling, counts)
-        torch.cat([n_acc, drafts[0], nxt], out=log[r])
-        if counts is not None:  # the accepted drafts (cur and nxt are counted at a round start)
-            counts.scatter_add_(1, drafts, (first_k < n_acc).float()[None])
-        pos += n_acc + 1
-        cur.copy_(nxt)
-    host_log[:rounds].copy_(log[:rounds], non_blocking=True)
+def _copy_to_host(log: torch.Tensor, host_log: torch.Tensor) -> torch.cuda.Event | None:
+    """Queue the copy of log to host_log; the event it records (None on CPU, where it is done)."""
+    host_log.copy_(log, non_blocking=True)
     if log.device.type != "cuda":
         return None
     copied = torch.cuda.Event()

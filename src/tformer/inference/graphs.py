@@ -1,36 +1,25 @@
-"""Decode steps captured once as one CUDA graph that also does the loop's bookkeeping.
+"""CUDA graphs of a decode engine: the one mechanism that replays captured work (`capture`).
 
-A step compiled with torch.compile's own CUDA graphs (`compiled_decode_step()`) costs the host
-0.22-0.32 ms a step before the graph even launches (BENCHMARKS.md, session 11): dynamo gathers
-every parameter and buffer of the model as graph inputs on each call (437 for a 1B int4 model),
-the CUDA-graph tree checks their addresses and copies the token in, and the host loop clones the
-token out and bumps the slot with small kernels of their own. On the H100 the GPU was still the
-slower side for every decode step measured, so this does not make those steps faster; it takes the
-host out of the way, and the loop's small kernels into the graph.
-
-`CapturedDecode` compiles `advance` (no CUDA graph of its own) and captures it once per model
-state, batch shape and sampling setting in a graph that does, besides the step:
+`CapturedDecode` captures the decode step with the loop's bookkeeping, once per model state, batch
+shape and sampling setting, in a graph that does, besides the step:
 
     token <- the sampled token       slot += 1       history[n] <- token       n += 1   (one kernel)
     done |= token in the stop ids    counts[token] += 1 (repetition penalty)
 
-The first line is `tformer.kernels.record`'s one kernel; the top-k sampler's seeds come from the slot
-(`sample`'s step), so a step draws no seeds of its own.
+so the host neither gathers the step's inputs nor launches bookkeeping kernels. A graph holds
+`steps_per_replay` steps one after another, so the host replays once every few tokens. The loop's
+last tokens, and with stop ids the tokens up to each check (every `sync_every`), take graphs of fewer
+steps, so a loop never runs past its limit or a check; it streams and returns the same tokens as one
+step a replay.
 
-A graph holds `steps_per_replay` steps (4) one after another, so the host replays once every few
-tokens. Each replay also costs the GPU a few microseconds before its first kernel: PyTorch sets the
-graph's random-number seed and offset with two small kernels, then the graph launches (on the H100,
-about 6.5 of a 1B model's 1,060 microseconds a step, session 13). The loop's last tokens, and with
-stop ids the tokens up to each check (every `sync_every`), take graphs of fewer steps, so a loop
-never runs past its limit or a check; it streams and returns the same tokens as one step a replay.
+`CapturedPrefill` does the same for the prompt's forward and first sample, with prompts padded to a
+multiple of `bucket` tokens so that nearby lengths share a graph.
 
-The graphs keep the addresses they were captured with: the model's weights and KV cache
-(`setup_caches` keeps the cache across calls) and the static state below, which each `generate`
-call fills in. A model whose tensors moved (another cache size, a module swap) gets a new capture;
-after other in-place changes (switching kernels, `set_pdl`) call `reset()`. Without CUDA, `advance`
-runs step by step with no graph.
-
-`CapturedPrefill` does the same for the prompt's forward and first sample (its docstring).
+A graph keeps the addresses it was captured with: the model's weights and KV caches (the engine
+keeps its caches across calls), the engine's kernel workspace, and the static state below, which
+each call fills in. A model whose tensors moved (another cache size, a module swap) gets a new
+capture (`model_key`); after other in-place changes call `reset()`. Without CUDA, the same functions
+run step by step with no graph.
 """
 
 from __future__ import annotations
@@ -41,23 +30,24 @@ from collections import OrderedDict
 
 import torch
 
-from tformer.generate.engine import compiled_prefill, decode_compile_options, decode_step, note_tokens
-from tformer.generate.sampling import SamplingConfig
-from tformer.kernels.record import record_step
+from tformer.inference.steps import COMPILE_OPTIONS, compiled_prefill, decode_step, note_tokens
+from tformer.inference.sampling import SamplingConfig
+from tformer.inference.kernels.record import record_step
 
 
-def record(nxt, token, input_pos, history, n, done, stop, counts) -> None:
+def record(nxt, token, input_pos, history, n, done, stop, counts, workspace=None) -> None:
     """The loop's work on new tokens nxt (B,), in place: history[n] <- nxt, n += 1, token <- nxt, the
-    slot input_pos moves on by one (one kernel on a GPU, `record_step`), then `note_tokens`."""
-    record_step(nxt, token, input_pos, history, n)
+    slot input_pos moves on by one (one kernel on the kernels' device, `record_step`), then `note_tokens`."""
+    record_step(nxt, token, input_pos, history, n, pdl=None if workspace is None else workspace.pdl)
     note_tokens(nxt, done, stop, counts)
 
 
-def advance(model, sampling: SamplingConfig, token, input_pos, key_mask, counts, history, n, done, stop) -> None:
+def advance(model, sampling: SamplingConfig, workspace, token, input_pos, key_mask, counts, history, n, done,
+            stop) -> None:
     """One decode step and its bookkeeping: token (B, 1) at slot input_pos (1,) -> the next token,
     recorded (`record`)."""
-    record(decode_step(model, token, input_pos, key_mask, sampling, counts), token, input_pos, history, n, done,
-           stop, counts)
+    nxt = decode_step(model, token, input_pos, key_mask, sampling, counts, workspace)
+    record(nxt, token, input_pos, history, n, done, stop, counts, workspace)
 
 
 @dataclasses.dataclass
@@ -103,23 +93,23 @@ class _Captures:
 
 
 class CapturedDecode(_Captures):
-    """A `step_fn` for `generate` that runs the whole decode loop from one CUDA graph (module docstring).
+    """The decode loop replayed from CUDA graphs (module docstring).
 
     advance: `advance` or a compiled copy; default `torch.compile(advance, fullgraph=True)` with
-    inductor and no CUDA graph of its own (tformer captures it). max_captures: captures kept (each
-    holds its graphs and their memory); past it the least recently used one is dropped.
-    steps_per_replay: decode steps a graph holds (module docstring)."""
+    inductor and no CUDA graph of its own. max_captures: captures kept (each holds its graphs and
+    their memory); past it the least recently used one is dropped. steps_per_replay: decode steps a
+    graph holds (module docstring)."""
 
     def __init__(self, advance_fn=None, warmup: int = 2, max_captures: int = 8, steps_per_replay: int = 4):
         if steps_per_replay < 1:
             raise ValueError(f"steps_per_replay must be >= 1, got {steps_per_replay}")
         super().__init__(warmup, max_captures)
-        self.advance = advance_fn or torch.compile(advance, fullgraph=True, options=decode_compile_options(False))
+        self.advance = advance_fn or torch.compile(advance, fullgraph=True, options=COMPILE_OPTIONS)
         self.steps_per_replay = steps_per_replay
 
     def loop(self, model, first, key_mask, counts, L: int, max_new_tokens: int, sampling: SamplingConfig,
-             stop_ids, on_tokens, sync_every: int) -> list[list[int]]:
-        """`engine._decode`'s contract: rows of new tokens (B, up to max_new_tokens), first included."""
+             stop_ids, on_tokens, sync_every: int, workspace=None) -> list[list[int]]:
+        """`steps.decode_loop`'s contract: rows of new tokens (B, up to max_new_tokens), first included."""
         st = self._state(model, first.shape[0], key_mask.shape[1], sampling, counts, sorted(stop_ids or []))
         st.input_pos.fill_(L - 1)  # the prompt's last slot; `record` moves it on to the first token's
         st.key_mask.copy_(key_mask)
@@ -127,7 +117,7 @@ class CapturedDecode(_Captures):
         st.done.zero_()
         if counts is not None:
             st.counts.copy_(counts)
-        record(first, st.token, st.input_pos, st.history, st.n, st.done, st.stop, st.counts)
+        record(first, st.token, st.input_pos, st.history, st.n, st.done, st.stop, st.counts, workspace)
         produced, shown = 1, 0
         while True:
             for row in range(shown, produced):  # the new tokens, one callback each, in order
@@ -140,7 +130,7 @@ class CapturedDecode(_Captures):
             steps = min(self.steps_per_replay, max_new_tokens - produced)
             if st.stop is not None:  # no further than the next check
                 steps = min(steps, sync_every - produced % sync_every)
-            self._step(model, sampling, st, steps)
+            self._step(model, sampling, workspace, st, steps)
             produced += steps
         return st.history[:produced].T.tolist()
 
@@ -158,25 +148,25 @@ class CapturedDecode(_Captures):
             counts=None if counts is None else torch.zeros_like(counts),
         ))
 
-    def _step(self, model, sampling, st: _State, steps: int) -> None:
+    def _step(self, model, sampling, workspace, st: _State, steps: int) -> None:
         """`steps` decode steps: one replay of a graph of that many (captured first if new), or
         without CUDA, `advance` that many times."""
         if st.token.device.type != "cuda":
             for _ in range(steps):
-                self.advance(model, sampling, *st.args())
+                self.advance(model, sampling, workspace, *st.args())
             return
         if steps not in st.graphs:
-            st.graphs[steps] = self._capture(model, sampling, st, steps)
+            st.graphs[steps] = self._capture(model, sampling, workspace, st, steps)
         st.graphs[steps].replay()
 
-    def _capture(self, model, sampling, st: _State, steps: int) -> torch.cuda.CUDAGraph:
+    def _capture(self, model, sampling, workspace, st: _State, steps: int) -> torch.cuda.CUDAGraph:
         """Warm up on copies of the state (compiles, autotunes; the KV cache writes at these slots
         are made again by the replay before anything reads them), then capture `steps` calls of
         `advance` on the state itself."""
         def run(clone: bool) -> None:
             args = st.args(clone)
             for _ in range(steps):
-                self.advance(model, sampling, *args)
+                self.advance(model, sampling, workspace, *args)
 
         return capture(run, self.warmup, st.token.device)[0]
 
@@ -214,13 +204,9 @@ class _Prompt:
 
 
 class CapturedPrefill(_Captures):
-    """A `prefill_fn` for `generate` that replays the prompt's forward and first sample from a CUDA graph.
-
-    A compiled prefill without CUDA graphs costs the host several milliseconds for a 1B model's 128-token
-    prompt (one launch per kernel and cuDNN call, about 15 a layer) while the GPU's share is under 2 ms
-    (BENCHMARKS.md, session 12). Here it is captured once per model state, prompt shape and sampling setting
-    and replayed. `generate` left-pads prompts to a multiple of `bucket` tokens (`padded_length`: masked
-    padding, which the batched path already uses), so prompts of nearby lengths share a capture. prefill_fn:
+    """The prompt's forward and first sample replayed from a CUDA graph, captured once per model state,
+    prompt shape and sampling setting. The engine left-pads prompts to a multiple of `bucket` tokens
+    (`padded_length`: masked padding), so prompts of nearby lengths share a capture. prefill_fn:
     the function captured (default: `compiled_prefill()`, which has no CUDA graph of its own). Without CUDA
     it runs prefill_fn directly. At most `max_captures` graphs are kept (least recently used
     dropped); `reset()` drops them all."""
@@ -236,10 +222,10 @@ class CapturedPrefill(_Captures):
         """The prompt length `generate` pads a batch whose longest prompt has `length` tokens to."""
         return -(-length // self.bucket) * self.bucket
 
-    def __call__(self, model, tokens, input_pos, key_mask, sampling: SamplingConfig, counts=None):
+    def __call__(self, model, tokens, input_pos, key_mask, sampling: SamplingConfig, counts=None, workspace=None):
         """`prefill`'s contract: the prompts (B, L) into cache slots input_pos (L,) -> first new tokens (B,)."""
         if tokens.device.type != "cuda":
-            return self.prefill(model, tokens, input_pos, key_mask, sampling, counts)
+            return self.prefill(model, tokens, input_pos, key_mask, sampling, counts, workspace)
         key = (model_key(model), tuple(tokens.shape), tuple(key_mask.shape), dataclasses.astuple(sampling),
                counts is None)
         st = self._entry(key, lambda: _Prompt(torch.empty_like(tokens), torch.empty_like(input_pos),
@@ -250,6 +236,7 @@ class CapturedPrefill(_Captures):
                 static.copy_(t)
         if st.graph is None:  # warm-up and replay write the same cache slots with the same keys and values
             st.graph, st.out = capture(lambda clone: self.prefill(model, st.tokens, st.input_pos, st.key_mask,
-                                                                  sampling, st.counts), self.warmup, tokens.device)
+                                                                  sampling, st.counts, workspace),
+                                       self.warmup, tokens.device)
         st.graph.replay()
         return st.out.clone()

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tformer.kernels.base import DEVICE_TYPE
-from tformer.kernels.sampling import reserve_topk_sample, reseed_topk_sample, topk_sample, use_topk_sample
+from tformer.inference.kernels.sampling import topk_sample, use_topk_sample
+from tformer.inference.workspace import Workspace
 
 
 @dataclass
@@ -33,15 +33,6 @@ class SamplingConfig:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-
-
-def prepare_sampling(cfg: SamplingConfig, device: torch.device, rows: int) -> None:
-    """Allocate now, before any compiled or CUDA-graphed step, what `sample`'s kernels keep between
-    calls for `rows` rows (the top-k sampler's counters), and draw the seeds that calls with a `step`
-    use from torch's generator (so `torch.manual_seed` before this call fixes them)."""
-    if cfg.temperature > 0 and cfg.top_k > 0 and torch.device(device).type == DEVICE_TYPE:
-        reserve_topk_sample(device, rows)
-        reseed_topk_sample(device, rows)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, counts: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -73,23 +64,21 @@ def _top_p_min_p(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, cfg: SamplingConfig, counts: torch.Tensor | None = None, generator=None,
-           step: torch.Tensor | None = None):
+           step: torch.Tensor | None = None, workspace: Workspace | None = None):
     """logits (B, V) -> next tokens (B,). counts (B, V): token occurrences, for the repetition penalty.
-    step: (1,) int64 on the logits' device, different at every call of a generation (the token's cache
-    slot): the top-k kernel then draws from the seeds `prepare_sampling` drew, mixed with it, instead of
-    drawing seeds a call (`tformer.kernels.sampling`); ignored with a generator and on other paths."""
+
+    Top-k keeps every logit tied with the k-th largest, on every path. With a `workspace` (a decode
+    engine's, on the kernels' device) top-k alone runs the top-k kernel (tformer.inference.kernels.
+    sampling), which draws from the workspace's seeds mixed with `step` ((1,) int64, the token's
+    cache slot, different at every call of a request); with a `generator` it draws seeds from it."""
     if counts is not None and cfg.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, counts, cfg.repetition_penalty)
     if cfg.temperature == 0:
         return argmax(logits)
-    if cfg.top_p == 1.0 and cfg.min_p == 0.0 and use_topk_sample(logits, cfg.top_k):
+    if workspace is not None and cfg.top_p == 1.0 and cfg.min_p == 0.0 and use_topk_sample(logits, cfg.top_k):
         step = None if generator is not None else step
-        return topk_sample(logits, cfg.top_k, cfg.temperature, generator, step)  # radix select, then the race
-    if 0 < cfg.top_k < logits.shape[-1]:  # the same draw over the k best only: the rest has probability 0
-        # (B, k) in no particular order: nothing below needs it, and sorting them costs a kernel a step
-        best, ids = torch.topk(logits.float() / cfg.temperature, cfg.top_k, dim=-1, sorted=False)
-        pick = race(_top_p_min_p(best, cfg).softmax(dim=-1), generator)
-        return ids.gather(-1, pick[:, None]).squeeze(-1)
+        return topk_sample(logits, cfg.top_k, cfg.temperature, generator, step, workspace.seeds, workspace.topk,
+                           workspace.pdl)
     return race(filter_logits(logits, cfg).softmax(dim=-1), generator)
 
 
