@@ -12,15 +12,13 @@ An HF model directory (config.json + *.safetensors) is read through `tformer.con
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from tformer.config import ConfigError, ModelConfig
-from tformer.io import CheckpointError, atomic_write_text, load_state_dict_strict, read_json
-from tformer.io import read_safetensors_dir, replace_dir, write_safetensors
+from tformer.io import CheckpointError, atomic_path, atomic_write_text, load_state_dict_strict, read_json
+from tformer.io import read_safetensors_dir, write_safetensors
 from tformer.models.build import build_model, reset_buffers
 from tformer.models.decoder import Decoder
 from tformer.quantize import apply_spec, quantization_spec
@@ -36,14 +34,12 @@ def is_tformer_checkpoint(path: str | Path) -> bool:
 def save(model: Decoder, path: str | Path, tokenizer=None, extra: dict | None = None, write_extra=None) -> Path:
     """Write `model` (and `tokenizer`, optional) as a tformer checkpoint directory.
 
-    The directory is assembled beside `path` and renamed into place, so an interrupted save
-    leaves the previous checkpoint at `path` intact. `write_extra(tmp_dir)` may add files
-    (e.g. optimiser state) before the directory goes into place.
+    The directory is written through `tformer.io.atomic_path`, so an interrupted save leaves the
+    previous checkpoint at `path` intact. `write_extra(tmp_dir)` may add files (e.g. optimiser
+    state) before the directory goes into place.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
+    with atomic_path(path, directory=True) as tmp:
         tensors = dict(model.state_dict())
         if model.config.tie_embeddings:
             tensors.pop("output.weight", None)
@@ -57,10 +53,6 @@ def save(model: Decoder, path: str | Path, tokenizer=None, extra: dict | None = 
             tokenizer.save(tmp / "tokenizer.json")
         if write_extra is not None:
             write_extra(tmp)
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -1,14 +1,19 @@
 """Files: atomic writes, safetensors directories (single file or sharded index), strict loading.
 
-Nothing here unpickles: weights are safetensors only.
+Every file and directory tformer writes goes through `atomic_path` (or `atomic_write_text`,
+`write_safetensors` on top of it): an interrupted write leaves the previous version or nothing,
+never a partial one. Nothing here unpickles: weights are safetensors only.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,34 +26,128 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt or does not match the model; the message says which."""
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+@contextmanager
+def atomic_path(path: str | Path, *, directory: bool = False, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write into; on a clean exit it becomes `path`.
+
+    A file: the body writes the temporary file (any writer that takes a path); it is fsynced and
+    `os.replace`d onto `path`, so readers see the old file or the new one, never half of one.
+    `directory=True`: the body fills an empty temporary directory; every file in it is fsynced,
+    then the directory is renamed to `path`. An existing directory at `path` is renamed aside
+    first and deleted after, so `path` is briefly absent but never partial.
+    `replace=False`: an existing `path` is kept and the new copy discarded (concurrent writers
+    of the same content, e.g. one shard cache per data-parallel rank).
+    On an exception the temporary copy is deleted and `path` is untouched. The temporary name
+    keeps `path`'s suffix (writers such as `savefig` and `np.save` go by it). The result has mode
+    0o666 (directories 0o777) less the umask, as `open` would create `path`, also where the
+    writer replaced the temporary file with one of its own (safetensors writes 0o600 files).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _create_temp(path, directory)
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)  # the umask applied by the kernel
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        yield tmp
+        os.chmod(tmp, mode)
+        _fsync_tree(tmp)
+        if not replace and path.exists():
+            _remove(tmp)
+        elif directory:
+            _rename_dir(tmp, path, replace)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        _remove(tmp)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` through `atomic_path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
-    """Atomic: a crash leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """`tensors` as one safetensors file, written through `atomic_path`."""
+    with atomic_path(path) as tmp:
         # safetensors refuses shared storage (tied weights): the caller drops ties; copies make views safe
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
+
+
+def _create_temp(path: Path, directory: bool) -> Path:
+    """A new file or directory `.{name}.{random}.tmp{suffix}` beside `path`; os.open and os.mkdir
+    apply the umask to the mode they are given (tempfile.mkstemp would create it 0o600)."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp{path.suffix}")
+        try:
+            if directory:
+                os.mkdir(tmp, 0o777)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file beside {path}")
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync a file, or every file and directory under a directory: the data is on disk before
+    the rename that publishes it."""
+    if not path.is_dir():
+        _fsync(path)
+        return
+    for root, _, files in os.walk(path):
+        for name in files:
+            _fsync(Path(root) / name)
+        _fsync_dir(Path(root))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory's entries (the renames into it); skipped where a directory cannot be
+    opened (Windows)."""
+    try:
+        _fsync(path)
+    except OSError:
+        pass
+
+
+def _rename_dir(new: Path, dst: Path, replace: bool) -> None:
+    """Rename directory `new` to `dst`. An existing `dst` is moved into a temporary directory
+    beside it, `new` renamed in, and the old one deleted; with `replace=False` it stays instead."""
+    try:
+        os.rename(new, dst)  # fails when dst is a non-empty directory
+        return
+    except OSError:
+        if not dst.exists():
+            raise
+        if not replace:  # another writer finished first
+            _remove(new)
+            return
+    old = _create_temp(dst, directory=True)
+    os.rename(dst, old / dst.name)
+    try:
+        os.rename(new, dst)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        os.rename(old / dst.name, dst)
         raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def read_json(path: str | Path) -> dict:
@@ -107,15 +206,3 @@ def load_state_dict_strict(model: nn.Module, tensors: dict[str, torch.Tensor], s
                 f"the config expects {tuple(expected[key].shape)}"
             )
     model.load_state_dict(tensors, strict=True, assign=True)
-
-
-def replace_dir(new: Path, dst: Path) -> None:
-    """Put the finished directory `new` at `dst`, replacing what was there (old kept until the swap)."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        dst.rename(old)
-        new.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(dst)

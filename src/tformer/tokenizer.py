@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
+
+from tformer.io import atomic_write_text
 
 DEFAULT_SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>")
 UNK_TOKEN = "<|unk|>"
@@ -39,19 +40,6 @@ _CHUNK_BOUNDARY = re.compile(r"(?<=\S\n)(?=\S)")
 def split_into_chunks(text: str) -> list[str]:
     """`text` cut at line starts that no pre-tokenizer merges across (see `_CHUNK_BOUNDARY`)."""
     return [c for c in _CHUNK_BOUNDARY.split(text) if c]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder + os.replace, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _token_name(value) -> str | None:
@@ -168,12 +156,12 @@ class Tokenizer:
         """
         path = Path(path)
         file = path if path.suffix == ".json" else path / TOKENIZER_FILE
-        _atomic_write_text(file, self.to_str())
+        atomic_write_text(file, self.to_str())
         if path.suffix != ".json":
             ids = {"bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id}
             cfg = {f"{k}_token": self.hf.id_to_token(i) if i is not None else None for k, i in ids.items()}
             cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-            _atomic_write_text(path / CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
+            atomic_write_text(path / CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
         return file
 
     def to_str(self) -> str:

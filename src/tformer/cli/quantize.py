@@ -60,9 +60,11 @@ def run(args: argparse.Namespace) -> int:
     quantize_model(model, args.mode, args.group_size, skip=args.skip or ())
     what = args.mode + (f", group size {args.group_size}" if args.mode == "int4" else "")
     if args.out:
-        save(model, args.out)
-        if (ckpt / "tokenizer.json").is_file():
-            shutil.copyfile(ckpt / "tokenizer.json", Path(args.out) / "tokenizer.json")
+        def copy_tokenizer(tmp: Path) -> None:  # into the checkpoint before it goes into place
+            if (ckpt / "tokenizer.json").is_file():
+                shutil.copyfile(ckpt / "tokenizer.json", tmp / "tokenizer.json")
+
+        save(model, args.out, write_extra=copy_tokenizer)
         size = (Path(args.out) / "model.safetensors").stat().st_size
         print(f"wrote {args.out} ({what}; model.safetensors {size / 2**20:.2f} MiB)")
     if batches:

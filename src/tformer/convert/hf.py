@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from tformer.checkpoint import model_from_tensors
-from tformer.io import replace_dir
 from tformer.config import ConfigError, ModelConfig
 from tformer.convert.hf_config import SUPPORTED_MODEL_TYPES, config_from_hf, config_to_hf, hf_model_type
 from tformer.convert.hf_moe import drop_mtp_layers, rope_rows, unfuse_experts
-from tformer.io import CheckpointError, atomic_write_text, read_json, read_safetensors_dir, write_safetensors
+from tformer.io import CheckpointError, atomic_path, atomic_write_text, read_json, read_safetensors_dir
+from tformer.io import write_safetensors
 from tformer.models.build import build_model
 from tformer.models.decoder import Decoder
 
@@ -237,7 +235,7 @@ def save_hf(model: Decoder, path: str | Path, tokenizer=None, max_shard_bytes: i
     """Write `model` as an HF model directory that `AutoModelForCausalLM.from_pretrained` loads.
 
     Weights go to model.safetensors, or to shards plus model.safetensors.index.json when they
-    exceed `max_shard_bytes`. The directory is assembled beside `path` and renamed into place.
+    exceed `max_shard_bytes`. The directory is written through `tformer.io.atomic_path`.
     """
     from tformer.quantize import is_quantized
 
@@ -252,17 +250,11 @@ def save_hf(model: Decoder, path: str | Path, tokenizer=None, max_shard_bytes: i
     hf_config = config_to_hf(model.config, dtype=dtype)  # fails before anything is written
     tensors = state_dict_to_hf(model.state_dict(), model.config)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
+    with atomic_path(path, directory=True) as tmp:
         _write_weights(tensors, tmp, max_shard_bytes)
         atomic_write_text(tmp / "config.json", json.dumps(hf_config, indent=2))
         if tokenizer is not None:
             tokenizer.save(str(tmp / "tokenizer.json"))
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

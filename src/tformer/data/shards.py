@@ -8,7 +8,7 @@ Cache layout (root: $TFORMER_CACHE/shards, else ~/.cache/tformer/shards)::
 
 `key` hashes the documents, the tokenizer.json text, the eos id and `val_fraction`, so a changed
 corpus or tokenizer gets a fresh folder and an unchanged one is reused without tokenising. A folder
-is written under a temporary name and renamed into place, so an interrupted run leaves no bad cache.
+is written through `tformer.io.atomic_path`, so an interrupted run leaves no bad cache.
 
 The split is deterministic, not random: the last `val_fraction` of the corpus's characters is val,
 cut at the first line start after that point (see `tokenizer.split_into_chunks`). Documents are
@@ -23,7 +23,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tformer.io import atomic_path
 from tformer.tokenizer import Tokenizer, split_into_chunks
 
 FORMAT_VERSION = 1
@@ -186,7 +186,7 @@ def _tokenise_into(folder: Path, docs: Sequence[str], tokenizer: Tokenizer, val_
         "eos_id": tokenizer.eos_id, "val_fraction": val_fraction, "n_docs": len(docs),
         "splits": splits,
     }
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # last: marks it complete
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def load_shards(path: str | Path) -> Shards:
@@ -227,16 +227,7 @@ def build_shards(docs: Sequence[str] | str, tokenizer: Tokenizer, *, val_fractio
         except (FileNotFoundError, ValueError) as e:
             warnings.warn(f"rebuilding broken shard cache: {e}")
             shutil.rmtree(final)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
-    try:
+    # replace=False: another process (e.g. another rank) that finished first wrote the same folder
+    with atomic_path(final, directory=True, replace=False) as tmp:
         _tokenise_into(tmp, docs, tokenizer, val_fraction, key)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process (e.g. another rank) finished first; its copy is identical
-            if not (final / "meta.json").exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return load_shards(final)

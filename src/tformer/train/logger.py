@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from tformer.io import atomic_write_text
 from tformer.viz.loss import plot_loss
 
 
@@ -20,7 +21,7 @@ class MetricsLogger:
             self.metrics_file.unlink(missing_ok=True)
         else:  # resumed: drop rows past the checkpoint, they will be written again
             keep = [ln for ln in _lines(self.metrics_file) if json.loads(ln)["step"] <= start_step]
-            self.metrics_file.write_text("".join(ln + "\n" for ln in keep))
+            atomic_write_text(self.metrics_file, "".join(ln + "\n" for ln in keep))
         self.tb = _tensorboard(self.dir / "tb") if cfg.tensorboard else None
         self.bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not progress, dynamic_ncols=True,
                         desc="train", unit="step")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from tformer.io import atomic_path
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -35,8 +36,9 @@ def plot_loss(metrics_file: str | Path, png: str | Path) -> Path:
     ax.legend()
     fig.tight_layout()
     png = Path(png)
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png)
+    try:
+        with atomic_path(png) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return png
