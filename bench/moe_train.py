@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from tformer.config import MoEConfig
-from tformer.params import active_breakdown, parameter_breakdown
+from tformer.accounting import active_breakdown, parameter_breakdown
 from tformer.presets import get_preset
 from tformer.train.config import TrainConfig
 from tformer.train.loop import train

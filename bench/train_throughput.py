@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tformer.accounting import peak_flops, training_flops_per_token
 from tformer.models import build_model
 from tformer.presets import get_preset
-from tformer.train.flops import flops_per_token, peak_flops
 
 
 def time_steps(model, forward_loss, batch, steps: int, warmup: int) -> dict:
@@ -104,7 +104,7 @@ def main() -> None:
     peak = peak_flops(device)
     rows = []
     for shape, (config, B, T, anchors) in shapes(args.only).items():
-        flops_tok = flops_per_token(build_model(config, device="meta"), T)
+        flops_tok = training_flops_per_token(config, T)
         for name in ["tformer"] + anchors:
             if name not in args.variants.split(","):
                 continue

@@ -4,7 +4,8 @@ import pytest
 
 from tformer.cli import main
 from tformer.config import ModelConfig
-from tformer.params import COMPONENTS, classify, format_breakdown, model_breakdown, parameter_breakdown
+from tformer.accounting import COMPONENTS, classify, model_breakdown, parameter_breakdown
+from tformer.cli.params import format_breakdown
 from tformer.presets import get_preset, list_presets
 
 # Counts published by the model authors (model cards / safetensors metadata).

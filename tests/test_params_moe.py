@@ -1,4 +1,4 @@
-"""Accounting of MoE and MLA models (tformer.params, tformer.accounting) against published figures
+"""Accounting of MoE and MLA models (tformer.accounting) against published figures
 and against counts written out here by hand from the HF config.json fields."""
 
 import json
@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from tformer.accounting import (
-    accounting, attention_flops_per_token, kv_cache_bytes_per_token, training_flops_per_token, training_memory,
+    COMPONENTS, accounting, active_breakdown, active_matmul_params, attention_flops_per_token,
+    kv_cache_bytes_per_token, parameter_breakdown, peak_flops, training_flops_per_token, training_memory,
 )
 from tformer.cli import main
-from tformer.params import COMPONENTS, active_breakdown, active_matmul_params, format_breakdown, parameter_breakdown
+from tformer.cli.params import format_breakdown
 from tformer.presets import get_preset
 
 B = 1e9
@@ -149,14 +150,19 @@ def test_kv_cache_bytes_equal_the_caches_the_model_makes(name):
     assert made == slots * kv_cache_bytes_per_token(get_preset(name), "bfloat16")
 
 
-def test_flops_dense_equal_the_training_loop_and_palm():
-    from tformer.models.build import build_model
-    from tformer.train.flops import flops_per_token
-
+def test_flops_dense_equal_palm():
     config, T = get_preset("llama-3-8b"), 8192
     N = 8_030_261_248 - 128256 * 4096  # the embedding lookup is no matmul; the untied head is
     assert training_flops_per_token(config, T) == 6 * N + 12 * 32 * 32 * 128 * T  # PaLM: 6N + 12 L H Q T
-    assert training_flops_per_token(config, T) == flops_per_token(build_model(config, device="meta"), T)
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA A10G", 70e12),
+                                        ("Tesla T4", None)])
+def test_peak_flops_by_device_name(name, peak, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+    assert peak_flops(torch.device("cuda")) == peak
+    assert peak_flops(torch.device("cpu")) is None
 
 
 def test_flops_moe_and_mla():

@@ -259,7 +259,7 @@ def test_preset_fields_match_hf_config(name):
 
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
 def test_preset_parameter_count_matches_hf(name):
-    from tformer.params import parameter_breakdown
+    from tformer.accounting import parameter_breakdown
 
     assert parameter_breakdown(get_preset(name))["total"] == hf_parameter_count(HF_CONFIGS[name]())
 

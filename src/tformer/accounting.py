@@ -1,15 +1,30 @@
-"""Compute and memory per token, from the parameter counts of `tformer.params`.
+"""Parameter, FLOP and memory accounting of a model config, without allocating weights.
+
+Parameters. The model is built on the meta device (no memory is allocated, so a 671B config
+costs nothing) and its named parameters are classified by our module names, so the counts are
+those of the code. A tied output matrix is the token embedding: `named_parameters` yields it
+once, under `tok_emb`, so `output` counts 0. Components: embeddings (token + learned positions),
+attention (incl. MLA's latent norms), ffn (the dense FFNs), routed_experts, shared_experts (incl.
+Qwen2-MoE's shared-expert gate), router, norms (the blocks' and the final norm), output. Dense
+models have 0 in the three MoE rows.
+
+Active parameters per token: a token runs top_k of n_experts routed experts in each MoE layer,
+so routed_experts count top_k / n_experts of their total; everything else counts fully,
+embeddings included. That is how Mistral (Mixtral 12.9B of 46.7B) and Qwen (Qwen1.5-MoE 2.7B of
+14.3B) state "active"; DeepSeek leaves the embedding lookup out (V2-Lite 2.4B of 15.7B, V3 37B
+of 671B): that figure is `active_matmul_params`, the N of the 6N training FLOPs.
 
 Training FLOPs per token (forward + backward), PaLM (Chowdhery et al. 2022, appendix B):
 
     6 N + 12 L H Q T
 
-N: active matmul parameters (`params.active_matmul_params`: the routed experts at top_k/n_experts,
-the embedding lookups left out, the output head kept), L layers, H query heads, Q head dim,
-T context length. The attention term is 3 (forward + backward) x 2 FLOPs x H T (Q for the
-scores q.k + Q for the weighted sum of values) per layer, with no saving for the causal mask.
-Latent attention (MLA) scores over d_qk = nope_dim + rope_dim and sums over d_v = v_dim per head,
-so the term is written 6 L H T (d_qk + d_v), which is PaLM's 12 L H Q T when d_qk = d_v = Q.
+N: active matmul parameters (the routed experts at top_k/n_experts, the embedding lookups left
+out, the output head kept), L layers, H query heads, Q head dim, T context length. The attention
+term is 3 (forward + backward) x 2 FLOPs x H T (Q for the scores q.k + Q for the weighted sum of
+values) per layer, with no saving for the causal mask. Latent attention (MLA) scores over
+d_qk = nope_dim + rope_dim and sums over d_v = v_dim per head, so the term is written
+6 L H T (d_qk + d_v), which is PaLM's 12 L H Q T when d_qk = d_v = Q. Model FLOP utilisation
+divides these FLOPs by the device's peak (`peak_flops`).
 
 KV cache bytes per token: 2 L Hkv head_dim bytes (a key and a value per kv head per layer); MLA
 keeps one kv_rank latent and one rope_dim key per layer, shared by all heads (DeepSeek-V2 §2.1):
@@ -25,11 +40,98 @@ Activations, buffers and allocator slack are not counted.
 
 from __future__ import annotations
 
-from tformer.config import ModelConfig
-from tformer.params import active_breakdown, active_matmul_params, format_breakdown, parameter_breakdown, table
+import torch
+from torch import nn
 
+from tformer.config import ModelConfig
+from tformer.models.build import build_model
+
+COMPONENTS = ("embeddings", "attention", "ffn", "routed_experts", "shared_experts", "router", "norms", "output")
+MOE_COMPONENTS = ("routed_experts", "shared_experts", "router")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ADAMW_STATE_BYTES = 2 * 4  # exp_avg and exp_avg_sq, fp32
+
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, from the vendors' datasheets; first match wins.
+PEAK_BF16 = [
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM / HBM3
+    ("H800", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("V100", 125e12),  # fp16
+]
+
+# First name segment -> component, for parameters outside the blocks.
+_TOP_LEVEL = {"tok_emb": "embeddings", "pos_emb": "embeddings", "norm": "norms", "output": "output"}
+# Module name inside a block (layers.{i}.<name>) -> component.
+_IN_BLOCK = {"attn": "attention", "ffn": "ffn", "attn_norm": "norms", "ffn_norm": "norms"}
+# Module name inside a MoE layer's ffn (layers.{i}.ffn.<name>) -> component; a dense FFN's
+# w1/w2/w3 are not listed and stay "ffn".
+_IN_MOE = {"experts": "routed_experts", "router": "router", "shared": "shared_experts", "shared_gate": "shared_experts"}
+
+
+def parameter_breakdown(config: ModelConfig) -> dict[str, int]:
+    """Parameter counts of a model of `config` by component (see the module docstring) and total."""
+    return model_breakdown(build_model(config, device="meta"))
+
+
+def model_breakdown(model: nn.Module) -> dict[str, int]:
+    """`parameter_breakdown` of a built Decoder (any device); shared parameters count once."""
+    counts = dict.fromkeys(COMPONENTS, 0)
+    for name, p in model.named_parameters():  # deduplicates tied parameters
+        counts[classify(name)] += p.numel()
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def active_breakdown(config: ModelConfig, breakdown: dict[str, int] | None = None) -> dict[str, int]:
+    """Parameters one token uses, by component: `breakdown` (default: `parameter_breakdown(config)`)
+    with the routed experts scaled by top_k / n_experts; embeddings count fully."""
+    total = breakdown if breakdown is not None else parameter_breakdown(config)
+    active = {k: total[k] for k in COMPONENTS}
+    if config.moe is not None:
+        routed, m = total["routed_experts"], config.moe
+        if routed % m.n_experts:
+            raise ValueError(
+                f"routed_experts={routed:,} is not a multiple of moe.n_experts={m.n_experts}: "
+                "a parameter outside the experts is classified as routed (see tformer.accounting._IN_MOE)"
+            )
+        active["routed_experts"] = routed // m.n_experts * m.top_k
+    active["total"] = sum(active[k] for k in COMPONENTS)
+    return active
+
+
+def active_matmul_params(config: ModelConfig, active: dict[str, int]) -> int:
+    """Active parameters without the embedding lookups (token and learned positions): those a
+    token multiplies with, the N of 6N. A tied output matrix is kept: it is the head's matmul."""
+    lookups = active["embeddings"] - (config.vocab_size * config.dim if config.tie_embeddings else 0)
+    return active["total"] - lookups
+
+
+def classify(name: str) -> str:
+    """The component of a Decoder parameter name, e.g. "layers.3.attn.wqkv.weight" -> "attention",
+    "layers.3.ffn.experts.w1" -> "routed_experts"."""
+    parts = name.split(".")
+    if parts[0] == "layers" and len(parts) > 2 and parts[2] in _IN_BLOCK:
+        component = _IN_BLOCK[parts[2]]
+        if component == "ffn" and len(parts) > 3 and parts[3] in _IN_MOE:
+            return _IN_MOE[parts[3]]
+        return component
+    if parts[0] in _TOP_LEVEL:
+        return _TOP_LEVEL[parts[0]]
+    raise ValueError(
+        f"parameter {name!r} belongs to no known component {COMPONENTS}: "
+        "add its module name to tformer.accounting._TOP_LEVEL, _IN_BLOCK or _IN_MOE"
+    )
 
 
 def attention_flops_per_token(config: ModelConfig, seq_len: int) -> int:
@@ -42,7 +144,7 @@ def attention_flops_per_token(config: ModelConfig, seq_len: int) -> int:
 
 
 def training_flops_per_token(config: ModelConfig, seq_len: int, active: dict[str, int] | None = None) -> int:
-    """6 N + attention term (module docstring); `active` is `params.active_breakdown(config)`."""
+    """6 N + attention term (module docstring); `active` defaults to `active_breakdown(config)`."""
     active = active if active is not None else active_breakdown(config)
     return 6 * active_matmul_params(config, active) + attention_flops_per_token(config, seq_len)
 
@@ -87,36 +189,18 @@ def accounting(config: ModelConfig, seq_len: int | None = None, dtype: str = "bf
     }
 
 
-def format_accounting(config: ModelConfig, acc: dict, title: str | None = None) -> str:
-    """The component table (total and active columns), then FLOPs, KV cache and memory rows."""
-    T, dtype, b = acc["seq_len"], acc["dtype"], _bytes(acc["dtype"])
-    lines = [format_breakdown(acc, title=title, active=acc["active"] if config.moe is not None else None)]
-    if config.moe is not None:
-        lines.append("active/token: routed experts at top_k/n_experts, the rest in full, embeddings included")
-        lines.append("(Mistral's and Qwen's 'active'); N below leaves the embedding lookup out (DeepSeek's).")
-    lines.append("")
-    attn = "6·L·H·T·(d_qk+d_v)" if config.mla is not None else "12·L·H·Q·T"
-    kv = "L·(kv_rank+rope_dim)" if config.mla is not None else "2·L·Hkv·head_dim"
-    mem = acc["training_memory_bytes"]
-    rows = [
-        ["active matmul params N", f"{acc['active_matmul']:,}", "active minus embedding lookups (DeepSeek's 'active')"],
-        ["training FLOPs/token", f"{acc['training_flops_per_token']:.4g}", f"6N + {attn}, T={T:,} (PaLM app. B)"],
-        ["KV cache/token", f"{acc['kv_cache_bytes_per_token']:,} B", f"{kv}·{b} B ({dtype})"],
-        ["weights", _gib(mem["weights"]), f"total params · {b} B ({dtype})"],
-        ["gradients", _gib(mem["gradients"]), f"total params · {b} B ({dtype})"],
-        ["fp32 master weights", _gib(mem["master_weights"]), "total params · 4 B, where dtype < fp32"],
-        ["AdamW m, v", _gib(mem["adamw_states"]), "total params · 2 · 4 B (fp32)"],
-        ["training memory", _gib(mem["total"]), "no activations (ZeRO §3.1: 16 B/param)"],
-    ]
-    lines += table(["per token / memory", "value", "formula"], rows, rules_before=[3, 7], align="lrl")
-    return "\n".join(lines)
+def peak_flops(device: torch.device) -> float | None:
+    """Peak bf16 FLOP/s of a CUDA device, by name; None where unknown (and on CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16:
+        if key in name:
+            return flops
+    return None
 
 
 def _bytes(dtype: str) -> int:
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype {dtype!r} is not supported; choose one of {list(DTYPE_BYTES)}")
     return DTYPE_BYTES[dtype]
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:,.1f} GiB" if n >= 10 * 2**30 else f"{n / 2**30:.2f} GiB"

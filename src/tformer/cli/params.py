@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from tformer.accounting import COMPONENTS, DTYPE_BYTES, MOE_COMPONENTS
 from tformer.cli import DTYPES, UserError
+from tformer.config import ModelConfig
 from tformer.sources import resolve_config
 
 EPILOG = """\
@@ -53,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tformer.accounting import accounting, format_accounting
+    from tformer.accounting import accounting
 
     if args.list:
         _print_presets()
@@ -79,3 +81,69 @@ def _print_presets() -> None:
     width = max(map(len, names))
     for name in names:
         print(f"{name:<{width}}  {preset_source(name)}")
+
+
+def format_accounting(config: ModelConfig, acc: dict, title: str | None = None) -> str:
+    """The component table (total and active columns), then FLOPs, KV cache and memory rows."""
+    T, dtype, b = acc["seq_len"], acc["dtype"], DTYPE_BYTES[acc["dtype"]]
+    lines = [format_breakdown(acc, title=title, active=acc["active"] if config.moe is not None else None)]
+    if config.moe is not None:
+        lines.append("active/token: routed experts at top_k/n_experts, the rest in full, embeddings included")
+        lines.append("(Mistral's and Qwen's 'active'); N below leaves the embedding lookup out (DeepSeek's).")
+    lines.append("")
+    attn = "6·L·H·T·(d_qk+d_v)" if config.mla is not None else "12·L·H·Q·T"
+    kv = "L·(kv_rank+rope_dim)" if config.mla is not None else "2·L·Hkv·head_dim"
+    mem = acc["training_memory_bytes"]
+    rows = [
+        ["active matmul params N", f"{acc['active_matmul']:,}", "active minus embedding lookups (DeepSeek's 'active')"],
+        ["training FLOPs/token", f"{acc['training_flops_per_token']:.4g}", f"6N + {attn}, T={T:,} (PaLM app. B)"],
+        ["KV cache/token", f"{acc['kv_cache_bytes_per_token']:,} B", f"{kv}·{b} B ({dtype})"],
+        ["weights", _gib(mem["weights"]), f"total params · {b} B ({dtype})"],
+        ["gradients", _gib(mem["gradients"]), f"total params · {b} B ({dtype})"],
+        ["fp32 master weights", _gib(mem["master_weights"]), "total params · 4 B, where dtype < fp32"],
+        ["AdamW m, v", _gib(mem["adamw_states"]), "total params · 2 · 4 B (fp32)"],
+        ["training memory", _gib(mem["total"]), "no activations (ZeRO §3.1: 16 B/param)"],
+    ]
+    lines += table(["per token / memory", "value", "formula"], rows, rules_before=[3, 7], align="lrl")
+    return "\n".join(lines)
+
+
+_LABELS = {"ffn": "dense ffn", "routed_experts": "routed experts", "shared_experts": "shared experts"}
+
+
+def format_breakdown(
+    breakdown: dict[str, int], title: str | None = None, active: dict[str, int] | None = None
+) -> str:
+    """A table for humans: component, count with thousands separators, share of the total, and
+    with `active`, the parameters a token uses. MoE rows are left out where they are all 0."""
+    keys = [k for k in COMPONENTS if k in breakdown and (k not in MOE_COMPONENTS or breakdown[k])]
+    header = ["component", "parameters", "share"] + (["active/token"] if active else [])
+    total = breakdown["total"]
+    cells = []
+    for k in [*keys, "total"]:
+        n = breakdown[k]
+        row = [_LABELS.get(k, k), f"{n:,}", f"{100 * n / total:.1f}%" if total else "-"]
+        cells.append(row + ([f"{active[k]:,}"] if active else []))
+    return "\n".join(([title] if title else []) + table(header, cells, rules_before=[len(cells) - 1]))
+
+
+def table(header: list[str], rows: list[list[str]], rules_before=(), align: str | None = None) -> list[str]:
+    """Lines of a table, a rule under the header and before each row index in `rules_before`.
+    align: one "l" or "r" per column (default: the first left, the others right)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        cells = (c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align))
+        return "  ".join(cells).rstrip()
+
+    rule = "-" * max(len(line(row)) for row in [header, *rows])
+    lines = [line(header), rule]
+    for i, row in enumerate(rows):
+        lines += [rule] if i in rules_before else []
+        lines.append(line(row))
+    return lines
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 10 * 2**30 else f"{n / 2**30:.2f} GiB"

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tformer.accounting import peak_flops, training_flops_per_token
 from tformer.nn.moe import load_stats, moe_layers
 from tformer.train.config import TrainConfig
 from tformer.train.data import TrainData, prepare_data
 from tformer.train.distill import load_teacher, make_distill_loss_fn
-from tformer.train.flops import flops_per_token, peak_flops
 from tformer.train.logger import MetricsLogger
 from tformer.train.model_setup import setup_model
 from tformer.train.optim import make_optimizer
@@ -101,7 +101,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         loss_fn = make_loss_fn(model, cfg.label_smoothing, cfg.compile)
     autocast = autocast_for(device, cfg.dtype)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-    flops_step = flops_per_token(model, cfg.seq_len) * tokens_per_step
+    flops_step = training_flops_per_token(model.config, cfg.seq_len) * tokens_per_step
     peak = peak_flops(device)
     logger = MetricsLogger(cfg, start, progress)
     moe = moe_layers(model)
