@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tformer.data import build_shards, eval_batches, load_corpus
+from tformer.data import build_shards, load_corpus
 from tformer.tokenizer import Tokenizer
+from tformer.train.evaluate import evaluate
 
 NANOGPT_CPU = ("--device=cpu --compile=False --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 "
                "--n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0").split()
@@ -54,7 +55,18 @@ def run_timed(cmd: list[str], cwd: Path | None = None) -> tuple[float, str]:
     return wall, proc.stdout
 
 
-@torch.no_grad()
+class _AllLogits(torch.nn.Module):
+    """nanoGPT's GPT as tformer's evaluation calls a model: x -> logits at every position (nanoGPT
+    returns them all only when given targets)."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, x):
+        return self.gpt(x, x)[0]
+
+
 def nanogpt_val_bpc(nanogpt: Path, out_dir: Path, shards) -> float:
     sys.path.insert(0, str(nanogpt))
     from model import GPT, GPTConfig  # nanoGPT's own model file
@@ -63,13 +75,7 @@ def nanogpt_val_bpc(nanogpt: Path, out_dir: Path, shards) -> float:
     model = GPT(GPTConfig(**ckpt["model_args"]))
     sd = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
     model.load_state_dict(sd)
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in eval_batches(shards.val.tokens, 64, 64, device="cpu"):
-        logits, _ = model(x, y)
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-        count += y.numel()
-    return shards.val.bits_per_char(total / count)
+    return evaluate(_AllLogits(model), shards.val, 64, 64)["val_bpc"]
 
 
 def main() -> None:

@@ -9,10 +9,12 @@ import torch.nn.functional as F
 
 import tformer
 from tests.train.test_loop import corpus, small_run  # noqa: F401 - the corpus fixture
+from tformer.data import eval_batches
 from tformer.tokenizer import Tokenizer
 from tformer.train.data import prepare_data
 from tformer.train.distill import distill_loss
-from tformer.train.loop import lm_loss, train
+from tformer.train.evaluate import lm_loss
+from tformer.train.loop import train
 
 
 def test_alpha_zero_is_cross_entropy():
@@ -46,7 +48,7 @@ def _val_kl(student, teacher, cfg) -> float:
     V = data.tokenizer.vocab_size
     total, n = 0.0, 0
     with torch.no_grad():
-        for x, y in data.val_batches(cfg.batch_size, cfg.seq_len, 0, "cpu"):
+        for x, y in eval_batches(data.shards.val.tokens, cfg.batch_size, cfg.seq_len):
             total += distill_loss(student(x), teacher(x), y, alpha=1.0, vocab_size=V).item() * y.numel()
             n += y.numel()
     return total / n

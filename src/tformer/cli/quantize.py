@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 from pathlib import Path
 
 from tformer.cli import DTYPES, UserError, torch_dtype
-
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,8 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Weight-only quantization. CKPT is a tformer checkpoint or an HF model directory; --out is written "
             "as a tformer checkpoint (tformer.json records the quantization; tokenizer.json is copied) that "
             "`tformer generate` and tformer.load read. Tied output heads stay in full precision. --eval "
-            "reports held-out perplexity of the original and the quantized model on the validation split of "
-            "the default corpus, tokenised with CKPT's tokenizer.json."
+            "reports held-out perplexity and bits per character of the original and the quantized model on "
+            "the validation split of the default corpus, tokenised with CKPT's tokenizer.json (the evaluation "
+            "training runs)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -32,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: none; an untied output head becomes int8 in both modes, a tied one stays as it is)")
     p.add_argument("--out", help="output checkpoint directory (created)")
     p.add_argument("--dtype", choices=DTYPES, help="cast weights before quantizing (default: keep)")
-    p.add_argument("--eval", action="store_true", help="report validation perplexity before and after")
+    p.add_argument("--eval", action="store_true",
+                   help="report validation perplexity and bits per character before and after")
     p.add_argument("--eval-batches", type=int, default=20, help="validation batches (0: the whole split)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128, help="evaluation window (capped at max_seq_len)")
@@ -41,7 +41,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     from tformer.checkpoint import load, save
     from tformer.quantize import is_quantized, quantize_model
     from tformer.train.loop import resolve_device
@@ -55,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
     model = load(ckpt, device=device, dtype=torch_dtype(args.dtype)).eval()
     if is_quantized(model):
         raise UserError(f"{ckpt} is already quantized: quantize the full-precision checkpoint")
-    batches = _val_batches(args, ckpt, model.config.max_seq_len, device) if args.eval else None
-    before = perplexity(model, batches) if batches else None
+    evaluate = _evaluator(args, ckpt, model.config.max_seq_len, device) if args.eval else None
+    before = evaluate(model) if evaluate else None
     quantize_model(model, args.mode, args.group_size, skip=args.skip or ())
     what = args.mode + (f", group size {args.group_size}" if args.mode == "int4" else "")
     if args.out:
@@ -67,38 +66,27 @@ def run(args: argparse.Namespace) -> int:
         save(model, args.out, write_extra=copy_tokenizer)
         size = (Path(args.out) / "model.safetensors").stat().st_size
         print(f"wrote {args.out} ({what}; model.safetensors {size / 2**20:.2f} MiB)")
-    if batches:
-        after = perplexity(model, batches)
-        n = sum(y.numel() for _, y in batches)
-        print(f"validation perplexity ({n:,} tokens): original {before:.4f}, {what} {after:.4f} "
-              f"({100 * (after / before - 1):+.2f}%)")
+    if evaluate:
+        after = evaluate(model)
+        ppl0, ppl1 = before["val_ppl"], after["val_ppl"]
+        print(f"validation perplexity ({before['val_tokens']:,} tokens): original {ppl0:.4f}, {what} {ppl1:.4f} "
+              f"({100 * (ppl1 / ppl0 - 1):+.2f}%)")
+        print(f"validation bits per character: original {before['val_bpc']:.4f}, {what} {after['val_bpc']:.4f}")
     return 0
 
 
-def _val_batches(args, ckpt: Path, max_seq_len: int, device) -> list:
-    """The validation split of the default corpus, tokenised with the checkpoint's tokenizer."""
-    from tformer.data import build_shards, eval_batches, load_corpus
+def _evaluator(args, ckpt: Path, max_seq_len: int, device):
+    """model -> `tformer.train.evaluate.evaluate` metrics on the validation split of the default
+    corpus, tokenised with the checkpoint's tokenizer."""
+    from tformer.data import build_shards, load_corpus
     from tformer.tokenizer import Tokenizer
+    from tformer.train.evaluate import evaluate
 
     if not (ckpt / "tokenizer.json").is_file():
         raise UserError(f"--eval needs the model's tokenizer: {ckpt / 'tokenizer.json'} not found")
     if args.eval_batches < 0 or args.batch_size <= 0 or args.seq_len <= 0:
         raise UserError("--eval-batches must be >= 0, --batch-size and --seq-len > 0")
-    shards = build_shards(load_corpus(None), Tokenizer.load(ckpt / "tokenizer.json"))
+    val = build_shards(load_corpus(None), Tokenizer.load(ckpt / "tokenizer.json")).val
     seq_len = min(args.seq_len, max_seq_len)
-    return list(eval_batches(shards.val.tokens, args.batch_size, seq_len, device=device,
-                             max_batches=args.eval_batches or None))
-
-
-def perplexity(model, batches) -> float:
-    """exp(mean next-token loss over every target token of `batches`)."""
-    import torch
-
-    from tformer.train.loop import lm_loss
-
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for x, y in batches:
-            total += lm_loss(model(x), y).item() * y.numel()
-            count += y.numel()
-    return math.exp(total / count)
+    return lambda model: evaluate(model, val, args.batch_size, seq_len, max_batches=args.eval_batches or None,
+                                  device=device)

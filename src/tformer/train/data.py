@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from tformer.data import Batcher, build_shards, default_cache_dir, eval_batches, load_corpus
+from tformer.data import Batcher, build_shards, default_cache_dir, load_corpus
 from tformer.tokenizer import Tokenizer
 from tformer.train.distill import check_same_tokenizer, teacher_tokenizer
 
@@ -25,13 +25,6 @@ class TrainData:
             self._batchers[key] = Batcher(self.shards.train.tokens, batch_size, seq_len, device=device,
                                           seed=self.seed)
         return self._batchers[key].get(index)
-
-    def val_batches(self, batch_size: int, seq_len: int, max_batches: int, device):
-        return eval_batches(self.shards.val.tokens, batch_size, seq_len, device=device,
-                            max_batches=max_batches or None)
-
-    def bits_per_char(self, loss_nats: float, split: str) -> float:
-        return self.shards[split].bits_per_char(loss_nats)
 
 
 def _cache_root(cfg) -> Path:

@@ -7,19 +7,18 @@ so a resumed run continues exactly where the interrupted one was (on CPU, bit fo
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from tformer.accounting import peak_flops, training_flops_per_token
 from tformer.nn.moe import load_stats, moe_layers
 from tformer.train.config import TrainConfig
 from tformer.train.data import TrainData, prepare_data
 from tformer.train.distill import load_teacher, make_distill_loss_fn
+from tformer.train.evaluate import evaluate, lm_loss
 from tformer.train.logger import MetricsLogger
 from tformer.train.model_setup import setup_model
 from tformer.train.optim import make_optimizer
@@ -39,11 +38,6 @@ class TrainResult:
     out_dir: str
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean next-token cross-entropy; with smoothing the target is (1 - e) onehot + e / K."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), label_smoothing=label_smoothing)
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -58,19 +52,13 @@ def autocast_for(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
-@torch.no_grad()
-def evaluate(model, data: TrainData, cfg: TrainConfig, device, autocast, full: bool = False) -> dict:
-    """Validation loss (nats/token), perplexity and bits per character; `full`: the whole split."""
-    model.eval()
-    total, count = 0.0, 0
-    batch_size = max(cfg.batch_size, 32) if full else cfg.batch_size  # no grads: wider batches run faster
-    for x, y in data.val_batches(batch_size, cfg.seq_len, 0 if full else cfg.eval_batches, device):
-        with autocast:
-            total += lm_loss(model(x), y).item() * y.numel()
-        count += y.numel()
-    model.train()
-    loss = total / count
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_bpc": data.bits_per_char(loss, "val")}
+def _evaluate(model, data: TrainData, cfg: TrainConfig, device, autocast, full: bool = False) -> dict:
+    """`evaluate` on the validation split: cfg.eval_batches batches, or with `full` the whole split."""
+    if full:  # no grads: wider batches run faster
+        return evaluate(model, data.shards.val, max(cfg.batch_size, 32), cfg.seq_len, device=device,
+                        autocast=autocast)
+    return evaluate(model, data.shards.val, cfg.batch_size, cfg.seq_len, max_batches=cfg.eval_batches,
+                    device=device, autocast=autocast)
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
@@ -130,12 +118,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             layer.pop_load()  # expert loads count one step
         if step % cfg.eval_every == 0 and step < cfg.max_steps:
             _check_finite(loss, step, cfg)
-            metrics = evaluate(model, data, cfg, device, autocast)
+            metrics = _evaluate(model, data, cfg, device, autocast)
             logger.log_eval(step, metrics, time.perf_counter() - t0)
             best = _save(cfg, model, data, optimizer, step, metrics, best)
     # the final evaluation covers the whole validation split
     _check_finite(loss, step, cfg)
-    metrics = evaluate(model, data, cfg, device, autocast, full=True)
+    metrics = _evaluate(model, data, cfg, device, autocast, full=True)
     logger.log_eval(step, metrics, time.perf_counter() - t0)
     best = _save(cfg, model, data, optimizer, step, metrics, best)
     logger.close()

@@ -1,0 +1,49 @@
+"""The language-model loss, and held-out evaluation: loss, perplexity and bits per character.
+
+`evaluate` is the one evaluation of a model on a token split: training's periodic and final
+evaluations and `tformer quantize --eval` call it. It reads consecutive windows in order
+(`data.eval_batches`) and averages the loss over every target token, not over batches, so a
+short last batch weighs what its tokens weigh.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from tformer.data import Split, eval_batches
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean next-token cross-entropy; with smoothing the target is (1 - e) onehot + e / K."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), label_smoothing=label_smoothing)
+
+
+@torch.no_grad()
+def evaluate(model, split: Split, batch_size: int, seq_len: int, *, max_batches: int | None = None,
+             device="cpu", autocast=None) -> dict[str, float]:
+    """Loss of `model` on `split`'s consecutive (batch_size, seq_len) windows.
+
+    max_batches: the first batches only (None: the whole split). autocast: a context entered for
+    each forward (default none). Returns val_loss (nats/token), val_ppl, val_bpc (bits per
+    character of the split's text) and val_tokens (targets counted); val_ppl caps the loss at 50
+    nats so a diverged model reports e^50 rather than overflowing. The model is put in eval mode
+    for the pass and returned to the mode it was in.
+    """
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    try:
+        for x, y in eval_batches(split.tokens, batch_size, seq_len, device=device, max_batches=max_batches):
+            with autocast or nullcontext():
+                total += lm_loss(model(x), y).double() * y.numel()  # summed on device: one sync at the end
+            count += y.numel()
+    finally:
+        model.train(was_training)
+    loss = total.item() / count
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_bpc": split.bits_per_char(loss),
+            "val_tokens": count}
