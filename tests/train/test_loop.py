@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from tests.conftest import tiny_config
 from tformer.models import build_model
 from tformer.train.config import TrainConfig
-from tformer.train.loop import TrainingDiverged, lm_loss, train
+from tformer.train.evaluate import lm_loss
+from tformer.train.loop import TrainingDiverged, make_loss_fn, train, train_step
 from tformer.train.state import checkpoint_dirs
 
 TEXT = """ROMEO:
@@ -90,17 +91,46 @@ def test_nan_loss_stops_with_last_good_checkpoint(corpus, tmp_path):
         assert all(torch.isfinite(p).all() for p in m.parameters())
 
 
-def test_gradient_accumulation_equals_one_big_batch():
+@pytest.mark.parametrize("grad_clip", [0.0, 0.5])
+def test_gradient_accumulation_equals_one_big_batch(grad_clip):
+    """The loop's own step: 4 micro-batches of 2 rows update the weights as one batch of 8 does.
+
+    Plain SGD (lr 1) makes the update the gradient itself, so a wrong scale shows (Adam's first
+    step is nearly sign(gradient) and would hide one); clipping at 0.5 clips both gradients."""
     config = tiny_config(vocab_size=50)
-    a, b = build_model(config), build_model(config)
-    b.load_state_dict(a.state_dict())
+    big, accumulated = build_model(config), build_model(config)
+    accumulated.load_state_dict(big.state_dict())
+    before = {k: v.clone() for k, v in big.named_parameters()}
     x, y = torch.randint(0, 50, (8, 12)), torch.randint(0, 50, (8, 12))
-    lm_loss(a(x), y).backward()
-    k = 4
-    for xs, ys in zip(x.chunk(k), y.chunk(k)):
-        (lm_loss(b(xs), ys) / k).backward()
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-6, rtol=1e-5, msg=name)
+    with torch.no_grad():
+        expected_loss = lm_loss(big(x), y)
+
+    def step(model, micro_batches):
+        return train_step(model, make_loss_fn(model), torch.optim.SGD(model.parameters(), lr=1.0), micro_batches,
+                          grad_clip)
+
+    torch.testing.assert_close(step(big, [(x, y)]), expected_loss)
+    torch.testing.assert_close(step(accumulated, list(zip(x.chunk(4), y.chunk(4)))), expected_loss)
+    moved = dict(accumulated.named_parameters())
+    for name, p in big.named_parameters():
+        assert not torch.equal(p, before[name]), name  # the step moved every parameter
+        torch.testing.assert_close(moved[name] - before[name], p - before[name], atol=1e-6, rtol=1e-5, msg=name)
+        assert p.grad is None and moved[name].grad is None  # gradients are cleared for the next step
+
+
+def test_the_loop_steps_through_train_step(corpus, tmp_path, monkeypatch):
+    """train() drives `train_step` with grad_accum micro-batches of (batch_size, seq_len)."""
+    import tformer.train.loop as loop
+
+    shapes = []
+
+    def recording_step(model, loss_fn, optimizer, micro_batches, *args):
+        shapes.append([tuple(x.shape) for x, _ in micro_batches])
+        return train_step(model, loss_fn, optimizer, micro_batches, *args)
+
+    monkeypatch.setattr(loop, "train_step", recording_step)
+    train(small_run(corpus, tmp_path, max_steps=2, eval_every=100, grad_accum=3), progress=False)
+    assert shapes == [[(4, 32)] * 3] * 2
 
 
 def test_label_smoothing_matches_definition():

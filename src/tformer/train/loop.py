@@ -1,6 +1,6 @@
 """The training loop, top to bottom: data, model, optimiser, steps, eval, checkpoints.
 
-One optimiser step = `grad_accum` micro-batches of (batch_size, seq_len) tokens. The step's
+One optimiser step (`train_step`) = `grad_accum` micro-batches of (batch_size, seq_len) tokens. The step's
 learning rate, batches and dropout draws depend only on the step and the saved RNG states,
 so a resumed run continues exactly where the interrupted one was (on CPU, bit for bit).
 """
@@ -8,6 +8,7 @@ so a resumed run continues exactly where the interrupted one was (on CPU, bit fo
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -105,7 +106,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         for group in optimizer.param_groups:
             group["lr"] = lr
         t_step = time.perf_counter()
-        loss = _optimizer_step(model, loss_fn, optimizer, data, cfg, device, autocast, step)
+        micro_batches = [data.train_batch(cfg.batch_size, cfg.seq_len, step * cfg.grad_accum + i, device)
+                         for i in range(cfg.grad_accum)]
+        loss = train_step(model, loss_fn, optimizer, micro_batches, cfg.grad_clip, autocast)
         for layer in moe:
             layer.update_expert_bias()  # DeepSeek-V3 aux-loss-free balancing (no-op without expert_bias)
         step += 1
@@ -146,19 +149,26 @@ def make_loss_fn(model, label_smoothing: float = 0.0, compile_: bool = False):
     return torch.compile(forward_loss) if compile_ else forward_loss
 
 
-def _optimizer_step(model, loss_fn, optimizer, data, cfg, device, autocast, step: int) -> torch.Tensor:
-    total = torch.zeros((), device=device)
-    for micro in range(cfg.grad_accum):
-        x, y = data.train_batch(cfg.batch_size, cfg.seq_len, step * cfg.grad_accum + micro, device)
-        with autocast:
-            loss = loss_fn(x, y) / cfg.grad_accum
+def train_step(model, loss_fn, optimizer, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+               grad_clip: float = 0.0, autocast=None) -> torch.Tensor:
+    """One optimiser step over `micro_batches` ((x, y) pairs); returns the mean loss, detached.
+
+    Each micro-batch's mean loss is divided by their number before its backward, so the summed
+    gradients are those of the mean loss over all of them: equal-sized micro-batches give the
+    gradient of one batch that concatenates them. Gradients are clipped to norm `grad_clip`
+    (0: not clipped), applied, and set to None.
+    """
+    losses = []
+    for x, y in micro_batches:
+        with autocast or nullcontext():
+            loss = loss_fn(x, y) / len(micro_batches)
         loss.backward()
-        total += loss.detach()
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        losses.append(loss.detach())
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total
+    return torch.stack(losses).sum()
 
 
 def _check_finite(loss: torch.Tensor, step: int, cfg: TrainConfig) -> None:
