@@ -2,14 +2,14 @@ import json
 
 import pytest
 
-from tformer.cli import build_parser, main
+from tformer.cli import COMMANDS, build_parser, main
 from tformer.cli.train import make_config
 
 
 def test_every_command_has_help(capsys):
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert {"params", "convert", "train", "generate", "tokenizer"} <= set(commands)
+    assert list(commands) == COMMANDS
     for name in commands:
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])

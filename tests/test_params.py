@@ -126,7 +126,6 @@ def test_cli_params_tformer_checkpoint_dir(tmp_path, capsys):
 
 
 def test_cli_params_hf_model_dir(tmp_path, capsys):
-    pytest.importorskip("tformer.convert.hf", reason="HF conversion not available yet")
     transformers = pytest.importorskip("transformers")
     transformers.Qwen2Config(
         vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

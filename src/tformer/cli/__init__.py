@@ -35,13 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"tformer.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"tformer.cli.{name}":
-                continue  # command not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"tformer.cli.{name}").register(sub)
     return parser
 
 
