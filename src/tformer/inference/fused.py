@@ -12,7 +12,7 @@ At batch 1 a Llama-style block is seven weight reads and a dozen small kernels a
     g   = matvec(h, w1, up=w3, norm=ffn_norm)        silu(w1 h) * (w3 h), one kernel for both weights
     y   = matvec(g, w2, residual=h)
 
-five kernels a layer; each value is rounded where the unfused modules round it. The model's final
+five kernels a layer, rounding as the unfused modules do (README.md beside this file). The final
 RMSNorm runs inside the output head's kernel the same way (`FusedDecoder`). The same five
 serve a few rows (up to MAX_ROWS tokens in all, at most 16 new tokens a sequence: a speculative
 verify, a small batch), where matvec switches to its tensor-core kernel. Every other call (long

@@ -219,7 +219,8 @@ class CapturedPrefill(_Captures):
         self.bucket = bucket
 
     def padded_length(self, length: int) -> int:
-        """The prompt length `generate` pads a batch whose longest prompt has `length` tokens to."""
+        """The prompt length a batch whose longest prompt has `length` tokens is padded to (a multiple of
+        `bucket`)."""
         return -(-length // self.bucket) * self.bucket
 
     def __call__(self, model, tokens, input_pos, key_mask, sampling: SamplingConfig, counts=None, workspace=None):

@@ -17,10 +17,10 @@ A round emits (accepted + 1) tokens, distributed exactly as if the target sample
 min-p filtering. Greedy decoding (temperature 0) is the same rule with one-hot p and q:
 accept while the draft agrees with the target's argmax, then take the target's argmax.
 
-Every round has the same shapes, so an engine that compiles on CUDA replays it, with its
-bookkeeping, from one CUDA graph (`SpecRounds`). Caches: each model keeps a static KV cache. Slots written for rejected drafts are not
-cleared: the next forward rewrites them, and the causal mask (key slot <= query slot) hides
-everything past the current position.
+Every round has the same shapes, so a target engine that uses CUDA graphs (`DecodeEngine.uses_graphs`)
+replays it, with its bookkeeping, from one CUDA graph (`SpecRounds`). Caches: each model keeps a static KV cache.
+Slots written for rejected drafts are not cleared: the next forward rewrites them, and the causal
+mask (key slot <= query slot) hides everything past the current position.
 
 Shapes: B independent rounds (1 in `speculative_generate`), k draft tokens, V vocab.
 """
@@ -185,8 +185,8 @@ def speculative_generate(
     `draft` proposes k tokens a round, `target` checks them in one forward; the output has
     the target's own distribution (at temperature 0: exactly the target's greedy tokens).
     target, draft: DecodeEngines, or models (each then gets an engine made with `options` for this
-    call). The draft must share the target's tokenizer. The target engine's options decide how
-    rounds run (`SpecRounds`: compiled, and on CUDA replayed from CUDA graphs, with compile=True).
+    call). The draft must share the target's tokenizer. The target engine decides how rounds run
+    (`SpecRounds`: compiled with its compile option, replayed from CUDA graphs where it uses them).
     sync_every: rounds a batch; the host reads a batch's tokens while the next batch runs (so up to
         sync_every rounds may run past a stop id; their results are dropped).
     """

@@ -51,9 +51,9 @@ def compiled_prefill():
     """`prefill` compiled without a CUDA graph: for one prompt, once for any length (dynamic shapes);
     for a batch, once per (batch size, padded length).
 
-    A batch compiles with static shapes because inductor (PyTorch 2.11) failed to generate a fused
-    kernel over batch x a symbolic length ("CantSplit: 8 not divisible by 8*s11", batch 8 on an H100),
-    whether the batch size was symbolic too or not."""
+    A batch compiles with static shapes: inductor (PyTorch 2.11) cannot generate some fused kernels
+    over batch x a symbolic length ("CantSplit: 8 not divisible by 8*s11"), whether the batch size
+    is symbolic too or not."""
     one = torch.compile(prefill, dynamic=True, fullgraph=True)
     batch = torch.compile(prefill, dynamic=False, fullgraph=True)
 
@@ -116,8 +116,8 @@ def decode_loop(model, nxt, key_mask, counts, L, max_new_tokens, sampling, stop_
 
 def note_tokens(nxt, done, stop, counts) -> None:
     """The loop's record of new tokens nxt (B,): done |= nxt is a stop id (stop None: no stop ids, and
-    no kernels for them: at batch 1 a step is ~100 short kernels, each launch counts), and each row's
-    count of nxt + 1 for the repetition penalty (counts None: off)."""
+    no kernels launched for them), and each row's count of nxt + 1 for the repetition penalty
+    (counts None: off)."""
     if stop is not None:
         done |= torch.isin(nxt, stop)
     if counts is not None:

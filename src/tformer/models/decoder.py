@@ -34,7 +34,7 @@ class Decoder(nn.Module):
         self.norm = make_norm(config) if config.norm_placement == "pre" else nn.Identity()
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.tie_weights()
-        self.cache_slots = 0  # > 0 once setup_caches() was called
+        self.cache_slots = 0  # > 0 while caches are attached (attach_caches)
 
     def tie_weights(self) -> None:
         if self.config.tie_embeddings:

@@ -11,9 +11,9 @@ kernel, so on a CUDA GPU (sm80+) the kernel's tiled layout is one call away:
 `aten._weight_int4pack_mm(x_bf16, w, group_size, scales_and_zeros (K/g, N, 2) bf16)`.
 That layout is derived, never saved: it is rebuilt whenever the module moves or is loaded.
 A few rows of x (up to `Int4Linear.tinygemm_max_rows`) go to tinygemm; elsewhere (CPU, a prompt,
-shapes tinygemm refuses) the forward dequantizes to x.dtype and calls F.linear. A decode engine
-reads the stored form directly instead (tformer.inference: its matvec kernel, fused with the norm,
-SwiGLU and residual around the layer).
+shapes tinygemm refuses) the forward dequantizes to x.dtype and calls F.linear. For one row a
+decode engine reads the stored form directly instead, unless EngineOptions(int4="tinygemm")
+(tformer.inference: its matvec kernel, fused with the norm, SwiGLU and residual around the layer).
 """
 
 from __future__ import annotations

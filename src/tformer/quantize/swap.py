@@ -76,7 +76,7 @@ def quantize_model(model: nn.Module, mode: str = "int8", group_size: int = 64, s
     mode: "int8" (per-output-channel scales) or "int4" (groups of `group_size` inputs: 32, 64,
     128 or 256). skip: layer names, or name suffixes such as "ffn.w2", kept in full precision;
     an untied output head is quantized too (int8 in both modes; tied heads are always kept: see the
-    module docstring), which batch-1 decoding reads at half the bytes through tformer's matvec kernel.
+    module docstring), which a decode engine's matvec kernel reads at half the bytes of bf16.
     """
     if is_quantized(model):
         raise ValueError("the model is already quantized: quantize the full-precision checkpoint instead")

@@ -2,11 +2,11 @@
 switches (programmatic dependent launch, autotuning), counters for in-kernel merges, and small
 jit helpers.
 
-On Hopper and later GPUs the kernels launch with programmatic dependent launch (PDL): a
-kernel's programs start while the kernel before it finishes, load what never depends on it (a
-matvec's first weight tile), and only then wait for it (`gdc_wait`) before reading its output or
-writing anything. A chain of small kernels then keeps memory busy across kernel boundaries instead
-of draining and ramping up at each. TFORMER_PDL=0 (or an engine's `pdl=False`) turns it off.
+On compute capability 9.0 and later the kernels launch with programmatic dependent launch (PDL),
+so a chain of small kernels keeps memory busy across kernel boundaries. Each kernel's `pdl=`
+(None: TFORMER_PDL's default, on unless TFORMER_PDL=0; an engine passes EngineOptions.pdl) turns
+it on or off. What a kernel may do before `_wait_for_previous_kernel`, and the counters' rules,
+are in tformer/inference/README.md.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def tuned(configs: list, key: list[str], prune=None):
 
 
 def use_pdl(device: torch.device, enabled: bool | None = None) -> bool:
-    """Whether kernels on `device` launch with programmatic dependent launch (module docstring):
-    when `enabled` (default: PDL_DEFAULT), compiled (not interpreted), Triton has the intrinsics, and
+    """Whether kernels on `device` launch with programmatic dependent launch: when `enabled`
+    (None: PDL_DEFAULT), compiled (not interpreted), Triton has the intrinsics (3.5 and later), and
     on compute capability 9.0 or later."""
     enabled = PDL_DEFAULT if enabled is None else enabled
     return (enabled and HAS_GDC and not INTERPRET and device.type == "cuda"
@@ -58,8 +58,8 @@ def counters(counts: torch.Tensor | None, n: int, device) -> torch.Tensor:
 
     Kernels that merge partial results inside one launch (split attention, split-K products, the
     top-k sampler's histograms) count finished programs here; the last to finish merges and sets its
-    counter back to zero. A CUDA graph keeps the address it was captured with, so a decode engine
-    passes counters it allocated once (tformer.inference.workspace); fresh zeros serve direct calls."""
+    counter back to zero. A decode engine passes its workspace's arrays (tformer.inference.workspace),
+    allocated once so that captured CUDA graphs keep valid addresses; fresh zeros serve direct calls."""
     if counts is None:
         return torch.zeros(max(n, 1), dtype=torch.int32, device=device)
     if counts.dtype != torch.int32 or counts.numel() < n:
@@ -108,9 +108,9 @@ if triton is not None:
 
     @triton.jit
     def _wait_for_previous_kernel(PDL: tl.constexpr):
-        """Under programmatic dependent launch: let the next kernel's programs start, and wait until
-        the previous kernel has finished and its writes are visible. Nothing before it may read what
-        the previous kernel writes, or write anything."""
+        """Under programmatic dependent launch: wait until the previous kernel has finished and its
+        writes are visible, then let the next kernel's programs start. What may come before it:
+        tformer/inference/README.md."""
         if PDL:
             if not _INTERPRETED:  # the interpreter runs one kernel at a time (and knows no GDC)
                 tl.extra.cuda.gdc_wait()

@@ -2,30 +2,30 @@
 
     qkv (B, T, (H + 2 Hkv) D), rope, caches (B, Hkv, S, D), input_pos (T,), mask  ->  (B, T, H*D)
 
-`cached_attention` (tformer.inference.fused) goes one step beyond `tformer.inference.kernels.attention`:
-from the projected q|k|v it applies RoPE to q and the new k, writes the new k and v into the cache
-and attends, all in one kernel (three compiled kernels and the attention kernel before). Every
-program uses the new token's k and v from registers; one program per key/value head stores them,
-and none reads that slot back, so the write races with nothing. The cache can also be split into
-parts (flash-decoding; the autotuner picks 1 to 8 per cache size), so a head's keys are read by
-several programs at once; each writes its partial softmax state, and the last of a head to finish
-(an atomic count) merges them, so it stays one kernel. For a few new tokens (a speculative verify)
-one program takes a key/value head's whole group of queries on tensor cores, and the split matters
-more: without it a 1B model's 8 key/value heads made 8 programs.
+`cached_attention` (used by tformer.inference.fused) goes one step beyond
+`tformer.inference.kernels.attention`: from the projected q|k|v it applies RoPE to q and the new k,
+writes the new k and v into the cache and attends, all in one kernel. Every program uses the new
+token's k and v from registers; one program per key/value head stores them, and none reads that
+slot back, so the write races with nothing. The cache can also be split into parts
+(flash-decoding; the autotuner picks 1 to 8 per cache size), so a head's keys are read by several
+programs at once; each writes its partial softmax state, and the last of a head to finish (a merge
+counter) merges them, so it stays one kernel. For a few new tokens (a speculative verify) one
+program takes a key/value head's whole group of queries on tensor cores, and the split matters
+more: unsplit, a model with 8 key/value heads would run 8 programs a sequence.
 
-The mask must be causal (every tformer decoder's is): no query keeps a slot after its own. The
-kernels then read no slot after the last new token's, so a step's reads follow the tokens so far,
-not the cache's size (a one-token step read every slot's keys and values, masked or not). The parts
-stay fixed shares of the whole cache (a part past the last token reads nothing), and the one-token
-kernel's autotuner only times splits whose parts are one tile each, so every part loads whole
-before the wait at any position. It times one position, the first step's: parts sized to the
-tokens so far, or one part of several tiles, look cheapest there and cost more as the tokens grow
-(tried in session 13: attention's share of a 1B step went from 5.8 to 7.6 microseconds a layer).
+The kernels read no cache slot after the last new token's, so the mask must be causal
+(tformer/inference/README.md); a step's reads then follow the tokens so far, not the cache's size.
+The parts stay fixed shares of the whole cache (a part past the last token reads nothing), and the
+one-token kernel's autotuner only times the splits whose parts hold the fewest tiles (one tile
+each up to 8 x 128 slots, when a part's whole share loads before the wait). Autotuning runs at one
+position, the first decode step's, where parts sized to the tokens so far, or one part of several
+tiles, look cheapest but cost more as the tokens grow.
 
-A one-token program reads its first tile of cache slots (keys, values, mask) before it waits for
-the kernel before it (programmatic dependent launch): those slots were written by earlier steps,
-never by that kernel (the q|k|v projection), so the read overlaps it. Only the new token's own slot,
-which comes from q|k|v, has to wait.
+A one-token program reads the slot index, the key mask and its first tile of cached keys and values
+before it waits for the kernel before it, the q|k|v projection (programmatic dependent launch;
+README.md): the cache slots were written by earlier steps, the index and mask before that
+projection. Only the new token's own slot, which comes from q|k|v, has to wait. The few-token
+kernel waits before anything else.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ if triton is not None:
                                  PDL: tl.constexpr):
         """Program (sequence x query head, split): the split's share of the cache slots. With
         SPLITS > 1 each writes its partial (max, sum, output) to ws and the last of a head to finish
-        (an atomic count) merges them, so one kernel still does everything. The first tile of the
+        (a merge counter) merges them, so one kernel still does everything. The first tile of the
         split's slots loads before the wait (module docstring)."""
         bh, split = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
@@ -213,13 +213,13 @@ if triton is not None:
 
     # the cache split in 1 to MAX_SPLITS parts (flash-decoding), whichever is fastest for the cache size
     _SPLIT_CONFIGS = [triton.Config({"BLOCK_S": bs, "SPLITS": sp}, num_warps=w, num_stages=1)
-                      for sp in (4, 8, 1) for bs in (64, 128, 32) for w in (4, 2)]  # 1 stage won every time
+                      for sp in (4, 8, 1) for bs in (64, 128, 32) for w in (4, 2)]
 
     def _fewest_tiles(configs, named_args, **kwargs):
         """The configurations whose parts hold the fewest tiles (one, up to 8 x 128 slots): a part's first
-        tile loads before the PDL wait, so then each part's whole share does. Timed at the first decode
-        step's position, when the slots after it read nothing, parts of several tiles (one part of the
-        whole cache, say) look as cheap as they will be only at that position."""
+        tile loads before the PDL wait, so then each part's whole share does. Tuning runs at the first
+        decode step's position, where the slots after it read nothing, so parts of several tiles (one
+        part of the whole cache, say) would look cheaper than they are at later positions."""
         tiles = {id(c): triton.cdiv(triton.cdiv(named_args["S"], c.kwargs["SPLITS"]), c.kwargs["BLOCK_S"])
                  for c in configs}
         fewest = min(tiles.values())
@@ -236,7 +236,7 @@ _INTERPRETED_SPLITS = 2  # the interpreter runs one configuration: a split cache
 MAX_SPLITS = 8  # parts of the cache that `cached_attention` may split the keys into
 
 
-# flexible_layout: inductor hands every layer the same rope and mask buffers. Without it, it made each
+# flexible_layout: inductor hands every layer the same rope and mask buffers; without it, it gives each
 # layer's call its own copy of them, one more small kernel a layer in a compiled step.
 @torch.library.custom_op("tformer::cached_attention", mutates_args=("k_cache", "v_cache"),
                          tags=(torch.Tag.flexible_layout,) if hasattr(torch.Tag, "flexible_layout") else ())
@@ -245,8 +245,8 @@ def cached_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                         rot_dim: int, counts: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """qkv (B, T, (H + 2 Hkv) D) unit stride in the last dim; cos, sin (B or 1, T, rot_dim) (0: no RoPE,
     never read); caches (B, Hkv, S, D) with unit stride in D; input_pos (T,); mask (B or 1, 1, T, S)
-    bool; counts as `cached_attention`'s; pdl resolved (`use_pdl`). Returns (B, T, H, D). The shared tensors go in unsliced, so a compiled step builds them once
-    for all layers."""
+    bool; counts as `cached_attention`'s; pdl resolved (`use_pdl`). Returns (B, T, H, D). The shared
+    tensors go in unsliced, so a compiled step builds them once for all layers."""
     B, T = qkv.shape[:2]
     Hkv, S, D = k_cache.shape[1:]
     if cos.stride(-1) != 1 or sin.stride() != cos.stride():  # the layout the kernel reads them in
@@ -320,7 +320,8 @@ def cached_attention(qkv: torch.Tensor, rope, k_cache: torch.Tensor, v_cache: to
     rope: (cos, sin) (B or 1, T, R) or None; mask: (B or 1, 1, T, S) bool, True = attend (a token's
     own slot always is), causal: slots after the last new token's are never read, whatever it says.
     T = 1 is a decode step; a few tokens, a speculative verify. counts: int32 counters, zero between
-    kernels, at least B * H (`base.counters`; None: fresh ones); pdl as `matvec`'s."""
+    kernels, at least B * H (`base.counters`; None: fresh ones); pdl as `matvec`'s. Invariants:
+    tformer/inference/README.md."""
     cos, sin = rope if rope is not None else (qkv, qkv)
     rot_dim = 0 if rope is None else cos.shape[-1]
     out = cached_attention_op(qkv, cos, sin, k_cache, v_cache, input_pos, mask, n_heads, rot_dim, counts,

@@ -2,9 +2,9 @@
 
 At batch 1 a decode step reads every weight once and does two FLOPs per weight, so the only
 thing that matters is streaming W from memory at full bandwidth and dequantizing it in
-registers. tformer's int8 and int4 layers use it for a single row (int4 unless `Int4Linear.one_row`
-asks for PyTorch's tinygemm), and full-precision layers after `with_matvec(model)`
-(tformer.inference.kernels.linear). The weight formats are exactly the ones tformer stores (no repacking):
+registers. A decode engine routes its linear layers' few-row forwards here through the
+`tformer.inference.kernels.linear` classes (int4 ones unless EngineOptions(int4="tinygemm") keeps
+PyTorch's tinygemm). The weight formats are exactly the ones tformer stores (no repacking):
 
     bf16/fp16 W (N, K)
     int8      q (N, K) int8, scales (N,)                 w = q * s
@@ -14,9 +14,8 @@ asks for PyTorch's tinygemm), and full-precision layers after `with_matvec(model
 Shapes: x (K,), W (N, K) -> y (N,). A program owns BLOCK_N rows and walks K in steps of BLOCK_K
 columns (whole int4 groups, so each group's scale and zero are loaded once per row), accumulating
 in fp32; the tiles are autotuned per (format, N, K) (`tuned`; TFORMER_TUNE=0 takes a default).
-Splitting K across programs was measured slower on the H100 for every one-row decode shape
-(bench/gemv.py), so each row is summed by one program. 2 to MAX_ROWS rows of x go to the
-tensor-core kernel in tformer.inference.kernels.rows.
+Each row is summed by one program: at one row of x, splitting K costs a merge and gains nothing.
+2 to MAX_ROWS rows of x go to the tensor-core kernel in tformer.inference.kernels.rows.
 
 Quantized codes become floats without int-to-float conversions (a quarter-rate instruction on
 the H100): a code u >= 0 ORed into the bits 0x4B000000 is the float 2^23 + u exactly, and one
@@ -24,20 +23,14 @@ subtraction removes 2^23 and the code's offset (`kernels.base._code`; int8 codes
 first; the few-row kernel's int8 tiles use it too). A group's int4 scale and zero are applied to
 partial sums rather than to each weight: sum(((q - 8) s + z) x) = s sum((q - 8) x) + z sum(x).
 An int4 tile's nibbles are interleaved back into column order in registers (`tl.join` + reshape),
-so the tile has int8's layout and x loads contiguously (taking the even and odd columns of x
-apart instead made the compiler convert whole tiles through shared memory every step). Timed on
-the H100 in BENCHMARKS.md ("Batch-1 matrix-vector products"): int8 beats inductor's code on every
-shape; int4 is about level with tinygemm on each layer shape alone (session 12), and a whole int4 decode
-step through it, fused and prefetching, is 7% faster than through tinygemm (session 14).
+so the tile has int8's layout and x loads contiguously (splitting x into even and odd columns
+instead makes the compiler move whole tiles through shared memory). Timings: BENCHMARKS.md.
 
 Around the product the kernel can fuse what surrounds a weight in a pre-norm decoder block
 (tformer.inference.fused): RMSNorm of x (each program sums x^2 itself, x being a few KB), a bias,
-a residual add, and a gated FFN's second weight with silu(W x) * (W2 x). Each value is rounded to
-x's dtype where the unfused modules round it, so fused and unfused steps agree closely.
-
-On Hopper the kernel launches with programmatic dependent launch (tformer.inference.kernels.base): its
-programs load their first weight tile before they wait for the kernel before it (so that kernel
-must not write the weights; in a decode step it never does).
+a residual add, and a gated FFN's second weight with silu(W x) * (W2 x), rounding as the README
+says (tformer/inference/README.md). Before its programmatic-dependent-launch wait a program loads
+its first weight tile, int8's row scales and, with `residual_early`, the residual (README.md).
 
 `matvec` is a torch custom op, so a compiled, CUDA-graphed decode step calls it as one kernel.
 With TRITON_INTERPRET=1 the same kernel runs on CPU tensors (how the tests check it without a GPU).
@@ -154,7 +147,7 @@ if triton is not None:
     @triton.jit
     def _inv_rms(x_ptr, K, eps, X_BLOCK: tl.constexpr):
         """RMSNorm's 1 / rms(x) for x (K,), summed in fp32 by every program itself (x is a few KB, read
-        from L2: no extra kernel); X_BLOCK >= K loads x at once, one round trip, as a K-step loop did not."""
+        from L2: no extra kernel); X_BLOCK >= K loads x in one round trip."""
         sq = tl.zeros((X_BLOCK,), dtype=tl.float32)
         for k0 in range(0, K, X_BLOCK):
             cols = k0 + tl.arange(0, X_BLOCK)
@@ -287,20 +280,20 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
     """x (..., K) with at most `max_rows(fmt)` rows in all -> (..., N) in x.dtype; W in one of the
     FORMATS (module docstring).
 
-    The fusions a decoder block needs, each rounding where the unfused modules round:
+    The fusions a decoder block needs, rounded as tformer/inference/README.md says:
       norm=(weight, eps)  RMSNorm x first          bias      + bias
       residual (..., N)   + residual at the end    up        silu(W x) * (up x): a gated FFN's
                                                              gate and up weights (same format)
 
     whole_rows: for one row of x after a short kernel (attention, before its output projection), each
     program loads its rows of W whole before it waits for that kernel (PDL), so W streams in while
-    the short kernel runs (64 <= K <= 4096; otherwise no effect).
-    residual_early: the residual was written before the kernel before this one, so one row of x loads it
-    before the PDL wait (in a decode block both residual adds can: wo's residual is the block's input,
-    w2's is wo's output, two kernels back); not true of it, the product would read a stale residual.
+    the short kernel runs (64 <= K <= 4096 and PDL on; otherwise no effect).
+    residual_early: the caller promises the residual was written at least two kernels back (in a
+    decode block: wo's residual is the block's input, w2's is wo's output), so one row of x loads it
+    before the PDL wait; a residual written by the previous kernel would be read stale.
     counts: int32 counters, zero between kernels, for a few-row product that splits K (`base.counters`;
     None: fresh ones). pdl: launch with programmatic dependent launch where the GPU has it (None:
-    TFORMER_PDL's default).
+    TFORMER_PDL's default). Invariants: tformer/inference/README.md.
     """
     K = x.shape[-1]
     M = x.numel() // K

@@ -4,12 +4,11 @@ The first time inductor lowers a custom op with no lowering of its own (each `tf
 "Creating implicit fallback for:" with `OperatorIssue.operator_str(target, args, kwargs)`, which
 those releases build eagerly, whatever the log level, from the `str` of every argument's IR. An IR
 node's `str` prints its inputs' in full, so for an argument at the end of a deep chain of fallback
-kernels (a decode step's 16 layers of matvec and attention kernels, whose residual stream feeds
+kernels (a decode step's layers of matvec and attention kernels, whose residual stream feeds
 several of them) the string grows exponentially. Top-k sampling's first lowering in a process
 usually comes in the prompt's graph, where its input is shallow; when that graph is found in
-inductor's cache instead, it comes in the decode step's graph, and compiling it hung for many
-minutes on the H100 (session 13; the same bug is vllm-project/vllm#43111). Newer releases format
-the message lazily.
+inductor's cache instead, it comes in the decode step's graph, whose compilation then hangs for
+minutes (the same bug: vllm-project/vllm#43111). Newer releases format the message lazily.
 
 `bound_operator_str()` replaces `operator_str` by one that names each argument's type and, for IR
 nodes, its buffer name, without printing the graph behind it. It only changes that message (in

@@ -2,12 +2,11 @@
 
     nxt (B,) new tokens  ->  history[n] <- nxt,  n += 1,  token <- nxt (B, 1),  input_pos += 1
 
-In a CUDA graph of a decode step (`tformer.inference.graphs`) these were three compiled kernels of
-a few elements each, between the sampler and the next step's embedding: about 4.6 microseconds of
-a 1B model's step on the H100, each kernel a launch wait plus a microsecond of its own (session 15's
-profile). Here one program does all four writes; under programmatic dependent launch it starts while
-the sampler finishes and waits for it (tformer.inference.kernels.base). On other devices `record_step` is the
-same four writes in PyTorch ops.
+In the captured decode loop (`tformer.inference.graphs`) one program does all four writes between
+the sampler and the next step's embedding, instead of a few compiled kernels of a few elements
+each. It waits for the sampler before anything else (tformer/inference/README.md). Elsewhere (no
+Triton, another device, other dtypes or layouts, more than 1024 rows) `record_step` makes the
+same writes in PyTorch ops.
 """
 
 from __future__ import annotations

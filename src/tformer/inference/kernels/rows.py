@@ -7,8 +7,8 @@ second weight, bias, residual. x is padded to MAX_ROWS rows in registers (the te
 tile), so a program owns at least 16 weight rows; for a 2048-row weight that is 128 programs, too
 few to keep an H100's memory busy. So K can also be split over SPLIT_K programs (for weights of
 fewer than SPLIT_K_BELOW rows, as many as give each SM two programs: `split_k`): each writes its
-fp32 partial tile to a workspace, and the last of a column block to finish (an atomic count) sums
-them and applies the epilogue, so it stays one kernel.
+fp32 partial tile to a scratch buffer, and the last of a column block to finish (a merge counter,
+tformer/inference/README.md) sums them and applies the epilogue, so it stays one kernel.
 """
 
 from __future__ import annotations
@@ -163,7 +163,8 @@ if triton is not None:
 
 def split_k(n: int, block_n: int, programs_per_sm: int = 2) -> int:
     """Parts to split K into for a weight of n rows in blocks of block_n: the fewest (1, 2 or MAX_SPLIT_K)
-    that give every SM `programs_per_sm` programs; 1 from SPLIT_K_BELOW rows (the workspace's size)."""
+    that give every SM `programs_per_sm` programs; 1 from SPLIT_K_BELOW rows (what the scratch buffer
+    and the merge counters are sized for)."""
     if n >= SPLIT_K_BELOW:
         return 1
     want = programs_per_sm * _sm_count()

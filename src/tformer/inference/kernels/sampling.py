@@ -2,11 +2,9 @@
 
     logits (R, V) bf16/fp16/fp32, 0 < k < V, temperature > 0  ->  one token a row (R,) int64
 
-`torch.topk` over a 128K vocabulary is a radix select of about twenty small kernels (four 8-bit
-passes of three kernels each, scans, a gather); with the softmax and the exponential race after it,
-sampling took about 70 microseconds of a 1B model's 1.16 ms decode step on the H100. Here each row is
-split over many programs of BLOCK logits (a pass over the row is then one wave of short programs,
-not one program's long loop: a single program walking 128K logits from L2 took 200 microseconds):
+`torch.topk` over a large vocabulary is a radix select of many small kernels, with a softmax and
+the exponential race after it. Here each row is split over many programs of BLOCK logits, so a
+pass over the row is one wave of short programs, not one program's long loop:
 
 1. the k-th largest logit tau, exactly, by a radix select over the logits' bits, one kernel per 8-bit
    digit (two for 16-bit floats, four for fp32): each program histograms the digit among its logits
@@ -17,19 +15,19 @@ not one program's long loop: a single program walking 128K logits from L2 took 2
    with the exponential race of `tformer.inference.sampling.race` in log form: argmax x/T - log E,
    E ~ Exp(1) from Philox keyed by (the row's seed, the token id), which is distributed as
    softmax(x/T) over the kept tokens. Each program offers its best (score, token) packed in 64 bits
-   to an atomic max; the last program of the row to finish (an atomic count) writes the token and
-   sets the row's histograms and counters back to zero for the next call.
+   to an atomic max; the last program of the row to finish writes the token and sets the row's
+   histograms and counters back to zero for the next call.
 
-The histograms live in counters reserved beside the decode kernels' (`reserve_topk_sample`, which
-`generate` calls before its first step: allocated inside a CUDA-graph tree's warm-up, they would
-land in its pool). Programs that hold none of the kept logits (most of them: k of V) skip the race.
+The histograms and counts live in int32 counters passed as `counts` (a decode engine's
+`Workspace.topk`; None: fresh zeros), which follow the merge counters' rules in
+tformer/inference/README.md. Programs that hold none of the kept logits (most of them: k of V)
+skip the race.
 
-Seeds, one a row: by default drawn from torch's generator (`torch.randint`, two small kernels a
-call), so `torch.manual_seed` and the CUDA-graph-safe RNG state apply. A decode loop passes `step`
-instead, a (1,) device tensor that differs at every call (the token's cache slot): the kernel then
-mixes it into seeds kept beside the counters, which `reseed_topk_sample` draws from torch's generator
-once per `generate` call (`prepare_sampling`), so a step launches no kernel for its seeds and a
-seeded call still repeats itself.
+Seeds, one a row: by default drawn from torch's generator (`torch.randint`), so `torch.manual_seed`
+and the CUDA-graph-safe RNG state apply. A decode step passes `step` instead, a (1,) device tensor
+that differs at every call of a request (the token's cache slot), and `seeds`: the kernel mixes
+the step into these kept seeds (`Workspace.seeds`, drawn from torch's generator once per request by
+`DecodeEngine.prepare`), so a step launches no kernel for its seeds and a seeded request repeats.
 """
 
 from __future__ import annotations
