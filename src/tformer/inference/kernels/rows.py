@@ -81,7 +81,8 @@ if triton is not None:
     @triton.jit
     def _epilogue(y, up, n, n_ok, m, m_ok, b_ptr, r_ptr, out_ptr, N, dtype, GATED: tl.constexpr,
                   BIAS: tl.constexpr, RESIDUAL: tl.constexpr):
-        """silu(y) * up, + bias, + residual, each rounded as the unfused modules round them; store."""
+        """silu(y) * up, + bias, + residual, each on the rounded value before it
+        (tformer/inference/README.md); store."""
         if GATED:
             gate = y.to(dtype).to(tl.float32)
             gate = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
