@@ -8,6 +8,10 @@ from tformer.config import ModelConfig
 # Reference models are built from configs at random init: never reach for a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter, which must be on
+# before Triton is imported (tformer.inference.kernels imports it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

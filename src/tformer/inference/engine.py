@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from tformer.inference.fused import with_decode_kernels, without_decode_kernels
-from tformer.inference.graphs import CapturedDecode, CapturedPrefill
+from tformer.inference.graphs import CapturedDecode, CapturedPrefill, advance
 from tformer.inference.kernels.base import DEVICE_TYPE, PDL_DEFAULT, triton
 from tformer.inference.sampling import SamplingConfig
 from tformer.inference.steps import (compiled_decode_step, compiled_prefill, cut_at_stop, decode_loop, decode_step,
@@ -38,8 +38,9 @@ class EngineOptions:
     max_batch_size: the most sequences one request may hold (sizes the kernel workspace).
     kernels: swap in tformer's decode kernels; None: where they run (CUDA with Triton).
     compile: torch.compile the prompt's forward and the decode step (fullgraph).
-    cuda_graphs: with compile on CUDA, replay both from CUDA graphs (prompts padded to a multiple of
-        prefill_bucket tokens; the decode loop's bookkeeping inside, steps_per_replay steps a graph).
+    cuda_graphs: replay both from CUDA graphs (tformer.inference.graphs: prompts padded to a multiple
+        of prefill_bucket tokens; the decode loop's bookkeeping inside, steps_per_replay steps a
+        graph); without CUDA the same loop runs step by step. None: with compile on CUDA.
     int4: the kernel of an int4 layer's one-row forward, "matvec" (tformer's, fused) or "tinygemm".
     pdl: launch the kernels with programmatic dependent launch on Hopper (TFORMER_PDL's default).
     sync_every: decode steps between the host's checks for every row having stopped.
@@ -48,7 +49,7 @@ class EngineOptions:
     max_batch_size: int = 8
     kernels: bool | None = None
     compile: bool = False
-    cuda_graphs: bool = True
+    cuda_graphs: bool | None = None
     steps_per_replay: int = 4
     prefill_bucket: int = 64
     max_captures: int = 8
@@ -85,11 +86,13 @@ class DecodeEngine:
             self.workspace = Workspace(self.device, options.max_batch_size, model.config.n_heads, options.pdl)
             with_decode_kernels(model, self.workspace, options.int4)
         self._caches, self._cache_key = None, None
-        self.uses_graphs = options.compile and options.cuda_graphs and self.device.type == "cuda"
+        graphs = options.cuda_graphs
+        self.uses_graphs = options.compile and self.device.type == "cuda" if graphs is None else graphs
         self.prefill_fn = compiled_prefill() if options.compile else prefill  # unpadded prompts (speculative)
         if self.uses_graphs:
             self._prefill = CapturedPrefill(self.prefill_fn, options.prefill_bucket, max_captures=options.max_captures)
-            self._decode = CapturedDecode(max_captures=options.max_captures, steps_per_replay=options.steps_per_replay)
+            self._decode = CapturedDecode(None if options.compile else advance, max_captures=options.max_captures,
+                                          steps_per_replay=options.steps_per_replay)
         else:
             self._prefill = self.prefill_fn
             self._step = compiled_decode_step() if options.compile else decode_step

@@ -155,7 +155,7 @@ class SpecRounds(_Captures):
 
     def run(self, target, draft, st: _Round, k: int, sampling: SamplingConfig) -> None:
         """One round on the state st (its row then holds the round's log)."""
-        if not self.graphs:
+        if not self.graphs or st.cur.device.type != "cuda":
             self.fn(target, draft, st.cur, st.pos, k, sampling, st.counts, st.first_k, st.row)
             return
         if st.graph is None:  # warm-up and replay write the same cache slots from the same state
