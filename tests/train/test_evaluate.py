@@ -32,6 +32,8 @@ def test_loss_is_the_mean_over_every_target_token():
     assert got["val_bpc"] == pytest.approx(expected / math.log(2) / split.chars_per_token, rel=1e-6)
     assert got["val_tokens"] == 24
     assert evaluate(model, split, batch_size=2, seq_len=8, max_batches=1)["val_tokens"] == 16
+    with pytest.raises(ValueError, match="max_batches=0 evaluates nothing"):
+        evaluate(model, split, batch_size=2, seq_len=8, max_batches=0)
 
 
 @pytest.mark.parametrize("training", [True, False])

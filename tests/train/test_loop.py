@@ -140,6 +140,14 @@ def test_label_smoothing_matches_definition():
     torch.testing.assert_close(lm_loss(logits, targets, eps), expected)
 
 
+def test_eval_batches_zero_evaluates_the_whole_split(corpus, tmp_path):
+    train(small_run(corpus, tmp_path, max_steps=4, eval_every=2, eval_batches=0), progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4]  # periodic, then the final (whole-split) evaluation
+    assert evals[0]["val_tokens"] == evals[1]["val_tokens"] > 2 * 4 * 32
+
+
 def test_bits_per_char_reported(corpus, tmp_path):
     result = train(small_run(corpus, tmp_path, max_steps=4, dropout=0.0), progress=False)
     # char level: one token per character, so bits/char = nats/token / ln 2

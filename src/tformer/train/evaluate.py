@@ -33,6 +33,9 @@ def evaluate(model, split: Split, batch_size: int, seq_len: int, *, max_batches:
     nats so a diverged model reports e^50 rather than overflowing. The model is put in eval mode
     for the pass and returned to the mode it was in.
     """
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches={max_batches} evaluates nothing: pass a positive number, "
+                         "or None for the whole split")
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)

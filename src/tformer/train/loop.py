@@ -54,11 +54,11 @@ def autocast_for(device: torch.device, dtype: str):
 
 
 def _evaluate(model, data: TrainData, cfg: TrainConfig, device, autocast, full: bool = False) -> dict:
-    """`evaluate` on the validation split: cfg.eval_batches batches, or with `full` the whole split."""
+    """`evaluate` on the validation split: cfg.eval_batches batches (0: all), or with `full` the whole split."""
     if full:  # no grads: wider batches run faster
         return evaluate(model, data.shards.val, max(cfg.batch_size, 32), cfg.seq_len, device=device,
                         autocast=autocast)
-    return evaluate(model, data.shards.val, cfg.batch_size, cfg.seq_len, max_batches=cfg.eval_batches,
+    return evaluate(model, data.shards.val, cfg.batch_size, cfg.seq_len, max_batches=cfg.eval_batches or None,
                     device=device, autocast=autocast)
 
 
