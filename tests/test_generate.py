@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config
-from tformer.generate import SamplingConfig, generate
-from tformer.generate.sampling import apply_repetition_penalty, argmax, filter_logits, sample
+from tformer.inference import SamplingConfig, generate
+from tformer.inference.sampling import apply_repetition_penalty, argmax, filter_logits, sample
 from tformer.models import build_model
 
 
@@ -81,8 +81,18 @@ def test_sampling_follows_distribution():
     torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
 
 
+def test_top_k_keeps_every_logit_tied_with_the_kth_on_every_path():
+    """Top-k keeps all logits equal to the k-th largest: filter_logits, sample with top-p or min-p as
+    well, and sample with top-k alone all draw the three tied tokens below the best (k = 2)."""
+    logits = torch.tensor([5.0, 1.0, 1.0, 1.0, -3.0]).expand(3000, 5)
+    for cfg in (SamplingConfig(temperature=5.0, top_k=2), SamplingConfig(temperature=5.0, top_k=2, top_p=0.999),
+                SamplingConfig(temperature=5.0, top_k=2, min_p=0.001)):
+        assert torch.isfinite(filter_logits(logits[:1], cfg)).tolist() == [[True, True, True, True, False]]
+        drawn = set(sample(logits, cfg, generator=torch.Generator().manual_seed(0)).tolist())
+        assert drawn == {0, 1, 2, 3}, cfg
+
+
 def test_top_k_sampling_draws_from_the_filtered_distribution():
-    # sample() draws among the k best only (a faster path); it must match filter_logits' distribution
     logits = torch.tensor([0.1, 2.0, -1.0, 1.5, 0.7, 1.9, -0.5, 1.0]).expand(40000, 8)
     cfg = SamplingConfig(temperature=0.7, top_k=4, top_p=0.9, min_p=0.1)
     want = filter_logits(logits[:1], cfg).softmax(-1)[0]
@@ -118,22 +128,31 @@ def test_repetition_penalty_in_generate_matches_manual_loop():
 
 
 def test_decode_step_compiles_without_graph_breaks():
-    from tformer.generate.engine import decode_step, prefill
+    from tformer.inference import DecodeEngine
 
     model = build_model(tiny_config()).eval()
-    step = torch.compile(decode_step, backend="eager", fullgraph=True)  # raises on a graph break
-    first = torch.compile(prefill, backend="eager", fullgraph=True, dynamic=True)
-    for cfg in (SamplingConfig(temperature=0), SamplingConfig(temperature=0.8, top_k=5, top_p=0.9, min_p=0.05,
-                                                                repetition_penalty=1.2)):
-        eager = generate(model, [[1, 2, 3], [7]], 6, cfg, seed=5)
-        compiled = generate(model, [[1, 2, 3], [7]], 6, cfg, seed=5, step_fn=step, prefill_fn=first)
-        assert compiled == eager
+    # fullgraph: a graph break raises
+    with DecodeEngine(model, max_batch_size=2, compile=True, compile_backend="eager", cuda_graphs=False) as engine:
+        for cfg in (SamplingConfig(temperature=0), SamplingConfig(temperature=0.8, top_k=5, top_p=0.9, min_p=0.05,
+                                                                    repetition_penalty=1.2)):
+            eager = generate(model, [[1, 2, 3], [7]], 6, cfg, seed=5)
+            assert engine.generate([[1, 2, 3], [7]], 6, cfg, seed=5) == eager
+
+
+def test_an_engine_refuses_more_prompts_than_it_was_made_for():
+    from tformer.inference import DecodeEngine
+
+    with DecodeEngine(build_model(tiny_config()), max_batch_size=2) as engine:
+        with pytest.raises(ValueError, match="at most 2"):
+            engine.generate([[1], [2], [3]], 2)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        DecodeEngine(build_model(tiny_config()), max_batch_size=0)
 
 
 def test_compiled_prefill_takes_batches_with_static_shapes_and_one_prompt_at_any_length():
     """One prompt: dynamic lengths (one compile serves them all). A batch: static shapes (inductor
     could not fuse batch x a symbolic length on the GPU). Both give the eager first tokens."""
-    from tformer.generate.engine import compiled_prefill, prefill
+    from tformer.inference.steps import compiled_prefill, prefill
 
     from torch._dynamo.utils import counters
 

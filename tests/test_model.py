@@ -6,7 +6,7 @@ import torch
 from tests.conftest import tiny_config
 from tformer.models import build_model, count_parameters
 from tformer.models.blocks import Block, PostNormBlock
-from tformer.nn.attention import capture_attention
+from tformer.viz.attention import capture_attention
 
 SCHEMES = ["rope", "learned", "sinusoidal", "alibi", "none"]
 
@@ -148,3 +148,25 @@ def test_dropout_only_in_training():
     torch.testing.assert_close(m(x), m(x))
     m.train()
     assert not torch.allclose(m(x), m(x))
+
+
+def test_model_code_imports_no_kernels():
+    """tformer.nn and tformer.models are plain PyTorch: importing them (and tformer) loads no Triton."""
+    import subprocess
+    import sys
+
+    code = "import sys, tformer, tformer.models, tformer.nn; assert 'triton' not in sys.modules, 'triton imported'"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_capture_attention_leaves_the_modules_as_they_were():
+    from tformer.nn.attention import Attention
+
+    m = build_model(tiny_config()).eval()
+    tokens = torch.randint(1, 97, (1, 5))
+    with capture_attention(m) as maps:
+        m(tokens)
+        m(tokens)
+    assert len(maps) == 4  # two layers, two forwards
+    assert all("core" not in vars(a) for a in m.modules() if isinstance(a, Attention))

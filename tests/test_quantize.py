@@ -209,8 +209,7 @@ def test_cli_quantize_eval_reports_both_perplexities(tmp_path, capsys, monkeypat
 
 
 def test_quantized_model_decodes_like_its_full_forward():
-    from tformer.generate.engine import generate
-    from tformer.generate.sampling import SamplingConfig
+    from tformer.inference import SamplingConfig, generate
 
     model = quantize_model(_tiny(), "int4", 32)
     prompt = [5, 17, 3]

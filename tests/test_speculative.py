@@ -2,13 +2,14 @@
 target's distribution, stats add up, limits and stop ids hold."""
 
 import copy
+import os
 
 import pytest
 import torch
 
 from tformer import build_model
-from tformer.generate import SamplingConfig
-from tformer.generate.speculative import SpecStats, speculative_generate, verify
+from tformer.inference import SamplingConfig
+from tformer.inference.speculative import SpecStats, speculative_generate, verify
 from tformer.presets import get_preset
 
 GREEDY = SamplingConfig(temperature=0)
@@ -250,7 +251,7 @@ def test_unsupported_settings_are_refused(models):
 
 def test_repetition_penalty_greedy_equals_plain_decoding(models):
     """With the penalty, row i of the verify forward must count the drafts before it."""
-    from tformer.generate import generate
+    from tformer.inference import generate
 
     target, small, near = models
     cfg = SamplingConfig(temperature=0, repetition_penalty=1.5)
@@ -260,17 +261,39 @@ def test_repetition_penalty_greedy_equals_plain_decoding(models):
             assert out == generate(target, [prompt], 14, cfg)[0]
 
 
-def test_spec_steps_compile_without_graph_breaks(models):
-    """The fast path's round (both models) captures whole (fullgraph raises on a break) and
-    gives the eager tokens, with and without the repetition penalty."""
-    from tformer.generate.speculative import SpecSteps, spec_round
+def test_compiled_rounds_have_no_graph_breaks(models):
+    """A compiling target engine's round (both models, with its bookkeeping) compiles whole (fullgraph
+    raises on a break) and gives the eager tokens, with and without the repetition penalty."""
+    from tformer.inference import DecodeEngine
 
     target, _, near = models
-    compiled = SpecSteps(round=torch.compile(spec_round, backend="eager", fullgraph=True, dynamic=False))
     for cfg in (GREEDY, SamplingConfig(temperature=0.8, top_k=20, repetition_penalty=1.3)):
         eager = speculative_generate(target, near, PROMPTS[1], 10, k=3, sampling=cfg, seed=3)
-        fast = speculative_generate(target, near, PROMPTS[1], 10, k=3, sampling=cfg, seed=3, steps=compiled)
+        engines = [DecodeEngine(m, compile=True, compile_backend="eager", cuda_graphs=True) for m in (target, near)]
+        fast = speculative_generate(*engines, PROMPTS[1], 10, k=3, sampling=cfg, seed=3)
+        for e in engines:
+            e.close()
         assert fast == eager
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="the top-k kernel runs interpreted (no GPU) or on a GPU")
+def test_seed_decides_the_first_token_through_the_top_k_kernel(models):
+    """With the decode kernels, the first token comes from the top-k kernel's kept seeds: each request
+    draws them from its seed, so different seeds give different first tokens and the same seed the same."""
+    pytest.importorskip("triton")
+    from tformer.inference import DecodeEngine
+
+    target, small, _ = models
+    device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+    target, small = copy.deepcopy(target).to(device), copy.deepcopy(small).to(device)
+    cfg = SamplingConfig(temperature=50.0, top_k=100)  # close to uniform over 100 tokens
+    engines = [DecodeEngine(m, kernels=True, max_batch_size=1) for m in (target, small)]
+    firsts = [speculative_generate(*engines, PROMPTS[1], 1, k=2, sampling=cfg, seed=s)[0][0] for s in range(8)]
+    again = speculative_generate(*engines, PROMPTS[1], 1, k=2, sampling=cfg, seed=3)[0][0]
+    for e in engines:
+        e.close()
+    assert len(set(firsts)) > 1 and again == firsts[3]
 
 
 def test_verify_compiles_for_any_batch_size():

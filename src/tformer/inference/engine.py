@@ -26,8 +26,8 @@ from tformer.inference.fused import with_decode_kernels, without_decode_kernels
 from tformer.inference.graphs import CapturedDecode, CapturedPrefill, advance
 from tformer.inference.kernels.base import DEVICE_TYPE, PDL_DEFAULT, triton
 from tformer.inference.sampling import SamplingConfig
-from tformer.inference.steps import (compiled_decode_step, compiled_prefill, cut_at_stop, decode_loop, decode_step,
-                                     left_pad, prefill, prompt_counts, seeded)
+from tformer.inference.steps import (compiled, compiled_prefill, cut_at_stop, decode_loop, decode_step, left_pad,
+                                     prefill, prompt_counts, seeded)
 from tformer.inference.workspace import Workspace
 
 
@@ -37,7 +37,8 @@ class EngineOptions:
 
     max_batch_size: the most sequences one request may hold (sizes the kernel workspace).
     kernels: swap in tformer's decode kernels; None: where they run (CUDA with Triton).
-    compile: torch.compile the prompt's forward and the decode step (fullgraph).
+    compile: torch.compile the prompt's forward and the decode step (fullgraph), with
+        compile_backend ("inductor"; "aot_eager" or "eager" to debug a compile).
     cuda_graphs: replay both from CUDA graphs (tformer.inference.graphs: prompts padded to a multiple
         of prefill_bucket tokens; the decode loop's bookkeeping inside, steps_per_replay steps a
         graph); without CUDA the same loop runs step by step. None: with compile on CUDA.
@@ -49,6 +50,7 @@ class EngineOptions:
     max_batch_size: int = 8
     kernels: bool | None = None
     compile: bool = False
+    compile_backend: str = "inductor"
     cuda_graphs: bool | None = None
     steps_per_replay: int = 4
     prefill_bucket: int = 64
@@ -88,14 +90,15 @@ class DecodeEngine:
         self._caches, self._cache_key = None, None
         graphs = options.cuda_graphs
         self.uses_graphs = options.compile and self.device.type == "cuda" if graphs is None else graphs
-        self.prefill_fn = compiled_prefill() if options.compile else prefill  # unpadded prompts (speculative)
+        backend = options.compile_backend
+        self.prefill_fn = compiled_prefill(backend) if options.compile else prefill  # unpadded prompts (speculative)
         if self.uses_graphs:
             self._prefill = CapturedPrefill(self.prefill_fn, options.prefill_bucket, max_captures=options.max_captures)
-            self._decode = CapturedDecode(None if options.compile else advance, max_captures=options.max_captures,
-                                          steps_per_replay=options.steps_per_replay)
+            self._decode = CapturedDecode(compiled(advance, backend) if options.compile else advance,
+                                          max_captures=options.max_captures, steps_per_replay=options.steps_per_replay)
         else:
             self._prefill = self.prefill_fn
-            self._step = compiled_decode_step() if options.compile else decode_step
+            self._step = compiled(decode_step, backend) if options.compile else decode_step
         self.spec_rounds = None  # tformer.inference.speculative.SpecRounds, made by a first speculative run
 
     def __enter__(self) -> DecodeEngine:

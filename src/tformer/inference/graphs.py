@@ -30,7 +30,7 @@ from collections import OrderedDict
 
 import torch
 
-from tformer.inference.steps import COMPILE_OPTIONS, compiled_prefill, decode_step, note_tokens
+from tformer.inference.steps import compiled, compiled_prefill, decode_step, note_tokens
 from tformer.inference.sampling import SamplingConfig
 from tformer.inference.kernels.record import record_step
 
@@ -104,7 +104,7 @@ class CapturedDecode(_Captures):
         if steps_per_replay < 1:
             raise ValueError(f"steps_per_replay must be >= 1, got {steps_per_replay}")
         super().__init__(warmup, max_captures)
-        self.advance = advance_fn or torch.compile(advance, fullgraph=True, options=COMPILE_OPTIONS)
+        self.advance = advance_fn or compiled(advance)
         self.steps_per_replay = steps_per_replay
 
     def loop(self, model, first, key_mask, counts, L: int, max_new_tokens: int, sampling: SamplingConfig,

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tformer.inference.engine import DecodeEngine, EngineOptions
 from tformer.inference.graphs import _Captures, capture, model_key
 from tformer.inference.sampling import SamplingConfig, apply_repetition_penalty, argmax, filter_logits, race
-from tformer.inference.steps import COMPILE_OPTIONS, prompt_counts, seeded
+from tformer.inference.steps import compiled, prompt_counts, seeded
 
 
 @dataclass
@@ -134,11 +134,11 @@ class SpecRounds(_Captures):
     """How a target engine runs speculative rounds: `round_and_log` eager, compiled (fullgraph, one
     graph per k), or with `graphs` also replayed from a CUDA graph per (models, k, sampling)."""
 
-    def __init__(self, compile: bool = False, graphs: bool = False, warmup: int = 2, max_captures: int = 8):
+    def __init__(self, compile: bool = False, graphs: bool = False, warmup: int = 2, max_captures: int = 8,
+                 backend: str = "inductor"):
         super().__init__(warmup, max_captures)
         self.graphs = graphs
-        self.fn = (torch.compile(round_and_log, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS) if compile
-                   else round_and_log)
+        self.fn = compiled(round_and_log, backend, dynamic=False) if compile else round_and_log
 
     def state(self, target, draft, k: int, sampling: SamplingConfig, counts) -> _Round:
         device = next(target.parameters()).device
@@ -210,7 +210,8 @@ def _generate(target: DecodeEngine, draft: DecodeEngine, prompt, max_new_tokens,
     if max_new_tokens == 0:
         return [], stats
     if target.spec_rounds is None:
-        target.spec_rounds = SpecRounds(target.options.compile, target.uses_graphs)
+        target.spec_rounds = SpecRounds(target.options.compile, target.uses_graphs,
+                                        backend=target.options.compile_backend)
     with seeded(seed, target.device):
         for engine in (target, draft):
             engine.prepare(1, sampling)

@@ -47,32 +47,32 @@ def prefill(model, tokens, input_pos, key_mask, sampling: SamplingConfig, counts
     return sample(logits, sampling, counts, step=input_pos[-1:], workspace=workspace)
 
 
-def compiled_prefill():
-    """`prefill` compiled without a CUDA graph: for one prompt, once for any length (dynamic shapes);
-    for a batch, once per (batch size, padded length).
+COMPILE_OPTIONS = {"triton.cudagraphs": False, "coordinate_descent_tuning": False}
+"""Inductor options for compiled steps: no CUDA graphs of inductor's own (the engine captures its
+steps itself, tformer.inference.graphs), and no coordinate-descent tuning, which rewrites every
+one-row matmul into a reduction kernel of its own that is slower than the layer's own call (cuBLAS,
+tinygemm or the matvec kernel)."""
+
+
+def compiled(fn, backend: str = "inductor", **kwargs):
+    """torch.compile(fn, fullgraph=True, ...): a graph break is an error; inductor runs with COMPILE_OPTIONS."""
+    options = COMPILE_OPTIONS if backend == "inductor" else None
+    return torch.compile(fn, fullgraph=True, backend=backend, options=options, **kwargs)
+
+
+def compiled_prefill(backend: str = "inductor"):
+    """`prefill` compiled: for one prompt, once for any length (dynamic shapes); for a batch, once per
+    (batch size, padded length).
 
     A batch compiles with static shapes: inductor (PyTorch 2.11) cannot generate some fused kernels
     over batch x a symbolic length ("CantSplit: 8 not divisible by 8*s11"), whether the batch size
     is symbolic too or not."""
-    one = torch.compile(prefill, dynamic=True, fullgraph=True)
-    batch = torch.compile(prefill, dynamic=False, fullgraph=True)
+    one, batch = compiled(prefill, backend, dynamic=True), compiled(prefill, backend, dynamic=False)
 
     def call(model, tokens, input_pos, key_mask, sampling: SamplingConfig, counts=None, workspace=None):
         return (one if tokens.shape[0] == 1 else batch)(model, tokens, input_pos, key_mask, sampling, counts, workspace)
 
     return call
-
-
-COMPILE_OPTIONS = {"triton.cudagraphs": False, "coordinate_descent_tuning": False}
-"""Inductor options for compiled decode steps: no CUDA graphs of inductor's own (the engine captures
-its steps itself, tformer.inference.graphs), and no coordinate-descent tuning, which rewrites every
-one-row matmul into a reduction kernel of its own that is slower than the layer's own call (cuBLAS,
-tinygemm or the matvec kernel)."""
-
-
-def compiled_decode_step():
-    """`decode_step` for torch.compile with fullgraph=True (a graph break is an error)."""
-    return torch.compile(decode_step, fullgraph=True, options=COMPILE_OPTIONS)
 
 
 @contextlib.contextmanager
