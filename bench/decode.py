@@ -17,6 +17,7 @@ token (a generate call of one new token: the prompt's forward and first sample; 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import statistics
@@ -28,14 +29,15 @@ from typing import NamedTuple
 import torch
 import torch._inductor.config as inductor_config
 
-from tformer.generate import CapturedDecode, CapturedPrefill, SamplingConfig, generate
-from tformer.generate.engine import compiled_decode_step, compiled_prefill
-from tformer.kernels.base import set_pdl
-from tformer.models import build_model, with_decode_kernels
+from tformer.inference import DecodeEngine, EngineOptions, SamplingConfig
+from tformer.models import build_model
 from tformer.presets import get_preset
 
+sys.path.insert(0, str(Path(__file__).parent))
+from ablations import tree_decode, uncaptured_prefill  # noqa: E402
+
 # gpt-fast's inductor settings; tformer's decode step overrides coordinate-descent tuning (off: see
-# tformer.generate.engine.decode_compile_options), its prefill compiles with these
+# tformer.inference.steps.COMPILE_OPTIONS), its prefill compiles with these
 inductor_config.coordinate_descent_tuning = True
 inductor_config.triton.unique_kernel_names = True
 inductor_config.fx_graph_cache = True
@@ -75,41 +77,39 @@ class Variant(NamedTuple):
     """A tformer row's settings (`tformer_variant`)."""
 
     quantize: str | None = None  # None, "int8" or "int4"
-    pdl: bool = True  # programmatic dependent launch
-    int4_one_row: str = "matvec"  # one-row int4 layers: the fused "matvec" kernels or PyTorch's "tinygemm"
-    captured: bool = True  # the loop in tformer's CapturedDecode, else torch.compile's CUDA-graph tree
-    captured_prefill: bool = True  # the prompt's forward in tformer's CapturedPrefill, else compiled_prefill()
-    one_step: bool = False  # one decode step a CapturedDecode replay, not its default steps_per_replay
+    pdl: bool = True  # programmatic dependent launch (EngineOptions.pdl)
+    int4: str = "matvec"  # one-row int4 layers: fused "matvec" kernels or PyTorch's "tinygemm" (EngineOptions.int4)
+    captured: bool = True  # the loop in the engine's CapturedDecode, else torch.compile's CUDA-graph tree
+    captured_prefill: bool = True  # the prompt's forward in the engine's CapturedPrefill, else compiled, no graph
+    one_step: bool = False  # one decode step a CapturedDecode replay (EngineOptions.steps_per_replay=1)
 
 
 def tformer_runner(config, prompt, new, batch, variant: Variant = Variant()):
-    from tformer.quantize.int4 import Int4Linear
-
-    quantize, pdl, Int4Linear.one_row, captured, captured_prefill, one_step = variant
-    set_pdl(pdl)  # read when the kernels launch and the step's CUDA graph is captured (the warm-up call)
     torch._dynamo.reset()  # else a variant reuses the last one's compiled step, re-recorded without warm-up
     model = build_model(config, device="cuda", dtype=torch.bfloat16).eval()
-    if quantize:
+    if variant.quantize:
         from tformer.quantize import quantize_model
 
-        quantize_model(model, mode=quantize, group_size=64)  # the untied head as int8 in both modes
-    with_decode_kernels(model)  # one-row steps through tformer's fused kernels (tformer.models.fused)
-    if captured:
-        step = CapturedDecode(steps_per_replay=1) if one_step else CapturedDecode()
-    else:  # torch.compile's CUDA-graph tree
-        step = compiled_decode_step()
-    first = CapturedPrefill() if captured_prefill else compiled_prefill()
+        quantize_model(model, mode=variant.quantize, group_size=64)  # the untied head as int8 in both modes
+    # as `tformer generate --compile`: fused kernels, CapturedPrefill and CapturedDecode
+    options = EngineOptions(max_batch_size=batch, compile=True, cuda_graphs=True, int4=variant.int4, pdl=variant.pdl)
+    if variant.one_step:
+        options = dataclasses.replace(options, steps_per_replay=1)
+    engine = DecodeEngine(model, options)
+    if not variant.captured:
+        tree_decode(engine)
+    if not variant.captured_prefill:
+        uncaptured_prefill(engine)
     sampling = SamplingConfig(temperature=0.8, top_k=200)
     prompts = [prompt.tolist()] * batch
     ticks: list[float] = []
 
     def run():
         ticks.clear()
-        return generate(model, prompts, new, sampling, step_fn=step, prefill_fn=first,
-                        on_tokens=lambda _: ticks.append(time.perf_counter()))
+        return engine.generate(prompts, new, sampling, on_tokens=lambda _: ticks.append(time.perf_counter()))
 
     run.host_ms = lambda: host_ms_per_step(ticks)
-    run.first_token = lambda: generate(model, prompts, 1, sampling, step_fn=step, prefill_fn=first)
+    run.first_token = lambda: engine.generate(prompts, 1, sampling)
     return model, run
 
 
@@ -205,8 +205,8 @@ def main() -> None:
     ap.add_argument("--variants", default="tformer,gpt-fast,hf",
                     help="comma-separated: tformer, tformer-int8, tformer-int4 (each may end in :nopdl, "
                          "kernels without programmatic dependent launch, and :tree, the step in torch.compile's "
-                         "CUDA-graph tree instead of tformer's CapturedDecode, and :plainprefill, the prompt's "
-                         "forward compiled without tformer's CapturedPrefill, and :onestep, one decode step a "
+                         "CUDA-graph tree instead of the engine's CapturedDecode, and :plainprefill, the prompt's "
+                         "forward compiled without the engine's CapturedPrefill, and :onestep, one decode step a "
                          "CapturedDecode replay instead of its default; int4 in :tinygemm, one-row int4 "
                          "layers through PyTorch's tinygemm, not the fused matvec kernels), gpt-fast, hf")
     ap.add_argument("--floor", type=int, nargs="+", metavar="LAYERS",

@@ -14,9 +14,10 @@ bandwidth that implies from the bytes of the weight as stored. Variants:
   bf16-inductor   F.linear under torch.compile (coordinate-descent tuning)
   int8-inductor   F.linear(x, Wq.to(bf16)) * s under torch.compile (gpt-fast's form)
   int4-tinygemm   aten._weight_int4pack_mm, group 64
-  {bf16,int8,int4}-triton   tformer.kernels.matvec (int4: group 64), with programmatic dependent
-                  launch on Hopper (each call's first weight tile loads while the one before finishes)
-  {bf16,int8}-triton-nopdl  the same without it
+  {bf16,int8,int4}-triton   tformer.inference.kernels.matvec (int4: group 64), with programmatic dependent
+                  launch on Hopper (each call's first weight tile loads while the one before finishes;
+                  TFORMER_PDL=0 turns it off here too)
+  {bf16,int8}-triton-nopdl  the same with matvec(..., pdl=False)
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import torch
 import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 
-from tformer.kernels import matvec
-from tformer.kernels.base import set_pdl
+from tformer.inference.kernels import matvec
+from tformer.inference.workspace import Workspace
 from tformer.quantize.int4 import Int4Linear, dequantize_int4, quantize_int4
 from tformer.quantize.int8 import dequantize_int8, quantize_int8
 
@@ -60,8 +61,10 @@ def graph_time(calls, replays: int = 20) -> float:
     return statistics.median(times)
 
 
-def variants(w: torch.Tensor):
-    """name -> (fn(x), bytes of the weight as stored, the weight it stands for)."""
+def variants(w: torch.Tensor, counts: torch.Tensor):
+    """name -> (fn(x), bytes of the weight as stored, the weight it stands for). counts: the merge
+    counters of a few-row product (a decode engine's workspace holds them; fresh ones a call would add
+    a memset kernel)."""
     N, K = w.shape
     q8, s8 = quantize_int8(w)
     p4, s4, z4 = quantize_int4(w, 64)
@@ -77,41 +80,29 @@ def variants(w: torch.Tensor):
         "int8-inductor": (torch.compile(lambda x: F.linear(x, q8.to(x.dtype)) * s8), b8, w8),
         "int4-tinygemm": (lambda x: torch.ops.aten._weight_int4pack_mm(x, tiny.int4pack, 64, tiny.scales_and_zeros),
                           b4, w4),
-        "bf16-triton": (lambda x: matvec(x, w), w.numel() * 2, w),
-        "int8-triton": (lambda x: matvec(x, q8, s8, fmt="int8"), b8, w8),
-        "int4-triton": (lambda x: matvec(x, p4, s4, z4, fmt="int4", group_size=64), b4, w4),
-        "bf16-triton-nopdl": (without_pdl(lambda x: matvec(x, w)), w.numel() * 2, w),
-        "int8-triton-nopdl": (without_pdl(lambda x: matvec(x, q8, s8, fmt="int8")), b8, w8),
+        "bf16-triton": (lambda x: matvec(x, w, counts=counts), w.numel() * 2, w),
+        "int8-triton": (lambda x: matvec(x, q8, s8, fmt="int8", counts=counts), b8, w8),
+        "int4-triton": (lambda x: matvec(x, p4, s4, z4, fmt="int4", group_size=64, counts=counts), b4, w4),
+        "bf16-triton-nopdl": (lambda x: matvec(x, w, counts=counts, pdl=False), w.numel() * 2, w),
+        "int8-triton-nopdl": (lambda x: matvec(x, q8, s8, fmt="int8", counts=counts, pdl=False), b8, w8),
     }
-
-
-def without_pdl(fn):
-    """fn launching its kernels without programmatic dependent launch (tformer.kernels.base)."""
-
-    def call(x):
-        previous = set_pdl(False)
-        try:
-            return fn(x)
-        finally:
-            set_pdl(previous)
-
-    return call
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--copies", type=int, default=16, help="different weights per shape, called in turn")
     ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--rows", type=int, default=1, help="rows of x (at most tformer.kernels.gemv.MAX_ROWS)")
+    ap.add_argument("--rows", type=int, default=1, help="rows of x (at most tformer.inference.kernels.gemv.MAX_ROWS)")
     ap.add_argument("--variants", help="comma-separated subset of the variants (default: all)")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.manual_seed(0)
+    counts = Workspace("cuda", args.rows, n_heads=1).merge
     rows = []
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
         x = torch.randn(args.rows, k, device="cuda", dtype=torch.bfloat16)
-        copies = [variants(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
+        copies = [variants(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, counts)
                   for _ in range(args.copies if name != "head" else 4)]
         for variant in args.variants.split(",") if args.variants else copies[0]:
             fn, nbytes, ref_w = copies[0][variant]

@@ -126,19 +126,20 @@ def host_profile(name: str, run, per: int, top: int = 30) -> None:
 
 
 def speculative_runner(config, prompt, new: int, k: int, draft_dim: int = 256, draft_layers: int = 4):
-    from tformer.generate import SamplingConfig
-    from tformer.generate.speculative import compiled_spec_steps, speculative_generate
-    from tformer.models import build_model, with_decode_kernels
+    from tformer.inference import DecodeEngine, EngineOptions, SamplingConfig, speculative_generate
+    from tformer.models import build_model
 
     heads = draft_dim // 64
     draft_config = config.replace(dim=draft_dim, n_layers=draft_layers, n_heads=heads, n_kv_heads=heads, ffn_dim=3 * draft_dim,
                                   tie_embeddings=True)
-    target, draft = (with_decode_kernels(build_model(c, device="cuda", dtype=torch.bfloat16).eval())
+    # compile on CUDA: both prompts' forwards compiled, each round replayed from one CUDA graph
+    options = EngineOptions(max_batch_size=1, compile=True, cuda_graphs=True)
+    target, draft = (DecodeEngine(build_model(c, device="cuda", dtype=torch.bfloat16).eval(), options)
                      for c in (config, draft_config))
-    steps, greedy = compiled_spec_steps(), SamplingConfig(temperature=0)
+    greedy = SamplingConfig(temperature=0)
 
     def run() -> int:
-        _, stats = speculative_generate(target, draft, prompt.tolist(), new, k=k, sampling=greedy, steps=steps)
+        _, stats = speculative_generate(target, draft, prompt.tolist(), new, k=k, sampling=greedy)
         return stats.target_forwards
 
     return run

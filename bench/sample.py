@@ -3,8 +3,9 @@
     python bench/sample.py [--vocab 128256] [--batch 1 8] [--k 200] [--temperature 0.8]
 
 Each variant draws one token a row from (batch, vocab) bf16 logits, as a decode step does after the
-output head: `kernel` is `tformer.kernels.sampling.topk_sample` (what `sample` takes on a GPU);
-`torch` is `sample`'s own path without it (torch.topk, softmax over the k best, exponential race),
+output head: `kernel` is `tformer.inference.kernels.sampling.topk_sample` (what `sample` takes with a
+decode engine's workspace on a GPU; seeds drawn a call, no `step`); `torch` is `sample`'s own path
+without a workspace (torch.topk for the k-th largest logit, the rest masked, softmax, exponential race),
 the same ops as gpt-fast's sampling. Times: 20 calls in one CUDA graph (as in a graphed decode step, so
 launch cost is what the GPU pays, not what the host does), CUDA-event median of 20 replays
 (`bench/gemv.py`'s `graph_time`).
@@ -22,17 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from gemv import graph_time  # noqa: E402
 
-from tformer.generate import sampling  # noqa: E402
-from tformer.generate.sampling import SamplingConfig, sample  # noqa: E402
-
-
-def _torch_path(logits, cfg):
-    original = sampling.use_topk_sample
-    sampling.use_topk_sample = lambda *a: False
-    try:
-        return sample(logits, cfg)
-    finally:
-        sampling.use_topk_sample = original
+from tformer.inference.sampling import SamplingConfig, sample  # noqa: E402
+from tformer.inference.workspace import Workspace  # noqa: E402
 
 
 def main():
@@ -47,7 +39,8 @@ def main():
     rows = []
     for batch in args.batch:
         logits = torch.randn(batch, args.vocab, device="cuda", dtype=torch.bfloat16) * 3
-        for name, fn in (("kernel", lambda: sample(logits, cfg)), ("torch", lambda: _torch_path(logits, cfg))):
+        ws = Workspace("cuda", batch, n_heads=1)  # the sampler's counters and seeds, as an engine holds them
+        for name, fn in (("kernel", lambda: sample(logits, cfg, workspace=ws)), ("torch", lambda: sample(logits, cfg))):
             us = graph_time([fn] * 20) * 1e6
             rows.append({"variant": name, "batch": batch, "vocab": args.vocab, "k": args.k, "us_per_call": us})
             print(f"{name:7s} batch {batch}: {us:8.1f} us a call", flush=True)

@@ -16,10 +16,14 @@ Each is trained for a number of 16 x 512-token steps (bf16 autocast, compiled); 
 best validation checkpoint (evaluated every 250 steps: the 1.3M-token corpus overfits fast).
 
 Decoding: prompts are --prompts windows of --prompt tokens from the held-out validation split;
-temperature 0, --new tokens each. Plain decoding is `generate` with the compiled prefill and
-`CapturedDecode` (the whole decode loop replayed from one CUDA graph, as bench/decode.py's tformer
-rows); speculative decoding is `speculative_generate` with `compiled_spec_steps()` (the whole round,
-k draft steps and the target's (k+1)-token verify, as one CUDA graph). tokens/s = new tokens / wall time of the whole call (prefill included), median over prompts after a warm-up call per variant.
+temperature 0, --new tokens each. Each model has a `DecodeEngine` made with compile=True (the fused
+decode kernels, compiled forwards, CUDA graphs). Plain decoding is the target engine's `generate`
+with the decode loop replayed from CUDA graphs (`CapturedDecode`, as bench/decode.py's tformer rows)
+and the prompt's forward compiled but not captured (bench/ablations.py), as speculative decoding's
+is; speculative decoding is `speculative_generate` on the target and draft engines (each round, k
+draft steps, the target's (k+1)-token verify and its bookkeeping, replayed from one CUDA graph).
+tokens/s = new tokens / wall time of the whole call (prefill included), median over prompts after a
+warm-up call per variant.
 same_as_plain: the share of tokens before the first difference from plain greedy decoding (in fp32
 they are equal, as the tests check; in bf16 the (k+1)-token verify rounds differently from the
 one-token step, so near-ties can go the other way). same_as_eager: the same share, compiled
@@ -33,6 +37,7 @@ import argparse
 import itertools
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,15 +45,15 @@ from pathlib import Path
 import torch
 import torch._inductor.config as inductor_config
 
+from tformer.accounting import parameter_breakdown
 from tformer.checkpoint import load
-from tformer.generate import CapturedDecode, SamplingConfig, generate
-from tformer.generate.engine import compiled_prefill
-from tformer.generate.speculative import compiled_spec_steps, speculative_generate
-from tformer.models import with_decode_kernels
-from tformer.params import parameter_breakdown
+from tformer.inference import DecodeEngine, EngineOptions, SamplingConfig, speculative_generate
 from tformer.train.config import TrainConfig
 from tformer.train.loop import train
 from tformer.train.data import prepare_data
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ablations import uncaptured_prefill  # noqa: E402
 
 TARGET = {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "ffn_dim": 8192, "tie_embeddings": False,
           "max_seq_len": 1024}
@@ -101,13 +106,13 @@ def main() -> None:
     args = ap.parse_args()
 
     target_path = train_model(args.out / "target", args.target_steps, TARGET, lr=6e-4, eval_every=args.target_steps)
-    target = with_decode_kernels(load(target_path, device="cuda", dtype=torch.bfloat16).eval())
+    target = load(target_path, device="cuda", dtype=torch.bfloat16).eval()
     drafts = {}
     for name, layers in itertools.product(args.drafts, args.draft_layers):
         distill = {"teacher": str(target_path), "distill_alpha": args.distill_alpha} if name == "distilled" else {}
         path = train_model(args.out / f"draft-{name}-{layers}", args.draft_steps, draft_shape(args.draft_dim, layers),
                            lr=3e-3, eval_every=250, **distill)
-        drafts[f"{name} {layers}L"] = with_decode_kernels(load(path, device="cuda", dtype=torch.bfloat16).eval())
+        drafts[f"{name} {layers}L"] = load(path, device="cuda", dtype=torch.bfloat16).eval()
     sizes = {n: parameter_breakdown(m.config)["total"] for n, m in (("target", target), *drafts.items())}
     print(json.dumps({"parameters": sizes, "ratio": {n: round(sizes["target"] / v, 1) for n, v in sizes.items()}}),
           flush=True)
@@ -116,10 +121,15 @@ def main() -> None:
     stride = len(val) // args.prompts
     prompts = [val[i * stride: i * stride + args.prompt].tolist() for i in range(args.prompts)]
 
-    step, first, steps = CapturedDecode(), compiled_prefill(), compiled_spec_steps()  # plain: the captured loop
+    # eager speculative decoding (engines made and closed by each call), before the compiled engines own the models
+    eager = {(name, k): speculative_generate(target, draft, prompts[0], args.new, k=k, sampling=GREEDY)[0]
+             for (name, draft), k in itertools.product(drafts.items(), args.k)}
     if args.no_tuning:
         inductor_config.coordinate_descent_tuning = False
-    plain = lambda p: generate(target, [p], args.new, GREEDY, step_fn=step, prefill_fn=first)[0]  # noqa: E731
+    options = EngineOptions(max_batch_size=1, compile=True, cuda_graphs=True)
+    target = uncaptured_prefill(DecodeEngine(target, options))
+    drafts = {name: DecodeEngine(draft, options) for name, draft in drafts.items()}
+    plain = lambda p: target.generate([p], args.new, GREEDY)[0]  # noqa: E731
     warm, _ = timed(lambda: plain(prompts[0]))
     times, want = [], []
     for p in prompts:
@@ -132,11 +142,12 @@ def main() -> None:
     print(json.dumps(rows[-1]), flush=True)
 
     for (name, draft), k in itertools.product(drafts.items(), args.k):
-        spec = lambda p: speculative_generate(target, draft, p, args.new, k=k, sampling=GREEDY, steps=steps)  # noqa: E731
+        spec = lambda p: speculative_generate(target, draft, p, args.new, k=k, sampling=GREEDY)  # noqa: E731
         warm, _ = timed(lambda: spec(prompts[0]))
-        eager, _ = speculative_generate(target, draft, prompts[0], args.new, k=k, sampling=GREEDY)
         graphed, _ = spec(prompts[0])
-        same_eager = next((i for i, (a, b) in enumerate(zip(graphed, eager)) if a != b), len(eager)) / len(eager)
+        ungraphed = eager[name, k]
+        same_eager = next((i for i, (a, b) in enumerate(zip(graphed, ungraphed)) if a != b), len(ungraphed))
+        same_eager /= len(ungraphed)
         times, acc, prop, fwd, same = [], 0, 0, 0, 0
         for p, ref in zip(prompts, want):
             t, (out, stats) = timed(lambda: spec(p))
