@@ -265,7 +265,7 @@ def test_speculative_greedy_through_the_kernels_equals_target_greedy():
     greedy, prompt = SamplingConfig(temperature=0), [5, 17, 42, 3]
     want = generate(target, [prompt], 8, greedy, options=None)[0]
     for compile in (False, True):
-        engines = [DecodeEngine(m, kernels=True, compile=compile, max_batch_size=1) for m in (target, near)]
+        engines = [DecodeEngine(m, kernels=True, compile=compile, max_batch_size=1, debug=True) for m in (target, near)]
         out, stats = speculative_generate(*engines, prompt, 8, k=3, sampling=greedy)
         for e in engines:
             e.close()
@@ -283,7 +283,7 @@ def test_the_workspace_is_sized_once_and_larger_requests_are_refused():
 
     device = "cpu" if INTERPRETED else "cuda"
     model = _tiny(n_layers=1).to(device)
-    with DecodeEngine(model, kernels=True, max_batch_size=2) as engine:
+    with DecodeEngine(model, kernels=True, max_batch_size=2, debug=True) as engine:
         ws = engine.workspace
         addresses = (ws.merge.data_ptr(), ws.topk.data_ptr(), ws.seeds.data_ptr())
         assert ws.merge.numel() >= 2 * model.config.n_heads and not ws.merge.any()

@@ -45,6 +45,8 @@ class EngineOptions:
     int4: the kernel of an int4 layer's one-row forward, "matvec" (tformer's, fused) or "tinygemm".
     pdl: launch the kernels with programmatic dependent launch on Hopper (TFORMER_PDL's default).
     sync_every: decode steps between the host's checks for every row having stopped.
+    debug: check the kernels' invariants after each request (every merge counter back at zero; one
+        host sync), raising if one does not hold.
     """
 
     max_batch_size: int = 8
@@ -58,6 +60,7 @@ class EngineOptions:
     int4: str = "matvec"
     pdl: bool = PDL_DEFAULT
     sync_every: int = 8
+    debug: bool = False
 
     def validate(self) -> None:
         for name in ("max_batch_size", "steps_per_replay", "prefill_bucket", "max_captures", "sync_every"):
@@ -190,7 +193,14 @@ class DecodeEngine:
                     rows = decode_loop(*args, self._step, ws)
             finally:
                 model.clear_caches()
+        self.check()
         return [cut_at_stop(r, stop_ids) for r in rows]
+
+    def check(self) -> None:
+        """With options.debug: raise if a kernel left a merge counter set (tformer/inference/README.md)."""
+        if self.options.debug and self.workspace is not None and not self.workspace.at_rest():
+            raise RuntimeError("a decode kernel left a merge counter set: the workspace is not at rest "
+                               "(a kernel's last program did not reset its group)")
 
 
 def generate(model: nn.Module | DecodeEngine, prompts: list[list[int]], max_new_tokens: int,

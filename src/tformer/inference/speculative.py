@@ -221,6 +221,8 @@ def _generate(target: DecodeEngine, draft: DecodeEngine, prompt, max_new_tokens,
         finally:
             for engine in (target, draft):
                 engine.model.clear_caches()
+    for engine in (target, draft):
+        engine.check()
     stats.emitted = len(out)
     return out, stats
 
