@@ -332,3 +332,14 @@ def test_captured_prefill_and_loop_on_cuda_repeat_seeded_sampling():
         runs = [graphed.generate(prompts, 12, topk, seed=4, stop_ids={5}) for _ in range(2)]
         assert runs[0] == runs[1]
         assert all(0 <= t < model.config.vocab_size for row in runs[0] for t in row)
+
+
+@interpreted
+def test_a_second_engine_with_kernels_on_one_model_is_refused():
+    from tformer.inference import DecodeEngine
+
+    model = _tiny(n_layers=1)
+    with DecodeEngine(model, kernels=True, max_batch_size=1):
+        with pytest.raises(ValueError, match="another engine"):
+            DecodeEngine(model, kernels=True, max_batch_size=1)
+    DecodeEngine(model, kernels=True, max_batch_size=1).close()  # once the first is closed

@@ -134,6 +134,9 @@ def with_decode_kernels(model: nn.Module, workspace: Workspace, int4: str = "mat
     `workspace` for its kernels."""
     if int4 not in ("matvec", "tinygemm"):
         raise ValueError(f"int4 must be 'matvec' or 'tinygemm', got {int4!r}")
+    if has_decode_kernels(model):
+        raise ValueError("the model already runs the decode kernels of another engine (with another workspace): "
+                         "close that DecodeEngine first, or reuse it")
     for m in list(model.modules()):
         if type(m) is Decoder:
             m.__class__ = FusedDecoder
@@ -147,6 +150,11 @@ def with_decode_kernels(model: nn.Module, workspace: Workspace, int4: str = "mat
             continue
         m.workspace = workspace
     return model
+
+
+def has_decode_kernels(model: nn.Module) -> bool:
+    """Whether any module of `model` is one of the kernel classes swapped in here."""
+    return any(type(m) in _PLAIN for m in model.modules())
 
 
 _PLAIN = {FusedDecoder: Decoder, FusedBlock: Block, KernelAttention: Attention,

@@ -54,9 +54,10 @@ one-row matmul into a reduction kernel of its own that is slower than the layer'
 tinygemm or the matvec kernel)."""
 
 
-def compiled(fn, backend: str = "inductor", **kwargs):
-    """torch.compile(fn, fullgraph=True, ...): a graph break is an error; inductor runs with COMPILE_OPTIONS."""
-    options = COMPILE_OPTIONS if backend == "inductor" else None
+def compiled(fn, backend: str = "inductor", decode: bool = True, **kwargs):
+    """torch.compile(fn, fullgraph=True, ...): a graph break is an error; a decode step (`decode`) on
+    inductor runs with COMPILE_OPTIONS, anything else with inductor's global configuration."""
+    options = COMPILE_OPTIONS if backend == "inductor" and decode else None
     return torch.compile(fn, fullgraph=True, backend=backend, options=options, **kwargs)
 
 
@@ -67,7 +68,8 @@ def compiled_prefill(backend: str = "inductor"):
     A batch compiles with static shapes: inductor (PyTorch 2.11) cannot generate some fused kernels
     over batch x a symbolic length ("CantSplit: 8 not divisible by 8*s11"), whether the batch size
     is symbolic too or not."""
-    one, batch = compiled(prefill, backend, dynamic=True), compiled(prefill, backend, dynamic=False)
+    one = compiled(prefill, backend, decode=False, dynamic=True)
+    batch = compiled(prefill, backend, decode=False, dynamic=False)
 
     def call(model, tokens, input_pos, key_mask, sampling: SamplingConfig, counts=None, workspace=None):
         return (one if tokens.shape[0] == 1 else batch)(model, tokens, input_pos, key_mask, sampling, counts, workspace)
