@@ -170,3 +170,16 @@ def test_compiled_prefill_takes_batches_with_static_shapes_and_one_prompt_at_any
             assert torch.equal(first(model, tokens, pos, mask, greedy), want)
             model.clear_caches()
             assert counters["stats"]["unique_graphs"] == (1 if i < 2 else 2)  # lengths 4 and 3: one graph
+
+
+def test_engines_compile_their_own_steps():
+    """Each engine compiles its own copy of the step functions, so many engines in one process (one
+    model each) stay inside dynamo's limit of recompiles per code object (8), which fullgraph turns
+    into an error."""
+    from tformer.inference import DecodeEngine
+
+    greedy = SamplingConfig(temperature=0)
+    for _ in range(torch._dynamo.config.recompile_limit + 2):
+        model = build_model(tiny_config(n_layers=1)).eval()
+        with DecodeEngine(model, compile=True, compile_backend="eager", cuda_graphs=False) as engine:
+            assert engine.generate([[1, 2]], 2, greedy) == generate(model, [[1, 2]], 2, greedy)

@@ -1,11 +1,11 @@
-"""tformer.kernels.inductor: inductor's message for a custom op's first lowering names the arguments
+"""tformer.inference.kernels.inductor: inductor's message for a custom op's first lowering names the arguments
 without printing the IR graph behind them (PyTorch 2.10-2.11 built it eagerly, exponentially in a
 decode step's depth), and the ops' fake implementations put that in place."""
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from tformer.kernels import inductor
+from tformer.inference.kernels import inductor
 
 
 def test_inductor_message_names_arguments_without_printing_them(monkeypatch):

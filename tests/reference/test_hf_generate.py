@@ -9,7 +9,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import tformer  # noqa: E402
-from tformer.generate import SamplingConfig, generate  # noqa: E402
+from tformer.inference import SamplingConfig, generate  # noqa: E402
 from tests.reference.test_hf_parity import LLAMA, hf_model  # noqa: E402
 
 FAMILIES = {

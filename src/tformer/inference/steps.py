@@ -13,6 +13,7 @@ every `sync_every` steps (to stop early) or when a streaming callback wants them
 from __future__ import annotations
 
 import contextlib
+import types
 from typing import Callable
 
 import torch
@@ -55,10 +56,20 @@ tinygemm or the matvec kernel)."""
 
 
 def compiled(fn, backend: str = "inductor", decode: bool = True, **kwargs):
-    """torch.compile(fn, fullgraph=True, ...): a graph break is an error; a decode step (`decode`) on
-    inductor runs with COMPILE_OPTIONS, anything else with inductor's global configuration."""
+    """torch.compile of a copy of fn, fullgraph=True: a graph break is an error; a decode step
+    (`decode`) on inductor runs with COMPILE_OPTIONS, anything else with inductor's global
+    configuration. Each call compiles its own copy of fn's code: dynamo keeps its compiled graphs,
+    and its limit of recompiles (torch._dynamo.config.recompile_limit), per code object, so each
+    engine's steps count only their own (another model or workspace is another graph)."""
     options = COMPILE_OPTIONS if backend == "inductor" and decode else None
-    return torch.compile(fn, fullgraph=True, backend=backend, options=options, **kwargs)
+    return torch.compile(_copy(fn), fullgraph=True, backend=backend, options=options, **kwargs)
+
+
+def _copy(fn):
+    """fn as a new function object over a new code object (same code, globals, defaults and closure)."""
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__, copy.__qualname__, copy.__doc__ = fn.__kwdefaults__, fn.__qualname__, fn.__doc__
+    return copy
 
 
 def compiled_prefill(backend: str = "inductor"):
