@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.test_kernels import INTERPRETED, interpreted
+from tformer.inference.kernels.sampling import ROW_COUNTERS
 
 DEVICE = "cpu" if INTERPRETED else "cuda"
 
@@ -76,7 +77,7 @@ def test_topk_sample_with_a_step_draws_from_the_kept_seeds():
     logits = torch.randn(rows, 300).to(DEVICE, torch.bfloat16)
     torch.manual_seed(5)
     seeds = _seeds(rows, DEVICE)
-    counts = torch.zeros(rows * 1028, dtype=torch.int32, device=DEVICE)
+    counts = torch.zeros(rows * ROW_COUNTERS, dtype=torch.int32, device=DEVICE)
     first = topk_sample(logits, 50, 1.0, step=step, seeds=seeds, counts=counts)
     assert not counts.any()  # histograms and counts back at zero for the next call
     assert torch.equal(first, topk_sample(logits, 50, 1.0, step=step, seeds=seeds, counts=counts))
@@ -143,7 +144,7 @@ def test_topk_sample_on_cuda():
                        seeds=_seeds(200_000, "cuda"))
 
     logits = torch.randn(8, 128256, device="cuda", dtype=torch.bfloat16)  # a Llama-3 vocabulary, batch 8
-    counts = torch.zeros(8 * 1028, dtype=torch.int32, device="cuda")
+    counts = torch.zeros(8 * ROW_COUNTERS, dtype=torch.int32, device="cuda")
     tokens = topk_sample(logits, 200, 0.8, counts=counts)
     kth = torch.topk(logits.float(), 200).values[:, -1]
     assert (logits.float().gather(1, tokens[:, None]).squeeze(1) >= kth).all()

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from tformer.inference.kernels.sampling import ROW_COUNTERS as TOPK_ROW_COUNTERS
+
 MERGE_COUNTERS = 4096  # at least the split-K groups of the largest few-row product (kernels.rows)
-TOPK_ROW_COUNTERS = 4 + 4 * 256  # = kernels.sampling.ROW_COUNTERS, without importing Triton here
 
 
 class Workspace:
