@@ -109,8 +109,11 @@ def test_saved_folder_loads_in_transformers(bpe, tmp_path):
     bpe.save(tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     text = ROUND_TRIP[2]
-    assert hf(text, add_special_tokens=False)["input_ids"] == bpe.encode(text)
-    assert hf.eos_token_id == bpe.eos_id
+    assert hf(text)["input_ids"] == bpe.encode(text)  # no BOS from either: the tokenizer has no template
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (bpe.bos_id, bpe.eos_id, bpe.pad_id)
+    # transformers 4.x reads the special tokens from special_tokens_map.json
+    names = {k: bpe.id_to_token(getattr(bpe, f"{k}_id")) for k in ("bos", "eos", "pad")}
+    assert json.loads((tmp_path / "special_tokens_map.json").read_text()) == {f"{k}_token": v for k, v in names.items()}
 
 
 def _foreign_tokenizer(tmp_path, specials, config=None):

@@ -29,6 +29,7 @@ PAD_NAMES = ("<|pad|>", "<pad>", "[PAD]", "<|padding|>")
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"  # HF's file: we read/write only its bos/eos/pad_token keys
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"  # written for transformers 4.x, which reads the names there
 
 # Where text can be cut into independently encoded chunks: after a newline that ends a non-blank line
 # and before a non-space character. Byte-level (GPT-2, Llama-3) pre-tokenizers split there anyway,
@@ -151,17 +152,21 @@ class Tokenizer:
     def save(self, path: str | Path) -> Path:
         """Write tokenizer.json atomically; `path` is a folder, or a file name ending in .json.
 
-        Into a folder we also write a minimal tokenizer_config.json naming bos/eos/pad, so the
-        folder loads back with the same ids (here and in `transformers.AutoTokenizer`).
+        Into a folder we also write a minimal tokenizer_config.json and special_tokens_map.json
+        naming bos/eos/pad, so the folder loads back with the same ids (here and in
+        `transformers.AutoTokenizer`, 4.x and 5.x). Neither file asks transformers to add tokens:
+        a prompt gets a BOS only if tokenizer.json's own post-processor adds one.
         """
         path = Path(path)
         file = path if path.suffix == ".json" else path / TOKENIZER_FILE
         atomic_write_text(file, self.to_str())
         if path.suffix != ".json":
             ids = {"bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id}
-            cfg = {f"{k}_token": self.hf.id_to_token(i) if i is not None else None for k, i in ids.items()}
-            cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+            names = {f"{k}_token": self.hf.id_to_token(i) if i is not None else None for k, i in ids.items()}
+            cfg = {**names, "tokenizer_class": "PreTrainedTokenizerFast"}
             atomic_write_text(path / CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
+            specials = {k: v for k, v in names.items() if v is not None}
+            atomic_write_text(path / SPECIAL_TOKENS_FILE, json.dumps(specials, indent=2) + "\n")
         return file
 
     def to_str(self) -> str:
