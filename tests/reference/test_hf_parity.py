@@ -199,17 +199,15 @@ def test_sharded_checkpoints_both_ways(tmp_path):
 
 
 def test_save_hf_writes_tokenizer_and_replaces_atomically(tmp_path):
-    class Tokenizer:
-        def save(self, path):
-            with open(path, "w") as f:
-                f.write('{"model": "stub"}')
+    from tformer.tokenizer import Tokenizer
 
     ours = tformer.build_model(config_from_hf(LLAMA | {"model_type": "llama"}))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "stale.txt").write_text("old export")
-    save_hf(ours, tmp_path / "out", tokenizer=Tokenizer())
+    save_hf(ours, tmp_path / "out", tokenizer=Tokenizer.train_char("abc"))
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert written == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert written == ["config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
+                       "tokenizer.json", "tokenizer_config.json"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left behind
 
 

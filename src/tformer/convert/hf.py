@@ -9,6 +9,12 @@ both directions. Tensors change in these ways only:
     deepseek_v3 q / kv_a RoPE rows, interleaved pairs  -> rotate-half order (`hf_moe.rope_rows`)
 
 Otherwise RoPE needs no permutation: tformer uses HF's rotate-half layout.
+
+An export with a tokenizer names its special tokens the way transformers reads them: bos/eos/pad
+ids in config.json and generation_config.json, names in tokenizer_config.json and
+special_tokens_map.json. tformer encodes a prompt's text with no BOS (training data separates
+documents by EOS only), and nothing in the export asks transformers to add one, so `tok(prompt)`
+gives the same ids; a foreign tokenizer.json whose own template adds a BOS keeps it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from tformer.checkpoint import model_from_tensors
+from tformer.checkpoint import model_from_tensors, tokenizer_for, warn_no_tokenizer
 from tformer.config import ConfigError, ModelConfig
 from tformer.convert.hf_config import SUPPORTED_MODEL_TYPES, config_from_hf, config_to_hf, hf_model_type
 from tformer.convert.hf_moe import drop_mtp_layers, rope_rows, unfuse_experts
@@ -232,8 +238,11 @@ def load_hf(path: str | Path, device="cpu", dtype: torch.dtype | None = None) ->
 
 
 def save_hf(model: Decoder, path: str | Path, tokenizer=None, max_shard_bytes: int | None = None) -> Path:
-    """Write `model` as an HF model directory that `AutoModelForCausalLM.from_pretrained` loads.
+    """Write `model` as an HF model directory that `AutoModelForCausalLM.from_pretrained` loads,
+    and with `tokenizer` one that `AutoTokenizer` loads and `generate` stops at its EOS.
 
+    `tokenizer`: a Tokenizer or a path, as for `tformer.save`; without one, config.json's token ids
+    are null (not transformers' defaults) and a warning says the export has no tokenizer.
     Weights go to model.safetensors, or to shards plus model.safetensors.index.json when they
     exceed `max_shard_bytes`. The directory is written through `tformer.io.atomic_path`.
     """
@@ -248,14 +257,29 @@ def save_hf(model: Decoder, path: str | Path, tokenizer=None, max_shard_bytes: i
         raise ValueError(f"max_shard_bytes must be a positive number of bytes or None, got {max_shard_bytes}")
     dtype = str(model.tok_emb.weight.dtype).removeprefix("torch.")
     hf_config = config_to_hf(model.config, dtype=dtype)  # fails before anything is written
+    tokenizer = tokenizer_for(model, tokenizer)
+    token_ids = _token_ids(tokenizer)
     tensors = state_dict_to_hf(model.state_dict(), model.config)
     path = Path(path)
     with atomic_path(path, directory=True) as tmp:
         _write_weights(tensors, tmp, max_shard_bytes)
-        atomic_write_text(tmp / "config.json", json.dumps(hf_config, indent=2))
-        if tokenizer is not None:
-            tokenizer.save(str(tmp / "tokenizer.json"))
+        atomic_write_text(tmp / "config.json", json.dumps({**hf_config, **token_ids}, indent=2))
+        if tokenizer is None:
+            warn_no_tokenizer(path, "save_hf", needs="`AutoTokenizer` (and `tformer generate`)")
+        else:
+            tokenizer.save(tmp)  # tokenizer.json, tokenizer_config.json, special_tokens_map.json
+            # greedy by default, as transformers' own default; pad falls back to EOS as generate does
+            pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+            generation = {**token_ids, "pad_token_id": pad}
+            atomic_write_text(tmp / "generation_config.json", json.dumps(generation, indent=2))
     return path
+
+
+def _token_ids(tokenizer) -> dict[str, int | None]:
+    """config.json's special-token ids; null without a tokenizer, where transformers would
+    otherwise fill in its architecture's defaults (Llama's 1 and 2, GPT-2's 50256)."""
+    ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) if tokenizer is not None else (None,) * 3
+    return dict(zip(("bos_token_id", "eos_token_id", "pad_token_id"), ids))
 
 
 def _write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int | None) -> None:
