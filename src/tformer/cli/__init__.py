@@ -31,12 +31,24 @@ def torch_dtype(name: str | None):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tformer",
-        description="Build, train, fine-tune, inspect and serve transformer language models.",
+        description="Train transformer language models and generate text with them; count a model's "
+                    "parameters, convert checkpoints to and from HF, train tokenizers, quantize weights.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"tformer.cli.{name}").register(sub)
     return parser
+
+
+def _version() -> str:
+    """tformer's version as installed (package metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tformer")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,49 @@
+"""What the real `tformer` command prints for a newcomer's first mistakes, and the modes of what it
+writes (issue 24, points 11 and 12). Each test runs the installed console script in a subprocess."""
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+TEXT = "to be or not to be, that is the question\n" * 20  # 820 characters: a char tokenizer, 1 token each
+
+
+def tformer(*args, cwd, umask=None) -> subprocess.CompletedProcess:
+    exe = shutil.which("tformer")
+    cmd = [exe] if exe else [sys.executable, "-m", "tformer.cli"]
+    env = {**os.environ, "TFORMER_CACHE": str(cwd / "cache")}
+    return subprocess.run([*cmd, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+                          umask=-1 if umask is None else umask)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A two-step `tformer train` run (char tokenizer, tiny-llama: max_seq_len 128) under umask 027."""
+    tmp = tmp_path_factory.mktemp("run")
+    (tmp / "text.txt").write_text(TEXT)
+    r = tformer("train", "--data", "text.txt", "--tokenizer", "char", "--preset", "tiny-llama", "--seq_len", "8",
+                "--batch_size", "2", "--max_steps", "2", "--out_dir", "run", cwd=tmp, umask=0o027)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp
+
+
+def test_version_is_the_installed_package_version(tmp_path):
+    from importlib.metadata import version
+
+    r = tformer("--version", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == f"tformer {version('tformer')}"
+
+
+def test_top_level_description_promises_only_existing_commands(tmp_path):
+    r = tformer("--help", cwd=tmp_path)
+    description = r.stdout.split("\n\n")[1]
+    assert not re.search(r"serve|fine-tune", description), description  # no such commands (yet)
