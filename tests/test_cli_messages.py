@@ -47,3 +47,24 @@ def test_top_level_description_promises_only_existing_commands(tmp_path):
     r = tformer("--help", cwd=tmp_path)
     description = r.stdout.split("\n\n")[1]
     assert not re.search(r"serve|fine-tune", description), description  # no such commands (yet)
+
+
+def test_generate_names_a_missing_path(tmp_path):
+    r = tformer("generate", tmp_path / "nonexistent", cwd=tmp_path)
+    assert r.returncode == 2 and "nonexistent does not exist" in r.stderr and "tokenizer.json" not in r.stderr
+
+
+def test_generate_refuses_a_long_prompt_before_echoing_it(run_dir):
+    prompt = "to be or not to be? " * 8  # 160 characters: more than max_seq_len 128 - 4 new tokens
+    r = tformer("generate", "run/best", "--prompt", prompt, "--max-new-tokens", "4", cwd=run_dir)
+    assert r.returncode == 2 and r.stdout == ""
+    assert "the prompt is 160 tokens" in r.stderr and "room for 124" in r.stderr and "--truncate-prompt" in r.stderr
+
+
+def test_generate_truncate_prompt_keeps_the_last_tokens_that_fit(run_dir):
+    prompt = "x" * 30 + TEXT[:124]  # 154 characters; the model sees, and the command echoes, the last 124
+    r = tformer("generate", "run/best", "--prompt", prompt, "--max-new-tokens", "4", "--temperature", "0",
+                "--truncate-prompt", cwd=run_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "kept the last 124 of the prompt's 154 tokens" in r.stderr
+    assert r.stdout.startswith(TEXT[:124])

@@ -7,7 +7,6 @@ import argparse
 from tformer.cli import DTYPES, UserError, torch_dtype
 
 
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
@@ -22,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", help="checkpoint or HF model directory")
     p.add_argument("--prompt", action="append", help="prompt text (repeatable; default: a newline)")
     p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--truncate-prompt", action="store_true",
+                   help="keep a too-long prompt's last max_seq_len - max-new-tokens tokens (noted on stderr) "
+                        "instead of refusing it")
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
@@ -56,15 +58,19 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.path)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
     prompts = args.prompt or ["\n"]
+    if args.draft and len(prompts) != 1:
+        raise UserError("--draft decodes one prompt at a time: pass a single --prompt")
     # on a GPU the engine swaps in tformer's decode kernels; with --compile it replays CUDA graphs
     options = EngineOptions(max_batch_size=len(prompts), compile=args.compile)
     engine = DecodeEngine(load(args.path, device=device, dtype=dtype), options)
-    if args.draft:
-        return _speculative(args, engine, tokenizer, sampling, prompts, device, dtype, options)
+    draft = DecodeEngine(load(args.draft, device=device, dtype=dtype), options) if args.draft else None
+    ids, prompts = _fit_prompts(args, tokenizer, prompts, [e for e in (engine, draft) if e])  # before any output
+    if draft:
+        return _speculative(args, engine, draft, tokenizer, sampling, ids[0], prompts[0])
     single = len(prompts) == 1
     if single:
         print(prompts[0], end="", flush=True)
-    texts = generate_text(engine, tokenizer, prompts, args.max_new_tokens, sampling, args.stop, args.seed,
+    texts = generate_text(engine, tokenizer, ids, args.max_new_tokens, sampling, args.stop, args.seed,
                           stream=single)
     if single:
         print()
@@ -74,18 +80,51 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _speculative(args, engine, tokenizer, sampling, prompts, device, dtype, options) -> int:
+def _fit_prompts(args, tokenizer, prompts: list[str], engines) -> tuple[list[list[int]], list[str]]:
+    """Each prompt's token ids and the text to echo, checked against the models' max_seq_len.
+
+    A prompt longer than max_seq_len - max_new_tokens (- speculate_k with --draft) is refused, or with
+    --truncate-prompt cut to its last tokens that fit (echoed as those tokens decode, noted on stderr).
+    """
     import sys
 
-    from tformer.checkpoint import load
-    from tformer.inference import DecodeEngine, speculative_text
+    from tformer.inference.text import prompt_ids
 
-    if len(prompts) != 1:
-        raise UserError("--draft decodes one prompt at a time: pass a single --prompt")
-    draft = DecodeEngine(load(args.draft, device=device, dtype=dtype), options)
-    text, stats = speculative_text(engine, draft, tokenizer, prompts[0], args.max_new_tokens, sampling,
+    max_seq_len = min(e.model.config.max_seq_len for e in engines)
+    k = args.speculate_k if args.draft else 0
+    room = max_seq_len - args.max_new_tokens - k
+    what = f"--max-new-tokens {args.max_new_tokens}" + (f" and --speculate-k {k}" if k else "")
+    if room < 1:
+        raise UserError(f"the model's max_seq_len {max_seq_len} minus {what} leaves no room for a prompt: "
+                        f"ask for at most {max_seq_len - 1 - k} new tokens")
+    ids, shown = [], []
+    for i, prompt in enumerate(prompts):
+        p = prompt_ids(tokenizer, prompt)
+        name = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+        if len(p) > room:
+            if not args.truncate_prompt:
+                raise UserError(
+                    f"{name} is {len(p)} tokens, but the model's max_seq_len {max_seq_len} minus {what} leaves "
+                    f"room for {room}: shorten it, ask for fewer new tokens, or pass --truncate-prompt to keep "
+                    f"its last {room} tokens"
+                )
+            print(f"tformer generate: kept the last {room} of {name}'s {len(p)} tokens "
+                  f"(max_seq_len {max_seq_len} minus {what})", file=sys.stderr)
+            p = p[-room:]
+            prompt = tokenizer.decode(p)
+        ids.append(p)
+        shown.append(prompt)
+    return ids, shown
+
+
+def _speculative(args, engine, draft, tokenizer, sampling, ids: list[int], prompt: str) -> int:
+    import sys
+
+    from tformer.inference import speculative_text
+
+    text, stats = speculative_text(engine, draft, tokenizer, ids, args.max_new_tokens, sampling,
                                    args.stop, args.seed, args.speculate_k)
-    print(prompts[0] + text)
+    print(prompt + text)
     print(f"speculative decoding: {stats.accepted}/{stats.proposed} draft tokens accepted "
           f"({stats.acceptance_rate:.0%}), {stats.tokens_per_target_forward:.2f} tokens per target forward",
           file=sys.stderr)

@@ -14,6 +14,8 @@ def load_tokenizer(path: str | Path):
     from tformer.tokenizer import Tokenizer
 
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: pass a tformer checkpoint or HF model directory")
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(
@@ -61,9 +63,9 @@ class _StopWatcher:
             self.shown = len(self.texts[0])
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """Token ids of `prompt`; an empty prompt starts from BOS (or EOS)."""
-    ids = tokenizer.encode(prompt)
+def prompt_ids(tokenizer, prompt: str | list[int]) -> list[int]:
+    """Token ids of `prompt` (a list of ids is taken as is); an empty prompt starts from BOS (or EOS)."""
+    ids = list(prompt) if isinstance(prompt, list) else tokenizer.encode(prompt)
     if not ids:
         bos = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
         if bos is None:
@@ -84,15 +86,15 @@ def _first_stop(text: str, stop: list[str]) -> int | None:
 def generate_text(
     model,
     tokenizer,
-    prompts: list[str],
+    prompts: list[str | list[int]],
     max_new_tokens: int = 200,
     sampling: SamplingConfig | None = None,
     stop: list[str] | None = None,
     seed: int | None = None,
     stream: bool | Callable[[str], None] = False,
 ) -> list[str]:
-    """Completions of `prompts` (the prompt itself excluded). model: a model or a DecodeEngine;
-    stream: True writes the first completion to stdout as it grows, a callable receives it."""
+    """Completions of `prompts` (text or token ids; the prompt itself excluded). model: a model or a
+    DecodeEngine; stream: True writes the first completion to stdout as it grows, a callable receives it."""
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     writer = stream if callable(stream) else (_write_stdout if stream else None)
     watcher = _StopWatcher(tokenizer, len(prompts), stop or [], writer)
@@ -106,7 +108,7 @@ def _write_stdout(s: str) -> None:
     sys.stdout.flush()
 
 
-def speculative_text(target, draft, tokenizer, prompt: str, max_new_tokens: int = 200,
+def speculative_text(target, draft, tokenizer, prompt: str | list[int], max_new_tokens: int = 200,
                      sampling: SamplingConfig | None = None, stop: list[str] | None = None,
                      seed: int | None = None, k: int = 4):
     """Completion of one prompt with speculative decoding; returns (text, SpecStats). target, draft:
