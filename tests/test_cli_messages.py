@@ -68,3 +68,12 @@ def test_generate_truncate_prompt_keeps_the_last_tokens_that_fit(run_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "kept the last 124 of the prompt's 154 tokens" in r.stderr
     assert r.stdout.startswith(TEXT[:124])
+
+
+def test_train_on_too_little_data_names_the_split_and_seq_len(tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT)  # val split: the last 10%, 82 tokens
+    r = tformer("train", "--data", "text.txt", "--tokenizer", "char", "--preset", "tiny-llama", "--seq_len", "100",
+                "--batch_size", "2", "--max_steps", "1", "--no-tensorboard", "--out_dir", "run", cwd=tmp_path)
+    assert r.returncode == 2
+    assert re.search(r"the val split has \d+ tokens, fewer than seq_len \+ 1 = 101", r.stderr), r.stderr[-2000:]
+    assert "--seq_len" in r.stderr and "block_size" not in r.stderr

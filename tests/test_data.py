@@ -11,7 +11,7 @@ from tformer.data import (
 )
 from tformer.data import shards as shards_mod
 from tformer.data.corpus import play_to_text
-from tformer.data.shards import cache_key, split_documents
+from tformer.data.shards import Split, cache_key, split_documents
 from tformer.tokenizer import Tokenizer
 
 # --- corpus ---------------------------------------------------------------------------------
@@ -249,7 +249,7 @@ TOKENS = (np.arange(10_000) % 50_000).astype(np.uint16)  # token at i is i: wind
 
 
 def test_batches_are_shifted_windows():
-    x, y = Batcher(TOKENS, batch_size=8, block_size=16, seed=3).get(0)
+    x, y = Batcher(TOKENS, batch_size=8, seq_len=16, seed=3).get(0)
     assert x.shape == y.shape == (8, 16) and x.dtype == y.dtype == torch.int64
     assert x.is_contiguous() and y.is_contiguous()
     starts = x[:, :1]
@@ -270,14 +270,14 @@ def test_batches_reproducible_by_seed_rank_step():
 
 def test_every_start_offset_is_reachable():
     tokens = np.arange(11, dtype=np.uint16)
-    b = Batcher(tokens, batch_size=64, block_size=8)
+    b = Batcher(tokens, batch_size=64, seq_len=8)
     starts = {int(s) for step in range(20) for s in b.get(step)[0][:, 0]}
     assert starts == {0, 1, 2}  # last start 2: its target is tokens[10]
 
 
 def test_eval_batches_cover_split_in_order():
     tokens = np.arange(103, dtype=np.uint16)
-    batches = list(eval_batches(tokens, batch_size=4, block_size=10))
+    batches = list(eval_batches(tokens, batch_size=4, seq_len=10))
     assert [x.shape[0] for x, _ in batches] == [4, 4, 2]  # (103 - 1) // 10 = 10 windows
     x = torch.cat([x for x, _ in batches])
     y = torch.cat([y for _, y in batches])
@@ -285,11 +285,20 @@ def test_eval_batches_cover_split_in_order():
     assert len(list(eval_batches(tokens, 4, 10, max_batches=2))) == 2
 
 
-def test_too_short_split_says_what_to_do():
-    with pytest.raises(ValueError, match="has 5 tokens, fewer than block_size \\+ 1 = 9: lower block_size"):
+def test_too_short_split_names_the_split_and_seq_len():
+    def split(name, n):
+        return Split(name, np.arange(n, dtype=np.uint16), n_chars=n, n_bytes=n)
+
+    with pytest.raises(ValueError, match=r"the train split has 5 tokens, fewer than seq_len \+ 1 = 9 .*: "
+                                         r"lower --seq_len or add text$"):
+        Batcher(split("train", 5), 2, 8)
+    with pytest.raises(ValueError, match=r"the val split has 0 tokens, .*: lower --seq_len, add text or "
+                                         r"raise --val_fraction$"):
+        next(eval_batches(split("val", 0), 2, 8))
+    with pytest.raises(ValueError, match="the token array has 5 tokens"):
         Batcher(np.arange(5, dtype=np.uint16), 2, 8)
-    with pytest.raises(ValueError, match="fewer than block_size"):
-        next(eval_batches(np.zeros(0, np.uint16), 2, 8))
+    batcher = Batcher(split("train", 9), 2, 8)  # one window: 8 tokens and the target of the last
+    assert batcher.get(0)[0].tolist() == [list(range(8))] * 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -2,8 +2,8 @@
 
     docs = load_corpus(paths)                        # or [shakespeare_text()]
     shards = build_shards(docs, tokenizer)           # cached np.memmap train/val token files
-    x, y = Batcher(shards.train.tokens, B, T, device=dev, seed=0).get(step)
-    for x, y in eval_batches(shards.val.tokens, B, T, device=dev): ...
+    x, y = Batcher(shards.train, B, T, device=dev, seed=0).get(step)
+    for x, y in eval_batches(shards.val, B, T, device=dev): ...
     bpc = shards.val.bits_per_char(mean_val_loss)
 """
 

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from tformer.data.shards import Split
+
 
 def _to_device(windows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T + 1) windows -> contiguous x, y on `device`; pinned + non_blocking for CUDA."""
@@ -25,37 +27,45 @@ def _to_device(windows: np.ndarray, device: torch.device) -> tuple[torch.Tensor,
     return x.to(device), y.to(device)
 
 
-def _check_length(tokens: np.ndarray, block_size: int, what: str) -> None:
-    if block_size < 1:
-        raise ValueError(f"block_size={block_size} must be at least 1")
-    if len(tokens) < block_size + 1:
+def _split_tokens(split: Split | np.ndarray, seq_len: int) -> np.ndarray:
+    """The tokens of `split`, refused when they hold less than one window: seq_len tokens and the
+    next-token target of the last. A `Split` is named in the error (train or val)."""
+    if isinstance(split, Split):
+        tokens, name = split.tokens, f"the {split.name} split"
+        fixes = ["lower --seq_len", "add text"] + (["raise --val_fraction"] if split.name == "val" else [])
+    else:
+        tokens, name, fixes = split, "the token array", ["lower seq_len", "pass more tokens"]
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len} must be at least 1")
+    if len(tokens) < seq_len + 1:
         raise ValueError(
-            f"{what} has {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1}: "
-            f"lower block_size, add text, or change val_fraction"
+            f"{name} has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1} (one window and its "
+            f"next-token target): {', '.join(fixes[:-1])} or {fixes[-1]}"
         )
+    return tokens
 
 
 class Batcher:
     """Random (B, T) training windows from one split (uniform over start offsets)."""
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, *,
+    def __init__(self, split: Split | np.ndarray, batch_size: int, seq_len: int, *,
                  device: str | torch.device = "cpu", seed: int = 0, rank: int = 0):
-        """`tokens`: e.g. `shards.train.tokens`; `rank` gives each data-parallel rank its own stream."""
-        _check_length(tokens, block_size, "this split")
+        """`split`: e.g. `shards.train`, or a 1-D token array; `rank` gives each data-parallel rank its
+        own stream."""
+        self.tokens = _split_tokens(split, seq_len)
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
-        self.tokens = tokens
         self.batch_size = batch_size
-        self.block_size = block_size
+        self.seq_len = seq_len
         self.device = torch.device(device)
         self.seed = seed
         self.rank = rank
 
     def sample(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch drawn with `generator` (a CPU generator; its state advances)."""
-        n_starts = len(self.tokens) - self.block_size  # last start still has its target token
+        n_starts = len(self.tokens) - self.seq_len  # last start still has its target token
         starts = torch.randint(n_starts, (self.batch_size,), generator=generator).numpy()
-        windows = self.tokens[starts[:, None] + np.arange(self.block_size + 1)]
+        windows = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)]
         return _to_device(windows, self.device)
 
     def generator_for(self, step: int) -> torch.Generator:
@@ -68,20 +78,20 @@ class Batcher:
         return self.sample(self.generator_for(step))
 
 
-def eval_batches(tokens: np.ndarray, batch_size: int, block_size: int, *,
+def eval_batches(split: Split | np.ndarray, batch_size: int, seq_len: int, *,
                  device: str | torch.device = "cpu",
                  max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Consecutive non-overlapping windows over the whole split, in order (the last batch may be short).
 
-    Covers every target token except the final `< block_size` leftover; average the loss over all
-    targets (not over batches) for the split's loss.
+    `split`: e.g. `shards.val`, or a 1-D token array. Covers every target token except the final
+    `< seq_len` leftover; average the loss over all targets (not over batches) for the split's loss.
     """
-    _check_length(tokens, block_size, "this split")
+    tokens = _split_tokens(split, seq_len)
     device = torch.device(device)
-    n_windows = (len(tokens) - 1) // block_size
+    n_windows = (len(tokens) - 1) // seq_len
     if max_batches is not None:
         n_windows = min(n_windows, max_batches * batch_size)
     for first in range(0, n_windows, batch_size):
-        starts = np.arange(first, min(first + batch_size, n_windows)) * block_size
-        yield _to_device(tokens[starts[:, None] + np.arange(block_size + 1)], device)
+        starts = np.arange(first, min(first + batch_size, n_windows)) * seq_len
+        yield _to_device(tokens[starts[:, None] + np.arange(seq_len + 1)], device)
 

@@ -22,7 +22,7 @@ class TrainData:
         """Micro-batch number `index` of the run: the same windows for the same (seed, index)."""
         key = (batch_size, seq_len, str(device))
         if key not in self._batchers:
-            self._batchers[key] = Batcher(self.shards.train.tokens, batch_size, seq_len, device=device,
+            self._batchers[key] = Batcher(self.shards.train, batch_size, seq_len, device=device,
                                           seed=self.seed)
         return self._batchers[key].get(index)
 

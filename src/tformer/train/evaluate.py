@@ -41,7 +41,7 @@ def evaluate(model, split: Split, batch_size: int, seq_len: int, *, max_batches:
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     try:
-        for x, y in eval_batches(split.tokens, batch_size, seq_len, device=device, max_batches=max_batches):
+        for x, y in eval_batches(split, batch_size, seq_len, device=device, max_batches=max_batches):
             with autocast or nullcontext():
                 total += lm_loss(model(x), y).double() * y.numel()  # summed on device: one sync at the end
             count += y.numel()
