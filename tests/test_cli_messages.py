@@ -77,3 +77,10 @@ def test_train_on_too_little_data_names_the_split_and_seq_len(tmp_path):
     assert r.returncode == 2
     assert re.search(r"the val split has \d+ tokens, fewer than seq_len \+ 1 = 101", r.stderr), r.stderr[-2000:]
     assert "--seq_len" in r.stderr and "block_size" not in r.stderr
+
+
+def test_tokenizer_train_refuses_an_empty_file(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    r = tformer("tokenizer", "train", "--input", "empty.txt", "--out", "tok", cwd=tmp_path)
+    assert r.returncode == 2 and "no text in empty.txt" in r.stderr
+    assert not (tmp_path / "tok").exists()

@@ -101,6 +101,10 @@ def test_read_texts_errors(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     with pytest.raises(ValueError, match="latin1.txt is not UTF-8"):
         read_texts([tmp_path / "latin1.txt"])
+    (tmp_path / "blank.txt").write_text(" \n\n")
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n\n')
+    with pytest.raises(ValueError, match="no text in .*blank.txt, .*blank.jsonl: the input is empty or only white"):
+        read_texts([tmp_path / "blank.txt", tmp_path / "blank.jsonl"])
 
 
 # --- shards ---------------------------------------------------------------------------------

@@ -49,6 +49,14 @@ def test_bpe_too_small_vocab_says_minimum():
         Tokenizer.train_bpe("abc", vocab_size=100)
 
 
+@pytest.mark.parametrize("train", [lambda t: Tokenizer.train_bpe(t, vocab_size=300), Tokenizer.train_char])
+def test_training_on_no_text_is_refused(train, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    for texts in ("", ["", ""], tmp_path / "empty.txt"):
+        with pytest.raises(ValueError, match="no text to train a tokenizer on"):
+            train(texts)
+
+
 def test_special_tokens_are_single_ids(bpe):
     text = "<|bos|>HAMLET: hi<|eos|><|pad|>"
     ids = bpe.encode(text)

@@ -49,10 +49,14 @@ def _token_name(value) -> str | None:
 
 
 def _read_texts(texts_or_files) -> list[str]:
-    """A str is text; a Path (os.PathLike) is a UTF-8 file to read."""
+    """A str is text; a Path (os.PathLike) is a UTF-8 file to read. No text at all is refused: a
+    tokenizer trained on nothing has no characters (char) or no merges (BPE)."""
     if isinstance(texts_or_files, (str, os.PathLike)):
         texts_or_files = [texts_or_files]
-    return [Path(t).read_text(encoding="utf-8") if isinstance(t, os.PathLike) else t for t in texts_or_files]
+    texts = [Path(t).read_text(encoding="utf-8") if isinstance(t, os.PathLike) else t for t in texts_or_files]
+    if not any(texts):
+        raise ValueError("no text to train a tokenizer on: the texts (or files) given are empty")
+    return texts
 
 
 class Tokenizer:

@@ -158,8 +158,9 @@ def read_texts(paths: Iterable[str | Path]) -> list[str]:
                 docs.extend(read_jsonl(file))
             else:
                 docs.append(_read_utf8(file))
-    if not docs:
-        raise ValueError(f"no text found in {', '.join(map(str, paths))}")
+    if not any(doc.strip() for doc in docs):
+        raise ValueError(f"no text in {', '.join(map(str, paths))}: the input is empty or only whitespace; "
+                         "give files that hold text")
     return docs
 
 
