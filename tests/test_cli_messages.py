@@ -84,3 +84,13 @@ def test_tokenizer_train_refuses_an_empty_file(tmp_path):
     r = tformer("tokenizer", "train", "--input", "empty.txt", "--out", "tok", cwd=tmp_path)
     assert r.returncode == 2 and "no text in empty.txt" in r.stderr
     assert not (tmp_path / "tok").exists()
+
+
+def test_params_list_sources_are_hf_repos_or_tformer(tmp_path):
+    r = tformer("params", "--list", cwd=tmp_path)
+    assert r.returncode == 0
+    rows = [line.split(None, 1) for line in r.stdout.splitlines()]
+    assert len(rows) > 10
+    odd = [row for row in rows if not re.fullmatch(r"[\w.-]+/[\w.-]+|tformer \([^)]+\)", row[1])]
+    assert odd == []
+    assert not re.search(r"seed text|\b\d{3}_[0-9a-f]{16}\b", r.stdout)  # no internal file names

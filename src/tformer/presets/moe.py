@@ -117,7 +117,7 @@ PRESETS = [
     # and the router, norms and context length (4096) are ours too.
     Preset(
         "seed-moe-example",
-        "tformer (worked example of seed text 000_9684611ef49afd55: a DeepSeek-V2-inspired MoE)",
+        "tformer (a worked parameter-count example of a DeepSeek-V2-inspired MoE, mirrors no checkpoint)",
         llama_like(
             vocab_size=100000, dim=4096, n_layers=60, n_heads=32, n_kv_heads=8, ffn_dim=9557, norm_eps=1e-6,
             rope=RopeConfig(theta=10000.0), max_seq_len=4096, tie_embeddings=True,
