@@ -36,6 +36,14 @@ def run_dir(tmp_path_factory):
     return tmp
 
 
+def test_outputs_follow_the_umask(run_dir):
+    written = [p for root in (run_dir / "run", run_dir / "cache") for p in [root, *root.rglob("*")]]
+    assert any(p.name == "model.safetensors" for p in written) and any(p.suffix == ".bin" for p in written)
+    wrong = {str(p.relative_to(run_dir)): oct(mode(p)) for p in written
+             if mode(p) != (0o750 if p.is_dir() else 0o640)}
+    assert wrong == {}  # mkstemp/mkdtemp would give 0o600/0o700, safetensors' writer 0o600
+
+
 def test_version_is_the_installed_package_version(tmp_path):
     from importlib.metadata import version
 
