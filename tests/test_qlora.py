@@ -2,6 +2,8 @@
 NF4 error bound, the forward against the full-precision one, training, the adapter round trip
 onto a full-precision base, and the merge into the dequantized weights with its report."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,6 +99,26 @@ def test_qlora_trains_only_the_adapters():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
 
 
+def test_nf4_layers_move_cast_and_copy_as_modules():
+    """model.to(device) moves NF4 weights, a dtype cast keeps them NF4 (only the adapters and the
+    rest of the model are cast), deepcopy gives its own NF4 storage: what a trainer or a DPO
+    reference copy does to a model."""
+    model = trained_qlora()
+    expected = model(TOKENS)
+    nf4 = model.layers[0].ffn.w1.base
+    model.to("cpu")
+    torch.testing.assert_close(model(TOKENS), expected, rtol=0, atol=0)
+    copy_ = copy.deepcopy(model)
+    torch.testing.assert_close(copy_(TOKENS), expected, rtol=0, atol=0)
+    copied = copy_.layers[0].ffn.w1.base.weight
+    assert copied.quantized_data.data_ptr() != nf4.weight.quantized_data.data_ptr()
+    assert {id(p) for p in lora_parameters(copy_)} == {id(p) for p in copy_.parameters() if p.requires_grad}
+    model.to(torch.bfloat16)
+    assert isinstance(nf4.weight, type(copied)) and nf4.orig_dtype == torch.bfloat16
+    assert model.layers[0].ffn.w1.lora_a.dtype == torch.bfloat16
+    torch.testing.assert_close(model(TOKENS).float(), expected, rtol=0.02, atol=0.02)
+
+
 def test_qlora_adapter_loads_onto_the_full_precision_base(tmp_path):
     model = trained_qlora()
     assert base_fingerprint(model) == base_fingerprint(base())  # NF4 layers keep their source's digest
@@ -107,6 +129,8 @@ def test_qlora_adapter_loads_onto_the_full_precision_base(tmp_path):
     torch.testing.assert_close(reloaded(TOKENS), expected, rtol=0, atol=0)
     with pytest.raises(tformer.io.CheckpointError, match="trained on another base"):
         load_adapter(base(seed=1), tmp_path / "adapter")
+    full = load_adapter(base(), tmp_path / "adapter", quantize=False)  # onto the full-precision weights
+    assert type(full.layers[0].attn.wqkv.base) is nn.Linear and type(full.layers[0].ffn.w1) is LoRALinear
 
 
 def test_qlora_merge_into_the_dequantized_weights_is_reported_and_small(tmp_path):

@@ -96,16 +96,19 @@ def read_adapter(path: str | Path) -> tuple[dict, LoRAConfig]:
         raise AdapterError(f"{path / CONFIG_FILE}: invalid LoRA config: {e}") from e
 
 
-def load_adapter(model: nn.Module, path: str | Path, check_base: bool = True) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | Path, check_base: bool = True, quantize: bool = True) -> nn.Module:
     """Apply the adapter saved at `path` to `model` (its base), in place; returns the model.
 
     Everything is checked before the model is touched: the adapted layers exist with the saved
     shapes and, unless check_base=False, the base's fingerprint is the one recorded at saving.
-    A QLoRA adapter quantizes the base to NF4 as in training. Merge it for inference with
-    `merge_lora(model)`.
+    A QLoRA adapter quantizes the base to NF4 as in training; quantize=False applies it to the
+    full-precision base instead (what PEFT's merge into a 16-bit base does). Merge it for
+    inference with `merge_lora(model)`.
     """
     path = Path(path)
     meta, config = read_adapter(path)
+    if not quantize:
+        config.quantize = None
     try:
         tensors = load_file(path / WEIGHTS_FILE)
     except (SafetensorError, OSError) as e:

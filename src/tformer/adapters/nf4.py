@@ -106,6 +106,34 @@ class NF4Linear(nn.Module):
         q = to_nf4(w.detach().to(compute_dtype).contiguous(), BLOCK_SIZE, scaler_block_size(w.numel()))
         return cls(q, linear.bias, w.dtype, tensor_digest(w))
 
+    def _apply(self, fn, recurse=True):
+        """`model.to(device)` moves the NF4 weight; a dtype cast (`model.to(torch.bfloat16)`) keeps
+        it in NF4 (as bitsandbytes' 4-bit layers do) and only changes the dtype `dequantize`
+        returns. nn.Module's own _apply cannot swap a parameter of this tensor subclass."""
+        weight = self._parameters["weight"]
+        self._parameters["weight"] = None  # nn.Module._apply skips it
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._parameters["weight"] = weight
+        with torch.no_grad():
+            new = fn(weight)
+        if not isinstance(new, type(weight)):  # a dtype cast dequantizes an NF4Tensor: stay NF4
+            self.orig_dtype = new.dtype
+            new = weight.to(new.device)
+        self.weight = nn.Parameter(new, requires_grad=False)
+        return self
+
+    def __deepcopy__(self, memo):
+        """A copy with its own NF4 storage (torchao's NF4Tensor.clone re-quantizes with the default
+        blocks, which these weights need not divide into)."""
+        names, meta = self.weight.__tensor_flatten__()
+        inner = {name: getattr(self.weight, name).clone() for name in names}
+        weight = type(self.weight).__tensor_unflatten__(inner, meta, self.weight.size(), self.weight.stride())
+        new = NF4Linear(weight, self.bias, self.orig_dtype, self.weight_digest).train(self.training)
+        memo[id(self)] = new
+        return new
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._linear_nf4(x.to(self.weight.dtype), self.weight).to(x.dtype)  # (..., out)
         return y if self.bias is None else y + self.bias.to(x.dtype)
