@@ -140,6 +140,8 @@ def test_adapter_saves_apart_from_the_base_and_loads_onto_it(tmp_path):
 
     fresh = load_adapter(base(), tmp_path / "adapter")
     torch.testing.assert_close(fresh(TOKENS), expected, rtol=0, atol=0)
+    save_adapter(torch.compile(model), tmp_path / "from-compiled")  # a trainer's compiled model: same names
+    assert json.loads((tmp_path / "from-compiled" / "adapter_config.json").read_text())["lora"] == meta["lora"]
     assert all(p.requires_grad == n.endswith(("lora_a", "lora_b")) for n, p in fresh.named_parameters())
     # the same checkpoint read in bf16 is the same base
     load_adapter(base().to(torch.bfloat16), tmp_path / "adapter")

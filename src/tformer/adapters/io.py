@@ -11,8 +11,8 @@
 The base's identity is its fingerprint: sha256 over every base tensor's name, shape and an evenly
 spaced sample of 1024 values rounded to bf16 (`tensor_digest`). It is cheap (no pass over the
 weights), survives moving the checkpoint, NF4 quantization (an NF4Linear keeps the digest of the
-weight it was quantized from) and reading it in fp32 or bf16; any retraining or a different model
-changes it. `load_adapter` refuses a base whose fingerprint or layer shapes differ, naming the
+weight it was quantized from) and reading it in fp32 or bf16; further training of the base or another
+model changes it. `load_adapter` refuses a base whose fingerprint or layer shapes differ, naming the
 differing config fields; the recorded path is only reported.
 """
 
@@ -60,17 +60,23 @@ def base_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def save_adapter(model: nn.Module, path: str | Path, base: str | Path | None = None) -> Path:
-    """Write the model's adapters (not its base) to the directory `path`; `base`: the checkpoint
-    the base was loaded from, recorded for error messages. Written atomically (tformer.io)."""
+def save_adapter(model: nn.Module, path: str | Path, base: str | Path | None = None,
+                 fingerprint: str | None = None) -> Path:
+    """Write the model's adapters (not its base) to the directory `path`, atomically (tformer.io).
+
+    base: the checkpoint the base was loaded from, recorded for error messages. fingerprint: the
+    base's `base_fingerprint`, computed here when not given; a trainer that shards the model
+    (FSDP2) computes it once before sharding and passes it to every save.
+    """
     path = Path(path)
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: its parameter names
     config = lora_config(model)
     model_config = getattr(model, "config", None)
     meta = {
         "format": FORMAT, "version": FORMAT_VERSION, "lora": config.to_dict(), "scale": config.scale,
         "base": {
             "path": None if base is None else str(Path(base).resolve()),
-            "fingerprint": base_fingerprint(model),
+            "fingerprint": fingerprint or base_fingerprint(model),
             "config": model_config.to_dict() if model_config is not None else None,
         },
     }

@@ -79,7 +79,7 @@ class LoRAConfig:
 
     @property
     def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+        return lora_scale(self.r, self.alpha, self.rslora)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -95,6 +95,10 @@ class LoRAConfig:
         return cls(**data)
 
 
+def lora_scale(r: int, alpha: float, rslora: bool = False) -> float:
+    return alpha / (math.sqrt(r) if rslora else r)
+
+
 def _is(value, kind) -> bool:
     return isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
 
@@ -108,7 +112,7 @@ class LoRALinear(nn.Module):
         self.base = base.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.rslora = r, alpha, rslora
-        self.scale = alpha / (math.sqrt(r) if rslora else r)
+        self.scale = lora_scale(r, alpha, rslora)
         device = base.weight.device
         self.lora_a = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
         self.lora_b = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=dtype))
@@ -143,10 +147,13 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{"<layer>.lora_a": (r, in), "<layer>.lora_b": (out, r)}: what an adapter file holds."""
+    """{"<layer>.lora_a": (r, in), "<layer>.lora_b": (out, r)}: what an adapter file holds
+    (FSDP2-sharded DTensors gathered in full)."""
     out = {}
     for name, m in lora_layers(model).items():
-        out[f"{name}.lora_a"], out[f"{name}.lora_b"] = m.lora_a.detach(), m.lora_b.detach()
+        for key in ("lora_a", "lora_b"):
+            t = getattr(m, key).detach()
+            out[f"{name}.{key}"] = t.full_tensor() if hasattr(t, "full_tensor") else t
     return out
 
 
