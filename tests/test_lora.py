@@ -11,7 +11,7 @@ from torch import nn
 
 import tformer
 from tformer.adapters import (
-    AdapterError, LoRAConfig, LoRALinear, apply_lora, base_fingerprint, load_adapter, lora_parameters,
+    AdapterError, LoRAConfig, LoRALinear, adapters_disabled, apply_lora, base_fingerprint, load_adapter, lora_parameters,
     merge_lora, resolve_targets, save_adapter,
 )
 from tformer.config import ConfigError, MLAConfig
@@ -88,6 +88,17 @@ def test_only_adapters_train_and_the_loss_goes_down():
             continue
         assert torch.equal(value, frozen[name.replace(".base.", ".")]), name
     assert all(not torch.equal(p, before[id(p)]) for p in params)  # every A and every B moved
+
+
+def test_adapters_disabled_gives_the_base_back_inside_the_block():
+    model = base()
+    expected = model(TOKENS)
+    apply_lora(model, LoRAConfig(r=4, targets="all-linear"))
+    randomize_adapters(model)
+    adapted = model(TOKENS)
+    with adapters_disabled(model) as reference:
+        torch.testing.assert_close(reference(TOKENS), expected, rtol=0, atol=0)
+    torch.testing.assert_close(model(TOKENS), adapted, rtol=0, atol=0)
 
 
 def test_targets_by_group_suffix_and_name():

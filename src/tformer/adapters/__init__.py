@@ -5,6 +5,7 @@
     opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)              # only A and B train
     ...
     save_adapter(model, out, base=ckpt)         # adapter_config.json + adapter_model.safetensors
+    with adapters_disabled(model): ...          # the base alone (a DPO reference), no second copy
 
     model = tformer.load(ckpt)
     load_adapter(model, out)                    # refuses another base
@@ -16,13 +17,13 @@ NF4Tensor; io.py: the adapter directory and the base's fingerprint.
 
 from tformer.adapters.io import AdapterError, base_fingerprint, load_adapter, read_adapter, save_adapter
 from tformer.adapters.lora import (
-    GROUPS, LoRAConfig, LoRALinear, MergeReport, apply_lora, lora_config, lora_layers, lora_parameters,
-    lora_state_dict, merge_lora, quantize_nf4, resolve_targets,
+    GROUPS, LoRAConfig, LoRALinear, MergeReport, adapters_disabled, apply_lora, lora_config, lora_layers,
+    lora_parameters, lora_state_dict, merge_lora, quantize_nf4, resolve_targets,
 )
 from tformer.adapters.nf4 import NF4Linear, tensor_digest
 
 __all__ = [
-    "GROUPS", "AdapterError", "LoRAConfig", "LoRALinear", "MergeReport", "NF4Linear",
+    "GROUPS", "AdapterError", "LoRAConfig", "LoRALinear", "MergeReport", "NF4Linear", "adapters_disabled",
     "apply_lora", "base_fingerprint", "load_adapter", "lora_config", "lora_layers", "lora_parameters",
     "lora_state_dict", "merge_lora", "quantize_nf4", "read_adapter", "resolve_targets", "save_adapter",
     "tensor_digest",

@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -259,6 +261,20 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None, **fields) -> 
         _replace(model, name, LoRALinear(base, config.r, config.alpha, config.dropout, config.rslora,
                                          DTYPES[config.dtype]))
     return model
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model is its base: each LoRALinear is swapped for the module it wraps
+    (no branch in the forward), and put back after. A DPO reference without a second copy."""
+    layers = lora_layers(model)
+    for name, m in layers.items():
+        _replace(model, name, m.base)
+    try:
+        yield model
+    finally:
+        for name, m in layers.items():
+            _replace(model, name, m)
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
