@@ -11,8 +11,8 @@ from torch import nn
 
 import tformer
 from tformer.adapters import (
-    AdapterError, LoRAConfig, LoRALinear, adapters_disabled, apply_lora, base_fingerprint, load_adapter, lora_parameters,
-    merge_lora, resolve_targets, save_adapter,
+    AdapterError, LoRAConfig, LoRALinear, adapters_disabled, apply_lora, base_fingerprint, load_adapter,
+    lora_parameters, merge_lora, resolve_targets, save_adapter,
 )
 from tformer.config import ConfigError, MLAConfig
 from tformer.models.build import build_model
