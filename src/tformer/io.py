@@ -2,7 +2,9 @@
 
 Every file and directory tformer writes goes through `atomic_path` (or `atomic_write_text`,
 `write_safetensors` on top of it): an interrupted write leaves the previous version or nothing,
-never a partial one. Nothing here unpickles: weights are safetensors only.
+never a partial one. A directory that must never be absent, even for a moment, is published
+under a symlink that `point_symlink` swaps in one rename. Nothing here unpickles: weights are
+safetensors only.
 """
 
 from __future__ import annotations
@@ -73,6 +75,32 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metada
     with atomic_path(path) as tmp:
         # safetensors refuses shared storage (tied weights): the caller drops ties; copies make views safe
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+
+
+def point_symlink(link: str | Path, target: str | Path) -> None:
+    """Make `link` a symlink to the directory `target` (stored relative to `link`'s folder) in one
+    step: a new link is made beside it and `os.replace`d over it, which rename(2) does atomically,
+    so a reader of `link` finds the old target or the new one and never nothing. Raises
+    IsADirectoryError where `link` is a real directory, OSError where symlinks are unavailable."""
+    link = Path(link)
+    relative = os.path.relpath(Path(target), link.parent)
+    for _ in range(100):
+        tmp = link.with_name(f".{link.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.symlink(relative, tmp, target_is_directory=True)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"could not create a temporary link beside {link}")
+    try:
+        if link.is_dir() and not link.is_symlink():
+            raise IsADirectoryError(f"{link} is a directory, not a link")
+        os.replace(tmp, link)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(link.parent)
 
 
 def _create_temp(path: Path, directory: bool) -> Path:
