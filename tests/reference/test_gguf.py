@@ -227,6 +227,19 @@ def test_checkpoint_round_trip_keeps_everything(tmp_path, bpe):
     assert (back_tok.bos_id, back_tok.eos_id, back_tok.pad_id) == (bpe.bos_id, bpe.eos_id, bpe.pad_id)
 
 
+def test_add_bos_flag_becomes_a_template_transformers_applies(tmp_path, bpe):
+    from tformer.convert.gguf_tokenizer import tokenizer_from_gguf
+
+    save_gguf(_tiny("llama", bpe.vocab_size), tmp_path / "t.gguf", bpe)
+    meta = {k: f.contents() for k, f in gguf.GGUFReader(tmp_path / "t.gguf").fields.items()}
+    assert meta["tokenizer.ggml.add_bos_token"] is False  # tformer's prompts have no BOS
+    tok = tokenizer_from_gguf({**meta, "tokenizer.ggml.add_bos_token": True}, "t.gguf")  # as Llama 3's files say
+    tok.save(tmp_path / "tok")
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert auto("soft light")["input_ids"] == [bpe.bos_id, *bpe.encode("soft light")]
+    assert tok.encode("soft light") == bpe.encode("soft light")
+
+
 def test_pre_tokenizers_split_as_transformers_does(tmp_path, bpe):
     probe = "In 2024, 12345 people paid 678 ducats!\r\n\r\nabc123   def  "
     seen = {}
