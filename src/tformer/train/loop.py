@@ -21,7 +21,7 @@ from tformer.train.data import TrainData, prepare_data
 from tformer.train.distill import load_teacher, make_distill_loss_fn
 from tformer.train.evaluate import evaluate, lm_loss
 from tformer.train.logger import MetricsLogger
-from tformer.train.model_setup import setup_model
+from tformer.train.model_setup import preset_checkpoint, setup_model
 from tformer.train.optim import make_optimizer
 from tformer.train.schedule import learning_rate
 from tformer.train.state import checkpoint_dirs, load_training_state, save_best, save_training
@@ -68,10 +68,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    data = prepare_data(cfg)
     resume_from = checkpoint_dirs(cfg.out_dir)[-1] if cfg.resume and checkpoint_dirs(cfg.out_dir) else None
     if cfg.resume and resume_from is None:
         print(f"no checkpoint in {cfg.out_dir}/checkpoints: starting from scratch")
+    data = prepare_data(cfg, resume_from or preset_checkpoint(cfg))
     teacher = load_teacher(cfg.teacher, device, data.tokenizer.vocab_size, cfg.seq_len) if cfg.teacher else None
     model = setup_model(cfg, data.tokenizer, device, resume_from, teacher)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))

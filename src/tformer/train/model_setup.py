@@ -37,13 +37,18 @@ def model_config(cfg, tokenizer) -> ModelConfig:
     return config
 
 
+def preset_checkpoint(cfg) -> Path | None:
+    """The checkpoint whose weights the run continues when its preset names one."""
+    return Path(cfg.preset) if is_tformer_checkpoint(cfg.preset) else None
+
+
 def setup_model(cfg, tokenizer, device: torch.device, resume_from: Path | None, teacher=None):
     """The model to train; with cfg.distill_init, a fresh one starts from `teacher`'s weights."""
     if resume_from is not None:
         return load(resume_from, device=device).train()
     config = model_config(cfg, tokenizer)
-    if is_tformer_checkpoint(cfg.preset):  # continue training a checkpoint's weights
-        model = load(cfg.preset, device=device)
+    if (path := preset_checkpoint(cfg)) is not None:  # continue training a checkpoint's weights
+        model = load(path, device=device)
         if model.config != config:
             model = _with_config(model, config, device)
         return model.train()
