@@ -113,7 +113,8 @@ def test_distill_init_starts_from_evenly_spaced_teacher_layers(corpus, tmp_path)
             torch.testing.assert_close(p, q, msg=name)
     result = train(cfg, progress=False)  # and it trains from there
     assert result.step == cfg.max_steps
-    wide = small_run(corpus, tmp_path, teacher=str(teacher_dir), distill_init=True, model={"n_layers": 2, "dim": 96})
+    wide = small_run(corpus, tmp_path, teacher=str(teacher_dir), distill_init=True, model={"n_layers": 2, "dim": 96},
+                     out_dir=str(tmp_path / "wide"))
     with pytest.raises(ValueError, match="but for n_layers"):
         train(wide, progress=False)
     with pytest.raises(ValueError, match="need a teacher"):
@@ -132,6 +133,7 @@ def test_cosine_term_compares_directions_of_hidden_states(corpus, tmp_path):  # 
                              model={"n_layers": 1}), progress=False)
     assert math.isfinite(result.val_loss)
     with pytest.raises(ValueError, match="distill_cosine compares hidden states"):
-        train(small_run(corpus, tmp_path, teacher=teacher_dir, distill_cosine=1.0, model={"dim": 96}), progress=False)
+        train(small_run(corpus, tmp_path, teacher=teacher_dir, distill_cosine=1.0, model={"dim": 96},
+                        out_dir=str(tmp_path / "wide")), progress=False)
     with pytest.raises(ValueError, match="need a teacher"):
         train(small_run(corpus, tmp_path, distill_cosine=1.0), progress=False)

@@ -1,12 +1,21 @@
-"""A run's life: continuing a checkpoint keeps its tokenizer. CLI behaviour is checked on the real
-command in a child process (`tformer_cli`)."""
+"""A run's life: continuing a checkpoint keeps its tokenizer, resume skips corrupt checkpoints,
+`best` is never missing, and earlier outputs are not overwritten unasked. CLI behaviour is checked
+on the real command in a child process (`tformer_cli`)."""
 
+import json
+import os
+import shutil
 import subprocess
 import sys
 
+import pytest
+
 import tformer
-from tests.train.test_loop import TEXT
+from tests.train.test_loop import TEXT, small_run, train_losses
+from tformer.io import CheckpointError
 from tformer.tokenizer import Tokenizer
+from tformer.train.loop import train
+from tformer.train.state import checkpoint_dirs, save_best
 
 OTHER_TEXT = """HAMLET:
 To be, or not to be, that is the question:
@@ -18,10 +27,19 @@ And by opposing end them. To die: to sleep.
 
 # the console script's code path (`tformer = tformer.cli:main`), whatever the environment's PATH holds
 TFORMER = [sys.executable, "-c", "import sys; from tformer.cli import main; sys.exit(main())"]
+TINY = ["--preset", "tiny-llama", "--tokenizer", "char", "--batch_size", "2", "--seq_len", "16", "--warmup", "2",
+        "--no-tensorboard", "--sample_tokens", "0"]
 
 
 def tformer_cli(*args, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([*TFORMER, *map(str, args)], capture_output=True, text=True, timeout=300, **kwargs)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT * 40)
+    return path
 
 
 # 1. a checkpoint's tokenizer
@@ -56,3 +74,115 @@ def test_continuing_a_checkpoint_keeps_its_tokenizer(tmp_path):
     tok.save(tmp_path / "same.json")  # the same vocabulary given explicitly is taken
     r = tformer_cli("train", *common, "--out_dir", tmp_path / "run3", "--tokenizer", tmp_path / "same.json")
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+# 5. corrupt checkpoints, fsync, best/
+
+@pytest.mark.parametrize("broken", ["train_state.pt", "model.safetensors"])
+def test_resume_skips_a_truncated_checkpoint(corpus, tmp_path, capsys, broken):
+    cfg = small_run(corpus, tmp_path)
+    train(cfg, progress=False)
+    full = train_losses(tmp_path / "run")
+    newest = checkpoint_dirs(cfg.out_dir)[-1]
+    assert newest.name == "step-000008"
+    data = (newest / broken).read_bytes()
+    (newest / broken).write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    cfg.resume = True
+    result = train(cfg, progress=False)
+    out = capsys.readouterr().out
+    assert f"skipping checkpoint {newest}: " in out and broken in out, out
+    assert "resuming from" in out and "step-000004 (step 4)" in out
+    assert result.step == 8
+    resumed = train_losses(tmp_path / "run")
+    assert [resumed[s] for s in range(5, 9)] == [full[s] for s in range(5, 9)]  # exactly as before
+    assert (tmp_path / "run" / "checkpoints" / "step-000008.corrupt").is_dir()  # kept aside, not listed
+    assert [p.name for p in checkpoint_dirs(cfg.out_dir)] == ["step-000004", "step-000008"]
+
+
+def test_resume_refuses_when_no_checkpoint_is_intact(corpus, tmp_path):
+    cfg = small_run(corpus, tmp_path, max_steps=4)
+    train(cfg, progress=False)
+    (checkpoint_dirs(cfg.out_dir)[-1] / "train_state.pt").write_bytes(b"PK\x03\x04 cut")
+    cfg.resume = True
+    with pytest.raises(CheckpointError, match="no intact checkpoint.*step-000004: train_state.pt is truncated"):
+        train(cfg, progress=False)
+
+
+def test_checkpoints_are_fsynced_before_they_are_renamed_into_place(corpus, tmp_path, monkeypatch):
+    events = []
+    fsync, rename = os.fsync, os.rename
+
+    def record_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    def record_rename(src, dst):
+        events.append(("rename", str(dst)))
+        return rename(src, dst)
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc to name an fd")
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    monkeypatch.setattr(os, "rename", record_rename)
+    train(small_run(corpus, tmp_path, max_steps=4), progress=False)
+    published = next(i for i, e in enumerate(events) if e == ("rename", str(tmp_path / "run/checkpoints/step-000004")))
+    synced = [path for kind, path in events[:published] if kind == "fsync"]
+    assert any(p.endswith("train_state.pt") for p in synced) and any(p.endswith("model.safetensors") for p in synced)
+
+
+def test_best_is_never_missing(tmp_path, monkeypatch):
+    """Every rename, replace and delete while best is saved again finds a complete best/."""
+    from tests.conftest import tiny_config
+
+    model, tok = tformer.build_model(tiny_config(vocab_size=64)), Tokenizer.train_char(TEXT)
+    save_best(tmp_path, model, tok, 1, 3.0)
+    seen = []
+
+    def checked(fn):
+        def call(*args, **kwargs):
+            seen.append(tformer.load(tmp_path / "best").config.vocab_size)  # readable before ...
+            result = fn(*args, **kwargs)
+            seen.append(tformer.load(tmp_path / "best").config.vocab_size)  # ... and after
+            return result
+        return call
+
+    for name in ("rename", "replace"):
+        monkeypatch.setattr(os, name, checked(getattr(os, name)))
+    monkeypatch.setattr(shutil, "rmtree", checked(shutil.rmtree))
+    save_best(tmp_path, model, tok, 2, 2.0)
+    save_best(tmp_path, model, tok, 3, 1.0)
+    monkeypatch.undo()
+    assert seen and json.loads((tmp_path / "best" / "tformer.json").read_text())["step"] == 3
+    assert len(list((tmp_path / "best-steps").iterdir())) == 2  # the current one and the one before
+
+
+# 6. earlier outputs
+
+def test_train_refuses_an_out_dir_holding_an_earlier_run(corpus, tmp_path):
+    train(small_run(corpus, tmp_path, max_steps=8, tensorboard=True), progress=False)
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    common = [*TINY, "--data", corpus, "--cache_dir", tmp_path / "cache", "--out_dir", tmp_path / "run",
+              "--max_steps", "2", "--eval_every", "2", "--log_every", "1"]
+    r = tformer_cli("train", *common)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "holds an earlier run" in r.stderr and "--resume" in r.stderr and "--overwrite" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics  # untouched
+
+    r = tformer_cli("train", *common, "--overwrite")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(train_losses(tmp_path / "run")) == [1, 2]
+    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step-000002"]  # none of the earlier run's
+    assert not (tmp_path / "run" / "tb").exists()  # its TensorBoard logs went with it
+
+    r = tformer_cli("train", *common, "--resume", "--overwrite")
+    assert r.returncode == 2 and "only one" in r.stderr
+
+
+def test_overwrite_keeps_a_preset_inside_the_run(corpus, tmp_path):
+    train(small_run(corpus, tmp_path, max_steps=2, eval_every=2), progress=False)
+    cfg = small_run(corpus, tmp_path, max_steps=2, preset=str(tmp_path / "run" / "best"), overwrite=True)
+    with pytest.raises(ValueError, match="is part of the earlier run"):
+        train(cfg, progress=False)
+    assert (tmp_path / "run" / "best" / "model.safetensors").is_file()

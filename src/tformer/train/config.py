@@ -59,6 +59,7 @@ class TrainConfig:
     keep_last: int = 2
     save_every: int = 0  # 0: at each eval
     resume: bool = False
+    overwrite: bool = False  # delete an earlier run's outputs in out_dir instead of refusing to start
     tensorboard: bool = True
     seed: int = 1337
     sample_tokens: int = 300  # a sample generated at the end (0: none)
@@ -91,7 +92,9 @@ FIELD_HELP = {
                  "must have its vocabulary",
     "max_time": "stop after this many seconds of training (0: no limit); the LR schedule spans it",
     "schedule": f"learning-rate schedule: {', '.join(SCHEDULES)}",
-    "resume": "continue from the last checkpoint in out_dir (exactly: same batches and RNG)",
+    "resume": "continue from the newest intact checkpoint in out_dir (exactly: same batches and RNG)",
+    "overwrite": "start afresh in an out_dir that holds an earlier run, deleting its checkpoints and logs "
+                 "(without it, or --resume, such an out_dir is refused)",
     "teacher": "distill from this checkpoint (tformer or HF directory with a tokenizer.json): the loss "
                "mixes cross-entropy with KL from the teacher's distributions; the logged loss is that mix",
     "distill_alpha": "the teacher's share of the distillation loss, in [0, 1]",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -13,16 +14,21 @@ from tformer.viz.loss import plot_loss
 
 
 class MetricsLogger:
+    """A run's logs from `start_step` on. Starting at step 0 replaces earlier logs (the loop refuses
+    an out_dir holding an earlier run unless told to resume or overwrite it); a resumed run drops the
+    rows and TensorBoard events past its checkpoint, since those steps are trained again."""
+
     def __init__(self, cfg, start_step: int, progress: bool = True):
         self.dir = Path(cfg.out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_file = self.dir / "metrics.jsonl"
         if start_step == 0:
             self.metrics_file.unlink(missing_ok=True)
-        else:  # resumed: drop rows past the checkpoint, they will be written again
-            keep = [ln for ln in _lines(self.metrics_file) if json.loads(ln)["step"] <= start_step]
-            atomic_write_text(self.metrics_file, "".join(ln + "\n" for ln in keep))
-        self.tb = _tensorboard(self.dir / "tb") if cfg.tensorboard else None
+            shutil.rmtree(self.dir / "tb", ignore_errors=True)
+        else:
+            keep = [row for row in _rows(self.metrics_file) if json.loads(row)["step"] <= start_step]
+            atomic_write_text(self.metrics_file, "".join(row + "\n" for row in keep))
+        self.tb = _tensorboard(self.dir / "tb", start_step + 1 if start_step else None) if cfg.tensorboard else None
         self.bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not progress, dynamic_ncols=True,
                         desc="train", unit="step")
 
@@ -67,14 +73,23 @@ class MetricsLogger:
             self.tb.close()
 
 
-def _lines(path: Path) -> list[str]:
-    return [ln for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+def _rows(path: Path) -> list[str]:
+    """The rows of a metrics file; a line cut short by a killed process is left out."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        rows.append(line)
+    return rows
 
 
-def _tensorboard(log_dir: Path):
+def _tensorboard(log_dir: Path, first_step: int | None):
+    """A writer whose events from `first_step` on replace those an earlier writer logged there."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         print("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
         return None
-    return SummaryWriter(str(log_dir))
+    return SummaryWriter(str(log_dir), purge_step=first_step)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -24,7 +25,8 @@ from tformer.train.logger import MetricsLogger
 from tformer.train.model_setup import preset_checkpoint, setup_model
 from tformer.train.optim import make_optimizer
 from tformer.train.schedule import learning_rate
-from tformer.train.state import checkpoint_dirs, load_training_state, save_best, save_training
+from tformer.train.state import ResumePoint, checkpoint_dirs, earlier_run, latest_intact, remove_run, save_best
+from tformer.train.state import save_training
 
 
 class TrainingDiverged(RuntimeError):
@@ -63,26 +65,18 @@ def _evaluate(model, data: TrainData, cfg: TrainConfig, device, autocast, full: 
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
+    """Train as `cfg` says; see the module docstring."""
     cfg.validate()
     device = resolve_device(cfg.device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    resume_from = checkpoint_dirs(cfg.out_dir)[-1] if cfg.resume and checkpoint_dirs(cfg.out_dir) else None
-    if cfg.resume and resume_from is None:
-        print(f"no checkpoint in {cfg.out_dir}/checkpoints: starting from scratch")
-    data = prepare_data(cfg, resume_from or preset_checkpoint(cfg))
+    resumed = _prepare_out_dir(cfg)
+    data = prepare_data(cfg, resumed.path if resumed else preset_checkpoint(cfg))
     teacher = load_teacher(cfg.teacher, device, data.tokenizer.vocab_size, cfg.seq_len) if cfg.teacher else None
-    model = setup_model(cfg, data.tokenizer, device, resume_from, teacher)
+    model = setup_model(cfg, data.tokenizer, device, resumed.model if resumed else None, teacher)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-    start, best = 0, float("inf")
-    if resume_from is not None:
-        state = load_training_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        start, best = state["step"], state["best_val_loss"]
+    start, best = _restore(resumed.state, optimizer, device) if resumed else (0, float("inf"))
     if teacher is not None:
         loss_fn = make_distill_loss_fn(model, teacher, data.tokenizer.vocab_size, cfg.distill_alpha,
                                        cfg.distill_temperature, cfg.label_smoothing, cfg.distill_cosine, cfg.compile)
@@ -131,6 +125,44 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     best = _save(cfg, model, data, optimizer, step, metrics, best)
     logger.close()
     return TrainResult(step, metrics["val_loss"], metrics["val_bpc"], cfg.out_dir)
+
+
+def _prepare_out_dir(cfg: TrainConfig) -> ResumePoint | None:
+    """The checkpoint to resume from (cfg.resume), else a clear out_dir: an earlier run there is
+    refused, or with cfg.overwrite deleted."""
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues the run in out_dir and --overwrite deletes it: pass only one")
+    if cfg.resume:
+        point, skipped = latest_intact(cfg.out_dir)
+        for path, why in skipped:
+            print(f"skipping checkpoint {path}: {why} (moved to {path.name}.corrupt)")
+        if point is None:
+            print(f"no checkpoint in {cfg.out_dir}/checkpoints: starting from scratch")
+        else:
+            print(f"resuming from {point.path} (step {point.state['step']})")
+        return point
+    found = earlier_run(cfg.out_dir)
+    if found and not cfg.overwrite:
+        raise ValueError(f"{cfg.out_dir} holds an earlier run ({', '.join(found)}): pass --resume to continue it, "
+                         "--overwrite to replace it, or another --out_dir")
+    outputs = [(Path(cfg.out_dir) / name).resolve() for name in found]
+    for source in (cfg.preset, cfg.teacher):
+        if source and any(Path(source).resolve().is_relative_to(out) for out in outputs):
+            raise ValueError(f"{source} is part of the earlier run in {cfg.out_dir}, which --overwrite deletes: "
+                             "pass another --out_dir")
+    if found:
+        remove_run(cfg.out_dir)
+        print(f"--overwrite: deleted the earlier run's {', '.join(found)} in {cfg.out_dir}")
+    return None
+
+
+def _restore(state: dict, optimizer, device) -> tuple[int, float]:
+    """Load a checkpoint's optimiser and RNG states; its step and best validation loss."""
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    return state["step"], state["best_val_loss"]
 
 
 def _lr(cfg: TrainConfig, step: int, elapsed: float) -> float:
@@ -183,13 +215,18 @@ def _check_finite(loss: torch.Tensor, step: int, cfg: TrainConfig) -> None:
 
 def _save(cfg, model, data, optimizer, step, metrics, best) -> float:
     _check_finite(torch.tensor(metrics["val_loss"]), step, cfg)  # never checkpoint diverged weights
-    state = {
-        "torch_rng": torch.get_rng_state(),
-        **({"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
-        "best_val_loss": min(best, metrics["val_loss"]),
-    }
     if cfg.save_every == 0 or step % cfg.save_every == 0 or step == cfg.max_steps:
+        state = _train_state(min(best, metrics["val_loss"]))
         save_training(cfg.out_dir, model, data.tokenizer, optimizer, step, state, cfg.keep_last)
     if metrics["val_loss"] < best:
         save_best(cfg.out_dir, model, data.tokenizer, step, metrics["val_loss"])
     return min(best, metrics["val_loss"])
+
+
+def _train_state(best_val_loss: float) -> dict:
+    """What a checkpoint needs besides weights and optimiser to continue exactly."""
+    return {
+        "torch_rng": torch.get_rng_state(),
+        **({"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
+        "best_val_loss": best_val_loss,
+    }

@@ -42,10 +42,11 @@ def preset_checkpoint(cfg) -> Path | None:
     return Path(cfg.preset) if is_tformer_checkpoint(cfg.preset) else None
 
 
-def setup_model(cfg, tokenizer, device: torch.device, resume_from: Path | None, teacher=None):
-    """The model to train; with cfg.distill_init, a fresh one starts from `teacher`'s weights."""
-    if resume_from is not None:
-        return load(resume_from, device=device).train()
+def setup_model(cfg, tokenizer, device: torch.device, resumed: torch.nn.Module | None = None, teacher=None):
+    """The model to train: `resumed` (a resumed checkpoint's model), the preset checkpoint's weights,
+    or a fresh one; with cfg.distill_init, a fresh one starts from `teacher`'s weights."""
+    if resumed is not None:
+        return resumed.to(device).train()
     config = model_config(cfg, tokenizer)
     if (path := preset_checkpoint(cfg)) is not None:  # continue training a checkpoint's weights
         model = load(path, device=device)
