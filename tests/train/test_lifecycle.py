@@ -1,12 +1,16 @@
-"""A run's life: continuing a checkpoint keeps its tokenizer, resume skips corrupt checkpoints,
-`best` is never missing, and earlier outputs are not overwritten unasked. CLI behaviour is checked
-on the real command in a child process (`tformer_cli`)."""
+"""A run's life: continuing a checkpoint keeps its tokenizer, Ctrl-C saves a resumable checkpoint,
+resume skips corrupt checkpoints, `best` is never missing, and earlier outputs are not overwritten
+unasked. CLI behaviour is checked on the real command in a child process (`tformer_cli`)."""
 
 import json
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -15,7 +19,7 @@ from tests.train.test_loop import TEXT, small_run, train_losses
 from tformer.io import CheckpointError
 from tformer.tokenizer import Tokenizer
 from tformer.train.loop import train
-from tformer.train.state import checkpoint_dirs, save_best
+from tformer.train.state import checkpoint_dirs, latest_intact, save_best
 
 OTHER_TEXT = """HAMLET:
 To be, or not to be, that is the question:
@@ -74,6 +78,79 @@ def test_continuing_a_checkpoint_keeps_its_tokenizer(tmp_path):
     tok.save(tmp_path / "same.json")  # the same vocabulary given explicitly is taken
     r = tformer_cli("train", *common, "--out_dir", tmp_path / "run3", "--tokenizer", tmp_path / "same.json")
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+# 4. Ctrl-C
+
+def _start(tmp_path, corpus, *extra, launcher=TFORMER) -> tuple[subprocess.Popen, list[str], list[str],
+                                                                 threading.Thread]:
+    """A long tiny run in a child process, once it has logged three steps: the process, its args,
+    its output (stdout and stderr) as it comes, and the thread that reads it."""
+    args = ["train", *TINY, "--data", str(corpus), "--out_dir", str(tmp_path / "run"), "--cache_dir",
+            str(tmp_path / "cache"), "--max_steps", "1000000", "--eval_every", "1000000", "--log_every", "1", *extra]
+    proc = subprocess.Popen([*launcher, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(output)[-2000:]
+        time.sleep(0.05)
+    return proc, args, output, reader
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint_and_prints_the_resume_command(tmp_path, corpus):
+    proc, args, output, reader = _start(tmp_path, corpus)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    printed = "".join(output)
+    assert proc.returncode == 130, printed[-2000:]
+    assert "Traceback" not in printed, printed[-2000:]
+    saved = checkpoint_dirs(tmp_path / "run")
+    assert len(saved) == 1 and "saved a resumable checkpoint of step" in printed and str(saved[0]) in printed
+    step = int(saved[0].name.split("-")[1])
+    assert step >= 3
+    command = next(ln for ln in printed.splitlines() if ln.startswith("resume with: ")).removeprefix("resume with: ")
+    assert shlex.split(command) == ["tformer", *args, "--resume"]
+
+    # the printed command resumes (here until two more steps)
+    r = subprocess.run([*TFORMER, *shlex.split(command)[1:], "--max_steps", str(step + 2)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming from {saved[0]} (step {step})" in r.stdout
+    assert sorted(train_losses(tmp_path / "run")) == list(range(1, step + 3))
+
+
+# the CLI with a checkpoint save that stalls for two minutes once train_state.pt is written, as on a slow disk
+SLOW_SAVE = [sys.executable, "-c", "import sys, time, torch; save = torch.save; "
+             "torch.save = lambda *a, **k: (save(*a, **k), time.sleep(120))[0]; "
+             "from tformer.cli import main; sys.exit(main())"]
+
+
+def test_a_second_ctrl_c_quits_at_once(tmp_path, corpus):
+    """The first Ctrl-C starts the (slow) save; the second ends the process in the middle of it,
+    which leaves no partial checkpoint."""
+    proc, _, output, reader = _start(tmp_path, corpus, launcher=SLOW_SAVE)
+    proc.send_signal(signal.SIGINT)
+    root = tmp_path / "run" / "checkpoints"
+    deadline = time.monotonic() + 60
+    while not list(root.glob(".step-*/train_state.pt")):  # the save has begun and stalls
+        assert time.monotonic() < deadline and proc.poll() is None, "".join(output)[-2000:]
+        time.sleep(0.01)
+    assert "Ctrl-C again" in "".join(output)
+    t = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    assert time.monotonic() - t < 30  # not after the save
+    assert proc.returncode == -signal.SIGINT  # SIGINT's own action: no handler, no traceback
+    assert "Traceback" not in "".join(output)
+    assert [p.name for p in root.iterdir() if not p.name.startswith(".")] == []  # only the unfinished temp copy
+    assert [(p / "train_state.pt").is_file() for p in root.iterdir()] == [True]
+    assert latest_intact(tmp_path / "run") == (None, []) and not list(root.iterdir())  # resume clears it away
 
 
 # 5. corrupt checkpoints, fsync, best/

@@ -64,11 +64,15 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tformer.train.interrupt import TrainingInterrupted
     from tformer.train.loop import train
     from tformer.train.sample import print_sample
 
     cfg = make_config(args)
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except TrainingInterrupted:  # Ctrl-C: the loop saved a checkpoint and printed the command that resumes
+        return 130
     print(f"done: step {result.step}, val loss {result.val_loss:.4f}, {result.val_bpc:.3f} bits/char; "
           f"checkpoints in {result.out_dir}")
     if cfg.sample_tokens > 0:

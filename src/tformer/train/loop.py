@@ -7,6 +7,7 @@ so a resumed run continues exactly where the interrupted one was (on CPU, bit fo
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -22,6 +23,7 @@ from tformer.train.data import TrainData, prepare_data
 from tformer.train.distill import load_teacher, make_distill_loss_fn
 from tformer.train.evaluate import evaluate, lm_loss
 from tformer.train.logger import MetricsLogger
+from tformer.train.interrupt import StopOnInterrupt, TrainingInterrupted, resume_command
 from tformer.train.model_setup import preset_checkpoint, setup_model
 from tformer.train.optim import make_optimizer
 from tformer.train.schedule import learning_rate
@@ -65,7 +67,8 @@ def _evaluate(model, data: TrainData, cfg: TrainConfig, device, autocast, full: 
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
-    """Train as `cfg` says; see the module docstring."""
+    """Train as `cfg` says; see the module docstring. Ctrl-C saves a resumable checkpoint and
+    raises `TrainingInterrupted` (a KeyboardInterrupt) naming it and the command that resumes."""
     cfg.validate()
     device = resolve_device(cfg.device)
     if cfg.threads > 0:
@@ -92,37 +95,40 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         layer.aux_grad_scale = 1 / cfg.grad_accum  # router losses, like the main loss, average over micro-batches
     t0 = time.perf_counter()
     step, loss = start, torch.zeros(())
-    while step < cfg.max_steps:
-        elapsed = time.perf_counter() - t0
-        if cfg.max_time and elapsed >= cfg.max_time:
-            break
-        lr = _lr(cfg, step, elapsed)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        t_step = time.perf_counter()
-        micro_batches = [data.train_batch(cfg.batch_size, cfg.seq_len, step * cfg.grad_accum + i, device)
-                         for i in range(cfg.grad_accum)]
-        loss = train_step(model, loss_fn, optimizer, micro_batches, cfg.grad_clip, autocast)
-        for layer in moe:
-            layer.update_expert_bias()  # DeepSeek-V3 aux-loss-free balancing (no-op without expert_bias)
-        step += 1
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            _check_finite(loss, step, cfg)
-            dt = time.perf_counter() - t_step
-            mfu = flops_step / dt / peak if peak else None
-            logger.log_train(step, loss, lr, tokens_per_step / dt, mfu, load_stats(moe) if moe else None)
-        for layer in moe:
-            layer.pop_load()  # expert loads count one step
-        if step % cfg.eval_every == 0 and step < cfg.max_steps:
-            _check_finite(loss, step, cfg)
-            metrics = _evaluate(model, data, cfg, device, autocast)
-            logger.log_eval(step, metrics, time.perf_counter() - t0)
-            best = _save(cfg, model, data, optimizer, step, metrics, best)
-    # the final evaluation covers the whole validation split
-    _check_finite(loss, step, cfg)
-    metrics = _evaluate(model, data, cfg, device, autocast, full=True)
-    logger.log_eval(step, metrics, time.perf_counter() - t0)
-    best = _save(cfg, model, data, optimizer, step, metrics, best)
+    with StopOnInterrupt() as interrupt:
+        while step < cfg.max_steps:
+            elapsed = time.perf_counter() - t0
+            if interrupt.requested:
+                raise _interrupted(cfg, model, data, optimizer, step, best, logger)
+            if cfg.max_time and elapsed >= cfg.max_time:
+                break
+            lr = _lr(cfg, step, elapsed)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t_step = time.perf_counter()
+            micro_batches = [data.train_batch(cfg.batch_size, cfg.seq_len, step * cfg.grad_accum + i, device)
+                             for i in range(cfg.grad_accum)]
+            loss = train_step(model, loss_fn, optimizer, micro_batches, cfg.grad_clip, autocast)
+            for layer in moe:
+                layer.update_expert_bias()  # DeepSeek-V3 aux-loss-free balancing (no-op without expert_bias)
+            step += 1
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                _check_finite(loss, step, cfg)
+                dt = time.perf_counter() - t_step
+                mfu = flops_step / dt / peak if peak else None
+                logger.log_train(step, loss, lr, tokens_per_step / dt, mfu, load_stats(moe) if moe else None)
+            for layer in moe:
+                layer.pop_load()  # expert loads count one step
+            if step % cfg.eval_every == 0 and step < cfg.max_steps:
+                _check_finite(loss, step, cfg)
+                metrics = _evaluate(model, data, cfg, device, autocast)
+                logger.log_eval(step, metrics, time.perf_counter() - t0)
+                best = _save(cfg, model, data, optimizer, step, metrics, best)
+        # the final evaluation covers the whole validation split
+        _check_finite(loss, step, cfg)
+        metrics = _evaluate(model, data, cfg, device, autocast, full=True)
+        logger.log_eval(step, metrics, time.perf_counter() - t0)
+        best = _save(cfg, model, data, optimizer, step, metrics, best)
     logger.close()
     return TrainResult(step, metrics["val_loss"], metrics["val_bpc"], cfg.out_dir)
 
@@ -163,6 +169,18 @@ def _restore(state: dict, optimizer, device) -> tuple[int, float]:
     if "cuda_rng" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda_rng"], device)
     return state["step"], state["best_val_loss"]
+
+
+def _interrupted(cfg, model, data, optimizer, step: int, best: float, logger) -> TrainingInterrupted:
+    """Save a resumable checkpoint of `step` (unless the loop just did) and say how to resume."""
+    path = Path(cfg.out_dir) / "checkpoints" / f"step-{step:06d}"
+    if path not in checkpoint_dirs(cfg.out_dir):
+        path = save_training(cfg.out_dir, model, data.tokenizer, optimizer, step, _train_state(best), cfg.keep_last)
+    logger.close()
+    command = resume_command(cfg)
+    print(f"interrupted: saved a resumable checkpoint of step {step} to {path}\nresume with: {command}",
+          file=sys.stderr, flush=True)
+    return TrainingInterrupted(step, path, command)
 
 
 def _lr(cfg: TrainConfig, step: int, elapsed: float) -> float:
