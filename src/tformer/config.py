@@ -2,15 +2,25 @@
 
 Every architectural choice is a field with a default; a model family is a preset
 (`tformer.presets`) that fills these fields, never a branch on its name.
+
+Every config dataclass (these and `TrainConfig`) checks its fields' types in one place,
+`check_value`, whether they come from Python, JSON, TOML or the command line: no coercion
+from strings (`"false"`, `"1e-5"`, `"20"` are refused; the CLI parses its strings first),
+ints widen to float, a dict becomes its sub-config; unknown keys are refused with the closest
+field name. Errors are `ConfigError`s naming the field, the value and the expected type.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
 Activation = Literal["relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu"]
 NormKind = Literal["layernorm", "rmsnorm"]
@@ -24,6 +34,87 @@ GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu_tanh"}
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message says which and what to do."""
+
+
+def check_value(path: str, value: Any, hint: Any, partial: bool = False) -> Any:
+    """`value` for the field annotated `hint` (named `path` in errors), checked: ints widen to
+    float, a dict becomes its sub-config (with `partial`: stays a dict of checked fields)."""
+    base, optional = split_optional(hint)
+    if value is None and optional:
+        return None
+    if get_origin(base) is Literal:
+        if isinstance(value, str) and value in get_args(base):
+            return value
+        raise ConfigError(f"{path}={value!r} is not supported; choose one of {list(get_args(base))}")
+    if dataclasses.is_dataclass(base):
+        if isinstance(value, base):
+            return value
+        if isinstance(value, dict):
+            checked = check_values(base, value, path + ".", partial)
+            return checked if partial else base(**checked)
+    elif base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif base is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif get_origin(base) is list and isinstance(value, list):
+        (item,) = get_args(base)
+        return [check_value(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
+    elif base in (bool, str, dict) and isinstance(value, base):
+        return value
+    raise ConfigError(f"{path}: expected {describe_type(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def check_values(cls: type, data: dict, prefix: str = "", partial: bool = False) -> dict:
+    """`data`, a dict of `cls`'s fields, with each value checked (`check_value`); unknown keys are
+    refused with the closest field name."""
+    hints = _field_hints(cls)
+    for key in data:
+        if key not in hints:
+            raise ConfigError(_unknown_field(cls.__name__, prefix, key, list(hints)))
+    return {k: check_value(prefix + k, v, hints[k], partial) for k, v in data.items()}
+
+
+def check_fields(obj: Any, prefix: str = "") -> None:
+    """Check (and normalise, as `check_value` does) every field of the dataclass `obj` in place."""
+    for name, hint in _field_hints(type(obj)).items():
+        setattr(obj, name, check_value(prefix + name, getattr(obj, name), hint))
+
+
+def describe_type(hint: Any) -> str:
+    """How an error names the type a field expects: 'an integer', 'true or false', ..."""
+    base, optional = split_optional(hint)
+    if get_origin(base) is Literal:
+        text = "one of " + ", ".join(repr(c) for c in get_args(base))
+    elif dataclasses.is_dataclass(base):
+        text = f"a table of {base.__name__} fields"
+    elif get_origin(base) is list:
+        text = f"a list of {_NAMES[get_args(base)[0]]}s"
+    else:
+        text = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a table"}[base]
+    return text + " or null" if optional else text
+
+
+_NAMES = {str: "string", int: "integer", float: "number"}
+
+
+def split_optional(hint: Any) -> tuple[Any, bool]:
+    """(the type without None, whether None is allowed) of `X | None`, or (hint, False)."""
+    if get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        return args[0], len(args) < len(get_args(hint))
+    return hint, False
+
+
+@functools.cache
+def _field_hints(cls: type) -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _unknown_field(kind: str, prefix: str, key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {prefix + close[0]!r}?" if close else f"known fields: {', '.join(known)}"
+    return f"unknown {kind} field {prefix + key!r}: {hint}"
 
 
 @dataclass
@@ -46,8 +137,10 @@ class RopeConfig:
     attention_factor: float | None = None  # yarn; default 0.1 ln(factor) + 1
     partial_rotary_factor: float = 1.0  # rotate only this share of each head's dims
 
+    def __post_init__(self) -> None:
+        check_fields(self, "rope.")
+
     def validate(self) -> None:
-        _check_choice("rope.scaling", self.scaling, RopeScaling)
         if self.theta <= 0:
             raise ConfigError(f"rope.theta must be > 0, got {self.theta}")
         if self.scaling != "none":
@@ -108,15 +201,17 @@ class MoEConfig:
     first_dense: int = 0  # the first layers keep a dense FFN (DeepSeek first_k_dense_replace)
     interval: int = 1  # then every interval-th layer is MoE (2: every other layer)
 
+    def __post_init__(self) -> None:
+        check_fields(self, "moe.")
+
     def validate(self) -> None:
-        _check_choice("moe.score_func", self.score_func, ScoreFunc)
         for name in ("n_experts", "top_k", "n_groups", "topk_groups", "interval"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if value <= 0:
                 raise ConfigError(f"moe.{name} must be a positive integer, got {value!r}")
         for name in ("expert_dim", "shared_dim"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
+            if value is not None and value <= 0:
                 raise ConfigError(f"moe.{name} must be a positive integer or None, got {value!r}")
         if self.n_shared_experts < 0 or self.first_dense < 0:
             raise ConfigError("moe.n_shared_experts and moe.first_dense must be >= 0")
@@ -155,12 +250,15 @@ class MLAConfig:
     v_dim: int = 128
     softmax_scale: float | None = None  # None: 1/sqrt(nope_dim + rope_dim); YaRN models scale it
 
+    def __post_init__(self) -> None:
+        check_fields(self, "mla.")
+
     def validate(self) -> None:
         for name in ("kv_rank", "nope_dim", "rope_dim", "v_dim"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if value <= 0:
                 raise ConfigError(f"mla.{name} must be a positive integer, got {value!r}")
-        if self.q_rank is not None and (not isinstance(self.q_rank, int) or self.q_rank <= 0):
+        if self.q_rank is not None and self.q_rank <= 0:
             raise ConfigError(f"mla.q_rank must be a positive integer or None, got {self.q_rank!r}")
         if self.rope_dim % 2:
             raise ConfigError(f"mla.rope_dim must be even (RoPE rotates pairs), got {self.rope_dim}")
@@ -168,9 +266,18 @@ class MLAConfig:
             raise ConfigError(f"mla.softmax_scale must be > 0 or None, got {self.softmax_scale}")
 
 
+# The fields a ModelConfig derives when they are None, and from what.
+DERIVED = {"n_kv_heads": "n_heads (MHA)", "head_dim": "dim // n_heads", "ffn_dim": "4 * dim"}
+
+
 @dataclass
 class ModelConfig:
-    """A decoder-only transformer. Sizes use our names: dim, n_layers, n_heads, ..."""
+    """A decoder-only transformer. Sizes use our names: dim, n_layers, n_heads, ...
+
+    n_kv_heads, head_dim and ffn_dim left at None are derived (see `DERIVED`) and stay derived:
+    `replace` derives them again from the new dim / n_heads. A value given explicitly is kept,
+    except that an explicit n_kv_heads follows a change of n_heads (`_kv_heads_for`).
+    """
 
     vocab_size: int = 50257
     dim: int = 768
@@ -199,14 +306,11 @@ class ModelConfig:
     scale_residual_init: bool = True  # GPT-2: residual projections get std / sqrt(2 n_layers)
     moe: MoEConfig | None = None  # None: every layer has the dense FFN
     mla: MLAConfig | None = None  # None: standard attention (MHA/GQA/MQA)
+    _derived: ClassVar[frozenset[str]] = frozenset()  # per instance: which of DERIVED were None
 
     def __post_init__(self) -> None:
-        if isinstance(self.rope, dict):
-            self.rope = RopeConfig(**self.rope)
-        if isinstance(self.moe, dict):
-            self.moe = MoEConfig(**self.moe)
-        if isinstance(self.mla, dict):
-            self.mla = MLAConfig(**self.mla)
+        check_fields(self)
+        self._derived = frozenset(name for name in DERIVED if getattr(self, name) is None)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.ffn_dim is None:
@@ -217,9 +321,8 @@ class ModelConfig:
 
     def validate(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.head_dim is None and self.dim % self.n_heads:
             raise ConfigError(
                 f"dim={self.dim} is not divisible by n_heads={self.n_heads}: "
@@ -232,10 +335,6 @@ class ModelConfig:
                 f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}: "
                 "each key/value head must serve the same number of query heads"
             )
-        _check_choice("activation", self.activation, Activation)
-        _check_choice("norm", self.norm, NormKind)
-        _check_choice("norm_placement", self.norm_placement, NormPlacement)
-        _check_choice("positions", self.positions, Positions)
         if self.norm_eps <= 0:
             raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps}")
         for name in ("emb_dropout", "attn_dropout", "resid_dropout"):
@@ -277,33 +376,46 @@ class ModelConfig:
         m = self.moe
         return m is not None and i >= m.first_dense and (i - m.first_dense) % m.interval == 0
 
+    def is_derived(self, name: str) -> bool:
+        """Whether field `name` was left to derive (one of `DERIVED`, not given explicitly)."""
+        return name in self._derived
+
     def replace(self, **changes: Any) -> "ModelConfig":
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed, validated again.
+
+        Derived fields follow their inputs (`replace(dim=256)` gives head_dim 256 // n_heads); an
+        explicit n_kv_heads follows n_heads (`_kv_heads_for`). A dict for rope / moe / mla changes
+        only the fields it names (a dense config gets MoE layers with MoEConfig's other defaults);
+        a sub-config instance or None replaces the whole.
+        """
+        changes = check_values(ModelConfig, changes, partial=True)
+        for name in ("rope", "moe", "mla"):
+            if isinstance(changes.get(name), dict) and getattr(self, name) is not None:
+                changes[name] = {**dataclasses.asdict(getattr(self, name)), **changes[name]}
+        for name in self._derived - set(changes):
+            changes[name] = None
+        if "n_heads" in changes and "n_kv_heads" not in changes and not self.is_derived("n_kv_heads"):
+            changes["n_kv_heads"] = _kv_heads_for(self.n_heads, self.n_kv_heads, changes["n_heads"])
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field with its value (derived ones included), as JSON-ready dicts."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
-        data = dict(data)
-        for key, sub in (("rope", RopeConfig), ("moe", MoEConfig), ("mla", MLAConfig)):
-            if isinstance(data.get(key), dict):
-                sub_known = {f.name for f in fields(sub)}
-                bad = sorted(set(data[key]) - sub_known)
-                if bad:
-                    raise ConfigError(f"unknown {sub.__name__} field(s) {bad}; known fields: {sorted(sub_known)}")
-        return cls(**data)
+        """The config of a dict of fields (from JSON or TOML): every field it names is explicit."""
+        return cls(**check_values(cls, data))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
 
-def _check_choice(name: str, value: Any, choices: Any) -> None:
-    allowed = get_args(choices)
-    if value not in allowed:
-        raise ConfigError(f"{name}={value!r} is not supported; choose one of {list(allowed)}")
+def _kv_heads_for(n_heads: int, n_kv_heads: int, new_n_heads: int) -> int:
+    """n_kv_heads after n_heads changes: MQA stays MQA; otherwise the query heads per KV head
+    are kept when they divide the new n_heads, else attention falls back to MHA."""
+    if n_kv_heads == 1:
+        return 1
+    group = n_heads // n_kv_heads
+    return new_n_heads // group if new_n_heads % group == 0 else new_n_heads
+

@@ -242,7 +242,7 @@ def test_qwen2_moe_dense_layers_from_mlp_only_layers():
         ("seed-moe-example", {}, r"means mixtral, which cannot have moe.norm_topk=False"),
         ("tiny-moe", {"qkv_bias": True}, "mixtral, which cannot have attention biases"),
         ("tiny-moe", {"moe": {"n_experts": 4, "top_k": 2, "capacity_factor": 1.0}}, "capacity_factor"),
-        ("tiny-mla-moe", {"rope": {}}, r"mla.softmax_scale=.* with rope.scaling='none'"),
+        ("tiny-mla-moe", {"rope": {"scaling": "none"}}, r"mla.softmax_scale=.* with rope.scaling='none'"),
     ],
 )
 def test_config_to_hf_names_what_no_moe_architecture_expresses(name, change, match):

