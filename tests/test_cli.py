@@ -14,7 +14,7 @@ def test_every_command_has_help(capsys):
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])
         assert e.value.code == 0
-    assert "--model.n_layers" in capsys.readouterr().out
+    assert "--model.n-layers" in capsys.readouterr().out
 
 
 def test_train_config_file_then_flags(tmp_path):

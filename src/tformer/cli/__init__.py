@@ -7,6 +7,7 @@ Each command module exposes `register(subparsers)`, which adds its parser and se
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 
@@ -28,8 +29,52 @@ def torch_dtype(name: str | None):
     return getattr(torch, name) if name else None
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with `--a-b` and `--a_b` one option, and an unknown option refused by the
+    (sub)command that met it: its usage, and the closest option it has.
+
+    Subcommand parsers are of this class too (`add_subparsers` makes its parent's class).
+    """
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.argv = sys.argv[1:] if args is None else list(args)
+        namespace, extras = super().parse_known_args(self._spelled(self.argv), namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}{self._suggestion(extras)}")
+        return namespace, extras
+
+    def _options(self) -> dict[str, str]:
+        """Every long option, by its spelling with dashes."""
+        return {_dashed(o): o for o in self._option_string_actions if o.startswith("--")}
+
+    def _spelled(self, args: list[str]) -> list[str]:
+        """`args` with each unknown long option that differs from one of ours only in - and _ renamed."""
+        options, out = self._options(), []
+        for i, arg in enumerate(args):
+            if arg == "--":
+                return out + args[i:]
+            name, eq, value = arg.partition("=")
+            if arg.startswith("--") and name not in self._option_string_actions and _dashed(name) in options:
+                arg = options[_dashed(name)] + eq + value
+            out.append(arg)
+        return out
+
+    def _suggestion(self, extras: list[str]) -> str:
+        options = self._options()
+        for arg in extras:
+            if arg.startswith("--"):
+                close = difflib.get_close_matches(_dashed(arg.partition("=")[0]), list(options), n=1)
+                if close:
+                    return f" (did you mean {options[close[0]]}?)"
+        return ""
+
+
+def _dashed(option: str) -> str:
+    return "--" + option[2:].replace("_", "-")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="tformer",
         description="Train transformer language models and generate text with them; count a model's "
                     "parameters, convert checkpoints to and from HF, train tokenizers, quantize weights.",

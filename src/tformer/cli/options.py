@@ -1,78 +1,79 @@
-"""Typed CLI options generated from dataclasses, so `--help` always lists every field."""
+"""Typed CLI options generated from config dataclasses, so `--help` always lists every field.
+
+A field `n_kv_heads` added with prefix "model." is the option `--model.n-kv-heads` (the parser
+takes `--model.n_kv_heads` too: `tformer.cli.Parser`), stored under the field's path
+`model.n_kv_heads`. Defaults are suppressed: only flags given on the command line reach the
+namespace, so a config file's values are not overwritten by a default. The command parses the
+strings (`none` or `null` for None; `--flag`/`--no-flag` for booleans); the config dataclass then
+checks the result as it checks a file's values.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
-import typing
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from tformer.config import describe_type, split_optional
 
-def _base_type(hint) -> tuple[Any, bool]:
-    """(the non-None type, whether None is allowed)."""
-    if get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in get_args(hint) if a is not type(None)]
-        return args[0], len(args) < len(get_args(hint))
-    return hint, False
+_METAVARS = {int: "INT", float: "FLOAT", str: "TEXT"}
 
 
-def _converter(hint):
-    base, optional = _base_type(hint)
-    if get_origin(base) is Literal:
-        choices = get_args(base)
-
-        def conv(s: str):
-            if s not in choices:
-                raise argparse.ArgumentTypeError(f"{s!r} is not one of {list(choices)}")
-            return s
-    elif base is bool:
-        def conv(s: str):
-            if s.lower() in ("1", "true", "yes", "on"):
-                return True
-            if s.lower() in ("0", "false", "no", "off"):
-                return False
-            raise argparse.ArgumentTypeError(f"{s!r} is not a boolean (true/false)")
-    else:
-        conv = base
-    if not optional:
-        return conv
-    return lambda s: None if s.lower() == "none" else conv(s)
+def option_name(path: str) -> str:
+    """The option of a field path: `model.n_kv_heads` -> `--model.n-kv-heads`."""
+    return "--" + path.replace("_", "-")
 
 
-def add_dataclass_options(parser, cls, prefix: str = "", help_text: dict | None = None) -> None:
-    """One `--[prefix]name` option per field (nested dataclasses as `--prefix.sub.name`).
+def add_dataclass_options(container, cls, prefix: str = "") -> list[argparse.Action]:
+    """One option per scalar field of `cls` (sub-config and dict fields are left to the caller).
 
-    Defaults are suppressed: only flags given on the command line appear in the namespace.
+    Each action gets `.field` (the field's path), for help texts filled in later (`set_help`).
     """
-    help_text = help_text or {}
     hints = get_type_hints(cls)
+    actions = []
     for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        flag = f"--{prefix}{f.name}"
-        if dataclasses.is_dataclass(hint):
-            add_dataclass_options(parser, hint, f"{prefix}{f.name}.", help_text)
+        base, _ = split_optional(hints[f.name])
+        if dataclasses.is_dataclass(base) or base is dict:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        text = help_text.get(f.name, "")
-        text = f"{text} (default: {default!r})" if text else f"default: {default!r}"
-        base, _ = _base_type(hint)
+        path = prefix + f.name
+        kwargs: dict[str, Any] = dict(dest=path, default=argparse.SUPPRESS)
         if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+            kwargs["action"] = argparse.BooleanOptionalAction
         elif get_origin(base) is list:
-            parser.add_argument(flag, action="append", default=argparse.SUPPRESS, help=text + " (repeatable)")
-        elif get_origin(base) is dict or base is dict:
-            continue  # filled through the nested options of its own dataclass
+            item = get_args(base)[0]
+            kwargs.update(action="append", type=_converter(item), metavar=_METAVARS[item])
         else:
-            parser.add_argument(flag, type=_converter(hint), default=argparse.SUPPRESS, metavar=f.name.upper(),
-                                help=text)
+            kwargs.update(type=_converter(hints[f.name]), metavar=_metavar(base))
+        action = container.add_argument(option_name(path), **kwargs)
+        action.field = path
+        actions.append(action)
+    return actions
+
+
+def set_help(action: argparse.Action, text: str, default: str) -> None:
+    """`action`'s help: `text` then its default, once."""
+    repeatable = "; repeatable" if isinstance(action, argparse._AppendAction) else ""
+    action.help = f"{text} (default: {default}{repeatable})" if text else f"default: {default}{repeatable}"
+
+
+def format_default(value: Any) -> str:
+    """A default as a command line would spell it: none, true, 1e-05, a b c."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return " ".join(map(str, value)) if value else "none"
+    if value == "":
+        return "''"
+    return str(value)
 
 
 def given_options(args: argparse.Namespace, prefix: str = "") -> dict:
     """Flags given on the command line, as a (nested for dotted names) dict."""
     out: dict = {}
     for key, value in vars(args).items():
-        if not key.startswith(prefix) or key in ("func", "command"):
+        if not key.startswith(prefix) or key in ("func", "command", "config"):
             continue
         parts = key[len(prefix):].split(".")
         node = out
@@ -80,3 +81,28 @@ def given_options(args: argparse.Namespace, prefix: str = "") -> dict:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return out
+
+
+def _metavar(base) -> str:
+    if get_origin(base) is Literal:
+        return "{" + ",".join(get_args(base)) + "}"
+    return _METAVARS[base]
+
+
+def _converter(hint):
+    """str -> the field's value; an error names the expected type (argparse adds the option)."""
+    base, optional = split_optional(hint)
+
+    def convert(s: str):
+        if optional and s.lower() in ("none", "null"):
+            return None
+        try:
+            if get_origin(base) is Literal:
+                if s not in get_args(base):
+                    raise ValueError
+                return s
+            return base(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {describe_type(hint)}, got {s!r}") from None
+
+    return convert

