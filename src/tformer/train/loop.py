@@ -150,12 +150,12 @@ def _prepare_out_dir(cfg: TrainConfig) -> ResumePoint | None:
     found = earlier_run(cfg.out_dir)
     if found and not cfg.overwrite:
         raise ValueError(f"{cfg.out_dir} holds an earlier run ({', '.join(found)}): pass --resume to continue it, "
-                         "--overwrite to replace it, or another --out_dir")
+                         "--overwrite to replace it, or another --out-dir")
     outputs = [(Path(cfg.out_dir) / name).resolve() for name in found]
     for source in (cfg.preset, cfg.teacher):
         if source and any(Path(source).resolve().is_relative_to(out) for out in outputs):
             raise ValueError(f"{source} is part of the earlier run in {cfg.out_dir}, which --overwrite deletes: "
-                             "pass another --out_dir")
+                             "pass another --out-dir")
     if found:
         remove_run(cfg.out_dir)
         print(f"--overwrite: deleted the earlier run's {', '.join(found)} in {cfg.out_dir}")
