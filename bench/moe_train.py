@@ -53,7 +53,7 @@ def main() -> None:
             **{k: (MoEConfig(**v) if k == "moe" else v) for k, v in model.items()})
         total, active = parameter_breakdown(config)["total"], active_breakdown(config)["total"]
         out = args.out / name
-        cfg = TrainConfig(model=model, out_dir=str(out), max_steps=args.steps, batch_size=16, seq_len=512, lr=3e-3,
+        cfg = TrainConfig(model=model, out_dir=str(out), overwrite=True, max_steps=args.steps, batch_size=16, seq_len=512, lr=3e-3,
                           min_lr=1.5e-4, warmup=100, eval_every=args.eval_every, eval_batches=50, compile=True,
                           device=args.device, sample_tokens=0, tensorboard=False, log_every=50, keep_last=1)
         train(cfg, progress=False)

@@ -67,7 +67,7 @@ def draft_shape(dim: int, layers: int) -> dict:
 def train_model(out: Path, steps: int, model: dict, lr: float, eval_every: int, **distill) -> Path:
     """16 x 512-token batches; the checkpoint with the best validation loss (evaluated every eval_every).
     distill: TrainConfig's teacher and distill_alpha, for a distilled draft."""
-    cfg = TrainConfig(model=model, out_dir=str(out), max_steps=steps, batch_size=16, seq_len=512, lr=lr,
+    cfg = TrainConfig(model=model, out_dir=str(out), overwrite=True, max_steps=steps, batch_size=16, seq_len=512, lr=lr,
                       min_lr=lr / 20, warmup=100, eval_every=eval_every, eval_batches=50, compile=True,
                       sample_tokens=0, tensorboard=False, log_every=100, keep_last=1, **distill)
     t = time.perf_counter()
