@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from tformer.config import describe_type, split_optional
+from tformer.fields import describe_type, split_optional
 
 _METAVARS = {int: "INT", float: "FLOAT", str: "TEXT"}
 

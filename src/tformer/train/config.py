@@ -2,7 +2,7 @@
 
 A config file (JSON or TOML) sets any of these fields, `model` may be a table of ModelConfig
 fields overriding the preset; CLI flags override the file (`--lr 1e-3`, `--model.dim 256`).
-Values are checked as ModelConfig's are (`tformer.config.check_value`): a file's values must
+Values are checked as ModelConfig's are (`tformer.fields.check_value`): a file's values must
 have their field's type (`max_steps = "20"` is refused, not read as 20; ints widen to floats),
 and unknown fields are refused with the closest name.
 """
@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
-from tformer.config import ConfigError, ModelConfig, check_fields, check_values
+from tformer.config import ConfigError, ModelConfig
+from tformer.fields import check_fields, check_values
 from tformer.train.distill import check_distill_options
 from tformer.train.schedule import SCHEDULES
 
