@@ -150,7 +150,7 @@ def hf_runner(config, prompt, new, batch):
     from tformer.convert.hf import config_to_hf
 
     hf_cfg = transformers.AutoConfig.for_model(**config_to_hf(config))
-    with torch.device("cuda"):  # random init on the GPU, not on the host first (call 4 of session 14 ran out of time)
+    with torch.device("cuda"):  # random init on the GPU: initialising a 1B model on the host and copying it is slow
         model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
     x = prompt.cuda().repeat(batch, 1)
 
