@@ -142,10 +142,8 @@ class DecodeEngine:
         if rows > self.options.max_batch_size:
             raise ValueError(f"{rows} prompts at once, but this engine was made for at most "
                              f"{self.options.max_batch_size}: make it with max_batch_size >= {rows}")
-        if self.workspace is not None:
-            self.workspace.check(rows)
-            if sampling.temperature > 0:
-                self.workspace.reseed(rows)
+        if self.workspace is not None and sampling.temperature > 0:
+            self.workspace.reseed(rows)
 
     def padded_length(self, longest: int, max_new_tokens: int) -> int:
         """The length prompts whose longest has `longest` tokens are padded to: a multiple of the

@@ -7,7 +7,7 @@
 Every counter is zero between kernels (the last program of a merge sets its own back to zero), so
 one array serves every kernel of a step. The arrays never move: a captured CUDA graph keeps their
 addresses, so they are allocated here, before any capture, and a request larger than the workspace
-is refused (`check`) instead of reallocating under a graph.
+is refused (by the engine) instead of reallocating under a graph.
 """
 
 from __future__ import annotations
@@ -35,12 +35,6 @@ class Workspace:
         self.merge = torch.zeros(max(MERGE_COUNTERS, max_rows * n_heads), dtype=torch.int32, device=device)
         self.topk = torch.zeros(max_rows * TOPK_ROW_COUNTERS, dtype=torch.int32, device=device)
         self.seeds = torch.zeros(max_rows, dtype=torch.int64, device=device)
-
-    def check(self, rows: int) -> None:
-        """Refuse `rows` sequences at once if the workspace was sized for fewer."""
-        if rows > self.max_rows:
-            raise ValueError(f"{rows} sequences at once, but this engine was made for at most {self.max_rows}: "
-                             f"make a DecodeEngine with max_batch_size >= {rows}")
 
     def reseed(self, rows: int, generator: torch.Generator | None = None) -> None:
         """Draw the first `rows` kept seeds afresh from torch's generator (or `generator`), so a
