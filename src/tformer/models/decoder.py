@@ -5,7 +5,10 @@
 
 Positions: without padding a token's position is its slot (0..T-1, or `input_pos` with a
 KV cache). With a key-padding `attention_mask` (B,S; 1 = real token) positions count real
-tokens only, so a left-padded row gives the same logits as the unpadded row alone.
+tokens only, so a left-padded row gives the same logits as the unpadded row alone. With
+`segments` (B,T; packed training sequences) each run of equal ids is a sequence of its own:
+positions restart at its first token and attention stays inside it, so a packed row gives each
+example the logits it has alone.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from torch import nn
 
 from tformer.config import ModelConfig
 from tformer.models.blocks import make_block
-from tformer.nn.masks import as_additive, causal_mask
+from tformer.nn.masks import as_additive, causal_mask, segment_mask, segment_positions
 from tformer.nn.norm import make_norm
 from tformer.nn.position import Alibi, LearnedPositions, NoPositions, SinusoidalPositions
 from tformer.nn.rope import RotaryEmbedding
@@ -66,25 +69,32 @@ class Decoder(nn.Module):
             layer.attn.kv_cache = None
         self.cache_slots = 0
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, attention_mask=None):
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, attention_mask=None,
+                segments=None):
         """tokens (B,T) -> logits (B,T,vocab).
 
         input_pos (T,): cache slots of these tokens (required once caches are set up).
         attention_mask (B,S): 1 for real tokens, 0 for padding; S = T, or the cache size.
+        segments (B,T): ids of the packed sequences each token belongs to (no cache, no attention_mask).
         """
-        return self.output(self.features(tokens, input_pos, attention_mask))
+        return self.output(self.features(tokens, input_pos, attention_mask, segments))
 
-    def features(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, attention_mask=None):
+    def features(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, attention_mask=None,
+                 segments=None):
         """tokens (B,T) -> the final hidden states (B,T,C), normalised: what the output head reads."""
-        return self.norm(self.hidden(tokens, input_pos, attention_mask))
+        return self.norm(self.hidden(tokens, input_pos, attention_mask, segments))
 
-    def hidden(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, attention_mask=None):
+    def hidden(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, attention_mask=None,
+               segments=None):
         """tokens (B,T) -> the last block's output (B,T,C), before the final norm."""
         B, T = tokens.shape
         slots = self._slots(T, input_pos, tokens.device)
         n_keys = self.cache_slots or T  # key slots: the whole cache, or this sequence
-        positions = self._positions(slots, attention_mask, B, n_keys)  # (B, T)
-        mask = self._mask(slots, attention_mask, n_keys)
+        if segments is not None:
+            positions, mask = self._packed(slots, segments, attention_mask)
+        else:
+            positions = self._positions(slots, attention_mask, B, n_keys)  # (B, T)
+            mask = self._mask(slots, attention_mask, n_keys)
         x = self.emb_drop(self.pos_emb(self.tok_emb(tokens), positions))  # (B, T, C)
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(x.dtype)
@@ -111,6 +121,18 @@ class Decoder(nn.Module):
             )
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S): count of real tokens before
         return pos.gather(1, slots.expand(B, -1))
+
+    def _packed(self, slots: torch.Tensor, segments: torch.Tensor, attention_mask):
+        """Positions (B, T) and mask of packed sequences (`segments`)."""
+        if self.cache_slots or attention_mask is not None:
+            raise ValueError("segments (packed sequences) are for cache-free forwards without an attention_mask")
+        if segments.dim() != 2 or segments.shape[1] != slots.shape[0]:
+            raise ValueError(f"segments must have shape (batch, {slots.shape[0]}), got {tuple(segments.shape)}")
+        positions = segment_positions(segments)
+        mask = segment_mask(segments, self.config.sliding_window)
+        if self.alibi is not None:
+            return positions, as_additive(mask, self.alibi(slots, slots.shape[0]), torch.float32)
+        return positions, mask
 
     def _mask(self, slots: torch.Tensor, attention_mask, n_keys: int) -> torch.Tensor | None:
         c = self.config

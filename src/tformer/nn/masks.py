@@ -37,3 +37,22 @@ def as_additive(mask: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> t
     """Combine a boolean mask with an additive bias into one float mask for SDPA."""
     neg = torch.finfo(dtype).min
     return torch.where(mask, bias, torch.full_like(bias, neg)).to(dtype)
+
+
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) segment ids of packed sequences -> (B, T) positions counted from each segment's start.
+
+    A segment is a run of equal ids; positions restart at 0 wherever the id changes."""
+    B, T = segments.shape
+    slots = torch.arange(T, device=segments.device).expand(B, T)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return slots - torch.where(starts, slots, 0).cummax(-1).values
+
+
+def segment_mask(segments: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """(B, 1, T, T) bool: causal attention within each segment of packed sequences (B, T), so that
+    examples packed into one row never see each other."""
+    T = segments.shape[1]
+    allowed = causal_mask(torch.arange(T, device=segments.device), T, window=window)  # (1, 1, T, T)
+    return allowed & (segments[:, None, :, None] == segments[:, None, None, :])
