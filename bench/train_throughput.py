@@ -53,10 +53,11 @@ def lm_loss(logits, y):
 
 
 def tformer_variant(config, compile_: bool):
-    from tformer.train.loop import make_loss_fn
+    from tformer.train.objectives import NextToken
 
     model = build_model(config, device="cuda")
-    return model, make_loss_fn(model, compile_=compile_)
+    objective = NextToken(model, compile_=compile_)
+    return model, lambda x, y: objective({"tokens": x, "targets": y})["loss"]
 
 
 def nanogpt_variant(nanogpt: Path, config, compile_: bool):

@@ -185,7 +185,7 @@ def test_cli_quantize_eval_reports_both_perplexities(tmp_path, capsys, monkeypat
     import tformer.data
     from tformer.data import build_shards, eval_batches
     from tformer.tokenizer import Tokenizer
-    from tformer.train.loop import lm_loss
+    from tformer.train.evaluate import lm_loss
 
     text = "to be, or not to be: that is the question.\n" * 300
     monkeypatch.setattr(tformer.data, "load_corpus", lambda paths: [text])

@@ -12,7 +12,8 @@ from tests.conftest import tiny_config
 from tformer.models import build_model
 from tformer.train.config import TrainConfig
 from tformer.train.evaluate import lm_loss
-from tformer.train.loop import TrainingDiverged, make_loss_fn, train, train_step
+from tformer.train.loop import TrainingDiverged, train, train_step
+from tformer.train.objectives import NextToken
 from tformer.train.state import checkpoint_dirs
 
 TEXT = """ROMEO:
@@ -105,9 +106,10 @@ def test_gradient_accumulation_equals_one_big_batch(grad_clip):
     with torch.no_grad():
         expected_loss = lm_loss(big(x), y)
 
-    def step(model, micro_batches):
-        return train_step(model, make_loss_fn(model), torch.optim.SGD(model.parameters(), lr=1.0), micro_batches,
-                          grad_clip)
+    def step(model, pairs):
+        batches = [{"tokens": a, "targets": b, "n_targets": b.numel()} for a, b in pairs]
+        return train_step(model, NextToken(model), torch.optim.SGD(model.parameters(), lr=1.0), batches,
+                          grad_clip)["loss"]
 
     torch.testing.assert_close(step(big, [(x, y)]), expected_loss)
     torch.testing.assert_close(step(accumulated, list(zip(x.chunk(4), y.chunk(4)))), expected_loss)
@@ -124,9 +126,9 @@ def test_the_loop_steps_through_train_step(corpus, tmp_path, monkeypatch):
 
     shapes = []
 
-    def recording_step(model, loss_fn, optimizer, micro_batches, *args):
-        shapes.append([tuple(x.shape) for x, _ in micro_batches])
-        return train_step(model, loss_fn, optimizer, micro_batches, *args)
+    def recording_step(model, objective, optimizer, micro_batches, *args):
+        shapes.append([tuple(batch["tokens"].shape) for batch in micro_batches])
+        return train_step(model, objective, optimizer, micro_batches, *args)
 
     monkeypatch.setattr(loop, "train_step", recording_step)
     train(small_run(corpus, tmp_path, max_steps=2, eval_every=100, grad_accum=3), progress=False)

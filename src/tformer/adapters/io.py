@@ -61,12 +61,13 @@ def base_fingerprint(model: nn.Module) -> str:
 
 
 def save_adapter(model: nn.Module, path: str | Path, base: str | Path | None = None,
-                 fingerprint: str | None = None) -> Path:
+                 fingerprint: str | None = None, write_extra=None) -> Path:
     """Write the model's adapters (not its base) to the directory `path`, atomically (tformer.io).
 
     base: the checkpoint the base was loaded from, recorded for error messages. fingerprint: the
     base's `base_fingerprint`, computed here when not given; a trainer that shards the model
-    (FSDP2) computes it once before sharding and passes it to every save.
+    (FSDP2) computes it once before sharding and passes it to every save. `write_extra(tmp_dir)`
+    may add files (tokenizer, optimiser state) before the directory goes into place.
     """
     path = Path(path)
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: its parameter names
@@ -83,6 +84,8 @@ def save_adapter(model: nn.Module, path: str | Path, base: str | Path | None = N
     with atomic_path(path, directory=True) as tmp:
         write_safetensors(lora_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         atomic_write_text(tmp / CONFIG_FILE, json.dumps(meta, indent=2))
+        if write_extra is not None:
+            write_extra(tmp)
     return path
 
 

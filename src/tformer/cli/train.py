@@ -179,8 +179,8 @@ def run(args: argparse.Namespace) -> int:
         result = train(cfg)
     except TrainingInterrupted:  # Ctrl-C: the loop saved a checkpoint and printed the command that resumes
         return 130
-    print(f"done: step {result.step}, val loss {result.val_loss:.4f}, {result.val_bpc:.3f} bits/char; "
-          f"checkpoints in {result.out_dir}")
+    bpc = f", {result.val_bpc:.3f} bits/char" if result.val_bpc is not None else ""
+    print(f"done: step {result.step}, val loss {result.val_loss:.4f}{bpc}; checkpoints in {result.out_dir}")
     if cfg.sample_tokens > 0:
         print_sample(cfg)
     return 0

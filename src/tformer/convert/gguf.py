@@ -37,7 +37,7 @@ from tformer.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from tformer.tokenizer import Tokenizer
 
 __all__ = ["FILE_TYPES", "READ_TYPES", "GGUFModel", "checkpoint_to_gguf", "gguf_to_checkpoint", "load_gguf",
-           "read_chat_template", "save_gguf"]  # fmt: skip
+           "read_chat_template", "save_gguf", "write_chat_template"]  # fmt: skip
 
 Q = gguf.GGMLQuantizationType
 READ_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1)
@@ -189,14 +189,7 @@ def gguf_to_checkpoint(path: str | Path, out: str | Path, dtype: torch.dtype | N
     `dtype`), tokenizer.json, and the chat template as `chat_template` in tokenizer_config.json,
     where transformers' AutoTokenizer (and `read_chat_template`) find it."""
     model, tokenizer, template = load_gguf(path, dtype=dtype)
-
-    def add_template(folder: Path) -> None:
-        if template is not None:
-            file = folder / TOKENIZER_CONFIG_FILE
-            cfg = read_json(file) if file.is_file() else {}
-            atomic_write_text(file, json.dumps({**cfg, "chat_template": template}, indent=2) + "\n")
-
-    return save(model, out, tokenizer=tokenizer, write_extra=add_template)
+    return save(model, out, tokenizer=tokenizer, write_extra=lambda folder: write_chat_template(folder, template))
 
 
 def read_chat_template(folder: str | Path) -> str | None:
@@ -210,6 +203,15 @@ def read_chat_template(folder: str | Path) -> str | None:
     if isinstance(template, list):
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     return template
+
+
+def write_chat_template(folder: str | Path, template: str | None) -> None:
+    """Store `template` as `chat_template` in the folder's tokenizer_config.json (kept otherwise; written
+    after the tokenizer, whose save rewrites that file); nothing for None."""
+    if template is not None:
+        file = Path(folder) / TOKENIZER_CONFIG_FILE
+        cfg = read_json(file) if file.is_file() else {}
+        atomic_write_text(file, json.dumps({**cfg, "chat_template": template}, indent=2) + "\n")
 
 
 # --- export ---------------------------------------------------------------------------------------

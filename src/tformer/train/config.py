@@ -28,6 +28,7 @@ class TrainConfig:
     tokenizer: str = "bpe"  # "bpe" (trained on the corpus), "char", or a path to a tokenizer.json
     vocab_size: int = 8192  # for a trained BPE tokenizer
     val_fraction: float = 0.1
+    val_data: list[str] = field(default_factory=list)  # fine-tuning: JSONL examples to validate on
     cache_dir: str = ""  # where token shards are cached; empty: ~/.cache/tformer
     # batch and length
     batch_size: int = 8
@@ -46,6 +47,13 @@ class TrainConfig:
     grad_clip: float = 1.0
     label_smoothing: float = 0.0
     dropout: float = 0.0  # sets emb/attn/resid dropout of the model
+    # fine-tuning (chat, completion or preference JSONL in `data`; tformer.data.sft)
+    method: Literal["full", "lora", "qlora"] = "full"
+    lora: dict = field(default_factory=dict)  # LoRAConfig fields (r, alpha, dropout, targets, rslora, dtype)
+    train_on_prompt: bool = False  # loss on every token, not only the assistant's / the completion's
+    packing: bool = True  # several examples a row, each attending only to itself
+    dpo_beta: float = 0.1  # preference data: DPO's beta (the KL penalty's strength)
+    dpo_reference: Literal["model", "precomputed"] = "model"  # reference log-probs: live, or once at the start
     # distillation (tformer.train.distill)
     teacher: str = ""  # a checkpoint to distill from (its tokenizer becomes the run's); empty: none
     distill_alpha: float = 0.5  # the teacher's share of the loss (1: the teacher's distributions only)
@@ -74,6 +82,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         self.model = check_values(ModelConfig, self.model, "model.", partial=True)
+        if not isinstance(self.lora, dict):
+            raise ConfigError(f"lora must be a table of LoRAConfig fields, got {self.lora!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -92,6 +102,16 @@ class TrainConfig:
             check_distill_options(self.distill_alpha, self.distill_temperature, self.distill_cosine)
         elif self.distill_init or self.distill_cosine:
             raise ConfigError("distill_init and distill_cosine need a teacher: pass --teacher CKPT too")
+        if self.method != "full":
+            from tformer.adapters import LoRAConfig
+
+            LoRAConfig.from_dict(self.lora)  # unknown or ill-typed fields are refused here
+            if "quantize" in self.lora:
+                raise ConfigError("lora.quantize is set by --method: pass --method qlora for an NF4 base")
+        elif self.lora:
+            raise ConfigError("lora options need --method lora or qlora")
+        if self.dpo_beta <= 0:
+            raise ConfigError(f"dpo_beta must be > 0, got {self.dpo_beta}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
@@ -127,6 +147,15 @@ FIELD_HELP = {
                     "spaced layers (DistilBERT); the student must be the teacher's shape but for n_layers",
     "distill_cosine": "weight of DistilBERT's hidden-state term, 1 - cos(student, teacher) of the final hidden "
                       "states (a student of the teacher's width)",
+    "val_data": "fine-tuning: JSONL examples to validate on (default: --val-fraction of --data, seeded)",
+    "method": "what trains: all weights (full), LoRA adapters on a frozen base (lora), or LoRA on an NF4-quantized "
+              "base (qlora); adapters are what the checkpoints hold",
+    "train_on_prompt": "fine-tuning: put the loss on every token, not only on assistant turns / completions",
+    "packing": "fine-tuning: pack several examples into each row, each attending only to itself with positions "
+               "from 0 (--no-packing: one example a row, right-padded)",
+    "dpo_beta": "preference data (DPO): beta, the strength of the implicit KL penalty to the reference",
+    "dpo_reference": "preference data (DPO): the reference's log-probs computed live (model: the starting weights, "
+                     "or with LoRA the base without adapters) or once before training (precomputed)",
     "eval_batches": "validation batches per eval; 0 evaluates the whole split",
 }
 

@@ -12,14 +12,42 @@ import math
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
 from tformer.data import Split, eval_batches
+from tformer.train.objectives import next_token_loss
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean next-token cross-entropy; with smoothing the target is (1 - e) onehot + e / K."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), label_smoothing=label_smoothing)
+    """Mean next-token cross-entropy over the targets that are not IGNORE (-100); with smoothing the
+    target is (1 - e) onehot + e / K."""
+    return next_token_loss(logits, targets, label_smoothing)
+
+
+@torch.no_grad()
+def evaluate_objective(model, objective, batches, autocast=None) -> dict[str, float]:
+    """The objective's outputs on `batches`, each weighted by `objective.weight` (its targets or
+    pairs), prefixed val_; val_ppl from val_loss as `evaluate` gives it, and val_tokens (or val_pairs): what
+    the mean is over. Training's evaluations."""
+    was_training = model.training
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    total = 0
+    try:
+        for batch in batches:
+            weight = objective.weight(batch)
+            with autocast or nullcontext():
+                out = objective(batch)
+            for key, value in out.items():  # summed on device: one sync at the end
+                sums[key] = sums.get(key, 0) + value.detach().double() * weight
+            total += weight
+    finally:
+        model.train(was_training)
+    if not total:
+        raise ValueError("the validation split has no trained target to evaluate")
+    metrics = {f"val_{key}": value.item() / total for key, value in sums.items()}
+    metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50))
+    metrics[f"val_{objective.unit}"] = total  # what the mean is over: target tokens, or pairs
+    return metrics
 
 
 @torch.no_grad()

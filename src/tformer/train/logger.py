@@ -57,13 +57,17 @@ class MetricsLogger:
         row = {"kind": "eval", "step": step, **{k: v for k, v in metrics.items() if k != "step"},
                "elapsed_s": elapsed}
         self._write(row)
-        self.bar.write(
-            f"step {step}: val loss {metrics['val_loss']:.4f}, ppl {metrics['val_ppl']:.2f}, "
-            f"{metrics['val_bpc']:.3f} bits/char ({elapsed:.0f}s)"
-        )
+        shown = [f"val loss {metrics['val_loss']:.4f}", f"ppl {metrics['val_ppl']:.2f}"]
+        if metrics.get("val_bpc") is not None:
+            shown.append(f"{metrics['val_bpc']:.3f} bits/char")
+        if "val_reward_margin" in metrics:  # DPO
+            shown.append(f"reward margin {metrics['val_reward_margin']:.3f}, "
+                         f"accuracy {metrics['val_reward_accuracy']:.1%}")
+        self.bar.write(f"step {step}: {', '.join(shown)} ({elapsed:.0f}s)")
         if self.tb:
-            for key in ("val_loss", "val_ppl", "val_bpc"):
-                self.tb.add_scalar(f"eval/{key}", metrics[key], step)
+            for key, value in metrics.items():
+                if key.startswith("val_") and isinstance(value, float):
+                    self.tb.add_scalar(f"eval/{key}", value, step)
             self.tb.flush()
         plot_loss(self.metrics_file, self.dir / "loss.png")
 

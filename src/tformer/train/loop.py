@@ -1,5 +1,8 @@
-"""The training loop, top to bottom: data, model, optimiser, steps, eval, checkpoints.
+"""The training loop, top to bottom: data, model, objective, optimiser, steps, eval, checkpoints.
 
+Pretraining, supervised fine-tuning, DPO and distillation are the same loop: the data gives batches
+(dicts of tensors, train/data.py), the objective turns a batch into a loss (train/objectives.py),
+and the model is the preset's, a checkpoint's, or that with LoRA adapters (train/model_setup.py).
 One optimiser step (`train_step`) = `grad_accum` micro-batches of (batch_size, seq_len) tokens. The step's
 learning rate, batches and dropout draws depend only on the step and the saved RNG states,
 so a resumed run continues exactly where the interrupted one was (on CPU, bit for bit).
@@ -19,12 +22,13 @@ import torch
 from tformer.accounting import peak_flops, training_flops_per_token
 from tformer.nn.moe import load_stats, moe_layers
 from tformer.train.config import TrainConfig
-from tformer.train.data import TrainData, prepare_data
-from tformer.train.distill import load_teacher, make_distill_loss_fn
-from tformer.train.evaluate import evaluate, lm_loss
+from tformer.train.data import prepare_data, to_device
+from tformer.train.distill import load_teacher
+from tformer.train.evaluate import evaluate_objective
 from tformer.train.logger import MetricsLogger
 from tformer.train.interrupt import StopOnInterrupt, TrainingInterrupted, resume_command
 from tformer.train.model_setup import preset_checkpoint, setup_model
+from tformer.train.objectives import DPO, Distill, NextToken
 from tformer.train.optim import make_optimizer
 from tformer.train.schedule import learning_rate
 from tformer.train.state import ResumePoint, checkpoint_dirs, earlier_run, latest_intact, remove_run, save_best
@@ -39,7 +43,7 @@ class TrainingDiverged(RuntimeError):
 class TrainResult:
     step: int
     val_loss: float
-    val_bpc: float
+    val_bpc: float | None  # None for fine-tuning examples, which are not a text corpus
     out_dir: str
 
 
@@ -57,13 +61,33 @@ def autocast_for(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
-def _evaluate(model, data: TrainData, cfg: TrainConfig, device, autocast, full: bool = False) -> dict:
-    """`evaluate` on the validation split: cfg.eval_batches batches (0: all), or with `full` the whole split."""
+def _evaluate(model, objective, data, cfg: TrainConfig, device, autocast, full: bool = False) -> dict:
+    """The objective on the validation split: cfg.eval_batches batches (0: all), or with `full` all of it."""
     if full:  # no grads: wider batches run faster
-        return evaluate(model, data.shards.val, max(cfg.batch_size, 32), cfg.seq_len, device=device,
-                        autocast=autocast)
-    return evaluate(model, data.shards.val, cfg.batch_size, cfg.seq_len, max_batches=cfg.eval_batches or None,
-                    device=device, autocast=autocast)
+        batches = data.val_batches(max(cfg.batch_size, 32 if data.kind == "text" else cfg.batch_size),
+                                   cfg.seq_len, device)
+    else:
+        batches = data.val_batches(cfg.batch_size, cfg.seq_len, device, cfg.eval_batches or None)
+    metrics = evaluate_objective(model, objective, batches, autocast)
+    metrics["val_bpc"] = data.bits_per_char(metrics["val_loss"])
+    return metrics
+
+
+def make_objective(cfg: TrainConfig, model, data, teacher=None):
+    """The loss of the run: DPO for preference data, distillation with a teacher, else next-token."""
+    if data.kind == "preference":
+        if cfg.teacher:
+            raise ValueError("preference data trains with DPO, which takes no --teacher")
+        reference = None
+        if cfg.method == "full" and cfg.dpo_reference == "model":  # LoRA: the base without adapters
+            from copy import deepcopy
+
+            reference = deepcopy(model).eval().requires_grad_(False)
+        return DPO(model, cfg.dpo_beta, reference)
+    if teacher is not None:
+        return Distill(model, teacher, data.tokenizer.vocab_size, cfg.distill_alpha, cfg.distill_temperature,
+                       cfg.label_smoothing, cfg.distill_cosine, cfg.compile)
+    return NextToken(model, cfg.label_smoothing, cfg.compile)
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
@@ -76,18 +100,18 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     torch.manual_seed(cfg.seed)
     resumed = _prepare_out_dir(cfg)
     data = prepare_data(cfg, resumed.path if resumed else preset_checkpoint(cfg))
+    if data.kind != "text":
+        print(data.stats)
     teacher = load_teacher(cfg.teacher, device, data.tokenizer.vocab_size, cfg.seq_len) if cfg.teacher else None
-    model = setup_model(cfg, data.tokenizer, device, resumed.model if resumed else None, teacher)
+    model = setup_model(cfg, data.tokenizer, device, resumed, teacher)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     start, best = _restore(resumed.state, optimizer, device) if resumed else (0, float("inf"))
-    if teacher is not None:
-        loss_fn = make_distill_loss_fn(model, teacher, data.tokenizer.vocab_size, cfg.distill_alpha,
-                                       cfg.distill_temperature, cfg.label_smoothing, cfg.distill_cosine, cfg.compile)
-    else:
-        loss_fn = make_loss_fn(model, cfg.label_smoothing, cfg.compile)
+    objective = make_objective(cfg, model, data, teacher)
     autocast = autocast_for(device, cfg.dtype)
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-    flops_step = training_flops_per_token(model.config, cfg.seq_len) * tokens_per_step
+    if isinstance(objective, DPO) and cfg.dpo_reference == "precomputed":
+        precompute_reference(objective, data, cfg, device, autocast)
+    saving = _Saving(cfg, data)
+    flops_per_token = training_flops_per_token(model.config, cfg.seq_len)
     peak = peak_flops(device)
     logger = MetricsLogger(cfg, start, progress)
     moe = moe_layers(model)
@@ -99,7 +123,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         while step < cfg.max_steps:
             elapsed = time.perf_counter() - t0
             if interrupt.requested:
-                raise _interrupted(cfg, model, data, optimizer, step, best, logger)
+                raise _interrupted(cfg, model, saving, optimizer, step, best, logger)
             if cfg.max_time and elapsed >= cfg.max_time:
                 break
             lr = _lr(cfg, step, elapsed)
@@ -108,27 +132,31 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             t_step = time.perf_counter()
             micro_batches = [data.train_batch(cfg.batch_size, cfg.seq_len, step * cfg.grad_accum + i, device)
                              for i in range(cfg.grad_accum)]
-            loss = train_step(model, loss_fn, optimizer, micro_batches, cfg.grad_clip, autocast)
+            stats = train_step(model, objective, optimizer, micro_batches, cfg.grad_clip, autocast)
+            loss = stats["loss"]
+            tokens = sum(batch["tokens"].numel() for batch in micro_batches)  # fine-tuning rows vary in width
             for layer in moe:
                 layer.update_expert_bias()  # DeepSeek-V3 aux-loss-free balancing (no-op without expert_bias)
             step += 1
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 _check_finite(loss, step, cfg)
                 dt = time.perf_counter() - t_step
-                mfu = flops_step / dt / peak if peak else None
-                logger.log_train(step, loss, lr, tokens_per_step / dt, mfu, load_stats(moe) if moe else None)
+                mfu = flops_per_token * tokens / dt / peak if peak else None
+                extra = {k: float(v) for k, v in stats.items() if k != "loss"}
+                extra.update(load_stats(moe) if moe else {})
+                logger.log_train(step, loss, lr, tokens / dt, mfu, extra)
             for layer in moe:
                 layer.pop_load()  # expert loads count one step
             if step % cfg.eval_every == 0 and step < cfg.max_steps:
                 _check_finite(loss, step, cfg)
-                metrics = _evaluate(model, data, cfg, device, autocast)
+                metrics = _evaluate(model, objective, data, cfg, device, autocast)
                 logger.log_eval(step, metrics, time.perf_counter() - t0)
-                best = _save(cfg, model, data, optimizer, step, metrics, best)
+                best = saving.save(model, optimizer, step, metrics, best)
         # the final evaluation covers the whole validation split
         _check_finite(loss, step, cfg)
-        metrics = _evaluate(model, data, cfg, device, autocast, full=True)
+        metrics = _evaluate(model, objective, data, cfg, device, autocast, full=True)
         logger.log_eval(step, metrics, time.perf_counter() - t0)
-        best = _save(cfg, model, data, optimizer, step, metrics, best)
+        best = saving.save(model, optimizer, step, metrics, best)
     logger.close()
     return TrainResult(step, metrics["val_loss"], metrics["val_bpc"], cfg.out_dir)
 
@@ -171,11 +199,11 @@ def _restore(state: dict, optimizer, device) -> tuple[int, float]:
     return state["step"], state["best_val_loss"]
 
 
-def _interrupted(cfg, model, data, optimizer, step: int, best: float, logger) -> TrainingInterrupted:
+def _interrupted(cfg, model, saving, optimizer, step: int, best: float, logger) -> TrainingInterrupted:
     """Save a resumable checkpoint of `step` (unless the loop just did) and say how to resume."""
     path = Path(cfg.out_dir) / "checkpoints" / f"step-{step:06d}"
     if path not in checkpoint_dirs(cfg.out_dir):
-        path = save_training(cfg.out_dir, model, data.tokenizer, optimizer, step, _train_state(best), cfg.keep_last)
+        path = saving.checkpoint(model, optimizer, step, best)
     logger.close()
     command = resume_command(cfg)
     print(f"interrupted: saved a resumable checkpoint of step {step} to {path}\nresume with: {command}",
@@ -189,36 +217,47 @@ def _lr(cfg: TrainConfig, step: int, elapsed: float) -> float:
     return learning_rate(step, cfg.schedule, cfg.lr, cfg.warmup, cfg.max_steps, cfg.min_lr)
 
 
-def make_loss_fn(model, label_smoothing: float = 0.0, compile_: bool = False):
-    """(x, y) -> loss. Compiled, the loss is in the graph with the model, so the log-softmax
-    fuses with the output projection's epilogue instead of materialising fp32 logits."""
+def train_step(model, objective, optimizer, micro_batches: Sequence[dict], grad_clip: float = 0.0,
+               autocast=None) -> dict[str, torch.Tensor]:
+    """One optimiser step over `micro_batches` (batch dicts); returns the objective's outputs
+    averaged over them, detached ("loss" and what it logs).
 
-    def forward_loss(x, y):
-        return lm_loss(model(x), y, label_smoothing)
-
-    return torch.compile(forward_loss) if compile_ else forward_loss
-
-
-def train_step(model, loss_fn, optimizer, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-               grad_clip: float = 0.0, autocast=None) -> torch.Tensor:
-    """One optimiser step over `micro_batches` ((x, y) pairs); returns the mean loss, detached.
-
-    Each micro-batch's mean loss is divided by their number before its backward, so the summed
-    gradients are those of the mean loss over all of them: equal-sized micro-batches give the
-    gradient of one batch that concatenates them. Gradients are clipped to norm `grad_clip`
-    (0: not clipped), applied, and set to None.
+    Each micro-batch's loss is weighted by its share of the step (`objective.weight`: its trained
+    targets or pairs) before its backward, so the summed gradients are those of the mean over every
+    target of the step, as one batch holding all of them would give. Gradients are clipped to norm
+    `grad_clip` (0: not clipped), applied, and set to None.
     """
-    losses = []
-    for x, y in micro_batches:
+    weights = [objective.weight(batch) for batch in micro_batches]
+    total = sum(weights) or 1
+    stats: dict[str, torch.Tensor] = {}
+    for batch, weight in zip(micro_batches, weights):
         with autocast or nullcontext():
-            loss = loss_fn(x, y) / len(micro_batches)
-        loss.backward()
-        losses.append(loss.detach())
+            out = objective(batch)
+        (out["loss"] * (weight / total)).backward()
+        for key, value in out.items():
+            stats[key] = stats.get(key, 0) + value.detach().float() * (weight / total)
     if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return torch.stack(losses).sum()
+    return stats
+
+
+@torch.no_grad()
+def precompute_reference(objective: DPO, data, cfg: TrainConfig, device, autocast) -> None:
+    """Reference log-probs of every pair, once, with the starting weights (adapters off), stored in
+    the splits so DPO's batches carry them and no reference forward runs during training."""
+    was_training = objective.model.training
+    objective.model.eval()
+    for split in (data.train, data.val):
+        out = []
+        for batch in split.eval_batches(max(cfg.batch_size, 8)):
+            with autocast or nullcontext():
+                logps = objective.reference_logps(to_device(batch, device)).float().cpu()
+            out.append(logps.view(2, -1).T)  # (B, 2): chosen, rejected
+        split.reference = torch.cat(out)
+    objective.model.train(was_training)
+    print(f"DPO: reference log-probs of {len(data.train.pairs) + len(data.val.pairs)} pairs precomputed")
 
 
 def _check_finite(loss: torch.Tensor, step: int, cfg: TrainConfig) -> None:
@@ -231,14 +270,32 @@ def _check_finite(loss: torch.Tensor, step: int, cfg: TrainConfig) -> None:
         )
 
 
-def _save(cfg, model, data, optimizer, step, metrics, best) -> float:
-    _check_finite(torch.tensor(metrics["val_loss"]), step, cfg)  # never checkpoint diverged weights
-    if cfg.save_every == 0 or step % cfg.save_every == 0 or step == cfg.max_steps:
-        state = _train_state(min(best, metrics["val_loss"]))
-        save_training(cfg.out_dir, model, data.tokenizer, optimizer, step, state, cfg.keep_last)
-    if metrics["val_loss"] < best:
-        save_best(cfg.out_dir, model, data.tokenizer, step, metrics["val_loss"])
-    return min(best, metrics["val_loss"])
+class _Saving:
+    """The run's checkpoints: with its tokenizer, its chat template (the data's, else the starting
+    checkpoint's) and, for adapters, the base they were trained on."""
+
+    def __init__(self, cfg: TrainConfig, data):
+        from tformer.convert.gguf import read_chat_template
+
+        self.cfg, self.tokenizer = cfg, data.tokenizer
+        start = preset_checkpoint(cfg)
+        template = getattr(data, "template", None)
+        self.template = template.source if template is not None else (read_chat_template(start) if start else None)
+        self.base = str(start) if start else None
+
+    def checkpoint(self, model, optimizer, step: int, best: float) -> Path:
+        return save_training(self.cfg.out_dir, model, self.tokenizer, optimizer, step, _train_state(best),
+                             self.cfg.keep_last, self.template, self.base)
+
+    def save(self, model, optimizer, step: int, metrics: dict, best: float) -> float:
+        """Checkpoint at an evaluation (as cfg.save_every says) and a new best; returns the best val loss."""
+        cfg = self.cfg
+        _check_finite(torch.tensor(metrics["val_loss"]), step, cfg)  # never checkpoint diverged weights
+        if cfg.save_every == 0 or step % cfg.save_every == 0 or step == cfg.max_steps:
+            self.checkpoint(model, optimizer, step, min(best, metrics["val_loss"]))
+        if metrics["val_loss"] < best:
+            save_best(cfg.out_dir, model, self.tokenizer, step, metrics["val_loss"], self.template, self.base)
+        return min(best, metrics["val_loss"])
 
 
 def _train_state(best_val_loss: float) -> dict:

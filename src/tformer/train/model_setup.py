@@ -1,4 +1,5 @@
-"""The model a run trains: from a preset, a ModelConfig JSON file, or an existing checkpoint."""
+"""The model a run trains: from a preset, a ModelConfig JSON file, or an existing checkpoint; with
+--method lora|qlora, LoRA adapters on its frozen (for qlora NF4-quantized) weights."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from tformer.adapters import LoRAConfig, apply_lora, load_adapter, lora_layers, lora_parameters
 from tformer.checkpoint import is_tformer_checkpoint, load
 from tformer.config import ModelConfig
 from tformer.models import build_model
@@ -42,11 +44,33 @@ def preset_checkpoint(cfg) -> Path | None:
     return Path(cfg.preset) if is_tformer_checkpoint(cfg.preset) else None
 
 
-def setup_model(cfg, tokenizer, device: torch.device, resumed: torch.nn.Module | None = None, teacher=None):
-    """The model to train: `resumed` (a resumed checkpoint's model), the preset checkpoint's weights,
-    or a fresh one; with cfg.distill_init, a fresh one starts from `teacher`'s weights."""
+def setup_model(cfg, tokenizer, device: torch.device, resumed=None, teacher=None):
+    """The model to train: a resumed checkpoint's (`resumed`: a ResumePoint), the preset checkpoint's
+    weights, or a fresh one; with cfg.distill_init, a fresh one starts from `teacher`'s weights.
+    With cfg.method lora or qlora, adapters are added (or the resumed checkpoint's loaded back)."""
+    if resumed is not None and resumed.model is not None:
+        return resumed.model.to(device).train()
+    model = _base_model(cfg, tokenizer, device, teacher)
+    if cfg.method == "full":
+        return model
     if resumed is not None:
-        return resumed.to(device).train()
+        return load_adapter(_lora_base(model, cfg, device), resumed.path).train()
+    config = LoRAConfig.from_dict({**cfg.lora, "quantize": "nf4" if cfg.method == "qlora" else None})
+    apply_lora(_lora_base(model, cfg, device), config)
+    n = sum(p.numel() for p in lora_parameters(model))
+    print(f"LoRA: {len(lora_layers(model))} layers adapted (rank {config.r}), {n:,} trainable parameters"
+          + (", base in NF4" if config.quantize else ""))
+    return model.train()
+
+
+def _lora_base(model, cfg, device: torch.device):
+    """A frozen base; in bf16 on a GPU training in bf16, as PEFT users load it (the adapters stay fp32)."""
+    if cfg.method != "full" and device.type == "cuda" and cfg.dtype in ("auto", "bfloat16"):
+        model = model.to(torch.bfloat16)
+    return model.requires_grad_(False)
+
+
+def _base_model(cfg, tokenizer, device: torch.device, teacher=None):
     config = model_config(cfg, tokenizer)
     if (path := preset_checkpoint(cfg)) is not None:  # continue training a checkpoint's weights
         model = load(path, device=device)

@@ -5,6 +5,11 @@
     out_dir/best-steps/step-000150/    tformer.json, model.safetensors, tokenizer.json
     out_dir/metrics.jsonl, loss.png, tb/   written by `tformer.train.logger`
 
+A run that trains LoRA adapters (--method lora|qlora) saves the adapters alone in each of these
+directories (adapter_config.json + adapter_model.safetensors, `tformer.adapters`) beside the
+tokenizer and train_state.pt; its base is the run's --preset. Every checkpoint also keeps the
+run's chat template, so `tformer chat` renders conversations as training did.
+
 Each checkpoint directory is assembled aside, fsynced and renamed into place (`tformer.io.atomic_path`),
 so an interrupted or failed run never leaves a partial checkpoint. A new best checkpoint goes to a
 directory of its own and `best` is re-pointed at it by one atomic rename of a symlink: a reader of
@@ -26,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from tformer.adapters import lora_layers, read_adapter, save_adapter
+from tformer.adapters.io import CONFIG_FILE as ADAPTER_FILE
 from tformer.checkpoint import CONFIG_FILE, load_tformer, save
 from tformer.io import CheckpointError, point_symlink
 from tformer.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -41,12 +48,34 @@ def checkpoint_dirs(out_dir: str | Path) -> list[Path]:
     root = Path(out_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if _STEP_DIR.fullmatch(p.name)
-            and (p / STATE_FILE).is_file() and (p / CONFIG_FILE).is_file()]
+    done = [p for p in root.iterdir() if _STEP_DIR.fullmatch(p.name) and (p / STATE_FILE).is_file()
+            and ((p / CONFIG_FILE).is_file() or (p / ADAPTER_FILE).is_file())]
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_training(out_dir, model, tokenizer, optimizer, step: int, state: dict, keep_last: int) -> Path:
+def save_model(model, path: Path, tokenizer, template: str | None = None, base: str | None = None,
+               extra: dict | None = None, write_extra=None) -> Path:
+    """The model as a checkpoint directory, or its LoRA adapters alone (with `base` recorded), with
+    the tokenizer and chat template; atomically either way."""
+    from tformer.convert.gguf import write_chat_template
+
+    def write(tmp: Path) -> None:
+        write_chat_template(tmp, template)
+        if write_extra is not None:
+            write_extra(tmp)
+
+    if not lora_layers(model):
+        return save(model, path, tokenizer=tokenizer, extra=extra, write_extra=write)
+
+    def write_adapter_extra(tmp: Path) -> None:
+        tokenizer.save(tmp)
+        write(tmp)
+
+    return save_adapter(model, path, base=base, write_extra=write_adapter_extra)
+
+
+def save_training(out_dir, model, tokenizer, optimizer, step: int, state: dict, keep_last: int,
+                  template: str | None = None, base: str | None = None) -> Path:
     """Write checkpoint `step` and prune all but the newest `keep_last`."""
     path = Path(out_dir) / "checkpoints" / f"step-{step:06d}"
     payload = {"optimizer": optimizer.state_dict(), "step": step, **state}
@@ -54,13 +83,14 @@ def save_training(out_dir, model, tokenizer, optimizer, step: int, state: dict, 
     def write_state(tmp: Path) -> None:
         torch.save(payload, tmp / STATE_FILE)
 
-    save(model, path, tokenizer=tokenizer, write_extra=write_state)
+    save_model(model, path, tokenizer, template, base, write_extra=write_state)
     for old in checkpoint_dirs(out_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return path
 
 
-def save_best(out_dir, model, tokenizer, step: int, val_loss: float) -> Path:
+def save_best(out_dir, model, tokenizer, step: int, val_loss: float, template: str | None = None,
+              base: str | None = None) -> Path:
     """Write a new best checkpoint and point `out_dir/best` at it (see the module docstring)."""
     link = Path(out_dir) / BEST
     versions = Path(out_dir) / BEST_VERSIONS
@@ -69,7 +99,8 @@ def save_best(out_dir, model, tokenizer, step: int, val_loss: float) -> Path:
         if not new.exists():
             break
         new = versions / f"step-{step:06d}-{n}"
-    save(model, new, tokenizer=tokenizer, extra={"step": step, "val_loss": val_loss})
+    extra = {"step": step, "val_loss": val_loss}
+    save_model(model, new, tokenizer, template, base, extra)
     previous = link.resolve() if link.is_symlink() else None
     try:
         point_symlink(link, new)
@@ -78,7 +109,7 @@ def save_best(out_dir, model, tokenizer, step: int, val_loss: float) -> Path:
         point_symlink(link, new)
     except OSError:  # no symlinks here: a plain directory, replaced by two renames
         shutil.rmtree(versions, ignore_errors=True)
-        return save(model, link, tokenizer=tokenizer, extra={"step": step, "val_loss": val_loss})
+        return save_model(model, link, tokenizer, template, base, extra)
     for old in versions.iterdir():
         if old.resolve() not in (new.resolve(), previous):
             shutil.rmtree(old, ignore_errors=True)
@@ -91,10 +122,11 @@ def load_training_state(path: str | Path) -> dict:
 
 @dataclass
 class ResumePoint:
-    """An intact checkpoint to resume from: its directory, training state and model (on CPU)."""
+    """An intact checkpoint to resume from: its directory, training state and model (on CPU; None
+    for an adapter checkpoint, whose adapters go back onto the run's base)."""
     path: Path
     state: dict
-    model: torch.nn.Module
+    model: torch.nn.Module | None
 
 
 def latest_intact(out_dir: str | Path) -> tuple[ResumePoint | None, list[tuple[Path, str]]]:
@@ -136,7 +168,11 @@ def _read_checkpoint(path: Path) -> ResumePoint:
     missing = [k for k in ("optimizer", "step", "best_val_loss", "torch_rng") if k not in state]
     if missing:
         raise CheckpointError(f"{STATE_FILE} lacks {missing}")
-    model = load_tformer(path)
+    if (path / ADAPTER_FILE).is_file():
+        read_adapter(path)
+        model = None
+    else:
+        model = load_tformer(path)
     if (path / TOKENIZER_FILE).is_file():
         Tokenizer.load(path / TOKENIZER_FILE)
     return ResumePoint(path, state, model)
