@@ -41,8 +41,8 @@ def load_merged(checkpoint: str | Path, adapter: str | Path, device="cpu", dtype
 def merge_checkpoint(checkpoint: str | Path, adapter: str | Path, out: str | Path,
                      dtype: torch.dtype | None = None, probe_tokens: int = PROBE_TOKENS) -> MergeReport:
     """Write base + adapter as a plain tformer checkpoint at `out` (atomically), with the base's
-    tokenizer and chat template; returns the MergeReport (logits compared on a probe of
-    `probe_tokens` tokens)."""
+    tokenizer and the chat template of `chat_template_folder`; returns the MergeReport (logits
+    compared on a probe of `probe_tokens` tokens)."""
     from tformer.checkpoint import save
     from tformer.convert.gguf import read_chat_template, write_chat_template
     from tformer.tokenizer import TOKENIZER_FILE
@@ -50,9 +50,19 @@ def merge_checkpoint(checkpoint: str | Path, adapter: str | Path, out: str | Pat
     checkpoint = Path(checkpoint)
     model, report = load_merged(checkpoint, adapter, dtype=dtype, probe_tokens=probe_tokens)
     tokenizer = checkpoint if (checkpoint / TOKENIZER_FILE).is_file() else None
-    template = read_chat_template(checkpoint)
+    template = read_chat_template(chat_template_folder(checkpoint, adapter))
     save(model, out, tokenizer=tokenizer, write_extra=lambda folder: write_chat_template(folder, template))
     return report
+
+
+def chat_template_folder(checkpoint: str | Path, adapter: str | Path | None = None) -> Path:
+    """The folder whose chat template base + adapter answers in: the adapter's directory when it
+    holds one (a fine-tuning run saves the template it trained with), else the base checkpoint."""
+    from tformer.convert.gguf import read_chat_template
+
+    if adapter is not None and Path(adapter).is_dir() and read_chat_template(adapter) is not None:
+        return Path(adapter)
+    return Path(checkpoint)
 
 
 def _probe(config, n: int, device) -> torch.Tensor:

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Command modules, in the order `tformer --help` lists them.
-COMMANDS = ["params", "convert", "tokenizer", "train", "generate", "quantize"]
+COMMANDS = ["params", "convert", "tokenizer", "train", "generate", "chat", "merge", "quantize"]
 
 
 class UserError(Exception):
@@ -27,6 +27,18 @@ def torch_dtype(name: str | None):
     import torch
 
     return getattr(torch, name) if name else None
+
+
+def check_destination(dst, overwrite: bool, *sources) -> None:
+    """Refuse (UserError) a destination that is one of the sources, or that exists (a file or a
+    non-empty directory) unless --overwrite was given."""
+    from pathlib import Path
+
+    dst = Path(dst)
+    if any(Path(s).resolve() == dst.resolve() for s in sources):
+        raise UserError(f"{dst} is also a source: write the output somewhere else")
+    if (dst.is_file() or dst.is_dir() and any(dst.iterdir())) and not overwrite:
+        raise UserError(f"{dst} exists: pass --overwrite to replace it, or choose another destination")
 
 
 class Parser(argparse.ArgumentParser):
@@ -76,8 +88,9 @@ def _dashed(option: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="tformer",
-        description="Train transformer language models and generate text with them; count a model's "
-                    "parameters, convert checkpoints to and from HF, train tokenizers, quantize weights.",
+        description="Train transformer language models, generate text and chat with them; count a model's "
+                    "parameters, convert checkpoints to and from HF and GGUF, merge LoRA adapters, train "
+                    "tokenizers, quantize weights.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from tformer.cli import DTYPES, UserError, torch_dtype
+from tformer.cli import UserError
+from tformer.cli.decoding import add_model_options, add_sampling_options, load_model, sampling_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,25 +14,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="generate text from a tformer checkpoint or an HF model directory",
         description=(
             "Complete prompts with a model. PATH is a tformer checkpoint or an HF model directory with its "
-            "tokenizer.json. Several --prompt values run as one left-padded batch; a single prompt streams "
-            "to the terminal."
+            "tokenizer.json; --adapter DIR merges a LoRA adapter trained on it into its weights first. Several "
+            "--prompt values run as one left-padded batch; a single prompt streams to the terminal."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("path", help="checkpoint or HF model directory")
     p.add_argument("--prompt", action="append", help="prompt text (repeatable; default: a newline)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    add_sampling_options(p, max_new_tokens=200)
     p.add_argument("--truncate-prompt", action="store_true",
                    help="keep a too-long prompt's last max_seq_len - max-new-tokens tokens (noted on stderr) "
                         "instead of refusing it")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * p_max (0: off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty (1: off)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    add_model_options(p)
     p.add_argument("--draft", metavar="PATH",
                    help="speculative decoding with this smaller model (same tokenizer); one prompt only")
     p.add_argument("--speculate-k", type=int, default=4, help="draft tokens per round with --draft")
@@ -40,30 +35,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "prompt padded to a multiple of 64 tokens, the decode step with the whole loop's bookkeeping; "
                         "with --draft: each round, the draft steps and the verify, is one CUDA graph); "
                         "pays off for long generations on GPU")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on GPU, float32 on CPU")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from tformer.inference import DecodeEngine, EngineOptions, generate_text, load_tokenizer
 
-    from tformer.checkpoint import load
-    from tformer.inference import DecodeEngine, EngineOptions, SamplingConfig, generate_text, load_tokenizer
-    from tformer.train.loop import resolve_device
-
-    if args.max_new_tokens <= 0:
-        raise UserError("--max-new-tokens must be > 0")
-    device = resolve_device(args.device)
-    dtype = torch_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else None)
+    sampling = sampling_config(args)
     tokenizer = load_tokenizer(args.path)
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
     prompts = args.prompt or ["\n"]
     if args.draft and len(prompts) != 1:
         raise UserError("--draft decodes one prompt at a time: pass a single --prompt")
     # on a GPU the engine swaps in tformer's decode kernels; with --compile it replays CUDA graphs
     options = EngineOptions(max_batch_size=len(prompts), compile=args.compile)
-    engine = DecodeEngine(load(args.path, device=device, dtype=dtype), options)
-    draft = DecodeEngine(load(args.draft, device=device, dtype=dtype), options) if args.draft else None
+    engine = DecodeEngine(load_model(args), options)
+    draft = DecodeEngine(load_model(args, args.draft), options) if args.draft else None
     ids, prompts = _fit_prompts(args, tokenizer, prompts, [e for e in (engine, draft) if e])  # before any output
     if draft:
         return _speculative(args, engine, draft, tokenizer, sampling, ids[0], prompts[0])
