@@ -23,7 +23,8 @@ CHARS = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,:?!'\n"
 SPECIALS = ("<|im_end|>", "<|im_start|>", "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>")
 # ChatML with a "Q:" before user messages: a reply from plain ChatML would differ
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'user' %}Q: {% endif %}"
-            "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+            "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 GREEDY = ["--temperature", "0", "--max-new-tokens", "6"]
 
 
