@@ -145,8 +145,12 @@ def test_interactive_lines_until_exit_eof_or_ctrl_c(ckpt, capsys, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("builtins.input", interrupted)
-    code, _, err = chat(ckpt, *GREEDY, capsys=capsys)
-    assert code == 0 and "Traceback" not in err
+    assert chat(ckpt, *GREEDY, capsys=capsys)[0] == 0  # at the prompt
+    monkeypatch.undo()
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi.\nWhy?\n"))
+    monkeypatch.setattr("tformer.inference.chat.ChatSession.reply", lambda *a, **k: interrupted())
+    assert chat(ckpt, *GREEDY, capsys=capsys)[:2] == (0, "\n")  # mid-reply: ends there
+    assert chat(ckpt, "--message", "Hi.", *GREEDY, capsys=capsys)[0] == 130  # a script's run cut short
 
 
 def test_a_checkpoint_without_a_template_chats_in_chatml(tmp_path, capsys):

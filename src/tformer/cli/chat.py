@@ -38,6 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _chat(args)
+    except KeyboardInterrupt:  # Ctrl-C while loading or answering --message: no traceback
+        print(file=sys.stderr)
+        return 130
+
+
+def _chat(args: argparse.Namespace) -> int:
     from tformer.adapters.merge import chat_template_folder
     from tformer.chat import ChatTemplate
     from tformer.inference import DecodeEngine, EngineOptions, load_tokenizer
