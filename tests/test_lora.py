@@ -213,3 +213,14 @@ def test_merge_of_a_loaded_adapter_on_a_preset_with_tied_embeddings(tmp_path):
     merge_lora(reloaded)
     torch.testing.assert_close(reloaded(tokens), adapted, rtol=1e-5, atol=1e-5)
     assert reloaded.output.weight is reloaded.tok_emb.weight
+
+
+def test_digest_samples_the_last_value_of_a_tensor_past_float32s_exact_integers():
+    """2**24 + 4 values (SmolLM2's 49152 x 576 embedding is larger): float32 sample positions would
+    round the last one up to n, past the end."""
+    from tformer.adapters import tensor_digest
+
+    t = torch.zeros(2**24 + 4, dtype=torch.uint8)
+    zeros = tensor_digest(t)
+    t[-1] = 7
+    assert tensor_digest(t) != zeros

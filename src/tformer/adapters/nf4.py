@@ -75,7 +75,8 @@ def tensor_digest(t: torch.Tensor) -> str:
     n = flat.numel()
     h = hashlib.sha256(str(tuple(t.shape)).encode())
     if n:
-        idx = torch.linspace(0, n - 1, min(n, DIGEST_SAMPLES), device=flat.device).round().long()
+        # float64: in float32, n - 1 past 2**24 may round up to n, an index out of bounds (SmolLM2's embedding)
+        idx = torch.linspace(0, n - 1, min(n, DIGEST_SAMPLES), dtype=torch.float64).round().long().to(flat.device)
         sample = flat[idx].to(torch.bfloat16).view(torch.int16).cpu()
         h.update(sample.numpy().tobytes())
     return h.hexdigest()
