@@ -322,10 +322,11 @@ def test_captured_prefill_and_loop_on_cuda_repeat_seeded_sampling():
 
     model = _tiny(tie_embeddings=False).to("cuda", torch.bfloat16)
     greedy, prompts = SamplingConfig(temperature=0), [[3, 5, 7, 11], [2, 9], [4, 4, 8]]
-    with DecodeEngine(model, max_batch_size=3) as eager, DecodeEngine(model, compile=True, max_batch_size=3,
-                                                                      prefill_bucket=8) as graphed:
-        for batch in ([prompts[0]], prompts):
-            want = eager.generate(batch, 12, greedy)
+    batches = ([prompts[0]], prompts)
+    with DecodeEngine(model, max_batch_size=3) as eager:  # one engine at a time runs a model's kernels
+        wants = [eager.generate(batch, 12, greedy) for batch in batches]
+    with DecodeEngine(model, compile=True, max_batch_size=3, prefill_bucket=8) as graphed:
+        for batch, want in zip(batches, wants):
             assert graphed.generate(batch, 12, greedy) == want
             assert graphed.generate(batch, 12, greedy) == want
         topk = SamplingConfig(temperature=0.9, top_k=7, repetition_penalty=1.2)
