@@ -67,7 +67,7 @@ def test_completion_loss_is_on_completion_and_eos(base):
     tok = Tokenizer.load(base)
     ex = encode_completion("the cat", " sat on a mat", tok)
     assert tok.decode(ex.ids[ex.trained].tolist()) == " sat on a mat<|eos|>"
-    assert ex.ids[0] == tok.bos_id and not ex.trained[: len(tok.encode("the cat")) + 1].any()
+    assert ex.ids.tolist()[:2] == tok.encode("the cat") and not ex.trained[:2].any()  # no bos: its BPE adds none
 
 
 def test_targets_mark_only_trained_tokens(base):
@@ -187,3 +187,27 @@ def test_dpo_raises_the_chosen_margin(base, tmp_path, method, reference):
     first = [r for r in rows if r["kind"] == "train"][0]
     assert first["reward_margin"] == pytest.approx(0, abs=1e-4)  # policy = reference at the start
     assert isinstance(DPO, type)
+
+
+def test_finetune_command_trains_lora_and_inspect_marks_the_loss(base, tmp_path, capsys):
+    from tformer.cli import main
+
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(20))
+    assert main(["data", "inspect", str(data), "--ckpt", str(base), "--index", "1", "--marks", "plain"]) == 0
+    shown = capsys.readouterr().out
+    answer = chat_records(20)[1]["messages"][1]["content"]
+    assert f"[[{answer}<|im_end|>\n]]" in shown and "20 examples" in shown
+    out = tmp_path / "ft"
+    code = main(["finetune", str(base), "--data", str(data), "--max-steps", "2", "--eval-every", "2",
+                 "--out-dir", str(out), "--lora.r", "2", "--lora.targets", "wqkv", "--no-tensorboard", "--device", "cpu"])
+    assert code == 0
+    meta = json.loads((out / "best" / "adapter_config.json").read_text())
+    assert meta["lora"]["r"] == 2 and all(t.endswith("wqkv") for t in meta["lora"]["targets"])
+    assert f"tformer chat {base} --adapter {out / 'best'}" in capsys.readouterr().out
+
+
+def test_finetune_refuses_what_is_not_a_checkpoint(tmp_path, capsys):
+    from tformer.cli import main
+
+    assert main(["finetune", str(tmp_path), "--data", "x.jsonl"]) == 2
+    assert "not a tformer checkpoint" in capsys.readouterr().err

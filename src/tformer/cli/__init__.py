@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Command modules, in the order `tformer --help` lists them.
-COMMANDS = ["params", "convert", "tokenizer", "train", "generate", "chat", "merge", "quantize"]
+COMMANDS = ["params", "convert", "tokenizer", "data", "train", "finetune", "generate", "chat", "merge", "quantize"]
 
 
 class UserError(Exception):

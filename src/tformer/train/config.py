@@ -147,7 +147,7 @@ FIELD_HELP = {
                     "spaced layers (DistilBERT); the student must be the teacher's shape but for n_layers",
     "distill_cosine": "weight of DistilBERT's hidden-state term, 1 - cos(student, teacher) of the final hidden "
                       "states (a student of the teacher's width)",
-    "val_data": "fine-tuning: JSONL examples to validate on (default: --val-fraction of --data, seeded)",
+    "val_data": "fine-tuning: JSONL examples to validate on; none: --val-fraction of --data, held out by --seed",
     "method": "what trains: all weights (full), LoRA adapters on a frozen base (lora), or LoRA on an NF4-quantized "
               "base (qlora); adapters are what the checkpoints hold",
     "train_on_prompt": "fine-tuning: put the loss on every token, not only on assistant turns / completions",
