@@ -16,8 +16,10 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from tformer.data.sft import IGNORE
+from tformer.train.linear_ce import linear_cross_entropy
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -42,18 +44,22 @@ def _forward(model, batch: dict) -> torch.Tensor:
 
 
 class NextToken:
-    """Pretraining and supervised fine-tuning: mean next-token cross-entropy. Compiled, the loss is
-    in one graph with the model, so the log-softmax fuses with the head instead of materialising
-    fp32 logits."""
+    """Pretraining and supervised fine-tuning: mean next-token cross-entropy. A plain output head
+    goes through `linear_cross_entropy`, so the (B, T, V) fp32 logits and their gradient never exist;
+    compiled, the model and the loss are one graph."""
     unit = "tokens"  # what `weight` counts
 
     def __init__(self, model, label_smoothing: float = 0.0, compile_: bool = False):
         self.model, self.label_smoothing = model, label_smoothing
+        head = model.output
+        self.chunked_head = type(head) is nn.Linear and head.bias is None  # not quantized, no adapter
         self._loss = torch.compile(self._forward_loss) if compile_ else self._forward_loss
 
     def _forward_loss(self, tokens, targets, segments=None):
-        logits = self.model(tokens) if segments is None else self.model(tokens, segments=segments)
-        return next_token_loss(logits, targets, self.label_smoothing)
+        hidden = self.model.features(tokens) if segments is None else self.model.features(tokens, segments=segments)
+        if self.chunked_head:
+            return linear_cross_entropy(hidden, self.model.output.weight, targets, IGNORE, self.label_smoothing)
+        return next_token_loss(self.model.output(hidden), targets, self.label_smoothing)
 
     def __call__(self, batch: dict) -> dict:
         return {"loss": self._loss(batch["tokens"], batch["targets"], batch.get("segments"))}
