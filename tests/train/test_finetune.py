@@ -211,3 +211,33 @@ def test_finetune_refuses_what_is_not_a_checkpoint(tmp_path, capsys):
 
     assert main(["finetune", str(tmp_path), "--data", "x.jsonl"]) == 2
     assert "not a tformer checkpoint" in capsys.readouterr().err
+
+
+def test_qlora_run_trains_adapters_on_an_nf4_base(tmp_path, monkeypatch):
+    from tformer.adapters import NF4Linear
+
+    path = tmp_path / "base64"
+    text = " ".join(WORDS * 30)
+    tok = Tokenizer.train_bpe([text], vocab_size=320,
+                              special_tokens=("<|bos|>", "<|eos|>", "<|pad|>", "<|im_start|>", "<|im_end|>"))
+    tformer.save(build_model(tiny_config(vocab_size=320, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=128,
+                                          max_seq_len=128)), path, tokenizer=tok)
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(20))
+    cfg = run_config(path, tmp_path, data, method="qlora", lora={"r": 4, "targets": ["all-linear"]}, max_steps=2,
+                     eval_every=2)
+    seen = {}
+    import tformer.train.loop as loop
+
+    make = loop.make_objective
+
+    def spy(cfg, model, data, teacher=None):
+        seen["nf4"] = sum(isinstance(m, NF4Linear) for m in model.modules())
+        return make(cfg, model, data, teacher)
+
+    monkeypatch.setattr(loop, "make_objective", spy)
+    train(cfg, progress=False)
+    assert seen["nf4"] == 2 * 5  # wqkv, wo, w1, w2, w3 of both blocks train on NF4 weights
+    meta = json.loads((tmp_path / "run" / "best" / "adapter_config.json").read_text())
+    assert meta["lora"]["quantize"] == "nf4"
+    adapted = load_adapter(tformer.load(path), tmp_path / "run" / "best")
+    assert sum(isinstance(m, NF4Linear) for m in adapted.modules()) == seen["nf4"]
