@@ -73,7 +73,8 @@ class Decoder(nn.Module):
                 segments=None):
         """tokens (B,T) -> logits (B,T,vocab).
 
-        input_pos (T,): cache slots of these tokens (required once caches are set up).
+        input_pos (T,): cache slots of these tokens (required once caches are set up); (B, T) where each
+            row has its own, which a paged cache (tformer.serve) takes.
         attention_mask (B,S): 1 for real tokens, 0 for padding; S = T, or the cache size.
         segments (B,T): ids of the packed sequences each token belongs to (no cache, no attention_mask).
         """
@@ -108,13 +109,13 @@ class Decoder(nn.Module):
             raise ValueError("caches are set up: pass input_pos (the cache slots of these tokens)")
         if input_pos is None:
             return torch.arange(T, device=device)
-        if input_pos.shape != (T,):
-            raise ValueError(f"input_pos must have shape ({T},), got {tuple(input_pos.shape)}")
+        if input_pos.shape[-1:] != (T,) or input_pos.dim() > 2:
+            raise ValueError(f"input_pos must have shape ({T},) or (batch, {T}), got {tuple(input_pos.shape)}")
         return input_pos
 
     def _positions(self, slots: torch.Tensor, attention_mask, B: int, n_keys: int) -> torch.Tensor:
         if attention_mask is None:
-            return slots.expand(B, -1)
+            return slots.expand(B, -1)  # (B, T), also when each row has its own slots
         if attention_mask.shape != (B, n_keys):
             raise ValueError(
                 f"attention_mask must have shape (batch, keys) = ({B}, {n_keys}), got {tuple(attention_mask.shape)}"

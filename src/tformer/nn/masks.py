@@ -18,18 +18,20 @@ def causal_mask(
 ) -> torch.Tensor:
     """(B or 1, 1, T, S) bool: causal, within `window` recent keys, and only valid (non-pad) keys.
 
-    q_slots (T,): the key slot each query occupies. A query always sees its own slot, so a
-    padding query never has an empty row (which would give NaN from softmax).
+    q_slots (T,), or (B, T) where each row has its own (a paged cache, tformer.serve): the key slot
+    each query occupies. A query always sees its own slot, so a padding query never has an empty row
+    (which would give NaN from softmax).
     """
     k_slots = torch.arange(n_keys, device=q_slots.device)
-    q = q_slots[:, None]  # (T, 1)
-    allowed = k_slots[None, :] <= q  # (T, S)
+    q = q_slots[..., :, None]  # (T, 1) or (B, T, 1)
+    allowed = k_slots <= q  # (T, S) or (B, T, S)
     if window is not None:
-        allowed = allowed & (k_slots[None, :] > q - window)
-    allowed = allowed[None, None]  # (1, 1, T, S)
+        allowed = allowed & (k_slots > q - window)
+    allowed = allowed[None, None] if q_slots.dim() == 1 else allowed[:, None]  # (B or 1, 1, T, S)
     if key_valid is not None:
         allowed = allowed & key_valid.bool()[:, None, None, :]  # (B, 1, T, S)
-        allowed = allowed | (k_slots[None, :] == q)[None, None]
+        own = k_slots == q
+        allowed = allowed | (own[None, None] if q_slots.dim() == 1 else own[:, None])
     return allowed
 
 

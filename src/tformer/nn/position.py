@@ -88,6 +88,8 @@ class Alibi(DerivedBuffers):
             self.slopes.copy_(alibi_slopes(self.slopes.shape[0]).to(self.slopes.device))
 
     def forward(self, q_slots: torch.Tensor, n_keys: int) -> torch.Tensor:
+        """q_slots (T,) -> (1, H, T, S); per-row q_slots (B, T) -> (B, H, T, S)."""
         k_slots = torch.arange(n_keys, device=q_slots.device)
-        distance = (k_slots[None, :] - q_slots[:, None]).float()  # (T, S), <= 0 where causal
-        return self.slopes[None, :, None, None] * distance[None, None]  # -slope_h * (i - j)
+        distance = (k_slots - q_slots[..., :, None]).float()  # (T, S) or (B, T, S), <= 0 where causal
+        distance = distance[None, None] if q_slots.dim() == 1 else distance[:, None]
+        return self.slopes[None, :, None, None] * distance  # -slope_h * (i - j)

@@ -1,0 +1,385 @@
+"""Continuous batching: requests join and leave the running batch at token boundaries.
+
+    submit(request) -> RequestStream          from any thread; the stream yields TokenEvents
+    scheduling thread, each iteration:
+        admit waiting requests while blocks allow (their cached prompt prefix reused: serve/blocks.py)
+        prefill one chunk (<= prefill_chunk tokens) of one admitted request
+        decode one token for every request whose prompt is in the cache, as one (B, 1) forward
+        sample each row with its own settings and random stream (serve/sampling.py), emit, retire
+
+The KV cache is paged (serve/blocks.py): a request holds only the blocks its tokens fill. When a
+decode step needs a block and none is left, the most recently admitted request gives its blocks
+back and waits to be recomputed (its tokens so far become its prompt; its stream goes on).
+Model code is unchanged: each attention layer's cache is a PagedKVCache, and every row of a forward
+has its own positions (`Decoder.forward(input_pos=(B, T))`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import os
+import queue
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from tformer.nn.attention import Attention
+from tformer.serve.blocks import BlockPool, PagedKVCache, PageTable
+from tformer.serve.sampling import apply_penalties, sample_rows
+
+
+@dataclass
+class GenerationRequest:
+    """What to generate. temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 are off; the penalties
+    are OpenAI's, over the generated tokens; seed None draws a fresh one. Generation ends after a token
+    of stop_ids ("stop") or max_new_tokens ("length"). logprobs: None none, 0 the sampled token's, k > 0
+    also the k most likely. token_filter(generated) gives a bool (V,) mask of allowed next tokens, or None."""
+    prompt_ids: list[int]
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop_ids: frozenset[int] = frozenset()
+    logprobs: int | None = None
+    token_filter: Callable[[list[int]], torch.Tensor | None] | None = None
+
+
+@dataclass
+class TokenEvent:
+    """One generated token, or (finish_reason "abort", token_id -1) the end of a stopped request."""
+    token_id: int
+    logprob: float | None
+    top_logprobs: list[tuple[int, float]] | None
+    finish_reason: str | None  # None while running; "stop", "length", or "abort" (cancelled, or an engine error)
+
+
+class EngineFull(Exception):
+    """The waiting queue is full: try again later."""
+
+
+class RequestStream:
+    """One request's TokenEvents in order, the last with a finish_reason; iterate it (blocking) or
+    `async for` it. Events pushed before an async consumer arrives are handed over first."""
+
+    def __init__(self, request: GenerationRequest):
+        self.request = request
+        self._events: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._async: tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None = None
+        self.finished = False
+
+    def _push(self, event: TokenEvent) -> None:
+        with self._lock:
+            if self._async is None:
+                self._events.put(event)
+            else:
+                loop, q = self._async
+                loop.call_soon_threadsafe(q.put_nowait, event)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while True:
+            event = self._events.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        q: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            while not self._events.empty():
+                q.put_nowait(self._events.get_nowait())
+            self._async = (asyncio.get_running_loop(), q)
+        while True:
+            event = await q.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+
+@dataclass
+class _Sequence:
+    """A request in the engine: its tokens (prompt, then generated), blocks, and how far the cache holds it."""
+    stream: RequestStream
+    tokens: list[int]
+    n_prompt: int
+    seed: int
+    blocks: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)  # chain hashes of the prompt's full blocks
+    cached: int = 0  # positions 0..cached-1 are in the cache
+    registered: int = 0  # prompt blocks offered to the prefix cache
+    cancelled: bool = False
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.n_prompt:]
+
+    @property
+    def prefill_end(self) -> int:
+        """Where prefill stops: the prompt's end, or (recomputing a preempted request) before the last token."""
+        return self.n_prompt if len(self.tokens) == self.n_prompt else len(self.tokens) - 1
+
+
+class ServeEngine:
+    """Continuous batching over one model (module docstring). Not for MLA models (their latent cache
+    is not paged)."""
+
+    def __init__(self, model, *, block_size: int = 16, n_blocks: int | None = None, max_running: int = 64,
+                 max_waiting: int = 256, prefill_chunk: int = 512, prefix_caching: bool = True):
+        layers = [layer.attn for layer in model.layers]
+        if not all(isinstance(a, Attention) for a in layers):
+            raise ValueError("serving needs multi-head attention layers: MLA's latent cache is not paged yet")
+        self.model = model.eval()
+        weight = model.tok_emb.weight
+        self.device, dtype = weight.device, weight.dtype
+        self.block_size, self.max_running, self.max_waiting = block_size, max_running, max_waiting
+        self.prefill_chunk = prefill_chunk
+        self.max_context = model.config.max_seq_len
+        self.vocab_size = model.config.vocab_size
+        n_blocks = n_blocks or self._default_blocks(layers, dtype)
+        self.pool = BlockPool(n_blocks, block_size, prefix_caching)
+        self.table = PageTable()
+        model.attach_caches([PagedKVCache(self.table, n_blocks, block_size, a.n_kv_heads, a.head_dim, dtype,
+                                          self.device) for a in layers])
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._running: list[_Sequence] = []
+        self._cancel: set[RequestStream] = set()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.generated_tokens = self.preempted = 0
+
+    def _default_blocks(self, layers, dtype) -> int:
+        """Enough for every running request at full context on a CPU; on a GPU, 60% of the free memory."""
+        per_block = sum(2 * a.n_kv_heads * a.head_dim for a in layers) * self.block_size * dtype.itemsize
+        want = self.max_running * math.ceil(self.max_context / self.block_size) + 1
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return max(2, min(want, int(free * 0.6) // per_block))
+        return want
+
+    # --- the client side ----------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Queue a request; ValueError when it cannot ever run, EngineFull when the queue is full."""
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {request.max_new_tokens}")
+        if n + request.max_new_tokens > self.max_context:
+            raise ValueError(f"the prompt ({n} tokens) and max_new_tokens ({request.max_new_tokens}) exceed the "
+                             f"model's context of {self.max_context} tokens")
+        if any(not 0 <= t < self.vocab_size for t in request.prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if math.ceil((n + request.max_new_tokens) / self.block_size) > self.pool.n_blocks - 1:
+            raise ValueError(f"the request needs more KV blocks than the pool holds ({self.pool.n_blocks - 1})")
+        stream = RequestStream(request)
+        seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little")
+        with self._wake:
+            if len(self._waiting) >= self.max_waiting:
+                raise EngineFull(f"{len(self._waiting)} requests are already waiting: try again later")
+            self._waiting.append(_Sequence(stream, list(request.prompt_ids), n, seed))
+            self._wake.notify()
+        return stream
+
+    def cancel(self, stream: RequestStream) -> None:
+        """Stop a request; its blocks are freed and its stream ends with finish_reason "abort"."""
+        with self._wake:
+            self._cancel.add(stream)
+            self._wake.notify()
+
+    def stats(self) -> dict:
+        pool = self.pool
+        return {"running": len(self._running), "waiting": len(self._waiting), "blocks_used": pool.used,
+                "blocks_total": pool.n_blocks - 1, "block_size": self.block_size,
+                "prefix_hit_tokens": pool.hit_tokens, "prompt_tokens": pool.queried_tokens,
+                "generated_tokens": self.generated_tokens, "preempted": self.preempted}
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="tformer-serve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+        for seq in list(self._running) + list(self._waiting):
+            self._finish(seq, None, "abort")
+        self._waiting.clear()
+
+    # --- the scheduling thread ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stopping or self._waiting or self._running or self._cancel):
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - a failed step aborts its requests, not the server
+                print(f"tformer serve: engine step failed, aborting {len(self._running)} requests: {e!r}",
+                      file=sys.stderr)
+                for seq in list(self._running):
+                    self._finish(seq, None, "abort")
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One scheduling iteration (module docstring); the thread's loop calls it."""
+        self._cancelled()
+        self._admit()
+        if (seq := next((s for s in self._running if s.cached < s.prefill_end), None)) is not None:
+            self._prefill(seq)
+        ready = [s for s in self._running if s.cached >= s.prefill_end and s.cached < len(s.tokens)]
+        if ready:
+            self._decode(ready)
+
+    def _cancelled(self) -> None:
+        with self._wake:
+            streams, self._cancel = self._cancel, set()
+            waiting = [s for s in self._waiting if s.stream in streams]
+            for seq in waiting:
+                self._waiting.remove(seq)
+        for seq in waiting + [s for s in self._running if s.stream in streams]:
+            self._finish(seq, None, "abort")
+
+    def _admit(self) -> None:
+        while len(self._running) < self.max_running:
+            with self._wake:
+                if not self._waiting:
+                    return
+                seq = self._waiting[0]
+                end = seq.prefill_end
+                hits, hashes = self.pool.lookup(seq.tokens[:seq.n_prompt], (end - 1) // self.block_size)
+                need = math.ceil((end + 1) / self.block_size) - len(hits)
+                if need > self.pool.available():
+                    self.pool.release(hits)
+                    self.pool.hit_tokens -= len(hits) * self.block_size
+                    self.pool.queried_tokens -= seq.n_prompt
+                    return
+                self._waiting.popleft()
+            seq.blocks, seq.hashes = hits, hashes
+            seq.registered, seq.cached = len(hits), len(hits) * self.block_size
+            self._running.append(seq)
+
+    def _reserve(self, seq: _Sequence, end: int) -> bool:
+        """Blocks for positions up to `end` (exclusive): from the pool, else by sending the most recently
+        admitted other request back to wait (recomputed later). False, and `seq` aborted, when no other
+        request is left to make room."""
+        while len(seq.blocks) * self.block_size < end:
+            if self.pool.available() > 0:
+                seq.blocks.append(self.pool.allocate())
+                continue
+            others = [s for s in self._running if s is not seq]
+            if not others:
+                self._finish(seq, None, "abort")
+                return False
+            victim = others[-1]
+            self._running.remove(victim)
+            self.pool.release(victim.blocks)
+            victim.blocks, victim.cached, victim.registered = [], 0, 0
+            self.preempted += 1
+            with self._wake:
+                self._waiting.appendleft(victim)
+        return True
+
+    def _forward(self, seqs: list[_Sequence], tokens: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Logits (B, T, V) of `tokens` (rows of equal length) at positions starts[b]..; the KV cache grows."""
+        width = max(len(s.blocks) for s in seqs)
+        tables = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in seqs], device=self.device)
+        T = len(tokens[0])
+        pos = torch.tensor(starts, device=self.device)[:, None] + torch.arange(T, device=self.device)
+        self.table.tables = tables
+        self.model.cache_slots = width * self.block_size
+        return self.model(torch.tensor(tokens, device=self.device), input_pos=pos)
+
+    def _prefill(self, seq: _Sequence) -> None:
+        start, end = seq.cached, min(seq.prefill_end, seq.cached + self.prefill_chunk)
+        if not self._reserve(seq, end):
+            return
+        logits = self._forward([seq], [seq.tokens[start:end]], [start])
+        seq.cached = end
+        while seq.registered < min(len(seq.hashes), end // self.block_size):
+            self.pool.register(seq.blocks[seq.registered], seq.hashes[seq.registered])
+            seq.registered += 1
+        if end == seq.n_prompt == len(seq.tokens):  # the prompt is in: its last logits give the first token
+            self._emit([seq], logits[:, -1])
+
+    def _decode(self, seqs: list[_Sequence]) -> None:
+        for seq in seqs:
+            if seq in self._running:
+                self._reserve(seq, len(seq.tokens))
+        seqs = [s for s in seqs if s in self._running]  # some may have made room for the others
+        if not seqs:
+            return
+        logits = self._forward(seqs, [[s.tokens[-1]] for s in seqs], [len(s.tokens) - 1 for s in seqs])
+        for s in seqs:
+            s.cached = len(s.tokens)
+        self._emit(seqs, logits[:, -1])
+
+    def _emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        """Sample one token a row, stream it, and retire the finished requests. logits (B, V)."""
+        reqs = [s.stream.request for s in seqs]
+        f32 = logits.float()
+        work = f32
+        if any(r.presence_penalty or r.frequency_penalty for r in reqs):
+            counts = torch.zeros_like(work)
+            for b, s in enumerate(seqs):
+                if s.generated:
+                    counts[b].index_add_(0, torch.tensor(s.generated, device=self.device),
+                                         torch.ones(len(s.generated), device=self.device))
+            work = apply_penalties(work, counts, *self._params(reqs, "presence_penalty", "frequency_penalty"))
+        for b, (s, r) in enumerate(zip(seqs, reqs)):
+            if r.token_filter is not None and (allowed := r.token_filter(s.generated)) is not None:
+                work = work.clone() if work is f32 else work
+                work[b].masked_fill_(~allowed.to(self.device), float("-inf"))
+        temperature, top_p, min_p = self._params(reqs, "temperature", "top_p", "min_p")
+        top_k = torch.tensor([r.top_k for r in reqs], device=self.device)
+        seeds = torch.tensor([s.seed for s in seqs], device=self.device)
+        steps = torch.tensor([len(s.generated) for s in seqs], device=self.device)
+        tokens = sample_rows(work, temperature, top_k, top_p, min_p, seeds, steps).tolist()
+        logp = f32.log_softmax(-1) if any(r.logprobs is not None for r in reqs) else None
+        for b, (s, r, token) in enumerate(zip(seqs, reqs, tokens)):
+            s.tokens.append(token)
+            self.generated_tokens += 1
+            finish = None
+            if token in r.stop_ids:
+                finish = "stop"
+            elif len(s.generated) >= r.max_new_tokens or len(s.tokens) >= self.max_context:
+                finish = "length"
+            logprob = top = None
+            if r.logprobs is not None:
+                logprob = logp[b, token].item()
+                if r.logprobs > 0:
+                    values, ids = logp[b].topk(r.logprobs)
+                    top = list(zip(ids.tolist(), values.tolist()))
+            event = TokenEvent(token, logprob, top, finish)
+            if finish is None:
+                s.stream._push(event)
+            else:
+                self._finish(s, event, finish)
+
+    def _params(self, reqs, *names) -> list[torch.Tensor]:
+        return [torch.tensor([float(getattr(r, n)) for r in reqs], device=self.device) for n in names]
+
+    def _finish(self, seq: _Sequence, event: TokenEvent | None, reason: str) -> None:
+        if seq in self._running:
+            self._running.remove(seq)
+            self.pool.release(seq.blocks)
+            seq.blocks = []
+        if not seq.stream.finished:
+            seq.stream.finished = True
+            last = event or TokenEvent(seq.tokens[-1] if len(seq.tokens) > seq.n_prompt else -1, None, None, reason)
+            seq.stream._push(last)
