@@ -12,7 +12,8 @@ import importlib
 import sys
 
 # Command modules, in the order `tformer --help` lists them.
-COMMANDS = ["params", "convert", "tokenizer", "data", "train", "finetune", "generate", "chat", "merge", "quantize"]
+COMMANDS = ["params", "convert", "tokenizer", "data", "train", "finetune", "generate", "chat", "merge", "quantize",
+            "serve"]
 
 
 class UserError(Exception):

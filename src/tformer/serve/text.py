@@ -1,0 +1,86 @@
+"""Token ids to text as they arrive: incremental detokenization and stop strings.
+
+A token's text depends on its neighbours (a byte-level token may hold half a UTF-8 character; a
+SentencePiece decoder drops the leading space of the first token it decodes), so each new piece is
+the decode of a short window minus the decode of the window's start, and a piece that ends in an
+incomplete character (U+FFFD) waits for the next token. Text that could be the start of a stop
+string is held back too, so no client ever sees part of a stop string.
+"""
+
+from __future__ import annotations
+
+REPLACEMENT = "\ufffd"  # what a decoder yields for an incomplete UTF-8 sequence
+
+
+class TextStream:
+    """The text of one generated sequence. add() a token id, then take() the text safe to send.
+
+    text: everything decoded so far, cut before the first stop string once one appears (stopped).
+    offsets: the index in `text` where each added token's text starts (legacy logprobs' text_offset).
+    """
+
+    def __init__(self, tokenizer, stop: list[str] | None = None):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in (stop or []) if s]
+        self.ids: list[int] = []
+        self.offsets: list[int] = []
+        self.text = ""
+        self.stopped = False
+        self._start = 0  # ids[_start:_read] is the window's already-emitted context
+        self._read = 0
+        self._sent = 0
+
+    def add(self, token_id: int) -> None:
+        """Append one token; a stop string completed by it cuts `text` and sets `stopped`."""
+        if self.stopped:
+            return
+        self.ids.append(token_id)
+        self.offsets.append(len(self.text))
+        self._append(self._piece(final=False))
+
+    def finish(self) -> None:
+        """The sequence ended: decode whatever was held back for an incomplete character."""
+        if not self.stopped:
+            self._append(self._piece(final=True))
+
+    def take(self, final: bool = False) -> str:
+        """The text not yet taken that can no longer change: all of it when `final` or stopped, else
+        short of a trailing part of a stop string."""
+        end = len(self.text) if final or self.stopped else len(self.text) - self._stop_prefix()
+        piece = self.text[self._sent:end] if end > self._sent else ""
+        self._sent = max(self._sent, end)
+        return piece
+
+    def _piece(self, final: bool) -> str:
+        if self._read == len(self.ids):
+            return ""
+        before = self.tokenizer.decode(self.ids[self._start:self._read])
+        window = self.tokenizer.decode(self.ids[self._start:])
+        if not final and (len(window) <= len(before) or window.endswith(REPLACEMENT)):
+            return ""  # an incomplete character: wait for the rest of its bytes
+        self._start, self._read = self._read, len(self.ids)
+        return window[len(before):]
+
+    def _append(self, piece: str) -> None:
+        if not piece:
+            return
+        searched = max(0, len(self.text) - max((len(s) for s in self.stop), default=0) + 1)
+        self.text += piece
+        hits = [i for i in (self.text.find(s, searched) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+
+    def _stop_prefix(self) -> int:
+        """The length of the longest end of `text` that begins some stop string."""
+        longest = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(s[:k]):
+                    longest = k
+                    break
+        return longest
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """One token's text alone (U+FFFD where it holds part of a character), as logprobs show it."""
+    return tokenizer.decode([token_id])
