@@ -48,22 +48,26 @@ class JsonGrammars:
     def token_filter(self, grammar, stop_ids: frozenset[int]) -> JsonFilter:
         """A fresh filter (one per generated sequence) for a compiled grammar."""
         matcher = self.xgr.GrammarMatcher(grammar, override_stop_tokens=sorted(stop_ids))
-        return JsonFilter(self, matcher)
+        return JsonFilter(self, matcher, stop_ids)
 
 
 class JsonFilter:
     """GenerationRequest.token_filter: called with the tokens generated so far, returns the (V,) bool
-    mask of allowed next tokens. Not thread-safe: the engine's thread alone calls it."""
+    mask of allowed next tokens. Not thread-safe: the engine's thread alone calls it. It never raises
+    (an exception would fail the engine step of every running request): a token the grammar did not
+    allow, which the engine's masking rules out, leaves only the stop tokens."""
 
-    def __init__(self, grammars: JsonGrammars, matcher):
-        self.grammars, self.matcher = grammars, matcher
+    def __init__(self, grammars: JsonGrammars, matcher, stop_ids: frozenset[int]):
+        self.grammars, self.matcher, self.stop_ids = grammars, matcher, stop_ids
         self.accepted = 0
         self.bitmask = grammars.xgr.allocate_token_bitmask(1, grammars.vocab_size)  # (1, ceil(V / 32)) int32
 
     def __call__(self, generated: list[int]) -> torch.Tensor:
         for token in generated[self.accepted:]:
             if not self.matcher.accept_token(token):
-                raise RuntimeError(f"token {token} was generated outside the JSON grammar's mask")
+                only_stop = torch.zeros(self.grammars.vocab_size, dtype=torch.bool)
+                only_stop[sorted(self.stop_ids)] = True
+                return only_stop
         self.accepted = len(generated)
         self.matcher.fill_next_token_bitmask(self.bitmask)
         bits = (self.bitmask[0].unsqueeze(-1) >> self.grammars._bits) & 1  # (ceil(V / 32), 32)

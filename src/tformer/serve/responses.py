@@ -80,7 +80,7 @@ class Shape:
         if self.chat:
             return {"content": [self._chat_entry(tok, e) for e in events]}
         tokens = [token_text(tok, e.token_id) for e in events]
-        tops = [{token_text(tok, t): lp for t, lp in (e.top_logprobs or [])} for e in events]
+        tops = [_top_dict(tok, e.top_logprobs or []) for e in events]
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in events],
                 "top_logprobs": tops if self.top_logprobs > 0 else None, "text_offset": list(offsets or [])}
 
@@ -92,3 +92,12 @@ class Shape:
 
         top = [entry(t, lp) for t, lp in (event.top_logprobs or [])]
         return {**entry(event.token_id, event.logprob), "top_logprobs": top}
+
+
+def _top_dict(tok, top: list[tuple[int, float]]) -> dict[str, float]:
+    """Legacy top_logprobs: token text -> logprob, most likely first; tokens whose texts collide (two
+    byte tokens both shown as U+FFFD) keep the likelier one's logprob."""
+    out: dict[str, float] = {}
+    for token_id, logprob in top:
+        out.setdefault(token_text(tok, token_id), logprob)
+    return out
