@@ -156,3 +156,35 @@ def test_response_format_json_parses(client, fmt):
                 assert set(value) == {"name", "legs"} and isinstance(value["legs"], int)
             ended += 1
     assert ended >= 1
+
+
+def test_echo_and_the_extra_sampling_fields_reach_the_engine(client):
+    kw = dict(model=MODEL, prompt="the dog ran", max_tokens=16)
+    greedy = client.completions.create(**kw, **GREEDY).choices[0].text
+    echoed = client.completions.create(**kw, **GREEDY, echo=True).choices[0].text
+    assert echoed == "the dog ran" + greedy
+    top1 = client.completions.create(**kw, temperature=1.0, seed=5, extra_body={"top_k": 1}).choices[0].text
+    assert top1 == greedy  # top_k 1 leaves only the most likely token
+    penalized = client.completions.create(**kw, **GREEDY, frequency_penalty=2.0, presence_penalty=2.0)
+    assert penalized.choices[0].text != greedy
+
+
+def test_metrics_count_tokens_latencies_and_prefix_hits(client, server, tok):
+    prompt = "the cat sat on a mat and the dog ran to the park while birds sang in trees " * 3  # > 1 block
+    before = server.metrics()
+    for _ in range(2):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, **GREEDY)
+    after = server.metrics()
+
+    def grew(name):
+        key = f'{name}{{model="{MODEL}"}}'
+        return after[key] - before.get(key, 0.0)
+
+    assert grew("tformer_prompt_tokens_total") == 2 * len(tok.encode(prompt))
+    generated = grew("tformer_generation_tokens_total")
+    assert generated >= 2
+    for histogram in ("time_to_first_token", "e2e_request_latency"):
+        assert grew(f"tformer_{histogram}_seconds_count") == 2
+    assert grew("tformer_inter_token_latency_seconds_count") == generated - 2  # a gap between each two tokens
+    assert grew("tformer_engine_prefix_hit_tokens") >= 16  # the second request reused the first one's blocks
+    assert after['tformer_http_requests_total{route="/v1/completions",status="200"}'] >= 2
