@@ -54,3 +54,21 @@ def test_bad_options_are_refused_in_one_line(checkpoint, adapter, capsys, args, 
     code = main(["serve", str(checkpoint), *[a.format(adapter=adapter) for a in args]])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_without_max_tokens_a_request_gets_the_room_the_kv_pool_leaves(checkpoint):
+    from fastapi.testclient import TestClient
+
+    from tformer.cli.serve import load_models
+    from tformer.serve import ServeSettings, build_app
+
+    # 8 usable blocks of 16 tokens: 128 tokens a request, less than the model's context of 1024
+    args = build_parser().parse_args(["serve", str(checkpoint), "--device", "cpu", "--n-blocks", "9",
+                                      "--block-size", "16", "--max-running", "2"])
+    with TestClient(build_app(load_models(args), ServeSettings())) as client:
+        r = client.post("/v1/completions", json={"model": MODEL, "prompt": "the cat", "temperature": 0,
+                                                 "max_tokens": None}).json()
+        assert r["usage"]["total_tokens"] <= 128
+        assert r["choices"][0]["finish_reason"] == "stop" or r["usage"]["total_tokens"] == 128
+        r = client.post("/v1/completions", json={"model": MODEL, "prompt": "the cat", "max_tokens": 200})
+        assert r.status_code == 400 and "the KV cache holds 128" in r.json()["error"]["message"]

@@ -5,7 +5,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from tformer.serve.text import TextStream
+from tformer.serve.text import TextStream, TokenBytes
 from tformer.tokenizer import Tokenizer
 
 CORPUS = "the cat sat on a mat and the dog ran to the park while birds sang in trees " * 20
@@ -87,3 +87,20 @@ def test_offsets_are_where_each_token_starts(bpe):
     ids = bpe.encode("the cat sat on a mat")
     _, text = stream_pieces(bpe, ids)
     assert text.offsets == [len(bpe.decode(ids[:i])) for i in range(len(ids))]
+
+
+@pytest.mark.parametrize("fixture", ["bpe", "metaspace"])
+def test_token_bytes_join_into_the_texts_bytes(fixture, request):
+    tok = request.getfixturevalue(fixture)
+    sample = "the cat héllo 日本語 sat" if fixture == "bpe" else "the cat sat on the mat"
+    ids = tok.encode(sample)
+    joined = b"".join(TokenBytes(tok)(i) for i in ids)
+    assert joined.decode() == (" " if fixture == "metaspace" else "") + tok.decode(ids)  # the decode drops it
+
+
+def test_token_bytes_of_byte_fallback_pieces():
+    vocab = {"<unk>": 0, "<0x0A>": 1, "<0xE6>": 2, "\u2581cat": 3}
+    hf = HFTokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    token_bytes = TokenBytes(Tokenizer(hf))
+    assert [token_bytes(i) for i in (1, 2, 3)] == [b"\n", b"\xe6", b" cat"]

@@ -35,6 +35,9 @@ class ServedModel:
 
     def __post_init__(self):
         from tformer.inference.chat import end_of_turn
+        from tformer.serve.text import TokenBytes
+
+        self.token_bytes = TokenBytes(self.tokenizer)
 
         eos = self.tokenizer.eos_id
         self.stop_ids = frozenset([eos] if eos is not None else [])
@@ -50,6 +53,14 @@ class ServedModel:
     @property
     def max_context(self) -> int:
         return self.engine.max_context
+
+    @property
+    def max_sequence(self) -> int:
+        """The longest prompt + generation one request may hold: the context, or fewer where the KV
+        pool cannot hold a whole context (a request must fit the pool alone)."""
+        stats = self.engine.stats()
+        pool = stats.get("blocks_total", 0) * stats.get("block_size", 0)
+        return min(self.max_context, pool) if pool > 0 else self.max_context
 
 
 @dataclass
@@ -203,17 +214,16 @@ def chat_prompt(served: ServedModel, request: ChatCompletionRequest) -> list[int
 
 
 def max_new_tokens(served: ServedModel, prompt: list[int], asked: int | None, param: str, chat: bool) -> int:
-    """The tokens a choice of `prompt` may generate: `asked`, or what the context leaves; APIError 400
-    when the prompt and `asked` do not fit the model's context."""
-    n, context = len(prompt), served.max_context
-    if n >= context:
-        raise APIError(400, f"the prompt is {n} tokens, but this model's context is {context} tokens: shorten it",
-                       param="messages" if chat else "prompt",
-                       code="context_length_exceeded")
+    """The tokens a choice of `prompt` may generate: `asked`, or (None) all the room the context and
+    the KV pool leave; APIError 400 when the prompt and `asked` do not fit."""
+    n, context, room = len(prompt), served.max_context, served.max_sequence
+    limit = f"this model's context of {context} tokens" + (f" (the KV cache holds {room})" if room < context else "")
+    if n >= room:
+        raise APIError(400, f"the prompt is {n} tokens, but {limit} leaves no room to generate: shorten it",
+                       param="messages" if chat else "prompt", code="context_length_exceeded")
     if asked is None:
-        return context - n
-    if n + asked > context:
-        raise APIError(400, f"the prompt ({n} tokens) and {param} ({asked}) exceed this model's context of "
-                            f"{context} tokens: ask for at most {context - n}", param=param,
-                       code="context_length_exceeded")
+        return room - n
+    if n + asked > room:
+        raise APIError(400, f"the prompt ({n} tokens) and {param} ({asked}) exceed {limit}: ask for at most "
+                            f"{room - n}", param=param, code="context_length_exceeded")
     return asked

@@ -3,7 +3,8 @@
     chat:        choices[i].logprobs = {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}
     completions: choices[i].logprobs = {"tokens", "token_logprobs", "top_logprobs": [{token: logprob}],
                                         "text_offset"}
-A token's text is the decode of that token alone (U+FFFD where it holds part of a character).
+A token's text is the decode of that token alone (U+FFFD where it holds part of a character); its
+bytes (chat) are its own, so a client can join them into the exact text.
 """
 
 from __future__ import annotations
@@ -78,17 +79,16 @@ class Shape:
             return None
         tok = job.served.tokenizer
         if self.chat:
-            return {"content": [self._chat_entry(tok, e) for e in events]}
+            return {"content": [self._chat_entry(tok, job.served.token_bytes, e) for e in events]}
         tokens = [token_text(tok, e.token_id) for e in events]
         tops = [_top_dict(tok, e.top_logprobs or []) for e in events]
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in events],
                 "top_logprobs": tops if self.top_logprobs > 0 else None, "text_offset": list(offsets or [])}
 
     @staticmethod
-    def _chat_entry(tok, event) -> dict:
+    def _chat_entry(tok, token_bytes, event) -> dict:
         def entry(token_id: int, logprob: float) -> dict:
-            text = token_text(tok, token_id)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+            return {"token": token_text(tok, token_id), "logprob": logprob, "bytes": list(token_bytes(token_id))}
 
         top = [entry(t, lp) for t, lp in (event.top_logprobs or [])]
         return {**entry(event.token_id, event.logprob), "top_logprobs": top}

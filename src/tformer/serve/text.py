@@ -84,3 +84,49 @@ class TextStream:
 def token_text(tokenizer, token_id: int) -> str:
     """One token's text alone (U+FFFD where it holds part of a character), as logprobs show it."""
     return tokenizer.decode([token_id])
+
+
+class TokenBytes:
+    """Each token's own bytes, part of a character included (logprobs' `bytes`, which lets a client
+    rebuild text that token_text shows as U+FFFD). Byte-level vocabularies (GPT-2, Llama 3) map each
+    character of a token back to its byte; SentencePiece ones (Llama 2) spell a space `▁` and a
+    fallback byte `<0x0A>`; for other decoders, and added tokens, the bytes are the UTF-8 of the
+    token's text. A SentencePiece sequence's bytes keep the leading space its decode drops."""
+
+    def __init__(self, tokenizer):
+        import json
+
+        self.tokenizer = tokenizer
+        decoder = json.loads(tokenizer.hf.to_str()).get("decoder") or {}
+        kinds = {d.get("type") for d in decoder.get("decoders", [decoder])}
+        spm = kinds & {"ByteFallback", "Metaspace"}
+        self.kind = "byte_level" if "ByteLevel" in kinds else "sentencepiece" if spm else None
+        self.added = set(tokenizer.hf.get_added_tokens_decoder())
+        self.unicode_to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+        self._cache: dict[int, bytes] = {}
+
+    def __call__(self, token_id: int) -> bytes:
+        if token_id not in self._cache:
+            self._cache[token_id] = self._bytes(token_id)
+        return self._cache[token_id]
+
+    def _bytes(self, token_id: int) -> bytes:
+        piece = self.tokenizer.id_to_token(token_id)
+        if piece is None or token_id in self.added or self.kind is None:
+            return token_text(self.tokenizer, token_id).encode()
+        if self.kind == "byte_level" and all(c in self.unicode_to_byte for c in piece):
+            return bytes(self.unicode_to_byte[c] for c in piece)
+        if self.kind == "sentencepiece" and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's table: each byte as a printable character (printable Latin-1 as itself, the rest from 256 on)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {b: chr(b) for b in kept}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
