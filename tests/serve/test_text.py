@@ -48,8 +48,8 @@ def test_pieces_add_up_to_the_decode(fixture, request):
     assert len([p for p in pieces if p]) > 3  # streamed as it grew, not all at the end
 
 
-def test_a_character_split_over_byte_tokens_waits_for_its_last_byte(bpe):
-    sample = "the cat héllo 日本語 wörld"
+@pytest.mark.parametrize("sample", ["the cat héllo 日本語 wörld", "\U0001F600 the 😀 cat ☃"])
+def test_a_character_split_over_byte_tokens_waits_for_its_last_byte(bpe, sample):
     ids = bpe.encode(sample)
     assert any("\ufffd" in bpe.decode([i]) for i in ids)  # the BPE never saw these characters: byte tokens
     pieces, text = stream_pieces(bpe, ids)
@@ -104,3 +104,17 @@ def test_token_bytes_of_byte_fallback_pieces():
     hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
     token_bytes = TokenBytes(Tokenizer(hf))
     assert [token_bytes(i) for i in (1, 2, 3)] == [b"\n", b"\xe6", b" cat"]
+
+
+def test_invalid_bytes_are_shown_without_waiting_for_the_end(bpe):
+    lead_byte = bpe.encode("é")[0]  # a lead byte that no continuation byte follows: never a character
+    pieces, text = stream_pieces(bpe, [lead_byte] * 12 + bpe.encode(" the cat"))
+    assert "".join(pieces) == text.text == bpe.decode([lead_byte] * 12 + bpe.encode(" the cat"))
+    assert "".join(pieces[:12]) == "\ufffd" * 11  # each sent once the next byte shows it invalid
+
+
+def test_invalid_bytes_then_a_split_character_stream_as_the_whole_decode(bpe):
+    lead_byte = bpe.encode("é")[0]
+    ids = [lead_byte] * 5 + bpe.encode("日本 the") + [lead_byte] + bpe.encode("é")
+    pieces, text = stream_pieces(bpe, ids)
+    assert "".join(pieces) == bpe.decode(ids) == "\ufffd" * 5 + "日本 the\ufffdé"

@@ -2,9 +2,10 @@
 
 A token's text depends on its neighbours (a byte-level token may hold half a UTF-8 character; a
 SentencePiece decoder drops the leading space of the first token it decodes), so each new piece is
-the decode of a short window minus the decode of the window's start, and a piece that ends in an
-incomplete character (U+FFFD) waits for the next token. Text that could be the start of a stop
-string is held back too, so no client ever sees part of a stop string.
+the decode of a short window minus the decode of the window's start, and the U+FFFD that a piece
+ends in (an incomplete character) waits for the next token; U+FFFDs before it are invalid bytes for
+good, and sent. Text that could be the start of a stop string is held back too, so no client ever
+sees part of a stop string.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class TextStream:
         self.stopped = False
         self._start = 0  # ids[_start:_read] is the window's already-emitted context
         self._read = 0
+        self._partial = 0  # characters of the text after ids[:_read] already emitted (an invalid byte run)
         self._sent = 0
 
     def add(self, token_id: int) -> None:
@@ -56,10 +58,16 @@ class TextStream:
             return ""
         before = self.tokenizer.decode(self.ids[self._start:self._read])
         window = self.tokenizer.decode(self.ids[self._start:])
-        if not final and (len(window) <= len(before) or window.endswith(REPLACEMENT)):
-            return ""  # an incomplete character: wait for the rest of its bytes
-        self._start, self._read = self._read, len(self.ids)
-        return window[len(before):]
+        new = window[len(before):]
+        if final or (len(window) > len(before) and not window.endswith(REPLACEMENT)):
+            piece = new[self._partial:]
+            self._start, self._read, self._partial = self._read, len(self.ids), 0
+            return piece
+        # only a last U+FFFD can still become a character (the rest of the bytes are decided): send the rest
+        stable = new[:-1] if new.endswith(REPLACEMENT) else new
+        piece = stable[self._partial:]
+        self._partial = max(self._partial, len(stable))
+        return piece
 
     def _append(self, piece: str) -> None:
         if not piece:
