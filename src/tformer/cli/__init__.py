@@ -89,9 +89,9 @@ def _dashed(option: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="tformer",
-        description="Train transformer language models, generate text and chat with them; count a model's "
-                    "parameters, convert checkpoints to and from HF and GGUF, merge LoRA adapters, train "
-                    "tokenizers, quantize weights.",
+        description="Train transformer language models, generate text and chat with them, serve them over an "
+                    "OpenAI-compatible HTTP API; count a model's parameters, convert checkpoints to and from HF "
+                    "and GGUF, merge LoRA adapters, train tokenizers, quantize weights.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -124,14 +124,14 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
 
 async def _generate(request: Request, state: AppState, chat: bool):
     body = await _read_body(request, state.settings.max_body_bytes)
-    job, shape, stream_usage = await asyncio.to_thread(routes.prepare, state, body, chat)
+    job, shape, include_usage = await asyncio.to_thread(routes.prepare, state, body, chat)
     if state.streams + len(job.specs) > state.settings.max_streams:
         raise APIError(429, f"too many concurrent requests: {state.streams} generations are running here and the "
                             f"limit is {state.settings.max_streams}; retry later", code="too_many_requests")
     job.submit()
     state.streams += len(job.choices)
-    if stream_usage is not None:
-        return _JobStream(routes.stream(state, job, shape, stream_usage), job, state)
+    if include_usage is not None:  # streamed
+        return _JobStream(routes.stream(state, job, shape, include_usage), job, state)
     try:
         collect = asyncio.ensure_future(routes.collect(state, job, shape))
         gone = asyncio.ensure_future(_disconnected(request))
