@@ -36,6 +36,8 @@ BAD = [  # (what, path, body, status, param)
      "messages.0.role"),
     ("missing prompt", "/v1/completions", {"model": MODEL}, 422, "prompt"),
     ("empty stop string", "/v1/completions", {**COMPLETION, "stop": [""]}, 422, "stop"),
+    ("too long a stop string", "/v1/completions", {**COMPLETION, "stop": "x" * 257}, 422, "stop"),
+    ("too many stop strings", "/v1/completions", {**COMPLETION, "stop": ["x"] * 17}, 422, "stop"),
     ("unknown model", "/v1/completions", {**COMPLETION, "model": "gpt-4"}, 404, "model"),
     ("oversized body", "/v1/completions", {**COMPLETION, "prompt": "x" * LIMITS["max_body_bytes"]}, 413, None),
     ("unsupported tools", "/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools"),

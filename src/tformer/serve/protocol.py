@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 MAX_N = 16  # choices per request (OpenAI allows 128; each one is a request in the engine)
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4)
+MAX_STOP_CHARS = 256  # a stop string's length (each generated token checks the text's end against each)
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
@@ -89,8 +90,8 @@ class _Sampling(_Strict):
         stops = [v] if isinstance(v, str) else (v or [])
         if len(stops) > MAX_STOP:
             raise ValueError(f"at most {MAX_STOP} stop strings")
-        if any(s == "" for s in stops):
-            raise ValueError("stop strings must not be empty")
+        if any(not 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop strings must be 1 to {MAX_STOP_CHARS} characters long")
         return stops
 
     def unsupported(self) -> list[str]:
