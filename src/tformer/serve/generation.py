@@ -81,7 +81,7 @@ class Choice:
     def update(self, event: TokenEvent, engine) -> tuple[str, list[TokenEvent]]:
         """Take one engine event: returns (text to send, events whose logprobs go with it)."""
         if self.finish is not None:
-            return "", []  # ended on a stop string: what the engine made before the cancel is dropped
+            return "", []
         if event.finish_reason != "abort":  # an abort event repeats the last token (or -1): not a new one
             self.n_tokens += 1
             if event.token_id not in self.stop_ids:
@@ -160,14 +160,16 @@ class Job:
                 if event is None:
                     open_streams -= 1
                     continue
-                now = time.perf_counter()
-                if choice.last_at is not None and event.finish_reason != "abort":
-                    choice.gaps.append(now - choice.last_at)
-                choice.first_at = choice.first_at or now
-                choice.last_at = now
-                was_done = choice.finish is not None
+                if choice.finish is not None:
+                    continue  # ended on a stop string: the rest is what the engine made before the cancel
+                if event.finish_reason != "abort":  # a token: the latency metrics' times
+                    now = time.perf_counter()
+                    if choice.last_at is not None:
+                        choice.gaps.append(now - choice.last_at)
+                    choice.first_at = choice.first_at or now
+                    choice.last_at = now
                 piece, events = choice.update(event, self.served.engine)
-                if not was_done and (piece or events or choice.finish is not None):
+                if piece or events or choice.finish is not None:
                     yield choice, piece, events
         finally:
             for task in tasks:

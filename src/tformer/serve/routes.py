@@ -114,7 +114,7 @@ def record(state, job: Job) -> None:
         m.prompt_tokens.labels(name).inc(len(job.prompts[c.prompt_index]))
         m.generation_tokens.labels(name).inc(c.n_tokens)
         m.finished.labels(name, c.finish or "abort").inc()
-        if c.first_at is not None:
+        if c.first_at is not None:  # a choice aborted before its first token has no latencies
             m.ttft.labels(name).observe(c.first_at - job.arrival)
             m.e2e.labels(name).observe(c.last_at - job.arrival)
         for gap in c.gaps:
