@@ -55,7 +55,8 @@ def test_a_seeded_request_draws_the_same_tokens_alone_and_in_a_batch(model):
     engine = engine_for(model)
     try:
         alone = tokens(engine.submit(GenerationRequest(prompts(1)[0], 16, **request)))
-        others = [engine.submit(GenerationRequest(p, 16, temperature=1.0, seed=i)) for i, p in enumerate(prompts(32, 7))]
+        others = [engine.submit(GenerationRequest(p, 16, temperature=1.0, seed=i))
+                  for i, p in enumerate(prompts(32, 7))]
         crowded = tokens(engine.submit(GenerationRequest(prompts(1)[0], 16, **request)))
         [tokens(s) for s in others]
         other_seed = tokens(engine.submit(GenerationRequest(prompts(1)[0], 16, **{**request, "seed": 99})))
@@ -63,6 +64,13 @@ def test_a_seeded_request_draws_the_same_tokens_alone_and_in_a_batch(model):
         engine.stop()
     assert crowded == alone
     assert other_seed != alone  # the seed does decide
+    engine = engine_for(model)
+    try:  # seeds past 64 bits are taken whole
+        big = [tokens(engine.submit(GenerationRequest(prompts(1)[0], 8, **{**request, "seed": s})))
+               for s in (2**70, 2**70, 2**70 + 1)]
+    finally:
+        engine.stop()
+    assert big[0] == big[1] != big[2]
 
 
 def test_shared_prefixes_reuse_cached_blocks_and_give_the_same_tokens(model):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import math
 import os
 import queue
@@ -105,6 +106,13 @@ class RequestStream:
                 return
 
 
+def _seed32(seed: int) -> int:
+    """Any integer seed as the 32 bits the sampler's hash takes (every bit of a large seed counts)."""
+    if 0 <= seed < 2**32:
+        return seed
+    return int.from_bytes(hashlib.blake2b(str(seed).encode(), digest_size=4).digest(), "little")
+
+
 @dataclass
 class _Sequence:
     """A request in the engine: its tokens (prompt, then generated), blocks, and how far the cache holds it."""
@@ -183,7 +191,7 @@ class ServeEngine:
         if math.ceil((n + request.max_new_tokens) / self.block_size) > self.pool.n_blocks - 1:
             raise ValueError(f"the request needs more KV blocks than the pool holds ({self.pool.n_blocks - 1})")
         stream = RequestStream(request)
-        seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little")
+        seed = _seed32(request.seed) if request.seed is not None else int.from_bytes(os.urandom(4), "little")
         with self._wake:
             if len(self._waiting) >= self.max_waiting:
                 raise EngineFull(f"{len(self._waiting)} requests are already waiting: try again later")
