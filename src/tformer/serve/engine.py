@@ -304,14 +304,16 @@ class ServeEngine:
         return True
 
     def _forward(self, seqs: list[_Sequence], tokens: list[list[int]], starts: list[int]) -> torch.Tensor:
-        """Logits (B, T, V) of `tokens` (rows of equal length) at positions starts[b]..; the KV cache grows."""
+        """Logits (B, V) of the last of `tokens` (rows of equal length) at positions starts[b]..; the KV
+        cache takes them all. Only the last position goes through the output head."""
         width = max(len(s.blocks) for s in seqs)
         tables = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in seqs], device=self.device)
         T = len(tokens[0])
         pos = torch.tensor(starts, device=self.device)[:, None] + torch.arange(T, device=self.device)
         self.table.tables = tables
         self.model.cache_slots = width * self.block_size
-        return self.model(torch.tensor(tokens, device=self.device), input_pos=pos)
+        hidden = self.model.features(torch.tensor(tokens, device=self.device), input_pos=pos)
+        return self.model.output(hidden[:, -1])
 
     def _prefill(self, seq: _Sequence) -> None:
         start, end = seq.cached, min(seq.prefill_end, seq.cached + self.prefill_chunk)
@@ -323,7 +325,7 @@ class ServeEngine:
             self.pool.register(seq.blocks[seq.registered], seq.hashes[seq.registered])
             seq.registered += 1
         if end == seq.n_prompt == len(seq.tokens):  # the prompt is in: its last logits give the first token
-            self._emit([seq], logits[:, -1])
+            self._emit([seq], logits)
 
     def _decode(self, seqs: list[_Sequence]) -> None:
         for seq in seqs:
@@ -335,7 +337,7 @@ class ServeEngine:
         logits = self._forward(seqs, [[s.tokens[-1]] for s in seqs], [len(s.tokens) - 1 for s in seqs])
         for s in seqs:
             s.cached = len(s.tokens)
-        self._emit(seqs, logits[:, -1])
+        self._emit(seqs, logits)
 
     def _emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         """Sample one token a row, stream it, and retire the finished requests. logits (B, V)."""

@@ -64,7 +64,11 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     distribution with each row's own noise (module docstring)."""
     logits = logits.float()
     greedy = temperature <= 0
-    scaled = filter_logits(logits / torch.where(greedy, 1.0, temperature)[:, None], top_k, top_p, min_p)
+    if bool(greedy.all()):
+        return logits.argmax(-1)
+    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
+    if bool((top_k > 0).any() | (top_p < 1).any() | (min_p > 0).any()):  # the sort only where a row filters
+        scaled = filter_logits(scaled, top_k, top_p, min_p)
     gumbel = -torch.log(-torch.log(uniform_noise(seeds, steps, logits.shape[-1])))
     drawn = (scaled.double() + gumbel).argmax(-1)
     return torch.where(greedy, logits.argmax(-1), drawn)
