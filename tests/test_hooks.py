@@ -1,0 +1,71 @@
+"""tformer.viz.hooks: recording changes nothing, patching changes exactly what it replaces."""
+
+import pytest
+import torch
+
+from tests.conftest import tiny_config
+from tformer.models.build import build_model
+from tformer.viz.hooks import patch, record
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return build_model(tiny_config(n_layers=3)).eval()
+
+
+def test_hooks_that_change_nothing_give_bit_identical_logits(model):
+    tokens = torch.randint(0, 97, (2, 10))
+    expected = model(tokens)
+    with record(model, ["layers.0", "layers.1.attn", 2, "norm"]) as rec:
+        recorded = model(tokens)
+    with patch(model, outputs={i: lambda y: y for i in range(3)}, inputs={"layers.1.ffn": lambda x: x}):
+        patched = model(tokens)
+    assert torch.equal(recorded, expected) and torch.equal(patched, expected)
+    assert torch.equal(model(tokens), expected)  # the hooks are gone after the context
+    assert set(rec.outputs) == {"layers.0", "layers.1.attn", "layers.2", "norm"}
+    assert torch.equal(model.output(rec.outputs["norm"]), expected)
+
+
+def test_residual_stream_is_the_blocks_inputs_and_outputs(model):
+    tokens = torch.randint(0, 97, (1, 7))
+    with record(model) as rec:
+        logits = model(tokens)
+    stream = rec.residual
+    assert len(stream) == 4 and all(x.shape == (1, 7, 48) for x in stream)
+    assert torch.equal(stream[0], model.tok_emb(tokens))  # RoPE model: no absolute positions
+    for i in range(3):
+        assert torch.equal(rec.inputs[f"layers.{i}"], stream[i])
+    assert torch.equal(model.output(model.norm(stream[-1])), logits)
+
+
+def test_replacing_a_blocks_output_changes_the_logits_as_expected(model):
+    a, b = torch.randint(0, 97, (1, 8)), torch.randint(0, 97, (1, 8))
+    with record(model) as rec_b:
+        logits_b = model(b)
+    # the last block's output taken from input b: the head then gives b's logits exactly
+    with patch(model, outputs={2: lambda y: rec_b.outputs["layers.2"]}):
+        assert torch.equal(model(a), logits_b)
+    # a zeroed residual stream reaches the head as the final norm of zeros
+    with patch(model, outputs={"layers.2": torch.zeros_like}):
+        zeroed = model(a)
+    torch.testing.assert_close(zeroed, model.output(model.norm(torch.zeros(1, 8, 48))))
+    assert not torch.allclose(zeroed, model(a))
+    # replacing block 0's input by b's embeddings gives b's logits
+    with patch(model, inputs={0: lambda x: rec_b.inputs["layers.0"]}):
+        assert torch.equal(model(a), logits_b)
+
+
+def test_attention_weights_are_recorded_with_the_blocks(model):
+    tokens = torch.randint(0, 97, (1, 6))
+    with record(model, attention=True) as rec:
+        logits = model(tokens)
+    assert len(rec.attention) == 3 and rec.attention[0].shape == (1, 6, 6, 6)
+    torch.testing.assert_close(rec.attention[1].sum(-1), torch.ones(1, 6, 6))
+    torch.testing.assert_close(logits, model(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_an_unknown_module_name_is_refused(model):
+    with pytest.raises(KeyError, match="no module named 'layers.9'"):
+        with record(model, [9]):
+            pass
