@@ -225,7 +225,8 @@ def train_step(model, objective, optimizer, micro_batches: Sequence[dict], grad_
     Each micro-batch's loss is weighted by its share of the step (`objective.weight`: its trained
     targets or pairs) before its backward, so the summed gradients are those of the mean over every
     target of the step, as one batch holding all of them would give. Gradients are clipped to norm
-    `grad_clip` (0: not clipped), applied, and set to None.
+    `grad_clip` (0: not clipped), applied, and set to None; with clipping, "grad_norm" is their total
+    norm before it.
     """
     weights = [objective.weight(batch) for batch in micro_batches]
     total = sum(weights) or 1
@@ -237,7 +238,8 @@ def train_step(model, objective, optimizer, micro_batches: Sequence[dict], grad_
         for key, value in out.items():
             stats[key] = stats.get(key, 0) + value.detach().float() * (weight / total)
     if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+        stats["grad_norm"] = norm.detach().float()  # before clipping
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return stats
