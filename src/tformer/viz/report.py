@@ -33,9 +33,15 @@ CHARTS = [
 
 
 def run_labels(run_dirs: list[Path]) -> list[str]:
-    """Each run's folder name, or its path where two runs share a name."""
-    names = [d.name or str(d) for d in run_dirs]
-    return [str(d) if names.count(n) > 1 else n for d, n in zip(run_dirs, names)]
+    """Each run's shortest trailing path that no other run shares ("a/run", "b/run"), its folder name if unique."""
+    parts = [d.resolve().parts for d in run_dirs]
+    labels = []
+    for p in parts:
+        n = 1
+        while n < len(p) and sum(q[-n:] == p[-n:] for q in parts) > 1:
+            n += 1
+        labels.append("/".join(p[-n:]))
+    return labels
 
 
 def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
