@@ -6,15 +6,21 @@
 
 Inside the context every `Attention` computes `reference_attention` (the textbook formula, which
 yields the weights) instead of SDPA, through an instance attribute that shadows `Attention.core`;
-on exit the attribute goes and the modules are as before.
+every `LatentAttention` (MLA) runs its naive path (per-head keys rebuilt from the latent) through
+the same formula, shadowing `LatentAttention._naive`. On exit the attributes go and the modules are
+as before. Cache-free forwards only: an MLA layer with a KV cache attends over the latent instead.
 """
 
 from __future__ import annotations
+
+import math
+from functools import partial
 
 import torch
 from torch import nn
 
 from tformer.nn.attention import Attention, reference_attention
+from tformer.nn.mla import LatentAttention
 
 
 class capture_attention:
@@ -22,15 +28,18 @@ class capture_attention:
     every forward run inside it."""
 
     def __init__(self, model: nn.Module):
-        self.layers = [m for m in model.modules() if isinstance(m, Attention)]
+        self.layers = [m for m in model.modules() if isinstance(m, (Attention, LatentAttention))]
         if not self.layers:
-            raise ValueError("the model has no multi-head attention layers (tformer.nn.attention.Attention) "
-                             "to capture: latent attention (MLA) has no per-head map of its own")
+            raise ValueError("the model has no attention layers (tformer.nn.attention.Attention or "
+                             "tformer.nn.mla.LatentAttention) to capture")
         self.maps: list[torch.Tensor] = []
 
     def __enter__(self) -> list[torch.Tensor]:
         for layer in self.layers:
-            layer.core = self._recording
+            if isinstance(layer, LatentAttention):
+                layer._naive = partial(self._recording_latent, layer)
+            else:
+                layer.core = self._recording
         return self.maps
 
     def _recording(self, q, k, v, mask=None, dropout_p: float = 0.0):
@@ -38,6 +47,20 @@ class capture_attention:
         self.maps.append(weights.detach())
         return y
 
+    def _recording_latent(self, layer: LatentAttention, q_nope, q_pe, kv, mask, dropout_p):
+        """`LatentAttention._naive` through `reference_attention`: q_* (B,T,H,N|R), kv (B,S,r+R) -> (B,T,H,V)."""
+        B, S, _ = kv.shape
+        c_kv, k_pe = kv.split([layer.kv_rank, layer.rope_dim], dim=-1)
+        k_nope, v = layer.wkv_b(c_kv).view(B, S, layer.n_heads, -1).split([layer.nope_dim, layer.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(-1, -1, layer.n_heads, -1)), dim=-1)  # (B, S, H, N+R)
+        q = torch.cat((q_nope, q_pe), dim=-1)  # (B, T, H, N+R)
+        q = q * (layer.scale * math.sqrt(q.shape[-1]))  # reference_attention divides by sqrt(N+R)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T|S, D)
+        return self._recording(q, k, v, mask, dropout_p).transpose(1, 2)  # (B, T, H, V)
+
     def __exit__(self, *exc) -> None:
         for layer in self.layers:
-            del layer.core
+            if isinstance(layer, LatentAttention):
+                del layer._naive
+            else:
+                del layer.core
