@@ -78,3 +78,15 @@ def test_svg_of_latent_attention():
     words = " ".join(texts(layer_diagram(get_preset("deepseek-v2-lite"))))
     assert "MLA: multi-head latent attention" in words and "kv latent 512 + rope key 64" in words
     assert "+ 2 shared" in words and "layer 0 dense" in words
+
+
+def test_inspect_reads_a_checkpoint(tmp_path, capsys):
+    from tformer.checkpoint import save
+    from tformer.models.build import build_model
+
+    config = tiny_config(n_kv_heads=1, moe=None)
+    with pytest.warns(UserWarning, match="no tokenizer.json"):  # inspect needs none
+        save(build_model(config), tmp_path / "ckpt")
+    out = run(capsys, "inspect", str(tmp_path / "ckpt"), "--svg", str(tmp_path / "l.svg"))
+    assert out.startswith(f"{tmp_path / 'ckpt'} (tformer checkpoint): 2 layers, MQA attention")
+    assert "MQA: multi-query attention" in texts((tmp_path / "l.svg").read_text())
