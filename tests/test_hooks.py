@@ -69,3 +69,40 @@ def test_an_unknown_module_name_is_refused(model):
     with pytest.raises(KeyError, match="no module named 'layers.9'"):
         with record(model, [9]):
             pass
+
+
+def test_patching_attention_weights(model):
+    tokens = torch.randint(0, 97, (2, 9))
+    with record(model, attention=True) as rec:
+        reference = model(tokens)  # every layer through the textbook formula
+    # unchanged weights: the reference path's logits, bit for bit
+    with patch(model, attention={0: lambda w: w, 1: lambda w: w, "layers.2.attn": lambda w: w}):
+        assert torch.equal(model(tokens), reference)
+    # zero weights: the attention adds nothing (no out_bias), as if its output were replaced by zeros
+    with patch(model, attention={1: torch.zeros_like}):
+        zero_weights = model(tokens)
+    with patch(model, outputs={"layers.1.attn": torch.zeros_like}):
+        zero_output = model(tokens)
+    torch.testing.assert_close(zero_weights, zero_output, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(zero_weights, reference, atol=1e-3)
+    assert len(rec.attention) == 3
+
+
+def test_attention_patches_do_not_nest(model):
+    with patch(model, attention={0: lambda w: w}):
+        with pytest.raises(ValueError, match="do not nest"):
+            with record(model, attention=True):
+                pass
+    with pytest.raises(ValueError, match="do not nest"):
+        with record(model, attention=True), patch(model, attention={1: lambda w: w}):
+            pass
+    assert all("core" not in layer.attn.__dict__ for layer in model.layers)  # every context cleaned up
+
+
+def test_latent_attention_weights_cannot_be_patched():
+    from tformer.presets import get_preset
+
+    mla = build_model(get_preset("tiny-mla-moe"), device="meta")
+    with pytest.raises(ValueError, match="latent attention"):
+        with patch(mla, attention={0: lambda w: w}):
+            pass

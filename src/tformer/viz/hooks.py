@@ -12,11 +12,16 @@
     with patch(model, outputs={3: lambda y: y * 0}):   # replace block 3's output
         logits = model(tokens)
 
+    with patch(model, attention={0: lambda w: w * keep}):  # change block 0's weights (B, H, T, S)
+        logits = model(tokens)
+
 Modules are named as in `model.named_modules()` ("layers.3", "layers.3.attn", "layers.3.ffn", "norm");
 an int i stands for block "layers.i". Recording and patching use PyTorch forward hooks and change
 nothing else: a `record` without attention, or a `patch` whose functions return their argument,
 gives bit-identical logits. With `attention=True` every attention layer computes the textbook
-formula instead of SDPA (`capture_attention`), which equals it to rounding, not bit for bit.
+formula instead of SDPA (`capture_attention`), which equals it to rounding, not bit for bit; so does
+a block whose attention weights are patched (multi-head attention only, not MLA). Both shadow
+`Attention.core` on the instance, so the two do not nest: a second one is refused.
 The residual stream is read at block boundaries (the blocks' inputs and outputs).
 """
 
@@ -28,6 +33,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
+from tformer.nn.attention import Attention, reference_attention
 from tformer.viz.attention import capture_attention
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -63,15 +69,17 @@ def record(model: nn.Module, modules: Iterable[str | int] | None = None, attenti
         for name, module in found.items():
             stack.callback(module.register_forward_hook(_recorder(rec, name), with_kwargs=True).remove)
         if attention:
+            _check_unpatched([m for m in model.modules() if isinstance(m, Attention)])
             rec.attention = stack.enter_context(capture_attention(model))
         yield rec
 
 
 @contextmanager
 def patch(model: nn.Module, outputs: dict[str | int, Transform] | None = None,
-          inputs: dict[str | int, Transform] | None = None):
+          inputs: dict[str | int, Transform] | None = None, attention: dict[str | int, Transform] | None = None):
     """Context manager: inside it, module `name`'s output y becomes `outputs[name](y)` and its first
-    input x becomes `inputs[name](x)` (the other arguments pass unchanged)."""
+    input x becomes `inputs[name](x)` (the other arguments pass unchanged); the softmax weights w
+    (B, H, T, S) of block `name`'s attention become `attention[name](w)` before they weigh the values."""
     outputs = {_name(k): f for k, f in (outputs or {}).items()}
     inputs = {_name(k): f for k, f in (inputs or {}).items()}
     found = _modules(model, [*outputs, *inputs])
@@ -82,6 +90,8 @@ def patch(model: nn.Module, outputs: dict[str | int, Transform] | None = None,
         for name, fn in inputs.items():
             hook = found[name].register_forward_pre_hook(lambda m, args, fn=fn: (fn(args[0]), *args[1:]))
             stack.callback(hook.remove)
+        for name, fn in (attention or {}).items():
+            stack.enter_context(_patched_weights(_attention_of(model, _name(name)), fn))
         yield
 
 
@@ -91,6 +101,39 @@ def block_names(model: nn.Module) -> list[str]:
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(f"{type(model).__name__} has no `layers` (a ModuleList of blocks): name the modules")
     return [f"layers.{i}" for i in range(len(layers))]
+
+
+def _attention_of(model: nn.Module, name: str) -> Attention:
+    """The multi-head attention of block `name` (or the module `name` itself)."""
+    module = _modules(model, [name])[name]
+    attn = module if isinstance(module, Attention) else getattr(module, "attn", None)
+    if not isinstance(attn, Attention):
+        raise ValueError(f"{name!r} has no multi-head attention (tformer.nn.attention.Attention) whose weights "
+                         "can be patched; latent attention (MLA) is not supported")
+    return attn
+
+
+def _check_unpatched(layers: list[Attention]) -> None:
+    if any("core" in layer.__dict__ for layer in layers):
+        raise ValueError("attention weights are already being recorded or patched: record(attention=True) and "
+                         "patch(attention=...) do not nest")
+
+
+@contextmanager
+def _patched_weights(attn: Attention, fn: Transform):
+    """`attn` computes softmax weights w by the reference formula and attends with fn(w)."""
+    _check_unpatched([attn])
+
+    def core(q, k, v, mask=None, dropout_p: float = 0.0):  # q (B,H,T,D), k/v (B,Hkv,S,D)
+        _, weights = reference_attention(q, k, v, mask, 0.0)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)  # (B, H, S, D)
+        return torch.nn.functional.dropout(fn(weights), dropout_p, training=dropout_p > 0).to(v.dtype) @ v
+
+    attn.core = core
+    try:
+        yield
+    finally:
+        del attn.core
 
 
 def _recorder(rec: Recording, name: str):
