@@ -30,5 +30,5 @@ def test_cli_prints_the_table_and_writes_the_png(viz_ckpt, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("position ") == 4 and out.count("layer   1") == 4
     width, height = Image.open(tmp_path / "lens.png").size
-    assert (width, height) == (400, 250)  # 4 positions: the 4 x 2.5 in minimum at 100 dpi
+    assert (width, height) == (600, 300)  # 4 positions, 2 layers: the 6 x 3 in minimum at 100 dpi
     assert main(["lens", str(viz_ckpt), "--text", "the cat", "--top-k", "0"]) == 2

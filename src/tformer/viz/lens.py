@@ -59,14 +59,14 @@ def lens_table(lens: Lens, tokenizer, labels: list[str], positions: list[int] | 
 
 
 def _show(tokenizer, i: int) -> str:
-    return printable(tokenizer.decode([i]))
+    return printable(tokenizer.decode([i]).replace(" ", "·"))
 
 
 def plot_lens(lens: Lens, tokenizer, labels: list[str], png: str | Path, dpi: int = 100) -> Path:
     """Layers x positions, each cell the layer's top token, coloured by its probability of the final prediction."""
     plt = _pyplot()
     L, T = lens.final_prob.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * T + 1.5), max(2.5, 0.4 * L + 1.5)), dpi=dpi)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * T + 2), max(3.0, 0.25 * L + 1.5)), dpi=dpi)
     im = ax.imshow(lens.final_prob.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto", origin="lower")
     if T <= 64:
         for layer in range(L):
@@ -77,7 +77,7 @@ def plot_lens(lens: Lens, tokenizer, labels: list[str], png: str | Path, dpi: in
     ax.set_yticks(range(L), [str(i) for i in range(L)], fontsize=7)
     ax.set_xlabel("position (input token)")
     ax.set_ylabel("layer")
-    ax.set_title("logit lens: top prediction per layer; colour = probability of the final prediction", fontsize=9)
+    ax.set_title("logit lens: each layer's top next token\ncolour: its probability of the final prediction", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
     return _save(fig, png)
