@@ -103,3 +103,17 @@ def test_pngs_have_the_expected_sizes(tmp_path, viz_tokenizer):
     assert [p.name for p in paths] == ["layer1_head2.png", "layer1_heads.png", "layer1_mean.png"]
     sizes = [Image.open(p).size for p in paths]
     assert sizes == [(600, 600), (4 * 250, 2 * 250), (600, 600)]  # 6 in at 100 dpi; 6 heads: 4 x 2 cells of 2.5 in
+
+
+def test_cli_writes_the_pngs_and_the_page_and_refuses_bad_input(viz_ckpt, tmp_path, capsys):
+    from tformer.cli import main
+
+    assert main(["attention", str(viz_ckpt), "--text", "the cat sat", "--out", str(tmp_path), "--layer", "-1",
+                 "--head", "5"]) == 0
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names == {"layer1_head5.png", "layer1_heads.png", "layer1_mean.png", "attention.html"}
+    for bad, message in [(["--layer", "2"], "--layer 2 is out of range"), (["--head", "6"], "--head 6 is out of range"),
+                         (["--text", "the " * 1200], "more than the model's max_seq_len")]:
+        args = ["attention", str(viz_ckpt), "--text", "the cat", "--out", str(tmp_path / "bad"), *bad]
+        assert main(args) == 2
+        assert message in capsys.readouterr().err
