@@ -10,7 +10,7 @@ import functools
 import importlib.util
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 # Suffixes picked up when a folder is given; a file named explicitly is read whatever its suffix.
@@ -112,17 +112,23 @@ def _read_utf8(path: Path) -> str:
         ) from None
 
 
-def read_jsonl(path: str | Path) -> list[str]:
-    """The `text` field of every non-blank line of a JSONL file."""
+def jsonl_values(path: str | Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of every non-blank line of a UTF-8 JSONL file; a line that is not
+    JSON is refused, naming it."""
     path = Path(path)
-    texts = []
     for lineno, line in enumerate(_read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove the line") from None
+
+
+def read_jsonl(path: str | Path) -> list[str]:
+    """The `text` field of every non-blank line of a JSONL file."""
+    texts = []
+    for lineno, record in jsonl_values(path):
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise ValueError(

@@ -21,13 +21,14 @@ pretraining batches do, so a resumed run sees the batches the interrupted one wo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from tformer.data.corpus import jsonl_values
 
 IGNORE = -100  # the target of a position without loss (PyTorch's cross_entropy ignore_index)
 FORMATS = {"chat": ("messages",), "completion": ("prompt", "completion"),
@@ -60,13 +61,7 @@ def read_records(paths) -> list[tuple[str, dict]]:
     for path in [Path(p) for p in paths]:
         if not path.is_file():
             raise FileNotFoundError(f"data file {path} does not exist")
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove the line") from None
+        for lineno, record in jsonl_values(path):
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
             records.append((f"{path}:{lineno}", record))
