@@ -23,6 +23,7 @@ NormPlacement = Literal["pre", "post"]
 Positions = Literal["rope", "learned", "sinusoidal", "alibi", "none"]
 RopeScaling = Literal["none", "linear", "dynamic", "yarn", "llama3"]
 ScoreFunc = Literal["softmax", "sigmoid"]
+Architecture = Literal["decoder", "encoder"]
 
 GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu_tanh"}
 
@@ -182,14 +183,16 @@ DERIVED = {"n_kv_heads": "n_heads (MHA)", "head_dim": "dim // n_heads", "ffn_dim
 
 @dataclass
 class ModelConfig:
-    """A decoder-only transformer. Sizes use our names: dim, n_layers, n_heads, ...
+    """A decoder-only (default) or encoder-only transformer. Sizes use our names: dim, n_layers, n_heads, ...
 
     n_kv_heads, head_dim and ffn_dim left at None are derived (see `DERIVED`) and stay derived:
     `replace` derives them again from the new dim / n_heads. A value given explicitly is kept,
     except that an explicit n_kv_heads follows a change of n_heads (`_kv_heads_for`).
     """
 
+    architecture: Architecture = "decoder"  # "encoder": bidirectional, hidden states out (BERT)
     vocab_size: int = 50257
+    type_vocab_size: int = 0  # encoder segment (token type) embeddings; 0: none
     dim: int = 768
     n_layers: int = 12
     n_heads: int = 12
@@ -245,6 +248,10 @@ class ModelConfig:
                 f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}: "
                 "each key/value head must serve the same number of query heads"
             )
+        if self.type_vocab_size < 0:
+            raise ConfigError(f"type_vocab_size must be >= 0, got {self.type_vocab_size}")
+        if self.architecture == "encoder" and (self.moe is not None or self.mla is not None):
+            raise ConfigError("an encoder has dense attention and FFNs: set moe and mla to None")
         if self.norm_eps <= 0:
             raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps}")
         for name in ("emb_dropout", "attn_dropout", "resid_dropout"):

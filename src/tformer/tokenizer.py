@@ -128,7 +128,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """Load a tokenizer.json file, or a folder holding one (e.g. a HF model folder)."""
+        """Load a tokenizer.json file, or a folder holding one (e.g. a HF model folder); its own
+        padding and truncation settings are dropped."""
         path = Path(path)
         file = path / TOKENIZER_FILE if path.is_dir() else path
         if not file.is_file():
@@ -142,6 +143,8 @@ class Tokenizer:
             raise ValueError(
                 f"{file} is not a valid HF tokenizer.json ({e}); re-train or re-download it"
             ) from None
+        hf.no_padding()  # tformer pads and truncates batches itself (as transformers resets both per call);
+        hf.no_truncation()  # a tokenizer.json's own fixed padding would otherwise read as real tokens
         names = {}
         config = file.parent / CONFIG_FILE  # belongs to a file named tokenizer.json only
         if file.name == TOKENIZER_FILE and config.is_file():
@@ -190,9 +193,11 @@ class Tokenizer:
         ids = self.hf.encode(text, add_special_tokens=False).ids
         return ([self._require("bos")] if add_bos else []) + ids + ([self._require("eos")] if add_eos else [])
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """`encode` of many texts, in parallel across CPU cores (Rust threads)."""
-        return [e.ids for e in self.hf.encode_batch_fast(list(texts), add_special_tokens=False)]
+    def encode_batch(self, texts: Sequence[str], template: bool = False) -> list[list[int]]:
+        """`encode` of many texts, in parallel across CPU cores (Rust threads).
+
+        template: apply tokenizer.json's post-processor, e.g. BERT's [CLS] text [SEP]."""
+        return [e.ids for e in self.hf.encode_batch_fast(list(texts), add_special_tokens=template)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -264,9 +264,9 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
 
 
 def test_unsupported_model_type(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 10}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "xlnet", "vocab_size": 10}))
     supported = r"\['gpt2', 'llama', 'mistral', 'qwen2', 'mixtral', 'qwen2_moe', 'deepseek_v3'\]"
-    with pytest.raises(CheckpointError, match=rf"model_type='bert'.*{supported}"):
+    with pytest.raises(CheckpointError, match=rf"model_type='xlnet'.*{supported}"):
         tformer.load(tmp_path)
 
 

@@ -223,9 +223,14 @@ def state_dict_to_hf(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
 
 
 def load_hf(path: str | Path, device="cpu", dtype: torch.dtype | None = None) -> Decoder:
-    """A Decoder from an HF model directory (config.json + model.safetensors or shards + index)."""
+    """A Decoder from an HF model directory (config.json + model.safetensors or shards + index);
+    an Encoder from a BERT one (`tformer.convert.hf_bert`)."""
     path = Path(path)
     hf = read_json(path / "config.json")
+    if hf.get("model_type") == "bert":  # an Encoder (BertModel weights)
+        from tformer.convert.hf_bert import load_hf_bert
+
+        return load_hf_bert(path, device=device, dtype=dtype)
     try:
         cfg = config_from_hf(hf)
     except ConfigError as e:

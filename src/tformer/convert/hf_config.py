@@ -50,6 +50,10 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         from tformer.convert.hf_moe_config import moe_config_from_hf  # it builds on this module's helpers
 
         return moe_config_from_hf(hf)
+    if model_type == "bert":  # an encoder: read only (tformer.convert.hf_bert)
+        from tformer.convert.hf_bert import bert_config_from_hf
+
+        return bert_config_from_hf(hf)
     raise ConfigError(
         f"HF model_type={model_type!r} is not supported; supported model types: {list(SUPPORTED_MODEL_TYPES)}"
     )
@@ -192,6 +196,8 @@ def _yarn_from_hf(rope: RopeConfig, params: dict, max_pos: int | None) -> None:
 
 def hf_model_type(cfg: ModelConfig) -> str:
     """The HF architecture that expresses `cfg`, or ConfigError naming the field that prevents it."""
+    if cfg.architecture != "decoder":
+        _inexpressible(f"architecture={cfg.architecture!r} (HF export covers decoders; BERT loads, not saves)")
     if cfg.norm_placement != "pre":
         _inexpressible(f"norm_placement={cfg.norm_placement!r} (all supported HF decoders are pre-norm)")
     if cfg.moe is not None or cfg.mla is not None:

@@ -13,15 +13,17 @@ from torch import nn
 
 from tformer.config import ModelConfig
 from tformer.models.decoder import Decoder
+from tformer.models.encoder import Encoder
 from tformer.nn.moe import GroupedExperts, Router
 
 
 def build_model(
     config: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, init: bool = True
-) -> Decoder:
-    """A Decoder for `config`. device="meta" returns it unallocated (for counting, or loading)."""
+) -> Decoder | Encoder:
+    """A Decoder, or an Encoder for `architecture="encoder"`, for `config`. device="meta" returns it
+    unallocated (for counting, or loading)."""
     with torch.device("meta"):
-        model = Decoder(config)
+        model = Encoder(config) if config.architecture == "encoder" else Decoder(config)
     if str(device) == "meta":
         return model
     model.to_empty(device=device)
