@@ -1,7 +1,7 @@
 """Parity with HF transformers for the encoder family (BERT): tiny random configs, HF model at
 random init with every parameter perturbed, saved, loaded with the production converter, compared
-in fp32 on CPU: hidden states and pooler of `BertModel`, logits of `BertForMaskedLM`, with padding
-and two segments."""
+in fp32 on CPU: hidden states and pooler of `BertModel`, logits of `BertForMaskedLM`, MLM and
+next-sentence logits of `BertForPreTraining`, with padding and two segments."""
 
 import os
 
@@ -14,7 +14,7 @@ import transformers  # noqa: E402
 from tformer.config import ConfigError  # noqa: E402
 from tformer.convert.hf_bert import bert_config_from_hf, load_hf_bert  # noqa: E402
 from tformer.io import CheckpointError  # noqa: E402
-from tformer.models import Encoder, build_model  # noqa: E402
+from tformer.models import Encoder, MaskedLM, Pretraining, build_model  # noqa: E402
 
 ATOL = 1e-4
 BERT = dict(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -69,12 +69,26 @@ def test_against_hf_bert_masked_lm(tmp_path):
     cfg = transformers.BertConfig(**BERT)
     hf = hf_model(transformers.BertForMaskedLM, cfg)
     hf.save_pretrained(tmp_path)
-    ours = load_hf_bert(tmp_path, masked_lm=True)
+    ours = load_hf_bert(tmp_path, MaskedLM)
     assert ours.head.tok_emb[0].weight is ours.encoder.tok_emb.weight  # tied
     tokens, mask, types = batch(cfg.vocab_size)
     ref = hf(input_ids=tokens, attention_mask=mask, token_type_ids=types).logits
     real = mask.bool()
     torch.testing.assert_close(ours(tokens, mask, types)[real], ref[real], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_against_hf_bert_for_pretraining(tmp_path):
+    cfg = transformers.BertConfig(**BERT)
+    hf = hf_model(transformers.BertForPreTraining, cfg)
+    hf.save_pretrained(tmp_path)
+    ours = load_hf_bert(tmp_path, Pretraining)
+    tokens, mask, types = batch(cfg.vocab_size)
+    ref = hf(input_ids=tokens, attention_mask=mask, token_type_ids=types)
+    mlm, nsp = ours(tokens, mask, types)
+    real = mask.bool()
+    torch.testing.assert_close(mlm[real], ref.prediction_logits[real], atol=ATOL, rtol=0)
+    torch.testing.assert_close(nsp, ref.seq_relationship_logits, atol=ATOL, rtol=0)
 
 
 def test_bert_config_maps_to_an_encoder_build_model_builds():
@@ -92,7 +106,7 @@ def test_unsupported_bert_configs_and_mismatched_checkpoints_are_refused(tmp_pat
     cfg = transformers.BertConfig(**BERT)
     hf_model(transformers.BertModel, cfg).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="cls.predictions"):
-        load_hf_bert(tmp_path, masked_lm=True)  # a BertModel has no MLM head
+        load_hf_bert(tmp_path, MaskedLM)  # a BertModel has no MLM head
 
 
 def test_tformer_load_reads_a_bert_directory_as_an_encoder(tmp_path):

@@ -1,8 +1,9 @@
-"""HF BERT checkpoints (`BertModel`, `BertForMaskedLM`) -> tformer `Encoder` / `MaskedLM`.
+"""HF BERT checkpoints (`BertModel`, `BertForMaskedLM`, `BertForPreTraining`) -> tformer `Encoder`,
+`MaskedLM`, `Pretraining`.
 
 The HF names live only here. Tensors change in one way: the query | key | value projections
-(and biases) are concatenated into our wqkv rows. `BertForMaskedLM` prefixes the encoder's
-names with `bert.`; its decoder weight is the tied word embedding and is not read.
+(and biases) are concatenated into our wqkv rows. The models with heads prefix the encoder's
+names with `bert.`; the MLM decoder weight is the tied word embedding and is not read.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from tformer.config import ConfigError, ModelConfig
 from tformer.io import CheckpointError, load_state_dict_strict, read_json, read_safetensors_dir
 from tformer.models.build import reset_buffers
-from tformer.models.encoder import Encoder, MaskedLM
+from tformer.models.encoder import Encoder, MaskedLM, Pretraining
 
 _ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
@@ -39,6 +41,7 @@ _HEAD_KEYS = [
     (r"head\.dense\.(weight|bias)", r"cls.predictions.transform.dense.\1"),
     (r"head\.norm\.(weight|bias)", r"cls.predictions.transform.LayerNorm.\1"),
     (r"head\.bias", "cls.predictions.bias"),
+    (r"nsp\.(weight|bias)", r"cls.seq_relationship.\1"),
 ]
 # HF buffers, and the MLM decoder, which holds the tied embedding and (again) cls.predictions.bias
 _SKIP = re.compile(r"(position_ids|token_type_ids|cls\.predictions\.decoder\.(weight|bias))$")
@@ -79,15 +82,17 @@ def bert_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
-def bert_state_dict_from_hf(tensors: dict[str, torch.Tensor], model: Encoder | MaskedLM, source: str) -> dict:
-    """HF-named tensors -> our names for `model`; CheckpointError naming missing or unexpected tensors."""
-    masked_lm = isinstance(model, MaskedLM)
+def bert_state_dict_from_hf(tensors: dict[str, torch.Tensor], model: nn.Module, source: str) -> dict:
+    """HF-named tensors -> our names for `model` (an Encoder, MaskedLM or Pretraining);
+    CheckpointError naming missing or unexpected tensors."""
+    wrapped = not isinstance(model, Encoder)  # the encoder's names start with "encoder."
     prefix = "bert." if any(k.startswith("bert.") for k in tensors) else ""
     out, used, missing = {}, set(), []
     for name in model.state_dict():
-        inner = name.removeprefix("encoder.") if masked_lm and not name.startswith("head.") else name
-        rules = _HEAD_KEYS if name.startswith("head.") else _KEYS
-        hf_prefix = "" if name.startswith("head.") else prefix
+        in_head = name.startswith(("head.", "nsp."))
+        inner = name.removeprefix("encoder.") if wrapped and not in_head else name
+        rules = _HEAD_KEYS if in_head else _KEYS
+        hf_prefix = "" if in_head else prefix
         for pattern, template in rules:
             if m := re.fullmatch(pattern, inner):
                 names = [hf_prefix + m.expand(t) for t in (template if isinstance(template, tuple) else (template,))]
@@ -99,7 +104,7 @@ def bert_state_dict_from_hf(tensors: dict[str, torch.Tensor], model: Encoder | M
         if all(n in tensors for n in names):
             out[name] = torch.cat([tensors[n] for n in names]) if len(names) > 1 else tensors[names[0]]
     unexpected = sorted(k for k in tensors if k not in used and not _SKIP.search(k))
-    if masked_lm:  # BertForMaskedLM has no pooler; a BertModel checkpoint may bring one
+    if isinstance(model, MaskedLM):  # BertForMaskedLM has no pooler; a BertModel checkpoint may bring one
         unexpected = [k for k in unexpected if ".pooler." not in "." + k]
     if missing or unexpected:
         raise CheckpointError(f"{source} does not match its config: missing tensors {missing[:8]}, "
@@ -107,15 +112,19 @@ def bert_state_dict_from_hf(tensors: dict[str, torch.Tensor], model: Encoder | M
     return out
 
 
-def load_hf_bert(path: str | Path, masked_lm: bool = False, device="cpu", dtype: torch.dtype | None = None):
-    """An `Encoder` (or `MaskedLM` head included) from an HF BERT directory (config.json + safetensors)."""
+def load_hf_bert(path: str | Path, model_class: type[nn.Module] = Encoder, device="cpu",
+                 dtype: torch.dtype | None = None):
+    """A `model_class` (Encoder, MaskedLM or Pretraining) from an HF BERT directory (config.json +
+    safetensors) holding that model's weights (BertModel, BertForMaskedLM, BertForPreTraining)."""
+    if model_class not in (Encoder, MaskedLM, Pretraining):
+        raise ValueError(f"model_class must be Encoder, MaskedLM or Pretraining, got {model_class!r}")
     path = Path(path)
     try:
         cfg = bert_config_from_hf(read_json(path / "config.json"))
     except (ConfigError, KeyError) as e:
         raise CheckpointError(f"{path / 'config.json'}: {e}") from e
     with torch.device("meta"):
-        model = MaskedLM(cfg) if masked_lm else Encoder(cfg)
+        model = model_class(cfg)
     tensors = bert_state_dict_from_hf(read_safetensors_dir(path), model, str(path))
     load_state_dict_strict(model, tensors, str(path))
     model.tie_weights()

@@ -1,5 +1,5 @@
 from tformer.models.build import build_model, count_parameters
 from tformer.models.decoder import Decoder
-from tformer.models.encoder import Encoder, MaskedLM
+from tformer.models.encoder import Encoder, MaskedLM, Pretraining
 
-__all__ = ["Decoder", "Encoder", "MaskedLM", "build_model", "count_parameters"]
+__all__ = ["Decoder", "Encoder", "MaskedLM", "Pretraining", "build_model", "count_parameters"]

@@ -10,6 +10,7 @@ token) hides padding keys only. Padded queries still get (ignored) outputs.
 Heads read the hidden states:
     MaskedLMHead  (B,T,C) -> dense -> act -> LayerNorm -> tok_emb^T + bias -> (B,T,vocab)
     Pooler        (B,T,C) -> [CLS] (B,C) -> dense -> tanh -> (B,C)
+    next sentence (B,C) pooled -> linear -> (B,2)   (`Pretraining`)
 """
 
 from __future__ import annotations
@@ -114,6 +115,27 @@ class MaskedLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, attention_mask=None, token_types=None) -> torch.Tensor:
         return self.head(self.encoder(tokens, attention_mask, token_types))
+
+
+class Pretraining(nn.Module):
+    """BERT's pretraining model: the encoder with its pooler, the masked-LM head, and the
+    next-sentence head (a 2-way linear on the pooled [CLS]: 0 = B follows A, 1 = B is random).
+
+    tokens (B,T) -> (MLM logits (B,T,vocab), NSP logits (B,2))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.head = MaskedLMHead(config, self.encoder.tok_emb)
+        self.nsp = nn.Linear(config.dim, 2)
+
+    def tie_weights(self) -> None:
+        self.head.tok_emb = [self.encoder.tok_emb]
+
+    def forward(self, tokens: torch.Tensor, attention_mask=None, token_types=None):
+        hidden = self.encoder(tokens, attention_mask, token_types)
+        return self.head(hidden), self.nsp(self.encoder.pooled(hidden))
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
