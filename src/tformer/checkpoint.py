@@ -112,9 +112,10 @@ def model_from_tensors(config: ModelConfig, tensors: dict, source: str, device="
 
     `quantization` (a `tformer.quantize` spec) swaps in the quantized modules before assigning.
     """
-    if config.tie_embeddings and "tok_emb.weight" in tensors:
-        tensors.setdefault("output.weight", tensors["tok_emb.weight"])
     model = build_model(config, device="meta")
+    has_output = "output.weight" in model.state_dict()  # a Decoder's; an Encoder has no output head
+    if config.tie_embeddings and has_output and "tok_emb.weight" in tensors:
+        tensors.setdefault("output.weight", tensors["tok_emb.weight"])
     if quantization is not None:
         try:
             apply_spec(model, quantization)

@@ -95,3 +95,13 @@ def test_embed_reads_a_file_and_prints_a_table(minilm, tmp_path, capsys):
 def test_embed_without_texts_is_a_one_line_error(minilm, capsys):
     assert main(["embed", str(minilm)]) == 2
     assert "nothing to embed" in capsys.readouterr().err
+
+
+def test_embed_from_a_converted_tformer_checkpoint(minilm, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    assert main(["convert", str(minilm), str(out), "--to", "tformer"]) == 0
+    capsys.readouterr()
+    for path in (minilm, out):
+        assert main(["embed", str(path), "--text", TEXTS[0], "--text", TEXTS[1], "--json"]) == 0
+    first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    torch.testing.assert_close(torch.tensor(second["embeddings"]), torch.tensor(first["embeddings"]))
