@@ -14,7 +14,15 @@ import transformers  # noqa: E402
 from tformer.config import ConfigError  # noqa: E402
 from tformer.convert.hf_bert import bert_config_from_hf, load_hf_bert  # noqa: E402
 from tformer.io import CheckpointError  # noqa: E402
-from tformer.models import Encoder, MaskedLM, Pretraining, build_model  # noqa: E402
+from tformer.models import (  # noqa: E402
+    Encoder,
+    MaskedLM,
+    Pretraining,
+    QuestionAnswering,
+    SequenceClassifier,
+    TokenClassifier,
+    build_model,
+)  # noqa: E402
 
 ATOL = 1e-4
 BERT = dict(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -89,6 +97,30 @@ def test_against_hf_bert_for_pretraining(tmp_path):
     real = mask.bool()
     torch.testing.assert_close(mlm[real], ref.prediction_logits[real], atol=ATOL, rtol=0)
     torch.testing.assert_close(nsp, ref.seq_relationship_logits, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_against_hf_bert_classifiers_and_qa(tmp_path):
+    cfg = transformers.BertConfig(**BERT, num_labels=3)
+    tokens, mask, types = batch(cfg.vocab_size)
+    real = mask.bool()
+    for hf_class, ours_class in ((transformers.BertForSequenceClassification, SequenceClassifier),
+                                 (transformers.BertForTokenClassification, TokenClassifier),
+                                 (transformers.BertForQuestionAnswering, QuestionAnswering)):  # fmt: skip
+        qa = ours_class is QuestionAnswering  # HF's QA head is num_labels wide: 2, start and end
+        hf = hf_model(hf_class, transformers.BertConfig(**BERT) if qa else cfg)
+        hf.save_pretrained(tmp_path / hf_class.__name__)
+        ours = load_hf_bert(tmp_path / hf_class.__name__, ours_class)
+        ref = hf(input_ids=tokens, attention_mask=mask, token_type_ids=types)
+        out = ours(tokens, mask, types)
+        if ours_class is SequenceClassifier:
+            assert out.shape == (3, 3)
+            torch.testing.assert_close(out, ref.logits, atol=ATOL, rtol=0)
+        elif ours_class is TokenClassifier:
+            torch.testing.assert_close(out[real], ref.logits[real], atol=ATOL, rtol=0)
+        else:
+            torch.testing.assert_close(out[0][real], ref.start_logits[real], atol=ATOL, rtol=0)
+            torch.testing.assert_close(out[1][real], ref.end_logits[real], atol=ATOL, rtol=0)
 
 
 def test_bert_config_maps_to_an_encoder_build_model_builds():

@@ -18,7 +18,14 @@ from torch import nn
 from tformer.config import ConfigError, ModelConfig
 from tformer.io import CheckpointError, load_state_dict_strict, read_json, read_safetensors_dir
 from tformer.models.build import reset_buffers
-from tformer.models.encoder import Encoder, MaskedLM, Pretraining
+from tformer.models.encoder import (
+    Encoder,
+    MaskedLM,
+    Pretraining,
+    QuestionAnswering,
+    SequenceClassifier,
+    TokenClassifier,
+)
 
 _ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
@@ -42,7 +49,12 @@ _HEAD_KEYS = [
     (r"head\.norm\.(weight|bias)", r"cls.predictions.transform.LayerNorm.\1"),
     (r"head\.bias", "cls.predictions.bias"),
     (r"nsp\.(weight|bias)", r"cls.seq_relationship.\1"),
+    (r"classifier\.(weight|bias)", r"classifier.\1"),
+    (r"qa\.(weight|bias)", r"qa_outputs.\1"),
 ]
+_HEADS = ("head.", "nsp.", "classifier.", "qa.")
+CLASSES = (Encoder, MaskedLM, Pretraining, SequenceClassifier, TokenClassifier, QuestionAnswering)
+LABELLED = (SequenceClassifier, TokenClassifier)  # built with n_labels (config.json's id2label)
 # HF buffers, and the MLM decoder, which holds the tied embedding and (again) cls.predictions.bias
 _SKIP = re.compile(r"(position_ids|token_type_ids|cls\.predictions\.decoder\.(weight|bias))$")
 
@@ -89,7 +101,7 @@ def bert_state_dict_from_hf(tensors: dict[str, torch.Tensor], model: nn.Module, 
     prefix = "bert." if any(k.startswith("bert.") for k in tensors) else ""
     out, used, missing = {}, set(), []
     for name in model.state_dict():
-        in_head = name.startswith(("head.", "nsp."))
+        in_head = name.startswith(_HEADS)
         inner = name.removeprefix("encoder.") if wrapped and not in_head else name
         rules = _HEAD_KEYS if in_head else _KEYS
         hf_prefix = "" if in_head else prefix
@@ -114,17 +126,20 @@ def bert_state_dict_from_hf(tensors: dict[str, torch.Tensor], model: nn.Module, 
 
 def load_hf_bert(path: str | Path, model_class: type[nn.Module] = Encoder, device="cpu",
                  dtype: torch.dtype | None = None):
-    """A `model_class` (Encoder, MaskedLM or Pretraining) from an HF BERT directory (config.json +
-    safetensors) holding that model's weights (BertModel, BertForMaskedLM, BertForPreTraining)."""
-    if model_class not in (Encoder, MaskedLM, Pretraining):
-        raise ValueError(f"model_class must be Encoder, MaskedLM or Pretraining, got {model_class!r}")
+    """A `model_class` (one of `CLASSES`) from an HF BERT directory (config.json + safetensors) holding
+    that model's weights (BertModel, BertForMaskedLM, BertForPreTraining, BertForSequenceClassification,
+    BertForTokenClassification, BertForQuestionAnswering)."""
+    if model_class not in CLASSES:
+        raise ValueError(f"model_class must be one of {[c.__name__ for c in CLASSES]}, got {model_class!r}")
     path = Path(path)
+    hf = read_json(path / "config.json")
     try:
-        cfg = bert_config_from_hf(read_json(path / "config.json"))
+        cfg = bert_config_from_hf(hf)
     except (ConfigError, KeyError) as e:
         raise CheckpointError(f"{path / 'config.json'}: {e}") from e
+    n_labels = len(hf.get("id2label") or {}) or 2  # transformers' default num_labels
     with torch.device("meta"):
-        model = model_class(cfg)
+        model = model_class(cfg, n_labels) if model_class in LABELLED else model_class(cfg)
     tensors = bert_state_dict_from_hf(read_safetensors_dir(path), model, str(path))
     load_state_dict_strict(model, tensors, str(path))
     model.tie_weights()

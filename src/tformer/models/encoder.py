@@ -11,6 +11,7 @@ Heads read the hidden states:
     MaskedLMHead  (B,T,C) -> dense -> act -> LayerNorm -> tok_emb^T + bias -> (B,T,vocab)
     Pooler        (B,T,C) -> [CLS] (B,C) -> dense -> tanh -> (B,C)
     next sentence (B,C) pooled -> linear -> (B,2)   (`Pretraining`)
+    classifiers   pooled -> linear (B,n_labels); per token (B,T,n_labels); QA start/end (B,T) each
 """
 
 from __future__ import annotations
@@ -136,6 +137,59 @@ class Pretraining(nn.Module):
     def forward(self, tokens: torch.Tensor, attention_mask=None, token_types=None):
         hidden = self.encoder(tokens, attention_mask, token_types)
         return self.head(hidden), self.nsp(self.encoder.pooled(hidden))
+
+
+class SequenceClassifier(nn.Module):
+    """The encoder with a linear classifier on the pooled [CLS]: tokens (B,T) -> logits (B, n_labels)."""
+
+    def __init__(self, config: ModelConfig, n_labels: int):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.drop = nn.Dropout(config.resid_dropout)
+        self.classifier = nn.Linear(config.dim, n_labels)
+
+    def tie_weights(self) -> None:
+        """Nothing is tied."""
+
+    def forward(self, tokens: torch.Tensor, attention_mask=None, token_types=None) -> torch.Tensor:
+        hidden = self.encoder(tokens, attention_mask, token_types)
+        return self.classifier(self.drop(self.encoder.pooled(hidden)))
+
+
+class TokenClassifier(nn.Module):
+    """The encoder (no pooler) with a linear classifier on every token: tokens (B,T) -> (B,T,n_labels)."""
+
+    def __init__(self, config: ModelConfig, n_labels: int):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config, pooler=False)
+        self.drop = nn.Dropout(config.resid_dropout)
+        self.classifier = nn.Linear(config.dim, n_labels)
+
+    def tie_weights(self) -> None:
+        """Nothing is tied."""
+
+    def forward(self, tokens: torch.Tensor, attention_mask=None, token_types=None) -> torch.Tensor:
+        return self.classifier(self.drop(self.encoder(tokens, attention_mask, token_types)))
+
+
+class QuestionAnswering(nn.Module):
+    """Extractive QA: the encoder (no pooler) and a 2-way linear on every token ->
+    (start logits (B,T), end logits (B,T)) of the answer span."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config, pooler=False)
+        self.qa = nn.Linear(config.dim, 2)
+
+    def tie_weights(self) -> None:
+        """Nothing is tied."""
+
+    def forward(self, tokens: torch.Tensor, attention_mask=None, token_types=None):
+        start, end = self.qa(self.encoder(tokens, attention_mask, token_types)).unbind(-1)  # (B, T) each
+        return start, end
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
