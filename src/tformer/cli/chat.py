@@ -55,16 +55,16 @@ def _chat(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.path)
     template = ChatTemplate.for_checkpoint(chat_template_folder(args.path, args.adapter), tokenizer)
     engine = DecodeEngine(load_model(args), EngineOptions(max_batch_size=1))
-    session = ChatSession(engine, tokenizer, template, args.system, args.max_new_tokens, sampling, args.seed,
+    chat = ChatSession(engine, tokenizer, template, args.system, args.max_new_tokens, sampling, args.seed,
                           on_note=_note)
     if args.message is not None:
         for line in args.message:
-            _handle(session, line, interactive=False)
+            _handle(chat, line, interactive=False)
         return 0
-    return _interactive(session, args.path, template.is_default)
+    return _interactive(chat, args.path, template.is_default)
 
 
-def _interactive(session, path: str, chatml: bool) -> int:
+def _interactive(chat, path: str, chatml: bool) -> int:
     tty = sys.stdin.isatty()
     if tty:
         try:
@@ -81,14 +81,14 @@ def _interactive(session, path: str, chatml: bool) -> int:
                 print()
             return 0
         try:
-            if not _handle(session, line, interactive=True):
+            if not _handle(chat, line, interactive=True):
                 return 0
         except KeyboardInterrupt:  # mid-reply: the engine has cleaned up (generate's finally)
             print()
             return 0
 
 
-def _handle(session, line: str, interactive: bool) -> bool:
+def _handle(chat, line: str, interactive: bool) -> bool:
     """Answer one input line (a message or a /command); False for /exit."""
     from tformer.chat import ChatTemplateError
     from tformer.inference.chat import ChatError
@@ -97,18 +97,18 @@ def _handle(session, line: str, interactive: bool) -> bool:
     if command == "/exit":
         return False
     if command == "/reset":
-        session.reset()
-        _note("conversation cleared" + (" (the system prompt stays)" if session.system else ""))
+        chat.reset()
+        _note("conversation cleared" + (" (the system prompt stays)" if chat.system else ""))
     elif command == "/system":
-        session.set_system(rest.strip())
-        _note(("system prompt set" if session.system else "system prompt removed") + "; conversation cleared")
+        chat.set_system(rest.strip())
+        _note(("system prompt set" if chat.system else "system prompt removed") + "; conversation cleared")
     elif command.startswith("/"):
         if not interactive:
             raise UserError(f"unknown command {command} (a message starting with / is a command): {HELP}")
         _note(f"unknown command {command}: {HELP}")
     elif line.strip():
         try:
-            session.reply(line, stream=_write)
+            chat.reply(line, stream=_write)
         except (ChatError, ChatTemplateError) as e:
             if not interactive:
                 raise UserError(str(e)) from None
