@@ -17,15 +17,16 @@ from typing import Any, ClassVar, Literal
 
 from tformer.fields import ConfigError, check_fields, check_values
 
-Activation = Literal["relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu"]
+Activation = Literal["relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "geglu_exact"]
 NormKind = Literal["layernorm", "rmsnorm"]
 NormPlacement = Literal["pre", "post"]
-Positions = Literal["rope", "learned", "sinusoidal", "alibi", "none"]
+Positions = Literal["rope", "learned", "sinusoidal", "alibi", "t5", "none"]
 RopeScaling = Literal["none", "linear", "dynamic", "yarn", "llama3"]
 ScoreFunc = Literal["softmax", "sigmoid"]
-Architecture = Literal["decoder", "encoder"]
+Architecture = Literal["decoder", "encoder", "encoder_decoder"]
 
-GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu_tanh"}
+# gated FFN -> the activation of its gate; "geglu_exact" gates with the erf GELU (ModernBERT)
+GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu_tanh", "geglu_exact": "gelu"}
 
 
 @dataclass
@@ -219,6 +220,23 @@ class ModelConfig:
     scale_residual_init: bool = True  # GPT-2: residual projections get std / sqrt(2 n_layers)
     moe: MoEConfig | None = None  # None: every layer has the dense FFN
     mla: MLAConfig | None = None  # None: standard attention (MHA/GQA/MQA)
+    # encoder-decoder fields (models/encoder_decoder.py: T5, the original Transformer)
+    n_decoder_layers: int | None = None  # decoder stack depth; None: n_layers
+    rel_buckets: int = 32  # positions "t5": relative-position buckets (the encoder gives half to each direction)
+    rel_max_distance: int = 128  # positions "t5": distances from here on share the last bucket
+    attn_scale: float | None = None  # attention logits q.k * attn_scale; None: 1/sqrt(head_dim); T5: 1.0
+    scale_embeddings: bool = False  # token embeddings * sqrt(dim) (Vaswani et al. 2017, 3.4)
+    scale_output: bool = False  # final hidden states * dim^-0.5 before the output head (T5 v1.0)
+    sinusoid_split: bool = False  # sinusoids laid out [sin | cos] by halves (Marian), not interleaved
+    # Encoder attention pattern (ModernBERT, Warner et al. 2024). An encoder layer is local when
+    # sliding_window is set: its queries see keys at most sliding_window positions away on either
+    # side (|q - k| <= w; ModernBERT's local_attention 128 is w = 64). With global_every, layer i is
+    # global (whole sequence) when i % global_every == 0, local otherwise; local layers rotate with
+    # rope_local_theta (None: rope.theta).
+    global_every: int | None = None
+    rope_local_theta: float | None = None
+    first_attn_norm: bool = True  # False: layer 0 has no attention pre-norm (the embedding norm serves)
+    head_bias: bool = True  # the masked-LM head's dense layer has a bias (BERT) or not (ModernBERT)
     _derived: ClassVar[frozenset[str]] = frozenset()  # per instance: which of DERIVED were None
 
     def __post_init__(self) -> None:
@@ -278,6 +296,66 @@ class ModelConfig:
                 raise ConfigError(f"MLA supports positions 'rope' or 'none', got {self.positions!r}")
         if self.positions == "sinusoidal" and self.dim % 2:
             raise ConfigError(f"sinusoidal positions need an even dim, got {self.dim}")
+        self._validate_encoder_decoder()
+
+    def _validate_encoder_decoder(self) -> None:
+        """The encoder-decoder fields: their ranges, and that only `architecture="encoder_decoder"` sets them."""
+        if self.architecture == "encoder_decoder":
+            if self.moe is not None or self.mla is not None or self.sliding_window is not None:
+                raise ConfigError("an encoder-decoder has dense, full attention and FFNs: "
+                                  "set moe, mla and sliding_window to None")
+            if self.positions not in ("t5", "sinusoidal", "learned", "none"):
+                raise ConfigError(f"an encoder-decoder takes positions 't5', 'sinusoidal', 'learned' or 'none', "
+                                  f"got {self.positions!r}")
+        else:
+            own = {"n_decoder_layers": None, "scale_embeddings": False, "scale_output": False,
+                   "sinusoid_split": False}
+            for name, default in own.items():
+                if getattr(self, name) != default:
+                    raise ConfigError(f"{name} is an encoder-decoder field: set architecture='encoder_decoder' "
+                                      f"or leave {name}={default!r}")
+            if self.positions == "t5":
+                raise ConfigError("positions='t5' (relative position bias) needs architecture='encoder_decoder'")
+        if self.n_decoder_layers is not None and self.n_decoder_layers <= 0:
+            raise ConfigError(f"n_decoder_layers must be a positive integer or None, got {self.n_decoder_layers!r}")
+        if self.positions == "t5" and (self.rel_buckets < 4 or self.rel_buckets % 2):
+            raise ConfigError(f"rel_buckets must be an even integer >= 4, got {self.rel_buckets}")
+        if self.positions == "t5" and self.rel_max_distance <= self.rel_buckets // 2:
+            raise ConfigError(f"rel_max_distance={self.rel_max_distance} must exceed rel_buckets // 2 = "
+                              f"{self.rel_buckets // 2} (the distances with a bucket each)")
+        if self.attn_scale is not None and self.attn_scale <= 0:
+            raise ConfigError(f"attn_scale must be > 0 or None (1/sqrt(head_dim)), got {self.attn_scale}")
+        if self.attn_scale is not None and self.mla is not None:
+            raise ConfigError("MLA scales its attention with mla.softmax_scale: leave attn_scale=None")
+        if self.sinusoid_split and self.positions != "sinusoidal":
+            raise ConfigError(f"sinusoid_split needs positions='sinusoidal', got {self.positions!r}")
+
+    @property
+    def decoder_layers(self) -> int:
+        """The decoder stack's depth: n_decoder_layers, else n_layers."""
+        return self.n_decoder_layers or self.n_layers
+        self._validate_local_attention()
+
+    def _validate_local_attention(self) -> None:
+        encoder_only = {"global_every": self.global_every is not None, "first_attn_norm": not self.first_attn_norm}
+        for name, used in encoder_only.items():
+            if used and self.architecture != "encoder":
+                raise ConfigError(f"{name}={getattr(self, name)!r} is implemented by encoders only: "
+                                  "set architecture='encoder'")  # fmt: skip
+        if self.global_every is not None:
+            if self.global_every <= 0:
+                raise ConfigError(f"global_every must be a positive integer or None, got {self.global_every!r}")
+            if self.sliding_window is None:
+                raise ConfigError("global_every needs sliding_window, the window of the local layers between "
+                                  "global ones")  # fmt: skip
+        if self.rope_local_theta is not None:
+            if self.rope_local_theta <= 0:
+                raise ConfigError(f"rope_local_theta must be > 0 or None, got {self.rope_local_theta}")
+            if self.positions != "rope" or self.sliding_window is None:
+                raise ConfigError("rope_local_theta is the RoPE base of local layers: it needs positions='rope' "
+                                  "and sliding_window set")
+        if not self.first_attn_norm and self.norm_placement != "pre":
+            raise ConfigError("first_attn_norm=False needs norm_placement='pre' (it drops layer 0's pre-norm)")
 
     @property
     def gated(self) -> bool:
@@ -292,6 +370,12 @@ class ModelConfig:
         """Whether layer i (0-based) has a mixture of experts instead of the dense FFN."""
         m = self.moe
         return m is not None and i >= m.first_dense and (i - m.first_dense) % m.interval == 0
+
+    def is_local_layer(self, i: int) -> bool:
+        """Whether layer i (0-based) attends within `sliding_window` (every layer, unless global_every)."""
+        if self.sliding_window is None:
+            return False
+        return self.global_every is None or i % self.global_every != 0
 
     def is_derived(self, name: str) -> bool:
         """Whether field `name` was left to derive (one of `DERIVED`, not given explicitly)."""

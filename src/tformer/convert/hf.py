@@ -231,6 +231,10 @@ def load_hf(path: str | Path, device="cpu", dtype: torch.dtype | None = None) ->
         from tformer.convert.hf_bert import load_hf_bert
 
         return load_hf_bert(path, device=device, dtype=dtype)
+    if hf.get("model_type") == "modernbert":  # an Encoder (ModernBertModel weights; an MLM head is ignored)
+        from tformer.convert.hf_modernbert import load_hf_modernbert
+
+        return load_hf_modernbert(path, device=device, dtype=dtype)
     try:
         cfg = config_from_hf(hf)
     except ConfigError as e:

@@ -1,11 +1,19 @@
-"""Encoder-only transformer (BERT, MiniLM), assembled from `tformer.nn`, and its heads.
+"""Encoder-only transformer (BERT, MiniLM, ModernBERT), assembled from `tformer.nn`, and its heads.
 
     tokens (B,T) -> tok_emb + seg_emb(token_types) + pos_emb -> emb_norm -> dropout
-                 -> n_layers x block (post-norm for BERT) -> final norm (pre-norm models)
+                 -> n_layers x block (post-norm for BERT; pre-norm for ModernBERT, layer 0 without
+                    attn_norm when first_attn_norm=False) -> final norm (pre-norm models)
                  -> hidden states (B,T,C)
 
 Attention is bidirectional: every query sees every real key; an `attention_mask` (B,T; 1 = real
-token) hides padding keys only. Padded queries still get (ignored) outputs.
+token) hides padding keys only. Padded queries still get (ignored) outputs. Local layers
+(`config.is_local_layer`) see keys within `sliding_window` on either side and take their RoPE from
+`rope_local` (rope_local_theta); global layers see the whole sequence.
+
+Padding-free batches: sequences laid end to end in one row, tokens (1,N), with `segments` (1,N)
+naming each token's sequence; attention stays within a sequence and positions restart at each.
+The masks of a batch are built once per forward by `make_mask` (dense masks for SDPA;
+`tformer.inference.encoder_flex` swaps in FlexAttention block masks on CUDA).
 
 Heads read the hidden states:
     MaskedLMHead  (B,T,C) -> dense -> act -> LayerNorm -> tok_emb^T + bias -> (B,T,vocab)
@@ -16,12 +24,15 @@ Heads read the hidden states:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
-from tformer.config import ModelConfig
+from tformer.config import GATED_ACTIVATIONS, ModelConfig
 from tformer.models.blocks import make_block
 from tformer.models.decoder import _absolute_positions
+from tformer.nn.masks import encoder_mask, segment_positions
 from tformer.nn.mlp import ACTIVATIONS
 from tformer.nn.norm import make_norm
 from tformer.nn.rope import RotaryEmbedding
@@ -39,33 +50,54 @@ class Encoder(nn.Module):
         self.emb_norm = make_norm(config)
         self.emb_drop = nn.Dropout(config.emb_dropout)
         self.rope = RotaryEmbedding(config.rope, config.rope_dim) if config.positions == "rope" else None
+        self.rope_local = None
+        if self.rope is not None and config.rope_local_theta is not None:
+            self.rope_local = RotaryEmbedding(replace(config.rope, theta=config.rope_local_theta), config.rope_dim)
         self.layers = nn.ModuleList(make_block(config, i) for i in range(config.n_layers))
+        if not config.first_attn_norm:
+            self.layers[0].attn_norm = nn.Identity()
+        self.local = tuple(config.is_local_layer(i) for i in range(config.n_layers))
         self.norm = make_norm(config) if config.norm_placement == "pre" else nn.Identity()
         self.pooler = Pooler(config) if pooler else None
+        self.make_mask = encoder_mask  # (B, T, key_valid, segments, window, device) -> a layer's mask
 
     def tie_weights(self) -> None:
         """Nothing is tied inside the encoder (heads tie to `tok_emb`); kept for `build_model`."""
 
-    def forward(self, tokens: torch.Tensor, attention_mask=None, token_types=None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, attention_mask=None, token_types=None, segments=None) -> torch.Tensor:
         """tokens (B,T) -> hidden states (B,T,C).
 
         attention_mask (B,T): 1 for real tokens, 0 for padding. token_types (B,T): segment ids
-        (0 for sentence A, 1 for B); None: all 0.
+        (0 for sentence A, 1 for B); None: all 0. segments (B,T), for padding-free batches: the
+        sequence each token belongs to, an id that differs between neighbouring sequences
+        (`pack`); None: one sequence a row. A 1-D tokens (N,) (and segments (N,)) is one packed row.
         """
+        if tokens.dim() == 1:
+            rows = (t[None] if t is not None else None for t in (tokens, attention_mask, token_types, segments))
+            return self(*rows)[0]
         B, T = tokens.shape
-        if attention_mask is not None and attention_mask.shape != (B, T):
-            raise ValueError(f"attention_mask must have shape ({B}, {T}), got {tuple(attention_mask.shape)}")
-        positions = torch.arange(T, device=tokens.device).expand(B, T)
+        for name, t in (("attention_mask", attention_mask), ("token_types", token_types), ("segments", segments)):
+            if t is not None and t.shape != (B, T):
+                raise ValueError(f"{name} must have the shape of tokens ({B}, {T}), got {tuple(t.shape)}")
+        if segments is not None:
+            positions = segment_positions(segments)  # (B, T), restarting at each sequence
+        else:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
         x = self.pos_emb(self.tok_emb(tokens), positions)  # (B, T, C)
         if self.seg_emb is not None:
             x = x + self.seg_emb(token_types if token_types is not None else torch.zeros_like(tokens))
         x = self.emb_drop(self.emb_norm(x))
-        # (B, 1, 1, T) bool, True = attend: a mask (never None, which Attention reads as causal)
-        keys = attention_mask.bool() if attention_mask is not None else torch.ones_like(tokens, dtype=torch.bool)
-        mask = keys[:, None, None, :]
-        rope = self.rope(positions, x.dtype) if self.rope is not None else None
-        for layer in self.layers:
-            x = layer(x, rope, mask)
+        # per layer kind (False: global, True: local): a mask (never None, which Attention reads as
+        # causal) and the RoPE (cos, sin), each built once
+        window = self.config.sliding_window
+        masks = {local: self.make_mask(B, T, attention_mask, segments, window if local else None, tokens.device)
+                 for local in set(self.local)}  # fmt: skip
+        ropes = {False: None, True: None}
+        if self.rope is not None:
+            ropes[False] = self.rope(positions, x.dtype)
+            ropes[True] = self.rope_local(positions, x.dtype) if self.rope_local is not None else ropes[False]
+        for layer, local in zip(self.layers, self.local):
+            x = layer(x, ropes[local], masks[local])
         return self.norm(x)
 
     def pooled(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -87,12 +119,13 @@ class Pooler(nn.Module):
 
 
 class MaskedLMHead(nn.Module):
-    """BERT's MLM head: dense -> activation -> LayerNorm -> output tied to the token embedding, plus a bias."""
+    """BERT's (and ModernBERT's) MLM head: dense -> activation -> LayerNorm -> output tied to the token
+    embedding, plus a bias."""
 
     def __init__(self, config: ModelConfig, tok_emb: nn.Embedding):
         super().__init__()
-        self.dense = nn.Linear(config.dim, config.dim)
-        self.act = ACTIVATIONS[config.activation]
+        self.dense = nn.Linear(config.dim, config.dim, bias=config.head_bias)
+        self.act = ACTIVATIONS[GATED_ACTIVATIONS.get(config.activation, config.activation)]  # a GLU's gate act
         self.norm = make_norm(config)
         self.tok_emb = [tok_emb]  # a list: not registered twice as a submodule
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
@@ -114,8 +147,8 @@ class MaskedLM(nn.Module):
     def tie_weights(self) -> None:
         self.head.tok_emb = [self.encoder.tok_emb]
 
-    def forward(self, tokens: torch.Tensor, attention_mask=None, token_types=None) -> torch.Tensor:
-        return self.head(self.encoder(tokens, attention_mask, token_types))
+    def forward(self, tokens: torch.Tensor, attention_mask=None, token_types=None, segments=None) -> torch.Tensor:
+        return self.head(self.encoder(tokens, attention_mask, token_types, segments))
 
 
 class Pretraining(nn.Module):
@@ -170,8 +203,8 @@ class TokenClassifier(nn.Module):
     def tie_weights(self) -> None:
         """Nothing is tied."""
 
-    def forward(self, tokens: torch.Tensor, attention_mask=None, token_types=None) -> torch.Tensor:
-        return self.classifier(self.drop(self.encoder(tokens, attention_mask, token_types)))
+    def forward(self, tokens: torch.Tensor, attention_mask=None, token_types=None, segments=None) -> torch.Tensor:
+        return self.classifier(self.drop(self.encoder(tokens, attention_mask, token_types, segments)))
 
 
 class QuestionAnswering(nn.Module):
@@ -187,8 +220,8 @@ class QuestionAnswering(nn.Module):
     def tie_weights(self) -> None:
         """Nothing is tied."""
 
-    def forward(self, tokens: torch.Tensor, attention_mask=None, token_types=None):
-        start, end = self.qa(self.encoder(tokens, attention_mask, token_types)).unbind(-1)  # (B, T) each
+    def forward(self, tokens: torch.Tensor, attention_mask=None, token_types=None, segments=None):
+        start, end = self.qa(self.encoder(tokens, attention_mask, token_types, segments)).unbind(-1)  # (B, T) each
         return start, end
 
 
@@ -197,3 +230,26 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     w = attention_mask.to(hidden.dtype)[..., None]  # (B, T, 1)
     return (hidden * w).sum(1) / w.sum(1).clamp(min=1e-9)
 
+
+
+def pack(rows: list[torch.Tensor] | list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences -> one padding-free row: (tokens (1,N), segments (1,N)), segment i for sequence i."""
+    rows = [torch.as_tensor(r, dtype=torch.long) for r in rows]
+    lengths = torch.tensor([len(r) for r in rows])
+    segments = torch.repeat_interleave(torch.arange(len(rows)), lengths)
+    return torch.cat(rows)[None], segments[None].to(rows[0].device)
+
+
+def unpack(hidden: torch.Tensor, segments: torch.Tensor) -> list[torch.Tensor]:
+    """Packed hidden states (1,N,C) or (N,C) with `pack`'s segments -> one (T_i, C) tensor per sequence."""
+    hidden, segments = hidden.reshape(-1, hidden.shape[-1]), segments.reshape(-1)
+    return list(hidden.split(torch.bincount(segments).tolist()))
+
+
+def segment_mean(hidden: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """Packed hidden states (1,N,C) or (N,C) with `pack`'s segments (ids 0..S-1) -> (S,C) mean per sequence;
+    the padding-free counterpart of `mean_pool`."""
+    hidden, segments = hidden.reshape(-1, hidden.shape[-1]), segments.reshape(-1)
+    S = int(segments.max()) + 1
+    sums = hidden.new_zeros(S, hidden.shape[-1]).index_add_(0, segments, hidden)
+    return sums / torch.bincount(segments, minlength=S).clamp(min=1)[:, None].to(hidden.dtype)

@@ -58,3 +58,41 @@ def segment_mask(segments: torch.Tensor, window: int | None = None) -> torch.Ten
     T = segments.shape[1]
     allowed = causal_mask(torch.arange(T, device=segments.device), T, window=window)  # (1, 1, T, T)
     return allowed & (segments[:, None, :, None] == segments[:, None, None, :])
+
+
+def encoder_mask_mod(key_valid: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                     window: int | None = None):
+    """An encoder's attention rule as a FlexAttention mask_mod (b, h, q, kv) -> bool (True = attend).
+
+    Bidirectional: a query sees every key that is real (key_valid (B, T), 1 = real; None: all),
+    in its own sequence (segments (B, T): a sequence id per token of a packed row; None: one
+    sequence a row) and, with `window`, at most `window` positions away on either side
+    (|q - k| <= window: HF ModernBERT's sliding mask, window = local_attention // 2). A query always
+    sees itself, so a padding query never has an empty row (which would give NaN from softmax).
+    """
+
+    def mask_mod(b, h, q, kv):
+        allowed = kv >= 0  # all True, in the broadcast shape
+        if key_valid is not None:
+            allowed = allowed & (key_valid[b, kv].bool() | (q == kv))
+        if segments is not None:
+            allowed = allowed & (segments[b, q] == segments[b, kv])
+        if window is not None:
+            allowed = allowed & ((q - kv).abs() <= window)
+        return allowed
+
+    return mask_mod
+
+
+def encoder_mask(B: int, T: int, key_valid: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                 window: int | None = None, device=None) -> torch.Tensor:
+    """`encoder_mask_mod`'s rule as a dense bool mask for SDPA: (B or 1, 1, T, T), or (B or 1, 1, 1, T) when
+    it only hides padding keys (no segments, no window), which keeps SDPA's fused kernels."""
+    if segments is None and window is None:
+        if key_valid is None:
+            return torch.ones(1, 1, 1, T, dtype=torch.bool, device=device)
+        return key_valid.bool()[:, None, None, :]  # (B, 1, 1, T)
+    b = torch.arange(B, device=device)[:, None, None, None]
+    slots = torch.arange(T, device=device)
+    allowed = encoder_mask_mod(key_valid, segments, window)(b, 0, slots[:, None], slots[None, :])
+    return allowed.reshape(-1, 1, T, T)  # (B or 1, 1, T, T)

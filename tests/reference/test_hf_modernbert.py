@@ -1,0 +1,102 @@
+"""Parity with HF transformers for ModernBERT: tiny random configs (global and sliding-window layers
+with a window shorter than the batch, two RoPE bases), HF model at random init with every
+parameter perturbed, saved, loaded with the production converter, compared in fp32 on CPU:
+hidden states of `ModernBertModel` and logits of `ModernBertForMaskedLM`, with padding; the
+padding-free (packed) path gives the same hidden states on the real tokens."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from tformer.config import ConfigError  # noqa: E402
+from tformer.convert.hf import load_hf  # noqa: E402
+from tformer.convert.hf_modernbert import load_hf_modernbert, modernbert_config_from_hf  # noqa: E402
+from tformer.io import CheckpointError  # noqa: E402
+from tformer.models import Encoder, MaskedLM  # noqa: E402
+from tformer.models.encoder import pack, unpack  # noqa: E402
+
+ATOL = 1e-4
+MODERNBERT = dict(vocab_size=100, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=96,
+                  local_attention=8, global_attn_every_n_layers=3, global_rope_theta=160000.0,
+                  local_rope_theta=10000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
+                  sep_token_id=2)  # fmt: skip
+
+
+def hf_model(cls, config):
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def batch(vocab: int, T: int = 24, pads=(0, 5, 15)):
+    torch.manual_seed(1)
+    tokens = torch.randint(3, vocab, (len(pads), T))
+    mask = torch.ones(len(pads), T, dtype=torch.long)
+    for row, n in enumerate(pads):
+        if n:
+            mask[row, -n:] = 0
+    return tokens, mask
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh"])
+@torch.no_grad()
+def test_against_hf_modernbert_model(tmp_path, attn, act):
+    cfg = transformers.ModernBertConfig(**MODERNBERT, hidden_activation=act, classifier_activation=act)
+    hf = hf_model(transformers.ModernBertModel, cfg)
+    hf.config._attn_implementation = attn
+    hf.save_pretrained(tmp_path)
+    ours = load_hf(tmp_path)  # the dispatch `tformer.load` uses
+    assert isinstance(ours, Encoder) and ours.local == (False, True, True, False)
+    assert ours.config.sliding_window == 4 and ours.config.rope_local_theta == 10000.0
+    tokens, mask = batch(cfg.vocab_size)
+    ref = hf(input_ids=tokens, attention_mask=mask).last_hidden_state
+    hidden = ours(tokens, mask)
+    real = mask.bool()
+    torch.testing.assert_close(hidden[real], ref[real], atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours(tokens), hf(input_ids=tokens).last_hidden_state, atol=ATOL, rtol=0)
+    # padding-free: the real tokens of every row, packed in one row, give the same hidden states
+    rows = [t[m.bool()] for t, m in zip(tokens, mask)]
+    packed, segments = pack(rows)
+    for got, row, m in zip(unpack(ours(packed, segments=segments), segments), hidden, mask):
+        torch.testing.assert_close(got, row[m.bool()], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_against_hf_modernbert_masked_lm(tmp_path):
+    cfg = transformers.ModernBertConfig(**MODERNBERT)
+    hf = hf_model(transformers.ModernBertForMaskedLM, cfg)
+    hf.save_pretrained(tmp_path)
+    ours = load_hf_modernbert(tmp_path, MaskedLM)
+    assert ours.head.dense.bias is None
+    n_ours = sum(p.numel() for p in ours.parameters())
+    assert n_ours == sum(p.numel() for p in hf.parameters())  # both count the tied embedding once
+    tokens, mask = batch(cfg.vocab_size)
+    ref = hf(input_ids=tokens, attention_mask=mask).logits
+    logits = ours(tokens, mask)
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], ref[real], atol=ATOL, rtol=0)
+    # the MLM checkpoint also loads as a bare encoder (its head ignored), with the same hidden states
+    enc = load_hf_modernbert(tmp_path)
+    torch.testing.assert_close(enc(tokens, mask)[real], hf.model(tokens, mask).last_hidden_state[real],
+                               atol=ATOL, rtol=0)  # fmt: skip
+
+
+def test_modernbert_config_errors(tmp_path):
+    hf = transformers.ModernBertConfig(**MODERNBERT).to_dict()
+    with pytest.raises(ConfigError, match="hidden_activation"):
+        modernbert_config_from_hf({**hf, "hidden_activation": "relu"})
+    with pytest.raises(ConfigError, match="layer_types"):
+        modernbert_config_from_hf({**hf, "layer_types": ["full_attention"] * 4})
+    with pytest.raises(ConfigError, match="rope_type"):
+        modernbert_config_from_hf({**hf, "rope_parameters": {"full_attention": {"rope_type": "yarn"}}})
+    transformers.ModernBertModel(transformers.ModernBertConfig(**MODERNBERT)).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="missing tensors"):
+        load_hf_modernbert(tmp_path, MaskedLM)  # no MLM head in a ModernBertModel checkpoint
