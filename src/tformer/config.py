@@ -237,6 +237,7 @@ class ModelConfig:
     rope_local_theta: float | None = None
     first_attn_norm: bool = True  # False: layer 0 has no attention pre-norm (the embedding norm serves)
     head_bias: bool = True  # the masked-LM head's dense layer has a bias (BERT) or not (ModernBERT)
+    pooler: bool = True  # an encoder has BERT's [CLS] pooler (dense + tanh); ModernBERT has none
     _derived: ClassVar[frozenset[str]] = frozenset()  # per instance: which of DERIVED were None
 
     def __post_init__(self) -> None:

@@ -3,7 +3,8 @@
 ModernBERT (Warner et al. 2024) is a pre-norm encoder: RoPE with a global and a local base, a GLU
 FFN, alternating global and sliding-window layers, no biases, LayerNorm without bias, an
 embedding norm and a final norm; layer 0 has no attention pre-norm. Its config maps onto
-ModelConfig fields (global_every, sliding_window, rope_local_theta, first_attn_norm, head_bias).
+ModelConfig fields (global_every, sliding_window, rope_local_theta, first_attn_norm, head_bias,
+pooler).
 
 The HF names live only here. Tensors change in one way: the FFN's fused `Wi` holds the
 activated half then the gate half, split into our w1 (activated) and w3 rows. The MLM
@@ -104,6 +105,7 @@ def modernbert_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         global_every=_layer_pattern(hf),
         first_attn_norm=False,
         head_bias=hf.get("classifier_bias", False),
+        pooler=False,
         emb_dropout=hf.get("embedding_dropout", 0.0),
         attn_dropout=hf.get("attention_dropout", 0.0),
         resid_dropout=hf.get("mlp_dropout", 0.0),
@@ -154,7 +156,7 @@ def load_hf_modernbert(path: str | Path, model_class: type[nn.Module] = Encoder,
     except (ConfigError, KeyError) as e:
         raise CheckpointError(f"{path / 'config.json'}: {e}") from e
     with torch.device("meta"):
-        model = Encoder(cfg, pooler=False) if model_class is Encoder else model_class(cfg)  # no pooler
+        model = model_class(cfg)
     tensors = modernbert_state_dict_from_hf(read_safetensors_dir(path), model, str(path))
     load_state_dict_strict(model, tensors, str(path))
     model.tie_weights()

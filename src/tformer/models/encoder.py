@@ -39,9 +39,10 @@ from tformer.nn.rope import RotaryEmbedding
 
 
 class Encoder(nn.Module):
-    """tokens (B,T) -> hidden states (B,T,C); `pooler` adds BERT's [CLS] pooler (`pooled`)."""
+    """tokens (B,T) -> hidden states (B,T,C); `pooler` (default: config.pooler) adds BERT's [CLS]
+    pooler (`pooled`)."""
 
-    def __init__(self, config: ModelConfig, pooler: bool = True):
+    def __init__(self, config: ModelConfig, pooler: bool | None = None):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
@@ -58,7 +59,7 @@ class Encoder(nn.Module):
             self.layers[0].attn_norm = nn.Identity()
         self.local = tuple(config.is_local_layer(i) for i in range(config.n_layers))
         self.norm = make_norm(config) if config.norm_placement == "pre" else nn.Identity()
-        self.pooler = Pooler(config) if pooler else None
+        self.pooler = Pooler(config) if (config.pooler if pooler is None else pooler) else None
         self.make_mask = encoder_mask  # (B, T, key_valid, segments, window, device) -> a layer's mask
 
     def tie_weights(self) -> None:
