@@ -1,4 +1,5 @@
-"""`tformer finetune CKPT --data FILE.jsonl`: `tformer train` from a checkpoint, with fine-tuning defaults."""
+"""`tformer finetune CKPT --data FILE.jsonl`: `tformer train` from a checkpoint, with fine-tuning defaults;
+`--task classify|mlm|distill-encoder` fine-tunes an encoder instead (train/encoder_tasks.py)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", metavar="CKPT", help="the checkpoint to fine-tune")
     add_train_options(p, DEFAULTS, hidden=("preset",))
+    add_encoder_options(p)
     p.set_defaults(func=run)
 
 
@@ -68,6 +70,12 @@ def make_finetune_config(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     from tformer.cli.train import run_training
 
+    encoder = {k: vars(args).pop(k) for k in list(vars(args)) if k in ENCODER_OPTIONS}
+    if encoder.get("task", "sft") != "sft":
+        return run_encoder_task(args, encoder)
+    if encoder:
+        raise UserError(f"--{next(iter(encoder)).replace('_', '-')} applies to the encoder tasks: pass "
+                        "--task classify, mlm or distill-encoder")
     cfg = make_finetune_config(args)
     if not cfg.data:
         raise UserError("pass the examples to fine-tune on: --data FILE.jsonl")
@@ -77,3 +85,81 @@ def run(args: argparse.Namespace) -> int:
         target = f"{cfg.preset} --adapter {best}" if cfg.method != "full" else str(best)
         print(f"chat with the result: tformer chat {target}")
     return code
+
+
+# --- encoder tasks (train/encoder_tasks.py) ----------------------------------------------------------------
+
+ENCODER_OPTIONS = ("task", "epochs", "warmup_ratio", "max_len", "text_column", "label_column", "mlm_prob", "nsp",
+                   "alpha_ce", "alpha_mlm", "alpha_cos", "student_layers")
+# TrainConfig options that mean the same for an encoder task (name there, if renamed)
+SHARED_OPTIONS = {"lr": "lr", "batch_size": "batch_size", "seq_len": "max_len", "max_steps": "max_steps",
+                  "warmup": "warmup", "weight_decay": "weight_decay", "grad_clip": "grad_clip", "seed": "seed",
+                  "out_dir": "out_dir", "data": "data", "val_data": "val_data", "val_fraction": "val_fraction",
+                  "teacher": "teacher", "distill_temperature": "temperature", "eval_every": "eval_every",
+                  "log_every": "log_every", "dropout": "dropout", "threads": None, "device": None,
+                  "overwrite": None}
+
+
+def add_encoder_options(p: argparse.ArgumentParser) -> None:
+    from tformer.train.encoder_tasks import TASKS, EncoderTaskConfig
+
+    d = EncoderTaskConfig(task="classify", checkpoint="")
+    g = p.add_argument_group(
+        "encoder tasks", "--task classify|mlm|distill-encoder fine-tunes an encoder (BERT, MiniLM; CKPT a tformer "
+        "encoder checkpoint or an HF BERT directory) with BERT's recipe: lr 3e-5 (--lr), 3 epochs, 10%% warmup, "
+        "linear decay, batch 32 (--batch-size), 128 tokens, weight decay 0.01. classify: --data a .csv (header "
+        "text,label) or .jsonl ({\"text\", \"label\"}); accuracy and macro-F1 on --val-data (or --val-fraction "
+        "held out); the labels are saved with the checkpoint (OUT/final; `tformer classify` reads it). mlm: "
+        "masked-LM on text files (one sentence a line). distill-encoder: a student with every other layer of "
+        "--teacher (a masked-LM checkpoint). Also read: --data --val-data --val-fraction --out-dir --lr "
+        "--batch-size --max-steps --warmup (steps) --weight-decay --grad-clip --seed --dropout --eval-every "
+        "--log-every --distill-temperature --threads --device --overwrite")
+    S = argparse.SUPPRESS
+    g.add_argument("--task", choices=("sft", *TASKS), default=S,
+                   help="sft (default): chat/completion/preference JSONL through `tformer train`; or an encoder task")
+    g.add_argument("--epochs", type=float, default=S, help=f"passes over the training data (default: {d.epochs:g})")
+    g.add_argument("--warmup-ratio", type=float, default=S, help=f"share of steps warming up (default: {d.warmup_ratio})")
+    g.add_argument("--max-len", type=int, default=S, help=f"tokens per example at most (default: {d.max_len})")
+    g.add_argument("--text-column", default=S, help="classify: the text column or key (default: text)")
+    g.add_argument("--label-column", default=S, help="classify: the label column or key (default: label)")
+    g.add_argument("--mlm-prob", type=float, default=S, help=f"share of tokens masked (default: {d.mlm_prob})")
+    g.add_argument("--nsp", action="store_true", default=S, help="mlm: sentence pairs and the next-sentence loss")
+    for name, what in (("alpha_ce", "soft-target KL"), ("alpha_mlm", "masked-LM"), ("alpha_cos", "hidden cosine")):
+        g.add_argument(f"--{name.replace('_', '-')}", type=float, default=S,
+                       help=f"distill-encoder: weight of the {what} term (default: {getattr(d, name):g})")
+    g.add_argument("--student-layers", type=int, default=S,
+                   help="distill-encoder: the student's layers (default: half the teacher's)")
+
+
+def run_encoder_task(args: argparse.Namespace, encoder: dict) -> int:
+    """`--task classify|mlm|distill-encoder`: the options given, checked, then train/encoder_tasks.run."""
+    import torch
+
+    from tformer.train.encoder_tasks import EncoderTaskConfig, run
+
+    given = {k: v for k, v in vars(args).items()
+             if k not in ("func", "command", "defaults", "checkpoint") and not (k == "config" and v is None)}
+    other = [k for k in given if k not in SHARED_OPTIONS]
+    if other:
+        raise UserError(f"--{other[0].replace('_', '-').replace('.', '-')} applies to --task sft only "
+                        f"(--task {encoder['task']} takes the options listed under `encoder tasks` in --help)")
+    fields = {SHARED_OPTIONS[k]: v for k, v in given.items() if SHARED_OPTIONS[k]}
+    fields.update({k: v for k, v in encoder.items() if k != "task"})
+    fields.setdefault("out_dir", DEFAULTS.out_dir)
+    cfg = EncoderTaskConfig(task=encoder["task"], checkpoint=args.checkpoint, **fields)
+    if not Path(args.checkpoint).is_dir():
+        raise UserError(f"{args.checkpoint} is not a directory: pass a tformer encoder checkpoint or an HF BERT "
+                        "directory (config.json, model.safetensors, tokenizer.json)")
+    final = Path(cfg.out_dir) / "final"
+    if final.exists() and not given.get("overwrite"):
+        raise UserError(f"{final} exists: pass --overwrite to replace it, or another --out-dir")
+    if given.get("threads"):
+        torch.set_num_threads(given["threads"])
+    device = given.get("device", "cpu")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    metrics = run(cfg, device)
+    print(f"done: {cfg.out_dir}/final; metrics in {cfg.out_dir}/metrics.json")
+    if cfg.task == "classify":
+        print(f"classify with it: tformer classify {final} --text \"...\"  "
+              f"(accuracy {metrics['val_accuracy']:.4f}, macro-F1 {metrics['val_macro_f1']:.4f})")
+    return 0

@@ -94,17 +94,19 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module) -> list[int]:
     """Copy the teacher's weights into a shallower student of the same width, as DistilBERT starts
     its 6 layers from BERT's 12: embeddings, final norm and head as they are, and evenly spaced
     layers (student layer i <- teacher layer i * L_teacher // L_student; every other one for half
-    the depth). Returns the teacher layers taken."""
-    L_s, L_t = len(student.layers), len(teacher.layers)
+    the depth). An encoder with heads (models/encoder.py) keeps its layers under `encoder.`.
+    Returns the teacher layers taken."""
+    L_s, L_t = len(_trunk(student).layers), len(_trunk(teacher).layers)
     if L_s > L_t:
         raise ValueError(f"distill_init: the student has {L_s} layers, more than the teacher's {L_t}")
     taken = [i * L_t // L_s for i in range(L_s)]
     source = teacher.state_dict()
     state, wrong = {}, []
+    layers = "encoder.layers." if _trunk(student) is not student else "layers."
     for name, param in student.state_dict().items():
-        if name.startswith("layers."):
-            i, rest = name[len("layers."):].split(".", 1)
-            name_t = f"layers.{taken[int(i)]}.{rest}"
+        if name.startswith(layers):
+            i, rest = name[len(layers):].split(".", 1)
+            name_t = f"{layers}{taken[int(i)]}.{rest}"
         else:
             name_t = name
         value = source.get(name_t)
@@ -117,6 +119,11 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module) -> list[int]:
                          "n_layers (leave the other --model.* options out); these differ: " + "; ".join(wrong[:4]))
     student.load_state_dict(state)
     return taken
+
+
+def _trunk(model: nn.Module) -> nn.Module:
+    """The module holding `layers`: the model, or an encoder head model's `encoder`."""
+    return model if hasattr(model, "layers") else model.encoder
 
 
 def cosine_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,9 @@ size average as one batch would.
     NextToken  cross-entropy of each next token (IGNORE targets untrained): pretraining and SFT
     Distill    NextToken mixed with the KL to a teacher's distributions (train/distill.py)
     DPO        the sigmoid preference loss of Rafailov et al. 2023 against a frozen reference
+    MaskedLMObjective, Classification, EncoderDistill   encoders: masked-LM (+ next-sentence),
+               sequence classification, DistilBERT's three-term distillation
+    Seq2Seq    encoder-decoders: teacher-forced cross-entropy of the target given the source
 """
 
 from __future__ import annotations
@@ -131,3 +134,112 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     """Mean over pairs of -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))); inputs (B,) summed log-probs."""
     margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
     return -F.logsigmoid(beta * margin).mean()
+
+
+# --- encoders (models/encoder.py): batches carry attention_mask, token_types and labels ---
+
+def _encode(model, batch: dict):
+    return model(batch["tokens"], batch.get("attention_mask"), batch.get("token_types"))
+
+
+class MaskedLMObjective:
+    """BERT pretraining (Devlin et al. 2019): cross-entropy of the masked tokens (`labels`, IGNORE
+    elsewhere; data/mlm.py); for the `Pretraining` model plus the next-sentence cross-entropy on
+    `nsp_labels`, the two summed as BERT sums them."""
+    unit = "tokens"  # masked positions
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, batch: dict) -> dict:
+        out = _encode(self.model, batch)
+        logits, nsp_logits = out if isinstance(out, tuple) else (out, None)
+        mlm = next_token_loss(logits, batch["labels"])
+        if nsp_logits is None:
+            return {"loss": mlm}
+        nsp = F.cross_entropy(nsp_logits.float(), batch["nsp_labels"])
+        accuracy = (nsp_logits.argmax(-1) == batch["nsp_labels"]).float().mean()
+        return {"loss": mlm + nsp, "mlm_loss": mlm.detach(), "nsp_loss": nsp.detach(), "nsp_accuracy": accuracy}
+
+    def weight(self, batch: dict) -> float:
+        return batch["n_targets"]
+
+
+class Classification:
+    """Cross-entropy of a `SequenceClassifier`'s (B, n_labels) logits against `labels` (B,); logs the
+    batch accuracy (macro-F1 needs the whole split: train/encoder_tasks.py's evaluation)."""
+    unit = "examples"
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, batch: dict) -> dict:
+        logits = _encode(self.model, batch)
+        loss = F.cross_entropy(logits.float(), batch["labels"])
+        return {"loss": loss, "accuracy": (logits.argmax(-1) == batch["labels"]).float().mean()}
+
+    def weight(self, batch: dict) -> float:
+        return batch["n_targets"]
+
+
+class EncoderDistill:
+    """DistilBERT's loss (Sanh et al. 2019) for a `MaskedLM` student of a `MaskedLM` teacher, on
+    masked-LM batches; over the real (attention_mask) positions:
+
+        loss = alpha_ce * T^2 KL(teacher_T || student_T)        soft targets (train/distill.py's distill_loss)
+             + alpha_mlm * CE(student, masked tokens)             hard targets
+             + alpha_cos * (1 - cos(h_student, h_teacher))        final hidden states (cosine_loss)
+
+    The teacher runs without gradients; the cosine term needs the two widths equal."""
+    unit = "tokens"
+
+    def __init__(self, model, teacher, alpha_ce: float = 5.0, alpha_mlm: float = 2.0, alpha_cos: float = 1.0,
+                 temperature: float = 2.0):
+        from tformer.train.distill import check_distill_options
+
+        check_distill_options(0.5, temperature, alpha_cos)
+        if alpha_ce < 0 or alpha_mlm < 0 or alpha_ce + alpha_mlm + alpha_cos == 0:
+            raise ValueError(f"alpha_ce ({alpha_ce}), alpha_mlm ({alpha_mlm}) and alpha_cos ({alpha_cos}) must be "
+                             ">= 0 and not all 0")
+        if alpha_cos > 0 and model.config.dim != teacher.config.dim:
+            raise ValueError(f"the cosine term compares hidden states: the student's dim ({model.config.dim}) must "
+                             f"be the teacher's ({teacher.config.dim}); set alpha_cos to 0 or match the width")
+        self.model, self.teacher = model, teacher
+        self.alpha_ce, self.alpha_mlm, self.alpha_cos, self.temperature = alpha_ce, alpha_mlm, alpha_cos, temperature
+
+    def __call__(self, batch: dict) -> dict:
+        from tformer.train.distill import cosine_loss, distill_loss
+
+        args = batch["tokens"], batch.get("attention_mask"), batch.get("token_types")
+        with torch.no_grad():
+            t_hidden = self.teacher.encoder(*args)
+            t_logits = self.teacher.head(t_hidden)
+        hidden = self.model.encoder(*args)
+        logits = self.model.head(hidden)  # (B, T, V)
+        real = (batch["attention_mask"] if batch.get("attention_mask") is not None
+                else torch.ones_like(batch["tokens"])).bool()
+        ce = distill_loss(logits[real], t_logits[real], batch["labels"][real], 1.0, self.temperature)
+        mlm = next_token_loss(logits, batch["labels"])
+        cos = cosine_loss(hidden[real], t_hidden[real])
+        loss = self.alpha_ce * ce + self.alpha_mlm * mlm + self.alpha_cos * cos
+        return {"loss": loss, "ce_loss": ce.detach(), "mlm_loss": mlm.detach(), "cos_loss": cos.detach()}
+
+    def weight(self, batch: dict) -> float:
+        return batch["n_targets"]
+
+
+class Seq2Seq:
+    """Teacher-forced cross-entropy of an encoder-decoder (models/encoder_decoder.py). A batch holds the
+    source `src` (B,S) with an optional `src_mask` (B,S; 1 = real), the decoder inputs `tokens` (B,T)
+    (the target shifted right behind a start token), and `targets` (B,T), IGNORE where untrained."""
+    unit = "tokens"
+
+    def __init__(self, model, label_smoothing: float = 0.0):
+        self.model, self.label_smoothing = model, label_smoothing
+
+    def __call__(self, batch: dict) -> dict:
+        logits = self.model(batch["src"], batch["tokens"], batch.get("src_mask"))  # (B, T, V)
+        return {"loss": next_token_loss(logits, batch["targets"], self.label_smoothing)}
+
+    def weight(self, batch: dict) -> float:
+        return batch["n_targets"]

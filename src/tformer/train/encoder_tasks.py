@@ -1,0 +1,259 @@
+"""Fine-tuning an encoder (BERT, MiniLM) for understanding tasks, one step at a time through the
+training loop's `train_step`:
+
+    classify          SequenceClassifier on (text, label) CSV/JSONL (data/classify.py); Classification
+    mlm               masked-LM (continued) pretraining on a text corpus (data/mlm.py); with `nsp`,
+                      the Pretraining model and next-sentence pairs; MaskedLMObjective
+    distill-encoder   a MaskedLM student with every other layer of the checkpoint (usually the teacher
+                      itself: DistilBERT's initialisation, train/distill.py's init_from_teacher), trained
+                      on masked-LM batches against a MaskedLM teacher; EncoderDistill
+
+The recipe is BERT's fine-tuning one (Devlin et al. 2019, A.3): AdamW, lr 2e-5..5e-5 with 10% linear
+warmup and linear decay to 0, 3 epochs, batch 32, 128 tokens, weight decay 0.01. The validation
+split is evaluated at the end (and every `eval_every` steps): loss, and for classification accuracy
+and macro-F1. The final model is saved to out_dir/final with its tokenizer (and id2label), and the
+metrics to out_dir/metrics.json.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from tformer.data.classify import LabelledSplit, classification_metrics, encode_texts, label_counts, label_ids
+from tformer.data.classify import read_labelled
+from tformer.train.encoder_models import load_with_head, save_with_head, write_json
+from tformer.train.evaluate import evaluate_objective
+from tformer.train.optim import make_optimizer
+from tformer.train.schedule import learning_rate
+
+TASKS = ("classify", "mlm", "distill-encoder")
+
+
+@dataclass
+class EncoderTaskConfig:
+    task: str
+    checkpoint: str  # the encoder to start from (distill-encoder: the student takes every other layer of it)
+    data: list[str] = field(default_factory=list)
+    val_data: list[str] = field(default_factory=list)
+    val_fraction: float = 0.1  # held out of `data` when no val_data is given
+    out_dir: str = "runs/finetune"
+    lr: float = 3e-5
+    epochs: float = 3.0
+    max_steps: int = 0  # > 0: this many steps instead of `epochs`
+    warmup_ratio: float = 0.1
+    warmup: int = -1  # >= 0: warmup steps instead of warmup_ratio
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    batch_size: int = 32
+    max_len: int = 128
+    dropout: float | None = None  # None: the checkpoint's
+    seed: int = 0
+    eval_every: int = 0  # 0: at the end only
+    log_every: int = 10
+    text_column: str = "text"
+    label_column: str = "label"
+    mlm_prob: float = 0.15
+    nsp: bool = False
+    teacher: str = ""
+    student_layers: int = 0  # 0: half the teacher's
+    alpha_ce: float = 5.0  # DistilBERT's published weights and temperature
+    alpha_mlm: float = 2.0
+    alpha_cos: float = 1.0
+    temperature: float = 2.0
+
+    def validate(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        for name in ("lr", "epochs", "batch_size", "max_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_len < 4:
+            raise ValueError(f"max_len must be >= 4 (room for [CLS], [SEP] and text), got {self.max_len}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not self.data:
+            raise ValueError("pass the training data: --data FILE")
+        if self.task == "distill-encoder" and not self.teacher:
+            raise ValueError("--task distill-encoder needs --teacher CKPT (a masked-LM encoder)")
+
+
+def _tokenizer(path: str):
+    from tformer.tokenizer import Tokenizer
+
+    try:
+        return Tokenizer.load(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path} has no tokenizer.json: an encoder task needs the checkpoint's tokenizer") from None
+
+
+def _split_off(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(items) * fraction))
+    if len(items) - n_val < 1:
+        raise ValueError(f"{len(items)} examples are too few to hold out a validation split: pass --val-data")
+    return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
+
+
+def classify_data(cfg: EncoderTaskConfig, tokenizer):
+    """(train split, val split, id2label, a line describing them)."""
+    rows = [r for path in cfg.data for r in read_labelled(path, cfg.text_column, cfg.label_column)]
+    if cfg.val_data:
+        val = [r for path in cfg.val_data for r in read_labelled(path, cfg.text_column, cfg.label_column)]
+    else:
+        rows, val = _split_off(rows, cfg.val_fraction, cfg.seed)
+    id2label = label_ids([label for _, label in rows])
+    unknown = sorted({label for _, label in val} - set(id2label))
+    if unknown:
+        raise ValueError(f"the validation data has labels the training data lacks: {unknown[:5]}")
+    index = {name: i for i, name in enumerate(id2label)}
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+
+    def split(pairs, seed):
+        return LabelledSplit(encode_texts([t for t, _ in pairs], tokenizer, cfg.max_len),
+                             [index[label] for _, label in pairs], pad, seed)
+
+    stats = (f"{len(rows)} training examples ({label_counts([lb for _, lb in rows])}), "
+             f"{len(val)} validation examples")
+    return split(rows, cfg.seed), split(val, cfg.seed), id2label, stats
+
+
+def mlm_data(cfg: EncoderTaskConfig, tokenizer):
+    """(train split, val split, a line describing them) of masked-LM rows from text files."""
+    from tformer.data.corpus import load_corpus
+    from tformer.data.mlm import MLMCollator, MLMExamples, SpecialTokens, mlm_rows
+
+    collator = MLMCollator(SpecialTokens.from_tokenizer(tokenizer), cfg.mlm_prob)
+    docs = load_corpus(cfg.data)
+    if cfg.val_data:
+        train_docs, val_docs = docs, load_corpus(cfg.val_data)
+    elif len(docs) > 1:
+        train_docs, val_docs = _split_off(docs, cfg.val_fraction, cfg.seed)
+    else:  # one document: hold out its last lines
+        lines = docs[0].splitlines()
+        cut = int(len(lines) * (1 - cfg.val_fraction))
+        train_docs, val_docs = ["\n".join(lines[:cut])], ["\n".join(lines[cut:])]
+    splits = []
+    for i, part in enumerate((train_docs, val_docs)):
+        rows, nsp = mlm_rows(part, tokenizer, cfg.max_len, cfg.nsp, cfg.seed + i)
+        splits.append(MLMExamples(rows, collator, cfg.seed + i, nsp))
+    what = "sentence pairs" if cfg.nsp else "segments"
+    return splits[0], splits[1], f"{len(splits[0])} training {what}, {len(splits[1])} validation {what}"
+
+
+def build(cfg: EncoderTaskConfig, device):
+    """(model, objective, train split, val split, id2label or None, stats line, teacher or None)."""
+    from tformer.models.encoder import MaskedLM, Pretraining, SequenceClassifier
+    from tformer.train.objectives import Classification, EncoderDistill, MaskedLMObjective
+
+    tokenizer = _tokenizer(cfg.teacher if cfg.task == "distill-encoder" else cfg.checkpoint)
+    changes = {} if cfg.dropout is None else dict(emb_dropout=cfg.dropout, attn_dropout=cfg.dropout,
+                                                  resid_dropout=cfg.dropout)
+    teacher, id2label = None, None
+    if cfg.task == "classify":
+        train, val, id2label, stats = classify_data(cfg, tokenizer)
+        model, fresh = load_with_head(cfg.checkpoint, SequenceClassifier, len(id2label), device, changes)
+        objective = Classification(model)
+    elif cfg.task == "mlm":
+        train, val, stats = mlm_data(cfg, tokenizer)
+        model, fresh = load_with_head(cfg.checkpoint, Pretraining if cfg.nsp else MaskedLM, None, device, changes)
+        objective = MaskedLMObjective(model)
+    else:
+        from tformer.train.distill import init_from_teacher
+
+        if _fresh_head(cfg.teacher):
+            raise ValueError(f"the teacher {cfg.teacher} has no masked-LM head (its soft targets): distill from a "
+                             "masked-LM checkpoint (BertForMaskedLM, or `tformer finetune --task mlm`'s output)")
+        train, val, stats = mlm_data(cfg, tokenizer)
+        teacher = load_with_head(cfg.teacher, MaskedLM, None, device)[0].eval().requires_grad_(False)
+        source, fresh = load_with_head(cfg.checkpoint, MaskedLM, None, device, changes)
+        if source.config.vocab_size != teacher.config.vocab_size:
+            raise ValueError(f"{cfg.checkpoint} and the teacher {cfg.teacher} have different vocabularies "
+                             f"({source.config.vocab_size} vs {teacher.config.vocab_size}): they must share one")
+        n_layers = cfg.student_layers or max(source.config.n_layers // 2, 1)
+        model, _ = load_with_head(cfg.checkpoint, MaskedLM, None, device, {**changes, "n_layers": n_layers})
+        taken = init_from_teacher(model, source)
+        stats += f"; student layers from {cfg.checkpoint}'s {taken}"
+        objective = EncoderDistill(model, teacher, cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos, cfg.temperature)
+    if fresh:
+        stats += f"; new parameters: {', '.join(fresh[:6])}{' ...' if len(fresh) > 6 else ''}"
+    return model, objective, train, val, id2label, stats, tokenizer
+
+
+def _fresh_head(path: str) -> bool:
+    from tformer.train.encoder_models import read_head_meta
+
+    return read_head_meta(path).get("head") not in ("MaskedLM", "Pretraining")
+
+
+@torch.no_grad()
+def evaluate(model, objective, split, batch_size: int, device) -> dict[str, float]:
+    """The objective on a split (val_loss, ...), and for classification val_accuracy and val_macro_f1
+    over the whole split."""
+    batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+               for b in split.eval_batches(batch_size)]
+    metrics = evaluate_objective(model, objective, batches)
+    metrics.pop("val_ppl", None)
+    if isinstance(split, LabelledSplit):
+        was = model.training
+        model.eval()
+        predictions = torch.cat([objective.model(b["tokens"], b["attention_mask"]).argmax(-1) for b in batches])
+        model.train(was)
+        labels = torch.tensor(split.labels)
+        scores = classification_metrics(predictions, labels)
+        metrics.update(val_accuracy=scores["accuracy"], val_macro_f1=scores["macro_f1"])
+    return metrics
+
+
+def run(cfg: EncoderTaskConfig, device="cpu", progress=print) -> dict:
+    """Train as `cfg` says (module docstring); returns the final metrics (also in out_dir/metrics.json)."""
+    from tformer.train.loop import train_step
+
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    model, objective, train, val, id2label, stats, tokenizer = build(cfg, device)
+    progress(stats)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    warmup = cfg.warmup if cfg.warmup >= 0 else round(cfg.warmup_ratio * max_steps)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (0.9, 0.999), eps=1e-6)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    history, t0 = [], time.perf_counter()
+    for step in range(max_steps):
+        lr = learning_rate(step, "linear", cfg.lr, warmup, max_steps, 0.0)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                 for k, v in train.batch(step, cfg.batch_size).items()}
+        stats_ = train_step(model, objective, optimizer, [batch], cfg.grad_clip)
+        if not torch.isfinite(stats_["loss"]):
+            raise RuntimeError(f"the loss became {stats_['loss'].item()} at step {step + 1}: lower --lr")
+        done = step + 1
+        if done % cfg.log_every == 0 or done == max_steps:
+            progress(f"step {done}/{max_steps} (epoch {done / steps_per_epoch:.2f}): loss {stats_['loss'].item():.4f}"
+                     f", lr {lr:.2e}, {time.perf_counter() - t0:.0f}s")
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < max_steps:
+            history.append({"step": done, **evaluate(model, objective, val, cfg.batch_size, device)})
+            progress(_format(history[-1]))
+    metrics = {"step": max_steps, **evaluate(model, objective, val, cfg.batch_size, device),
+               "train_seconds": round(time.perf_counter() - t0, 1)}
+    progress(_format(metrics))
+    model.eval()
+    save_with_head(model, out / "final", tokenizer, id2label, extra={"task": cfg.task})
+    write_json(out / "metrics.json", {"final": metrics, "evaluations": history, "config": asdict(cfg),
+                                      **({"id2label": id2label} if id2label else {})})
+    return metrics
+
+
+def _format(metrics: dict) -> str:
+    shown = {k: v for k, v in metrics.items() if k.startswith("val_") and not k.endswith(("_tokens", "_examples"))}
+    return f"eval at step {metrics['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
