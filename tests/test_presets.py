@@ -149,7 +149,7 @@ MOE_HF_CONFIGS = {
     ),
 }
 HF_CONFIGS.update(MOE_HF_CONFIGS)
-NOT_ON_HF = {"seed-moe-example"}  # a seed text's worked example: no config.json to mirror
+NOT_ON_HF = {"seed-moe-example", "transformer-base"}  # a seed text's worked example, a paper: no config.json
 
 
 def hf_parameter_count(hf_config) -> int:
@@ -246,10 +246,12 @@ def _field(config, dotted: str):
 def test_every_preset_has_an_hf_check():
     from tformer.presets import recipes
 
+    from tests.reference.test_hf_t5 import T5_PRESETS  # encoder-decoders: checked against HF T5 there
     from tests.test_presets_bert import HF_SHAPES  # encoders: checked against HF BertModel there
 
     trained_here = {p.name for p in recipes.PRESETS}  # vocab and context are fitted per run
-    assert sorted(HF_CONFIGS) == [n for n in list_presets() if n not in trained_here | NOT_ON_HF | set(HF_SHAPES)]
+    checked_elsewhere = set(HF_SHAPES) | set(T5_PRESETS)
+    assert sorted(HF_CONFIGS) == [n for n in list_presets() if n not in trained_here | NOT_ON_HF | checked_elsewhere]
 
 
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))

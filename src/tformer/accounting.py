@@ -74,9 +74,12 @@ PEAK_BF16 = [
 
 # First name segment -> component, for parameters outside the blocks.
 _TOP_LEVEL = {"tok_emb": "embeddings", "pos_emb": "embeddings", "norm": "norms", "output": "output",
-              "seg_emb": "embeddings", "emb_norm": "norms", "pooler": "ffn"}  # the last three: encoders
+              "seg_emb": "embeddings", "emb_norm": "norms", "pooler": "ffn",  # these three: encoders
+              "enc_bias": "attention", "dec_bias": "attention", "enc_norm": "norms", "dec_norm": "norms"}  # enc-dec
 # Module name inside a block (layers.{i}.<name>) -> component.
-_IN_BLOCK = {"attn": "attention", "ffn": "ffn", "attn_norm": "norms", "ffn_norm": "norms"}
+_IN_BLOCK = {"attn": "attention", "ffn": "ffn", "attn_norm": "norms", "ffn_norm": "norms",
+             "cross": "attention", "cross_norm": "norms"}  # the last two: encoder-decoders' decoder layers
+_STACKS = ("layers", "enc_layers", "dec_layers")
 # Module name inside a MoE layer's ffn (layers.{i}.ffn.<name>) -> component; a dense FFN's
 # w1/w2/w3 are not listed and stay "ffn".
 _IN_MOE = {"experts": "routed_experts", "router": "router", "shared": "shared_experts", "shared_gate": "shared_experts"}
@@ -124,7 +127,7 @@ def classify(name: str) -> str:
     """The component of a Decoder parameter name, e.g. "layers.3.attn.wqkv.weight" -> "attention",
     "layers.3.ffn.experts.w1" -> "routed_experts"."""
     parts = name.split(".")
-    if parts[0] == "layers" and len(parts) > 2 and parts[2] in _IN_BLOCK:
+    if parts[0] in _STACKS and len(parts) > 2 and parts[2] in _IN_BLOCK:
         component = _IN_BLOCK[parts[2]]
         if component == "ffn" and len(parts) > 3 and parts[3] in _IN_MOE:
             return _IN_MOE[parts[3]]

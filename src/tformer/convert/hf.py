@@ -222,9 +222,25 @@ def state_dict_to_hf(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
     return out
 
 
+def _load_t5(path, device="cpu", dtype=None):
+    from tformer.convert.hf_t5 import load_hf_t5
+
+    return load_hf_t5(path, device, dtype)
+
+
+def _load_marian(path, device="cpu", dtype=None):
+    from tformer.convert.hf_marian import load_hf_marian
+
+    return load_hf_marian(path, device, dtype)
+
+
+ENCODER_DECODER_LOADERS = {"t5": _load_t5, "marian": _load_marian}
+
+
 def load_hf(path: str | Path, device="cpu", dtype: torch.dtype | None = None) -> Decoder:
     """A Decoder from an HF model directory (config.json + model.safetensors or shards + index);
-    an Encoder from a BERT one (`tformer.convert.hf_bert`)."""
+    an Encoder from a BERT one (`tformer.convert.hf_bert`); an EncoderDecoder from a T5 or Marian
+    one (`tformer.convert.hf_t5`, `hf_marian`)."""
     path = Path(path)
     hf = read_json(path / "config.json")
     if hf.get("model_type") == "bert":  # an Encoder (BertModel weights)
@@ -235,6 +251,8 @@ def load_hf(path: str | Path, device="cpu", dtype: torch.dtype | None = None) ->
         from tformer.convert.hf_modernbert import load_hf_modernbert
 
         return load_hf_modernbert(path, device=device, dtype=dtype)
+    if hf.get("model_type") in ENCODER_DECODER_LOADERS:  # an EncoderDecoder (T5, Marian)
+        return ENCODER_DECODER_LOADERS[hf["model_type"]](path, device=device, dtype=dtype)
     try:
         cfg = config_from_hf(hf)
     except ConfigError as e:
@@ -257,6 +275,10 @@ def save_hf(model: Decoder, path: str | Path, tokenizer=None, max_shard_bytes: i
     """
     from tformer.quantize import is_quantized
 
+    if model.config.architecture == "encoder_decoder":  # T5ForConditionalGeneration or MarianMTModel
+        from tformer.convert.hf_marian import save_hf_encoder_decoder
+
+        return save_hf_encoder_decoder(model, path)
     if is_quantized(model):
         raise ValueError(
             "this model is quantized (tformer.quantize); HF export needs full-precision weights: "

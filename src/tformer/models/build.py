@@ -14,16 +14,20 @@ from torch import nn
 from tformer.config import ModelConfig
 from tformer.models.decoder import Decoder
 from tformer.models.encoder import Encoder
+from tformer.models.encoder_decoder import EncoderDecoder
 from tformer.nn.moe import GroupedExperts, Router
+from tformer.nn.position import RelativePositionBias
+
+ARCHITECTURES = {"decoder": Decoder, "encoder": Encoder, "encoder_decoder": EncoderDecoder}
 
 
 def build_model(
     config: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, init: bool = True
-) -> Decoder | Encoder:
-    """A Decoder, or an Encoder for `architecture="encoder"`, for `config`. device="meta" returns it
-    unallocated (for counting, or loading)."""
+) -> Decoder | Encoder | EncoderDecoder:
+    """A Decoder, an Encoder or an EncoderDecoder, as `config.architecture` says. device="meta"
+    returns it unallocated (for counting, or loading)."""
     with torch.device("meta"):
-        model = Encoder(config) if config.architecture == "encoder" else Decoder(config)
+        model = ARCHITECTURES[config.architecture](config)
     if str(device) == "meta":
         return model
     model.to_empty(device=device)
@@ -59,7 +63,7 @@ def init_weights(model: Decoder) -> None:
     resid_std = c.init_std / math.sqrt(2 * c.n_layers) if c.scale_residual_init else c.init_std
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
-            std = resid_std if name.endswith(("attn.wo", "ffn.w2", "ffn.shared.w2")) else c.init_std
+            std = resid_std if name.endswith(("attn.wo", "cross.wo", "ffn.w2", "ffn.shared.w2")) else c.init_std
             nn.init.normal_(m.weight, mean=0.0, std=std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -68,7 +72,7 @@ def init_weights(model: Decoder) -> None:
                 nn.init.normal_(p, mean=0.0, std=resid_std if pname == "w2" else c.init_std)
         elif isinstance(m, Router) and m.expert_bias is not None:
             nn.init.zeros_(m.expert_bias)
-        elif isinstance(m, nn.Embedding):
+        elif isinstance(m, (nn.Embedding, RelativePositionBias)):
             nn.init.normal_(m.weight, mean=0.0, std=c.init_std)
         elif hasattr(m, "reset_parameters") and not list(m.children()):
             m.reset_parameters()

@@ -1,10 +1,14 @@
-"""Multi-head self-attention with grouped key/value heads (MHA, GQA, MQA).
+"""Multi-head attention with grouped key/value heads (MHA, GQA, MQA): self-attention and cross-attention.
 
 Shapes: B batch, T queries, S keys, C dim, H query heads, Hkv key/value heads, D head_dim.
 
-    x (B,T,C) -> wqkv -> q (B,T,H,D), k/v (B,T,Hkv,D) -> RoPE -> (B,H,T,D)
-      -> [KV cache: write at input_pos, read all S slots] -> softmax(q k^T / sqrt(D) + mask) v
-      -> (B,T,H*D) -> wo -> (B,T,C)
+    self:  x (B,T,C) -> wqkv -> q (B,T,H,D), k/v (B,T,Hkv,D) -> RoPE -> (B,H,T,D)
+             -> [KV cache: write at input_pos, read all S slots] -> softmax(q k^T * scale + mask) v
+             -> (B,T,H*D) -> wo -> (B,T,C)
+    cross: x (B,T,C) -> wq -> q;  memory (B,S,C) -> wkv -> k/v (B,Hkv,S,D), or read from a cache
+             filled once per source (`fill_cache`) -> softmax(q k^T * scale + mask) v -> wo
+
+scale is 1/sqrt(D) unless `ModelConfig.attn_scale` sets it (T5 folds it into its init: 1.0).
 """
 
 from __future__ import annotations
@@ -20,15 +24,16 @@ from tformer.nn.kv_cache import KVCache
 from tformer.nn.rope import apply_rope
 
 
-def reference_attention(q, k, v, mask=None, dropout_p: float = 0.0):
+def reference_attention(q, k, v, mask=None, dropout_p: float = 0.0, scale: float | None = None):
     """The textbook formula, one head group at a time; returns (output, weights (B,H,T,S)).
 
     Used to check the kernels and to capture attention maps (tformer.viz). mask: None (causal),
-    bool (True = attend) or additive float, broadcastable to (B, H, T, S).
+    bool (True = attend) or additive float, broadcastable to (B, H, T, S). scale: None = 1/sqrt(D).
     """
     n_rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    scores = (q @ k.transpose(-2, -1)).float()  # (B, H, T, S)
+    scores = scores / math.sqrt(q.shape[-1]) if scale is None else scores * scale
     if mask is None:
         T, S = scores.shape[-2:]
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
@@ -41,27 +46,35 @@ def reference_attention(q, k, v, mask=None, dropout_p: float = 0.0):
     return out, weights
 
 
-def scaled_dot_product(q, k, v, mask=None, dropout_p: float = 0.0):
-    """softmax(q k^T / sqrt(D) + mask) v through torch SDPA (flash / memory-efficient kernels on GPU).
+def scaled_dot_product(q, k, v, mask=None, dropout_p: float = 0.0, scale: float | None = None):
+    """softmax(q k^T * scale + mask) v through torch SDPA (flash / memory-efficient kernels on GPU).
 
-    q (B, H, T, D), k/v (B, Hkv, S, D) with H a multiple of Hkv; mask as `reference_attention`'s."""
+    q (B, H, T, D), k/v (B, Hkv, S, D) with H a multiple of Hkv; mask and scale as `reference_attention`'s."""
     if mask is None:  # plain causal: the flash kernel handles grouped heads natively
         return F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=q.shape[1] != k.shape[1]
+            q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=q.shape[1] != k.shape[1], scale=scale
         )
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:  # masked kernels take equal head counts
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """Self-attention (one fused wqkv), or with `cross` the projections of `CrossAttention`:
+    wq for the queries and wkv for the keys and values of another sequence."""
+
+    def __init__(self, config: ModelConfig, cross: bool = False):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.split_sizes = [q_size, kv_size, kv_size]
-        self.wqkv = nn.Linear(config.dim, q_size + 2 * kv_size, bias=config.qkv_bias)
+        if cross:
+            self.wq = nn.Linear(config.dim, q_size, bias=config.qkv_bias)
+            self.wkv = nn.Linear(config.dim, 2 * kv_size, bias=config.qkv_bias)
+        else:
+            self.wqkv = nn.Linear(config.dim, q_size + 2 * kv_size, bias=config.qkv_bias)
+        self.scale = config.attn_scale
         self.wo = nn.Linear(q_size, config.dim, bias=config.out_bias)
         self.attn_dropout = config.attn_dropout
         self.resid_drop = nn.Dropout(config.resid_dropout)
@@ -91,4 +104,37 @@ class Attention(nn.Module):
     def core(self, q, k, v, mask=None, dropout_p: float = 0.0):
         """Attention proper: q (B, H, T, D), k/v (B, Hkv, S, D) -> (B, H, T, D). An instance may
         replace it (tformer.viz.capture_attention records the weights this way)."""
-        return scaled_dot_product(q, k, v, mask, dropout_p)
+        return scaled_dot_product(q, k, v, mask, dropout_p, self.scale)
+
+
+class CrossAttention(Attention):
+    """Queries from x (B,T,C), keys and values from `memory` (B,S,C), the encoder's output.
+
+    No positions and no causality: `mask` (B,1,1,S) bool hides padding keys (never None, which
+    SDPA would read as causal). For decoding, `fill_cache(memory)` projects the memory once into
+    `kv_cache`; forwards with memory=None read it.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config, cross=True)
+
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """memory (B,S,C) -> k, v (B,Hkv,S,D) each."""
+        B, S, _ = memory.shape
+        kv = self.wkv(memory).view(B, S, 2 * self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return kv.split(self.n_kv_heads, dim=1)
+
+    def fill_cache(self, memory: torch.Tensor) -> None:
+        """Project memory (B,S,C) into `kv_cache` (a KVCache of exactly S slots, from `make_cache`)."""
+        k, v = self.project_memory(memory)
+        self.kv_cache.update(torch.arange(k.shape[2], device=k.device), k, v)
+
+    def forward(self, x, memory=None, mask=None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        if memory is None:  # decoding: the keys and values `fill_cache` computed
+            k, v = self.kv_cache.k[:B], self.kv_cache.v[:B]
+        else:
+            k, v = self.project_memory(memory)  # (B, Hkv, S, D)
+        y = self.core(q, k, v, mask, self.attn_dropout if self.training else 0.0)  # (B, H, T, D)
+        return self.resid_drop(self.wo(y.transpose(1, 2).reshape(B, T, -1)))

@@ -42,9 +42,9 @@ def _collect(*modules) -> dict[str, Preset]:
 
 
 # Family modules import `Preset` from here, so they are imported once it exists.
-from tformer.presets import bert, gpt2, llama, mistral, moe, qwen, recipes, smollm, tiny  # noqa: E402
+from tformer.presets import bert, gpt2, llama, mistral, moe, qwen, recipes, smollm, t5, tiny  # noqa: E402
 
-PRESETS: dict[str, Preset] = _collect(gpt2, llama, mistral, qwen, moe, smollm, tiny, recipes, bert)
+PRESETS: dict[str, Preset] = _collect(gpt2, llama, mistral, qwen, moe, smollm, tiny, recipes, bert, t5)
 
 
 def list_presets() -> list[str]:
