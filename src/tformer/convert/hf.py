@@ -286,6 +286,10 @@ def save_hf(model: Decoder, path: str | Path, tokenizer=None, max_shard_bytes: i
         )
     if max_shard_bytes is not None and max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be a positive number of bytes or None, got {max_shard_bytes}")
+    if model.config.architecture == "encoder":  # the BERT family (tformer.convert.hf_bert)
+        from tformer.convert.hf_bert import save_hf_bert
+
+        return save_hf_bert(model, path, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
     dtype = str(model.tok_emb.weight.dtype).removeprefix("torch.")
     hf_config = config_to_hf(model.config, dtype=dtype)  # fails before anything is written
     tokenizer = tokenizer_for(model, tokenizer)

@@ -1,13 +1,16 @@
-"""HF BERT checkpoints (`BertModel`, `BertForMaskedLM`, `BertForPreTraining`) -> tformer `Encoder`,
-`MaskedLM`, `Pretraining`.
+"""HF BERT checkpoints (`BertModel`, `BertForMaskedLM`, `BertForPreTraining`, the classifiers) <-> tformer
+`Encoder`, `MaskedLM`, `Pretraining`, ...: `load_hf_bert` reads them, `save_hf_bert` writes them.
 
-The HF names live only here. Tensors change in one way: the query | key | value projections
-(and biases) are concatenated into our wqkv rows. The models with heads prefix the encoder's
-names with `bert.`; the MLM decoder weight is the tied word embedding and is not read.
+The HF names live only here, one key map used in both directions. Tensors change in one way: the
+query | key | value projections (and biases) are concatenated into our wqkv rows. The models with
+heads prefix the encoder's names with `bert.`; the MLM decoder weight is the tied word embedding
+and is neither read nor written (HF ties it on load).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,8 @@ import torch
 from torch import nn
 
 from tformer.config import ConfigError, ModelConfig
-from tformer.io import CheckpointError, load_state_dict_strict, read_json, read_safetensors_dir
+from tformer.io import CheckpointError, atomic_path, atomic_write_text, load_state_dict_strict, read_json
+from tformer.io import read_safetensors_dir
 from tformer.models.build import reset_buffers
 from tformer.models.encoder import (
     Encoder,
@@ -28,6 +32,7 @@ from tformer.models.encoder import (
 )
 
 _ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+_ACTS_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
 
 # (our name, HF name or (q, k, v) names); `\1`, `\2` are our name's groups
 _KEYS = [
@@ -55,6 +60,9 @@ _HEAD_KEYS = [
 _HEADS = ("head.", "nsp.", "classifier.", "qa.")
 CLASSES = (Encoder, MaskedLM, Pretraining, SequenceClassifier, TokenClassifier, QuestionAnswering)
 LABELLED = (SequenceClassifier, TokenClassifier)  # built with n_labels (config.json's id2label)
+HF_CLASSES = {Encoder: "BertModel", MaskedLM: "BertForMaskedLM", Pretraining: "BertForPreTraining",
+              SequenceClassifier: "BertForSequenceClassification", TokenClassifier: "BertForTokenClassification",
+              QuestionAnswering: "BertForQuestionAnswering"}  # fmt: skip
 # HF buffers, and the MLM decoder, which holds the tied embedding and (again) cls.predictions.bias
 _SKIP = re.compile(r"(position_ids|token_type_ids|cls\.predictions\.decoder\.(weight|bias))$")
 
@@ -94,12 +102,10 @@ def bert_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
-def bert_state_dict_from_hf(tensors: dict[str, torch.Tensor], model: nn.Module, source: str) -> dict:
-    """HF-named tensors -> our names for `model` (an Encoder, MaskedLM or Pretraining);
-    CheckpointError naming missing or unexpected tensors."""
+def _hf_names(model: nn.Module, prefix: str) -> dict[str, list[str]]:
+    """our parameter name -> its HF name(s) (query, key, value for wqkv) in a checkpoint of `model`."""
     wrapped = not isinstance(model, Encoder)  # the encoder's names start with "encoder."
-    prefix = "bert." if any(k.startswith("bert.") for k in tensors) else ""
-    out, used, missing = {}, set(), []
+    out = {}
     for name in model.state_dict():
         in_head = name.startswith(_HEADS)
         inner = name.removeprefix("encoder.") if wrapped and not in_head else name
@@ -107,10 +113,20 @@ def bert_state_dict_from_hf(tensors: dict[str, torch.Tensor], model: nn.Module, 
         hf_prefix = "" if in_head else prefix
         for pattern, template in rules:
             if m := re.fullmatch(pattern, inner):
-                names = [hf_prefix + m.expand(t) for t in (template if isinstance(template, tuple) else (template,))]
+                templates = template if isinstance(template, tuple) else (template,)
+                out[name] = [hf_prefix + m.expand(t) for t in templates]
                 break
         else:
             raise RuntimeError(f"no HF name for parameter {name!r} of a BERT model: extend the key map")
+    return out
+
+
+def bert_state_dict_from_hf(tensors: dict[str, torch.Tensor], model: nn.Module, source: str) -> dict:
+    """HF-named tensors -> our names for `model` (an Encoder, MaskedLM or Pretraining);
+    CheckpointError naming missing or unexpected tensors."""
+    prefix = "bert." if any(k.startswith("bert.") for k in tensors) else ""
+    out, used, missing = {}, set(), []
+    for name, names in _hf_names(model, prefix).items():
         missing += [n for n in names if n not in tensors]
         used.update(names)
         if all(n in tensors for n in names):
@@ -122,6 +138,76 @@ def bert_state_dict_from_hf(tensors: dict[str, torch.Tensor], model: nn.Module, 
         raise CheckpointError(f"{source} does not match its config: missing tensors {missing[:8]}, "
                               f"unexpected tensors {unexpected[:8]}")  # fmt: skip
     return out
+
+
+def bert_state_dict_to_hf(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s tensors (one of `CLASSES`) under the names of its HF class (`HF_CLASSES`)."""
+    tensors = model.state_dict()
+    out = {}
+    for name, names in _hf_names(model, "" if isinstance(model, Encoder) else "bert.").items():
+        parts = tensors[name].chunk(len(names)) if len(names) > 1 else (tensors[name],)  # wqkv: q | k | v
+        out.update((n, t.contiguous()) for n, t in zip(names, parts))
+    return out
+
+
+def bert_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """A BertConfig dict for `cfg`; ConfigError naming the fields that BERT's architecture cannot hold
+    (the dict must read back to `cfg`, dropout aside: HF has one hidden_dropout_prob)."""
+    if cfg.activation not in _ACTS_TO_HF:
+        raise ConfigError(f"bert export: this encoder is not BERT-shaped: activation {cfg.activation!r} has no "
+                          f"BERT equivalent (BERT's: {sorted(_ACTS_TO_HF)})")  # fmt: skip
+    hf = dict(
+        model_type="bert",
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        intermediate_size=cfg.ffn_dim,
+        hidden_act=_ACTS_TO_HF[cfg.activation],
+        layer_norm_eps=cfg.norm_eps,
+        max_position_embeddings=cfg.max_seq_len,
+        type_vocab_size=cfg.type_vocab_size,
+        hidden_dropout_prob=cfg.resid_dropout,
+        attention_probs_dropout_prob=cfg.attn_dropout,
+        initializer_range=cfg.init_std,
+        tie_word_embeddings=cfg.tie_embeddings,
+        position_embedding_type="absolute",
+    )
+    back = bert_config_from_hf(hf)
+    differ = [f.name for f in dataclasses.fields(cfg) if f.name != "emb_dropout" and getattr(back, f.name) !=
+              getattr(cfg, f.name)]  # fmt: skip
+    if differ:
+        raise ConfigError(f"bert export: this encoder is not BERT-shaped: {differ} differ from what a BertConfig "
+                          "can hold (HF export writes the BERT family only)")  # fmt: skip
+    return hf
+
+
+def save_hf_bert(model: nn.Module, path: str | Path, tokenizer=None, max_shard_bytes: int | None = None) -> Path:
+    """Write `model` (one of `CLASSES`) as an HF directory (config.json, model.safetensors or shards of at
+    most `max_shard_bytes` and, with `tokenizer`, its files) that its HF class (`HF_CLASSES`)
+    `from_pretrained` loads with the same outputs. The directory is written through `tformer.io.atomic_path`."""
+    from tformer.checkpoint import tokenizer_for
+    from tformer.convert.hf import _write_weights
+
+    if type(model) not in HF_CLASSES:
+        raise ValueError(f"save_hf_bert writes {[c.__name__ for c in CLASSES]}, got {type(model).__name__}")
+    hf = bert_config_to_hf(model.config)  # fails before anything is written
+    tokenizer = tokenizer_for(model, tokenizer)
+    pad = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0  # BERT's [PAD]
+    hf.update(architectures=[HF_CLASSES[type(model)]], pad_token_id=pad,
+              dtype=str(next(model.parameters()).dtype).removeprefix("torch."))  # fmt: skip
+    if isinstance(model, LABELLED):
+        n_labels = model.classifier.out_features
+        hf.update(id2label={str(i): f"LABEL_{i}" for i in range(n_labels)},
+                  label2id={f"LABEL_{i}": i for i in range(n_labels)})  # fmt: skip
+    tensors = bert_state_dict_to_hf(model)
+    path = Path(path)
+    with atomic_path(path, directory=True) as tmp:
+        _write_weights(tensors, tmp, max_shard_bytes)
+        atomic_write_text(tmp / "config.json", json.dumps(hf, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return path
 
 
 def load_hf_bert(path: str | Path, model_class: type[nn.Module] = Encoder, device="cpu",
