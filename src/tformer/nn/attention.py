@@ -54,7 +54,15 @@ def scaled_dot_product(q, k, v, mask=None, dropout_p: float = 0.0, scale: float 
         return F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=q.shape[1] != k.shape[1], scale=scale
         )
-    n_rep = q.shape[1] // k.shape[1]
+    (B, H, T, D), (Hkv, S) = q.shape, k.shape[1:3]
+    n_rep = H // Hkv
+    if n_rep > 1 and mask.dim() == 4 and mask.shape[1] == 1:
+        # the mask is the same for every head: a group's query heads become extra queries of its
+        # key/value head, q (B, Hkv, n_rep * T, D), instead of copying k and v n_rep times
+        mask = mask.expand(mask.shape[0], 1, T, S)[:, :, None].expand(-1, -1, n_rep, -1, -1)
+        y = F.scaled_dot_product_attention(q.reshape(B, Hkv, n_rep * T, D), k, v, dropout_p=dropout_p,
+                                           attn_mask=mask.reshape(mask.shape[0], 1, n_rep * T, S), scale=scale)
+        return y.view(B, H, T, D)
     if n_rep > 1:  # masked kernels take equal head counts
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)

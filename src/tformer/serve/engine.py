@@ -11,7 +11,8 @@ The KV cache is paged (serve/blocks.py): a request holds only the blocks its tok
 decode step needs a block and none is left, the most recently admitted request gives its blocks
 back and waits to be recomputed (its tokens so far become its prompt; its stream goes on).
 Model code is unchanged: each attention layer's cache is a PagedKVCache, and every row of a forward
-has its own positions (`Decoder.forward(input_pos=(B, T))`).
+has its own positions (`Decoder.forward(input_pos=(B, T))`). Decode steps run on bucketed static
+buffers, replayed from CUDA graphs on a GPU (serve/graphs.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 
 from tformer.nn.attention import Attention
 from tformer.serve.blocks import BlockPool, PagedKVCache, PageTable
+from tformer.serve.graphs import DecodeGraphs
 from tformer.serve.sampling import apply_penalties, sample_rows
 
 
@@ -141,7 +143,8 @@ class ServeEngine:
     is not paged)."""
 
     def __init__(self, model, *, block_size: int = 16, n_blocks: int | None = None, max_running: int = 64,
-                 max_waiting: int = 256, prefill_chunk: int = 512, prefix_caching: bool = True):
+                 max_waiting: int = 256, prefill_chunk: int = 512, prefix_caching: bool = True,
+                 cuda_graphs: bool | None = None):
         layers = [layer.attn for layer in model.layers]
         if not all(isinstance(a, Attention) for a in layers):
             raise ValueError("serving needs multi-head attention layers: MLA's latent cache is not paged yet")
@@ -157,6 +160,9 @@ class ServeEngine:
         self.table = PageTable()
         model.attach_caches([PagedKVCache(self.table, n_blocks, block_size, a.n_kv_heads, a.head_dim, dtype,
                                           self.device) for a in layers])
+        capture = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.decode_graphs = DecodeGraphs(model, self.table, block_size, max_running,
+                                          math.ceil(self.max_context / block_size), capture)
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []
         self._cancel: set[RequestStream] = set()
@@ -334,7 +340,8 @@ class ServeEngine:
         seqs = [s for s in seqs if s in self._running]  # some may have made room for the others
         if not seqs:
             return
-        logits = self._forward(seqs, [[s.tokens[-1]] for s in seqs], [len(s.tokens) - 1 for s in seqs])
+        logits = self.decode_graphs([s.tokens[-1] for s in seqs], [len(s.tokens) - 1 for s in seqs],
+                                    [s.blocks for s in seqs])
         for s in seqs:
             s.cached = len(s.tokens)
         self._emit(seqs, logits)
