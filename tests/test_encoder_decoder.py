@@ -110,7 +110,8 @@ def test_cache_misuse_and_bad_masks_are_clear_errors():
     (dict(architecture="encoder_decoder", n_decoder_layers=0), "n_decoder_layers must be a positive"),
     (dict(architecture="encoder_decoder", positions="t5", rel_buckets=7), "rel_buckets must be an even"),
     (dict(architecture="encoder_decoder", positions="t5", rel_buckets=32, rel_max_distance=16), "must exceed"),
-    (dict(attn_scale=0.0), "attn_scale must be > 0"),
+    (dict(architecture="encoder_decoder", attn_scale=0.0), "attn_scale must be > 0"),
+    (dict(attn_scale=1.0), "attn_scale is an encoder-decoder field"),
     (dict(architecture="encoder_decoder", positions="learned", sinusoid_split=True), "sinusoid_split needs"),
 ])  # fmt: skip
 def test_config_errors_name_the_field(fields, match):

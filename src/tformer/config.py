@@ -309,8 +309,9 @@ class ModelConfig:
                 raise ConfigError(f"an encoder-decoder takes positions 't5', 'sinusoidal', 'learned' or 'none', "
                                   f"got {self.positions!r}")
         else:
+            # attn_scale too: the decoder's swapped-in decode kernels (inference/fused.py) assume 1/sqrt(D)
             own = {"n_decoder_layers": None, "scale_embeddings": False, "scale_output": False,
-                   "sinusoid_split": False}
+                   "sinusoid_split": False, "attn_scale": None}
             for name, default in own.items():
                 if getattr(self, name) != default:
                     raise ConfigError(f"{name} is an encoder-decoder field: set architecture='encoder_decoder' "
@@ -326,8 +327,6 @@ class ModelConfig:
                               f"{self.rel_buckets // 2} (the distances with a bucket each)")
         if self.attn_scale is not None and self.attn_scale <= 0:
             raise ConfigError(f"attn_scale must be > 0 or None (1/sqrt(head_dim)), got {self.attn_scale}")
-        if self.attn_scale is not None and self.mla is not None:
-            raise ConfigError("MLA scales its attention with mla.softmax_scale: leave attn_scale=None")
         if self.sinusoid_split and self.positions != "sinusoidal":
             raise ConfigError(f"sinusoid_split needs positions='sinusoidal', got {self.positions!r}")
 
