@@ -144,6 +144,9 @@ def test_bad_requests_are_refused():
     with pytest.raises(ValueError, match="token id 97 is outside the model's vocabulary"):
         beam_search(model, [[1], [5, 97]], 4)
     assert model.layers[0].attn.kv_cache is None  # caches dropped after a refusal too
+    encoder = build_model(tiny_config(architecture="encoder", activation="gelu", norm="layernorm", positions="learned"))
+    with pytest.raises(ValueError, match=r"Encoder \(encoder\) is not a decoder-only model"):
+        beam_search(encoder, [[1, 2]], 4)
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,16 @@ the end id included. penalty: "exponent" len ** alpha (HF's length_penalty), "gn
 ((5 + len) / 6) ** alpha (Wu et al. 2016, "Google's Neural Machine Translation System", eq. 14).
 
 early_stopping (HF's semantics): True stops a prompt once it has k finished hypotheses;
-False stops it once the best live beam, scored at its current length, cannot beat the worst
-finished one; "never" likewise but scores the live beam at max_new_tokens when alpha > 0 (the
-exact bound). A prompt that stopped changes no more while others go on.
+False stops it once it has k and the best live beam, scored at its current length, cannot beat
+the worst of them; "never" likewise but scores the live beam at max_new_tokens when alpha > 0
+(a true bound, log-probs being <= 0). A prompt that stopped changes no more while others go on.
 
 Batched = alone: every prompt's k beams are rows of one batch, left-padded with a key mask
 (positions count real tokens only), so a prompt's hypotheses and scores do not depend on the
-other prompts in the call (HF's batched beam search does not give this: its prompt length,
-padding included, enters its bookkeeping).
+other prompts in the call (HF's batched beam search is known not to promise this;
+tests/test_beam.py holds it token for token, scores within 1e-5 in fp32).
 
-Models plug in through a Stepper (three methods, rows N = prompts x beams):
+Models plug in through a Stepper (four methods, rows N = prompts x beams):
 
     prefill(prompts, beams, max_new_tokens) -> (B, V) logits of each prompt's first new token;
         afterwards the stepper holds N rows, row b * beams + j = beam j of prompt b, all in the
@@ -118,9 +118,11 @@ class DecoderStepper:
     prompts left-padded under one key mask; decode steps write slot L + i for every row."""
 
     def __init__(self, model: nn.Module):
-        if not hasattr(model, "make_caches"):
-            raise TypeError(f"{type(model).__name__} has no KV caches: beam search runs a decoder-only model "
-                            "(tformer.models.Decoder) or a Stepper (tformer.inference.beam)")
+        architecture = getattr(getattr(model, "config", None), "architecture", None)
+        if architecture != "decoder" or not hasattr(model, "make_caches"):
+            raise ValueError(f"{type(model).__name__} ({architecture or 'no config'}) is not a decoder-only model "
+                             "with KV caches: beam search runs one of those (tformer.models.Decoder) or any model "
+                             "through a Stepper (tformer.inference.beam)")
         self.model = model.eval()
         self.caches, self.key_mask, self.slot = None, None, 0
 
@@ -211,18 +213,17 @@ def search(stepper: Stepper, prompts: list[list[int]], max_new_tokens: int, conf
         live, live_scores = _take(cand, keep), _take(scores + ends.float() * NEVER, keep)
         rows = _take(beam, keep) + torch.arange(B, device=device)[:, None] * k  # (B, k): their parent rows
 
-        finishing = ends & first_k
-        full = done.flag.all(1, keepdim=True) & (config.early_stopping is True)
-        final = scores / config.length_factor(t + 1)
-        final = final + full.float() * NEVER
+        finishing = ends & first_k  # (B, K)
+        final = scores / config.length_factor(t + 1)  # each term added alone, as HF does: same ties
+        final = final + (done.full() & (config.early_stopping is True)).float() * NEVER
         final = final + (~searching).float() * NEVER
         final = final + (~finishing) * NEVER
         done.merge(cand, final, finishing, t + 1)
         if t + 1 == T:
             break
         searching &= _may_improve(live_scores, done, t + 1, T, config)
-        if not bool((searching & ~(done.flag.all(1, keepdim=True) & (config.early_stopping is True))).any()):
-            break
+        if not bool((searching & ~(done.full() & (config.early_stopping is True))).any()):
+            break  # every prompt has stopped
         stepper.reorder(rows.flatten())
         logits = stepper.step(live[:, :, t].reshape(B * k, 1))
     n = config.n_best
@@ -240,6 +241,10 @@ class Finished:
         self.lengths = torch.zeros(B, k, dtype=torch.long, device=device)
         self.scores = torch.full((B, k), NEVER, device=device)
         self.flag = torch.zeros(B, k, dtype=torch.bool, device=device)
+
+    def full(self) -> torch.Tensor:
+        """(B, 1): every slot holds a finished hypothesis."""
+        return self.flag.all(dim=1, keepdim=True)
 
     def merge(self, cand, scores, finishing, length: int) -> None:
         """Keep the k best of these and candidates cand (B, K, T) scored `scores` (B, K)."""
