@@ -145,3 +145,17 @@ def test_teacher_forced_training_through_train_step():
     step = {"src": src, "src_mask": torch.ones_like(src), "tokens": tokens, "targets": targets, "n_targets": 56}
     losses = [train_step(model, objective, optimizer, [step], grad_clip=1.0)["loss"].item() for _ in range(20)]
     assert losses[-1] < 0.6 * losses[0], losses
+
+
+@pytest.mark.slow  # about 15 s of compilation on the 2-core CPU
+@torch.no_grad()
+def test_decode_step_compiles_fullgraph_and_equals_eager():
+    model = model_of("t5-v1.0")
+    src, tgt = batch()
+    memory = model.encode(src)
+    model.setup_caches(memory, n_slots=8)
+    step = torch.compile(model.decode_step, fullgraph=True)  # a graph break raises
+    compiled = [step(tgt[:, t : t + 1], torch.tensor([t])) for t in range(3)]
+    model.setup_caches(memory, n_slots=8)
+    eager = [model.decode_step(tgt[:, t : t + 1], torch.tensor([t])) for t in range(3)]
+    torch.testing.assert_close(torch.cat(compiled, 1), torch.cat(eager, 1), atol=1e-5, rtol=0)
