@@ -4,13 +4,13 @@
     PYTHONPATH=src python bench/encoder.py --device cpu --tiny       # every variant on a toy shape: a smoke test
 
 Shape: BERT-base (12 layers, dim 768, 12 heads, ffn 3072, vocab 30522), random weights, bf16 on CUDA
-(fp32 on CPU), inference (eval, no grad). Batch: 256 sequences whose lengths are lognormal (median
+(fp32 on CPU; --dtype), inference (eval, no grad). Batch: 256 sequences whose lengths are lognormal (median
 128, sigma 1) clipped to [16, 512], fixed seed; random token ids. One forward takes the whole batch.
 
     hf-sdpa-padded      transformers BertModel, attn_implementation="sdpa", the batch padded to its
                         longest sequence with an attention_mask (the usual HF pipeline)
-    tformer-padded      tformer Encoder with the same weights (converted with hf_bert), the same padded
-                        batch; torch SDPA with a (B,1,1,T) key mask
+    tformer-padded      tformer Encoder of the same shape (random weights), the same padded batch;
+                        torch SDPA with a (B,1,1,T) key mask
     tformer-packed      the same Encoder on the padding-free batch: every sequence end to end in one
                         row (1, N) with `segments`; on CUDA FlexAttention (tformer.inference.encoder_flex:
                         compiled flex_attention, block-diagonal document mask built once per forward),
@@ -19,7 +19,8 @@ Shape: BERT-base (12 layers, dim 768, 12 heads, ffn 3072, vocab 30522), random w
 
 tokens/s counts real tokens only (the sum of the lengths) over the median forward; CUDA forwards are
 timed one by one with CUDA events after --warmup forwards (compilation included there). Every
-tformer variant's hidden states are checked against HF's on the real tokens (max |diff| column).
+tformer variant's hidden states on the real tokens are checked against tformer-padded's (max |diff|
+column); HF's model has its own random weights (HF parity: tests/reference/test_hf_bert.py).
 """
 
 from __future__ import annotations
@@ -34,16 +35,17 @@ from pathlib import Path
 
 import torch
 
-from tformer.convert.hf_bert import bert_config_from_hf, bert_state_dict_from_hf
-from tformer.inference.encoder_flex import use_flex_attention
-from tformer.models import Encoder
+from tformer.inference.encoder_flex import use_flex_attention, use_sdpa
+from tformer.models import build_model
 from tformer.models.encoder import pack
+from tformer.presets.bert import bert_like
 
 BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
             max_position_embeddings=512)  # fmt: skip
 TINY = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
             max_position_embeddings=64)  # fmt: skip
 BASELINE = "hf-sdpa-padded"
+REFERENCE = "tformer-padded"  # the hidden states every tformer variant is checked against
 
 
 def lengths_of(n: int, lo: int, hi: int, seed: int) -> list[int]:
@@ -67,7 +69,9 @@ def make_batch(lengths: list[int], vocab: int, seed: int, device) -> dict:
 
 
 def build(shape: dict, device, dtype):
-    """(HF BertModel, tformer Encoder) with the same random weights."""
+    """(HF BertModel, tformer Encoder) of the same shape, each with its own random weights. (Equal
+    weights would need tformer.convert, whose package imports gguf, absent on some GPU machines; HF
+    parity is tests/reference/test_hf_bert.py's job.)"""
     import transformers
 
     hf_config = transformers.BertConfig(**shape, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
@@ -76,11 +80,12 @@ def build(shape: dict, device, dtype):
     hf = transformers.BertModel(hf_config).eval()
     if hf.config._attn_implementation != "sdpa":
         raise RuntimeError(f"HF BertModel attends with {hf.config._attn_implementation!r}, not 'sdpa'")
-    with torch.device("meta"):
-        ours = Encoder(bert_config_from_hf(hf_config.to_dict()))
-    tensors = bert_state_dict_from_hf(hf.state_dict(), ours, "HF BertModel")
-    ours.load_state_dict(tensors, assign=True)
-    return hf.to(device, dtype), ours.to(device, dtype).eval()
+    config = bert_like(vocab_size=shape["vocab_size"], dim=shape["hidden_size"], n_layers=shape["num_hidden_layers"],
+                       n_heads=shape["num_attention_heads"], ffn_dim=shape["intermediate_size"],
+                       max_seq_len=shape["max_position_embeddings"], emb_dropout=0.0, attn_dropout=0.0,
+                       resid_dropout=0.0)  # fmt: skip
+    ours = build_model(config, device=device, dtype=dtype).eval()
+    return hf.to(device, dtype), ours
 
 
 def timed(fn, warmup: int, iters: int, device) -> tuple[list[float], float]:
@@ -117,14 +122,17 @@ def variants(hf, ours, batch: dict, device, compile: bool) -> dict:
         if flex:
             use_flex_attention(ours)
 
+    def use_padded():
+        use_sdpa(ours)
+
     out = {
         BASELINE: (lambda: hf(input_ids=tokens, attention_mask=mask).last_hidden_state[real], None),
-        "tformer-padded": (lambda: ours(tokens, mask)[real], None),
+        "tformer-padded": (lambda: ours(tokens, mask)[real], use_padded),
         "tformer-packed": (lambda: ours(packed, segments=segments)[0], use_packed),
     }
     if compile:
         compiled = torch.compile(ours, dynamic=False)
-        out["tformer-padded-compile"] = (lambda: compiled(tokens, mask)[real], None)
+        out["tformer-padded-compile"] = (lambda: compiled(tokens, mask)[real], use_padded)
         out["tformer-packed-compile"] = (lambda: compiled(packed, segments=segments)[0], use_packed)
     return out
 
@@ -132,7 +140,7 @@ def variants(hf, ours, batch: dict, device, compile: bool) -> dict:
 @torch.no_grad()
 def run(args) -> dict:
     device = torch.device(args.device)
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
     shape = TINY if args.tiny else BASE
     n, hi = (32, 64) if args.tiny else (args.n_seqs, args.max_len)
     lengths = lengths_of(n, args.min_len, hi, args.seed)
@@ -150,12 +158,13 @@ def run(args) -> dict:
             torch.cuda.reset_peak_memory_stats()
         times, warm_s = timed(fn, args.warmup, args.iters, device)
         hidden = fn().float()
-        ref = hidden if name == BASELINE else ref
+        ref = hidden if name == REFERENCE else ref
         ms = statistics.median(times)
-        row = dict(variant=name, ms=round(ms, 3), tokens_per_s=round(n_tokens / ms * 1e3),
-                   warmup_s=round(warm_s, 2),
-                   max_abs_diff=None if ref is None or name == BASELINE else float((hidden - ref).abs().max()),
-                   peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None)  # fmt: skip
+        checked = ref is not None and name.startswith("tformer")
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        row = dict(variant=name, ms=round(ms, 3), tokens_per_s=round(n_tokens / ms * 1e3), warmup_s=round(warm_s, 2),
+                   max_abs_diff=float((hidden - ref).abs().max()) if checked else None,
+                   peak_mem_gib=round(peak, 2) if peak is not None else None)  # fmt: skip
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = next((r["ms"] for r in rows if r["variant"] == BASELINE), None)
@@ -185,6 +194,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--compile", action="store_true", help="add the tformer variants under torch.compile")
     ap.add_argument("--variants", nargs="*", help="run only these")
     ap.add_argument("--json", type=Path, help="write the results here too")
