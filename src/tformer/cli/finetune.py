@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "finetune",
         help="fine-tune a checkpoint on chat, completion or preference JSONL (SFT or DPO; LoRA, QLoRA or full)",
-        usage="%(prog)s CKPT --data FILE.jsonl [--method lora|qlora|full] [--OPTION VALUE ...]",
+        usage="%(prog)s CKPT --data FILE.jsonl [--method lora|qlora|full] [--OPTION VALUE ...]\n"
+              "       %(prog)s CKPT --task classify|mlm|distill-encoder --data FILE [--OPTION VALUE ...]",
         description=(
             "Fine-tune CKPT (a tformer checkpoint, e.g. one converted from GGUF or HF) on JSONL examples: "
             '{"messages": [{"role", "content"}, ...]} (chat: the loss on assistant turns, rendered with the '
@@ -106,12 +107,12 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
     d = EncoderTaskConfig(task="classify", checkpoint="")
     g = p.add_argument_group(
         "encoder tasks", "--task classify|mlm|distill-encoder fine-tunes an encoder (BERT, MiniLM; CKPT a tformer "
-        "encoder checkpoint or an HF BERT directory) with BERT's recipe: lr 3e-5 (--lr), 3 epochs, 10%% warmup, "
+        "encoder checkpoint or an HF BERT directory) with BERT's recipe: lr 3e-5 (--lr), 3 epochs, 10% warmup, "
         "linear decay, batch 32 (--batch-size), 128 tokens, weight decay 0.01. classify: --data a .csv (header "
         "text,label) or .jsonl ({\"text\", \"label\"}); accuracy and macro-F1 on --val-data (or --val-fraction "
         "held out); the labels are saved with the checkpoint (OUT/final; `tformer classify` reads it). mlm: "
         "masked-LM on text files (one sentence a line). distill-encoder: a student with every other layer of "
-        "--teacher (a masked-LM checkpoint). Also read: --data --val-data --val-fraction --out-dir --lr "
+        "CKPT (usually the teacher itself) trained against --teacher (a masked-LM checkpoint) on masked-LM text. Also read: --data --val-data --val-fraction --out-dir --lr "
         "--batch-size --max-steps --warmup (steps) --weight-decay --grad-clip --seed --dropout --eval-every "
         "--log-every --distill-temperature --threads --device --overwrite")
     S = argparse.SUPPRESS

@@ -197,7 +197,7 @@ class MLMExamples:
         return self.collator([self.rows[i] for i in idx], generator, nsp)
 
     def batch(self, index: int, batch_size: int) -> dict:
-        per_epoch = max(len(self.rows) // batch_size, 1)
+        per_epoch = -(-len(self.rows) // batch_size)  # the last batch of an epoch may be short
         epoch, k = divmod(index, per_epoch)
         order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
         idx = order[k * batch_size: (k + 1) * batch_size].tolist()

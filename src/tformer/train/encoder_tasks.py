@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -150,11 +150,17 @@ def mlm_data(cfg: EncoderTaskConfig, tokenizer):
 
 
 def build(cfg: EncoderTaskConfig, device):
-    """(model, objective, train split, val split, id2label or None, stats line, teacher or None)."""
+    """(model, objective, train split, val split, id2label or None, stats line, tokenizer); max_len is
+    capped at the model's positions."""
     from tformer.models.encoder import MaskedLM, Pretraining, SequenceClassifier
     from tformer.train.objectives import Classification, EncoderDistill, MaskedLMObjective
 
+    from tformer.sources import resolve_config
+
     tokenizer = _tokenizer(cfg.teacher if cfg.task == "distill-encoder" else cfg.checkpoint)
+    positions = resolve_config(cfg.checkpoint)[0].max_seq_len
+    if cfg.max_len > positions:  # BERT's 128 default is longer than a small model's context
+        cfg = replace(cfg, max_len=positions)
     changes = {} if cfg.dropout is None else dict(emb_dropout=cfg.dropout, attn_dropout=cfg.dropout,
                                                   resid_dropout=cfg.dropout)
     teacher, id2label = None, None
