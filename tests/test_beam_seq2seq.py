@@ -79,3 +79,10 @@ def test_stepper_refuses_a_decoder_and_bad_ids(t5):
         EncoderDecoderStepper(t5[1], start_id=1000)
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
         beam_search(EncoderDecoderStepper(t5[1], start_id=0), [[5, 500]], 4, beams=2)
+
+
+def test_the_decode_engine_refuses_an_encoder_decoder(t5):
+    from tformer.inference.engine import DecodeEngine
+
+    with pytest.raises(ValueError, match="decoder-only models"):
+        DecodeEngine(t5[1])

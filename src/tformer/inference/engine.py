@@ -78,6 +78,10 @@ class DecodeEngine:
         if overrides:
             options = EngineOptions(**{**options.__dict__, **overrides})
         options.validate()
+        architecture = getattr(getattr(model, "config", None), "architecture", "decoder")
+        if architecture != "decoder":
+            raise ValueError(f"the decode engine generates with decoder-only models, not an {architecture} model "
+                             "(an encoder-decoder decodes through tformer.inference.seq2seq)")
         self.model, self.options = model.eval(), options
         self.device = next(model.parameters()).device
         kernels = options.kernels
