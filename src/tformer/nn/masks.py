@@ -3,6 +3,10 @@
 Shapes: B batch, H heads, T queries, S key slots (T without a cache, the cache size with one).
 A boolean mask is True where a query may attend. `None` means "plain causal over T", which
 lets SDPA pick its flash kernel (`is_causal=True`).
+
+Decoders: `causal_mask`, `segment_mask` (packed examples). Encoders: `encoder_mask_mod` states the
+bidirectional rule (padding, packed sequences, a window either side) once, as a FlexAttention
+mask_mod; `encoder_mask` evaluates it into a dense mask for SDPA.
 """
 
 from __future__ import annotations
