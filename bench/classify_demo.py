@@ -132,8 +132,12 @@ def logistic_baseline(model_dir: Path, train: list[Line], held: list[Line], l2: 
 
     t0 = time.perf_counter()
     model, tok = tformer.load(model_dir), Tokenizer.load(model_dir)
-    x_train = torch.cat([embed(model, tok, [ln.text for ln in train[i: i + 256]], 128) for i in range(0, len(train), 256)])
-    x_held = torch.cat([embed(model, tok, [ln.text for ln in held[i: i + 256]], 128) for i in range(0, len(held), 256)])
+
+    def embeddings(lines: list[Line]) -> torch.Tensor:  # (N, C), 256 texts a batch
+        return torch.cat([embed(model, tok, [ln.text for ln in lines[i: i + 256]], 128)
+                          for i in range(0, len(lines), 256)])
+
+    x_train, x_held = embeddings(train), embeddings(held)
     index = {g: i for i, g in enumerate(sorted({ln.genre for ln in train}))}
     y_train = torch.tensor([index[ln.genre] for ln in train])
     y_held = torch.tensor([index[ln.genre] for ln in held])

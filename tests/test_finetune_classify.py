@@ -98,6 +98,8 @@ def test_options_of_the_other_task_are_refused(encoder_dir, tmp_path, capsys):
     assert "--method applies to --task sft only" in capsys.readouterr().err
     assert main(["finetune", str(encoder_dir), "--epochs", "2", "--data", "x.jsonl"]) == 2
     assert "--epochs applies to the encoder tasks" in capsys.readouterr().err
+    assert main(["classify", str(encoder_dir), "--text", "good"]) == 2
+    assert "has no classifier head (its model is Encoder)" in capsys.readouterr().err
 
 
 def corpus(tmp_path, rng):

@@ -112,14 +112,15 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
         "text,label) or .jsonl ({\"text\", \"label\"}); accuracy and macro-F1 on --val-data (or --val-fraction "
         "held out); the labels are saved with the checkpoint (OUT/final; `tformer classify` reads it). mlm: "
         "masked-LM on text files (one sentence a line). distill-encoder: a student with every other layer of "
-        "CKPT (usually the teacher itself) trained against --teacher (a masked-LM checkpoint) on masked-LM text. Also read: --data --val-data --val-fraction --out-dir --lr "
-        "--batch-size --max-steps --warmup (steps) --weight-decay --grad-clip --seed --dropout --eval-every "
+        "CKPT (usually the teacher itself) trained against --teacher (a masked-LM checkpoint) on masked-LM text. "
+        "Also read: --data --val-data --val-fraction --out-dir --lr --batch-size --max-steps --warmup (steps) --weight-decay --grad-clip --seed --dropout --eval-every "
         "--log-every --distill-temperature --threads --device --overwrite")
     S = argparse.SUPPRESS
     g.add_argument("--task", choices=("sft", *TASKS), default=S,
                    help="sft (default): chat/completion/preference JSONL through `tformer train`; or an encoder task")
     g.add_argument("--epochs", type=float, default=S, help=f"passes over the training data (default: {d.epochs:g})")
-    g.add_argument("--warmup-ratio", type=float, default=S, help=f"share of steps warming up (default: {d.warmup_ratio})")
+    g.add_argument("--warmup-ratio", type=float, default=S,
+                   help=f"share of steps warming up (default: {d.warmup_ratio})")
     g.add_argument("--max-len", type=int, default=S, help=f"tokens per example at most (default: {d.max_len})")
     g.add_argument("--text-column", default=S, help="classify: the text column or key (default: text)")
     g.add_argument("--label-column", default=S, help="classify: the label column or key (default: label)")

@@ -153,7 +153,7 @@ def load_classifier(path: str | Path, device="cpu") -> tuple[SequenceClassifier,
     path = Path(path)
     model, meta = _load_as_saved(path, device)
     if not isinstance(model, SequenceClassifier):
-        raise CheckpointError(f"{path} holds a {type(model).__name__}, not a sequence classifier: fine-tune one "
+        raise CheckpointError(f"{path} has no classifier head (its model is {type(model).__name__}): fine-tune one "
                               "with `tformer finetune CKPT --task classify --data FILE`")
     labels = meta.get("id2label") or [str(i) for i in range(model.classifier.out_features)]
     return model.eval(), labels

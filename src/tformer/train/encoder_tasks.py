@@ -153,9 +153,8 @@ def build(cfg: EncoderTaskConfig, device):
     """(model, objective, train split, val split, id2label or None, stats line, tokenizer); max_len is
     capped at the model's positions."""
     from tformer.models.encoder import MaskedLM, Pretraining, SequenceClassifier
-    from tformer.train.objectives import Classification, EncoderDistill, MaskedLMObjective
-
     from tformer.sources import resolve_config
+    from tformer.train.objectives import Classification, EncoderDistill, MaskedLMObjective
 
     tokenizer = _tokenizer(cfg.teacher if cfg.task == "distill-encoder" else cfg.checkpoint)
     positions = resolve_config(cfg.checkpoint)[0].max_seq_len
