@@ -329,12 +329,12 @@ class ModelConfig:
             raise ConfigError(f"attn_scale must be > 0 or None (1/sqrt(head_dim)), got {self.attn_scale}")
         if self.sinusoid_split and self.positions != "sinusoidal":
             raise ConfigError(f"sinusoid_split needs positions='sinusoidal', got {self.positions!r}")
+        self._validate_local_attention()
 
     @property
     def decoder_layers(self) -> int:
         """The decoder stack's depth: n_decoder_layers, else n_layers."""
         return self.n_decoder_layers or self.n_layers
-        self._validate_local_attention()
 
     def _validate_local_attention(self) -> None:
         encoder_only = {"global_every": self.global_every is not None, "first_attn_norm": not self.first_attn_norm}
