@@ -192,13 +192,15 @@ def main() -> None:
     ap.add_argument("--min-len", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, help="untimed forwards first (default 3; --tiny 1)")
+    ap.add_argument("--iters", type=int, help="timed forwards (default 10; --tiny 3)")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--compile", action="store_true", help="add the tformer variants under torch.compile")
     ap.add_argument("--variants", nargs="*", help="run only these")
     ap.add_argument("--json", type=Path, help="write the results here too")
     args = ap.parse_args()
+    args.warmup = args.warmup if args.warmup is not None else 1 if args.tiny else 3
+    args.iters = args.iters if args.iters is not None else 3 if args.tiny else 10
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here; pass --device cpu (with --tiny for a quick run)")
     if not 1 <= args.min_len <= args.max_len <= 512:
