@@ -39,7 +39,8 @@ def hf_beams(hf, prompt, max_new_tokens, config: BeamConfig, eos):
                       early_stopping=config.early_stopping, min_new_tokens=config.min_new_tokens, eos_token_id=eos,
                       pad_token_id=0, return_dict_in_generate=True, output_scores=True)
     lengths = (out.beam_indices != -1).sum(1).tolist()  # new tokens of each hypothesis
-    return [out.sequences[i, len(prompt): len(prompt) + n].tolist() for i, n in enumerate(lengths)], out.sequences_scores
+    sequences = [out.sequences[i, len(prompt): len(prompt) + n].tolist() for i, n in enumerate(lengths)]
+    return sequences, out.sequences_scores
 
 
 @pytest.mark.parametrize("length_penalty,early_stopping,min_new_tokens,n_eos", [
@@ -71,6 +72,17 @@ def test_batched_equals_alone():
             alone = beam_search(model, [prompt], 12, config, eos_ids=[3, 11, 40])
             assert batch.sequences[b] == alone.sequences[0]
             torch.testing.assert_close(torch.tensor(batch.scores[b]), torch.tensor(alone.scores[0]), atol=1e-5, rtol=0)
+
+
+def test_one_beam_stopping_early_is_greedy():
+    from tformer.inference import SamplingConfig, generate
+
+    torch.manual_seed(4)
+    model = build_model(tiny_config(vocab_size=160, max_seq_len=48)).eval()
+    greedy = generate(model, PROMPTS, 20, SamplingConfig(temperature=0), stop_ids={3, 11, 40})
+    result = beam_search(model, PROMPTS, 20, beams=1, early_stopping=True, eos_ids=[3, 11, 40])
+    assert [rows[0] for rows in result.sequences] == greedy
+    assert len({len(g) for g in greedy}) > 1
 
 
 def _log_prob(model, prompt, new) -> float:
