@@ -32,9 +32,10 @@ Models plug in through a Stepper (four methods, rows N = prompts x beams):
         cross-attention cache) never needs moving
     close() -> None: drop the caches
 
-`DecoderStepper` is the decoder-only one (the model's static KV caches); an encoder-decoder
-stepper encodes the sources in prefill, feeds the decoder's start token and keeps a self-attention
-cache to reorder (`reorder_caches`) beside a cross-attention cache computed once.
+`DecoderStepper` is the decoder-only one (the model's static KV caches), which `beam_search` makes
+for a decoder-only model; `tformer.inference.seq2seq.EncoderDecoderStepper` is the encoder-decoder
+one (sources encoded in prefill, the decoder's start token fed, self-attention caches reordered with
+`reorder_caches`, cross-attention caches filled once).
 """
 
 from __future__ import annotations
