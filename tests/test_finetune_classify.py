@@ -184,3 +184,37 @@ def test_an_hf_bert_directory_fine_tunes(tmp_path, capsys):
     model, labels = load_classifier(out / "final")
     assert labels == ["negative", "positive"] and model.classifier.out_features == 2
     assert not torch.equal(model.encoder.tok_emb.weight, hf.embeddings.word_embeddings.weight)  # trained
+
+
+def test_encoder_objectives_equal_their_formulas(encoder_dir):
+    import torch.nn.functional as F
+
+    from tformer.data.mlm import MLMCollator, SpecialTokens, encode_pair
+    from tformer.models.encoder import Pretraining
+    from tformer.train.objectives import EncoderDistill, MaskedLMObjective
+    from tformer.tokenizer import Tokenizer
+
+    sp = SpecialTokens.from_tokenizer(Tokenizer.load(encoder_dir))
+    rows = [encode_pair([7, 8, 9, 10, 11], [12, 13], sp), encode_pair([14, 15, 16], [17, 18, 19, 20], sp)]
+    batch = MLMCollator(sp, mlm_prob=0.5)(rows, torch.Generator().manual_seed(0), [0, 1])
+    pre, _ = load_with_head(encoder_dir, Pretraining)
+    pre.eval()
+    out = MaskedLMObjective(pre)(batch)
+    logits, nsp = pre(batch["tokens"], batch["attention_mask"], batch["token_types"])
+    mlm = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+    assert torch.allclose(out["loss"], mlm + F.cross_entropy(nsp, batch["nsp_labels"]), atol=1e-6)
+
+    teacher, _ = load_with_head(encoder_dir, MaskedLM)
+    student, _ = load_with_head(encoder_dir, MaskedLM, config_changes={"n_layers": 2})
+    teacher.eval(), student.eval()
+    same = EncoderDistill(teacher, teacher, alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0, temperature=2.0)(batch)
+    assert same["ce_loss"].abs() < 1e-6 and same["cos_loss"].abs() < 1e-6  # a teacher matches itself
+    out = EncoderDistill(student, teacher, alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0, temperature=2.0)(batch)
+    args = batch["tokens"], batch["attention_mask"], batch["token_types"]
+    real = batch["attention_mask"].bool()
+    s_h, t_h = student.encoder(*args)[real], teacher.encoder(*args)[real]
+    s, t = student.head(s_h), teacher.head(t_h)  # (N, V) over the real positions
+    kl = (F.softmax(t / 2, -1) * (F.log_softmax(t / 2, -1) - F.log_softmax(s / 2, -1))).sum(-1).mean() * 4
+    cos = (1 - F.cosine_similarity(s_h, t_h, dim=-1)).mean()
+    mlm = F.cross_entropy(student(*args).flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+    assert torch.allclose(out["loss"], 5 * kl + 2 * mlm + cos, atol=1e-5)
