@@ -62,7 +62,7 @@ def scaled_dot_product(q, k, v, mask=None, dropout_p: float = 0.0, scale: float 
         mask = mask.expand(mask.shape[0], 1, T, S)[:, :, None].expand(-1, -1, n_rep, -1, -1)
         y = F.scaled_dot_product_attention(q.reshape(B, Hkv, n_rep * T, D), k, v, dropout_p=dropout_p,
                                            attn_mask=mask.reshape(mask.shape[0], 1, n_rep * T, S), scale=scale)
-        return y.view(B, H, T, D)
+        return y.reshape(B, H, T, D)
     if n_rep > 1:  # masked kernels take equal head counts
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)

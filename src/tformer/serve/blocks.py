@@ -2,7 +2,9 @@
 
 Shapes: N blocks, Hkv key/value heads, P block_size positions, D head_dim, B requests, M blocks a request.
 
-    k, v pools (N, Hkv, P, D)                  one pair per attention layer (PagedKVCache)
+    k, v pools (N, P, Hkv, D)                  one pair per attention layer (PagedKVCache); a row's
+                                               blocks gathered end to end are its keys (M * P, Hkv, D),
+                                               read by attention as a strided (Hkv, M * P, D) view
     block table (B, M) int                     request b's position p lives in block table[b, p // P], slot p % P
 
 Block 0 is never handed out: table entries past a request's blocks point at it, and the causal mask
@@ -32,7 +34,7 @@ class PagedKVCache(nn.Module):
                  dtype: torch.dtype, device=None):
         super().__init__()
         self.table, self.block_size, self.n_slots = table, block_size, 0
-        shape = (n_blocks, n_kv_heads, block_size, head_dim)
+        shape = (n_blocks, block_size, n_kv_heads, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
@@ -42,15 +44,16 @@ class PagedKVCache(nn.Module):
         tables = self.table.tables  # (B, M)
         block = tables.gather(1, input_pos // self.block_size)  # (B, T)
         slot = input_pos % self.block_size
-        self.k[block, :, slot] = k.transpose(1, 2)  # (B, T, Hkv, D)
-        self.v[block, :, slot] = v.transpose(1, 2)
+        self.k[block, slot] = k.transpose(1, 2)  # (B, T, Hkv, D)
+        self.v[block, slot] = v.transpose(1, 2)
         return _gathered(self.k, tables), _gathered(self.v, tables)
 
 
 def _gathered(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """pool (N, P, Hkv, D), tables (B, M) -> (B, Hkv, M * P, D), a transposed view of one gather."""
     B, M = tables.shape
-    blocks = pool[tables]  # (B, M, Hkv, P, D)
-    return blocks.transpose(1, 2).reshape(B, pool.shape[1], M * pool.shape[2], pool.shape[3])
+    N, P, Hkv, D = pool.shape
+    return pool[tables].view(B, M * P, Hkv, D).transpose(1, 2)
 
 
 class PageTable:

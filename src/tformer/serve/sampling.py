@@ -44,15 +44,18 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     """Logits (B, V) with what each row's top-k (0: off), top-p (1: off) and min-p (0: off) drop set to
     -inf. Ties with the k-th logit are kept, as tformer.inference's top-k keeps them."""
     V = logits.shape[-1]
-    ordered, _ = logits.sort(dim=-1, descending=True)
     k = torch.where(top_k > 0, top_k.clamp(max=V), V)
+    nucleus = bool((top_p < 1).any())
+    kmax = V if nucleus else int(k.max())
+    # the full sort only where top-p needs every rank; top-k alone needs the kmax largest
+    ordered = logits.sort(dim=-1, descending=True).values if kmax == V else logits.topk(kmax, dim=-1).values
     kth = ordered.gather(1, (k - 1)[:, None])  # (B, 1)
     keep = logits >= kth
-    probs = ordered.softmax(-1)
-    before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each
-    n_nucleus = (before < top_p[:, None]).sum(-1).clamp(min=1)  # (B,)
-    cutoff = ordered.gather(1, (n_nucleus - 1)[:, None])
-    keep &= logits >= cutoff
+    if nucleus:
+        probs = ordered.softmax(-1)
+        before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each
+        n_nucleus = (before < top_p[:, None]).sum(-1).clamp(min=1)  # (B,)
+        keep &= logits >= ordered.gather(1, (n_nucleus - 1)[:, None])
     p = logits.softmax(-1)
     keep &= p >= min_p[:, None] * p.max(-1, keepdim=True).values
     return logits.masked_fill(~keep, float("-inf"))
