@@ -125,9 +125,12 @@ class BlockPool:
                 self.cached.move_to_end(h)
                 self.refs[block] += 1
                 hits.append(block)
-        self.hit_tokens += len(hits) * self.block_size
-        self.queried_tokens += len(prompt)
         return hits, hashes
+
+    def count_admission(self, n_prompt: int, n_hits: int) -> None:
+        """A prompt of n_prompt tokens ran with n_hits cached blocks: the prefix-cache counters."""
+        self.hit_tokens += n_hits * self.block_size
+        self.queried_tokens += n_prompt
 
     def register(self, block: int, block_hash: bytes) -> None:
         """A block now full of prompt tokens joins the prefix cache (a block with this hash already

@@ -280,10 +280,9 @@ class ServeEngine:
                 need = math.ceil((end + 1) / self.block_size) - len(hits)
                 if need > self.pool.available():
                     self.pool.release(hits)
-                    self.pool.hit_tokens -= len(hits) * self.block_size
-                    self.pool.queried_tokens -= seq.n_prompt
                     return
                 self._waiting.popleft()
+            self.pool.count_admission(seq.n_prompt, len(hits))
             seq.blocks, seq.hashes = hits, hashes
             seq.registered, seq.cached = len(hits), len(hits) * self.block_size
             self._running.append(seq)
