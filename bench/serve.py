@@ -44,122 +44,26 @@ against the anchors' rows at the largest --anchor-concurrency (64). A setting se
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import math
-import random
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
-from importlib.metadata import version
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-from tformer.inference import DecodeEngine, EngineOptions, SamplingConfig
-from tformer.models import build_model
-from tformer.presets import get_preset
-from tformer.serve.engine import EngineFull, GenerationRequest, ServeEngine
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # serve_load, serve_hf: this script's parts
+
+from serve_hf import HFContinuousClient, hf_cb_missing, hf_model, hf_static_rows  # noqa: E402
+from serve_load import (  # noqa: E402
+    TEMPERATURE, TOP_K, Lengths, Record, copy_bandwidth, drive, free_memory, label, summarize, sync, workload,
+)
+
+from tformer.inference import DecodeEngine, EngineOptions, SamplingConfig  # noqa: E402
+from tformer.models import build_model  # noqa: E402
+from tformer.presets import get_preset  # noqa: E402
+from tformer.serve.engine import EngineFull, GenerationRequest, ServeEngine  # noqa: E402
 
 VARIANTS = ("tformer-generate", "tformer", "hf-static", "hf-cb")
-TEMPERATURE, TOP_K = 0.8, 200
-
-
-@dataclass
-class Record:
-    """One request's arrival and the times its tokens arrived."""
-    t0: float
-    stamps: list[float] = field(default_factory=list)
-    ok: bool = True
-
-
-@dataclass
-class Lengths:
-    prompt_median: int
-    prompt_max: int
-    output_median: int
-    output_max: int
-
-
-def workload(n: int, vocab: int, lengths: Lengths, seed: int = 0) -> list[tuple[list[int], int]]:
-    """(prompt ids, output tokens) per request: lognormal lengths, capped; random prompt tokens."""
-    rng = random.Random(seed)
-
-    def draw(median, sigma, lo, hi):
-        return max(lo, min(hi, round(rng.lognormvariate(math.log(median), sigma))))
-
-    out = []
-    for _ in range(n):
-        p = draw(lengths.prompt_median, 0.9, 4, lengths.prompt_max)
-        out.append(([rng.randrange(vocab) for _ in range(p)], draw(lengths.output_median, 0.8, 8, lengths.output_max)))
-    return out
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes read + written per second by a large copy (median of 20 after 5)."""
-    src = torch.randn((256 if device.type == "cuda" else 16) * 2**20, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(25):
-        sync(device)
-        t = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return 2 * src.numel() * 4 / sorted(times[5:])[len(times[5:]) // 2]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# --- load drivers: run_one(index, request, t0) -> Record -------------------------------------------
-
-def closed_loop(run_one, requests, concurrency: int, deadline: float) -> list[Record]:
-    """`concurrency` clients, each sending its next request when its last one ended, until the deadline."""
-    todo, lock, records = iter(enumerate(requests)), threading.Lock(), []
-
-    def client():
-        while time.perf_counter() < deadline:
-            with lock:
-                item = next(todo, None)
-            if item is None:
-                return
-            records.append(run_one(*item, time.perf_counter()))
-
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return records
-
-
-def open_loop(run_one, requests, rate: float, deadline: float, seed: int = 1) -> list[Record]:
-    """Poisson arrivals at `rate` a second, one thread a request; a request's arrival is its scheduled
-    time, so a late start counts against the engine."""
-    rng, records, threads = random.Random(seed), [], []
-    arrival = time.perf_counter()
-    for i, request in enumerate(requests):
-        arrival += rng.expovariate(rate)
-        if arrival > deadline:
-            break
-        time.sleep(max(0.0, arrival - time.perf_counter()))
-        threads.append(threading.Thread(target=lambda i=i, r=request, t=arrival: records.append(run_one(i, r, t))))
-        threads[-1].start()
-    for t in threads:
-        t.join()
-    return records
-
-
-def drive(run_one, requests, setting: tuple[str, float], deadline: float) -> list[Record]:
-    kind, value = setting
-    if kind == "rate":
-        return open_loop(run_one, requests, value, deadline)
-    return closed_loop(run_one, requests, int(value), deadline)
 
 
 # --- tformer ---------------------------------------------------------------------------------------
@@ -312,146 +216,7 @@ def measure(impl: str, settings, make, requests, args, ctx) -> None:
         ctx.emit(summarize(impl, setting, records, {"setup_s": round(setup, 1), **extra}))
 
 
-# --- HF transformers ---------------------------------------------------------------------------------
-
-def hf_model(config, ctx):
-    import transformers
-
-    from tformer.convert.hf import config_to_hf
-
-    hf_cfg = transformers.AutoConfig.for_model(**config_to_hf(config))
-    with torch.device(ctx.device):  # random init in place: a 1B model initialised on the host is slow to copy
-        return transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=ctx.dtype).eval()
-
-
-def hf_static_rows(model, requests, args, ctx) -> None:
-    """HF `generate` in static batches of C (C clients, each batch started once all of the last ended):
-    every row runs to the batch's longest request; a request's arrival is its batch's start."""
-    model.generate(torch.ones(2, 8, dtype=torch.long, device=ctx.device), max_new_tokens=4, do_sample=True,
-                   pad_token_id=0)  # warm-up
-    for c in args.anchor_concurrency:
-        setting = ("concurrency", c)
-        if (skip := ctx.out_of_time()) is not None:
-            ctx.skipped("hf-static", setting, skip)
-            continue
-        subset, records, decode_bytes, decode_s = requests[:min(len(requests), 2 * c)], [], 0.0, 0.0
-        deadline = time.perf_counter() + args.max_s
-        for b in range(0, len(subset), c):
-            if time.perf_counter() > deadline:
-                break
-            batch = subset[b:b + c]
-            width, longest = max(len(p) for p, _ in batch), max(n for _, n in batch)
-            ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in batch], device=ctx.device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch], device=ctx.device)
-            times, t0 = [], time.perf_counter()  # a streamer that notes when each step's tokens arrive
-            streamer = SimpleNamespace(put=lambda _: times.append(time.perf_counter()), end=lambda: None)
-            with torch.no_grad():
-                model.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
-                               do_sample=True, temperature=TEMPERATURE, top_k=TOP_K, pad_token_id=0, streamer=streamer)
-            times = times[1:]  # its first put is the prompt; then times[j]: token j of every row
-            records += [Record(t0, times[:n]) for _, n in batch]
-            for j in range(1, longest):  # decode steps: bytes of the requests still wanted
-                live = [len(p) + j for p, n in batch if n > j]
-                decode_bytes += ctx.weight_bytes + ctx.kv_per_token * sum(live)
-                decode_s += times[j] - times[j - 1]
-        share = round(decode_bytes / decode_s / ctx.bandwidth, 3) if decode_s else None
-        ctx.emit(summarize("hf-static", setting, records, {"decode_bw_share": share}))
-
-
-def hf_cb_missing(model) -> str | None:
-    """Why HF's continuous batching cannot run here, or None."""
-    try:  # what HFContinuousClient uses, as transformers 5.x has it
-        from transformers.generation.configuration_utils import ContinuousBatchingConfig  # noqa: F401
-        from transformers.generation.continuous_batching.utils import WorkloadHints  # noqa: F401
-    except ImportError as e:
-        return f"this transformers ({version('transformers')}) lacks the 5.x continuous batching API: {e}"
-    return None if hasattr(model, "init_continuous_batching") else "the HF model has no init_continuous_batching"
-
-
-class HFContinuousClient:
-    """HF's ContinuousBatchingManager as `generate_batch` makes it (sized by the same workload hints,
-    warmed up on CUDA); one thread collects finished requests and wakes their clients."""
-
-    def __init__(self, model, requests, ctx):
-        from transformers import GenerationConfig
-        from transformers.generation.configuration_utils import ContinuousBatchingConfig
-        from transformers.generation.continuous_batching.utils import WorkloadHints
-
-        longest = max(n for _, n in requests)
-        gen = GenerationConfig(do_sample=True, temperature=TEMPERATURE, top_k=TOP_K, eos_token_id=-1, pad_token_id=0,
-                               max_new_tokens=longest)
-        hints = WorkloadHints(max_prompt_length=max(len(p) for p, _ in requests), max_generated_length=longest,
-                              num_requests=len(requests))
-        # --tiny: a small cache; HF sizes its attention mask to the whole cache, which on a CPU fills host memory
-        small = {"continuous_batching_config": ContinuousBatchingConfig(num_blocks=32, max_batch_tokens=256)}
-        self.manager = model.init_continuous_batching(generation_config=gen, workload_hints=hints,
-                                                      **(small if ctx.args.tiny else {}))
-        if ctx.device.type == "cuda":
-            self.manager.warmup()
-        self.manager.start()
-        self.done: dict[str, threading.Event] = {}
-        self.results, self.stop = {}, threading.Event()
-        self.collector = threading.Thread(target=self.collect)
-        self.collector.start()
-
-    def collect(self) -> None:
-        while not self.stop.is_set():
-            result = self.manager.get_result(timeout=0.05)
-            if result is not None and result.is_finished():
-                self.results[result.request_id] = result
-                self.done[result.request_id].set()
-            elif result is None and not self.manager.is_running():
-                for event in list(self.done.values()):
-                    event.set()  # the manager died: release every client
-                return
-
-    def run_one(self, i, request, t0) -> Record:
-        prompt, n = request
-        rid = f"r{i}"
-        self.done[rid] = threading.Event()
-        if self.manager.add_request(prompt, request_id=rid, max_new_tokens=n, record_timestamps=True,
-                                    eos_token_id=-1) is None:
-            return Record(t0, ok=False)  # refused (HF logs why)
-        while not self.done[rid].wait(1.0) and self.manager.is_running():
-            pass
-        result = self.results.get(rid)
-        if result is None:
-            return Record(t0, ok=False)
-        return Record(t0, list(result.timestamps or []), result.error is None and len(result.generated_tokens) == n)
-
-    def close(self) -> dict:
-        self.stop.set()
-        self.collector.join()
-        self.manager.stop(block=True, timeout=10)
-        self.manager.destroy()
-        return {}
-
-
 # --- results ---------------------------------------------------------------------------------------
-
-def percentile(xs: list[float], q: float) -> float | None:
-    return round(1e3 * torch.tensor(xs, dtype=torch.float64).quantile(q).item(), 2) if xs else None
-
-
-def summarize(impl: str, setting: tuple[str, float], records: list[Record], extra: dict) -> dict:
-    done = [r for r in records if r.ok and r.stamps]
-    tokens = sum(len(r.stamps) for r in done)
-    span = max((r.stamps[-1] for r in done), default=0) - min((r.t0 for r in records), default=0)
-    itl = [b - a for r in done for a, b in zip(r.stamps, r.stamps[1:])]
-    tpot = [(r.stamps[-1] - r.stamps[0]) / (len(r.stamps) - 1) for r in done if len(r.stamps) > 1]
-    ttft = [r.stamps[0] - r.t0 for r in done]
-    return {"impl": impl, "setting": label(setting), "requests": len(done), "failed": len(records) - len(done),
-            "output_tokens": tokens, "seconds": round(span, 2),
-            "output_tok_s": round(tokens / span, 1) if done and span > 0 else None,
-            "ttft_p50_ms": percentile(ttft, 0.5), "ttft_p99_ms": percentile(ttft, 0.99),
-            "itl_p50_ms": percentile(itl, 0.5), "itl_p99_ms": percentile(itl, 0.99),
-            "tpot_p50_ms": percentile(tpot, 0.5), **extra}
-
-
-def label(setting: tuple[str, float]) -> str:
-    kind, value = setting
-    return f"rate {value:g}/s" if kind == "rate" else f"C {int(value)}"
-
 
 class Context:
     """What every measurement shares: device, bandwidth, byte counts, request counts, the time budget."""
@@ -515,12 +280,6 @@ def table(rows: list[dict], anchor_setting: str) -> str:
                      f"{f(r['ttft_p99_ms'])} | {f(r['itl_p50_ms'], '.2f')} | {f(r['itl_p99_ms'], '.2f')} | "
                      f"{f(r['tpot_p50_ms'], '.2f')} | {f(r.get('decode_bw_share'), '.3f')} | {ratio[0]} | {ratio[1]} |")
     return "\n".join(lines)
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def parse_args():
