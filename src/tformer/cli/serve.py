@@ -46,6 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="KV cache blocks (None: 60%% of free GPU memory; on CPU, max-running full contexts)")
     g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per engine step")
     g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="run decode steps eagerly instead of replaying CUDA graphs (GPU only; for debugging)")
     g = p.add_argument_group("limits")
     g.add_argument("--max-streams", type=int, default=None,
                    help="generations in flight at once, each choice of each request one; past that: 429 "
@@ -137,7 +139,8 @@ def _engine(args: argparse.Namespace, model):
     try:
         return ServeEngine(model, block_size=args.block_size, n_blocks=args.n_blocks, max_running=args.max_running,
                            max_waiting=args.max_waiting, prefill_chunk=args.prefill_chunk,
-                           prefix_caching=not args.no_prefix_caching)
+                           prefix_caching=not args.no_prefix_caching,
+                           cuda_graphs=False if args.enforce_eager else None)
     except ValueError as e:
         raise UserError(f"this model cannot be served: {e}") from None
 
