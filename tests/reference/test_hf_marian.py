@@ -51,7 +51,8 @@ def test_against_hf_marian(tmp_path, act, scale):
     hf = hf_marian(activation_function=act, scale_embedding=scale)
     hf.save_pretrained(tmp_path / "hf")
     ours = load_hf_marian(tmp_path / "hf")
-    assert (ours.config.norm_placement, ours.config.sinusoid_split, ours.config.scale_embeddings) == ("post", True, scale)
+    c = ours.config
+    assert (c.norm_placement, c.sinusoid_split, c.scale_embeddings) == ("post", True, scale)
     src, tgt, mask = batch()
     ref = hf(input_ids=src, attention_mask=mask, decoder_input_ids=tgt).logits
     torch.testing.assert_close(ours(src, tgt, mask), ref, atol=ATOL, rtol=0)
@@ -80,7 +81,8 @@ def test_transformer_base_shape_exports_to_marian_with_zero_biases(tmp_path):
 
 def test_unsupported_marian_checkpoints_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="separate source and target"):
-        marian_config_from_hf({**transformers.MarianConfig(**TINY).to_dict(), "share_encoder_decoder_embeddings": False})
+        marian_config_from_hf({**transformers.MarianConfig(**TINY).to_dict(),
+                               "share_encoder_decoder_embeddings": False})
     hf = hf_marian()
     hf.final_logits_bias.fill_(0.5)
     hf.save_pretrained(tmp_path)

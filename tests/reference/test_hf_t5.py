@@ -21,7 +21,8 @@ from tformer.presets import get_preset  # noqa: E402
 ATOL = 1e-4
 TINY = dict(vocab_size=99, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3, num_heads=4,
             relative_attention_num_buckets=8, relative_attention_max_distance=20, dropout_rate=0.0)  # fmt: skip
-VERSIONS = {"v1.0": dict(feed_forward_proj="relu"), "v1.1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)}
+VERSIONS = {"v1.0": dict(feed_forward_proj="relu"),
+            "v1.1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)}
 
 
 def hf_t5(version: str):
@@ -84,7 +85,8 @@ def test_incremental_decode_equals_full_forward(tmp_path, version):
 T5_SMALL = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
                 relative_attention_num_buckets=32, feed_forward_proj="relu", tie_word_embeddings=True)  # fmt: skip
 T5_V1_1_SMALL = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6,
-                     relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", tie_word_embeddings=False)  # fmt: skip
+                     relative_attention_num_buckets=32, feed_forward_proj="gated-gelu",
+                     tie_word_embeddings=False)  # fmt: skip
 
 
 T5_PRESETS = {"t5-small": (T5_SMALL, 60_506_624), "t5-v1_1-small": (T5_V1_1_SMALL, 76_961_152)}
@@ -100,13 +102,11 @@ def test_preset_parameter_counts_equal_hf(name):
         n_hf += hf.lm_head.weight.numel()  # transformers 5 ties at init; a v1.1 checkpoint's head is its own
     preset = get_preset(name)
     assert count_parameters(build_model(preset, device="meta")) == n_hf == expected
-    read = t5_config_from_hf(transformers.T5Config(**hf_config).to_dict() | {"tie_word_embeddings":
-                                                                             hf_config["tie_word_embeddings"]})
-    for field in ("vocab_size", "dim", "n_layers", "n_decoder_layers", "n_heads", "head_dim", "ffn_dim", "activation",
+    read = t5_config_from_hf(hf_config)  # the published config.json's fields
+    for field in ("vocab_size", "dim", "n_layers", "decoder_layers", "n_heads", "head_dim", "ffn_dim", "activation",
                   "norm", "norm_eps", "positions", "rel_buckets", "rel_max_distance", "attn_scale", "tie_embeddings",
                   "scale_output", "qkv_bias", "ffn_bias"):  # fmt: skip
-        assert getattr(read, field) == getattr(preset, field) or (field == "n_decoder_layers"
-                                                                  and read.decoder_layers == preset.decoder_layers), field
+        assert getattr(read, field) == getattr(preset, field), field
 
 
 def test_unsupported_t5_configs_are_refused():

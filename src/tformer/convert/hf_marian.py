@@ -34,12 +34,13 @@ _TO_HF_ACTS = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new", "silu": 
 def _layer_keys(ours: str, hf: str) -> Rules:
     """One stack's layer rules: ours `enc_layers` / `dec_layers`, HF `model.encoder` / `model.decoder`."""
     qkv = tuple(rf"{hf}.layers.\1.self_attn.{p}_proj.\2" for p in "qkv")
+    kv = tuple(rf"{hf}.layers.\1.encoder_attn.{p}_proj.\2" for p in "kv")
     return [
         (rf"{ours}\.(\d+)\.attn\.wqkv\.(weight|bias)", qkv),
         (rf"{ours}\.(\d+)\.attn\.wo\.(weight|bias)", rf"{hf}.layers.\1.self_attn.out_proj.\2"),
         (rf"{ours}\.(\d+)\.attn_norm\.(weight|bias)", rf"{hf}.layers.\1.self_attn_layer_norm.\2"),
         (rf"{ours}\.(\d+)\.cross\.wq\.(weight|bias)", rf"{hf}.layers.\1.encoder_attn.q_proj.\2"),
-        (rf"{ours}\.(\d+)\.cross\.wkv\.(weight|bias)", tuple(rf"{hf}.layers.\1.encoder_attn.{p}_proj.\2" for p in "kv")),
+        (rf"{ours}\.(\d+)\.cross\.wkv\.(weight|bias)", kv),
         (rf"{ours}\.(\d+)\.cross\.wo\.(weight|bias)", rf"{hf}.layers.\1.encoder_attn.out_proj.\2"),
         (rf"{ours}\.(\d+)\.cross_norm\.(weight|bias)", rf"{hf}.layers.\1.encoder_attn_layer_norm.\2"),
         (rf"{ours}\.(\d+)\.ffn\.w1\.(weight|bias)", rf"{hf}.layers.\1.fc1.\2"),

@@ -33,7 +33,11 @@ _ACTS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gated-gelu": 
          "gated-gelu_new": "geglu", "gated-silu": "swiglu"}  # fmt: skip
 _TO_HF_ACTS = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new", "geglu": "gated-gelu", "swiglu": "gated-silu"}
 
-_ATTN = ("q", "k", "v")
+
+def _attn(stack: str, layer: int, module: str, parts: str) -> tuple[str, ...]:
+    """HF names of one attention's projections `parts` (e.g. "qkv"), concatenated in ours."""
+    return tuple(rf"{stack}.block.\1.layer.{layer}.{module}.{p}.weight" for p in parts)
+
 _KEYS: Rules = [
     (r"tok_emb\.weight", "shared.weight"),
     (r"output\.weight", "lm_head.weight"),
@@ -42,16 +46,16 @@ _KEYS: Rules = [
     (r"enc_norm\.weight", "encoder.final_layer_norm.weight"),
     (r"dec_norm\.weight", "decoder.final_layer_norm.weight"),
     (r"enc_layers\.(\d+)\.attn_norm\.weight", r"encoder.block.\1.layer.0.layer_norm.weight"),
-    (r"enc_layers\.(\d+)\.attn\.wqkv\.weight", tuple(rf"encoder.block.\1.layer.0.SelfAttention.{p}.weight" for p in _ATTN)),
+    (r"enc_layers\.(\d+)\.attn\.wqkv\.weight", _attn("encoder", 0, "SelfAttention", "qkv")),
     (r"enc_layers\.(\d+)\.attn\.wo\.weight", r"encoder.block.\1.layer.0.SelfAttention.o.weight"),
     (r"enc_layers\.(\d+)\.ffn_norm\.weight", r"encoder.block.\1.layer.1.layer_norm.weight"),
     (r"enc_layers\.(\d+)\.ffn\.(w\d)\.weight", r"encoder.block.\1.layer.1.DenseReluDense.{\2}.weight"),
     (r"dec_layers\.(\d+)\.attn_norm\.weight", r"decoder.block.\1.layer.0.layer_norm.weight"),
-    (r"dec_layers\.(\d+)\.attn\.wqkv\.weight", tuple(rf"decoder.block.\1.layer.0.SelfAttention.{p}.weight" for p in _ATTN)),
+    (r"dec_layers\.(\d+)\.attn\.wqkv\.weight", _attn("decoder", 0, "SelfAttention", "qkv")),
     (r"dec_layers\.(\d+)\.attn\.wo\.weight", r"decoder.block.\1.layer.0.SelfAttention.o.weight"),
     (r"dec_layers\.(\d+)\.cross_norm\.weight", r"decoder.block.\1.layer.1.layer_norm.weight"),
     (r"dec_layers\.(\d+)\.cross\.wq\.weight", r"decoder.block.\1.layer.1.EncDecAttention.q.weight"),
-    (r"dec_layers\.(\d+)\.cross\.wkv\.weight", tuple(rf"decoder.block.\1.layer.1.EncDecAttention.{p}.weight" for p in "kv")),
+    (r"dec_layers\.(\d+)\.cross\.wkv\.weight", _attn("decoder", 1, "EncDecAttention", "kv")),
     (r"dec_layers\.(\d+)\.cross\.wo\.weight", r"decoder.block.\1.layer.1.EncDecAttention.o.weight"),
     (r"dec_layers\.(\d+)\.ffn_norm\.weight", r"decoder.block.\1.layer.2.layer_norm.weight"),
     (r"dec_layers\.(\d+)\.ffn\.(w\d)\.weight", r"decoder.block.\1.layer.2.DenseReluDense.{\2}.weight"),

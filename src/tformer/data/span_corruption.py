@@ -31,7 +31,8 @@ def _segment(n_items: int, n_segments: int, gen: torch.Generator) -> torch.Tenso
     return bounds.diff()
 
 
-def noise_mask(n: int, gen: torch.Generator, noise_density: float = 0.15, mean_span_length: float = 3.0) -> torch.Tensor:
+def noise_mask(n: int, gen: torch.Generator, noise_density: float = 0.15,
+               mean_span_length: float = 3.0) -> torch.Tensor:
     """(n,) bool, True for the tokens to drop; kept and noise spans alternate, kept first."""
     if n < 2:
         raise ValueError(f"span corruption needs at least 2 tokens, got {n}")
