@@ -4,11 +4,12 @@
         model(tokens)
     maps[0]  # (B, H, T, S): the first layer's weights
 
-Inside the context every `Attention` computes `reference_attention` (the textbook formula, which
-yields the weights) instead of SDPA, through an instance attribute that shadows `Attention.core`;
-every `LatentAttention` (MLA) runs its naive path (per-head keys rebuilt from the latent) through
-the same formula, shadowing `LatentAttention._naive`. On exit the attributes go and the modules are
-as before. Cache-free forwards only: an MLA layer with a KV cache attends over the latent instead.
+Inside the context every `Attention` (self- or cross-attention, with its own scale) computes
+`reference_attention` (the textbook formula, which yields the weights) instead of SDPA, through an
+instance attribute that shadows `Attention.core`; every `LatentAttention` (MLA) runs its naive path
+(per-head keys rebuilt from the latent) through the same formula, shadowing `LatentAttention._naive`.
+On exit the attributes go and the modules are as before. Cache-free forwards only: an MLA layer
+with a KV cache attends over the latent instead.
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ class capture_attention:
             if isinstance(layer, LatentAttention):
                 layer._naive = partial(self._recording_latent, layer)
             else:
-                layer.core = self._recording
+                layer.core = partial(self._recording, scale=layer.scale)  # T5's 1.0, or None: 1/sqrt(D)
         return self.maps
 
-    def _recording(self, q, k, v, mask=None, dropout_p: float = 0.0):
-        y, weights = reference_attention(q, k, v, mask, dropout_p)
+    def _recording(self, q, k, v, mask=None, dropout_p: float = 0.0, scale: float | None = None):
+        y, weights = reference_attention(q, k, v, mask, dropout_p, scale)
         self.maps.append(weights.detach())
         return y
 
