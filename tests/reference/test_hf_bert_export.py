@@ -102,7 +102,8 @@ def test_non_bert_encoders_are_refused(tmp_path, capsys):
     with pytest.raises(ConfigError, match="not BERT-shaped"):
         save_hf_bert(build_model(modern), tmp_path / "x")
     assert not (tmp_path / "x").exists()
-    tformer.save(build_model(modern), tmp_path / "ckpt")
+    # learned positions and a GLU: neither BERT- nor ModernBERT-shaped (RoPE encoders export as ModernBERT)
+    tformer.save(build_model(CONFIG.replace(activation="swiglu")), tmp_path / "ckpt")
     assert main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--to", "hf"]) != 0
     err = capsys.readouterr().err
     assert "not BERT-shaped" in err and "Traceback" not in err

@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Convert a model. SRC is a tformer checkpoint (tformer.json + model.safetensors), an HF model "
             "directory (config.json + *.safetensors; GPT2, Llama, Mistral, Qwen2; encoders: BERT, ModernBERT, "
-            "--to hf BERT only) or a GGUF file (llama.cpp's; "
+            "--to hf BERT and ModernBERT) or a GGUF file (llama.cpp's; "
             "llama and qwen2 architectures, F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors, read as float32 unless "
             "--dtype). DST is a directory for --to tformer and --to hf, one file for --to gguf (2-D weights in "
             "--gguf-type; llama and qwen2-shaped models). The tokenizer and chat template go along. DST is "

@@ -286,10 +286,12 @@ def save_hf(model: Decoder, path: str | Path, tokenizer=None, max_shard_bytes: i
         )
     if max_shard_bytes is not None and max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be a positive number of bytes or None, got {max_shard_bytes}")
-    if model.config.architecture == "encoder":  # the BERT family (tformer.convert.hf_bert)
+    if model.config.architecture == "encoder":  # the BERT family (hf_bert); RoPE or local layers: hf_modernbert
         from tformer.convert.hf_bert import save_hf_bert
+        from tformer.convert.hf_modernbert import is_modernbert_shaped, save_hf_modernbert
 
-        return save_hf_bert(model, path, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
+        save = save_hf_modernbert if is_modernbert_shaped(model.config) else save_hf_bert
+        return save(model, path, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
     dtype = str(model.tok_emb.weight.dtype).removeprefix("torch.")
     hf_config = config_to_hf(model.config, dtype=dtype)  # fails before anything is written
     tokenizer = tokenizer_for(model, tokenizer)
