@@ -99,6 +99,11 @@ def test_cache_misuse_and_bad_masks_are_clear_errors():
         model.decode_step(tgt[:, :2], torch.tensor([0]))
     model.clear_caches()
     assert model(src, tgt).shape == (3, 6, 50)
+    absolute = model_of("transformer")  # max_seq_len 32
+    with pytest.raises(ValueError, match="source length 40 exceeds the model's max_seq_len 32"):
+        absolute(torch.zeros(1, 40, dtype=torch.long), tgt[:1])
+    with pytest.raises(ValueError, match="n_slots"):
+        absolute.setup_caches(absolute.encode(src), n_slots=64)
 
 
 @pytest.mark.parametrize("fields, match", [

@@ -75,6 +75,7 @@ class EncoderDecoder(nn.Module):
     def encode(self, src_tokens: torch.Tensor, src_mask=None) -> torch.Tensor:
         """src_tokens (B,S) -> memory (B,S,C), the encoder's output that cross-attention reads."""
         B, S = src_tokens.shape
+        self._check_length(S, "source")
         keys = _key_mask(src_mask, B, S, src_tokens.device)  # (B, 1, 1, S)
         slots = torch.arange(S, device=src_tokens.device)
         x = self.embed(src_tokens, slots)
@@ -86,6 +87,7 @@ class EncoderDecoder(nn.Module):
     def decode(self, tgt_tokens: torch.Tensor, memory: torch.Tensor, src_mask=None) -> torch.Tensor:
         """tgt_tokens (B,T), memory (B,S,C) -> the decoder's final hidden states (B,T,C), cache-free."""
         B, T = tgt_tokens.shape
+        self._check_length(T, "target")
         cross_mask = _key_mask(src_mask, B, memory.shape[1], memory.device)
         slots = torch.arange(T, device=tgt_tokens.device)
         x = self.embed(tgt_tokens, slots)
@@ -104,6 +106,7 @@ class EncoderDecoder(nn.Module):
         """Attach self-attention caches of n_slots target positions and fill the cross-attention caches
         from memory (B,S,C), once; `decode_step` then reads them."""
         B, S, _ = memory.shape
+        self._check_length(n_slots, "n_slots (target positions)")
         dtype = dtype or self.tok_emb.weight.dtype
         device = self.tok_emb.weight.device
         for layer in self.dec_layers:
@@ -141,6 +144,12 @@ class EncoderDecoder(nn.Module):
                 cache.k[:n].copy_(cache.k.index_select(0, index))
                 cache.v[:n].copy_(cache.v.index_select(0, index))
         self.cross_mask = self.cross_mask.index_select(0, index)
+
+    def _check_length(self, n: int, what: str) -> None:
+        """Absolute positions exist up to max_seq_len; T5's relative bias has no limit."""
+        if self.config.positions in ("learned", "sinusoidal") and n > self.config.max_seq_len:
+            raise ValueError(f"{what} length {n} exceeds the model's max_seq_len {self.config.max_seq_len}: "
+                             "shorten it (or build the model with a larger max_seq_len)")
 
 
 def _key_mask(src_mask, B: int, S: int, device) -> torch.Tensor:
