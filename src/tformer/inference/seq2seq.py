@@ -1,7 +1,8 @@
-"""Beam search for encoder-decoder models (tformer.models.EncoderDecoder): the Stepper that
-`tformer.inference.beam.beam_search` drives.
+"""Decoding for encoder-decoder models (tformer.models.EncoderDecoder): the Stepper that
+`tformer.inference.beam.beam_search` drives, and greedy or sampled decoding on it.
 
     result = beam_search(EncoderDecoderStepper(model, start_id=0), sources, max_new_tokens=40, beams=4)
+    outputs = seq2seq_generate(model, sources, max_new_tokens=40, start_id=0, eos_ids=[1])  # greedy
 
 prefill encodes the sources once (right-padded under a key mask, so absolute positions start at 0
 in every row), repeats each source's memory for its beams, fills every decoder layer's
@@ -71,3 +72,39 @@ class EncoderDecoderStepper:
 
     def close(self) -> None:
         self.model.clear_caches()
+
+
+@torch.no_grad()
+def seq2seq_generate(model: nn.Module, sources: list[list[int]], max_new_tokens: int, start_id: int,
+                     eos_ids=None, sampling=None, generator: torch.Generator | None = None) -> list[list[int]]:
+    """Greedy (default, or temperature 0) or sampled decoding of an EncoderDecoder from each source.
+
+    The sources are encoded once (right-padded under a key mask), each decoder layer's cross-attention
+    cache is filled from the memory once, and every step feeds one token per row through the
+    self-attention KV cache. sampling: a `tformer.inference.sampling.SamplingConfig` (temperature,
+    top-k, top-p, min-p); generator seeds the draws. Returns each source's new tokens, an end id
+    kept; a row that meets an end id stops there, and all stop when every row has."""
+    from tformer.inference.sampling import SamplingConfig, sample
+
+    stepper = EncoderDecoderStepper(model, start_id)
+    cfg = sampling or SamplingConfig(temperature=0.0)
+    cfg.validate()
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    try:
+        logits = stepper.prefill(sources, 1, max_new_tokens)  # (B, V)
+        eos = torch.tensor(sorted(set(eos_ids or [])), dtype=torch.long, device=logits.device)
+        done = torch.zeros(len(sources), dtype=torch.bool, device=logits.device)
+        out = []
+        for t in range(max_new_tokens):
+            token = sample(logits, cfg, generator=generator)  # temperature 0: argmax
+            out.append(token)  # (B,)
+            done |= torch.isin(token, eos)
+            if t + 1 == max_new_tokens or bool(done.all()):
+                break
+            logits = stepper.step(token[:, None])
+    finally:
+        stepper.close()
+    rows = torch.stack(out, 1).tolist()  # (B, n)
+    ends = set(eos.tolist())
+    return [row[: next((i + 1 for i, x in enumerate(row) if x in ends), len(row))] for row in rows]
