@@ -1,8 +1,9 @@
 """Attention maps of encoders (BERT, ModernBERT) and encoder-decoders (T5, the original Transformer): rows sum
 to one, encoders attend both ways, ModernBERT's local layers stay in their window, decoder self-attention is
 causal, cross maps are (target, source); every map equals the softmax recomputed from the model's own q and k
-(with T5's scale of 1 and relative bias); `tformer attention` writes the PNGs and the page for tformer
-checkpoints of both, and the page's cross-attention selector shows the stored weights in chromium."""
+(with T5's scale of 1 and relative bias) and HF's `output_attentions` of the same weights; `tformer attention`
+writes the PNGs and the page for tformer checkpoints of both; the page's cross-attention selector shows the
+stored weights in chromium."""
 
 import base64
 import math
@@ -128,6 +129,46 @@ def test_seq2seq_maps_shapes_causality_and_the_models_own_q_k(name):
         torch.testing.assert_close(w["decoder"][i], expected, atol=1e-6, rtol=1e-5)
     logits = model(torch.tensor([source]), torch.tensor([target]))
     assert torch.isfinite(logits).all() and not model.training
+
+
+def _hf_models():
+    """Tiny random HF models (eager attention returns its weights), by family."""
+    import transformers as hf
+
+    eager = dict(attn_implementation="eager")
+    small = dict(vocab_size=320, num_attention_heads=4, intermediate_size=48)
+    return {
+        "bert": lambda: hf.BertModel(hf.BertConfig(**small, hidden_size=32, num_hidden_layers=2, **eager)),
+        "modernbert": lambda: hf.ModernBertModel(hf.ModernBertConfig(
+            **small, hidden_size=32, num_hidden_layers=3, local_attention=4, global_attn_every_n_layers=3,
+            pad_token_id=0, eos_token_id=1, bos_token_id=2, cls_token_id=2, sep_token_id=3, **eager)),
+        "t5": lambda: hf.T5ForConditionalGeneration(hf.T5Config(
+            vocab_size=320, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0,
+            **eager)),
+        "marian": lambda: hf.MarianMTModel(hf.MarianConfig(
+            vocab_size=320, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, pad_token_id=0,
+            decoder_start_token_id=0, eos_token_id=1, max_position_embeddings=64, **eager)),
+    }
+
+
+@pytest.mark.parametrize("family", ["bert", "modernbert", "t5", "marian"])
+@torch.no_grad()
+def test_maps_equal_hf_output_attentions(family, tmp_path):
+    torch.manual_seed(0)
+    reference = _hf_models()[family]().eval()
+    reference.save_pretrained(tmp_path)
+    ours = tformer.load(tmp_path)  # the production converter (convert/hf.py)
+    source, target = torch.randint(4, 320, (1, 9)), torch.tensor([[0, 17, 5, 99, 230]])
+    if family in ("bert", "modernbert"):
+        hf = {"encoder": reference(source, output_attentions=True).attentions}
+        w = {"encoder": attention_weights(ours, source[0].tolist())}
+    else:
+        out = reference(input_ids=source, decoder_input_ids=target, output_attentions=True)
+        hf = {"encoder": out.encoder_attentions, "decoder": out.decoder_attentions, "cross": out.cross_attentions}
+        w = seq2seq_weights(ours, source[0].tolist(), target[0].tolist())
+    for name, maps in hf.items():
+        torch.testing.assert_close(w[name], torch.stack([m[0] for m in maps]), atol=1e-6, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

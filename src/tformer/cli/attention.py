@@ -8,6 +8,12 @@ import argparse
 from tformer.cli import UserError
 from tformer.cli.decoding import add_model_options, load_model
 
+DESCRIPTION = """\
+Run a text through a checkpoint (decoder, encoder or encoder-decoder) and write its exact attention weights
+(the reference formula, whatever kernels the model would use) for every layer and head: three PNGs for
+--layer/--head (the head, the layer's head grid, the mean over heads) and DIR/attention.html, a self-contained
+page (no network) with every layer and head, attention rollout and, for a decoder, the logit lens."""
+
 EPILOG = """\
 decoders (GPT-2, Llama, ...): causal maps, rollout and the logit lens.
 encoders (BERT, ModernBERT): bidirectional maps (a ModernBERT local layer's zero outside its window) and
@@ -18,25 +24,24 @@ encoder-decoders (T5, Marian, the original Transformer): --text is the source; -
   decoder_*, cross_*, and a selector on the page."""
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the options' help, the epilog's lines as written."""
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "attention",
         help="attention maps of a text: PNG heatmaps and an interactive HTML explorer",
-        description=(
-            "Run a text through a checkpoint (decoder, encoder or encoder-decoder) and write its exact attention "
-            "weights (the reference formula, whatever kernels the model would use) for every layer and head: three "
-            "PNGs for --layer/--head (the head, the layer's head grid, the mean over heads) and DIR/attention.html, "
-            "a self-contained page (no network) with every layer and head, attention rollout and, for a decoder, "
-            "the logit lens."
-        ),
+        description=DESCRIPTION,
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
     )
     p.add_argument("path", help="tformer checkpoint or HF model directory (with tokenizer.json)")
     p.add_argument("--text", required=True, help="the text to look at (an encoder-decoder's source)")
-    p.add_argument("--target", help="encoder-decoders: the target text, teacher-forced (default: greedy output)")
+    p.add_argument("--target",
+                   help="encoder-decoders: the target text, teacher-forced; left out: the model's greedy output")
     p.add_argument("--max-new-tokens", type=int, default=40,
-                   help="encoder-decoders without --target: greedy tokens at most (default: 40)")
+                   help="encoder-decoders without --target: greedy tokens at most")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--layer", type=int, default=0, help="layer of the PNGs (negative counts from the last)")
     p.add_argument("--head", type=int, default=0, help="head of the single-head PNG")
@@ -141,7 +146,7 @@ def _encoder(args, model, tokenizer):
 def _seq2seq(args, model, tokenizer):
     """An encoder-decoder's encoder, decoder and cross maps for --text (source) and --target (or greedy)."""
     from tformer.viz.explorer import seq2seq_page_data
-    from tformer.viz.maps import rollout, seq2seq_weights, token_labels, write_pngs
+    from tformer.viz.maps import printable, rollout, seq2seq_weights, token_labels, write_pngs
 
     start = tokenizer.pad_id  # T5's and Marian's decoder start token is their pad token
     if start is None:
@@ -176,7 +181,7 @@ def _seq2seq(args, model, tokenizer):
     lines = [f"source {len(source)} tokens, target {len(target)} tokens (start token first; {how})",
              f"encoder {weights['encoder'].shape[0]} layers, decoder {weights['decoder'].shape[0]} layers, "
              f"{weights['encoder'].shape[1]} heads",
-             f"target: {tokenizer.decode(target[1:])!r}"]
+             f"target: {printable(tokenizer.decode(target[1:]))!r}"]
     return lines, paths, data
 
 
