@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "directory (config.json + *.safetensors; GPT2, Llama, Mistral, Qwen2; encoders: BERT, ModernBERT, "
             "--to hf BERT and ModernBERT) or a GGUF file (llama.cpp's; "
             "llama and qwen2 architectures, F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors, read as float32 unless "
-            "--dtype). DST is a directory for --to tformer and --to hf, one file for --to gguf (2-D weights in "
+            "--dtype), or a sharded training checkpoint of `tformer train --parallel ddp|fsdp` (made whole). "
+            "DST is a directory for --to tformer and --to hf, one file for --to gguf (2-D weights in "
             "--gguf-type; llama and qwen2-shaped models). The tokenizer and chat template go along. DST is "
             "written atomically; an existing DST is refused unless --overwrite is given."
         ),
@@ -77,6 +78,11 @@ def _read(src: Path, dtype):
             raise
         except (ValueError, OSError, EOFError, IndexError, KeyError, TypeError) as e:  # a damaged file
             raise UserError(f"{src} is not a readable GGUF file ({type(e).__name__}: {e}); is it complete?") from None
+    from tformer.train.sharded import consolidate, is_sharded
+
+    if is_sharded(src):  # a sharded training checkpoint (tformer train --parallel ddp|fsdp): made whole
+        model, tokenizer, template = consolidate(src)
+        return (model.to(dtype) if dtype else model), tokenizer, template
     model = load(src, dtype=dtype)
     tokenizer = Tokenizer.load(src) if (src / TOKENIZER_FILE).is_file() else None
     return model, tokenizer, read_chat_template(src)

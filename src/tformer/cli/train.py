@@ -214,6 +214,8 @@ def run_training(cfg: TrainConfig) -> int:
         result = train(cfg)
     except TrainingInterrupted:  # Ctrl-C: the loop saved a checkpoint and printed the command that resumes
         return 130
+    if not result.main:  # under torchrun, rank 0 reports
+        return 0
     bpc = f", {result.val_bpc:.3f} bits/char" if result.val_bpc is not None else ""
     print(f"done: step {result.step}, val loss {result.val_loss:.4f}{bpc}; checkpoints in {result.out_dir}")
     if cfg.sample_tokens > 0:

@@ -65,6 +65,11 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False
     threads: int = 0  # CPU threads; 0: all cores
+    # several processes (train/parallel.py; launched by torchrun)
+    parallel: Literal["none", "ddp", "fsdp"] = "none"  # batch_size is per rank: the global batch is x ranks
+    fsdp_cpu_offload: bool = False  # FSDP2: sharded parameters, gradients and optimiser state kept on CPU
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"  # recompute blocks in backward
+    ac_every: int = 2  # selective activation checkpointing: every ac_every-th block
     # evaluation, logging, checkpoints
     eval_every: int = 100
     eval_batches: int = 20  # 0: the whole validation split
@@ -114,6 +119,24 @@ class TrainConfig:
             raise ConfigError(f"dpo_beta must be > 0, got {self.dpo_beta}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        self._validate_parallel()
+
+    def _validate_parallel(self) -> None:
+        choices = {"parallel": ("none", "ddp", "fsdp"), "activation_checkpointing": ("none", "full", "selective")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not supported; choose one of {list(allowed)}")
+        if self.ac_every < 1:
+            raise ConfigError(f"ac_every must be >= 1, got {self.ac_every}")
+        if self.fsdp_cpu_offload and self.parallel != "fsdp":
+            raise ConfigError("fsdp_cpu_offload offloads FSDP2's shards: pass --parallel fsdp too")
+        if self.parallel == "none":
+            return
+        if self.method != "full":
+            raise ConfigError(f"--parallel {self.parallel} trains all weights: LoRA adapters (--method "
+                              f"{self.method}) train on one process, drop --parallel")
+        if self.teacher:
+            raise ConfigError(f"distillation (--teacher) runs on one process: drop --parallel {self.parallel}")
 
 
 FIELD_HELP = {
@@ -157,6 +180,13 @@ FIELD_HELP = {
     "dpo_reference": "preference data (DPO): the reference's log-probs computed live (model: the starting weights, "
                      "or with LoRA the base without adapters) or once before training (precomputed)",
     "eval_batches": "validation batches per eval; 0 evaluates the whole split",
+    "parallel": "data parallelism over the processes torchrun starts: ddp (replicated weights) or fsdp (FSDP2, "
+                "sharded weights, gradients and optimiser state); batch_size is per rank; checkpoints are sharded "
+                "(torch.distributed.checkpoint)",
+    "fsdp_cpu_offload": "with --parallel fsdp: keep the shards and optimiser state in CPU memory",
+    "activation_checkpointing": "recompute blocks' activations in backward to save memory: every block (full) "
+                                "or every --ac-every-th (selective)",
+    "ac_every": "selective activation checkpointing: checkpoint blocks 0, k, 2k, ...",
 }
 
 

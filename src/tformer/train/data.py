@@ -40,13 +40,16 @@ class TrainData:
         self.tokenizer, self.shards, self.seed = tokenizer, shards, seed
         self._batchers: dict = {}
 
-    def train_batch(self, batch_size: int, seq_len: int, index: int, device) -> dict:
-        """Micro-batch number `index` of the run: the same windows for the same (seed, index)."""
-        key = (batch_size, seq_len, str(device))
+    def train_batch(self, batch_size: int, seq_len: int, index: int, device, rank: int = 0, world: int = 1) -> dict:
+        """Micro-batch number `index` of the run: the same windows for the same (seed, index). Of `world`
+        data-parallel ranks, `rank` takes rows [rank*B, (rank+1)*B) of the global batch of B*world rows."""
+        key = (batch_size * world, seq_len, str(device) if world == 1 else "cpu")
         if key not in self._batchers:
-            self._batchers[key] = Batcher(self.shards.train, batch_size, seq_len, device=device,
-                                          seed=self.seed)
+            self._batchers[key] = Batcher(self.shards.train, key[0], seq_len, device=key[2], seed=self.seed)
         x, y = self._batchers[key].get(index)
+        if world > 1:
+            rows = slice(rank * batch_size, (rank + 1) * batch_size)
+            x, y = to_device({"x": x[rows], "y": y[rows]}, device).values()
         return {"tokens": x, "targets": y, "n_targets": y.numel()}
 
     def val_batches(self, batch_size: int, seq_len: int, device, max_batches: int | None = None):
@@ -64,8 +67,10 @@ class ExampleData:
         self.kind, self.tokenizer, self.template, self.train, self.val = kind, tokenizer, template, train, val
         self.stats = stats  # one line on what was read, truncated and dropped
 
-    def train_batch(self, batch_size: int, seq_len: int, index: int, device) -> dict:
-        return to_device(self.train.batch(index, batch_size), device)
+    def train_batch(self, batch_size: int, seq_len: int, index: int, device, rank: int = 0, world: int = 1) -> dict:
+        """Rows [index*B*world + rank*B, ... + B) of the epochs' order: rank `rank`'s share of the
+        global batch `index` of B*world rows."""
+        return to_device(self.train.batch(index * world + rank, batch_size), device)
 
     def val_batches(self, batch_size: int, seq_len: int, device, max_batches: int | None = None):
         for batch in self.val.eval_batches(batch_size, max_batches):

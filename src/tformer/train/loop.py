@@ -6,14 +6,17 @@ and the model is the preset's, a checkpoint's, or that with LoRA adapters (train
 One optimiser step (`train_step`) = `grad_accum` micro-batches of (batch_size, seq_len) tokens. The step's
 learning rate, batches and dropout draws depend only on the step and the saved RNG states,
 so a resumed run continues exactly where the interrupted one was (on CPU, bit for bit).
+Under torchrun with --parallel ddp|fsdp (train/parallel.py) every rank runs this loop on its share of
+each batch; rank 0 alone logs and prints, and checkpoints are sharded (train/sharded.py).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import nullcontext, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +33,8 @@ from tformer.train.interrupt import StopOnInterrupt, TrainingInterrupted, resume
 from tformer.train.model_setup import preset_checkpoint, setup_model
 from tformer.train.objectives import DPO, Distill, NextToken
 from tformer.train.optim import make_optimizer
+from tformer.train.parallel import Parallel, clip_grad_norm, gradient_sync, init_parallel, parallelize
+from tformer.train.parallel import uses_fsdp_precision
 from tformer.train.schedule import learning_rate
 from tformer.train.state import ResumePoint, checkpoint_dirs, earlier_run, latest_intact, remove_run, save_best
 from tformer.train.state import save_training
@@ -45,6 +50,7 @@ class TrainResult:
     val_loss: float
     val_bpc: float | None  # None for fine-tuning examples, which are not a text corpus
     out_dir: str
+    main: bool = True  # rank 0 (or the only process): the one that prints
 
 
 def resolve_device(name: str) -> torch.device:
@@ -61,14 +67,19 @@ def autocast_for(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
-def _evaluate(model, objective, data, cfg: TrainConfig, device, autocast, full: bool = False) -> dict:
-    """The objective on the validation split: cfg.eval_batches batches (0: all), or with `full` all of it."""
+def _evaluate(model, objective, data, cfg: TrainConfig, device, autocast, full: bool = False,
+              parallel: Parallel | None = None) -> dict:
+    """The objective on the validation split: cfg.eval_batches batches (0: all), or with `full` all of it.
+    Each rank evaluates the whole split in batches of the global batch size (cfg.batch_size x ranks), as
+    one process would; the losses are averaged so every rank takes the same decisions."""
+    batch_size = cfg.batch_size * (parallel.world if parallel is not None else 1)
     if full:  # no grads: wider batches run faster
-        batches = data.val_batches(max(cfg.batch_size, 32 if data.kind == "text" else cfg.batch_size),
-                                   cfg.seq_len, device)
+        batches = data.val_batches(max(batch_size, 32 if data.kind == "text" else batch_size), cfg.seq_len, device)
     else:
-        batches = data.val_batches(cfg.batch_size, cfg.seq_len, device, cfg.eval_batches or None)
+        batches = data.val_batches(batch_size, cfg.seq_len, device, cfg.eval_batches or None)
     metrics = evaluate_objective(model, objective, batches, autocast)
+    if parallel is not None and parallel.distributed:
+        metrics["val_loss"] = float(parallel.all_sum([metrics["val_loss"]])[0]) / parallel.world
     metrics["val_bpc"] = data.bits_per_char(metrics["val_loss"])
     return metrics
 
@@ -94,26 +105,42 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     """Train as `cfg` says; see the module docstring. Ctrl-C saves a resumable checkpoint and
     raises `TrainingInterrupted` (a KeyboardInterrupt) naming it and the command that resumes."""
     cfg.validate()
-    device = resolve_device(cfg.device)
+    parallel, device = init_parallel(cfg)
+    try:
+        with open(os.devnull, "w") as devnull, redirect_stdout(devnull) if not parallel.main else nullcontext():
+            return _train(cfg, parallel, device, progress)
+    finally:
+        parallel.close()
+
+
+def _train(cfg: TrainConfig, parallel: Parallel, device: torch.device, progress: bool) -> TrainResult:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    resumed = _prepare_out_dir(cfg)
-    data = prepare_data(cfg, resumed.path if resumed else preset_checkpoint(cfg))
+    torch.manual_seed(cfg.seed)  # the same on every rank: every rank builds the same model
+    with parallel.main_first():
+        resumed = _prepare_out_dir(cfg)
+    with parallel.main_first():  # tokenizer and shard caches written once
+        data = prepare_data(cfg, resumed.path if resumed else preset_checkpoint(cfg))
     if data.kind != "text":
         print(data.stats)
+    if parallel.distributed and data.kind == "preference":
+        raise ValueError(f"DPO (preference data) runs on one process: drop --parallel {cfg.parallel}")
     teacher = load_teacher(cfg.teacher, device, data.tokenizer.vocab_size, cfg.seq_len) if cfg.teacher else None
     model = setup_model(cfg, data.tokenizer, device, resumed, teacher)
+    trained = parallelize(model, cfg, parallel, device)
+    if parallel.distributed:  # each rank its own dropout draws
+        torch.manual_seed(cfg.seed + parallel.rank)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-    start, best = _restore(resumed.state, optimizer, device) if resumed else (0, float("inf"))
-    objective = make_objective(cfg, model, data, teacher)
-    autocast = autocast_for(device, cfg.dtype)
+    start, best = _restore(resumed, model, optimizer, device, parallel) if resumed else (0, float("inf"))
+    objective = make_objective(cfg, trained, data, teacher)
+    autocast = nullcontext() if uses_fsdp_precision(cfg, device) else autocast_for(device, cfg.dtype)
     if isinstance(objective, DPO) and cfg.dpo_reference == "precomputed":
         precompute_reference(objective, data, cfg, device, autocast)
-    saving = _Saving(cfg, data)
+    saving = _Saving(cfg, data, parallel)
     flops_per_token = training_flops_per_token(model.config, cfg.seq_len)
     peak = peak_flops(device)
-    logger = MetricsLogger(cfg, start, progress)
+    logger = MetricsLogger(cfg, start, progress) if parallel.main else _Quiet()
+    shard = {"rank": parallel.rank, "world": parallel.world} if parallel.distributed else {}
     moe = moe_layers(model)
     for layer in moe:
         layer.aux_grad_scale = 1 / cfg.grad_accum  # router losses, like the main loss, average over micro-batches
@@ -122,6 +149,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     with StopOnInterrupt() as interrupt:
         while step < cfg.max_steps:
             elapsed = time.perf_counter() - t0
+            if parallel.distributed:  # every rank stops (and sets the LR) at the same step
+                requested, elapsed = parallel.all_max([float(interrupt.requested), elapsed])
+                interrupt.requested = bool(requested)
             if interrupt.requested:
                 raise _interrupted(cfg, model, saving, optimizer, step, best, logger)
             if cfg.max_time and elapsed >= cfg.max_time:
@@ -130,11 +160,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t_step = time.perf_counter()
-            micro_batches = [data.train_batch(cfg.batch_size, cfg.seq_len, step * cfg.grad_accum + i, device)
-                             for i in range(cfg.grad_accum)]
-            stats = train_step(model, objective, optimizer, micro_batches, cfg.grad_clip, autocast)
+            micro_batches = [data.train_batch(cfg.batch_size, cfg.seq_len, step * cfg.grad_accum + i, device,
+                                              **shard) for i in range(cfg.grad_accum)]
+            stats = train_step(model, objective, optimizer, micro_batches, cfg.grad_clip, autocast, parallel, trained)
             loss = stats["loss"]
-            tokens = sum(batch["tokens"].numel() for batch in micro_batches)  # fine-tuning rows vary in width
+            # fine-tuning rows vary in width; the ranks' batches are alike in size
+            tokens = sum(batch["tokens"].numel() for batch in micro_batches) * parallel.world
             for layer in moe:
                 layer.update_expert_bias()  # DeepSeek-V3 aux-loss-free balancing (no-op without expert_bias)
             step += 1
@@ -149,16 +180,28 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 layer.pop_load()  # expert loads count one step
             if step % cfg.eval_every == 0 and step < cfg.max_steps:
                 _check_finite(loss, step, cfg)
-                metrics = _evaluate(model, objective, data, cfg, device, autocast)
+                metrics = _evaluate(model, objective, data, cfg, device, autocast, parallel=parallel)
                 logger.log_eval(step, metrics, time.perf_counter() - t0)
                 best = saving.save(model, optimizer, step, metrics, best)
         # the final evaluation covers the whole validation split
         _check_finite(loss, step, cfg)
-        metrics = _evaluate(model, objective, data, cfg, device, autocast, full=True)
+        metrics = _evaluate(model, objective, data, cfg, device, autocast, full=True, parallel=parallel)
         logger.log_eval(step, metrics, time.perf_counter() - t0)
         best = saving.save(model, optimizer, step, metrics, best)
     logger.close()
-    return TrainResult(step, metrics["val_loss"], metrics["val_bpc"], cfg.out_dir)
+    return TrainResult(step, metrics["val_loss"], metrics["val_bpc"], cfg.out_dir, parallel.main)
+
+
+class _Quiet:
+    """The logger of ranks other than 0: they write nothing."""
+
+    def log_train(self, *args, **kwargs) -> None:
+        pass
+
+    log_eval = log_train
+
+    def close(self) -> None:
+        pass
 
 
 def _prepare_out_dir(cfg: TrainConfig) -> ResumePoint | None:
@@ -190,9 +233,21 @@ def _prepare_out_dir(cfg: TrainConfig) -> ResumePoint | None:
     return None
 
 
-def _restore(state: dict, optimizer, device) -> tuple[int, float]:
-    """Load a checkpoint's optimiser and RNG states; its step and best validation loss."""
-    optimizer.load_state_dict(state["optimizer"])
+def _restore(resumed: ResumePoint, model, optimizer, device, parallel: Parallel) -> tuple[int, float]:
+    """Load a checkpoint's optimiser and RNG states (and a sharded one's weights); its step and best
+    validation loss."""
+    state = resumed.state
+    if resumed.sharded:
+        from tformer.train.sharded import load_sharded
+
+        load_sharded(resumed.path, state, model, optimizer, parallel.rank, parallel.world)
+        return state["step"], state["best_val_loss"]
+    if parallel.mode == "fsdp":  # the whole optimiser state, sharded as the parameters are
+        from tformer.train.sharded import load_full_optimizer
+
+        load_full_optimizer(model, optimizer, state["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda_rng"], device)
@@ -218,7 +273,7 @@ def _lr(cfg: TrainConfig, step: int, elapsed: float) -> float:
 
 
 def train_step(model, objective, optimizer, micro_batches: Sequence[dict], grad_clip: float = 0.0,
-               autocast=None) -> dict[str, torch.Tensor]:
+               autocast=None, parallel: Parallel | None = None, trained=None) -> dict[str, torch.Tensor]:
     """One optimiser step over `micro_batches` (batch dicts); returns the objective's outputs
     averaged over them, detached ("loss" and what it logs).
 
@@ -227,18 +282,30 @@ def train_step(model, objective, optimizer, micro_batches: Sequence[dict], grad_
     target of the step, as one batch holding all of them would give. Gradients are clipped to norm
     `grad_clip` (0: not clipped), applied, and set to None; with clipping, "grad_norm" is their total
     norm before it.
+
+    Under DDP/FSDP2 (`parallel`, `trained`: what parallelize returned) the weights' total is summed over
+    the ranks, and each rank's loss scaled by the number of ranks, so the averaged gradients are those of
+    the mean over every target of the global step; gradients are reduced on the last micro-batch only,
+    and the outputs are summed over the ranks (the global means).
     """
+    world = parallel.world if parallel is not None and parallel.distributed else 1
     weights = [objective.weight(batch) for batch in micro_batches]
-    total = sum(weights) or 1
+    total = sum(weights) if world == 1 else float(parallel.all_sum([float(sum(weights))])[0])
+    total = total or 1
     stats: dict[str, torch.Tensor] = {}
-    for batch, weight in zip(micro_batches, weights):
-        with autocast or nullcontext():
-            out = objective(batch)
-        (out["loss"] * (weight / total)).backward()
+    for i, (batch, weight) in enumerate(zip(micro_batches, weights)):
+        with gradient_sync(trained, i == len(micro_batches) - 1) if world > 1 else nullcontext():
+            with autocast or nullcontext():
+                out = objective(batch)
+            (out["loss"] * (weight * world / total)).backward()
         for key, value in out.items():
             stats[key] = stats.get(key, 0) + value.detach().float() * (weight / total)
+    if world > 1:
+        summed = parallel.all_sum(torch.stack([stats[k] for k in stats]).cpu())
+        stats = {k: summed[j].float().to(v.device) for j, (k, v) in enumerate(stats.items())}
     if grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+        params = [p for p in model.parameters() if p.requires_grad]
+        norm = clip_grad_norm(params, grad_clip) if world > 1 else torch.nn.utils.clip_grad_norm_(params, grad_clip)
         stats["grad_norm"] = norm.detach().float()  # before clipping
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -276,16 +343,21 @@ class _Saving:
     """The run's checkpoints: with its tokenizer, its chat template (the data's, else the starting
     checkpoint's) and, for adapters, the base they were trained on."""
 
-    def __init__(self, cfg: TrainConfig, data):
+    def __init__(self, cfg: TrainConfig, data, parallel: Parallel | None = None):
         from tformer.convert.gguf import read_chat_template
 
-        self.cfg, self.tokenizer = cfg, data.tokenizer
+        self.cfg, self.tokenizer, self.parallel = cfg, data.tokenizer, parallel or Parallel()
         start = preset_checkpoint(cfg)
         template = getattr(data, "template", None)
         self.template = template.source if template is not None else (read_chat_template(start) if start else None)
         self.base = str(start) if start else None
 
     def checkpoint(self, model, optimizer, step: int, best: float) -> Path:
+        if self.parallel.distributed:
+            from tformer.train.sharded import save_sharded
+
+            return save_sharded(self.cfg.out_dir, model, optimizer, step, best, self.cfg.keep_last, self.tokenizer,
+                                self.template)
         return save_training(self.cfg.out_dir, model, self.tokenizer, optimizer, step, _train_state(best),
                              self.cfg.keep_last, self.template, self.base)
 
@@ -296,8 +368,18 @@ class _Saving:
         if cfg.save_every == 0 or step % cfg.save_every == 0 or step == cfg.max_steps:
             self.checkpoint(model, optimizer, step, min(best, metrics["val_loss"]))
         if metrics["val_loss"] < best:
-            save_best(cfg.out_dir, model, self.tokenizer, step, metrics["val_loss"], self.template, self.base)
+            self._best(model, step, metrics["val_loss"])
         return min(best, metrics["val_loss"])
+
+
+    def _best(self, model, step: int, val_loss: float) -> None:
+        """The new best model as one ordinary checkpoint (gathered whole from the ranks onto rank 0)."""
+        if self.parallel.distributed:
+            from tformer.train.sharded import full_model
+
+            model = full_model(model)
+        if self.parallel.main:
+            save_best(self.cfg.out_dir, model, self.tokenizer, step, val_loss, self.template, self.base)
 
 
 def _train_state(best_val_loss: float) -> dict:

@@ -19,6 +19,11 @@ Where symlinks are unavailable (Windows without the privilege) `best` is a plain
 by `atomic_path`, which leaves it absent for the moment between two renames; a `best/` directory
 written by an older tformer becomes a symlink at its next save, with the same moment once.
 `train_state.pt` holds tensors and plain values only and is read with `weights_only=True`.
+
+A run under --parallel ddp|fsdp writes its step checkpoints sharded (train/sharded.py):
+
+    out_dir/checkpoints/step-000200/   .metadata, __0_0.distcp, ...   torch.distributed.checkpoint (DCP)
+                                       sharded.json (model config), tokenizer.json, train_state.pt
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from tformer.io import CheckpointError, point_symlink
 from tformer.tokenizer import TOKENIZER_FILE, Tokenizer
 
 STATE_FILE = "train_state.pt"
+SHARDED_FILE = "sharded.json"  # marks a sharded (DCP) checkpoint and holds its model config
 BEST, BEST_VERSIONS = "best", "best-steps"
 RUN_OUTPUTS = ("metrics.jsonl", "loss.png", "tb", "checkpoints", BEST, BEST_VERSIONS)  # what a run writes
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -49,7 +55,7 @@ def checkpoint_dirs(out_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     done = [p for p in root.iterdir() if _STEP_DIR.fullmatch(p.name) and (p / STATE_FILE).is_file()
-            and ((p / CONFIG_FILE).is_file() or (p / ADAPTER_FILE).is_file())]
+            and any((p / name).is_file() for name in (CONFIG_FILE, ADAPTER_FILE, SHARDED_FILE))]
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -127,6 +133,7 @@ class ResumePoint:
     path: Path
     state: dict
     model: torch.nn.Module | None
+    sharded: bool = False  # a DCP checkpoint (train/sharded.py): weights and optimiser load after sharding
 
 
 def latest_intact(out_dir: str | Path) -> tuple[ResumePoint | None, list[tuple[Path, str]]]:
@@ -160,6 +167,10 @@ def latest_intact(out_dir: str | Path) -> tuple[ResumePoint | None, list[tuple[P
 
 
 def _read_checkpoint(path: Path) -> ResumePoint:
+    if (path / SHARDED_FILE).is_file():
+        from tformer.train.sharded import read_sharded
+
+        return ResumePoint(path, read_sharded(path), None, sharded=True)
     try:
         state = load_training_state(path)
     except Exception as e:  # noqa: BLE001 - torch.load's zip reader raises RuntimeError, EOFError, ...

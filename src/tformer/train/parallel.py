@@ -1,0 +1,206 @@
+"""Data parallelism applied from outside the model: DDP or FSDP2 under torchrun, activation checkpointing.
+
+    torchrun --nproc-per-node N -m tformer train --parallel ddp|fsdp ...
+
+torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) starts the process group:
+NCCL on CUDA (rank r on cuda:LOCAL_RANK), gloo on CPU. The model is built whole on every rank from
+the same seed, then wrapped in torchtitan's order: activation checkpointing -> FSDP2 (`fully_shard`
+on each block, then the root) or DDP. The model code knows nothing of it.
+
+Each rank trains on its slice of the global batch (train/data.py: rank r takes rows [r*B, (r+1)*B)
+of the batch one process with batch_size B*N would draw), so N ranks of batch_size B follow the same
+loss curve as one process of batch_size B*N. Gradients are reduced once per optimiser step: DDP's
+`no_sync` / FSDP2's `set_requires_gradient_sync(False)` on the micro-steps before the last.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tformer.config import ConfigError
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass
+class Parallel:
+    """The run's place among the ranks; `mode` "none" is one process (rank 0 of 1)."""
+    mode: str = "none"
+    rank: int = 0
+    world: int = 1
+    owns_group: bool = False  # the process group was started here, and is destroyed by `close`
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.mode != "none"
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    @contextmanager
+    def main_first(self):
+        """Run the body on rank 0, then on the others (caches, out_dir clean-up written once)."""
+        if not self.main:
+            self.barrier()
+        yield
+        if self.main:
+            self.barrier()
+
+    def all_sum(self, values: list[float] | torch.Tensor) -> torch.Tensor:
+        """The element-wise sum over ranks (float64 on CPU; gloo reduces CPU tensors on any backend)."""
+        t = torch.as_tensor(values, dtype=torch.float64).clone()
+        if self.distributed:
+            t = t.to(_collective_device())
+            dist.all_reduce(t)
+        return t.cpu()
+
+    def all_max(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.distributed:
+            t = t.to(_collective_device())
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.cpu().tolist()
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def init_parallel(cfg) -> tuple[Parallel, torch.device]:
+    """The run's Parallel and device; under --parallel, the process group from torchrun's environment."""
+    from tformer.train.loop import resolve_device
+
+    if cfg.parallel == "none":
+        return Parallel(), resolve_device(cfg.device)
+    missing = [k for k in TORCHRUN_ENV if k not in os.environ]
+    if missing and not dist.is_initialized():
+        raise ConfigError(f"--parallel {cfg.parallel} runs one process per device under torchrun, which sets "
+                          f"{', '.join(missing)}: launch with `torchrun --nproc-per-node N -m tformer train "
+                          f"--parallel {cfg.parallel} ...`")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Parallel(cfg.parallel, dist.get_rank(), dist.get_world_size(), owns), device
+
+
+class _Entry(nn.Module):
+    """What DDP wraps: forward(method, *args) calls the model's `method`, so the objective's
+    `model.features(...)` runs through DDP's forward (which arms its gradient hooks)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, method: str, *args, **kwargs):
+        return getattr(self.model, method)(*args, **kwargs)
+
+
+class Replicated:
+    """A DDP-wrapped model as the objective sees it: calls and `features` go through DDP; every
+    other attribute (output, config, ...) is the model's."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.module = model
+        self.ddp = DistributedDataParallel(_Entry(model), device_ids=[device] if device.type == "cuda" else None)
+
+    def __call__(self, *args, **kwargs):
+        return self.ddp("forward", *args, **kwargs)
+
+    def features(self, *args, **kwargs):
+        return self.ddp("features", *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name == "module":  # not set yet (copying): no recursion
+            raise AttributeError(name)
+        return getattr(self.module, name)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, every: int) -> None:
+    """Recompute blocks in backward instead of keeping their activations: all of them ("full") or
+    every `every`-th ("selective"). The blocks are wrapped in place; state-dict keys do not change."""
+    if mode == "none":
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, block in enumerate(model.layers):
+        if mode == "full" or i % every == 0:
+            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+
+
+def shard(model: nn.Module, device: torch.device, dtype: str, cpu_offload: bool) -> None:
+    """FSDP2: each block its own all-gather group, then the root (embeddings, final norm, head).
+    On CUDA with bf16 (dtype auto or bfloat16) the blocks compute in bf16 and reduce in fp32;
+    on CPU everything stays fp32."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    kwargs = {}
+    if device.type == "cuda" and dtype in ("auto", "bfloat16"):
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+    for i, block in enumerate(model.layers):
+        # the last block's parameters are gathered again at once for backward: keep them
+        fully_shard(block, reshard_after_forward=i < len(model.layers) - 1, **kwargs)
+    fully_shard(model, **kwargs)
+    register_fsdp_forward_method(model, "features")  # the objectives call features(), then the head
+
+
+def parallelize(model: nn.Module, cfg, parallel: Parallel, device: torch.device):
+    """Checkpointing and DDP/FSDP2 applied to `model`; returns what the objective calls (a `Replicated`
+    under DDP, else the model itself, sharded in place under FSDP2)."""
+    apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.ac_every)
+    if parallel.mode == "ddp":
+        return Replicated(model, device)
+    if parallel.mode == "fsdp":
+        shard(model, device, cfg.dtype, cfg.fsdp_cpu_offload)
+    return model
+
+
+def uses_fsdp_precision(cfg, device: torch.device) -> bool:
+    """FSDP2's bf16 policy casts the parameters itself, so no autocast runs around it."""
+    return cfg.parallel == "fsdp" and device.type == "cuda" and cfg.dtype in ("auto", "bfloat16")
+
+
+def gradient_sync(trained, sync: bool):
+    """The context of one micro-step's forward and backward: gradients are reduced across ranks
+    only when `sync` (the step's last micro-batch)."""
+    if isinstance(trained, Replicated):
+        return nullcontext() if sync else trained.ddp.no_sync()
+    if hasattr(trained, "set_requires_gradient_sync"):  # an FSDP2 module
+        trained.set_requires_gradient_sync(sync)
+    return nullcontext()
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_, with the total norm of sharded (DTensor) gradients made whole first."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
