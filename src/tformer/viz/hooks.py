@@ -125,7 +125,7 @@ def _patched_weights(attn: Attention, fn: Transform):
     _check_unpatched([attn])
 
     def core(q, k, v, mask=None, dropout_p: float = 0.0):  # q (B,H,T,D), k/v (B,Hkv,S,D)
-        _, weights = reference_attention(q, k, v, mask, 0.0)
+        _, weights = reference_attention(q, k, v, mask, 0.0, attn.scale)  # the layer's own scale (T5: 1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)  # (B, H, S, D)
         return torch.nn.functional.dropout(fn(weights), dropout_p, training=dropout_p > 0).to(v.dtype) @ v
 
