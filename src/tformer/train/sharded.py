@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -126,7 +127,8 @@ def load_sharded(path: Path, state: dict, model, optimizer, rank: int = 0, world
     this rank's RNG state when the checkpoint had as many ranks."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     loaded = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(loaded, checkpoint_id=path, no_dist=not dist.is_initialized())  # one process: no group needed
+    with _one_process_quiet():
+        dcp.load(loaded, checkpoint_id=path, no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
     rngs = state["torch_rngs"]
     if len(rngs) == world:
@@ -148,6 +150,14 @@ def load_full_optimizer(model, optimizer, state_dict: dict) -> None:
         "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state_dict["param_groups"]],
     }
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+@contextmanager
+def _one_process_quiet():
+    """DCP warns that it loads "in a single process" without a process group: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
 
 
 def full_model(model):
@@ -180,8 +190,7 @@ def consolidate(path: str | Path):
     if missing:
         raise CheckpointError(f"{path} lacks the weights {sorted(missing)[:5]}: is it this model's checkpoint?")
     loaded = {"model": {k: v for k, v in tensors.items() if k in stored}}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+    with _one_process_quiet():
         dcp.load(loaded, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
     model.load_state_dict({**tensors, **loaded["model"]})
     if model.config.tie_embeddings:
