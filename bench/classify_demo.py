@@ -72,7 +72,7 @@ def _key(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def build_split(n_train: int = 1500, n_eval: int = 300, min_words: int = 6, seed: int = 0,
+def build_split(n_train: int = 1500, n_eval: int = 600, min_words: int = 6, seed: int = 0,
                 genres=GENRES) -> tuple[list[Line], list[Line]]:
     """(train, held-out): per genre n_train // k and n_eval // k distinct lines (k genres), seeded."""
     pool = genre_lines(tuple(genres), min_words)
@@ -160,7 +160,7 @@ def logistic_baseline(model_dir: Path, train: list[Line], held: list[Line], l2: 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n-train", type=int, default=1500)
-    p.add_argument("--n-eval", type=int, default=300)
+    p.add_argument("--n-eval", type=int, default=600)
     p.add_argument("--min-words", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=float, default=3.0)
