@@ -104,7 +104,7 @@ def test_greedy_equals_hf_t5_generate(tmp_path):
         seq2seq_generate(ours, sources, 0, 0)
 
 
-def test_demo_end_to_end_smoke(tmp_path, monkeypatch):
+def test_demo_end_to_end_smoke(tmp_path, monkeypatch, capsys):
     """A very small model, a few steps, the demo's own code path down to sacrebleu's scores."""
     pytest.importorskip("sacrebleu")
     monkeypatch.syspath_prepend(str(BENCH))
@@ -112,12 +112,15 @@ def test_demo_end_to_end_smoke(tmp_path, monkeypatch):
 
     out = tmp_path / "r.json"
     args = ["--steps", "3", "--dim", "32", "--layers", "1", "--heads", "2", "--ffn", "64", "--vocab", "400",
-            "--n-test", "8", "--beams", "2", "--batch-size", "8", "--json", str(out), "--write-data", str(tmp_path)]
+            "--n-test", "8", "--train-pairs", "300", "--beams", "2", "--batch-size", "8", "--json", str(out), "--write-data", str(tmp_path)]
     assert seq2seq_demo.main(args) == 0
     results = json.loads(out.read_text())
-    assert results["train"]["steps"] == 3
+    assert results["train"]["steps"] == 3 and results["task"]["train_pairs"] == 300
     for name in ("copy_source", "greedy", "beam2"):
         assert 0 <= results[name]["bleu"] <= 100 and results[name]["bleu_signature"].startswith("nrefs:1")
     assert results["copy_source"]["exact_match"] == 0  # every pair changes the line
     assert len((tmp_path / "test.jsonl").read_text().splitlines()) == 8
+    with pytest.raises(SystemExit):
+        seq2seq_demo.parse_args(["--dim", "0"])
+    assert "--dim must be > 0" in capsys.readouterr().err
     sys.modules.pop("seq2seq_demo", None)
