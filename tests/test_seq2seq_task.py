@@ -97,9 +97,11 @@ def test_greedy_equals_hf_t5_generate(tmp_path):
         assert ref[: len(out)] == out and set(ref[len(out):]) <= {0}
         ended += out[-1] in eos
     assert ended == 1 and ours.cache_slots == 0  # one row stops early, the others run to max_new_tokens
-    a = seq2seq_generate(ours, sources, 6, 0, sampling=SamplingConfig(1.0, top_k=5), generator=torch.Generator().manual_seed(1))
-    b = seq2seq_generate(ours, sources, 6, 0, sampling=SamplingConfig(1.0, top_k=5), generator=torch.Generator().manual_seed(1))
-    assert a == b and a != outputs  # seeded sampling repeats; it is not greedy
+    def sampled(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return seq2seq_generate(ours, sources, 6, 0, sampling=SamplingConfig(1.0, top_k=5), generator=gen)
+
+    assert sampled(1) == sampled(1) and sampled(1) != [out[:6] for out in outputs]  # seeded, not greedy
     with pytest.raises(ValueError, match="max_new_tokens"):
         seq2seq_generate(ours, sources, 0, 0)
 
@@ -112,7 +114,8 @@ def test_demo_end_to_end_smoke(tmp_path, monkeypatch, capsys):
 
     out = tmp_path / "r.json"
     args = ["--steps", "3", "--dim", "32", "--layers", "1", "--heads", "2", "--ffn", "64", "--vocab", "400",
-            "--n-test", "8", "--train-pairs", "300", "--beams", "2", "--batch-size", "8", "--json", str(out), "--write-data", str(tmp_path)]
+            "--n-test", "8", "--train-pairs", "300", "--beams", "2", "--batch-size", "8", "--json", str(out),
+            "--write-data", str(tmp_path)]
     assert seq2seq_demo.main(args) == 0
     results = json.loads(out.read_text())
     assert results["train"]["steps"] == 3 and results["task"]["train_pairs"] == 300
