@@ -168,3 +168,19 @@ def test_parallel_needs_torchrun_and_valid_options(tmp_path, capsys):
         run_config(tmp_path, "x", activation_checkpointing="some").validate()
     with pytest.raises(ConfigError, match="LoRA"):
         run_config(tmp_path, "x", parallel="ddp", method="lora").validate()
+
+
+def test_activation_checkpointing_on_one_process_changes_nothing(runs):
+    train(run_config(runs, "one-ac", activation_checkpointing="full"), progress=False)
+    assert losses(runs / "one-ac") == losses(runs / "one")
+    ckpt = load(runs / "one-ac" / "checkpoints" / f"step-{STEPS:06d}")  # the model's own keys
+    assert not any("checkpoint" in name for name, _ in ckpt.named_parameters())
+
+
+def test_a_truncated_shard_is_skipped_on_resume(runs, tmp_path):
+    shutil.copytree(runs / "fsdp", tmp_path / "run", symlinks=True)
+    shard = tmp_path / "run" / "checkpoints" / f"step-{STEPS:06d}" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    point, skipped = latest_intact(tmp_path / "run")
+    assert point.path.name == "step-000002" and point.sharded
+    assert [(p.name, why) for p, why in skipped] == [(f"step-{STEPS:06d}", "shard __1_0.distcp is missing or truncated")]

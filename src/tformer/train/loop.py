@@ -139,6 +139,7 @@ def _train(cfg: TrainConfig, parallel: Parallel, device: torch.device, progress:
     saving = _Saving(cfg, data, parallel)
     flops_per_token = training_flops_per_token(model.config, cfg.seq_len)
     peak = peak_flops(device)
+    peak = peak * parallel.world if peak else None  # the ranks' devices together
     logger = MetricsLogger(cfg, start, progress) if parallel.main else _Quiet()
     shard = {"rank": parallel.rank, "world": parallel.world} if parallel.distributed else {}
     moe = moe_layers(model)
@@ -261,8 +262,11 @@ def _interrupted(cfg, model, saving, optimizer, step: int, best: float, logger) 
         path = saving.checkpoint(model, optimizer, step, best)
     logger.close()
     command = resume_command(cfg)
-    print(f"interrupted: saved a resumable checkpoint of step {step} to {path}\nresume with: {command}",
-          file=sys.stderr, flush=True)
+    if cfg.parallel != "none" and command.startswith("tformer "):  # launched by torchrun: relaunched by it
+        command = f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', 'N')} -m {command}"
+    if saving.parallel.main:
+        print(f"interrupted: saved a resumable checkpoint of step {step} to {path}\nresume with: {command}",
+              file=sys.stderr, flush=True)
     return TrainingInterrupted(step, path, command)
 
 

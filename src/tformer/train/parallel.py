@@ -122,8 +122,12 @@ class Replicated:
     def __init__(self, model: nn.Module, device: torch.device):
         from torch.nn.parallel import DistributedDataParallel
 
+        from tformer.nn.moe import moe_layers
+
         self.module = model
-        self.ddp = DistributedDataParallel(_Entry(model), device_ids=[device] if device.type == "cuda" else None)
+        # an expert that no token of a rank's batch chose gets no gradient there
+        self.ddp = DistributedDataParallel(_Entry(model), device_ids=[device] if device.type == "cuda" else None,
+                                           find_unused_parameters=bool(moe_layers(model)))
 
     def __call__(self, *args, **kwargs):
         return self.ddp("forward", *args, **kwargs)

@@ -109,7 +109,10 @@ def read_sharded(path: Path) -> dict:
     if missing:
         raise CheckpointError(f"{STATE_FILE} lacks {missing}")
     model_config(path)
-    dcp.FileSystemReader(str(path)).read_metadata()
+    for info in dcp.FileSystemReader(str(path)).read_metadata().storage_data.values():  # every shard whole
+        file = path / info.relative_path
+        if not file.is_file() or file.stat().st_size < info.offset + info.length:
+            raise CheckpointError(f"shard {info.relative_path} is missing or truncated")
     if (path / TOKENIZER_FILE).is_file():
         Tokenizer.load(path / TOKENIZER_FILE)
     return state
