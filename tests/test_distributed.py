@@ -74,8 +74,49 @@ def _worker(rank: int, world: int, tmp: Path, port: int) -> None:
         train(run_config(tmp, "one-on-two", parallel="fsdp", batch_size=2, resume=True), progress=False)
         train(run_config(tmp, "accum", parallel="fsdp", batch_size=1, grad_accum=2,
                          activation_checkpointing="selective", ac_every=2), progress=False)
+        counts = {f"{mode} x{n}": _reductions(mode, rank, world, n) for mode in ("ddp", "fsdp") for n in (1, 3)}
+        if rank == 0:
+            (tmp / "reductions.json").write_text(json.dumps(counts))
     finally:
         dist.destroy_process_group()
+
+
+def _reductions(mode: str, rank: int, world: int, n_micro: int) -> int:
+    """Gradient reductions (DDP bucket all-reduces, FSDP2 reduce-scatters) in one step of `n_micro` micro-batches."""
+    from tests.conftest import tiny_config
+    from tformer.models import build_model
+    from tformer.train.loop import train_step
+    from tformer.train.objectives import NextToken
+    from tformer.train.parallel import Parallel, parallelize
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config())
+    parallel = Parallel(mode, rank, world)
+    trained = parallelize(model, TrainConfig(parallel=mode), parallel, torch.device("cpu"))
+    count = [0]
+    if mode == "ddp":
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def hook(state, bucket):
+            count[0] += 1
+            return allreduce_hook(state, bucket)
+
+        trained.ddp.register_comm_hook(None, hook)
+    reduce_scatter = dist.reduce_scatter_single
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return reduce_scatter(*args, **kwargs)
+
+    dist.reduce_scatter_single = counted
+    try:
+        batches = [{"tokens": torch.randint(0, 97, (2, 16)), "targets": torch.randint(0, 97, (2, 16)),
+                    "n_targets": 32} for _ in range(n_micro)]
+        train_step(model, NextToken(trained), torch.optim.AdamW(model.parameters()), batches, 1.0, None, parallel,
+                   trained)
+    finally:
+        dist.reduce_scatter_single = reduce_scatter
+    return count[0]
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +137,12 @@ def test_ddp_and_fsdp_follow_the_one_process_curve(runs):
     torch.testing.assert_close(losses(runs / "fsdp"), one, rtol=1e-4, atol=0)
     # accumulation (gradients reduced on the last micro-batch) and activation checkpointing of block 0
     torch.testing.assert_close(losses(runs / "accum"), losses(runs / "one-accum"), rtol=1e-4, atol=0)
+
+
+def test_gradients_are_reduced_once_a_step(runs):
+    counts = json.loads((runs / "reductions.json").read_text())
+    assert counts["ddp x1"] > 0 and counts["fsdp x1"] > 0
+    assert counts["ddp x3"] == counts["ddp x1"] and counts["fsdp x3"] == counts["fsdp x1"], counts
 
 
 def test_sharded_checkpoints_resume_on_two_ranks_and_on_one(runs):
