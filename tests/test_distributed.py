@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.train.test_finetune import chat_records, write_jsonl
 from tests.train.test_loop import TEXT
 from tformer.checkpoint import load
 from tformer.cli import main
@@ -37,6 +38,12 @@ def run_config(tmp: Path, name: str, **overrides) -> TrainConfig:
     )
     base.update(overrides)
     return TrainConfig(**base)
+
+
+def sft_config(tmp: Path, name: str, **overrides) -> TrainConfig:
+    """Full fine-tuning of run "one"'s checkpoint on chats, one a row: rows and ranks differ in trained targets."""
+    return run_config(tmp, name, preset=str(tmp / "one" / "best"), data=[str(tmp / "chat.jsonl")], tokenizer="bpe",
+                      seq_len=64, packing=False, eval_batches=0, val_fraction=0.2, **overrides)
 
 
 def losses(out_dir: Path) -> list[float]:
@@ -72,6 +79,7 @@ def _worker(rank: int, world: int, tmp: Path, port: int) -> None:
         dist.barrier()
         train(run_config(tmp, "fsdp-resumed", parallel="fsdp", batch_size=2, resume=True), progress=False)
         train(run_config(tmp, "one-on-two", parallel="fsdp", batch_size=2, resume=True), progress=False)
+        train(sft_config(tmp, "sft-ddp", parallel="ddp", batch_size=2), progress=False)
         train(run_config(tmp, "accum", parallel="fsdp", batch_size=1, grad_accum=2,
                          activation_checkpointing="selective", ac_every=2, fsdp_cpu_offload=True), progress=False)
         counts = {f"{mode} x{n}": _reductions(mode, rank, world, n) for mode in ("ddp", "fsdp") for n in (1, 3)}
@@ -126,6 +134,8 @@ def runs(tmp_path_factory) -> Path:
     (tmp / "corpus.txt").write_text(TEXT * 40)
     train(run_config(tmp, "one"), progress=False)
     train(run_config(tmp, "one-accum", batch_size=2, grad_accum=2), progress=False)
+    write_jsonl(tmp / "chat.jsonl", chat_records(30))
+    train(sft_config(tmp, "sft-one"), progress=False)
     mp.spawn(_worker, args=(2, tmp, free_port()), nprocs=2)
     return tmp
 
@@ -137,6 +147,8 @@ def test_ddp_and_fsdp_follow_the_one_process_curve(runs):
     torch.testing.assert_close(losses(runs / "fsdp"), one, rtol=1e-4, atol=0)
     # accumulation (gradients reduced on the last micro-batch), activation checkpointing of block 0, CPU offload
     torch.testing.assert_close(losses(runs / "accum"), losses(runs / "one-accum"), rtol=1e-4, atol=0)
+    # fine-tuning: the mean over every trained target of the global batch, however the ranks' shares differ
+    torch.testing.assert_close(losses(runs / "sft-ddp"), losses(runs / "sft-one"), rtol=1e-4, atol=0)
 
 
 def test_gradients_are_reduced_once_a_step(runs):
