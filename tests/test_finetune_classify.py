@@ -1,7 +1,8 @@
 """Encoder fine-tuning (train/encoder_tasks.py) through `tformer finetune --task ...` and `tformer classify`:
 a tiny random BERT learns a synthetic two-label CSV above chance, its labels round-trip through the
-checkpoint, bad files are one-line errors; masked-LM and DistilBERT-style distillation run, the
-student starting from every other teacher layer; accuracy and macro-F1 are what they say."""
+checkpoint, bad files are one-line errors; mean pooling trains and round-trips (`tformer classify`
+predicts what the trained model did); masked-LM and DistilBERT-style distillation run, the student
+starting from every other teacher layer; accuracy and macro-F1 are what they say."""
 
 import csv
 import json
@@ -14,7 +15,7 @@ from tformer.checkpoint import save
 from tformer.cli import main
 from tformer.data.classify import classification_metrics
 from tformer.models.build import build_model
-from tformer.models.encoder import MaskedLM
+from tformer.models.encoder import MaskedLM, SequenceClassifier
 from tformer.presets.bert import bert_like
 from tformer.train.distill import init_from_teacher
 from tformer.train.encoder_models import load_classifier, load_with_head, save_with_head
@@ -73,6 +74,39 @@ def test_classifier_learns_and_labels_round_trip(encoder_dir, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert [r["label"] for r in result] == ["positive", "negative"]
     assert all(abs(sum(r["probs"].values()) - 1) < 1e-5 for r in result)
+
+
+def test_mean_pooling_trains_and_round_trips(encoder_dir, tmp_path, capsys):
+    train = write_csv(tmp_path / "train.csv", 96, 0)
+    val = write_csv(tmp_path / "val.csv", 40, 1)
+    out = tmp_path / "run"
+    code = main(["finetune", str(encoder_dir), "--task", "classify", "--pooling", "mean", "--data", str(train),
+                 "--val-data", str(val), "--lr", "2e-3", "--epochs", "6", "--batch-size", "16", "--out-dir", str(out),
+                 "--dropout", "0"])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["pooling"] == "mean" and metrics["final"]["val_accuracy"] >= 0.85
+    assert json.loads((out / "final" / "tformer.json").read_text())["pooling"] == "mean"
+    model, labels = load_classifier(out / "final")
+    assert model.pooling == "mean" and model.encoder.pooler is None
+    rows = list(csv.DictReader(val.open(encoding="utf-8")))
+    (tmp_path / "texts.txt").write_text("".join(r["text"] + "\n" for r in rows), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["classify", str(out / "final"), "--file", str(tmp_path / "texts.txt"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    accuracy = sum(r["label"] == row["label"] for r, row in zip(result, rows)) / len(rows)
+    assert accuracy == pytest.approx(metrics["final"]["val_accuracy"])  # the reloaded model predicts as the trained
+    again, fresh = load_with_head(out / "final", SequenceClassifier)  # continues with the saved pooling
+    assert again.pooling == "mean" and fresh == []
+
+
+def test_an_unknown_pooling_is_a_one_line_error(encoder_dir, tmp_path, capsys):
+    train = write_csv(tmp_path / "train.csv", 8, 0)
+    code = main(["finetune", str(encoder_dir), "--task", "classify", "--pooling", "max", "--data", str(train),
+                 "--out-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown pooling 'max'; choose one of cls, mean" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("content, suffix, message", [

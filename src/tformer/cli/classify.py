@@ -13,8 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "classify",
         help="label texts with a fine-tuned encoder classifier (`tformer finetune --task classify`)",
         description="Print each text's most probable label and its probability from a sequence classifier: the "
-                    "final/ checkpoint of `tformer finetune CKPT --task classify` (its labels are saved with it) or "
-                    "an HF BertForSequenceClassification directory. --json prints every label's probability.",
+                    "final/ checkpoint of `tformer finetune CKPT --task classify` (its labels and pooling, cls or "
+                    "mean, are saved with it) or an HF BertForSequenceClassification directory. --json prints every "
+                    "label's probability.",
     )
     p.add_argument("path", help="classifier checkpoint directory")
     p.add_argument("--text", action="append", default=[], help="a text to classify (repeatable)")

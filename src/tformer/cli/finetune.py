@@ -90,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
 
 # --- encoder tasks (train/encoder_tasks.py) ----------------------------------------------------------------
 
-ENCODER_OPTIONS = ("task", "epochs", "warmup_ratio", "max_len", "text_column", "label_column", "mlm_prob", "nsp",
-                   "alpha_ce", "alpha_mlm", "alpha_cos", "student_layers")
+ENCODER_OPTIONS = ("task", "epochs", "warmup_ratio", "max_len", "text_column", "label_column", "pooling", "mlm_prob",
+                   "nsp", "alpha_ce", "alpha_mlm", "alpha_cos", "student_layers")
 # TrainConfig options that mean the same for an encoder task (name there, if renamed)
 SHARED_OPTIONS = {"lr": "lr", "batch_size": "batch_size", "seq_len": "max_len", "max_steps": "max_steps",
                   "warmup": "warmup", "weight_decay": "weight_decay", "grad_clip": "grad_clip", "seed": "seed",
@@ -124,6 +124,10 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-len", type=int, default=S, help=f"tokens per example at most (default: {d.max_len})")
     g.add_argument("--text-column", default=S, help="classify: the text column or key (default: text)")
     g.add_argument("--label-column", default=S, help="classify: the label column or key (default: label)")
+    g.add_argument("--pooling", metavar="cls|mean", default=S,
+                   help="classify: what the classifier reads: cls, BERT's pooled [CLS] (default; HF-exportable), or "
+                        "mean, the mean of the real tokens (for sentence-transformers models such as all-MiniLM-L6-v2, "
+                        "trained for mean pooling); saved with the checkpoint")
     g.add_argument("--mlm-prob", type=float, default=S, help=f"share of tokens masked (default: {d.mlm_prob})")
     g.add_argument("--nsp", action="store_true", default=S, help="mlm: sentence pairs and the next-sentence loss")
     for name, what in (("alpha_ce", "soft-target KL"), ("alpha_mlm", "masked-LM"), ("alpha_cos", "hidden cosine")):

@@ -191,6 +191,10 @@ def save_hf_bert(model: nn.Module, path: str | Path, tokenizer=None, max_shard_b
 
     if type(model) not in HF_CLASSES:
         raise ValueError(f"save_hf_bert writes {[c.__name__ for c in CLASSES]}, got {type(model).__name__}")
+    if getattr(model, "pooling", "cls") != "cls":
+        raise ValueError("this classifier reads the mean of its tokens (pooling='mean'); HF's "
+                         "BertForSequenceClassification reads the pooled [CLS] only: fine-tune with --pooling cls "
+                         "to export it to HF, or keep the tformer checkpoint")
     hf = bert_config_to_hf(model.config)  # fails before anything is written
     tokenizer = tokenizer_for(model, tokenizer)
     pad = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0  # BERT's [PAD]

@@ -19,7 +19,8 @@ Heads read the hidden states:
     MaskedLMHead  (B,T,C) -> dense -> act -> LayerNorm -> tok_emb^T + bias -> (B,T,vocab)
     Pooler        (B,T,C) -> [CLS] (B,C) -> dense -> tanh -> (B,C)
     next sentence (B,C) pooled -> linear -> (B,2)   (`Pretraining`)
-    classifiers   pooled -> linear (B,n_labels); per token (B,T,n_labels); QA start/end (B,T) each
+    classifiers   pooled [CLS] (or the mean over real tokens) -> linear (B,n_labels); per token
+                  (B,T,n_labels); QA start/end (B,T) each
 """
 
 from __future__ import annotations
@@ -173,22 +174,46 @@ class Pretraining(nn.Module):
         return self.head(hidden), self.nsp(self.encoder.pooled(hidden))
 
 
-class SequenceClassifier(nn.Module):
-    """The encoder with a linear classifier on the pooled [CLS]: tokens (B,T) -> logits (B, n_labels)."""
+POOLINGS = ("cls", "mean")
 
-    def __init__(self, config: ModelConfig, n_labels: int):
+
+class SequenceClassifier(nn.Module):
+    """The encoder with a linear classifier on one vector per sequence: tokens (B,T) -> logits (B, n_labels).
+
+    pooling "cls": BERT's pooler, tanh(dense(h[CLS])) (HF BertForSequenceClassification's);
+    "mean": the mean of the real tokens' hidden states, no pooler (the pooling sentence-transformers
+    models such as all-MiniLM-L6-v2 were trained with). Either way: -> dropout -> linear."""
+
+    def __init__(self, config: ModelConfig, n_labels: int, pooling: str = "cls"):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
         self.config = config
-        self.encoder = Encoder(config)
+        self.pooling = pooling
+        self.encoder = Encoder(config) if pooling == "cls" else Encoder(config, pooler=False)
+        self.pool = self._cls if pooling == "cls" else self._mean
         self.drop = nn.Dropout(config.resid_dropout)
         self.classifier = nn.Linear(config.dim, n_labels)
 
     def tie_weights(self) -> None:
         """Nothing is tied."""
 
-    def forward(self, tokens: torch.Tensor, attention_mask=None, token_types=None) -> torch.Tensor:
-        hidden = self.encoder(tokens, attention_mask, token_types)
-        return self.classifier(self.drop(self.encoder.pooled(hidden)))
+    def _cls(self, hidden: torch.Tensor, attention_mask, segments) -> torch.Tensor:
+        if segments is not None:
+            raise ValueError("pooling='cls' reads one sequence a row: pack sequences (segments) with pooling='mean'")
+        return self.encoder.pooled(hidden)  # (B, C)
+
+    def _mean(self, hidden: torch.Tensor, attention_mask, segments) -> torch.Tensor:
+        if segments is not None:  # one packed row -> (S, C), one vector per sequence
+            return segment_mean(hidden, segments)
+        if attention_mask is None:
+            return hidden.mean(1)  # (B, C)
+        return mean_pool(hidden, attention_mask)  # (B, C)
+
+    def forward(self, tokens: torch.Tensor, attention_mask=None, token_types=None, segments=None) -> torch.Tensor:
+        """tokens (B,T) -> (B, n_labels); with `pack`'s segments (mean pooling only): (S, n_labels)."""
+        hidden = self.encoder(tokens, attention_mask, token_types, segments)  # (B, T, C)
+        return self.classifier(self.drop(self.pool(hidden, attention_mask, segments)))
 
 
 class TokenClassifier(nn.Module):
@@ -230,7 +255,6 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     """(B,T,C) hidden states -> (B,C) mean over real tokens (attention_mask (B,T), 1 = real)."""
     w = attention_mask.to(hidden.dtype)[..., None]  # (B, T, 1)
     return (hidden * w).sum(1) / w.sum(1).clamp(min=1e-9)
-
 
 
 def pack(rows: list[torch.Tensor] | list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

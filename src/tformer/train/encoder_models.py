@@ -6,8 +6,9 @@ checkpoint; a head comes from it when it holds the same head (same names and sha
 fresh (N(0, init_std) weights, zero biases, as HF initialises BERT heads). So an HF `BertModel`
 (all-MiniLM-L6-v2) becomes a classifier, and a masked-LM checkpoint continues into fine-tuning.
 
-`save_with_head` writes a tformer checkpoint whose tformer.json also names the head class ("head")
-and, for classifiers, the labels ("id2label"); `load_with_head` reads them back.
+`save_with_head` writes a tformer checkpoint whose tformer.json also names the head class ("head"),
+for classifiers the labels ("id2label"), and for a SequenceClassifier its pooling ("pooling": "cls"
+or "mean"); `load_with_head` reads them back.
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ _HF_CLASSES = {"BertModel": Encoder, "BertForMaskedLM": MaskedLM, "BertForPreTra
 
 
 def read_head_meta(path: str | Path) -> dict:
-    """tformer.json's "head" and "id2label" (absent: {}); an HF directory's id2label as a list."""
+    """tformer.json's "head", "id2label" and "pooling" (absent: {}); an HF directory's id2label as a list
+(HF's sequence classifiers pool [CLS])."""
     path = Path(path)
     if is_tformer_checkpoint(path):
         meta = read_json(path / CONFIG_FILE)
-        return {k: meta[k] for k in ("head", "id2label") if k in meta}
+        return {k: meta[k] for k in ("head", "id2label", "pooling") if k in meta}
     hf = read_json(path / "config.json")
     out = {}
     arch = (hf.get("architectures") or ["BertModel"])[0]
@@ -71,9 +73,8 @@ def _load_as_saved(path: Path, device="cpu") -> tuple[nn.Module, dict]:
     config = read_config(path)
     if config.architecture != "encoder":
         raise CheckpointError(f"{path} holds a {config.architecture}, not an encoder (BERT-family) model")
-    n_labels = len(meta.get("id2label") or []) or 2
     with torch.device("meta"):
-        model = cls(config, n_labels) if cls in LABELLED else cls(config)
+        model = _build(cls, config, len(meta.get("id2label") or []) or 2, meta.get("pooling", "cls"))
     from tformer.io import load_state_dict_strict
 
     load_state_dict_strict(model, read_safetensors_dir(path), str(path))
@@ -93,19 +94,17 @@ def _split(model: nn.Module) -> tuple[dict, dict]:
 
 @torch.no_grad()
 def load_with_head(path: str | Path, cls: type[nn.Module], n_labels: int | None = None, device="cpu",
-                   config_changes: dict | None = None) -> tuple[nn.Module, list[str]]:
+                   config_changes: dict | None = None, pooling: str | None = None) -> tuple[nn.Module, list[str]]:
     """A `cls` model from the encoder checkpoint `path` (see the module docstring), in train mode,
     and the names of the parameters that start fresh. `n_labels` for classifiers (default: the
-    checkpoint's labels); `config_changes` ModelConfig fields to change (e.g. n_layers of a student,
-    dropout), which leave the weights of dropped layers out."""
+    checkpoint's labels); `pooling` for a SequenceClassifier (default: the checkpoint's, else "cls");
+    `config_changes` ModelConfig fields to change (e.g. n_layers of a student, dropout), which leave
+    the weights of dropped layers out."""
     path = Path(path)
     source, meta = _load_as_saved(path)
     config = source.config.replace(**(config_changes or {}))
-    if cls in LABELLED:
-        n_labels = n_labels or len(meta.get("id2label") or []) or 2
-        model = cls(config, n_labels)
-    else:
-        model = cls(config)
+    n_labels = n_labels or len(meta.get("id2label") or []) or 2
+    model = _build(cls, config, n_labels, pooling or meta.get("pooling", "cls"))
     trunk, heads = _split(source)
     target_trunk = _trunk(model)
     own = target_trunk.state_dict()
@@ -137,14 +136,21 @@ def load_with_head(path: str | Path, cls: type[nn.Module], n_labels: int | None 
     return model.to(device).train(), fresh
 
 
+def _build(cls: type[nn.Module], config, n_labels: int, pooling: str) -> nn.Module:
+    if cls is SequenceClassifier:
+        return cls(config, n_labels, pooling)
+    return cls(config, n_labels) if cls in LABELLED else cls(config)
+
+
 def _trunk(model: nn.Module) -> Encoder:
     return model if isinstance(model, Encoder) else model.encoder
 
 
 def save_with_head(model: nn.Module, path: str | Path, tokenizer, id2label: list[str] | None = None,
                    extra: dict | None = None) -> Path:
-    """A tformer checkpoint of `model` that names its head class (and labels) for `load_with_head`."""
-    meta = {"head": type(model).__name__, **({"id2label": list(id2label)} if id2label else {}), **(extra or {})}
+    """A tformer checkpoint of `model` that names its head class (labels, pooling) for `load_with_head`."""
+    meta = {"head": type(model).__name__, **({"id2label": list(id2label)} if id2label else {}),
+            **({"pooling": model.pooling} if isinstance(model, SequenceClassifier) else {}), **(extra or {})}
     return save(model, path, tokenizer, extra=meta)
 
 

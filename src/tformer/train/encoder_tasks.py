@@ -1,7 +1,9 @@
 """Fine-tuning an encoder (BERT, MiniLM) for understanding tasks, one step at a time through the
 training loop's `train_step`:
 
-    classify          SequenceClassifier on (text, label) CSV/JSONL (data/classify.py); Classification
+    classify          SequenceClassifier (pooling "cls": BERT's pooled [CLS]; "mean": the mean of the
+                      real tokens, for sentence-transformers models) on (text, label) CSV/JSONL
+                      (data/classify.py); Classification
     mlm               masked-LM (continued) pretraining on a text corpus (data/mlm.py); with `nsp`,
                       the Pretraining model and next-sentence pairs; MaskedLMObjective
     distill-encoder   a MaskedLM student with every other layer of the checkpoint (usually the teacher
@@ -27,6 +29,7 @@ import torch
 
 from tformer.data.classify import LabelledSplit, classification_metrics, encode_texts, label_counts, label_ids
 from tformer.data.classify import read_labelled
+from tformer.models.encoder import POOLINGS
 from tformer.train.encoder_models import load_with_head, save_with_head, write_json
 from tformer.train.evaluate import evaluate_objective
 from tformer.train.optim import make_optimizer
@@ -58,6 +61,7 @@ class EncoderTaskConfig:
     log_every: int = 10
     text_column: str = "text"
     label_column: str = "label"
+    pooling: str = "cls"  # classify: "cls" (BERT's pooler) or "mean" (sentence-transformers models)
     mlm_prob: float = 0.15
     nsp: bool = False
     teacher: str = ""
@@ -81,6 +85,8 @@ class EncoderTaskConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not self.data:
             raise ValueError("pass the training data: --data FILE")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
         if self.task == "distill-encoder" and not self.teacher:
             raise ValueError("--task distill-encoder needs --teacher CKPT (a masked-LM encoder)")
 
@@ -165,7 +171,8 @@ def build(cfg: EncoderTaskConfig, device):
     teacher, id2label = None, None
     if cfg.task == "classify":
         train, val, id2label, stats = classify_data(cfg, tokenizer)
-        model, fresh = load_with_head(cfg.checkpoint, SequenceClassifier, len(id2label), device, changes)
+        model, fresh = load_with_head(cfg.checkpoint, SequenceClassifier, len(id2label), device, changes,
+                                      cfg.pooling)
         objective = Classification(model)
     elif cfg.task == "mlm":
         train, val, stats = mlm_data(cfg, tokenizer)
