@@ -108,7 +108,7 @@ def read_sharded(path: Path) -> dict:
     missing = [k for k in ("step", "best_val_loss", "torch_rngs") if k not in state]
     if missing:
         raise CheckpointError(f"{STATE_FILE} lacks {missing}")
-    model_config(path)
+    sharded_config(path)
     for info in dcp.FileSystemReader(str(path)).read_metadata().storage_data.values():  # every shard whole
         file = path / info.relative_path
         if not file.is_file() or file.stat().st_size < info.offset + info.length:
@@ -118,7 +118,8 @@ def read_sharded(path: Path) -> dict:
     return state
 
 
-def model_config(path: Path) -> ModelConfig:
+def sharded_config(path: Path) -> ModelConfig:
+    """The ModelConfig a sharded checkpoint holds (sharded.json)."""
     meta = json.loads((Path(path) / SHARDED_FILE).read_text())
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{Path(path) / SHARDED_FILE} is not a {FORMAT} checkpoint description")
@@ -185,7 +186,7 @@ def consolidate(path: str | Path):
     from tformer.models import build_model
 
     path = Path(path)
-    model = build_model(model_config(path), init=False)
+    model = build_model(sharded_config(path), init=False)
     tensors = model.state_dict()
     stored = {k.removeprefix("model.") for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
               if k.startswith("model.")}
