@@ -26,5 +26,5 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), eps=1e-8):
     device = next(model.parameters()).device
     fused = device.type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-    extra = {"fused": True} if fused else {}
+    extra = {"fused": True} if fused else {"foreach": True}  # CPU: one multi-tensor update, not one per tensor
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, **extra)
