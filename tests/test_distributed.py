@@ -179,6 +179,10 @@ def test_sharded_checkpoint_converts_to_one_checkpoint(runs, tmp_path):
         single = load(runs / "one" / "checkpoints" / f"step-{STEPS:06d}")(tokens)  # trained on one process
         gathered = load(runs / "fsdp" / "best")(tokens)  # gathered from the shards by the run itself
     torch.testing.assert_close(whole, single, rtol=1e-4, atol=1e-4)
+    ddp = tmp_path / "ddp"  # DDP's checkpoints are DCP too, each tensor written once
+    assert main(["convert", str(runs / "ddp" / "checkpoints" / f"step-{STEPS:06d}"), str(ddp), "--to", "tformer"]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(load(ddp)(tokens), single, rtol=1e-4, atol=1e-4)
     if (runs / "fsdp" / "best").resolve().name == f"step-{STEPS:06d}":
         torch.testing.assert_close(whole, gathered, rtol=0, atol=0)
     assert (out / "tokenizer.json").is_file()
