@@ -107,6 +107,8 @@ def test_an_unknown_pooling_is_a_one_line_error(encoder_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "unknown pooling 'max'; choose one of cls, mean" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["finetune", str(encoder_dir), "--task", "mlm", "--pooling", "mean", "--data", str(train)]) == 2
+    assert "--pooling applies to --task classify only" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content, suffix, message", [

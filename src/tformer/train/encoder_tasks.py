@@ -87,6 +87,8 @@ class EncoderTaskConfig:
             raise ValueError("pass the training data: --data FILE")
         if self.pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
+        if self.pooling != "cls" and self.task != "classify":
+            raise ValueError(f"--pooling applies to --task classify only, not {self.task}")
         if self.task == "distill-encoder" and not self.teacher:
             raise ValueError("--task distill-encoder needs --teacher CKPT (a masked-LM encoder)")
 
