@@ -246,4 +246,5 @@ def test_a_truncated_shard_is_skipped_on_resume(runs, tmp_path):
     shard.write_bytes(shard.read_bytes()[:100])
     point, skipped = latest_intact(tmp_path / "run")
     assert point.path.name == "step-000002" and point.sharded
-    assert [(p.name, why) for p, why in skipped] == [(f"step-{STEPS:06d}", "shard __1_0.distcp is missing or truncated")]
+    why = "shard __1_0.distcp is missing or truncated"
+    assert [(p.name, reason) for p, reason in skipped] == [(f"step-{STEPS:06d}", why)]
