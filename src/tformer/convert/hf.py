@@ -19,7 +19,6 @@ gives the same ids; a foreign tokenizer.json whose own template adds a BOS keeps
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -29,8 +28,8 @@ from tformer.checkpoint import model_from_tensors, tokenizer_for, warn_no_tokeni
 from tformer.config import ConfigError, ModelConfig
 from tformer.convert.hf_config import SUPPORTED_MODEL_TYPES, config_from_hf, config_to_hf, hf_model_type
 from tformer.convert.hf_moe import drop_mtp_layers, rope_rows, unfuse_experts
-from tformer.io import CheckpointError, atomic_path, atomic_write_text, read_json, read_safetensors_dir
-from tformer.io import write_safetensors
+from tformer.convert.hf_dir import write_hf_dir
+from tformer.io import CheckpointError, read_json, read_safetensors_dir
 from tformer.models.build import build_model
 from tformer.models.decoder import Decoder
 
@@ -297,19 +296,13 @@ def save_hf(model: Decoder, path: str | Path, tokenizer=None, max_shard_bytes: i
     tokenizer = tokenizer_for(model, tokenizer)
     token_ids = _token_ids(tokenizer)
     tensors = state_dict_to_hf(model.state_dict(), model.config)
-    path = Path(path)
-    with atomic_path(path, directory=True) as tmp:
-        _write_weights(tensors, tmp, max_shard_bytes)
-        atomic_write_text(tmp / "config.json", json.dumps({**hf_config, **token_ids}, indent=2))
-        if tokenizer is None:
-            warn_no_tokenizer(path, "save_hf", needs="`AutoTokenizer` (and `tformer generate`)")
-        else:
-            tokenizer.save(tmp)  # tokenizer.json, tokenizer_config.json, special_tokens_map.json
-            # greedy by default, as transformers' own default; pad falls back to EOS as generate does
-            pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-            generation = {**token_ids, "pad_token_id": pad}
-            atomic_write_text(tmp / "generation_config.json", json.dumps(generation, indent=2))
-    return path
+    extra = {}
+    if tokenizer is None:
+        warn_no_tokenizer(path, "save_hf", needs="`AutoTokenizer` (and `tformer generate`)")
+    else:  # greedy by default, as transformers' own default; pad falls back to EOS as generate does
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+        extra["generation_config.json"] = {**token_ids, "pad_token_id": pad}
+    return write_hf_dir(path, tensors, {**hf_config, **token_ids}, tokenizer, max_shard_bytes, extra)
 
 
 def _token_ids(tokenizer) -> dict[str, int | None]:
@@ -317,27 +310,3 @@ def _token_ids(tokenizer) -> dict[str, int | None]:
     otherwise fill in its architecture's defaults (Llama's 1 and 2, GPT-2's 50256)."""
     ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) if tokenizer is not None else (None,) * 3
     return dict(zip(("bos_token_id", "eos_token_id", "pad_token_id"), ids))
-
-
-def _write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int | None) -> None:
-    meta = {"format": "pt"}  # transformers refuses safetensors files without it
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        n = t.numel() * t.element_size()
-        if max_shard_bytes is not None and shards[-1] and size + n > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += n
-    if len(shards) == 1:
-        write_safetensors(tensors, directory / "model.safetensors", metadata=meta)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"  # the names transformers writes
-        write_safetensors(shard, directory / file, metadata=meta)
-        weight_map.update(dict.fromkeys(shard, file))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    atomic_write_text(directory / "model.safetensors.index.json", json.dumps(index, indent=2))

@@ -10,7 +10,6 @@ and is neither read nor written (HF ties it on load).
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,8 @@ import torch
 from torch import nn
 
 from tformer.config import ConfigError, ModelConfig
-from tformer.io import CheckpointError, atomic_path, atomic_write_text, load_state_dict_strict, read_json
+from tformer.convert.hf_dir import write_hf_dir
+from tformer.io import CheckpointError, load_state_dict_strict, read_json
 from tformer.io import read_safetensors_dir
 from tformer.models.build import reset_buffers
 from tformer.models.encoder import (
@@ -187,7 +187,6 @@ def save_hf_bert(model: nn.Module, path: str | Path, tokenizer=None, max_shard_b
     most `max_shard_bytes` and, with `tokenizer`, its files) that its HF class (`HF_CLASSES`)
     `from_pretrained` loads with the same outputs. The directory is written through `tformer.io.atomic_path`."""
     from tformer.checkpoint import tokenizer_for
-    from tformer.convert.hf import _write_weights
 
     if type(model) not in HF_CLASSES:
         raise ValueError(f"save_hf_bert writes {[c.__name__ for c in CLASSES]}, got {type(model).__name__}")
@@ -205,13 +204,7 @@ def save_hf_bert(model: nn.Module, path: str | Path, tokenizer=None, max_shard_b
         hf.update(id2label={str(i): f"LABEL_{i}" for i in range(n_labels)},
                   label2id={f"LABEL_{i}": i for i in range(n_labels)})  # fmt: skip
     tensors = bert_state_dict_to_hf(model)
-    path = Path(path)
-    with atomic_path(path, directory=True) as tmp:
-        _write_weights(tensors, tmp, max_shard_bytes)
-        atomic_write_text(tmp / "config.json", json.dumps(hf, indent=2))
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-    return path
+    return write_hf_dir(path, tensors, hf, tokenizer, max_shard_bytes)
 
 
 def load_hf_bert(path: str | Path, model_class: type[nn.Module] = Encoder, device="cpu",

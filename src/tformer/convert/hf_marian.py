@@ -23,7 +23,8 @@ import torch
 
 from tformer.checkpoint import model_from_tensors
 from tformer.config import ConfigError, ModelConfig
-from tformer.convert.hf_t5 import Rules, hf_names, map_from_hf, map_to_hf, save_hf_t5, write_hf_dir
+from tformer.convert.hf_dir import write_hf_dir
+from tformer.convert.hf_t5 import Rules, hf_names, map_from_hf, map_to_hf, save_hf_t5, unshared
 from tformer.io import CheckpointError, read_json, read_safetensors_dir
 from tformer.models.encoder_decoder import EncoderDecoder
 
@@ -144,7 +145,7 @@ def marian_state_dict_to_hf(state: dict, cfg: ModelConfig) -> dict[str, torch.Te
 def save_hf_marian(model: EncoderDecoder, path: str | Path) -> Path:
     """Write `model` as an HF directory that `MarianMTModel.from_pretrained` loads."""
     hf = marian_config_to_hf(model.config)  # fails before anything is written
-    return write_hf_dir(path, marian_state_dict_to_hf(model.state_dict(), model.config), hf)
+    return write_hf_dir(path, unshared(marian_state_dict_to_hf(model.state_dict(), model.config)), hf)
 
 
 def save_hf_encoder_decoder(model: EncoderDecoder, path: str | Path) -> Path:

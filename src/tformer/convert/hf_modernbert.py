@@ -15,7 +15,6 @@ MLM `decoder.weight` is the tied word embedding and is neither read nor written 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,8 @@ import torch
 from torch import nn
 
 from tformer.config import ConfigError, ModelConfig, RopeConfig
-from tformer.io import CheckpointError, atomic_path, atomic_write_text, load_state_dict_strict, read_json
+from tformer.convert.hf_dir import write_hf_dir
+from tformer.io import CheckpointError, load_state_dict_strict, read_json
 from tformer.io import read_safetensors_dir
 from tformer.models.build import reset_buffers
 from tformer.models.encoder import Encoder, MaskedLM
@@ -276,7 +276,6 @@ def save_hf_modernbert(model: nn.Module, path: str | Path, tokenizer=None,
     `ModernBertForMaskedLM` `from_pretrained` loads with the same outputs. The directory is written
     through `tformer.io.atomic_path`."""  # fmt: skip
     from tformer.checkpoint import tokenizer_for
-    from tformer.convert.hf import _write_weights
 
     if type(model) not in HF_CLASSES:
         raise ValueError(f"save_hf_modernbert writes {[c.__name__ for c in CLASSES]}, got {type(model).__name__}")
@@ -285,10 +284,4 @@ def save_hf_modernbert(model: nn.Module, path: str | Path, tokenizer=None,
     hf.update(architectures=[HF_CLASSES[type(model)]], **_token_ids(tokenizer),
               dtype=str(next(model.parameters()).dtype).removeprefix("torch."))  # fmt: skip
     tensors = modernbert_state_dict_to_hf(model)
-    path = Path(path)
-    with atomic_path(path, directory=True) as tmp:
-        _write_weights(tensors, tmp, max_shard_bytes)
-        atomic_write_text(tmp / "config.json", json.dumps(hf, indent=2))
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-    return path
+    return write_hf_dir(path, tensors, hf, tokenizer, max_shard_bytes)

@@ -13,7 +13,6 @@ Tying: transformers 5 always ties `lm_head` to `shared` unless a checkpoint hold
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,8 @@ import torch
 
 from tformer.checkpoint import model_from_tensors
 from tformer.config import ConfigError, ModelConfig
-from tformer.io import CheckpointError, atomic_path, atomic_write_text, read_json, read_safetensors_dir
-from tformer.io import write_safetensors
+from tformer.convert.hf_dir import write_hf_dir
+from tformer.io import CheckpointError, read_json, read_safetensors_dir
 from tformer.models.encoder_decoder import EncoderDecoder
 
 Rules = list[tuple[str, str | tuple[str, ...]]]
@@ -176,14 +175,9 @@ def save_hf_t5(model: EncoderDecoder, path: str | Path) -> Path:
     """Write `model` as an HF directory that `T5ForConditionalGeneration.from_pretrained` loads."""
     hf = t5_config_to_hf(model.config)  # fails before anything is written
     tensors = t5_state_dict_to_hf(model.state_dict(), model.config)
-    return write_hf_dir(path, tensors, hf)
+    return write_hf_dir(path, unshared(tensors), hf)
 
 
-def write_hf_dir(path: str | Path, tensors: dict, hf_config: dict) -> Path:
-    """model.safetensors (shared storage copied apart, as safetensors requires) and config.json."""
-    tensors = {k: v.detach().clone() for k, v in tensors.items()}
-    path = Path(path)
-    with atomic_path(path, directory=True) as tmp:
-        write_safetensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        atomic_write_text(tmp / "config.json", json.dumps(hf_config, indent=2))
-    return path
+def unshared(tensors: dict) -> dict:
+    """Tensors with shared storage copied apart, as safetensors requires (a tied T5 / Marian head)."""
+    return {k: v.detach().clone() for k, v in tensors.items()}
