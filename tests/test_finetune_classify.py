@@ -11,6 +11,7 @@ import random
 import pytest
 import torch
 
+import tformer
 from tformer.checkpoint import save
 from tformer.cli import main
 from tformer.data.classify import classification_metrics
@@ -98,6 +99,12 @@ def test_mean_pooling_trains_and_round_trips(encoder_dir, tmp_path, capsys):
     assert accuracy == pytest.approx(metrics["final"]["val_accuracy"])  # the reloaded model predicts as the trained
     again, fresh = load_with_head(out / "final", SequenceClassifier)  # continues with the saved pooling
     assert again.pooling == "mean" and fresh == []
+    loaded = tformer.load(out / "final")  # the head model itself, as `tformer classify` reads it
+    tokens = torch.randint(model.config.vocab_size, (2, 7))
+    assert isinstance(loaded, SequenceClassifier) and torch.equal(loaded(tokens), model(tokens))
+    capsys.readouterr()
+    assert main(["embed", str(out / "final"), "--text", "good day", "--text", "sad night"]) == 0  # its encoder
+    assert capsys.readouterr().out.strip()
 
 
 def test_an_unknown_pooling_is_a_one_line_error(encoder_dir, tmp_path, capsys):

@@ -100,8 +100,13 @@ def read_config(path: str | Path) -> ModelConfig:
 
 
 def load_tformer(path: str | Path, device="cpu", dtype: torch.dtype | None = None) -> Decoder:
+    meta = read_json(Path(path) / CONFIG_FILE)
+    if meta.get("head", "Encoder") != "Encoder":  # an encoder with a task head (tformer finetune --task ...)
+        from tformer.train.encoder_models import load_saved
+
+        return load_saved(Path(path), device)[0].to(dtype=dtype)
     config = read_config(path)
-    quantization = read_json(Path(path) / CONFIG_FILE).get("quantization")
+    quantization = meta.get("quantization")
     tensors = read_safetensors_dir(path)
     return model_from_tensors(config, tensors, str(path), device, dtype, quantization)
 

@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_len is not None and args.max_len < 2:
         raise UserError(f"--max-len must be >= 2 (room for [CLS] and [SEP]), got {args.max_len}")
     model = tformer.load(args.path)
+    model = getattr(model, "encoder", model)  # a checkpoint with a task head: embeddings of its encoder
     if not isinstance(model, Encoder):
         raise UserError(f"{args.path} is not an encoder: embed reads BERT-family models (BERT, ModernBERT)")
     vectors = embed(model, Tokenizer.load(args.path), texts, args.max_len)

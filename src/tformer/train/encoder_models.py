@@ -57,7 +57,7 @@ def read_head_meta(path: str | Path) -> dict:
     return out
 
 
-def _load_as_saved(path: Path, device="cpu") -> tuple[nn.Module, dict]:
+def load_saved(path: Path, device="cpu") -> tuple[nn.Module, dict]:
     """The checkpoint's own model (its head class), on CPU, and its head metadata."""
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory: pass a tformer encoder checkpoint or an HF BERT "
@@ -101,7 +101,7 @@ def load_with_head(path: str | Path, cls: type[nn.Module], n_labels: int | None 
     `config_changes` ModelConfig fields to change (e.g. n_layers of a student, dropout), which leave
     the weights of dropped layers out."""
     path = Path(path)
-    source, meta = _load_as_saved(path)
+    source, meta = load_saved(path)
     config = source.config.replace(**(config_changes or {}))
     n_labels = n_labels or len(meta.get("id2label") or []) or 2
     model = _build(cls, config, n_labels, pooling or meta.get("pooling", "cls"))
@@ -157,7 +157,7 @@ def save_with_head(model: nn.Module, path: str | Path, tokenizer, id2label: list
 def load_classifier(path: str | Path, device="cpu") -> tuple[SequenceClassifier, list[str]]:
     """A fine-tuned sequence classifier and its labels (id -> name), in eval mode."""
     path = Path(path)
-    model, meta = _load_as_saved(path, device)
+    model, meta = load_saved(path, device)
     if not isinstance(model, SequenceClassifier):
         raise CheckpointError(f"{path} has no classifier head (its model is {type(model).__name__}): fine-tune one "
                               "with `tformer finetune CKPT --task classify --data FILE`")
