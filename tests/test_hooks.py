@@ -106,3 +106,26 @@ def test_latent_attention_weights_cannot_be_patched():
     with pytest.raises(ValueError, match="latent attention"):
         with patch(mla, attention={0: lambda w: w}):
             pass
+
+
+def test_encoder_decoder_stacks_are_recorded_and_patched():
+    """Both stacks' blocks by default, a residual stream per stack, and an identity patch of T5's cross-
+    attention weights (softmax scale 1, relative bias) giving the model's own logits."""
+    from tformer.presets import get_preset
+
+    torch.manual_seed(0)
+    config = get_preset("t5-small").replace(vocab_size=50, dim=32, n_layers=2, n_decoder_layers=3, n_heads=4,
+                                            head_dim=8, ffn_dim=48, rel_buckets=8, rel_max_distance=16)
+    model = build_model(config).eval()
+    src, tgt = torch.randint(0, 50, (2, 9)), torch.randint(0, 50, (2, 6))
+    expected = model(src, tgt)
+    with record(model) as rec:
+        assert torch.equal(model(src, tgt), expected)
+    assert len(rec.residual_of("enc_layers")) == 3 and len(rec.residual_of("dec_layers")) == 4
+    assert rec.residual_of("dec_layers")[0].shape == (2, 6, 32)
+    with pytest.raises(ValueError, match="residual_of"):
+        rec.residual
+    with patch(model, attention={"dec_layers.1.cross": lambda w: w, "enc_layers.0": lambda w: w}):
+        torch.testing.assert_close(model(src, tgt), expected, rtol=1e-5, atol=1e-5)
+    with patch(model, attention={"dec_layers.1.cross": lambda w: torch.zeros_like(w)}):
+        assert not torch.allclose(model(src, tgt), expected)

@@ -16,7 +16,9 @@
         logits = model(tokens)
 
 Modules are named as in `model.named_modules()` ("layers.3", "layers.3.attn", "layers.3.ffn", "norm");
-an int i stands for block "layers.i". Recording and patching use PyTorch forward hooks and change
+an int i stands for block "layers.i". An encoder-decoder has two stacks, "enc_layers.i" and "dec_layers.i"
+(whose cross-attention is "dec_layers.i.cross"): its blocks are both stacks', named, and
+`rec.residual_of("enc_layers")` / `rec.residual_of("dec_layers")` give each stack's stream. Recording and patching use PyTorch forward hooks and change
 nothing else: a `record` without attention, or a `patch` whose functions return their argument,
 gives bit-identical logits. With `attention=True` every attention layer computes the textbook
 formula instead of SDPA (`capture_attention`), which equals it to rounding, not bit for bit; so does
@@ -47,15 +49,26 @@ class Recording:
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self.attention: list[torch.Tensor] = []
-        self._blocks = block_names
+        self._stacks: dict[str, list[str]] = {}
+        for name in block_names:
+            self._stacks.setdefault(name.rsplit(".", 1)[0], []).append(name)
 
     @property
     def residual(self) -> list[torch.Tensor]:
         """n_layers + 1 tensors (B, T, C): the first block's input, then every block's output."""
-        missing = [n for n in self._blocks if n not in self.outputs]
+        if len(self._stacks) != 1:
+            raise ValueError(f"this model has the stacks {sorted(self._stacks)}: read rec.residual_of(stack)")
+        return self.residual_of(next(iter(self._stacks)))
+
+    def residual_of(self, stack: str) -> list[torch.Tensor]:
+        """The residual stream of one stack of blocks ("layers", "enc_layers", "dec_layers")."""
+        if stack not in self._stacks:
+            raise KeyError(f"no stack {stack!r}: this model has {sorted(self._stacks)}")
+        blocks = self._stacks[stack]
+        missing = [n for n in blocks if n not in self.outputs]
         if missing:
             raise KeyError(f"blocks {missing} were not recorded: record(model) with the default modules does")
-        return [self.inputs[self._blocks[0]], *(self.outputs[n] for n in self._blocks)]
+        return [self.inputs[blocks[0]], *(self.outputs[n] for n in blocks)]
 
 
 @contextmanager
@@ -96,11 +109,12 @@ def patch(model: nn.Module, outputs: dict[str | int, Transform] | None = None,
 
 
 def block_names(model: nn.Module) -> list[str]:
-    """The names of a model's blocks: "layers.0", "layers.1", ..."""
-    layers = getattr(model, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
+    """The names of a model's blocks: "layers.0", "layers.1", ... (an encoder-decoder: "enc_layers.0", ...,
+    then "dec_layers.0", ...)."""
+    stacks = [s for s in ("layers", "enc_layers", "dec_layers") if isinstance(getattr(model, s, None), nn.ModuleList)]
+    if not stacks:
         raise ValueError(f"{type(model).__name__} has no `layers` (a ModuleList of blocks): name the modules")
-    return [f"layers.{i}" for i in range(len(layers))]
+    return [f"{s}.{i}" for s in stacks for i in range(len(getattr(model, s)))]
 
 
 def _attention_of(model: nn.Module, name: str) -> Attention:
