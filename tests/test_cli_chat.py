@@ -104,15 +104,15 @@ def test_reset_and_system_commands(ckpt, capsys):
 
 def test_oldest_exchanges_give_way_and_the_system_prompt_stays(ckpt, capsys):
     notes, tok = [], Tokenizer.load(ckpt)
-    session = ChatSession(tformer.load(ckpt), tok, ChatTemplate(TEMPLATE), system="Be brief.",
+    dialog = ChatSession(tformer.load(ckpt), tok, ChatTemplate(TEMPLATE), system="Be brief.",
                           max_new_tokens=40, sampling=SamplingConfig(temperature=0), on_note=notes.append)
     for question in ["Hi.", "Who are you?", "Why?", "Really?"]:
-        session.reply(question)
-        assert len(session.prompt_ids(session.turns[:-1])) + 40 <= 128
+        dialog.reply(question)
+        assert len(dialog.prompt_ids(dialog.turns[:-1])) + 40 <= 128
     assert notes and "dropped the oldest" in notes[0] and "system prompt stays" in notes[0]
-    assert session.messages()[0] == {"role": "system", "content": "Be brief."}
-    assert tok.decode(session.prompt_ids(session.turns)).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
-    assert session.turns[0]["role"] == "user" and session.turns[-2] == {"role": "user", "content": "Really?"}
+    assert dialog.messages()[0] == {"role": "system", "content": "Be brief."}
+    assert tok.decode(dialog.prompt_ids(dialog.turns)).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    assert dialog.turns[0]["role"] == "user" and dialog.turns[-2] == {"role": "user", "content": "Really?"}
 
     code, _, err = chat(ckpt, "--system", "Be brief.", "--message", "Hi.", "--message", "Who are you?",
                         "--message", "Why?", "--max-new-tokens", "40", "--temperature", "0", capsys=capsys)

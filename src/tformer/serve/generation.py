@@ -14,7 +14,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from tformer.serve.engine import EngineFull, GenerationRequest, RequestStream, TokenEvent
+from tformer.serve.requests import EngineFull, GenerationRequest, RequestStream, TokenEvent
 from tformer.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from tformer.serve.text import TextStream
 

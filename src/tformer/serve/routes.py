@@ -5,7 +5,7 @@ them as server-sent events (`stream`), recording the request's metrics either wa
 
 from __future__ import annotations
 
-from tformer.serve.engine import GenerationRequest
+from tformer.serve.requests import GenerationRequest
 from tformer.serve.generation import (Job, chat_prompt, completion_prompts, max_new_tokens, sampling_fields,
                                       seed_for)
 from tformer.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
