@@ -30,7 +30,6 @@ import functools
 import importlib.util
 import json
 import os
-import random
 import sys
 import tempfile
 import time
@@ -70,31 +69,12 @@ def genre_lines(genres=GENRES, min_words: int = 6) -> dict[str, list[Line]]:
     return out
 
 
-def _key(text: str) -> str:
-    return " ".join(text.split()).casefold()
-
-
 def build_split(n_train: int = 1500, n_eval: int = 600, min_words: int = 6, seed: int = 0,
                 genres=GENRES) -> tuple[list[Line], list[Line]]:
     """(train, held-out): per genre n_train // k and n_eval // k distinct lines (k genres), seeded."""
-    pool = genre_lines(tuple(genres), min_words)
-    counts: dict[str, int] = {}
-    for lines in pool.values():
-        for ln in lines:
-            counts[_key(ln.text)] = counts.get(_key(ln.text), 0) + 1
-    rng = random.Random(seed)
-    per_train, per_eval = n_train // len(genres), n_eval // len(genres)
-    train, held = [], []
-    for genre in genres:
-        lines = [ln for ln in pool[genre] if counts[_key(ln.text)] == 1]
-        if len(lines) < per_train + per_eval:
-            raise SystemExit(f"{genre} has {len(lines)} usable lines, fewer than the {per_train + per_eval} asked")
-        rng.shuffle(lines)
-        held += lines[:per_eval]
-        train += lines[per_eval: per_eval + per_train]
-    rng.shuffle(train)
-    rng.shuffle(held)
-    return train, held
+    from tformer.data.corpus import balanced_line_split
+
+    return balanced_line_split(genre_lines(tuple(genres), min_words), n_train, n_eval, seed)
 
 
 def write_csv(lines: list[Line], path: Path) -> Path:

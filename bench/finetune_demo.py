@@ -52,6 +52,8 @@ from pathlib import Path
 
 import torch
 
+from tformer.data.corpus import balanced_line_split
+
 PLAYS = ("Hamlet", "Macbeth", "Romeo and Juliet", "Julius Caesar")
 SYSTEM = "You answer questions about Shakespeare's plays. Reply with the play's title only."
 
@@ -89,10 +91,6 @@ def spoken_lines(title: str, path: Path) -> list[Line]:
     return lines
 
 
-def _key(text: str) -> str:
-    return " ".join(text.split()).casefold()
-
-
 def build_split(plays=PLAYS, n_train: int = 320, n_eval: int = 100, min_words: int = 6,
                 seed: int = 0) -> tuple[list[Line], list[Line]]:
     """(train, held-out) lines: per play n_train // k and n_eval // k distinct lines (k plays), seeded."""
@@ -101,23 +99,7 @@ def build_split(plays=PLAYS, n_train: int = 320, n_eval: int = 100, min_words: i
     if missing:
         raise SystemExit(f"no play titled {missing}; the titles are: {'; '.join(files)}")
     pool = {t: [ln for ln in spoken_lines(t, files[t]) if len(ln.text.split()) >= min_words] for t in plays}
-    counts: dict[str, int] = {}
-    for lines in pool.values():
-        for ln in lines:
-            counts[_key(ln.text)] = counts.get(_key(ln.text), 0) + 1
-    rng = random.Random(seed)
-    train, held = [], []
-    per_train, per_eval = n_train // len(plays), n_eval // len(plays)
-    for title in plays:
-        lines = [ln for ln in pool[title] if counts[_key(ln.text)] == 1]
-        if len(lines) < per_train + per_eval:
-            raise SystemExit(f"{title} has {len(lines)} usable lines, fewer than the {per_train + per_eval} asked")
-        rng.shuffle(lines)
-        held += lines[:per_eval]
-        train += lines[per_eval: per_eval + per_train]
-    rng.shuffle(train)
-    rng.shuffle(held)
-    return train, held
+    return balanced_line_split(pool, n_train, n_eval, seed)
 
 
 def question(line: Line, plays, rng: random.Random, speaker: bool = False) -> list[dict]:

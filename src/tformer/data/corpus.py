@@ -7,6 +7,7 @@ them. A document is one file, one JSONL record, or the whole Shakespeare corpus.
 from __future__ import annotations
 
 import functools
+import random
 import importlib.util
 import json
 import re
@@ -174,3 +175,31 @@ def load_corpus(paths: Iterable[str | Path] | None = None) -> list[str]:
     """`read_texts(paths)`, or the Shakespeare corpus as one document when `paths` is empty/None."""
     paths = list(paths or [])
     return read_texts(paths) if paths else [shakespeare_text()]
+
+
+def line_key(text: str) -> str:
+    """A line's identity for de-duplication: whitespace collapsed, casefolded."""
+    return " ".join(text.split()).casefold()
+
+
+def balanced_line_split(pool: dict, n_train: int, n_eval: int, seed: int = 0) -> tuple[list, list]:
+    """(train, held-out) items of `pool` (label -> items with a `.text`), n_train // k and n_eval // k per
+    label (k labels), seeded. A text occurring twice anywhere in the pool (casefolded, whitespace
+    collapsed) is left out, so no held-out text is a training text and no text has two labels."""
+    counts: dict[str, int] = {}
+    for items in pool.values():
+        for item in items:
+            counts[line_key(item.text)] = counts.get(line_key(item.text), 0) + 1
+    rng = random.Random(seed)
+    per_train, per_eval = n_train // len(pool), n_eval // len(pool)
+    train, held = [], []
+    for label, items in pool.items():
+        usable = [item for item in items if counts[line_key(item.text)] == 1]
+        if len(usable) < per_train + per_eval:
+            raise SystemExit(f"{label} has {len(usable)} usable lines, fewer than the {per_train + per_eval} asked")
+        rng.shuffle(usable)
+        held += usable[:per_eval]
+        train += usable[per_eval: per_eval + per_train]
+    rng.shuffle(train)
+    rng.shuffle(held)
+    return train, held
