@@ -168,7 +168,8 @@ def main(argv=None) -> int:
     result = {"task": "genre of a Shakespeare line", "genres": list(GENRES), "n_train": len(train),
               "n_eval": len(held), "chance": 1 / len(GENRES), "threads": args.threads, "seed": args.seed,
               "lr": args.lr, "epochs": args.epochs, "pooling": args.pooling, "baseline": baseline, "finetuned": tuned,
-              "total_seconds": round(time.perf_counter() - t0, 1), "load_average": {"start": load_start, "end": list(os.getloadavg())}}
+              "total_seconds": round(time.perf_counter() - t0, 1),
+              "load_average": {"start": load_start, "end": list(os.getloadavg())}}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0

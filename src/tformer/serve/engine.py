@@ -30,7 +30,8 @@ import torch
 from tformer.nn.attention import Attention
 from tformer.serve.blocks import BlockPool, PagedKVCache, PageTable
 from tformer.serve.graphs import DecodeGraphs
-from tformer.serve.requests import EngineFull, GenerationRequest, RequestStream, TokenEvent  # noqa: F401 (also the engine's API)
+# the client side, importable from here too
+from tformer.serve.requests import EngineFull, GenerationRequest, RequestStream, TokenEvent  # noqa: F401
 from tformer.serve.sampling import apply_penalties, sample_rows
 
 
