@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from tformer.fields import ConfigError, check_fields, check_values
-from tformer.subconfigs import MLAConfig, MoEConfig
+from tformer.subconfigs import AttentionConfig, MLAConfig, MoEConfig, SSDConfig
 
 Activation = Literal["relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "geglu_exact"]
 NormKind = Literal["layernorm", "rmsnorm"]
@@ -127,6 +127,8 @@ class ModelConfig:
     scale_residual_init: bool = True  # GPT-2: residual projections get std / sqrt(2 n_layers)
     moe: MoEConfig | None = None  # None: every layer has the dense FFN
     mla: MLAConfig | None = None  # None: standard attention (MHA/GQA/MQA)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)  # pattern, per-layer windows, approx
+    ssd: SSDConfig | None = None  # None: every layer attends; else Mamba-2 mixers in ssd.layers
     # encoder-decoder fields (models/encoder_decoder.py: T5, the original Transformer)
     n_decoder_layers: int | None = None  # decoder stack depth; None: n_layers
     rel_buckets: int = 32  # positions "t5": relative-position buckets (the encoder gives half to each direction)
@@ -198,6 +200,11 @@ class ModelConfig:
                 raise ConfigError(
                     f"MoE experts are gated FFNs: set activation to 'swiglu' or 'geglu' (got {self.activation!r})"
                 )
+        self.attention.validate()
+        if self.ssd is not None:
+            self.ssd.validate()
+            if max(self.ssd.layers or [0]) >= self.n_layers:
+                raise ConfigError(f"ssd.layers={self.ssd.layers} names a layer past n_layers={self.n_layers}")
         if self.mla is not None:
             self.mla.validate()
             if self.positions not in ("rope", "none"):
@@ -297,7 +304,7 @@ class ModelConfig:
         a sub-config instance or None replaces the whole.
         """
         changes = check_values(ModelConfig, changes, partial=True)
-        for name in ("rope", "moe", "mla"):
+        for name in ("rope", "moe", "mla", "attention", "ssd"):
             if isinstance(changes.get(name), dict) and getattr(self, name) is not None:
                 changes[name] = {**dataclasses.asdict(getattr(self, name)), **changes[name]}
         for name in self._derived - set(changes):

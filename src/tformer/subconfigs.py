@@ -105,3 +105,95 @@ class MLAConfig:
             raise ConfigError(f"mla.rope_dim must be even (RoPE rotates pairs), got {self.rope_dim}")
         if self.softmax_scale is not None and self.softmax_scale <= 0:
             raise ConfigError(f"mla.softmax_scale must be > 0 or None, got {self.softmax_scale}")
+
+
+AttentionPattern = Literal["causal", "prefix", "strided", "fixed", "local_global"]
+AttentionApprox = Literal["none", "linformer", "performer"]
+
+
+@dataclass
+class AttentionConfig:
+    """Which attention a decoder's layers compute (tformer.nn.variants, tformer.nn.approx).
+
+    pattern (which keys a query sees, on top of causality and `ModelConfig.sliding_window`):
+      "causal"        every earlier key;
+      "prefix"        prefix-LM: the first `prefix` tokens see each other both ways (T5's prefix LM);
+      "strided"       GPT-3 / Sparse Transformer strided: the last `block` keys, and every key whose
+                      distance is a multiple of `block` (Child et al. 2019);
+      "fixed"         Sparse Transformer fixed: keys in the query's block of `block` tokens, and the last
+                      `summary` keys of every earlier block;
+      "local_global"  Longformer: a sliding window (from `windows` or sliding_window) plus the first
+                      `n_global` tokens, which see and are seen by every token.
+    windows: a window per layer (0: that layer is global), repeated when shorter than n_layers
+      (Gemma 2's [4096, 0], Mistral-style per-layer windows); None: `ModelConfig.sliding_window` for all.
+    softcap: scores -> softcap * tanh(scores / softcap) before the softmax (Gemma 2); None: off.
+    approx: an approximation in place of exact softmax attention: Linformer (keys and values projected
+      to `rank` positions) or Performer (FAVOR+, `features` positive random features).
+    backend: "auto" FlexAttention on CUDA, masked SDPA elsewhere; "sdpa" or "flex" to force one.
+    """
+
+    pattern: AttentionPattern = "causal"
+    windows: list[int] | None = None
+    prefix: int = 0
+    block: int = 128
+    summary: int = 1
+    n_global: int = 0
+    softcap: float | None = None
+    approx: AttentionApprox = "none"
+    rank: int = 64
+    features: int = 64
+    backend: Literal["auto", "sdpa", "flex"] = "auto"
+
+    def __post_init__(self) -> None:
+        check_fields(self, "attention.")
+
+    def validate(self) -> None:
+        for name in ("block", "summary", "rank", "features"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"attention.{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("prefix", "n_global"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"attention.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.windows is not None and (not self.windows or min(self.windows) < 0):
+            raise ConfigError(f"attention.windows must be a non-empty list of windows >= 0 (0: global), "
+                              f"got {self.windows!r}")
+        if self.softcap is not None and self.softcap <= 0:
+            raise ConfigError(f"attention.softcap must be > 0 or None, got {self.softcap}")
+        if self.summary > self.block:
+            raise ConfigError(f"attention.summary={self.summary} must be <= attention.block={self.block}")
+
+    def window(self, layer: int, default: int | None) -> int | None:
+        """The sliding window of layer `layer` (None: global): `windows` cycled, else `default`."""
+        if self.windows is None:
+            return default
+        w = self.windows[layer % len(self.windows)]
+        return w or None
+
+
+@dataclass
+class SSDConfig:
+    """Mamba-2 state-space mixers (SSD, Dao & Gu 2024) in place of attention in chosen layers.
+
+    Layer i mixes with SSD when i is in `layers` (None: every layer); the others keep attention.
+    Each SSD layer has expand * dim inner channels in heads of `head_dim`, a `state_dim` state per
+    head, `n_groups` groups of shared B/C projections, a causal depthwise conv of `conv_width`, and
+    trains in the chunked matmul form with chunks of `chunk` tokens.
+    """
+
+    layers: list[int] | None = None
+    state_dim: int = 64
+    head_dim: int = 64
+    expand: int = 2
+    n_groups: int = 1
+    conv_width: int = 4
+    chunk: int = 64
+
+    def __post_init__(self) -> None:
+        check_fields(self, "ssd.")
+
+    def validate(self) -> None:
+        for name in ("state_dim", "head_dim", "expand", "n_groups", "conv_width", "chunk"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"ssd.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.layers is not None and min(self.layers, default=0) < 0:
+            raise ConfigError(f"ssd.layers must list layer indices >= 0, got {self.layers!r}")
