@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from tformer.fields import ConfigError, check_fields, check_values
-from tformer.subconfigs import AttentionConfig, MLAConfig, MoEConfig, SSDConfig
+from tformer.subconfigs import AttentionConfig, MLAConfig, MoEConfig, SSDConfig  # noqa: F401 (re-exported)
 
 Activation = Literal["relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "geglu_exact"]
 NormKind = Literal["layernorm", "rmsnorm"]

@@ -11,10 +11,11 @@ from pathlib import Path
 from tformer.cli import UserError
 from tformer.cli.options import add_dataclass_options, format_default, given_options, set_help
 from tformer.adapters.lora import GROUPS, LoRAConfig
-from tformer.config import DERIVED, ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeConfig
+from tformer.config import DERIVED, AttentionConfig, ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeConfig, SSDConfig
 from tformer.train.config import FIELD_HELP, TrainConfig
+from tformer.train.recipes import RECIPES, recipe_config
 
-SUBCONFIGS = {"rope": RopeConfig, "moe": MoEConfig, "mla": MLAConfig}
+SUBCONFIGS = {"rope": RopeConfig, "moe": MoEConfig, "mla": MLAConfig, "attention": AttentionConfig, "ssd": SSDConfig}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         add_help=False,
     )
     add_train_options(p, TrainConfig())
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=argparse.SUPPRESS,
+                   help="start from a named recipe's values, which --config and flags override: "
+                        + "; ".join(f"{name}: {about}" for name, (about, _) in RECIPES.items()))
     p.set_defaults(func=run)
 
 
@@ -66,7 +70,8 @@ class _Help(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         argv = getattr(parser, "argv", [])
         try:
-            cfg = _file_config(_last_value(argv, "--config"), self.defaults)
+            recipe = _last_value(argv, "--recipe")
+            cfg = _file_config(_last_value(argv, "--config"), recipe_config(recipe) if recipe else self.defaults)
             cfg = dataclasses.replace(cfg, preset=_last_value(argv, "--preset") or cfg.preset)
             model, preset, note = _model_defaults(cfg), cfg.preset, f"defaults: --preset {cfg.preset}'s"
         except (UserError, ConfigError, KeyError, OSError) as e:
@@ -182,9 +187,11 @@ def _file_config(path: str | None, defaults: TrainConfig | None = None) -> Train
 
 def make_config(args: argparse.Namespace) -> TrainConfig:
     """The command's defaults, then the --config file, then the flags given."""
-    cfg = _file_config(getattr(args, "config", None), getattr(args, "defaults", None))
+    defaults = recipe_config(args.recipe) if getattr(args, "recipe", None) else getattr(args, "defaults", None)
+    cfg = _file_config(getattr(args, "config", None), defaults)
     flags = given_options(args)
     flags.pop("defaults", None)
+    flags.pop("recipe", None)
     model = _merged(cfg.model, flags.pop("model", {}))
     lora = _merged(cfg.lora, flags.pop("lora", {}))
     cfg = dataclasses.replace(cfg, **flags, model=model, lora=lora)

@@ -25,6 +25,17 @@ PRESETS = [
             tie_embeddings=True, max_seq_len=256, scale_residual_init=True,
         ),
     ),
+    # The bundled corpus on one GPU (`tformer train --recipe shakespeare-gpu`): nanoGPT's shakespeare_char
+    # width and depth (6 x 384) in the default's Llama style, on the default's 8192-token BPE.
+    Preset(
+        "shakespeare-gpu",
+        _SOURCE,
+        ModelConfig(
+            vocab_size=8192, dim=384, n_layers=6, n_heads=6, ffn_dim=1024, activation="swiglu",
+            norm="rmsnorm", norm_bias=False, positions="rope", rope=RopeConfig(theta=10000.0),
+            tie_embeddings=True, max_seq_len=256, scale_residual_init=True,
+        ),
+    ),
     # nanoGPT's "baby GPT" shape (4 layers, 128 wide) at character level.
     Preset(
         "shakespeare-char",

@@ -64,6 +64,8 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False
+    compile_scope: Literal["model", "blocks"] = "model"  # one graph of model + loss, or each block apart
+    optimizer_states: Literal["float32", "bfloat16"] = "float32"  # AdamW moments' dtype
     threads: int = 0  # CPU threads; 0: all cores
     # several processes (train/parallel.py; launched by torchrun)
     parallel: Literal["none", "ddp", "fsdp"] = "none"  # batch_size is per rank: the global batch is x ranks
@@ -151,6 +153,12 @@ FIELD_HELP = {
     "device": "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...",
     "dtype": "auto: bf16 autocast on GPU, float32 on CPU",
     "threads": "CPU threads; 0: all cores",
+    "compile": "torch.compile the forward and the loss (compile time on the first steps, faster steps after)",
+    "compile_scope": "with --compile: the whole model and loss as one graph (model), or each block apart and the "
+                     "loss head apart (blocks: regional compilation, one block's compile serves every block, "
+                     "so compile time stays short for deep models)",
+    "optimizer_states": "dtype of AdamW's two moment estimates: float32, or bfloat16 (half the optimiser's "
+                        "memory; the update itself is computed in float32)",
     "save_every": "checkpoint at the evals of steps that are multiples of this; 0: at each eval",
     "keep_last": "step checkpoints kept (best/ apart); 0: all",
     "sample_tokens": "tokens of the sample generated at the end; 0: none",

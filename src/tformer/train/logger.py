@@ -47,6 +47,8 @@ class MetricsLogger:
         post = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
         if mfu is not None:
             post["mfu"] = f"{mfu:.1%}"
+        if "peak_mem_gib" in extra:
+            post["mem"] = f"{extra['peak_mem_gib']:.1f}GiB"
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(step - self.bar.n)
         if self.tb:

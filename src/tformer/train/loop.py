@@ -98,7 +98,7 @@ def make_objective(cfg: TrainConfig, model, data, teacher=None):
     if teacher is not None:
         return Distill(model, teacher, data.tokenizer.vocab_size, cfg.distill_alpha, cfg.distill_temperature,
                        cfg.label_smoothing, cfg.distill_cosine, cfg.compile)
-    return NextToken(model, cfg.label_smoothing, cfg.compile)
+    return NextToken(model, cfg.label_smoothing, cfg.compile, cfg.compile_scope)
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
@@ -130,7 +130,8 @@ def _train(cfg: TrainConfig, parallel: Parallel, device: torch.device, progress:
     trained = parallelize(model, cfg, parallel, device)
     if parallel.distributed:  # each rank its own dropout draws
         torch.manual_seed(cfg.seed + parallel.rank)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
+                               state_dtype=getattr(torch, cfg.optimizer_states))
     start, best = _restore(resumed, model, optimizer, device, parallel) if resumed else (0, float("inf"))
     objective = make_objective(cfg, trained, data, teacher)
     autocast = nullcontext() if uses_fsdp_precision(cfg, device) else autocast_for(device, cfg.dtype)
@@ -145,8 +146,8 @@ def _train(cfg: TrainConfig, parallel: Parallel, device: torch.device, progress:
     moe = moe_layers(model)
     for layer in moe:
         layer.aux_grad_scale = 1 / cfg.grad_accum  # router losses, like the main loss, average over micro-batches
-    t0 = time.perf_counter()
-    step, loss = start, torch.zeros(())
+    t0 = t_log = time.perf_counter()
+    step, loss, tokens = start, torch.zeros(()), 0
     with StopOnInterrupt() as interrupt:
         while step < cfg.max_steps:
             elapsed = time.perf_counter() - t0
@@ -160,23 +161,25 @@ def _train(cfg: TrainConfig, parallel: Parallel, device: torch.device, progress:
             lr = _lr(cfg, step, elapsed)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            t_step = time.perf_counter()
             micro_batches = [data.train_batch(cfg.batch_size, cfg.seq_len, step * cfg.grad_accum + i, device,
                                               **shard) for i in range(cfg.grad_accum)]
             stats = train_step(model, objective, optimizer, micro_batches, cfg.grad_clip, autocast, parallel, trained)
             loss = stats["loss"]
             # fine-tuning rows vary in width; the ranks' batches are alike in size
-            tokens = sum(batch["tokens"].numel() for batch in micro_batches) * parallel.world
+            tokens += sum(batch["tokens"].numel() for batch in micro_batches) * parallel.world
             for layer in moe:
                 layer.update_expert_bias()  # DeepSeek-V3 aux-loss-free balancing (no-op without expert_bias)
             step += 1
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                _check_finite(loss, step, cfg)
-                dt = time.perf_counter() - t_step
+                _check_finite(loss, step, cfg)  # the step's one host sync: the queued steps finish here
+                dt = time.perf_counter() - t_log  # the steps since the last log, evaluations excluded
                 mfu = flops_per_token * tokens / dt / peak if peak else None
                 extra = {k: float(v) for k, v in stats.items() if k != "loss"}
                 extra.update(load_stats(moe) if moe else {})
+                if device.type == "cuda":
+                    extra["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 logger.log_train(step, loss, lr, tokens / dt, mfu, extra)
+                t_log, tokens = time.perf_counter(), 0
             for layer in moe:
                 layer.pop_load()  # expert loads count one step
             if step % cfg.eval_every == 0 and step < cfg.max_steps:
@@ -184,6 +187,7 @@ def _train(cfg: TrainConfig, parallel: Parallel, device: torch.device, progress:
                 metrics = _evaluate(model, objective, data, cfg, device, autocast, parallel=parallel)
                 logger.log_eval(step, metrics, time.perf_counter() - t0)
                 best = saving.save(model, optimizer, step, metrics, best)
+                t_log, tokens = time.perf_counter(), 0
         # the final evaluation covers the whole validation split
         _check_finite(loss, step, cfg)
         metrics = _evaluate(model, objective, data, cfg, device, autocast, full=True, parallel=parallel)

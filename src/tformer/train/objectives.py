@@ -52,16 +52,21 @@ class NextToken:
     compiled, the model and the loss are one graph."""
     unit = "tokens"  # what `weight` counts
 
-    def __init__(self, model, label_smoothing: float = 0.0, compile_: bool = False):
+    def __init__(self, model, label_smoothing: float = 0.0, compile_: bool = False, scope: str = "model"):
         self.model, self.label_smoothing = model, label_smoothing
         head = model.output
         self.chunked_head = type(head) is nn.Linear and head.bias is None  # not quantized, no adapter
-        self._loss = torch.compile(self._forward_loss) if compile_ else self._forward_loss
+        self._head_loss = linear_cross_entropy
+        if compile_ and scope == "blocks":  # regional: each block and the loss head compiled apart
+            for layer in model.layers:
+                layer.compile()
+            self._head_loss = torch.compile(linear_cross_entropy)
+        self._loss = torch.compile(self._forward_loss) if compile_ and scope == "model" else self._forward_loss
 
     def _forward_loss(self, tokens, targets, segments=None):
         hidden = self.model.features(tokens) if segments is None else self.model.features(tokens, segments=segments)
         if self.chunked_head:
-            return linear_cross_entropy(hidden, self.model.output.weight, targets, IGNORE, self.label_smoothing)
+            return self._head_loss(hidden, self.model.output.weight, targets, IGNORE, self.label_smoothing)
         return next_token_loss(self.model.output(hidden), targets, self.label_smoothing)
 
     def __call__(self, batch: dict) -> dict:
