@@ -43,7 +43,7 @@ def nanogpt_val_bpc(nanogpt: Path, out_dir: Path, shards) -> float:
 
 def tformer_run(name: str, flags: list[str], out: Path, cache: Path) -> dict:
     run_dir = out / name
-    cmd = ["tformer", "train", "--recipe", "shakespeare-gpu", f"--out_dir={run_dir}", f"--cache_dir={cache}",
+    cmd = [sys.executable, "-m", "tformer", "train", "--recipe", "shakespeare-gpu", f"--out_dir={run_dir}", f"--cache_dir={cache}",
            "--sample_tokens=0", "--no-tensorboard", *flags]
     wall, _ = run_timed(cmd)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -66,7 +66,7 @@ def main() -> None:
     cache = args.out / "cache"
     results: dict = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "runs": []}
     # build the BPE tokenizer and shards untimed (one step, one eval batch)
-    run_timed(["tformer", "train", "--recipe", "shakespeare-gpu", f"--out_dir={args.out / 'warmup'}",
+    run_timed([sys.executable, "-m", "tformer", "train", "--recipe", "shakespeare-gpu", f"--out_dir={args.out / 'warmup'}",
                f"--cache_dir={cache}", "--max_steps=1", "--eval_batches=1", "--sample_tokens=0", "--no-compile",
                "--no-tensorboard"])
     if not args.skip_nanogpt:

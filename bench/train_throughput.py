@@ -119,6 +119,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--variants", default="tformer,nanogpt,hf", help="comma-separated subset")
     ap.add_argument("--json", type=Path, help="write the results here too")
+    ap.add_argument("--eager", action="store_true", help="also time HF transformers uncompiled")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -131,7 +132,7 @@ def main() -> None:
             impl = name.split()[0]
             if impl not in args.variants.split(","):
                 continue
-            for compile_ in [True] if impl in ("tformer", "nanogpt") else [False, True]:
+            for compile_ in [True] if impl in ("tformer", "nanogpt") or not args.eager else [False, True]:
                 label = name if impl == "tformer" else f"{name} {'compiled' if compile_ else 'eager'}"
                 torch.manual_seed(0)
                 optimizer = None
