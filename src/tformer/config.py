@@ -201,10 +201,14 @@ class ModelConfig:
                     f"MoE experts are gated FFNs: set activation to 'swiglu' or 'geglu' (got {self.activation!r})"
                 )
         self.attention.validate()
+        self.attention.check_approx(self)
+        self.attention.check_model(self)
         if self.ssd is not None:
             self.ssd.validate()
-            if max(self.ssd.layers or [0]) >= self.n_layers:
-                raise ConfigError(f"ssd.layers={self.ssd.layers} names a layer past n_layers={self.n_layers}")
+            self.ssd.check_model(self.dim, self.n_layers)
+            if self.architecture != "decoder" or self.norm_placement != "pre":
+                raise ConfigError("SSD layers (ssd) are pre-norm decoder blocks: set architecture='decoder' and "
+                                  "norm_placement='pre', or ssd=None")
         if self.mla is not None:
             self.mla.validate()
             if self.positions not in ("rope", "none"):
@@ -230,8 +234,9 @@ class ModelConfig:
                 if getattr(self, name) != default:
                     raise ConfigError(f"{name} is an encoder-decoder field: set architecture='encoder_decoder' "
                                       f"or leave {name}={default!r}")
-            if self.positions == "t5":
-                raise ConfigError("positions='t5' (relative position bias) needs architecture='encoder_decoder'")
+            if self.positions == "t5" and self.architecture != "decoder":
+                raise ConfigError("positions='t5' (relative position bias) needs architecture='encoder_decoder' "
+                                  "or 'decoder'")
         if self.n_decoder_layers is not None and self.n_decoder_layers <= 0:
             raise ConfigError(f"n_decoder_layers must be a positive integer or None, got {self.n_decoder_layers!r}")
         if self.positions == "t5" and (self.rel_buckets < 4 or self.rel_buckets % 2):
@@ -284,6 +289,10 @@ class ModelConfig:
         """Whether layer i (0-based) has a mixture of experts instead of the dense FFN."""
         m = self.moe
         return m is not None and i >= m.first_dense and (i - m.first_dense) % m.interval == 0
+
+    def is_ssd_layer(self, i: int) -> bool:
+        """Whether layer i (0-based) mixes tokens with a Mamba-2 SSD layer instead of attention."""
+        return self.ssd is not None and (self.ssd.layers is None or i in self.ssd.layers)
 
     def is_local_layer(self, i: int) -> bool:
         """Whether layer i (0-based) attends within `sliding_window` (every layer, unless global_every)."""

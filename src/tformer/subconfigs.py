@@ -127,8 +127,14 @@ class AttentionConfig:
     windows: a window per layer (0: that layer is global), repeated when shorter than n_layers
       (Gemma 2's [4096, 0], Mistral-style per-layer windows); None: `ModelConfig.sliding_window` for all.
     softcap: scores -> softcap * tanh(scores / softcap) before the softmax (Gemma 2); None: off.
-    approx: an approximation in place of exact softmax attention: Linformer (keys and values projected
-      to `rank` positions) or Performer (FAVOR+, `features` positive random features).
+    approx: an approximation in place of exact softmax attention (tformer.nn.approx), linear in the
+      sequence length: "linformer" (keys and values projected along the sequence to `rank` rows by
+      learned (rank, max_seq_len) matrices; causal in a decoder by cumulative projection) or
+      "performer" (FAVOR+, `features` orthogonal positive random features; causal by prefix sums).
+      Both keep O(1)-per-token decoding state instead of a KV cache. Causal or bidirectional full
+      attention with key padding only: not with MLA, sliding windows, other patterns, softcap,
+      ALiBi or an encoder-decoder (`check_approx`).
+    rank: Linformer's projected length k (<= max_seq_len); features: Performer's random features m.
     backend: "auto" FlexAttention on CUDA, masked SDPA elsewhere; "sdpa" or "flex" to force one.
     """
 
@@ -162,6 +168,52 @@ class AttentionConfig:
         if self.summary > self.block:
             raise ConfigError(f"attention.summary={self.summary} must be <= attention.block={self.block}")
 
+    def check_model(self, config) -> None:
+        """The fields that depend on the model (a ModelConfig): what its architecture and windows allow."""
+        exact = self.pattern != "causal" or self.windows is not None or self.softcap is not None
+        if exact and config.architecture != "decoder":
+            raise ConfigError("attention.pattern, attention.windows and attention.softcap shape a decoder's "
+                              f"attention: leave them at their defaults for architecture={config.architecture!r}")
+        if self.pattern == "prefix" and self.prefix == 0:
+            raise ConfigError("attention.pattern='prefix' needs attention.prefix > 0 (the tokens that see each "
+                              "other both ways)")
+        if self.pattern == "local_global":
+            windows = [self.window(i, config.sliding_window) for i in range(config.n_layers)]
+            if all(w is None for w in windows):
+                raise ConfigError("attention.pattern='local_global' needs a window: set attention.windows or "
+                                  "sliding_window")
+            if self.n_global == 0:
+                raise ConfigError("attention.pattern='local_global' needs attention.n_global > 0 (the global "
+                                  "tokens); without them use pattern='causal' with a window")
+        if self.softcap is not None and config.mla is not None:
+            raise ConfigError("attention.softcap is not implemented with mla: set one of them to None")
+
+    def check_approx(self, model) -> None:
+        """`approx` against the rest of the ModelConfig `model`: the approximations compute causal (or,
+        in an encoder, bidirectional) attention over real keys and nothing else."""
+        if self.approx == "none":
+            return
+        name = f"attention.approx={self.approx!r}"
+        if model.architecture == "encoder_decoder":
+            raise ConfigError(f"{name} is for decoder-only and encoder models, not encoder-decoders: "
+                              "set attention.approx='none'")
+        if model.mla is not None:
+            raise ConfigError(f"{name} replaces multi-head attention, not MLA: set mla=None or attention.approx='none'")
+        if model.sliding_window is not None or self.windows is not None:
+            raise ConfigError(f"{name} attends to every earlier key and has no windows: "
+                              "set sliding_window and attention.windows to None")
+        if self.pattern != "causal":
+            raise ConfigError(f"{name} computes plain causal attention: set attention.pattern='causal' "
+                              f"(got {self.pattern!r})")
+        if self.softcap is not None:
+            raise ConfigError(f"{name} has no scores to cap: set attention.softcap=None")
+        if model.positions == "alibi":
+            raise ConfigError(f"{name} cannot add ALiBi's distance bias: use positions 'rope', 'learned', "
+                              "'sinusoidal' or 'none'")
+        if self.approx == "linformer" and self.rank > model.max_seq_len:
+            raise ConfigError(f"attention.rank={self.rank} exceeds max_seq_len={model.max_seq_len}: Linformer "
+                              "projects max_seq_len positions to rank rows; lower attention.rank")
+
     def window(self, layer: int, default: int | None) -> int | None:
         """The sliding window of layer `layer` (None: global): `windows` cycled, else `default`."""
         if self.windows is None:
@@ -177,7 +229,9 @@ class SSDConfig:
     Layer i mixes with SSD when i is in `layers` (None: every layer); the others keep attention.
     Each SSD layer has expand * dim inner channels in heads of `head_dim`, a `state_dim` state per
     head, `n_groups` groups of shared B/C projections, a causal depthwise conv of `conv_width`, and
-    trains in the chunked matmul form with chunks of `chunk` tokens.
+    trains in the chunked matmul form with chunks of `chunk` tokens (tformer.nn.ssd).
+    dt_min, dt_max: the range of the initial step sizes (log-uniform; Mamba-2's 0.001, 0.1).
+    norm_before_gate: the output norm is RMSNorm(y) * silu(z) instead of Mamba-2's RMSNorm(y * silu(z)).
     """
 
     layers: list[int] | None = None
@@ -187,6 +241,9 @@ class SSDConfig:
     n_groups: int = 1
     conv_width: int = 4
     chunk: int = 64
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    norm_before_gate: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self, "ssd.")
@@ -197,3 +254,18 @@ class SSDConfig:
                 raise ConfigError(f"ssd.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.layers is not None and min(self.layers, default=0) < 0:
             raise ConfigError(f"ssd.layers must list layer indices >= 0, got {self.layers!r}")
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ConfigError(f"ssd.dt_min and ssd.dt_max must satisfy 0 < dt_min <= dt_max, "
+                              f"got {self.dt_min} and {self.dt_max}")
+
+    def check_model(self, dim: int, n_layers: int) -> None:
+        """The fields that depend on the model's dim and depth."""
+        if self.layers is not None and max(self.layers, default=0) >= n_layers:
+            raise ConfigError(f"ssd.layers={self.layers} names a layer past n_layers={n_layers} (layers count from 0)")
+        inner = self.expand * dim
+        if inner % self.head_dim:
+            raise ConfigError(f"ssd.head_dim={self.head_dim} does not divide the inner width ssd.expand * dim = "
+                              f"{inner}: choose a head_dim that divides it")
+        if (inner // self.head_dim) % self.n_groups:
+            raise ConfigError(f"ssd.n_groups={self.n_groups} does not divide the {inner // self.head_dim} SSD heads "
+                              "(ssd.expand * dim / ssd.head_dim): each group serves the same number of heads")
