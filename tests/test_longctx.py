@@ -195,3 +195,56 @@ def test_cli_refuses_lengths_past_learned_positions(tokenizers, tmp_path, capsys
     assert "max_seq_len 128, and its learned positions have no row past it" in capsys.readouterr().err
     assert main(["eval", "longctx", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_accuracy_grid_and_effective_lengths_follow_the_answers(tokenizers, monkeypatch):
+    """Scores, their aggregation and the written numbers, with a stand-in model that answers by rule."""
+    from tformer.evals import longctx_run
+    from tformer.evals.longctx_report import to_dict
+    from tformer.evals.longctx_run import build_examples, evaluate
+
+    tok = tokenizers["bpe"]
+    examples = build_examples(tok, ["passkey", "multivalue"], [300, 200, 250], [0.0, 1.0], 2, haystack=TEXT)
+    by_ids = {tuple(e.ids): e for group in examples.values() for e in group}
+
+    class Oracle:  # passkey: right below 300 tokens, and at 300 from depth 1 only; multivalue: half the values
+        def __init__(self, model, tokenizer, batch_size):
+            pass
+
+        def __call__(self, prompts, max_new_tokens):
+            out = []
+            for ids in prompts:
+                e = by_ids[tuple(ids)]
+                right = e.task == "multivalue" or e.length < 300 or e.depth == 1.0
+                answers = e.answers[:2] if e.task == "multivalue" else e.answers if right else ["00000"]
+                out.append(tok.encode(" " + ", ".join(answers))[:max_new_tokens])
+            return out
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(longctx_run, "_Generator", Oracle)
+    result = evaluate(None, tok, examples, threshold=0.85)
+    assert result.lengths == [200, 250, 300]
+    assert result.by_length("passkey") == {200: 1.0, 250: 1.0, 300: 0.5}
+    assert result.effective_length("passkey") == 250
+    assert result.by_length("multivalue") == {200: 0.5, 250: 0.5, 300: 0.5}
+    assert result.effective_length("multivalue") is None and result.effective_length() is None
+    data = to_dict(result)
+    assert data["tasks"]["passkey"]["accuracy"] == [[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]  # [depth][length]
+    assert data["average"]["by_length"] == {"200": 0.75, "250": 0.75, "300": 0.5}
+
+
+def test_cli_runs_an_encoder_decoder_past_max_seq_len(tokenizers, tmp_path, capsys):
+    """T5's relative position bias has no length limit: the source may pass max_seq_len."""
+    from tformer.presets import get_preset
+
+    tok = tokenizers["bpe"]
+    config = get_preset("t5-small").replace(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, head_dim=16,
+                                            ffn_dim=64, max_seq_len=128)
+    tformer.save(tformer.build_model(config), tmp_path / "t5", tokenizer=tok)
+    argv = ["eval", "longctx", str(tmp_path / "t5"), "--tasks", "niah", "--lengths", "160", "--depths", "0.5",
+            "--samples", "1", "--out", str(tmp_path / "o"), "--device", "cpu"]
+    assert main(argv) == 0
+    assert "its t5 positions are evaluated beyond their training length" in capsys.readouterr().err
+    assert (tmp_path / "o" / "longctx_niah.png").is_file()

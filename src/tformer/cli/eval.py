@@ -8,6 +8,7 @@ import sys
 
 from tformer.cli import UserError
 from tformer.cli.decoding import add_model_options, load_model
+from tformer.evals.longctx_run import DEFAULT_THRESHOLD
 
 DESCRIPTION = """\
 Ask a checkpoint for facts buried in long prompts, fully offline, and score its greedy answers: passkey
@@ -27,26 +28,26 @@ past max_seq_len: models whose positions are computed (RoPE with any scaling, AL
 ROPE_SCALINGS = ("none", "linear", "dynamic", "yarn", "llama3")
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in the options' help, the description's lines as written."""
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint offline: `tformer eval longctx CKPT`",
                        description="Evaluations that need no data beyond what tformer bundles.")
     actions = p.add_subparsers(dest="action", metavar="EVAL", required=True)
     q = actions.add_parser("longctx", help="long-context retrieval by length and depth: heatmaps, effective length",
-                           description=DESCRIPTION, epilog=EPILOG, formatter_class=_Formatter)
+                           description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     q.add_argument("path", metavar="CKPT", help="tformer checkpoint or HF model directory (with tokenizer.json)")
-    q.add_argument("--tasks", default="passkey,niah,multikey,multivalue,vartrack", help="comma-separated")
+    q.add_argument("--tasks", default="passkey,niah,multikey,multivalue,vartrack",
+                   help="comma-separated (default: all, %(default)s)")
     q.add_argument("--lengths", help="prompt lengths in tokens, comma-separated; k = 1024 (256,512,1k); "
                                      "default: max_seq_len / 4, / 2 and max_seq_len - 64")
-    q.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1], comma-separated")
-    q.add_argument("--samples", type=int, default=4, help="prompts per task, length and depth")
+    q.add_argument("--depths", default="0,0.25,0.5,0.75,1",
+                   help="needle depths in [0, 1], comma-separated (default: %(default)s)")
+    q.add_argument("--samples", type=int, default=4, help="prompts per task, length and depth (default: %(default)s)")
     q.add_argument("--out", required=True, help="output directory")
-    q.add_argument("--threshold", type=float, default=0.85, help="accuracy an effective length must reach")
-    q.add_argument("--seed", type=int, default=0, help="seed of the keys, values and haystack offsets")
-    q.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    q.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help="accuracy an effective length must reach (default: %(default)s)")
+    q.add_argument("--seed", type=int, default=0,
+                   help="seed of the keys, values and haystack offsets (default: %(default)s)")
+    q.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default: %(default)s)")
     q.add_argument("--rope-scaling", choices=ROPE_SCALINGS, help="RoPE scaling to evaluate with (RoPE models)")
     q.add_argument("--rope-factor", type=float, help="the --rope-scaling factor")
     q.add_argument("--rope-original-len", type=int,
@@ -98,7 +99,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tformer.evals.longctx import check_tasks
-    from tformer.evals.longctx_report import table, write
+    from tformer.evals.longctx_report import format_length, table, write
     from tformer.evals.longctx_run import build_examples, context_needed, evaluate, prepare_model, rope_override
     from tformer.inference import load_tokenizer
 
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
 
     def progress(task: str, length: int, accuracy: float) -> None:
-        print(f"{task} {length}: {accuracy:.2f}", file=sys.stderr, flush=True)
+        print(f"{task} {format_length(length)}: {accuracy:.2f}", file=sys.stderr, flush=True)
 
     result = evaluate(model, tokenizer, examples, args.threshold, args.batch_size, progress)
     about = {"checkpoint": str(args.path), "max_seq_len": max_seq_len, "positions": model.config.positions,

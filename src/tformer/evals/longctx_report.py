@@ -16,7 +16,7 @@ def format_length(n: int) -> str:
 
 
 def _effective(n: int | None) -> str:
-    return "-" if n is None else format_length(n)
+    return "none" if n is None else format_length(n)
 
 
 def table(result: LongCtxResult) -> str:
@@ -29,7 +29,7 @@ def table(result: LongCtxResult) -> str:
         lines.append(f"{task or 'average':<{width}}  " + "  ".join(f"{row[n]:6.2f}" for n in result.lengths)
                      + f"  {_effective(result.effective_length(task)):>9}")
     lines.append(f"effective length: the longest length with accuracy >= {result.threshold:g} there and at every "
-                 "shorter length (- : none)")
+                 "shorter length")
     return "\n".join(lines)
 
 

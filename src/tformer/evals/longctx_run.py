@@ -102,17 +102,19 @@ def prepare_model(model, context: int, rope: dict | None = None, answer_room: in
     config, changes, note = model.config, {}, None
     if rope:
         changes["rope"] = rope
-    absolute = config.positions in ("learned", "sinusoidal")
-    if context > config.max_seq_len and (config.architecture != "encoder_decoder" or absolute):
+    if context > config.max_seq_len:
         if config.positions not in EXTRAPOLATING:
             raise ValueError(f"lengths with their answers need {context} tokens, more than the model's max_seq_len "
                              f"{config.max_seq_len}, and its {config.positions} positions have no row past it: "
                              f"pass lengths up to {config.max_seq_len - answer_room}")
-        changes["max_seq_len"] = context
+        # an encoder-decoder bounds only absolute positions by max_seq_len (tformer.inference.seq2seq)
+        if config.architecture != "encoder_decoder" or config.positions == "sinusoidal":
+            changes["max_seq_len"] = context
+        positions = _positions(config.replace(**changes) if rope else config)
         note = (f"lengths reach {context} tokens with their answers, past the model's max_seq_len "
-                f"{config.max_seq_len}: its {_positions(config)} positions are evaluated beyond their training length")
+                f"{config.max_seq_len}: its {positions} positions are evaluated beyond their training length")
     if not changes:
-        return model, None
+        return model, note
     return _rebuild(model, config.replace(**changes)), note
 
 
