@@ -69,6 +69,7 @@ class TrainConfig:
     threads: int = 0  # CPU threads; 0: all cores
     # several processes (train/parallel.py; launched by torchrun)
     parallel: Literal["none", "ddp", "fsdp"] = "none"  # batch_size is per rank: the global batch is x ranks
+    tensor_parallel: int = 1  # ranks that split each block's attention and FFN (train/tensor_parallel.py)
     fsdp_cpu_offload: bool = False  # FSDP2: sharded parameters, gradients and optimiser state kept on CPU
     activation_checkpointing: Literal["none", "full", "selective"] = "none"  # recompute blocks in backward
     ac_every: int = 2  # selective activation checkpointing: every ac_every-th block
@@ -132,13 +133,17 @@ class TrainConfig:
             raise ConfigError(f"ac_every must be >= 1, got {self.ac_every}")
         if self.fsdp_cpu_offload and self.parallel != "fsdp":
             raise ConfigError("fsdp_cpu_offload offloads FSDP2's shards: pass --parallel fsdp too")
-        if self.parallel == "none":
+        if self.tensor_parallel < 1:
+            raise ConfigError(f"tensor_parallel must be >= 1 (1: no tensor parallelism), got {self.tensor_parallel}")
+        if self.parallel == "none" and self.tensor_parallel == 1:
             return
+        tp = self.tensor_parallel
+        flag = f"--parallel {self.parallel}" if tp == 1 else f"--tensor-parallel {tp}"
         if self.method != "full":
-            raise ConfigError(f"--parallel {self.parallel} trains all weights: LoRA adapters (--method "
-                              f"{self.method}) train on one process, drop --parallel")
+            raise ConfigError(f"{flag} trains all weights: LoRA adapters (--method {self.method}) train on one "
+                              f"process, drop {flag}")
         if self.teacher:
-            raise ConfigError(f"distillation (--teacher) runs on one process: drop --parallel {self.parallel}")
+            raise ConfigError(f"distillation (--teacher) runs on one process: drop {flag}")
 
 
 FIELD_HELP = {
@@ -192,6 +197,11 @@ FIELD_HELP = {
                 "sharded weights, gradients and optimiser state); batch_size is per rank; checkpoints are sharded "
                 "(torch.distributed.checkpoint)",
     "fsdp_cpu_offload": "with --parallel fsdp: keep the shards and optimiser state in CPU memory",
+    "tensor_parallel": "tensor parallelism under torchrun: each block's attention heads and FFN width split over "
+                       "this many ranks (Megatron-style, through DTensor), which see the same batch; it must divide "
+                       "the ranks, n_heads, n_kv_heads and ffn_dim. Alone it spans every rank; with --parallel "
+                       "fsdp the ranks form a 2-D mesh, FSDP2 across the ranks/N model replicas. Checkpoints "
+                       "hold the model's own layout",
     "activation_checkpointing": "recompute blocks' activations in backward to save memory: every block (full) "
                                 "or every --ac-every-th (selective)",
     "ac_every": "selective activation checkpointing: checkpoint blocks 0, k, 2k, ...",

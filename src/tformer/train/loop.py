@@ -140,7 +140,7 @@ def _train(cfg: TrainConfig, parallel: Parallel, device: torch.device, progress:
     saving = _Saving(cfg, data, parallel)
     flops_per_token = training_flops_per_token(model.config, cfg.seq_len)
     peak = peak_flops(device)
-    peak = peak * parallel.world if peak else None  # the ranks' devices together
+    peak = peak * parallel.world * parallel.tp if peak else None  # the ranks' devices together
     logger = MetricsLogger(cfg, start, progress) if parallel.main else _Quiet()
     shard = {"rank": parallel.rank, "world": parallel.world} if parallel.distributed else {}
     moe = moe_layers(model)
@@ -247,7 +247,7 @@ def _restore(resumed: ResumePoint, model, optimizer, device, parallel: Parallel)
 
         load_sharded(resumed.path, state, model, optimizer, parallel.rank, parallel.world)
         return state["step"], state["best_val_loss"]
-    if parallel.mode == "fsdp":  # the whole optimiser state, sharded as the parameters are
+    if parallel.mode == "fsdp" or parallel.tp > 1:  # the whole optimiser state, sharded as the parameters are
         from tformer.train.sharded import load_full_optimizer
 
         load_full_optimizer(model, optimizer, state["optimizer"])
@@ -313,7 +313,8 @@ def train_step(model, objective, optimizer, micro_batches: Sequence[dict], grad_
         stats = {k: summed[j].float().to(v.device) for j, (k, v) in enumerate(stats.items())}
     if grad_clip > 0:
         params = [p for p in model.parameters() if p.requires_grad]
-        norm = clip_grad_norm(params, grad_clip) if world > 1 else torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        sharded = parallel is not None and parallel.distributed  # DTensor gradients (FSDP2, tensor parallel)
+        norm = clip_grad_norm(params, grad_clip) if sharded else torch.nn.utils.clip_grad_norm_(params, grad_clip)
         stats["grad_norm"] = norm.detach().float()  # before clipping
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -8,8 +8,9 @@
 Every rank writes its shards into `.step-000200.tmp`; after a barrier rank 0 adds the rest and renames
 the folder into place, so a run killed mid-save (any rank) leaves the previous checkpoint the newest
 complete one. The state dicts come from `torch.distributed.checkpoint.state_dict`, whose keys are the
-model's own (no FSDP/DDP/activation-checkpointing prefixes), so a checkpoint loads on any number of
-ranks, with or without FSDP, and on one process without a process group. `consolidate` turns one
+model's own (no FSDP/DDP/activation-checkpointing prefixes), and tensor parallelism's permuted wqkv rows
+are put back in the model's order (train/tensor_parallel.py), so a checkpoint loads on any number of
+ranks, with or without FSDP or tensor parallelism, and on one process without a process group. `consolidate` turns one
 into an ordinary tformer checkpoint (model.safetensors).
 """
 
@@ -33,6 +34,7 @@ from tformer.config import ModelConfig
 from tformer.io import CheckpointError
 from tformer.tokenizer import TOKENIZER_FILE, Tokenizer
 from tformer.train.state import SHARDED_FILE, STATE_FILE, checkpoint_dirs, load_training_state
+from tformer.train.tensor_parallel import to_model_layout, to_shard_layout
 
 FORMAT = "tformer-sharded"
 
@@ -67,6 +69,7 @@ def save_sharded(out_dir, model, optimizer, step: int, best_val_loss: float, kee
         tmp.mkdir(parents=True)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    to_model_layout(model, model_sd, optim_sd)  # tensor parallelism's permuted rows in the model's order
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
     rngs = _gather(torch.get_rng_state())
     if _rank() == 0:
@@ -130,11 +133,15 @@ def load_sharded(path: Path, state: dict, model, optimizer, rank: int = 0, world
     """Load checkpoint `path` into `model` and `optimizer` as this run shards them (collective), and
     this rank's RNG state when the checkpoint had as many ranks."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    to_model_layout(model, model_sd, optim_sd)
     loaded = {"model": model_sd, "optimizer": optim_sd}
     with _one_process_quiet():
         dcp.load(loaded, checkpoint_id=path, no_dist=not dist.is_initialized())
+    to_shard_layout(model, loaded["model"], loaded["optimizer"])
     set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
-    rngs = state["torch_rngs"]
+    rngs = state["torch_rngs"]  # one a process
+    if dist.is_initialized():  # under tensor parallelism rank and world count replicas, not processes
+        rank, world = dist.get_rank(), dist.get_world_size()
     if len(rngs) == world:
         torch.set_rng_state(rngs[rank])
     else:
@@ -153,6 +160,7 @@ def load_full_optimizer(model, optimizer, state_dict: dict) -> None:
         "state": {order[i]: s for i, s in state_dict["state"].items()},
         "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state_dict["param_groups"]],
     }
+    to_shard_layout(model, {}, by_name, whole=True)
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
@@ -172,6 +180,7 @@ def full_model(model):
     tensors = get_model_state_dict(model, options=options)
     if _rank() != 0:
         return None
+    to_model_layout(model, tensors)
     whole = build_model(model.config, init=False)
     whole.load_state_dict(tensors)
     return whole.eval()
