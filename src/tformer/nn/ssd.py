@@ -122,7 +122,7 @@ class SSD(nn.Module):
         xbc = F.silu(causal_conv(xbc, self.conv.weight[:, 0], self.conv.bias, conv_state, mask))
         xs, b, c = xbc.split([self.inner, G * N, G * N], dim=-1)
         xs = xs.unflatten(-1, (H, P))  # (B, T, H, P)
-        b, c = (t.unflatten(-1, (G, N)).repeat_interleave(H // G, dim=2) for t in (b, c))  # (B, T, H, N)
+        b, c = b.unflatten(-1, (G, N)), c.unflatten(-1, (G, N))  # (B, T, G, N)
         dt = F.softplus(dt.float() + self.dt_bias)  # (B, T, H)
         A = -torch.exp(self.A_log.float())  # (H,)
         if self.cache is not None and T == 1:
@@ -136,7 +136,7 @@ class SSD(nn.Module):
         y = self.norm(y.to(x.dtype).flatten(-2), z)  # (B, T, E)
         return self.resid_drop(self.wo(y))
 
-    def scan(self, x, dt, A, b, c, h0=None, starts=None):
+    def scan(self, x, dt, A, b, c, h0=None, starts=None):  # b, c (B, T, G, N): mamba_ssm's layout
         """The chunked recurrence (`ssd_chunked`). An instance may replace it, as `Attention.core`: a fused
         scan (mamba_ssm's chunk scan, where that package is installed) belongs to whatever swaps it in
         from outside the model; none is swapped in here."""
@@ -200,10 +200,11 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
 
 
 def ssd_chunked(x, dt, A, b, c, chunk: int, h0=None, starts=None):
-    """The recurrence in chunked form: x (B,T,H,P), dt (B,T,H), A (H,), b/c (B,T,H,N), h0 (B,H,P,N) or
-    None (zeros), starts (B,T) bool or None -> y (B,T,H,P) fp32 (without D x), final state (B,H,P,N) fp32."""
+    """The recurrence in chunked form: x (B,T,H,P), dt (B,T,H), A (H,), b/c (B,T,G,N) (group g serves heads
+    g*H/G ... (g+1)*H/G - 1), h0 (B,H,P,N) or None (zeros), starts (B,T) bool or None
+    -> y (B,T,H,P) fp32 (without D x), final state (B,H,P,N) fp32."""
     Bsz, T, H, P = x.shape
-    N = b.shape[-1]
+    G, N = b.shape[-2:]
     Q = min(chunk, T)
     pad = -T % Q  # tail padding: dt = 0 leaves the state as it is and adds nothing
     a = dt * A  # (B, T, H) log-decays, <= 0
@@ -213,9 +214,10 @@ def ssd_chunked(x, dt, A, b, c, chunk: int, h0=None, starts=None):
     xdt, b, c = (F.pad(t.float(), (0, 0, 0, 0, 0, pad)).unflatten(1, (-1, Q)) for t in (xdt, b, c))  # (B,n,Q,H,.)
     a = F.pad(a, (0, 0, 0, pad)).unflatten(1, (-1, Q)).permute(0, 3, 1, 2)  # (B, H, n, Q)
     L = torch.exp(segsum(a))  # (B, H, n, Q, Q)
-    # within each chunk: the quadratic, attention-like form
-    scores = torch.einsum("bclhn,bcshn->bhcls", c, b) * L
+    # within each chunk: the quadratic, attention-like form (C.B once per group, the decay per head)
+    scores = torch.einsum("bclgn,bcsgn->bgcls", c, b).repeat_interleave(H // G, dim=1) * L  # (B, H, n, Q, Q)
     y = torch.einsum("bhcls,bcshp->bclhp", scores, xdt)
+    b, c = b.repeat_interleave(H // G, dim=3), c.repeat_interleave(H // G, dim=3)  # (B, n, Q, H, N)
     # each chunk's own contribution to the state at its end
     states = torch.einsum("bclhn,bhcl,bclhp->bchpn", b, L[..., -1, :], xdt)  # (B, n, H, P, N)
     # states passed between chunks: state entering chunk z = sum_j decay(j..z) * states[j]
@@ -229,8 +231,10 @@ def ssd_chunked(x, dt, A, b, c, chunk: int, h0=None, starts=None):
 
 
 def ssd_step(x, dt, A, b, c, h, start=None):
-    """One recurrence step: x (B,H,P), dt (B,H), A (H,), b/c (B,H,N), h (B,H,P,N) fp32, start (B,) bool
+    """One recurrence step: x (B,H,P), dt (B,H), A (H,), b/c (B,G,N), h (B,H,P,N) fp32, start (B,) bool
     or None -> y (B,H,P) fp32 (without D x), new state (B,H,P,N)."""
+    H, G = x.shape[1], b.shape[1]
+    b, c = b.repeat_interleave(H // G, dim=1), c.repeat_interleave(H // G, dim=1)  # (B, H, N)
     decay = torch.exp(dt * A)  # (B, H)
     if start is not None:
         decay = decay.masked_fill(start[:, None], 0.0)
