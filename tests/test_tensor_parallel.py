@@ -1,7 +1,8 @@
 """Tensor parallelism on CPU (gloo, 2 processes): the loss curve of one process with the same batch for a
-Llama-style model (GQA, SwiGLU, tied embeddings) and a GPT-2-style one (MHA, biases everywhere), sharded
-checkpoints in the model's own layout (converted, gathered, resumed on one process and from one), and the
-errors of a degree that does not fit."""
+Llama-style model (GQA, SwiGLU, tied embeddings) and a GPT-2-style one (MHA, biases everywhere), alone and
+under FSDP2 (2-D; a 2 x 2 mesh of 4 processes in the slow test), sharded checkpoints in the model's own
+layout (converted, gathered, resumed on one process and from one), and the errors of a degree that does
+not fit."""
 
 import json
 import os
@@ -41,6 +42,8 @@ def _worker(rank: int, world: int, tmp, port: int) -> None:
         for preset in PRESETS:
             train(run_config(tmp, f"tp-{preset}", preset=preset, tensor_parallel=2), progress=False)
         train(run_config(tmp, "one-on-tp", preset="tiny-llama", tensor_parallel=2, resume=True), progress=False)
+        # 2-D over a mesh of 1 x 2: FSDP2 on the tensor-parallel DTensors (a 2 x 2 mesh: test_two_d_mesh)
+        train(run_config(tmp, "fsdp-tp", preset="tiny-llama", parallel="fsdp", tensor_parallel=2), progress=False)
         errors = []
         for overrides in (dict(tensor_parallel=4), dict(tensor_parallel=2, parallel="ddp")):
             try:
@@ -66,6 +69,44 @@ def test_tensor_parallel_follows_the_one_process_curve(runs, preset):
     one = losses(runs / f"one-{preset}")
     assert len(one) == STEPS
     torch.testing.assert_close(losses(runs / f"tp-{preset}"), one, rtol=1e-4, atol=0)
+    if preset == "tiny-llama":
+        torch.testing.assert_close(losses(runs / "fsdp-tp"), one, rtol=1e-4, atol=0)
+
+
+def _two_d_worker(rank: int, world: int, tmp, port: int) -> None:
+    """4 ranks: 2 FSDP2 replicas (batch 2 each) x tensor parallel 2, then resumed from its step-2 checkpoint."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        if rank == 0:
+            train(run_config(tmp, "one", preset="tiny-llama"), progress=False)
+        dist.barrier()
+        two_d = dict(preset="tiny-llama", parallel="fsdp", tensor_parallel=2, batch_size=2)
+        train(run_config(tmp, "2d", **two_d), progress=False)
+        if rank == 0:
+            resumable_copy(tmp, "2d", "2d-resumed")
+        dist.barrier()
+        train(run_config(tmp, "2d-resumed", resume=True, **two_d), progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_d_mesh(tmp_path):
+    """FSDP2 x tensor parallel on a 2 x 2 mesh: the curve of one process with the global batch of 4 rows."""
+    (tmp_path / "corpus.txt").write_text(TEXT * 40)
+    mp.spawn(_two_d_worker, args=(4, tmp_path, free_port()), nprocs=4)
+    one = losses(tmp_path / "one")
+    torch.testing.assert_close(losses(tmp_path / "2d"), one, rtol=1e-4, atol=0)
+    torch.testing.assert_close(losses(tmp_path / "2d-resumed")[2:], one[2:], rtol=1e-4, atol=0)
+    out, step = tmp_path / "whole", f"step-{STEPS:06d}"
+    assert main(["convert", str(tmp_path / "2d" / "checkpoints" / step), str(out), "--to", "tformer"]) == 0
+    tokens = torch.randint(0, 60, (2, 16))
+    with torch.no_grad():
+        single = load(tmp_path / "one" / "checkpoints" / step)(tokens)
+        torch.testing.assert_close(load(out)(tokens), single, rtol=1e-4, atol=1e-4)
 
 
 def test_tensor_parallel_checkpoints_hold_the_model_layout(runs, tmp_path):

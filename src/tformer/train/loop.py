@@ -266,7 +266,7 @@ def _interrupted(cfg, model, saving, optimizer, step: int, best: float, logger) 
         path = saving.checkpoint(model, optimizer, step, best)
     logger.close()
     command = resume_command(cfg)
-    if cfg.parallel != "none" and command.startswith("tformer "):  # launched by torchrun: relaunched by it
+    if saving.parallel.distributed and command.startswith("tformer "):  # launched by torchrun: relaunched by it
         command = f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', 'N')} -m {command}"
     if saving.parallel.main:
         print(f"interrupted: saved a resumable checkpoint of step {step} to {path}\nresume with: {command}",

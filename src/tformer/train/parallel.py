@@ -21,6 +21,7 @@ micro-steps before the last.
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -223,6 +224,8 @@ def parallelize(model: nn.Module, cfg, parallel: Parallel, device: torch.device)
         return Replicated(model, device)
     if parallel.mode == "fsdp":
         shard(model, device, cfg.dtype, cfg.fsdp_cpu_offload, parallel.mesh["dp"] if parallel.tp > 1 else None)
+        if parallel.tp > 1:  # features() ends in DTensor.to_local(), a view; nothing changes it in place
+            warnings.filterwarnings("ignore", r"FSDP2-wrapped module .* returned a view tensor", UserWarning)
     return TensorParallelModel(model) if parallel.tp > 1 else model
 
 
