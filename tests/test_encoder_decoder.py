@@ -107,7 +107,7 @@ def test_cache_misuse_and_bad_masks_are_clear_errors():
 
 
 @pytest.mark.parametrize("fields, match", [
-    (dict(positions="t5"), "needs architecture='encoder_decoder'"),
+    (dict(architecture="encoder", positions="t5"), "needs architecture='encoder_decoder'"),
     (dict(n_decoder_layers=2), "n_decoder_layers is an encoder-decoder field"),
     (dict(scale_output=True), "scale_output is an encoder-decoder field"),
     (dict(architecture="encoder_decoder", positions="rope"), "takes positions"),

@@ -200,6 +200,12 @@ def hf_model_type(cfg: ModelConfig) -> str:
         _inexpressible(f"architecture={cfg.architecture!r} (HF export covers decoders; BERT loads, not saves)")
     if cfg.norm_placement != "pre":
         _inexpressible(f"norm_placement={cfg.norm_placement!r} (all supported HF decoders are pre-norm)")
+    a = cfg.attention
+    if a.pattern != "causal" or a.windows is not None or a.softcap is not None:
+        _inexpressible("attention.pattern, attention.windows or attention.softcap (tformer.nn.variants: no "
+                       "supported HF decoder has them)")
+    if cfg.ssd is not None:
+        _inexpressible("ssd (Mamba-2 layers, tformer.nn.ssd: no supported HF decoder mixes them with attention)")
     if cfg.moe is not None or cfg.mla is not None:
         from tformer.convert.hf_moe_config import moe_model_type
 

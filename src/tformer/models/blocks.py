@@ -16,18 +16,21 @@ from __future__ import annotations
 from torch import nn
 
 from tformer.config import ModelConfig
+from tformer.nn.approx import make_approx_attention
 from tformer.nn.attention import Attention, CrossAttention
 from tformer.nn.mla import LatentAttention
 from tformer.nn.mlp import make_ffn
 from tformer.nn.moe import MoE
 from tformer.nn.norm import make_norm
+from tformer.nn.ssd import SSD
+from tformer.nn.variants import SoftcapAttention
 
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         self.attn_norm = make_norm(config)
-        self.attn = LatentAttention(config) if config.mla is not None else Attention(config)
+        self.attn = make_attention(config, layer)
         self.ffn_norm = make_norm(config)
         self.ffn = MoE(config) if config.is_moe_layer(layer) else make_ffn(config)
 
@@ -42,8 +45,36 @@ class PostNormBlock(Block):
         return self.ffn_norm(h + self.ffn(h))
 
 
+def make_attention(config: ModelConfig, layer: int = 0) -> nn.Module:
+    """A decoder layer's attention: MLA, softcapped (explicit scores), or multi-head attention."""
+    if config.mla is not None:
+        return LatentAttention(config)
+    return SoftcapAttention(config) if config.attention.softcap is not None else make_approx_attention(config, layer)
+
+
+class SSDBlock(nn.Module):
+    """A pre-norm block whose token mixer is a Mamba-2 state-space layer (tformer.nn.ssd), not attention:
+
+        h = x + mixer(mixer_norm(x));  y = h + ffn(ffn_norm(h))
+
+    `mask` is the mixer's: (B, T) sequence starts or None (Decoder gives each kind of block its own)."""
+
+    def __init__(self, config: ModelConfig, layer: int = 0):
+        super().__init__()
+        self.mixer_norm = make_norm(config)
+        self.mixer = SSD(config)
+        self.ffn_norm = make_norm(config)
+        self.ffn = MoE(config) if config.is_moe_layer(layer) else make_ffn(config)
+
+    def forward(self, x, rope=None, mask=None, input_pos=None):
+        h = x + self.mixer(self.mixer_norm(x), rope, mask, input_pos)
+        return h + self.ffn(self.ffn_norm(h))
+
+
 def make_block(config: ModelConfig, layer: int = 0) -> nn.Module:
-    """Block number `layer` (0-based): MoE layers and MLA are chosen from the config here."""
+    """Block number `layer` (0-based): SSD layers, MoE layers and MLA are chosen from the config here."""
+    if config.is_ssd_layer(layer):
+        return SSDBlock(config, layer)
     return PostNormBlock(config, layer) if config.norm_placement == "post" else Block(config, layer)
 
 

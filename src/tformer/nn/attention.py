@@ -4,6 +4,7 @@ Shapes: B batch, T queries, S keys, C dim, H query heads, Hkv key/value heads, D
 
     self:  x (B,T,C) -> wqkv -> q (B,T,H,D), k/v (B,T,Hkv,D) -> RoPE -> (B,H,T,D)
              -> [KV cache: write at input_pos, read all S slots] -> softmax(q k^T * scale + mask) v
+                (a RollingKVCache reads its ring of a window's keys, under a mask it builds from the model's)
              -> (B,T,H*D) -> wo -> (B,T,C)
     cross: x (B,T,C) -> wq -> q;  memory (B,S,C) -> wkv -> k/v (B,Hkv,S,D), or read from a cache
              filled once per source (`fill_cache`) -> softmax(q k^T * scale + mask) v -> wo
@@ -20,20 +21,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from tformer.config import ModelConfig
-from tformer.nn.kv_cache import KVCache
+from tformer.nn.kv_cache import KVCache, RollingKVCache
 from tformer.nn.rope import apply_rope
 
 
-def reference_attention(q, k, v, mask=None, dropout_p: float = 0.0, scale: float | None = None):
+def reference_attention(q, k, v, mask=None, dropout_p: float = 0.0, scale: float | None = None,
+                        softcap: float | None = None):
     """The textbook formula, one head group at a time; returns (output, weights (B,H,T,S)).
 
     Used to check the kernels and to capture attention maps (tformer.viz). mask: None (causal),
     bool (True = attend) or additive float, broadcastable to (B, H, T, S). scale: None = 1/sqrt(D).
+    softcap: scores -> softcap * tanh(scores / softcap) before the mask (Gemma 2; SDPA has no such step).
     """
     n_rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
     scores = (q @ k.transpose(-2, -1)).float()  # (B, H, T, S)
     scores = scores / math.sqrt(q.shape[-1]) if scale is None else scores * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if mask is None:
         T, S = scores.shape[-2:]
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
@@ -86,7 +91,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(q_size, config.dim, bias=config.out_bias)
         self.attn_dropout = config.attn_dropout
         self.resid_drop = nn.Dropout(config.resid_dropout)
-        self.kv_cache: KVCache | None = None
+        self.kv_cache: KVCache | RollingKVCache | None = None
 
     def make_cache(self, batch_size: int, n_slots: int, dtype: torch.dtype, device=None) -> KVCache:
         return KVCache(batch_size, n_slots, self.n_kv_heads, self.head_dim, dtype, device)
@@ -97,17 +102,24 @@ class Attention(nn.Module):
     def attend(self, qkv, rope=None, mask=None, input_pos=None):
         """The projected q|k|v (B, T, (H + 2 Hkv) D) -> attention output (B, T, H*D), before wo."""
         B, T, _ = qkv.shape
+        q, k, v = self.heads(qkv, rope)  # (B, H|Hkv, T, D)
+        if isinstance(self.kv_cache, RollingKVCache):  # slots are not positions: the cache masks its keys
+            k, v, mask = self.kv_cache.update(input_pos, k, v, mask)  # (B, Hkv, S', D), (B, 1, T, S')
+        elif self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, S, D)
+        y = self.core(q, k, v, mask, self.attn_dropout if self.training else 0.0)  # (B, H, T, D)
+        return y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
+
+    def heads(self, qkv, rope=None):
+        """The projected q|k|v (B, T, (H + 2 Hkv) D) -> q (B, H, T, D), k, v (B, Hkv, T, D), RoPE applied."""
+        B, T, _ = qkv.shape
         q, k, v = qkv.split(self.split_sizes, dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|Hkv, T, D)
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, S, D)
-        y = self.core(q, k, v, mask, self.attn_dropout if self.training else 0.0)  # (B, H, T, D)
-        return y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
+        return tuple(t.transpose(1, 2) for t in (q, k, v))
 
     def core(self, q, k, v, mask=None, dropout_p: float = 0.0):
         """Attention proper: q (B, H, T, D), k/v (B, Hkv, S, D) -> (B, H, T, D). An instance may
