@@ -14,6 +14,7 @@ from tformer.config import ModelConfig
 from tformer.data.corpus import shakespeare_text
 from tformer.evals.longctx import TASKS, make_example, score
 from tformer.evals.longctx_run import effective_length, prepare_model
+from tformer.quantize.swap import quantize_model
 from tformer.tokenizer import Tokenizer
 
 TEXT = shakespeare_text()[:200_000]
@@ -134,6 +135,8 @@ def test_context_extension_keeps_the_weights_and_refuses_learned_positions(token
         assert longer.config.max_seq_len == 300 and "past the model's max_seq_len 128" in note
         torch.testing.assert_close(longer(ids), model(ids))
         assert longer(torch.zeros(1, 300, dtype=torch.long)).shape[1] == 300
+    quantized = quantize_model(model, "int8")  # rebuilt with its quantized layers
+    torch.testing.assert_close(prepare_model(quantized, 300)[0](ids), quantized(ids))
     model = tformer.build_model(_config(tok, positions="learned", max_seq_len=128)).eval()
     assert prepare_model(model, 100) == (model, None)
     with pytest.raises(ValueError, match="max_seq_len 128.*learned positions.*pass lengths up to 98"):

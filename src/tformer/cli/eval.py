@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="accuracy an effective length must reach (default: %(default)s)")
     q.add_argument("--seed", type=int, default=0,
                    help="seed of the keys, values and haystack offsets (default: %(default)s)")
-    q.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default: %(default)s)")
+    q.add_argument("--batch-size", type=int, default=8,
+                   help="prompts decoded together; fewer where long lengths run out of memory (default: %(default)s)")
     q.add_argument("--rope-scaling", choices=ROPE_SCALINGS, help="RoPE scaling to evaluate with (RoPE models)")
     q.add_argument("--rope-factor", type=float, help="the --rope-scaling factor")
     q.add_argument("--rope-original-len", type=int,

@@ -120,24 +120,22 @@ def check_tasks(tasks: list[str]) -> list[str]:
     return tasks
 
 
-def _units(tokenizer, haystack: str, budget: int, rng: random.Random, passkey: bool) -> list[list[int]]:
-    """Filler units (token lists) of exactly `budget` tokens in all: passkey sentences repeated, or
-    consecutive lines of `haystack` from a seeded line start (wrapping round at its end)."""
-    if passkey:
-        sentences = [s + ". " for s in PASSKEY_FILLER.split(". ") if s.strip(". ")]
-        cycle = [tokenizer.encode(s) for s in sentences]
+def _units(tokenizer, haystack: str | None, budget: int, rng: random.Random) -> list[list[int]]:
+    """Filler units (token lists) of exactly `budget` tokens in all: the passkey sentences repeated
+    (haystack None), or consecutive lines of `haystack` from a seeded line start, wrapping at its end."""
+    if haystack is None:
+        cycle = [tokenizer.encode(s + ". ") for s in PASSKEY_FILLER.split(". ") if s.strip(". ")]
+    elif not haystack.strip():
+        raise ValueError("the haystack text is empty: pass some text, or leave it out for the bundled corpus")
     else:
-        start = haystack.find("\n", rng.randrange(len(haystack))) + 1
-        cycle = None
-    units, total, pos, chunk = [], 0, start if not passkey else 0, 8 * budget + 256
+        pos = haystack.find("\n", rng.randrange(len(haystack))) + 1
+    units, total = [], 0
     while total < budget:
-        if passkey:
-            batch = cycle
-        else:
-            text = haystack[pos:pos + chunk]
-            pos = pos + chunk if pos + chunk < len(haystack) else 0
-            batch = [u for u in tokenizer.encode_batch(text.splitlines(keepends=True)) if u]
-        for unit in batch:
+        if haystack is not None:  # about 8 characters a token covers any tokenizer in one or two rounds
+            text, pos = haystack[pos:pos + 8 * budget + 256], pos + 8 * budget + 256
+            pos = pos if pos < len(haystack) else 0
+            cycle = [u for u in tokenizer.encode_batch(text.splitlines(keepends=True)) if u]
+        for unit in cycle:
             units.append(unit[:budget - total])
             total += len(units[-1])
             if total == budget:
@@ -162,11 +160,13 @@ def make_example(task: str, tokenizer, length: int, depth: float, sample: int = 
     if budget < 1:
         raise ValueError(f"length {length} is too short for task {task!r}: its instruction, needles and question "
                          f"take {fixed} tokens of this tokenizer; pass lengths above {fixed}")
-    if haystack is None and not spec.passkey_filler:
+    if spec.passkey_filler:
+        haystack = None
+    elif haystack is None:
         from tformer.data.corpus import shakespeare_text
 
         haystack = shakespeare_text()
-    units = _units(tokenizer, haystack or "", budget, rng, spec.passkey_filler)
+    units = _units(tokenizer, haystack, budget, rng)
     ids, needle_at = _assemble(prefix + intro, units, needles, budget)
     ids += question
     assert len(ids) == length, (len(ids), length)
