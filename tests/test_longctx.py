@@ -129,7 +129,7 @@ def test_effective_length():
 def test_context_extension_keeps_the_weights_and_refuses_learned_positions(tokenizers):
     tok = tokenizers["bpe"]
     ids = torch.tensor([tok.encode(TEXT[:400])[:100]])
-    for positions in ("rope", "alibi", "none"):
+    for positions in ("rope", "alibi", "t5", "none"):
         model = tformer.build_model(_config(tok, positions=positions, max_seq_len=128)).eval()
         longer, note = prepare_model(model, 300)
         assert longer.config.max_seq_len == 300 and "past the model's max_seq_len 128" in note
