@@ -17,6 +17,7 @@ from tformer.models.encoder import Encoder
 from tformer.models.encoder_decoder import EncoderDecoder
 from tformer.nn.moe import GroupedExperts, Router
 from tformer.nn.position import RelativePositionBias
+from tformer.nn.ssd import SSD
 
 ARCHITECTURES = {"decoder": Decoder, "encoder": Encoder, "encoder_decoder": EncoderDecoder}
 
@@ -63,7 +64,8 @@ def init_weights(model: Decoder) -> None:
     resid_std = c.init_std / math.sqrt(2 * c.n_layers) if c.scale_residual_init else c.init_std
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
-            std = resid_std if name.endswith(("attn.wo", "cross.wo", "ffn.w2", "ffn.shared.w2")) else c.init_std
+            residual = name.endswith(("attn.wo", "cross.wo", "mixer.wo", "ffn.w2", "ffn.shared.w2"))
+            std = resid_std if residual else c.init_std
             nn.init.normal_(m.weight, mean=0.0, std=std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -72,6 +74,8 @@ def init_weights(model: Decoder) -> None:
                 nn.init.normal_(p, mean=0.0, std=resid_std if pname == "w2" else c.init_std)
         elif isinstance(m, Router) and m.expert_bias is not None:
             nn.init.zeros_(m.expert_bias)
+        elif isinstance(m, SSD):  # its own A_log, dt_bias and D; its children come next in this loop
+            m.reset_parameters()
         elif isinstance(m, (nn.Embedding, RelativePositionBias)):
             nn.init.normal_(m.weight, mean=0.0, std=c.init_std)
         elif hasattr(m, "reset_parameters") and not list(m.children()):

@@ -117,8 +117,8 @@ class SSD(nn.Module):
         z, xbc, dt = self.w_in(x).split([self.inner, self.conv_dim, H], dim=-1)
         conv_state, h0 = self._read_cache(B, input_pos)
         if self.cache is not None:
-            window = torch.cat((conv_state, xbc), dim=1)[:, -(self.conv_width - 1):]
-            self.cache.conv[:B].copy_(window if mask is None else window * _carries(mask, self.conv_width - 1))
+            window = torch.cat((conv_state, xbc), dim=1)[:, T:]  # the last W-1 inputs
+            self.cache.conv[:B].copy_(window if mask is None else window * _carries(mask, window))
         xbc = F.silu(causal_conv(xbc, self.conv.weight[:, 0], self.conv.bias, conv_state, mask))
         xs, b, c = xbc.split([self.inner, G * N, G * N], dim=-1)
         xs = xs.unflatten(-1, (H, P))  # (B, T, H, P)
@@ -156,13 +156,13 @@ class SSD(nn.Module):
         return cache.conv[:B] * go_on, cache.ssm[:B] * go_on.float()
 
 
-def _carries(starts: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, n, 1): whether each of the last n tokens (of starts (B, T)) is still in the sequence of the
-    last token; a start among the last tokens cuts the conv window the cache keeps."""
-    B, T = starts.shape
+def _carries(starts: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """(B, W-1, 1): whether each row of the conv window the cache keeps (B, W-1, K) is in the sequence of
+    the last token (starts (B, T)); a start among the last tokens cuts the window there."""
+    n = window.shape[1]
     last = _since_start(starts)[:, -1:]  # (B, 1): tokens since the last token's start
     back = torch.arange(n - 1, -1, -1, device=starts.device)  # window row j lies n-1-j tokens back
-    return (back <= last)[..., None].to(torch.float32)
+    return (back <= last)[..., None].to(window.dtype)
 
 
 def _since_start(starts: torch.Tensor) -> torch.Tensor:
