@@ -29,8 +29,6 @@ from torch import nn
 
 from tformer.config import ConfigError
 
-TP_DIM = "tp"  # the device mesh's tensor-parallel dimension
-
 
 @dataclass
 class TensorParallel:
@@ -39,10 +37,6 @@ class TensorParallel:
     mesh: object  # the DeviceMesh of the tp ranks
     rows: dict[str, tuple[nn.Module, str, torch.Tensor]] = field(default_factory=dict)  # name: (module, attr, perm)
 
-    @property
-    def degree(self) -> int:
-        return self.mesh.size()
-
 
 def check_tensor_parallel(model: nn.Module, tp: int) -> None:
     """Refuse, naming the reason, a model that `parallelize_tensor` cannot split `tp` ways."""
@@ -50,6 +44,8 @@ def check_tensor_parallel(model: nn.Module, tp: int) -> None:
     from tformer.nn.mlp import FeedForward, GatedFeedForward
 
     c = model.config
+    if not hasattr(model, "layers"):
+        raise ConfigError(f"--tensor-parallel splits decoder blocks; {type(model).__name__} has none")
     if getattr(model, "alibi", None) is not None or getattr(model, "rel_bias", None) is not None:
         raise ConfigError("--tensor-parallel does not split ALiBi's or T5's per-head biases: train this model "
                           "with --parallel ddp|fsdp alone")
@@ -60,16 +56,14 @@ def check_tensor_parallel(model: nn.Module, tp: int) -> None:
         if size % tp:
             raise ConfigError(f"--tensor-parallel {tp} must divide the model's {name}={size}: each rank takes "
                               f"{name}/{tp} of them; pick a degree that divides n_heads, n_kv_heads and ffn_dim")
-    for i, block in enumerate(getattr(model, "layers", [])):
-        attn, ffn = getattr(block, "attn", None), getattr(block, "ffn", None)
+    for i, block in enumerate(model.layers):
+        attn, ffn = getattr(block, "attn", block), getattr(block, "ffn", block)
         if type(attn) is CrossAttention or not isinstance(attn, Attention) or not hasattr(attn, "wqkv"):
             raise ConfigError(f"--tensor-parallel splits multi-head attention with a fused wqkv; layer {i} has "
                               f"{type(attn).__name__}: train this model with --parallel ddp|fsdp alone")
         if type(ffn) not in (FeedForward, GatedFeedForward):
             raise ConfigError(f"--tensor-parallel splits dense feed-forward layers; layer {i} has "
                               f"{type(ffn).__name__}: train this model with --parallel ddp|fsdp alone")
-    if not hasattr(model, "layers"):
-        raise ConfigError(f"--tensor-parallel splits decoder blocks; {type(model).__name__} has none")
 
 
 def qkv_rows(n_heads: int, n_kv_heads: int, head_dim: int, tp: int) -> torch.Tensor:
