@@ -37,7 +37,7 @@ def test_gpt2_breakdown_by_hand():
     V, C, L, T = 50257, 768, 12, 1024
     assert parameter_breakdown(c) == {
         "embeddings": V * C + T * C,
-        "attention": L * (C * 3 * C + 3 * C + C * C + C),
+        "attention": L * (C * 3 * C + 3 * C + C * C + C), "ssd": 0,
         "ffn": L * (C * 4 * C + 4 * C + 4 * C * C + C),
         "routed_experts": 0, "shared_experts": 0, "router": 0,  # a dense model
         "norms": (2 * L + 1) * 2 * C,

@@ -26,7 +26,7 @@ def test_mixtral_counts_by_hand():
     # Mixtral-8x7B-v0.1: 32 layers, dim 4096, 32 heads / 8 kv heads of 128, 8 experts of 14336, vocab 32000.
     L, C, V, E, F = 32, 4096, 32000, 8, 14336
     expected_total = {
-        "embeddings": V * C, "attention": L * (C * C + 2 * C * 1024 + C * C), "ffn": 0,
+        "embeddings": V * C, "attention": L * (C * C + 2 * C * 1024 + C * C), "ssd": 0, "ffn": 0,
         "routed_experts": L * E * swiglu(C, F), "shared_experts": 0, "router": L * E * C,
         "norms": (2 * L + 1) * C, "output": V * C, "total": 46_702_792_704,  # HF's meta-device count
     }
@@ -41,7 +41,7 @@ def _deepseek_expected(L, C, V, q_rank, H, E, K, n_shared, F_moe, F_dense, first
     attn = q + C * (kv_rank + rope) + kv_rank + kv_rank * H * (nope + v) + H * v * C
     n_moe = L - first_dense
     return {
-        "embeddings": V * C, "attention": L * attn, "ffn": first_dense * swiglu(C, F_dense),
+        "embeddings": V * C, "attention": L * attn, "ssd": 0, "ffn": first_dense * swiglu(C, F_dense),
         "routed_experts": n_moe * E * swiglu(C, F_moe), "shared_experts": n_moe * swiglu(C, n_shared * F_moe),
         "router": n_moe * E * C, "norms": (2 * L + 1) * C, "output": V * C,
     }, n_moe * K * swiglu(C, F_moe)

@@ -4,8 +4,9 @@ Parameters. The model is built on the meta device (no memory is allocated, so a 
 costs nothing) and its named parameters are classified by our module names, so the counts are
 those of the code. A tied output matrix is the token embedding: `named_parameters` yields it
 once, under `tok_emb`, so `output` counts 0. Components: embeddings (token + learned positions),
-attention (incl. MLA's latent norms), ffn (the dense FFNs), routed_experts, shared_experts (incl.
-Qwen2-MoE's shared-expert gate), router, norms (the blocks' and the final norm), output. An
+attention (incl. MLA's latent norms), ssd (Mamba-2 mixers: projections, conv, A, dt bias, D, gated
+norm), ffn (the dense FFNs), routed_experts, shared_experts (incl. Qwen2-MoE's shared-expert gate),
+router, norms (the blocks' and the final norm), output. An
 encoder's segment embeddings count as embeddings, its embedding norm as norms and its [CLS]
 pooler (a dense layer) as ffn. Dense
 models have 0 in the three MoE rows.
@@ -26,12 +27,21 @@ term is 3 (forward + backward) x 2 FLOPs x H T (Q for the scores q.k + Q for the
 values) per layer, with no saving for the causal mask. Latent attention (MLA) scores over
 d_qk = nope_dim + rope_dim and sums over d_v = v_dim per head, so the term is written
 6 L H T (d_qk + d_v), which is PaLM's 12 L H Q T when d_qk = d_v = Q. Model FLOP utilisation
-divides these FLOPs by the device's peak (`peak_flops`).
+divides these FLOPs by the device's peak (`peak_flops`). Only attention layers take the attention
+term; an SSD layer (Mamba-2, tformer.nn.ssd) takes its chunked form's instead, with chunks of
+Q = min(chunk, T) tokens, H heads of P dims, G groups of N state dims:
+
+    6 L_ssd (H Q P + G Q N + 2 H P N)
+
+(per token: scores C.B over the chunk per group, their weighted sum of values per head, the
+token's share of its chunk's state, and the state read back; no saving for the causal mask).
+Its conv, projections, A, dt bias and D are parameters, in 6 N.
 
 KV cache bytes per token: 2 L Hkv head_dim bytes (a key and a value per kv head per layer); MLA
 keeps one kv_rank latent and one rope_dim key per layer, shared by all heads (DeepSeek-V2 §2.1):
 L (kv_rank + rope_dim) bytes (nn.kv_cache.LatentCache). A sliding window caps the tokens kept,
-not the bytes per token.
+not the bytes per token. SSD layers keep no per-token cache but a constant state per sequence
+(nn.ssd.SSDCache): H P N fp32 values and the conv's last W-1 inputs (E + 2 G N channels) each.
 
 Training memory (ZeRO, Rajbhandari et al. 2020, §3.1; every parameter, not only the active):
 weights and gradients at `dtype`, AdamW's two fp32 moments (8 B), and, where `dtype` is narrower
@@ -48,7 +58,7 @@ from torch import nn
 from tformer.config import ModelConfig
 from tformer.models.build import build_model
 
-COMPONENTS = ("embeddings", "attention", "ffn", "routed_experts", "shared_experts", "router", "norms", "output")
+COMPONENTS = ("embeddings", "attention", "ssd", "ffn", "routed_experts", "shared_experts", "router", "norms", "output")
 MOE_COMPONENTS = ("routed_experts", "shared_experts", "router")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ADAMW_STATE_BYTES = 2 * 4  # exp_avg and exp_avg_sq, fp32
@@ -78,6 +88,7 @@ _TOP_LEVEL = {"tok_emb": "embeddings", "pos_emb": "embeddings", "norm": "norms",
               "enc_bias": "attention", "dec_bias": "attention", "enc_norm": "norms", "dec_norm": "norms"}  # enc-dec
 # Module name inside a block (layers.{i}.<name>) -> component.
 _IN_BLOCK = {"attn": "attention", "ffn": "ffn", "attn_norm": "norms", "ffn_norm": "norms",
+             "mixer": "ssd", "mixer_norm": "norms",  # SSD layers (models.blocks.SSDBlock)
              "cross": "attention", "cross_norm": "norms"}  # the last two: encoder-decoders' decoder layers
 _STACKS = ("layers", "enc_layers", "dec_layers")
 # Module name inside a MoE layer's ffn (layers.{i}.ffn.<name>) -> component; a dense FFN's
@@ -146,22 +157,47 @@ def attention_flops_per_token(config: ModelConfig, seq_len: int) -> int:
         d_qk, d_v = config.mla.nope_dim + config.mla.rope_dim, config.mla.v_dim
     else:
         d_qk = d_v = config.head_dim
-    return 6 * config.n_layers * config.n_heads * seq_len * (d_qk + d_v)
+    return 6 * _attention_layers(config) * config.n_heads * seq_len * (d_qk + d_v)
+
+
+def ssd_flops_per_token(config: ModelConfig, seq_len: int) -> int:
+    """The SSD layers' term 6 L_ssd (H Q P + G Q N + 2 H P N) (module docstring); 0 without SSD layers."""
+    s = config.ssd
+    if s is None:
+        return 0
+    H, Q = s.expand * config.dim // s.head_dim, min(s.chunk, seq_len)
+    per_layer = H * Q * s.head_dim + s.n_groups * Q * s.state_dim + 2 * H * s.head_dim * s.state_dim
+    return 6 * (config.n_layers - _attention_layers(config)) * per_layer
+
+
+def ssd_state_bytes(config: ModelConfig, dtype: str = "bfloat16") -> int:
+    """Bytes the SSD layers keep per sequence whatever its length: fp32 states, conv inputs at `dtype`."""
+    s = config.ssd
+    if s is None:
+        return 0
+    inner = s.expand * config.dim
+    per_layer = inner * s.state_dim * 4 + (s.conv_width - 1) * (inner + 2 * s.n_groups * s.state_dim) * _bytes(dtype)
+    return (config.n_layers - _attention_layers(config)) * per_layer
+
+
+def _attention_layers(config: ModelConfig) -> int:
+    return sum(not config.is_ssd_layer(i) for i in range(config.n_layers))
 
 
 def training_flops_per_token(config: ModelConfig, seq_len: int, active: dict[str, int] | None = None) -> int:
-    """6 N + attention term (module docstring); `active` defaults to `active_breakdown(config)`."""
+    """6 N + attention term + SSD term (module docstring); `active` defaults to `active_breakdown(config)`."""
     active = active if active is not None else active_breakdown(config)
-    return 6 * active_matmul_params(config, active) + attention_flops_per_token(config, seq_len)
+    return (6 * active_matmul_params(config, active) + attention_flops_per_token(config, seq_len)
+            + ssd_flops_per_token(config, seq_len))
 
 
 def kv_cache_bytes_per_token(config: ModelConfig, dtype: str = "bfloat16") -> int:
-    """Bytes the KV cache keeps per token, over all layers, at `dtype`."""
+    """Bytes the KV cache keeps per token, over all attention layers, at `dtype`."""
     if config.mla is not None:
         per_layer = config.mla.kv_rank + config.mla.rope_dim
     else:
         per_layer = 2 * config.n_kv_heads * config.head_dim
-    return config.n_layers * per_layer * _bytes(dtype)
+    return _attention_layers(config) * per_layer * _bytes(dtype)
 
 
 def training_memory(n_params: int, dtype: str = "bfloat16") -> dict[str, int]:
@@ -191,6 +227,7 @@ def accounting(config: ModelConfig, seq_len: int | None = None, dtype: str = "bf
         "dtype": dtype,
         "training_flops_per_token": training_flops_per_token(config, seq_len, active),
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(config, dtype),
+        "ssd_state_bytes": ssd_state_bytes(config, dtype),
         "training_memory_bytes": training_memory(total["total"], dtype),
     }
 

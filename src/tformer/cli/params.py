@@ -92,6 +92,8 @@ def format_accounting(config: ModelConfig, acc: dict, title: str | None = None) 
         lines.append("(Mistral's and Qwen's 'active'); N below leaves the embedding lookup out (DeepSeek's).")
     lines.append("")
     attn = "6·L·H·T·(d_qk+d_v)" if config.mla is not None else "12·L·H·Q·T"
+    if config.ssd is not None:  # L: attention layers; the SSD layers' chunked form (tformer.accounting)
+        attn += " + 6·L_ssd·(H·Q·P + G·Q·N + 2·H·P·N)"
     kv = "L·(kv_rank+rope_dim)" if config.mla is not None else "2·L·Hkv·head_dim"
     mem = acc["training_memory_bytes"]
     rows = [
@@ -104,7 +106,11 @@ def format_accounting(config: ModelConfig, acc: dict, title: str | None = None) 
         ["AdamW m, v", _gib(mem["adamw_states"]), "total params · 2 · 4 B (fp32)"],
         ["training memory", _gib(mem["total"]), "no activations (ZeRO §3.1: 16 B/param)"],
     ]
-    lines += table(["per token / memory", "value", "formula"], rows, rules_before=[3, 7], align="lrl")
+    if config.ssd is not None:
+        rows.insert(3, ["SSD state/sequence", f"{acc['ssd_state_bytes']:,} B",
+                        f"L_ssd·(H·P·N·4 + (W-1)·(E+2·G·N)·{b}) B, any length"])
+    rules = [4, 8] if config.ssd is not None else [3, 7]
+    lines += table(["per token / memory", "value", "formula"], rows, rules_before=rules, align="lrl")
     return "\n".join(lines)
 
 
@@ -116,7 +122,7 @@ def format_breakdown(
 ) -> str:
     """A table for humans: component, count with thousands separators, share of the total, and
     with `active`, the parameters a token uses. MoE rows are left out where they are all 0."""
-    keys = [k for k in COMPONENTS if k in breakdown and (k not in MOE_COMPONENTS or breakdown[k])]
+    keys = [k for k in COMPONENTS if k in breakdown and (k not in (*MOE_COMPONENTS, "ssd") or breakdown[k])]
     header = ["component", "parameters", "share"] + (["active/token"] if active else [])
     total = breakdown["total"]
     cells = []
