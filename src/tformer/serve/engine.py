@@ -72,6 +72,9 @@ class ServeEngine:
     def __init__(self, model, *, block_size: int = 16, n_blocks: int | None = None, max_running: int = 64,
                  max_waiting: int = 256, prefill_chunk: int = 512, prefix_caching: bool = True,
                  cuda_graphs: bool | None = None):
+        if getattr(model.config, "ssd", None) is not None:
+            raise ValueError("serving pages KV caches: SSD layers (ssd) keep a recurrent state that is not paged; "
+                             "generate with tformer.inference.generate")
         layers = [layer.attn for layer in model.layers]
         if not all(isinstance(a, Attention) for a in layers):
             raise ValueError("serving needs multi-head attention layers: MLA's latent cache is not paged yet")

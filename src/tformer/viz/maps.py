@@ -24,6 +24,9 @@ def attention_weights(model: nn.Module, ids: list[int]) -> torch.Tensor:
     """The exact softmax weights of one sequence: (L, H, T, T) float32 on the CPU, row = query.
 
     Computed by the reference formula (`capture_attention`) whatever kernels the model would use."""
+    if getattr(getattr(model, "config", None), "ssd", None) is not None:
+        raise ValueError("the model has SSD layers (ssd), which mix tokens without attention weights: a layer "
+                         "by layer map (and its rollout) needs every layer to attend")
     tokens = torch.tensor([ids], device=next(model.parameters()).device)
     was_training = model.training
     model.eval()
