@@ -44,6 +44,7 @@ def _worker(rank: int, world: int, tmp, port: int) -> None:
         train(run_config(tmp, "one-on-tp", preset="tiny-llama", tensor_parallel=2, resume=True), progress=False)
         # 2-D over a mesh of 1 x 2: FSDP2 on the tensor-parallel DTensors (a 2 x 2 mesh: test_two_d_mesh)
         train(run_config(tmp, "fsdp-tp", preset="tiny-llama", parallel="fsdp", tensor_parallel=2), progress=False)
+        agree = _replicas_agree_under_dropout(world)
         errors = []
         for overrides in (dict(tensor_parallel=4), dict(tensor_parallel=2, parallel="ddp")):
             try:
@@ -51,9 +52,32 @@ def _worker(rank: int, world: int, tmp, port: int) -> None:
             except ConfigError as e:
                 errors.append(str(e))
         if rank == 0:
-            (tmp / "errors.json").write_text(json.dumps(errors))
+            (tmp / "errors.json").write_text(json.dumps({"errors": errors, "replicas agree": agree}))
     finally:
         dist.destroy_process_group()
+
+
+def _replicas_agree_under_dropout(world: int) -> bool:
+    """Whether the replicated weights stay equal on the tp ranks after 3 steps with every dropout on: their
+    gradients are never reduced, so the ranks' dropout draws (same seed, same local shapes) must agree."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from tformer.train.objectives import NextToken
+    from tformer.train.tensor_parallel import TensorParallelModel, parallelize_tensor
+
+    torch.manual_seed(0)  # as the loop seeds each data-parallel replica: one seed for its tp ranks
+    model = build_model(tiny_config(attn_dropout=0.3, resid_dropout=0.3, emb_dropout=0.3)).train()
+    parallelize_tensor(model, init_device_mesh("cpu", (world,)))
+    optimizer, objective = torch.optim.AdamW(model.parameters(), lr=1e-2), NextToken(TensorParallelModel(model))
+    for _ in range(3):
+        tokens = torch.randint(0, 97, (2, 16))
+        objective({"tokens": tokens, "targets": tokens})["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    local = torch.cat([model.tok_emb.weight.to_local().flatten(), model.norm.weight.to_local()])
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +133,10 @@ def test_two_d_mesh(tmp_path):
         torch.testing.assert_close(load(out)(tokens), single, rtol=1e-4, atol=1e-4)
 
 
+def test_replicated_weights_stay_equal_on_the_tp_ranks(runs):
+    assert json.loads((runs / "errors.json").read_text())["replicas agree"]
+
+
 def test_tensor_parallel_checkpoints_hold_the_model_layout(runs, tmp_path):
     step = f"step-{STEPS:06d}"
     tokens = torch.randint(0, 60, (2, 16))
@@ -134,7 +162,7 @@ def test_tensor_parallel_checkpoints_resume_on_one_process_and_from_one(runs):
 
 
 def test_degrees_that_do_not_fit_are_refused(runs, tmp_path, capsys):
-    errors = json.loads((runs / "errors.json").read_text())
+    errors = json.loads((runs / "errors.json").read_text())["errors"]
     assert "--tensor-parallel 4 must divide the number of ranks (2" in errors[0]
     assert "pass --parallel fsdp" in errors[1]
     with pytest.raises(ConfigError, match=r"leaves 2 model replicas: pass --parallel fsdp"):
