@@ -98,7 +98,7 @@ def init_parallel(cfg) -> tuple[Parallel, torch.device]:
     torchrun's environment (and with tensor parallelism the ("dp", "tp") device mesh)."""
     from tformer.train.loop import resolve_device
 
-    tp = getattr(cfg, "tensor_parallel", 1)
+    tp = cfg.tensor_parallel
     if cfg.parallel == "none" and tp == 1:
         return Parallel(), resolve_device(cfg.device)
     flag = f"--parallel {cfg.parallel}" if tp == 1 else f"--tensor-parallel {tp}"
