@@ -210,6 +210,9 @@ class AttentionConfig:
         if model.positions == "alibi":
             raise ConfigError(f"{name} cannot add ALiBi's distance bias: use positions 'rope', 'learned', "
                               "'sinusoidal' or 'none'")
+        if self.approx == "performer" and model.attn_dropout > 0:
+            raise ConfigError(f"{name} forms no attention weights to drop: set attn_dropout=0 "
+                              f"(got {model.attn_dropout})")
         if self.approx == "linformer" and self.rank > model.max_seq_len:
             raise ConfigError(f"attention.rank={self.rank} exceeds max_seq_len={model.max_seq_len}: Linformer "
                               "projects max_seq_len positions to rank rows; lower attention.rank")

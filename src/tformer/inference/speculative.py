@@ -339,6 +339,9 @@ def _check_request(target, draft, prompt, max_new_tokens: int, k: int, sampling:
     if next(target.parameters()).device != next(draft.parameters()).device:
         raise ValueError("target and draft must be on the same device")
     for name, model in (("target", target), ("draft", draft)):
+        if model.config.attention.approx != "none":
+            raise ValueError(f"the {name} attends with attention.approx={model.config.attention.approx!r}, whose "
+                             "running state cannot take back rejected drafts: speculative decoding needs KV caches")
         if model.config.ssd is not None:
             raise ValueError(f"the {name} has SSD layers (ssd), whose recurrent state cannot take back rejected "
                              "drafts: speculative decoding needs KV caches")

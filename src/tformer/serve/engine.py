@@ -78,6 +78,9 @@ class ServeEngine:
         layers = [layer.attn for layer in model.layers]
         if not all(isinstance(a, Attention) for a in layers):
             raise ValueError("serving needs multi-head attention layers: MLA's latent cache is not paged yet")
+        if model.config.attention.approx != "none":
+            raise ValueError(f"serving pages KV caches: attention.approx={model.config.attention.approx!r} keeps a "
+                             "running state instead; generate with tformer.inference.generate")
         self.model = model.eval()
         weight = model.tok_emb.weight
         self.device, dtype = weight.device, weight.dtype
