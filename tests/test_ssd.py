@@ -118,6 +118,23 @@ def test_gradients_are_finite_through_starts():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_the_scan_runs_without_autocast():
+    """Under bf16 autocast the scan still runs in fp32 (its decays are exps of summed log-decays)."""
+    mixer = model_of(hybrid(layers=None)).layers[0].mixer
+    seen = []
+
+    def scan(*args):  # an instance override, the seam a fused scan would use
+        seen.append(torch.is_autocast_enabled("cpu"))
+        y, h = SSD.scan(mixer, *args)
+        seen.append(y.dtype)
+        return y, h
+
+    mixer.scan = scan
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mixer(torch.randn(1, 9, 32))
+    assert seen == [False, torch.float32]
+
+
 # -- hybrid decoders ------------------------------------------------------------------------------
 
 def test_blocks_follow_the_schedule():

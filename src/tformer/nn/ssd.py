@@ -125,11 +125,12 @@ class SSD(nn.Module):
         b, c = b.unflatten(-1, (G, N)), c.unflatten(-1, (G, N))  # (B, T, G, N)
         dt = F.softplus(dt.float() + self.dt_bias)  # (B, T, H)
         A = -torch.exp(self.A_log.float())  # (H,)
-        if self.cache is not None and T == 1:
-            y, h = ssd_step(xs[:, 0], dt[:, 0], A, b[:, 0], c[:, 0], h0, None if mask is None else mask[:, 0])
-            y = y[:, None]
-        else:
-            y, h = self.scan(xs, dt, A, b, c, h0, mask)
+        with torch.autocast(x.device.type, enabled=False):  # fp32 even under autocast: exps of summed decays
+            if self.cache is not None and T == 1:
+                y, h = ssd_step(xs[:, 0], dt[:, 0], A, b[:, 0], c[:, 0], h0, None if mask is None else mask[:, 0])
+                y = y[:, None]
+            else:
+                y, h = self.scan(xs, dt, A, b, c, h0, mask)
         if self.cache is not None:
             self.cache.ssm[:B].copy_(h)
         y = y + xs.float() * self.D.float()[:, None]  # (B, T, H, P)
