@@ -9,7 +9,8 @@ An engine owns, for one model:
   kernel-calling ones (tformer.inference.fused); the model's parameters are untouched;
 - their workspace (tformer.inference.workspace), allocated once for `max_batch_size` sequences; a
   larger request is refused with an error, never served by reallocating under a captured graph;
-- the KV caches, kept across requests of the same shape so that captured graphs stay valid;
+- the KV caches, kept across requests of the same shape so that captured graphs stay valid; a
+  sliding-window layer's cache holds only its window (`EngineOptions.rolling_cache`);
 - the step functions, chosen once here: eager, compiled, or (compile on CUDA) replayed from CUDA
   graphs (tformer.inference.graphs).
 """
@@ -29,6 +30,7 @@ from tformer.inference.sampling import SamplingConfig
 from tformer.inference.steps import (compiled, compiled_prefill, cut_at_stop, decode_loop, decode_step, left_pad,
                                      prefill, prompt_counts, seeded)
 from tformer.inference.workspace import Workspace
+from tformer.nn.kv_cache import RollingKVCache
 
 
 @dataclass
@@ -45,6 +47,8 @@ class EngineOptions:
     int4: the kernel of an int4 layer's one-row forward, "matvec" (tformer's, fused) or "tinygemm".
     pdl: launch the kernels with programmatic dependent launch on Hopper (TFORMER_PDL's default).
     sync_every: decode steps between the host's checks for every row having stopped.
+    rolling_cache: a sliding-window layer keeps only its window's keys (nn.kv_cache.RollingKVCache,
+        `Decoder.make_caches(rolling=True)`): its memory is bounded by the window, not the sequence.
     debug: check the kernels' invariants after each request (every merge counter back at zero; one
         host sync), raising if one does not hold.
     """
@@ -60,6 +64,7 @@ class EngineOptions:
     int4: str = "matvec"
     pdl: bool = PDL_DEFAULT
     sync_every: int = 8
+    rolling_cache: bool = True
     debug: bool = False
 
     def validate(self) -> None:
@@ -129,14 +134,20 @@ class DecodeEngine:
         if self.spec_rounds is not None:
             self.spec_rounds.reset()
 
-    def attach_caches(self, batch_size: int, n_slots: int) -> int:
+    def attach_caches(self, batch_size: int, n_slots: int, chunk: int = 1) -> int:
         """Attach KV caches for `batch_size` sequences of at least `n_slots` positions (rounded up to a
-        multiple of 8), the same buffers as last time when the shape is the same; returns the slots."""
+        multiple of 8), the same buffers as last time when the shape is the same; returns the slots.
+        chunk: the most tokens a forward writes in place, one more than the most positions a
+        forward goes back (rolling caches, `Decoder.make_caches`)."""
         n_slots = -(-n_slots // 8) * 8
-        key = (batch_size, n_slots)
+        key = (batch_size, n_slots, chunk)
         if self._cache_key != key:
             self._caches, self._cache_key = None, None  # free the old ones first
-            self._caches, self._cache_key = self.model.make_caches(batch_size, n_slots), key
+            rolling = {"rolling": True, "chunk": chunk} if self.options.rolling_cache else {}
+            self._caches, self._cache_key = self.model.make_caches(batch_size, n_slots, **rolling), key
+        for cache in self._caches:
+            if isinstance(cache, RollingKVCache):
+                cache.reset()  # new sequences: a ring's old slots would otherwise stay visible
         self.model.attach_caches(self._caches)
         return n_slots
 

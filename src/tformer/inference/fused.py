@@ -37,6 +37,7 @@ from tformer.inference.workspace import Workspace
 from tformer.models.blocks import Block
 from tformer.models.decoder import Decoder
 from tformer.nn.attention import Attention, scaled_dot_product
+from tformer.nn.kv_cache import RollingKVCache
 from tformer.nn.mlp import GatedFeedForward
 from tformer.nn.norm import RMSNorm
 from tformer.quantize.int4 import Int4Linear
@@ -103,7 +104,8 @@ class FusedBlock(Block):
     def _attend(self, qkv, rope, mask, input_pos):
         """attn.attend(...), as one kernel (RoPE, cache write, attention) where it applies."""
         attn, cache = self.attn, self.attn.kv_cache
-        k, v = (None, None) if cache is None else (cache.k, cache.v)
+        unfused = cache is None or isinstance(cache, RollingKVCache)  # a ring's slots are not positions
+        k, v = (None, None) if unfused else (cache.k, cache.v)
         if not use_cached_attention(qkv, k, v, mask, rope, attn.n_heads):
             return attn.attend(qkv, rope, mask, input_pos)
         return cached_attention(qkv, rope, k, v, input_pos, mask, attn.n_heads, counts=attn.workspace.merge,

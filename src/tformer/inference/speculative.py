@@ -215,7 +215,7 @@ def _generate(target: DecodeEngine, draft: DecodeEngine, prompt, max_new_tokens,
     with seeded(seed, target.device):
         for engine in (target, draft):
             engine.prepare(1, sampling)
-            engine.attach_caches(1, len(prompt) + max_new_tokens + k)
+            engine.attach_caches(1, len(prompt) + max_new_tokens + k, chunk=k + 1)  # a round goes back <= k
         try:
             out = _run(target, draft, prompt, max_new_tokens, k, sampling, stop_ids, stats, sync_every)
         finally:
@@ -339,12 +339,12 @@ def _check_request(target, draft, prompt, max_new_tokens: int, k: int, sampling:
     if next(target.parameters()).device != next(draft.parameters()).device:
         raise ValueError("target and draft must be on the same device")
     for name, model in (("target", target), ("draft", draft)):
-        if model.config.attention.approx != "none":
-            raise ValueError(f"the {name} attends with attention.approx={model.config.attention.approx!r}, whose "
-                             "running state cannot take back rejected drafts: speculative decoding needs KV caches")
         if model.config.ssd is not None:
             raise ValueError(f"the {name} has SSD layers (ssd), whose recurrent state cannot take back rejected "
                              "drafts: speculative decoding needs KV caches")
+        if model.config.attention.approx != "none":
+            raise ValueError(f"the {name} attends with attention.approx={model.config.attention.approx!r}, whose "
+                             "running state cannot take back rejected drafts: speculative decoding needs KV caches")
         if len(prompt) + max_new_tokens + k > model.config.max_seq_len:
             raise ValueError(
                 f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) + k ({k}, the last round's "

@@ -9,7 +9,10 @@ Shapes: N blocks, Hkv key/value heads, P block_size positions, D head_dim, B req
 
 Block 0 is never handed out: table entries past a request's blocks point at it, and the causal mask
 hides what they would read. A request holds only the blocks its tokens fill (no reservation of the
-longest length), so memory goes to the requests that run.
+longest length), so memory goes to the requests that run. In a model whose every layer attends within
+a sliding window (`stream_window`), a block wholly behind every window is given back as the request
+goes on (its entry points at block 0, which the window mask hides), so a long stream holds a window's
+worth of blocks.
 
 Prefix caching: a block filled with prompt tokens is registered under the hash of its tokens and of
 every token before it (a chain hash), so a later prompt that starts the same way takes the cached
@@ -24,6 +27,8 @@ from collections import OrderedDict
 
 import torch
 from torch import nn
+
+from tformer.models.decoder import rolling_window
 
 
 class PagedKVCache(nn.Module):
@@ -61,6 +66,14 @@ class PageTable:
 
     def __init__(self):
         self.tables = torch.zeros(1, 1, dtype=torch.long)
+
+
+def stream_window(model: nn.Module) -> int | None:
+    """The largest window of a decoder whose every layer attends within a sliding window and never reads
+    a key outside it (`rolling_window`): keys further back than it from a forward's first query are never
+    read again. None when some layer reads further (a global layer, another pattern)."""
+    windows = [rolling_window(model.config, i, getattr(layer, "attn", None)) for i, layer in enumerate(model.layers)]
+    return None if not windows or None in windows else max(windows)
 
 
 def chain_hash(previous: bytes, tokens) -> bytes:
@@ -103,8 +116,11 @@ class BlockPool:
         return block
 
     def release(self, blocks: list[int]) -> None:
-        """A request is done with `blocks`; cached ones stay cached, the others become free."""
+        """A request is done with `blocks`; cached ones stay cached, the others become free. Block 0 (the
+        entry of a block given back early) is skipped."""
         for block in blocks:
+            if block == 0:
+                continue
             self.refs[block] -= 1
             if self.refs[block] == 0 and block not in self.hash_of:
                 self.free.append(block)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tformer.nn.attention import Attention
-from tformer.serve.blocks import BlockPool, PagedKVCache, PageTable
+from tformer.serve.blocks import BlockPool, PagedKVCache, PageTable, stream_window
 from tformer.serve.graphs import DecodeGraphs
 # the client side, importable from here too
 from tformer.serve.requests import EngineFull, GenerationRequest, RequestStream, TokenEvent  # noqa: F401
@@ -90,6 +90,7 @@ class ServeEngine:
         self.vocab_size = model.config.vocab_size
         n_blocks = n_blocks or self._default_blocks(layers, dtype)
         self.pool = BlockPool(n_blocks, block_size, prefix_caching)
+        self.window = stream_window(model)  # blocks behind it are given back as a request goes on (None: kept)
         self.table = PageTable()
         model.attach_caches([PagedKVCache(self.table, n_blocks, block_size, a.n_kv_heads, a.head_dim, dtype,
                                           self.device) for a in layers])
@@ -127,7 +128,7 @@ class ServeEngine:
                              f"model's context of {self.max_context} tokens")
         if any(not 0 <= t < self.vocab_size for t in request.prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
-        if math.ceil((n + request.max_new_tokens) / self.block_size) > self.pool.n_blocks - 1:
+        if self._peak_blocks(n + request.max_new_tokens) > self.pool.n_blocks - 1:
             raise ValueError(f"the request needs more KV blocks than the pool holds ({self.pool.n_blocks - 1})")
         stream = RequestStream(request)
         seed = _seed32(request.seed) if request.seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -210,7 +211,7 @@ class ServeEngine:
                 seq = self._waiting[0]
                 end = seq.prefill_end
                 hits, hashes = self.pool.lookup(seq.tokens[:seq.n_prompt], (end - 1) // self.block_size)
-                need = math.ceil((end + 1) / self.block_size) - len(hits)
+                need = self._peak_blocks(end + 1) - len(hits)
                 if need > self.pool.available():
                     self.pool.release(hits)
                     return
@@ -219,6 +220,23 @@ class ServeEngine:
             seq.blocks, seq.hashes = hits, hashes
             seq.registered, seq.cached = len(hits), len(hits) * self.block_size
             self._running.append(seq)
+
+    def _peak_blocks(self, length: int) -> int:
+        """The most blocks a request of `length` positions holds at once: all of them, or with a window
+        the blocks of window - 1 + prefill_chunk positions (`_drop_behind`), however they straddle blocks."""
+        full = math.ceil(length / self.block_size)
+        if self.window is None:
+            return full
+        return min(full, (self.window + self.prefill_chunk - 2) // self.block_size + 2)
+
+    def _drop_behind(self, seq: _Sequence, start: int) -> None:
+        """Give back `seq`'s blocks that lie wholly behind the window of a forward from position `start`
+        (positions < start - window + 1: no query from here on reads them); their entries become 0."""
+        if self.window is None:
+            return
+        dead = min(len(seq.blocks), max(0, start - self.window + 1) // self.block_size)
+        self.pool.release(seq.blocks[:dead])
+        seq.blocks[:dead] = [0] * dead
 
     def _reserve(self, seq: _Sequence, end: int) -> bool:
         """Blocks for positions up to `end` (exclusive): from the pool, else by sending the most recently
@@ -255,6 +273,7 @@ class ServeEngine:
 
     def _prefill(self, seq: _Sequence) -> None:
         start, end = seq.cached, min(seq.prefill_end, seq.cached + self.prefill_chunk)
+        self._drop_behind(seq, start)
         if not self._reserve(seq, end):
             return
         logits = self._forward([seq], [seq.tokens[start:end]], [start])
@@ -266,6 +285,8 @@ class ServeEngine:
             self._emit([seq], logits)
 
     def _decode(self, seqs: list[_Sequence]) -> None:
+        for seq in seqs:
+            self._drop_behind(seq, len(seq.tokens) - 1)
         for seq in seqs:
             if seq in self._running:
                 self._reserve(seq, len(seq.tokens))
