@@ -3,10 +3,11 @@ with loops; FlexAttention (uncompiled, CPU) equals SDPA; cache decode equals the
 each variant trains and generates."""
 
 import math
-import warnings
+import typing
 
 import pytest
 import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from tests.conftest import tiny_config
 from tformer.config import ConfigError
@@ -17,10 +18,13 @@ from tformer.inference.workspace import Workspace
 from tformer.models import build_model
 from tformer.nn.attention import scaled_dot_product
 from tformer.nn.position import alibi_slopes
-from tformer.nn.variants import (LayerRule, MaskInputs, SoftcapAttention, alibi_score_mod, bidirectional_mask_mod,
-                                 dense_bias, dense_mask, softcap_score_mod, t5_score_mod)
+from tformer.nn.variants import (PATTERNS, LayerRule, MaskInputs, SoftcapAttention, alibi_score_mod,
+                                 bidirectional_mask_mod, dense_bias, dense_mask, mask_mod, softcap_score_mod,
+                                 t5_score_mod)
+from tformer.subconfigs import AttentionPattern
+from tformer.train.loop import train
 
-warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 VARIANTS = {
     "causal": {},
@@ -89,6 +93,10 @@ def test_mask_equals_loops_with_packing_padding_and_cache(rule):
             assert got[i, k] == want_k, (s, k)
 
 
+def test_every_config_pattern_is_registered():
+    assert set(PATTERNS) == set(typing.get_args(AttentionPattern))
+
+
 def test_bidirectional_mask_mod_equals_loops():
     T, valid = 6, torch.tensor([[1, 1, 1, 1, 0, 0]])
     mod = bidirectional_mask_mod(valid, window=2)
@@ -147,8 +155,6 @@ def test_score_mods_equal_their_formulas(score):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # the same mods through FlexAttention
     model_mod = bias if softcap is None else softcap_score_mod(softcap, bias)
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    from tformer.nn.variants import mask_mod
     block_mask = create_block_mask(mask_mod(rule, inputs), None, None, T, T, device="cpu")
     flex = flex_attention(q, k, v, score_mod=model_mod, block_mask=block_mask, enable_gqa=True)
     torch.testing.assert_close(flex, want, atol=1e-5, rtol=1e-5)
@@ -205,6 +211,37 @@ def test_flex_block_masks_are_reused_across_layers_batches_and_lengths():
     assert "core" not in vars(model.layers[0].attn) and model.make_mask is dense_mask
 
 
+def test_compiled_flex_compiles_once_more_for_changing_lengths_not_every_step():
+    from torch._dynamo.utils import counters
+
+    model = _model("softcap", positions="alibi")
+    flex = use_flex_attention(model, compile=False)
+    flex.attend = torch.compile(flex_attention, backend="eager")  # dynamo's guards, without inductor's codegen
+    counters.clear()
+    with torch.no_grad():
+        for T in [10, 10, 12, 14, 9]:  # new packed rows every step: new block masks and score_mods
+            segments = (torch.arange(T) >= T // 2).long().expand(2, T)
+            model(torch.randint(0, 97, (2, T)), segments=segments)
+    assert counters["stats"]["unique_graphs"] == 2  # the first shape, then lengths marked dynamic
+
+
+@pytest.mark.parametrize("name", ["fixed", "t5_bias", "softcap"])
+def test_padded_decode_step_traces_fullgraph(name):
+    """A host sync or data-dependent Python in the mask code would break the graph (fullgraph raises)."""
+    model = _model(name)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [1] * 10])
+    model.setup_caches(2, 10)
+    try:
+        with torch.no_grad():
+            model(torch.randint(0, 97, (2, 8)), input_pos=torch.arange(8), attention_mask=mask)
+            step = torch.compile(model, backend="eager", fullgraph=True)
+            token, pos = torch.randint(0, 97, (2, 1)), torch.tensor([8])
+            torch.testing.assert_close(step(token, input_pos=pos, attention_mask=mask),
+                                       model(token, input_pos=pos, attention_mask=mask))
+    finally:
+        model.clear_caches()
+
+
 def test_left_padded_rows_equal_unpadded_rows():
     model = _model("fixed")
     tokens = torch.randint(1, 97, (1, 9))
@@ -247,6 +284,34 @@ def test_engine_generates_the_uncached_greedy_tokens(name):
         assert out == [_greedy_uncached(model, p, 4) for p in prompts]
 
 
+def test_training_runs_select_variants_from_the_config(tmp_path):
+    from tests.train.test_loop import TEXT, small_run, train_losses
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 40)
+    attention = {"pattern": "local_global", "windows": [8, 0], "n_global": 2}
+    t5 = {"positions": "t5", "rel_buckets": 8, "rel_max_distance": 16}
+    result = train(small_run(corpus, tmp_path, dropout=0.0, max_steps=6, eval_every=6,
+                             model={"attention": attention, **t5}), progress=False)
+    losses = train_losses(tmp_path / "run")
+    assert result.step == 6 and math.isfinite(result.val_loss) and losses[6] < losses[1]
+    with pytest.raises(ValueError, match="trains on CUDA only"):
+        train(small_run(corpus, tmp_path / "flex", dropout=0.0, max_steps=1,
+                        model={"attention": {**attention, "backend": "flex"}}), progress=False)
+
+
+def test_attention_capture_of_a_softcapped_model_gives_its_logits():
+    from tformer.viz.attention import capture_attention
+
+    model, tokens = _model("softcap"), torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        want = model(tokens)
+        with capture_attention(model) as maps:
+            got = model(tokens)
+    torch.testing.assert_close(got, want)
+    assert len(maps) == 2 and maps[0][0, :, 6, 7].sum() == 0 and maps[0][0, :, 2, 3].min() > 0  # prefix 4
+
+
 def test_softcap_layers_keep_their_class_under_the_decode_kernels():
     model = _model("softcap")
     assert type(model.layers[0].attn) is SoftcapAttention and not fusable(model.layers[0])
@@ -276,6 +341,7 @@ def test_backend_choice():
     ({"attention": {"softcap": 30.0}, "mla": {"kv_rank": 16}}, "softcap is not implemented with mla"),
     ({"architecture": "encoder", "attention": {"pattern": "strided"}}, "shape a decoder's attention"),
     ({"attention": {"pattern": "sparse"}}, "attention.pattern"),
+    ({"attention": {"backend": "flex"}, "attn_dropout": 0.1}, "no attention dropout: set attn_dropout=0"),
 ])  # fmt: skip
 def test_bad_variant_configs_name_the_field(fields, match):
     with pytest.raises(ConfigError, match=match):

@@ -85,7 +85,8 @@ PEAK_BF16 = [
 # First name segment -> component, for parameters outside the blocks.
 _TOP_LEVEL = {"tok_emb": "embeddings", "pos_emb": "embeddings", "norm": "norms", "output": "output",
               "seg_emb": "embeddings", "emb_norm": "norms", "pooler": "ffn",  # these three: encoders
-              "enc_bias": "attention", "dec_bias": "attention", "enc_norm": "norms", "dec_norm": "norms"}  # enc-dec
+              "enc_bias": "attention", "dec_bias": "attention", "enc_norm": "norms", "dec_norm": "norms",  # enc-dec
+              "rel_bias": "attention"}  # a decoder's T5 relative position bias
 # Module name inside a block (layers.{i}.<name>) -> component.
 _IN_BLOCK = {"attn": "attention", "ffn": "ffn", "attn_norm": "norms", "ffn_norm": "norms",
              "mixer": "ssd", "mixer_norm": "norms",  # SSD layers (models.blocks.SSDBlock)

@@ -187,6 +187,9 @@ class AttentionConfig:
                                   "tokens); without them use pattern='causal' with a window")
         if self.softcap is not None and config.mla is not None:
             raise ConfigError("attention.softcap is not implemented with mla: set one of them to None")
+        if self.backend == "flex" and config.attn_dropout > 0:
+            raise ConfigError(f"attention.backend='flex' has no attention dropout: set attn_dropout=0 (got "
+                              f"{config.attn_dropout}) or attention.backend to 'auto' or 'sdpa'")
 
     def check_approx(self, model) -> None:
         """`approx` against the rest of the ModelConfig `model`: the approximations compute causal (or,

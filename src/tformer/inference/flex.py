@@ -56,8 +56,9 @@ class DecoderFlex:
         if inputs.plain:
             return FlexMask(self._shared(rule, inputs.q_slots.shape[0], inputs.q_slots.device), score_mod)
         self.builds += 1
-        block_mask = create_block_mask(mask_mod(rule, inputs), inputs.rows, None, inputs.q_slots.shape[-1], inputs.n_keys,
-                                       device=inputs.q_slots.device, _compile=self.compile)
+        T, device = inputs.q_slots.shape[-1], inputs.q_slots.device
+        block_mask = create_block_mask(mask_mod(rule, inputs), inputs.rows, None, T, inputs.n_keys, device=device,
+                                       _compile=self.compile)
         return FlexMask(block_mask, score_mod)
 
     def _shared(self, rule: LayerRule, T: int, device) -> BlockMask:
@@ -131,7 +132,15 @@ def wants_flex(model: nn.Module, device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" and exact and not plain
 
 
-def use_attention_backend(model: nn.Module, device: torch.device | str, compile: bool = True) -> DecoderFlex | None:
+def use_attention_backend(model: nn.Module, device: torch.device | str, compile: bool = True,
+                          training: bool = False) -> DecoderFlex | None:
     """Apply `model.config.attention.backend` (`wants_flex`); returns the swap's state, or None for SDPA.
-    compile=False when the blocks are compiled from outside (they compile flex_attention with them)."""
-    return use_flex_attention(model, compile=compile) if wants_flex(model, device) else None
+    compile=False when the blocks are compiled from outside (they compile flex_attention with them);
+    off CUDA FlexAttention runs uncompiled, and cannot train (torch has no CPU backward for it)."""
+    if not wants_flex(model, device):
+        return None
+    on_cuda = torch.device(device).type == "cuda"
+    if training and not on_cuda:
+        raise ValueError(f"attention.backend='flex' trains on CUDA only (FlexAttention has no backward on "
+                         f"{torch.device(device).type}): set attention.backend to 'auto' or 'sdpa'")
+    return use_flex_attention(model, compile=compile and on_cuda)

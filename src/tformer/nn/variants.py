@@ -33,9 +33,32 @@ from tformer.nn.masks import encoder_mask_mod
 from tformer.nn.position import relative_bucket
 
 
+def _prefix(r, near, causal, q, k):
+    return near | ((q < r.prefix) & (k < r.prefix))
+
+
+def _strided(r, near, causal, q, k):
+    return near & ((q - k < r.block) | ((q - k) % r.block == 0))
+
+
+def _fixed(r, near, causal, q, k):
+    return near & ((q // r.block == k // r.block) | (k % r.block >= r.block - r.summary))
+
+
+def _local_global(r, near, causal, q, k):
+    return near | (causal & ((k < r.n_global) | (q < r.n_global)))
+
+
+# The registry: pattern -> f(rule, near, causal, q_pos, k_pos) -> bool, the keys each query sees (module
+# docstring). causal: k <= q by slots; near: causal and within the layer's window; q_pos/k_pos: positions.
+PATTERNS = {"causal": lambda r, near, causal, q, k: near, "prefix": _prefix, "strided": _strided, "fixed": _fixed,
+            "local_global": _local_global}
+
+
 @dataclass(frozen=True)
 class LayerRule:
-    """Which keys a layer's queries see (module docstring); equal rules share one mask per forward."""
+    """Which keys a layer's queries see (`PATTERNS[pattern]` with the layer's window); equal rules share
+    one mask per forward."""
 
     pattern: str = "causal"
     window: int | None = None
@@ -52,17 +75,7 @@ class LayerRule:
     def allows(self, q_slot, k_slot, q_pos, k_pos):
         causal = k_slot <= q_slot
         near = causal if self.window is None else causal & (q_slot - k_slot < self.window)
-        if self.pattern == "prefix":
-            return near | ((q_pos < self.prefix) & (k_pos < self.prefix))
-        if self.pattern == "strided":
-            d = q_pos - k_pos
-            return near & ((d < self.block) | (d % self.block == 0))
-        if self.pattern == "fixed":
-            same_block = q_pos // self.block == k_pos // self.block
-            return near & (same_block | (k_pos % self.block >= self.block - self.summary))
-        if self.pattern == "local_global" and self.window is not None:  # without a window: a global layer
-            return causal & ((q_slot - k_slot < self.window) | (k_pos < self.n_global) | (q_pos < self.n_global))
-        return near
+        return PATTERNS[self.pattern](self, near, causal, q_pos, k_pos)
 
 
 def layer_rules(config: ModelConfig) -> list[LayerRule]:
@@ -106,17 +119,27 @@ class MaskInputs:
         """Causal over this forward's own T queries with nothing else to hide (no cache, padding, packing)."""
         return not self.cached and not self.per_row
 
-    def query_slot(self, b, q):
-        return self.q_slots[b, q] if self.q_slots.dim() == 2 else self.q_slots[q]
+
+
+def _query_slot(q_slots: torch.Tensor):
+    """(b, q) -> the key slot of query q of row b, for q_slots (T,) or (B, T).
+
+    The mods close over tensors and plain values only (never a MaskInputs), so that a compiled
+    FlexAttention guards on tensor shapes rather than on a new object each forward."""
+    if q_slots.dim() == 2:
+        return lambda b, q: q_slots[b, q]
+    return lambda b, q: q_slots[q]
 
 
 def mask_mod(rule: LayerRule, inputs: MaskInputs):
     """`rule` over one forward's queries and keys as a FlexAttention mask_mod (module docstring)."""
     key_valid, segments, q_pos, k_pos = inputs.key_valid, inputs.segments, inputs.q_pos, inputs.k_pos
+    query_slot = _query_slot(inputs.q_slots)
 
     def mod(b, h, q, kv):
-        q_slot = inputs.query_slot(b, q)
-        allowed = rule.allows(q_slot, kv, q_slot if q_pos is None else q_pos[b, q], kv if k_pos is None else k_pos[b, kv])
+        q_slot = query_slot(b, q)
+        q_at = q_slot if q_pos is None else q_pos[b, q]
+        allowed = rule.allows(q_slot, kv, q_at, kv if k_pos is None else k_pos[b, kv])
         if segments is not None:
             allowed = allowed & (segments[b, q] == segments[b, kv])
         if key_valid is not None:
@@ -134,8 +157,10 @@ def bidirectional_mask_mod(key_valid=None, segments=None, window: int | None = N
 def alibi_score_mod(slopes: torch.Tensor, inputs: MaskInputs):
     """ALiBi: score + slope_h * (k - q), the slot distance (<= 0 where causal). slopes (H,)."""
 
+    query_slot = _query_slot(inputs.q_slots)
+
     def mod(score, b, h, q, kv):
-        return score + slopes[h] * (kv - inputs.query_slot(b, q)).float()
+        return score + slopes[h] * (kv - query_slot(b, q)).float()
 
     return mod
 
@@ -143,8 +168,10 @@ def alibi_score_mod(slopes: torch.Tensor, inputs: MaskInputs):
 def t5_score_mod(weight: torch.Tensor, n_buckets: int, max_distance: int, inputs: MaskInputs):
     """T5's causal relative position bias: score + weight[bucket(k - q), h]. weight (n_buckets, H)."""
 
+    query_slot = _query_slot(inputs.q_slots)
+
     def mod(score, b, h, q, kv):
-        bucket = relative_bucket(kv - inputs.query_slot(b, q), False, n_buckets, max_distance)
+        bucket = relative_bucket(kv - query_slot(b, q), False, n_buckets, max_distance)
         return score + weight[bucket, h]
 
     return mod

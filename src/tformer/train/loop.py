@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from tformer.accounting import peak_flops, training_flops_per_token
+from tformer.inference.flex import use_attention_backend
 from tformer.nn.moe import load_stats, moe_layers
 from tformer.train.config import TrainConfig
 from tformer.train.data import prepare_data, to_device
@@ -127,6 +128,7 @@ def _train(cfg: TrainConfig, parallel: Parallel, device: torch.device, progress:
         raise ValueError(f"DPO (preference data) runs on one process: drop --parallel {cfg.parallel}")
     teacher = load_teacher(cfg.teacher, device, data.tokenizer.vocab_size, cfg.seq_len) if cfg.teacher else None
     model = setup_model(cfg, data.tokenizer, device, resumed, teacher)
+    use_attention_backend(model, device, compile=not cfg.compile, training=True)  # FlexAttention or SDPA
     trained = parallelize(model, cfg, parallel, device)
     if parallel.distributed:  # each rank its own dropout draws
         torch.manual_seed(cfg.seed + parallel.rank)

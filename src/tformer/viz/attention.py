@@ -40,11 +40,13 @@ class capture_attention:
             if isinstance(layer, LatentAttention):
                 layer._naive = partial(self._recording_latent, layer)
             else:
-                layer.core = partial(self._recording, scale=layer.scale)  # T5's 1.0, or None: 1/sqrt(D)
+                layer.core = partial(self._recording, scale=layer.scale,  # T5's 1.0, or None: 1/sqrt(D)
+                                     softcap=getattr(layer, "softcap", None))  # nn.variants.SoftcapAttention
         return self.maps
 
-    def _recording(self, q, k, v, mask=None, dropout_p: float = 0.0, scale: float | None = None):
-        y, weights = reference_attention(q, k, v, mask, dropout_p, scale)
+    def _recording(self, q, k, v, mask=None, dropout_p: float = 0.0, scale: float | None = None,
+                   softcap: float | None = None):
+        y, weights = reference_attention(q, k, v, mask, dropout_p, scale, softcap)
         self.maps.append(weights.detach())
         return y
 
