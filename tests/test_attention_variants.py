@@ -300,6 +300,29 @@ def test_training_runs_select_variants_from_the_config(tmp_path):
                         model={"attention": {**attention, "backend": "flex"}}), progress=False)
 
 
+@pytest.mark.parametrize("name", ["t5_bias", "softcap", "local_global"])
+def test_paged_serving_gives_the_engine_tokens(name):
+    import copy
+
+    from tformer.serve.engine import GenerationRequest, ServeEngine
+
+    model = _model(name)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [11, 12, 13, 14, 15, 16, 17], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]]
+    want = generate(model, prompts, max_new_tokens=5, sampling=SamplingConfig(temperature=0))
+    prefix = name == "softcap"  # its prefix-LM pattern: no shared prefix blocks, the prefix in one chunk
+    engine = ServeEngine(copy.deepcopy(model), block_size=4, max_running=4, prefill_chunk=4 if not prefix else 6,
+                         prefix_caching=not prefix)
+    engine.start()
+    try:
+        got = [[e.token_id for e in s] for s in [engine.submit(GenerationRequest(p, 5, temperature=0.0))
+                                                 for p in prompts]]
+    finally:
+        engine.stop()
+    assert got == want
+    with pytest.raises(ValueError, match="prefix_caching=False and prefill_chunk >= 4"):
+        ServeEngine(_model("softcap"), prefill_chunk=3, prefix_caching=False)
+
+
 def test_attention_capture_of_a_softcapped_model_gives_its_logits():
     from tformer.viz.attention import capture_attention
 

@@ -81,6 +81,11 @@ class ServeEngine:
         if model.config.attention.approx != "none":
             raise ValueError(f"serving pages KV caches: attention.approx={model.config.attention.approx!r} keeps a "
                              "running state instead; generate with tformer.inference.generate")
+        a = model.config.attention
+        if a.pattern == "prefix" and (prefix_caching or a.prefix > prefill_chunk):  # keys depend on later tokens
+            raise ValueError(f"attention.pattern='prefix': the first {a.prefix} tokens see each other both ways, "
+                             f"so their keys depend on the whole prefix: serve with prefix_caching=False and "
+                             f"prefill_chunk >= {a.prefix}")
         self.model = model.eval()
         weight = model.tok_emb.weight
         self.device, dtype = weight.device, weight.dtype
