@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_train_options(p, TrainConfig())
     p.add_argument("--recipe", choices=sorted(RECIPES), default=argparse.SUPPRESS,
                    help="start from a named recipe's values, which --config and flags override: "
-                        + "; ".join(f"{name}: {about}" for name, (about, _) in RECIPES.items()))
+                        + "; ".join(f"{name}: {about}" for name, (about, _) in RECIPES.items())
+                        + " (default: none, TrainConfig's own defaults)")
     p.set_defaults(func=run)
 
 
