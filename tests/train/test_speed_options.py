@@ -50,3 +50,24 @@ def test_recipe_values_are_defaults_that_flags_override(tmp_path):
     assert recipe_config("shakespeare-gpu", max_time=5.0).max_time == 5.0
     with pytest.raises(ConfigError, match="unknown recipe"):
         recipe_config("shakespeare-tpu")
+
+
+def test_low_precision_adamw_in_chunks_equals_one_update():
+    torch.manual_seed(1)
+    shapes = [(40, 30), (7,), (100, 3), (5, 5)]
+    starts = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(5)]
+    results = []
+    for chunk in (1 << 26, 100):  # every tensor together; runs of <= 100 elements (a larger tensor alone)
+        params = [torch.nn.Parameter(x.clone()) for x in starts]
+        opt = AdamWLowPrecisionStates(params, lr=1e-2, weight_decay=0.1)
+        opt.chunk_numel = chunk
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        results.append(params)
+    assert len(AdamWLowPrecisionStates(results[1], lr=1e-2)._chunks(results[1])) == 1
+    opt.chunk_numel = 100
+    assert [len(c) for c in opt._chunks(results[1])] == [1, 1, 1, 1]
+    assert all(torch.equal(a, b) for a, b in zip(*results))

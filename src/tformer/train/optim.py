@@ -3,7 +3,8 @@
 `make_optimizer` gives torch's fused AdamW on CUDA (foreach on CPU), whose moment estimates have the
 parameters' dtype (fp32 master weights: fp32 states). With `state_dtype=torch.bfloat16` it gives
 `AdamWLowPrecisionStates` instead: the same update, computed in fp32, with both moments stored in
-bf16, which halves the optimiser's memory (8 -> 4 bytes a parameter).
+bf16, which halves the optimiser's memory (8 -> 4 bytes a parameter); parameters are updated in runs of
+about 64M elements, so the fp32 working copies stay a bounded transient.
 """
 
 from __future__ import annotations
@@ -54,14 +55,13 @@ class AdamWLowPrecisionStates(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.state_dtype = state_dtype
 
+    chunk_numel = 1 << 26  # parameters updated together: their fp32 working copies are the transient memory
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            b1, b2 = group["betas"]
             for p in params:
                 state = self.state[p]
                 if not state:
@@ -69,20 +69,36 @@ class AdamWLowPrecisionStates(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype)
                 state["step"] += 1
-            t = float(self.state[params[0]]["step"])  # every parameter of a group steps together
-            grads = [p.grad.float() for p in params]
-            m = [self.state[p]["exp_avg"].float() for p in params]
-            v = [self.state[p]["exp_avg_sq"].float() for p in params]
-            torch._foreach_lerp_(m, grads, 1 - b1)
-            torch._foreach_mul_(v, b2)
-            torch._foreach_addcmul_(v, grads, grads, 1 - b2)
-            if group["weight_decay"]:
-                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_div_(denom, (1 - b2**t) ** 0.5)
-            torch._foreach_add_(denom, group["eps"])
-            torch._foreach_addcdiv_(params, m, denom, -group["lr"] / (1 - b1**t))
-            for p, m_i, v_i in zip(params, m, v):
-                self.state[p]["exp_avg"].copy_(m_i)
-                self.state[p]["exp_avg_sq"].copy_(v_i)
+            for chunk in self._chunks(params):
+                self._update(group, chunk)
         return loss
+
+    def _chunks(self, params: list) -> list[list]:
+        """`params` in runs of about `chunk_numel` elements (a larger tensor alone)."""
+        chunks, size = [[]], 0
+        for p in params:
+            if chunks[-1] and size + p.numel() > self.chunk_numel:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(p)
+            size += p.numel()
+        return [c for c in chunks if c]
+
+    def _update(self, group: dict, params: list) -> None:
+        b1, b2 = group["betas"]
+        t = float(self.state[params[0]]["step"])  # every parameter of a group steps together
+        grads = [p.grad.float() for p in params]
+        m = [self.state[p]["exp_avg"].float() for p in params]
+        v = [self.state[p]["exp_avg_sq"].float() for p in params]
+        torch._foreach_lerp_(m, grads, 1 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, grads, grads, 1 - b2)
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, (1 - b2**t) ** 0.5)
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_addcdiv_(params, m, denom, -group["lr"] / (1 - b1**t))
+        for p, m_i, v_i in zip(params, m, v):
+            self.state[p]["exp_avg"].copy_(m_i)
+            self.state[p]["exp_avg_sq"].copy_(v_i)
