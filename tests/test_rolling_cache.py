@@ -79,6 +79,16 @@ def test_greedy_generation_three_windows_long_equals_full_caches_and_memory_is_t
         assert generate(model, [p], n, GREEDY) == [row]
 
 
+def test_the_graph_loop_over_rolling_caches_gives_full_cache_tokens():
+    """`cuda_graphs=True` (step by step off CUDA): prompts padded to the prefill bucket, the loop's bookkeeping."""
+    model = windowed()
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [11, 12], [3]]
+    full = generate(model, prompts, 3 * W, GREEDY, options=EngineOptions(max_batch_size=3, rolling_cache=False))
+    with DecodeEngine(model, max_batch_size=3, cuda_graphs=True, prefill_bucket=8) as engine:
+        assert engine.generate(prompts, 3 * W, GREEDY) == full
+        assert all(isinstance(c, RollingKVCache) for c in engine._caches)
+
+
 def test_rolling_tokens_equal_the_cache_free_window_forward():
     model = windowed()
     seq = [1, 2, 3, 4, 5, 6, 7]
