@@ -24,7 +24,8 @@ from tformer.nn.variants import (PATTERNS, LayerRule, MaskInputs, SoftcapAttenti
 from tformer.subconfigs import AttentionPattern
 from tformer.train.loop import train
 
-pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+pytestmark = [pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
+              pytest.mark.filterwarnings("ignore:.*has no tokenizer.json")]
 
 VARIANTS = {
     "causal": {},
@@ -333,6 +334,18 @@ def test_attention_capture_of_a_softcapped_model_gives_its_logits():
             got = model(tokens)
     torch.testing.assert_close(got, want)
     assert len(maps) == 2 and maps[0][0, :, 6, 7].sum() == 0 and maps[0][0, :, 2, 3].min() > 0  # prefix 4
+
+
+def test_a_saved_variant_loads_with_the_same_logits(tmp_path):
+    import tformer
+
+    model = _model("t5_bias", attention={"pattern": "fixed", "block": 4, "summary": 1, "softcap": 3.0})
+    tformer.save(model, tmp_path / "ckpt")
+    loaded = tformer.load(tmp_path / "ckpt").eval()
+    tokens = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), model(tokens))
+    assert type(loaded.layers[0].attn) is SoftcapAttention and loaded.rel_bias is not None
 
 
 def test_softcap_layers_keep_their_class_under_the_decode_kernels():
