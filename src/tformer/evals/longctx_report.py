@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from tformer.evals.longctx_run import LongCtxResult
-from tformer.io import atomic_path, atomic_write_text
+from tformer.io import atomic_write_text
+from tformer.viz.loss import save_png
 
 
 def format_length(n: int) -> str:
@@ -76,14 +77,7 @@ def heatmap(result: LongCtxResult, task: str, png: str | Path, title: str = "") 
     heading = f"{task}: effective length {_effective(result.effective_length(task))} (>= {result.threshold:g})"
     ax.set_title(f"{title}\n{heading}" if title else heading, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.05, label="accuracy")
-    fig.tight_layout()
-    png = Path(png)
-    try:
-        with atomic_path(png) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
-    return png
+    return save_png(fig, png)
 
 
 def write(result: LongCtxResult, out: str | Path, about: dict | None = None, title: str = "") -> list[Path]:

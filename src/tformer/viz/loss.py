@@ -34,9 +34,16 @@ def plot_loss(metrics_file: str | Path, png: str | Path) -> Path:
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
+    return save_png(fig, png)
+
+
+def save_png(fig, png: str | Path) -> Path:
+    """Lay out a matplotlib figure, write it to `png` atomically, and close it (also on failure)."""
+    import matplotlib.pyplot as plt
+
     png = Path(png)
     try:
+        fig.tight_layout()
         with atomic_path(png) as tmp:
             fig.savefig(tmp, format="png")
     finally:

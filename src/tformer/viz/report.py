@@ -16,8 +16,8 @@ import base64
 import html
 from pathlib import Path
 
-from tformer.io import atomic_path, atomic_write_text
-from tformer.viz.loss import read_metrics
+from tformer.io import atomic_write_text
+from tformer.viz.loss import read_metrics, save_png
 
 FIGSIZE, DPI = (7, 4), 100  # 700 x 400 pixels
 # (file stem, title, y label, [(row kind, metric, style suffix)], log scale)
@@ -88,14 +88,7 @@ def _chart(runs: dict[str, list[dict]], out_dir: Path, stem: str, title: str, yl
     ax.set(title=title, xlabel="step", ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    png = out_dir / f"{stem}.png"
-    try:
-        with atomic_path(png) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
-    return png
+    return save_png(fig, out_dir / f"{stem}.png")
 
 
 def report_html(runs: dict[str, list[dict]], pngs: list[Path]) -> str:
