@@ -93,6 +93,8 @@ def time_layer(config: ModelConfig, T: int, steps: int, warmup: int) -> dict:
 def scaling(args) -> list[dict]:
     rows = []
     for label, changes in SCALING.items():
+        if args.only and not any(word in label for word in args.only.split(",")):
+            continue
         for T in args.lengths:
             torch.cuda.reset_peak_memory_stats()
             try:
@@ -108,7 +110,7 @@ def scaling(args) -> list[dict]:
             torch.cuda.empty_cache()
             torch._dynamo.reset()
     print(f"\n{'variant':40}" + "".join(f"{T:>10}" for T in args.lengths) + "   (ms fwd+bwd; peak GiB below)")
-    for label in SCALING:
+    for label in dict.fromkeys(r["variant"] for r in rows):
         got = {r["T"]: r for r in rows if r["variant"] == label}
         print(f"{label:40}" + "".join(f"{got[T]['ms'] or float('nan'):>10.2f}" for T in args.lengths))
         print(f"{'':40}" + "".join(f"{got[T]['peak_gib'] or float('nan'):>10.2f}" for T in args.lengths))
@@ -122,6 +124,8 @@ def quality(args) -> list[dict]:
     rows = []
     out = Path(tempfile.mkdtemp(prefix="tformer-attn-"))
     for i, (label, changes) in enumerate(QUALITY.items()):
+        if args.only and not any(word in label for word in args.only.split(",")):
+            continue
         cfg = TrainConfig(model=changes, batch_size=args.batch_size, seq_len=args.seq_len, max_steps=args.steps,
                           warmup=min(50, args.steps // 5), lr=3e-3, device=args.device,
                           eval_every=args.steps, eval_batches=0, log_every=50, out_dir=str(out / f"run{i}"),
@@ -146,6 +150,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed steps (scaling: 10) or training steps (quality: 600)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--only", default="", help="comma-separated words: run the variants whose label has one")
     ap.add_argument("--batch-size", type=int, default=32, help="quality: rows a step")
     ap.add_argument("--seq-len", type=int, default=256, help="quality: tokens a row")
     ap.add_argument("--device", default="cuda", help="quality: where to train")
