@@ -26,13 +26,13 @@ from tformer.accounting import peak_flops, training_flops_per_token
 from tformer.inference.flex import use_attention_backend
 from tformer.nn.moe import load_stats, moe_layers
 from tformer.train.config import TrainConfig
-from tformer.train.data import prepare_data, to_device
+from tformer.train.data import prepare_data
 from tformer.train.distill import load_teacher
 from tformer.train.evaluate import evaluate_objective
 from tformer.train.logger import MetricsLogger
 from tformer.train.interrupt import StopOnInterrupt, TrainingInterrupted, resume_command
 from tformer.train.model_setup import preset_checkpoint, setup_model
-from tformer.train.objectives import DPO, Distill, NextToken
+from tformer.train.objectives import DPO, Distill, NextToken, precompute_reference
 from tformer.train.optim import make_optimizer
 from tformer.train.parallel import Parallel, clip_grad_norm, gradient_sync, init_parallel, parallelize
 from tformer.train.parallel import uses_fsdp_precision
@@ -138,7 +138,7 @@ def _train(cfg: TrainConfig, parallel: Parallel, device: torch.device, progress:
     objective = make_objective(cfg, trained, data, teacher)
     autocast = nullcontext() if uses_fsdp_precision(cfg, device) else autocast_for(device, cfg.dtype)
     if isinstance(objective, DPO) and cfg.dpo_reference == "precomputed":
-        precompute_reference(objective, data, cfg, device, autocast)
+        precompute_reference(objective, data, cfg.batch_size, device, autocast)
     saving = _Saving(cfg, data, parallel)
     flops_per_token = training_flops_per_token(model.config, cfg.seq_len)
     peak = peak_flops(device)
@@ -321,23 +321,6 @@ def train_step(model, objective, optimizer, micro_batches: Sequence[dict], grad_
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return stats
-
-
-@torch.no_grad()
-def precompute_reference(objective: DPO, data, cfg: TrainConfig, device, autocast) -> None:
-    """Reference log-probs of every pair, once, with the starting weights (adapters off), stored in
-    the splits so DPO's batches carry them and no reference forward runs during training."""
-    was_training = objective.model.training
-    objective.model.eval()
-    for split in (data.train, data.val):
-        out = []
-        for batch in split.eval_batches(max(cfg.batch_size, 8)):
-            with autocast or nullcontext():
-                logps = objective.reference_logps(to_device(batch, device)).float().cpu()
-            out.append(logps.view(2, -1).T)  # (B, 2): chosen, rejected
-        split.reference = torch.cat(out)
-    objective.model.train(was_training)
-    print(f"DPO: reference log-probs of {len(data.train.pairs) + len(data.val.pairs)} pairs precomputed")
 
 
 def _check_finite(loss: torch.Tensor, step: int, cfg: TrainConfig) -> None:

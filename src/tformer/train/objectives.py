@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tformer.data.sft import IGNORE
+from tformer.train.data import to_device
 from tformer.train.linear_ce import linear_cross_entropy
 
 
@@ -248,3 +249,20 @@ class Seq2Seq:
 
     def weight(self, batch: dict) -> float:
         return batch["n_targets"]
+
+
+@torch.no_grad()
+def precompute_reference(objective: DPO, data, batch_size: int, device, autocast) -> None:
+    """Reference log-probs of every pair, once, with the starting weights (adapters off), stored in
+    the splits so DPO's batches carry them and no reference forward runs during training."""
+    was_training = objective.model.training
+    objective.model.eval()
+    for split in (data.train, data.val):
+        out = []
+        for batch in split.eval_batches(max(batch_size, 8)):
+            with autocast or nullcontext():
+                logps = objective.reference_logps(to_device(batch, device)).float().cpu()
+            out.append(logps.view(2, -1).T)  # (B, 2): chosen, rejected
+        split.reference = torch.cat(out)
+    objective.model.train(was_training)
+    print(f"DPO: reference log-probs of {len(data.train.pairs) + len(data.val.pairs)} pairs precomputed")
