@@ -13,8 +13,9 @@ Performer (Choromanski et al. 2021, FAVOR+): exp(q.k) = E_w[phi(q) . phi(k)] wit
 features phi(x) = exp(w x - |x|^2 / 2) / sqrt(m), w the m rows of blocks of orthogonal Gaussian
 directions (`RandomFeatures`). With q, k scaled by sqrt(scale):
     bidirectional  y_t = phi(q_t) S / phi(q_t) z,        S = sum_s phi(k_s) v_s^T (m, D), z = sum_s phi(k_s) (m,)
-    causal         the same with S_t, z_t summed over s <= t: cumulative sums, C tokens at a time,
-                   so memory is O(C m D) whatever T; decoding carries (S, z) in `FeatureState`: O(1) a token.
+    causal         the same with S_t, z_t summed over s <= t, in chunks of C tokens: within a chunk the
+                   masked (C, C) matrix phi(q) phi(k)^T, between chunks the (m, D) states, all chunks at once
+                   (no loop); decoding carries (S, z) in `FeatureState`: O(1) a token.
 The 1/sqrt(m) cancels in the ratio and is left out. exp is stabilised by constants that cancel in the
 ratio: per query its largest logit; for keys a running maximum c (the state rescales by exp(c - c')
 when it grows), so the state never overflows and decoding equals the full forward to rounding.
@@ -26,8 +27,10 @@ real keys):
     causal         query t reads only keys s <= t: K~(t) = sum_{s<=t} E[:, p_s] k_s^T (r, D), V~(t) the
                    same with F, y_t = softmax(q_t K~(t)^T * scale) V~(t). A causal model of its own
                    rather than an approximation of causal softmax attention (at r = N with E = I, rows
-                   not yet reached score 0 instead of being masked); decoding carries (K~, V~) and the
-                   count of real keys in `ProjectionState`: O(r D) a sequence.
+                   not yet reached score 0 instead of being masked). Computed in chunks of C tokens:
+                   K~ entering each chunk is a cumulative sum of chunk sums, the keys inside it enter
+                   through a masked (C, C) q k^T; decoding carries (K~, V~) and the count of real keys in
+                   `ProjectionState`: O(r D) a sequence.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from tformer.config import ModelConfig
 from tformer.nn.attention import Attention
 
 NEG = -1e30  # log-feature of a padding key, and the running maximum before any key
-CHUNK = 64  # tokens a causal scan adds up at once: its memory is O(CHUNK m D) (Performer), O(CHUNK r D) (Linformer)
+CHUNK = 64  # tokens a chunk of a causal scan (Performer: the smallest; see `performer_chunk`)
 
 
 def key_valid(mask: torch.Tensor | None, input_pos: torch.Tensor | None = None,
@@ -180,28 +183,50 @@ class PerformerAttention(Attention):
 
     def _causal(self, fq, lk, w, v, input_pos=None):
         B, Hkv, T, m = lk.shape
+        G, D = fq.shape[2], v.shape[-1]
         if self.kv_cache is None:
-            s, z = v.new_zeros(B, Hkv, m, v.shape[-1]), v.new_zeros(B, Hkv, m)
-            c = v.new_full((B, Hkv), NEG)
+            s0, z0 = v.new_zeros(B, Hkv, m, D), v.new_zeros(B, Hkv, m)
+            c0 = v.new_full((B, Hkv), NEG)
         else:
-            s, z, c = _read_state(self.kv_cache, B, input_pos, self.STATE, (0.0, 0.0, NEG))
-        out = []
-        for i in range(0, T, CHUNK):
-            lk_c, v_c = lk[:, :, i : i + CHUNK], v[:, :, i : i + CHUNK]  # (B, Hkv, C, m), (B, Hkv, C, D)
-            c_new = torch.maximum(c, lk_c.amax((-2, -1)))  # (B, Hkv)
-            rescale = (c - c_new).exp()
-            fk = (lk_c - c_new[..., None, None]).exp()
-            fk = fk if w is None else fk * w[:, :, i : i + CHUNK]
-            s_t = (s * rescale[..., None, None])[:, :, None] + (fk[..., None] * v_c[..., None, :]).cumsum(2)
-            z_t = (z * rescale[..., None])[:, :, None] + fk.cumsum(2)  # (B, Hkv, C, m)
-            fq_c = fq[:, :, :, i : i + CHUNK]  # (B, Hkv, G, C, m)
-            num = torch.einsum("bkgtm,bktmd->bkgtd", fq_c, s_t)
-            den = torch.einsum("bkgtm,bktm->bkgt", fq_c, z_t)
-            out.append(num / den.clamp_min(torch.finfo(torch.float32).tiny)[..., None])
-            s, z, c = s_t[:, :, -1], z_t[:, :, -1], c_new
+            s0, z0, c0 = _read_state(self.kv_cache, B, input_pos, self.STATE, (0.0, 0.0, NEG))
+        C = performer_chunk(T, m, D)
+        n, pad = -(-T // C), -T % C
+        w = lk.new_ones(1, 1, T, 1) if w is None else w
+        lk, v, w = (torch.nn.functional.pad(t, (0, 0, 0, pad), value=x) for t, x in ((lk, NEG), (v, 0.0), (w, 0.0)))
+        fq = torch.nn.functional.pad(fq, (0, 0, 0, pad)).view(B, Hkv, G, n, C, m)
+        lk, v, w = lk.view(B, Hkv, n, C, m), v.view(B, Hkv, n, C, D), w.view(w.shape[0], 1, n, C, 1)
+        # reference maxima: M[e] over the cached state (e = 0) and chunks 0..e-1; the ratio cancels them,
+        # so they carry no gradient
+        M = torch.cat([c0[..., None], lk.amax((-2, -1))], -1).detach().cummax(-1).values  # (B, Hkv, n+1)
+        fk = (lk - M[..., 1:, None, None]).exp() * w  # (B, Hkv, n, C, m): each chunk's keys against its M
+        s = torch.cat([s0[:, :, None], torch.einsum("bkncm,bkncd->bknmd", fk, v)], 2)  # (B, Hkv, n+1, m, D)
+        z = torch.cat([z0[:, :, None], fk.sum(3)], 2)  # (B, Hkv, n+1, m)
+        # the state entering chunk e - 1, rescaled to M[e]: sum over i < e of exp(M[i] - M[e]) s[i]
+        earlier = torch.ones(n + 1, n + 1, dtype=torch.bool, device=M.device).tril(-1)
+        decay = (M[..., None, :] - M[..., :, None]).masked_fill(~earlier, -math.inf).exp()  # [e, i]
+        s_in = torch.einsum("bkei,bkimd->bkemd", decay[:, :, 1:], s)  # (B, Hkv, n, m, D)
+        z_in = torch.einsum("bkei,bkim->bkem", decay[:, :, 1:], z)
+        # within a chunk: phi(q) phi(k)^T over the keys up to each query
+        a = torch.einsum("bkgncm,bknsm->bkgncs", fq, fk)
+        a = a.masked_fill(~torch.ones(C, C, dtype=torch.bool, device=a.device).tril(), 0.0)
+        num = torch.einsum("bkgncs,bknsd->bkgncd", a, v) + torch.einsum("bkgncm,bknmd->bkgncd", fq, s_in)
+        den = a.sum(-1) + torch.einsum("bkgncm,bknm->bkgnc", fq, z_in)
         if self.kv_cache is not None:
-            _write_state(self.kv_cache, self.STATE, (s, z, c))
-        return torch.cat(out, dim=3)  # (B, Hkv, G, T, D)
+            last = (M - M[..., -1:]).exp()  # (B, Hkv, n+1): every state rescaled to the final maximum
+            s_end, z_end = torch.einsum("bki,bkimd->bkmd", last, s), torch.einsum("bki,bkim->bkm", last, z)
+            _write_state(self.kv_cache, self.STATE, (s_end, z_end, M[..., -1]))
+        y = num / den.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+        return y.reshape(B, Hkv, G, n * C, D)[:, :, :, :T]  # (B, Hkv, G, T, D)
+
+
+def performer_chunk(T: int, m: int, D: int) -> int:
+    """Tokens a chunk of the causal Performer scan: the power of two in [CHUNK, 1024] that minimises
+    its cost, T C (m + D) within chunks plus (T / C)^2 m D between them."""
+    best, best_cost = CHUNK, math.inf
+    for C in (CHUNK << i for i in range(5)):
+        cost = T * C * (m + D) + (T / C) ** 2 * m * D
+        best, best_cost = (C, cost) if cost < best_cost else (best, best_cost)
+    return best
 
 
 class SequenceProjection(nn.Module):
@@ -268,25 +293,30 @@ class LinformerAttention(Attention):
         (B, Hkv, T, D), scale = k.shape, self.scale if self.scale is not None else self.head_dim ** -0.5
         if self.kv_cache is None:
             kt = vt = k.new_zeros(B, Hkv, self.rank, D, dtype=torch.float32)
-            n = None
+            n_seen = None
         else:
-            kt, vt, n = _read_state(self.kv_cache, B, input_pos, self.STATE, (0.0, 0.0, 0.0))
-        e, f, n_end = self._columns(valid, T, n, k.device)  # (B or 1, T, r)
-        qg = q.float().view(B, Hkv, -1, T, D)  # (B, Hkv, G, T, D)
+            kt, vt, n_seen = _read_state(self.kv_cache, B, input_pos, self.STATE, (0.0, 0.0, 0.0))
+        e, f, n_end = self._columns(valid, T, n_seen, k.device)  # (B or 1, T, r)
+        C, G = CHUNK, q.shape[1] // Hkv
+        n, pad = -(-T // C), -T % C
+        pad_t = lambda t: torch.nn.functional.pad(t.float(), (0, 0, 0, pad))  # noqa: E731 - zero keys, rows
+        qg = pad_t(q).view(B, Hkv, G, n, C, D)
+        k, v = pad_t(k).view(B, Hkv, n, C, D), pad_t(v).view(B, Hkv, n, C, D)
+        e, f = pad_t(e).view(-1, n, C, self.rank), pad_t(f).view(-1, n, C, self.rank)
+        # K~, V~ before each chunk: the state plus the earlier chunks' projected keys and values
+        k_sum, v_sum = torch.einsum("bncr,bkncd->bknrd", e, k), torch.einsum("bncr,bkncd->bknrd", f, v)
+        k_in, v_in = kt[:, :, None] + k_sum.cumsum(2) - k_sum, vt[:, :, None] + v_sum.cumsum(2) - v_sum
+        # plus, within the chunk, the keys up to each query: q_t K~(t)^T = q_t K~_in^T + sum_{s<=t} (q_t.k_s) e_s
+        upto = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+        qk = torch.einsum("bkgncd,bknsd->bkgncs", qg, k).masked_fill(~upto, 0.0)
+        scores = torch.einsum("bkgncd,bknrd->bkgncr", qg, k_in) + torch.einsum("bkgncs,bnsr->bkgncr", qk, e)
         dropout_p = self.attn_dropout if self.training else 0.0
-        out = []
-        for i in range(0, T, CHUNK):
-            e_c, f_c = e[:, None, i : i + CHUNK, :, None], f[:, None, i : i + CHUNK, :, None]  # (B|1, 1, C, r, 1)
-            k_c, v_c = k[:, :, i : i + CHUNK, None].float(), v[:, :, i : i + CHUNK, None].float()  # (B, Hkv, C, 1, D)
-            kt_t = kt[:, :, None] + (e_c * k_c).cumsum(2)  # (B, Hkv, C, r, D): K~(t) for each t of the chunk
-            vt_t = vt[:, :, None] + (f_c * v_c).cumsum(2)
-            scores = torch.einsum("bkgtd,bktrd->bkgtr", qg[:, :, :, i : i + CHUNK], kt_t) * scale
-            weights = torch.nn.functional.dropout(scores.softmax(-1), dropout_p, training=dropout_p > 0)
-            out.append(torch.einsum("bkgtr,bktrd->bkgtd", weights, vt_t))
-            kt, vt = kt_t[:, :, -1], vt_t[:, :, -1]
+        weights = torch.nn.functional.dropout((scores * scale).softmax(-1), dropout_p, training=dropout_p > 0)
+        wf = torch.einsum("bkgncr,bnsr->bkgncs", weights, f).masked_fill(~upto, 0.0)
+        y = torch.einsum("bkgncr,bknrd->bkgncd", weights, v_in) + torch.einsum("bkgncs,bknsd->bkgncd", wf, v)
         if self.kv_cache is not None:
-            _write_state(self.kv_cache, self.STATE, (kt, vt, n_end.expand(B)))
-        return torch.cat(out, dim=3).view(B, -1, T, D)  # (B, H, T, D)
+            _write_state(self.kv_cache, self.STATE, (kt + k_sum.sum(2), vt + v_sum.sum(2), n_end.expand(B)))
+        return y.reshape(B, Hkv * G, n * C, D)[:, :, :T]  # (B, H, T, D)
 
 
 def make_approx_attention(config: ModelConfig, layer: int = 0) -> Attention:
