@@ -106,6 +106,7 @@ def scaling(args) -> list[dict]:
                 row = {"variant": label, "T": T, "ms": None, "peak_gib": None, "note": f"{type(e).__name__}: {e}"[:200]}
             rows.append(row)
             print(json.dumps(row), flush=True)
+            save(args, rows)
             gc.collect()
             torch.cuda.empty_cache()
             torch._dynamo.reset()
@@ -139,8 +140,15 @@ def quality(args) -> list[dict]:
             row = {"variant": label, "val_bpc": None, "note": f"{type(e).__name__}: {e}"[:200]}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        save(args, rows)
         torch._dynamo.reset()
     return rows
+
+
+def save(args, rows: list[dict]) -> None:
+    """Rows so far to --json (rewritten after each row, so a run cut short keeps what it measured)."""
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
 
 
 def main() -> None:
@@ -160,9 +168,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "CPU"
     print(f"device: {name}, {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
-    rows = scaling(args) if args.part == "scaling" else quality(args)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+    scaling(args) if args.part == "scaling" else quality(args)
 
 
 if __name__ == "__main__":
