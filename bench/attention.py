@@ -1,6 +1,7 @@
 """Attention variants: cost against sequence length, and quality at equal training tokens.
 
     python bench/attention.py scaling [--lengths 1024,2048,...,65536] [--json FILE]
+    python bench/attention.py kernels [--lengths ...] [--json FILE]
     python bench/attention.py quality [--steps 600] [--batch-size 32] [--seq-len 256] [--device cuda|cpu] [--json FILE]
 
 scaling: one decoder layer (dim 1024, 16 heads of 64, SwiGLU FFN, bf16) per variant, forward + backward
@@ -8,6 +9,10 @@ of one sequence of T tokens, median of CUDA-event timings after warm-up, and the
 variants run through FlexAttention (compiled) except "sdpa causal", torch SDPA's FlashAttention kernel;
 Linformer, Performer and the SSD mixer run as tformer's plain-PyTorch modules, compiled as the whole
 layer. The FFN is the same in every row, so differences between rows are the mixers'.
+
+kernels: attention alone (1 x 16 heads x T x 64, bf16, causal), forward + backward: SDPA's
+FlashAttention against FlexAttention compiled by default and with mode="max-autotune-no-cudagraphs"
+(which searches its block sizes and pipeline stages).
 
 quality: the bundled corpus, tformer's default model shape (3 x 192, 8192 BPE) with each variant in its
 attention, the same seed, batches and number of steps (equal tokens), on one device; validation bits
@@ -118,6 +123,39 @@ def scaling(args) -> list[dict]:
     return rows
 
 
+def kernels(args) -> list[dict]:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.functional import scaled_dot_product_attention
+
+    def causal(b, h, q, k):
+        return q >= k
+
+    rows = []
+    for T in args.lengths:
+        qkv = [torch.randn(1, 16, T, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+        block_mask = create_block_mask(causal, None, None, T, T, device="cuda")
+        variants = {"sdpa (FlashAttention)": lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=True),
+                    "flex": torch.compile(flex_attention),
+                    "flex max-autotune": torch.compile(flex_attention, mode="max-autotune-no-cudagraphs")}
+        for label, attend in variants.items():
+            kwargs = {} if label.startswith("sdpa") else {"block_mask": block_mask}
+            times = []
+            for i in range(args.warmup + args.steps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                attend(*qkv, **kwargs).sum().backward()
+                end.record()
+                if i >= args.warmup:
+                    times.append((start, end))
+            torch.cuda.synchronize()
+            row = {"variant": label, "T": T, "ms": round(statistics.median(s.elapsed_time(e) for s, e in times), 3)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            save(args, rows)
+        torch._dynamo.reset()
+    return rows
+
+
 def quality(args) -> list[dict]:
     from tformer.train.config import TrainConfig
     from tformer.train.loop import train
@@ -153,7 +191,7 @@ def save(args, rows: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["scaling", "quality"])
+    ap.add_argument("part", choices=["scaling", "kernels", "quality"])
     ap.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (scaling: 10) or training steps (quality: 600)")
     ap.add_argument("--warmup", type=int, default=3)
@@ -164,11 +202,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="quality: where to train")
     args = ap.parse_args()
     args.lengths = [int(x) for x in args.lengths.split(",")]
-    args.steps = args.steps or (10 if args.part == "scaling" else 600)
+    args.steps = args.steps or (600 if args.part == "quality" else 10)
     torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "CPU"
     print(f"device: {name}, {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
-    scaling(args) if args.part == "scaling" else quality(args)
+    {"scaling": scaling, "kernels": kernels, "quality": quality}[args.part](args)
 
 
 if __name__ == "__main__":
