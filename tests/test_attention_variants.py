@@ -359,7 +359,8 @@ def test_softcap_layers_keep_their_class_under_the_decode_kernels():
 
 
 def test_backend_choice():
-    assert not wants_flex(_model("window"), "cpu") and wants_flex(_model("window"), "cuda")
+    assert not wants_flex(_model("window", dim=96), "cpu") and wants_flex(_model("window", dim=96), "cuda")
+    assert not wants_flex(_model("window"), "cuda")  # head_dim 8: under the CUDA kernels' 16
     assert not wants_flex(_model("causal"), "cuda")  # plain causal: FlashAttention through SDPA
     forced = _model("strided", attention={"pattern": "strided", "block": 3, "backend": "flex"})
     assert use_attention_backend(forced, "cpu", compile=False) is not None

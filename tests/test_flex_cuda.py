@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CU
 def _pair(name: str):
     """The same weights twice on CUDA (fp32): one through SDPA, one through compiled FlexAttention."""
     torch.manual_seed(0)
-    config = tiny_config(**{**VARIANTS[name], "max_seq_len": 512})
+    config = tiny_config(**{**VARIANTS[name], "max_seq_len": 512, "dim": 96})  # head_dim 16: the CUDA kernels' least
     dense = build_model(config, device="cuda")
     flex = build_model(config, device="cuda")
     flex.load_state_dict(dense.state_dict())
@@ -56,7 +56,8 @@ def test_training_compiled_through_flex(scope, tmp_path):
     from tformer.train.config import TrainConfig
     from tformer.train.loop import train
 
-    cfg = TrainConfig(model={**VARIANTS["local_global"], "n_layers": 2, "dim": 64, "n_heads": 4},
+    attention = {**VARIANTS["local_global"]["attention"], "backend": "flex"}
+    cfg = TrainConfig(model={"n_layers": 2, "dim": 64, "n_heads": 4, "attention": attention},
                       batch_size=4, seq_len=256, max_steps=30, warmup=5, lr=3e-3, device="cuda", compile=True,
                       compile_scope=scope, eval_every=30, eval_batches=2, log_every=10, out_dir=str(tmp_path / "run"),
                       cache_dir=str(tmp_path / "cache"), tensorboard=False, sample_tokens=0)
@@ -65,5 +66,7 @@ def test_training_compiled_through_flex(scope, tmp_path):
 
 
 def test_auto_backend_picks_flex_on_cuda_for_windows():
-    model = build_model(tiny_config(**VARIANTS["window"]), device="cuda")
+    model = build_model(tiny_config(**VARIANTS["window"], dim=96), device="cuda")
     assert use_attention_backend(model, "cuda") is not None
+    small_heads = build_model(tiny_config(**VARIANTS["window"]), device="cuda")  # head_dim 8: SDPA
+    assert use_attention_backend(small_heads, "cuda") is None

@@ -31,6 +31,9 @@ from tformer.nn.attention import Attention
 from tformer.nn.variants import LayerRule, MaskInputs, dense_mask, mask_mod, softcap_score_mod
 
 
+FLEX_MIN_HEAD_DIM = 16  # the smallest head the CUDA kernels take
+
+
 @dataclass
 class FlexMask:
     """A layer's FlexAttention arguments: which blocks and keys it sees, and how scores change."""
@@ -120,7 +123,7 @@ def use_sdpa(model: nn.Module) -> None:
 def wants_flex(model: nn.Module, device: torch.device | str) -> bool:
     """Whether `model`'s attention.backend asks for FlexAttention on `device`: "flex"; or "auto" on CUDA
     for a decoder whose attention is more than plain causal (FlashAttention serves that through SDPA),
-    with no attention dropout, MLA or approximation."""
+    with no attention dropout, MLA or approximation, and heads of at least 16 dimensions."""
     c = getattr(model, "config", None)
     if not isinstance(model, Decoder) or c is None:
         return False
@@ -129,7 +132,7 @@ def wants_flex(model: nn.Module, device: torch.device | str) -> bool:
         return a.backend == "flex"
     plain = all(rule.plain for rule in model.rules) and model.alibi is None and a.softcap is None
     exact = c.mla is None and a.approx == "none" and c.attn_dropout == 0
-    return torch.device(device).type == "cuda" and exact and not plain
+    return torch.device(device).type == "cuda" and exact and not plain and c.head_dim >= FLEX_MIN_HEAD_DIM
 
 
 def use_attention_backend(model: nn.Module, device: torch.device | str, compile: bool = True,
@@ -140,6 +143,9 @@ def use_attention_backend(model: nn.Module, device: torch.device | str, compile:
     if not wants_flex(model, device):
         return None
     on_cuda = torch.device(device).type == "cuda"
+    if on_cuda and model.config.head_dim < FLEX_MIN_HEAD_DIM:
+        raise ValueError(f"FlexAttention on CUDA needs head_dim >= {FLEX_MIN_HEAD_DIM}, the model has "
+                         f"{model.config.head_dim}: set attention.backend to 'auto' or 'sdpa'")
     if training and not on_cuda:
         raise ValueError(f"attention.backend='flex' trains on CUDA only (FlexAttention has no backward on "
                          f"{torch.device(device).type}): set attention.backend to 'auto' or 'sdpa'")
