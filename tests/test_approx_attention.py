@@ -281,3 +281,19 @@ def test_packed_rows_and_speculative_decoding_are_refused():
 
     with pytest.raises(ValueError, match="running state"):
         speculative_generate(model, model, [1, 2, 3], 4, k=2)
+
+
+@pytest.mark.parametrize("approx", APPROX)
+def test_accounting_counts_the_approximation_not_softmax_attention(approx):
+    """`tformer.accounting`'s attention term for a causal approximation: the layer's counted matmul
+    FLOPs (projections aside) to within 3%, the same per token at every length; no KV cache."""
+    from tformer.accounting import accounting, attention_flops_per_token
+
+    config = tiny(approx, n_layers=1, max_seq_len=2048)
+    layer = PerformerAttention(config) if approx == "performer" else LinformerAttention(config)
+    projections = sum(p.numel() for n, p in layer.named_parameters() if n.startswith(("wqkv", "wo")))
+    for T in (512, 2048):
+        counted = (flops(layer, T) - 2 * T * projections) / T
+        assert counted == pytest.approx(attention_flops_per_token(config, T) / 3, rel=0.03)
+    acc = accounting(config)
+    assert acc["kv_cache_bytes_per_token"] == 0 and acc["approx_state_bytes"] > 0

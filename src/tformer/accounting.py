@@ -37,11 +37,20 @@ Q = min(chunk, T) tokens, H heads of P dims, G groups of N state dims:
 token's share of its chunk's state, and the state read back; no saving for the causal mask).
 Its conv, projections, A, dt bias and D are parameters, in 6 N.
 
+Approximate attention (tformer.nn.approx) replaces 12 L H Q T by its own terms, linear in T,
+6 L x (multiply-adds per token), with m features, r rank, C tokens a chunk (`performer_chunk`;
+Linformer's C = 64), counted as the code computes them (the masked within-chunk products in full):
+
+    Performer  causal  H (C (m + Q) + 2 m Q) + Hkv (2 m Q + T m Q / C^2)   bidirectional  2 m Q (H + Hkv)
+    Linformer  causal  H (2 r Q + 2 C (Q + r)) + 2 Hkv r Q                 bidirectional  2 r Q (H + Hkv)
+
 KV cache bytes per token: 2 L Hkv head_dim bytes (a key and a value per kv head per layer); MLA
 keeps one kv_rank latent and one rope_dim key per layer, shared by all heads (DeepSeek-V2 §2.1):
 L (kv_rank + rope_dim) bytes (nn.kv_cache.LatentCache). A sliding window caps the tokens kept,
 not the bytes per token. SSD layers keep no per-token cache but a constant state per sequence
 (nn.ssd.SSDCache): H P N fp32 values and the conv's last W-1 inputs (E + 2 G N channels) each.
+Approximate attention keeps no KV cache either: a Performer layer keeps fp32 S (m x Q), z (m) and
+a maximum per kv head, a Linformer layer fp32 K~ and V~ (r x Q each) per kv head and a count.
 
 Training memory (ZeRO, Rajbhandari et al. 2020, §3.1; every parameter, not only the active):
 weights and gradients at `dtype`, AdamW's two fp32 moments (8 B), and, where `dtype` is narrower
@@ -153,12 +162,39 @@ def classify(name: str) -> str:
 
 
 def attention_flops_per_token(config: ModelConfig, seq_len: int) -> int:
-    """PaLM's attention term 12 L H Q T, as 6 L H T (d_qk + d_v) so MLA fits it too."""
+    """PaLM's attention term 12 L H Q T, as 6 L H T (d_qk + d_v) so MLA fits it too; an
+    approximation's own linear term (module docstring)."""
+    if config.attention.approx != "none":
+        return 6 * _attention_layers(config) * _approx_macs_per_token(config, seq_len)
     if config.mla is not None:
         d_qk, d_v = config.mla.nope_dim + config.mla.rope_dim, config.mla.v_dim
     else:
         d_qk = d_v = config.head_dim
     return 6 * _attention_layers(config) * config.n_heads * seq_len * (d_qk + d_v)
+
+
+def _approx_macs_per_token(config: ModelConfig, seq_len: int) -> int:
+    from tformer.nn.approx import CHUNK, performer_chunk
+
+    a, H, Hkv, Q, T = config.attention, config.n_heads, config.n_kv_heads, config.head_dim, seq_len
+    causal = config.architecture == "decoder"
+    if a.approx == "performer":
+        m = a.features
+        if not causal:
+            return 2 * m * Q * (H + Hkv)
+        C = performer_chunk(T, m, Q)
+        return H * (C * (m + Q) + 2 * m * Q) + Hkv * (2 * m * Q + T * m * Q // C**2)
+    r = a.rank
+    return H * (2 * r * Q + 2 * CHUNK * (Q + r)) + 2 * Hkv * r * Q if causal else 2 * r * Q * (H + Hkv)
+
+
+def approx_state_bytes(config: ModelConfig) -> int:
+    """Bytes the approximate attention layers keep per sequence whatever its length (fp32); 0 for exact attention."""
+    a, Hkv, Q = config.attention, config.n_kv_heads, config.head_dim
+    if a.approx == "none":
+        return 0
+    per_head = a.features * (Q + 1) + 1 if a.approx == "performer" else 2 * a.rank * Q
+    return _attention_layers(config) * (Hkv * per_head + (a.approx == "linformer")) * 4
 
 
 def ssd_flops_per_token(config: ModelConfig, seq_len: int) -> int:
@@ -193,7 +229,10 @@ def training_flops_per_token(config: ModelConfig, seq_len: int, active: dict[str
 
 
 def kv_cache_bytes_per_token(config: ModelConfig, dtype: str = "bfloat16") -> int:
-    """Bytes the KV cache keeps per token, over all attention layers, at `dtype`."""
+    """Bytes the KV cache keeps per token, over all attention layers, at `dtype` (0 for approximate
+    attention: `approx_state_bytes`)."""
+    if config.attention.approx != "none":
+        return 0
     if config.mla is not None:
         per_layer = config.mla.kv_rank + config.mla.rope_dim
     else:
@@ -229,6 +268,7 @@ def accounting(config: ModelConfig, seq_len: int | None = None, dtype: str = "bf
         "training_flops_per_token": training_flops_per_token(config, seq_len, active),
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(config, dtype),
         "ssd_state_bytes": ssd_state_bytes(config, dtype),
+        "approx_state_bytes": approx_state_bytes(config),
         "training_memory_bytes": training_memory(total["total"], dtype),
     }
 

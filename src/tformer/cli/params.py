@@ -92,6 +92,8 @@ def format_accounting(config: ModelConfig, acc: dict, title: str | None = None) 
         lines.append("(Mistral's and Qwen's 'active'); N below leaves the embedding lookup out (DeepSeek's).")
     lines.append("")
     attn = "6·L·H·T·(d_qk+d_v)" if config.mla is not None else "12·L·H·Q·T"
+    if config.attention.approx != "none":
+        attn = f"6·L·({config.attention.approx}, linear in T: tformer.accounting)"
     if config.ssd is not None:  # L: attention layers; the SSD layers' chunked form (tformer.accounting)
         attn += " + 6·L_ssd·(H·Q·P + G·Q·N + 2·H·P·N)"
     kv = "L·(kv_rank+rope_dim)" if config.mla is not None else "2·L·Hkv·head_dim"
@@ -109,6 +111,10 @@ def format_accounting(config: ModelConfig, acc: dict, title: str | None = None) 
     if config.ssd is not None:
         rows.insert(3, ["SSD state/sequence", f"{acc['ssd_state_bytes']:,} B",
                         f"L_ssd·(H·P·N·4 + (W-1)·(E+2·G·N)·{b}) B, any length"])
+    if config.attention.approx != "none":
+        state = "m·(Q+1)+1" if config.attention.approx == "performer" else "2·r·Q (+1 count)"
+        rows[2] = ["attention state/sequence", f"{acc['approx_state_bytes']:,} B",
+                   f"L·Hkv·({state})·4 B (fp32), any length: no KV cache"]
     rules = [4, 8] if config.ssd is not None else [3, 7]
     lines += table(["per token / memory", "value", "formula"], rows, rules_before=rules, align="lrl")
     return "\n".join(lines)
