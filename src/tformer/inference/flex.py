@@ -74,7 +74,7 @@ class DecoderFlex:
             self.block_masks[key] = create_block_mask(mask_mod(rule, inputs), None, None, L, L, device=device,
                                                       _compile=self.compile)
         block_mask = self.block_masks[key]
-        return block_mask if L == T else block_mask._adjust(T, T)
+        return block_mask if L == T else crop(block_mask, T)
 
     def core(self, q, k, v, mask: FlexMask, dropout_p: float = 0.0):
         """`Attention.core`'s signature: q (B, H, T, D), k/v (B, Hkv, S, D) -> (B, H, T, D)."""
@@ -82,6 +82,17 @@ class DecoderFlex:
             raise ValueError("FlexAttention has no attention dropout: set attn_dropout=0, or use_sdpa(model) to train")
         return self.attend(q, k, v, score_mod=mask.score_mod, block_mask=mask.block_mask,
                            enable_gqa=q.shape[1] != k.shape[1])
+
+
+def crop(block_mask: BlockMask, T: int) -> BlockMask:
+    """The top-left T x T of a square block mask, for T queries and keys. `BlockMask._adjust` crops the
+    blocks; before torch 2.13 it kept the old lengths, which flex_attention then refuses."""
+    cropped = block_mask._adjust(T, T)
+    if tuple(cropped.seq_lengths) == (T, T):
+        return cropped
+    return BlockMask.from_kv_blocks(cropped.kv_num_blocks, cropped.kv_indices, cropped.full_kv_num_blocks,
+                                    cropped.full_kv_indices, BLOCK_SIZE=cropped.BLOCK_SIZE,
+                                    mask_mod=cropped.mask_mod, seq_lengths=(T, T))
 
 
 def _decoder(model: nn.Module) -> Decoder:

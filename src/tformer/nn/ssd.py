@@ -227,7 +227,10 @@ def ssd_chunked(x, dt, A, b, c, chunk: int, h0=None, starts=None):
     chunk_decay = torch.exp(segsum(F.pad(a.sum(-1), (1, 0))))  # (B, H, n+1, n+1)
     states = torch.einsum("bhzj,bjhpn->bzhpn", chunk_decay, states)
     # the state entering each chunk, decayed to each of its tokens, read by c
-    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", c, states[:, :-1], torch.exp(a.cumsum(-1)))
+    # exp(sum_{r<=t} a_r) = exp(a_0) L[t, 0]: no cumulative sum (Inductor's CUDA scan codegen fails on
+    # this one in torch 2.11), and -inf starts stay exact
+    decay_in = torch.exp(a[..., :1]) * L[..., :, 0]  # (B, H, n, Q)
+    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", c, states[:, :-1], decay_in)
     return y.flatten(1, 2)[:, :T], states[:, -1]
 
 
