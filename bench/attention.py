@@ -193,7 +193,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("part", choices=["scaling", "kernels", "quality"])
     ap.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps (scaling: 10) or training steps (quality: 600)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed steps (scaling, kernels: 10); training steps (quality: 600)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--only", default="", help="comma-separated words: run the variants whose label has one")

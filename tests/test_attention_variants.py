@@ -12,13 +12,13 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from tests.conftest import tiny_config
 from tformer.config import ConfigError
 from tformer.inference import SamplingConfig, generate
-from tformer.inference.flex import use_attention_backend, use_flex_attention, use_sdpa, wants_flex
+from tformer.inference.flex import crop, use_attention_backend, use_flex_attention, use_sdpa, wants_flex
 from tformer.inference.fused import fusable, with_decode_kernels, without_decode_kernels
 from tformer.inference.workspace import Workspace
 from tformer.models import build_model
 from tformer.nn.attention import scaled_dot_product
 from tformer.nn.position import alibi_slopes
-from tformer.nn.variants import (PATTERNS, LayerRule, MaskInputs, SoftcapAttention, alibi_score_mod,
+from tformer.nn.variants import (PATTERNS, LayerRule, MaskInputs, layer_rules, SoftcapAttention, alibi_score_mod,
                                  bidirectional_mask_mod, dense_bias, dense_mask, mask_mod, softcap_score_mod,
                                  t5_score_mod)
 from tformer.subconfigs import AttentionPattern
@@ -210,6 +210,21 @@ def test_flex_block_masks_are_reused_across_layers_batches_and_lengths():
         assert flex.builds == 4  # the next bucket
     use_sdpa(model)
     assert "core" not in vars(model.layers[0].attn) and model.make_mask is dense_mask
+
+
+@pytest.mark.parametrize("name", ["causal", "prefix", "local_global"])
+def test_a_cropped_block_mask_has_the_new_lengths_and_the_same_attention(name):
+    """`crop` (the shared masks cut to a forward's length) gives flex_attention the lengths it checks
+    (torch 2.11's `_adjust` kept the old ones), and attention equal to a mask built at that length."""
+    rule = layer_rules(tiny_config(**VARIANTS[name]))[0]
+    big, T = create_block_mask(mask_mod(rule, MaskInputs(torch.arange(24), 24)), None, None, 24, 24, device="cpu",
+                               BLOCK_SIZE=8), 13
+    exact = create_block_mask(mask_mod(rule, MaskInputs(torch.arange(T), T)), None, None, T, T, device="cpu",
+                              BLOCK_SIZE=8)
+    cropped = crop(big, T)
+    assert tuple(cropped.seq_lengths) == (T, T)
+    q, k, v = (torch.randn(1, 2, T, 16) for _ in range(3))
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=cropped), flex_attention(q, k, v, block_mask=exact))
 
 
 def test_compiled_flex_compiles_once_more_for_changing_lengths_not_every_step():
