@@ -83,6 +83,22 @@ def test_masked_lm_and_pretraining_exports_load_in_hf(tmp_path):
     torch.testing.assert_close(clf(tokens, mask, types), ref, atol=ATOL, rtol=0)
 
 
+@torch.no_grad()
+def test_an_untied_masked_lm_keeps_its_own_output_both_ways(tmp_path):
+    model = ours(MaskedLM, CONFIG.replace(tie_embeddings=False))
+    save_hf_bert(model, tmp_path / "out")
+    hf = transformers.BertForMaskedLM.from_pretrained(tmp_path / "out").eval()
+    decoder = hf.cls.predictions.decoder.weight
+    assert decoder.data_ptr() != hf.bert.embeddings.word_embeddings.weight.data_ptr()
+    tokens, mask, types = batch()
+    real = mask.bool()
+    ref = hf(input_ids=tokens, attention_mask=mask, token_type_ids=types).logits
+    torch.testing.assert_close(model(tokens, mask, types)[real], ref[real], atol=ATOL, rtol=0)
+    hf.save_pretrained(tmp_path / "from_hf")
+    back = load_hf_bert(tmp_path / "from_hf", MaskedLM)
+    assert torch.equal(back.head.output.weight, model.head.output.weight)
+
+
 @pytest.mark.filterwarnings("ignore:.*has no tokenizer.json")
 @torch.no_grad()
 def test_tformer_convert_to_hf(tmp_path, capsys):

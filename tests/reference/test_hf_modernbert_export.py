@@ -93,6 +93,23 @@ def test_masked_lm_export_loads_in_hf(tmp_path, fields):
     assert_same_tensors(model, load_hf_modernbert(tmp_path, MaskedLM))
 
 
+@torch.no_grad()
+def test_an_untied_masked_lm_keeps_its_own_output_both_ways(tmp_path):
+    """tie_word_embeddings=False: the head's own output matrix is written as `decoder.weight`, HF keeps it
+    apart from the embedding, and it loads back (not the embedding in its place)."""
+    model = ours(MaskedLM, CONFIG.replace(tie_embeddings=False))
+    assert not torch.equal(model.head.output.weight, model.encoder.tok_emb.weight)
+    save_hf_modernbert(model, tmp_path)
+    hf = from_pretrained(transformers.ModernBertForMaskedLM, tmp_path)
+    assert hf.decoder.weight.data_ptr() != hf.model.embeddings.tok_embeddings.weight.data_ptr()
+    tokens, mask = batch()
+    real = mask.bool()
+    torch.testing.assert_close(model(tokens, mask)[real], hf(input_ids=tokens, attention_mask=mask).logits[real],
+                               atol=ATOL, rtol=0)
+    hf.save_pretrained(tmp_path / "from_hf")
+    assert_same_tensors(model, load_hf_modernbert(tmp_path / "from_hf", MaskedLM))
+
+
 def test_export_writes_the_tokenizer_and_its_special_ids(tmp_path):
     tok = Tokenizer.train_char("the quick brown fox", special_tokens=["[PAD]", "[CLS]", "[SEP]", "[MASK]"])
     model = build_model(CONFIG.replace(vocab_size=tok.vocab_size))

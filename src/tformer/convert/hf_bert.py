@@ -4,7 +4,8 @@
 The HF names live only here, one key map used in both directions. Tensors change in one way: the
 query | key | value projections (and biases) are concatenated into our wqkv rows. The models with
 heads prefix the encoder's names with `bert.`; the MLM decoder weight is the tied word embedding
-and is neither read nor written (HF ties it on load).
+and is neither read nor written (HF ties it on load), unless `tie_word_embeddings` is false: then it
+is the head's own `output`.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ _HEAD_KEYS = [
     (r"head\.dense\.(weight|bias)", r"cls.predictions.transform.dense.\1"),
     (r"head\.norm\.(weight|bias)", r"cls.predictions.transform.LayerNorm.\1"),
     (r"head\.bias", "cls.predictions.bias"),
+    (r"head\.output\.weight", "cls.predictions.decoder.weight"),  # untied only
     (r"nsp\.(weight|bias)", r"cls.seq_relationship.\1"),
     (r"classifier\.(weight|bias)", r"classifier.\1"),
     (r"qa\.(weight|bias)", r"qa_outputs.\1"),
@@ -63,7 +65,7 @@ LABELLED = (SequenceClassifier, TokenClassifier)  # built with n_labels (config.
 HF_CLASSES = {Encoder: "BertModel", MaskedLM: "BertForMaskedLM", Pretraining: "BertForPreTraining",
               SequenceClassifier: "BertForSequenceClassification", TokenClassifier: "BertForTokenClassification",
               QuestionAnswering: "BertForQuestionAnswering"}  # fmt: skip
-# HF buffers, and the MLM decoder, which holds the tied embedding and (again) cls.predictions.bias
+# HF buffers, and the MLM decoder, which holds the tied embedding (when tied) and (again) cls.predictions.bias
 _SKIP = re.compile(r"(position_ids|token_type_ids|cls\.predictions\.decoder\.(weight|bias))$")
 
 
@@ -132,6 +134,9 @@ def bert_state_dict_from_hf(tensors: dict[str, torch.Tensor], model: nn.Module, 
         if all(n in tensors for n in names):
             out[name] = torch.cat([tensors[n] for n in names]) if len(names) > 1 else tensors[names[0]]
     unexpected = sorted(k for k in tensors if k not in used and not _SKIP.search(k))
+    untied_bias = "cls.predictions.decoder.bias"
+    if "head.output.weight" in out and untied_bias in tensors:  # untied, HF's decoder keeps a bias of its own
+        out["head.bias"] = tensors[untied_bias]
     if isinstance(model, MaskedLM):  # BertForMaskedLM has no pooler; a BertModel checkpoint may bring one
         unexpected = [k for k in unexpected if ".pooler." not in "." + k]
     if missing or unexpected:
@@ -147,6 +152,8 @@ def bert_state_dict_to_hf(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, names in _hf_names(model, "" if isinstance(model, Encoder) else "bert.").items():
         parts = tensors[name].chunk(len(names)) if len(names) > 1 else (tensors[name],)  # wqkv: q | k | v
         out.update((n, t.contiguous()) for n, t in zip(names, parts))
+    if "head.output.weight" in tensors:  # untied: HF's decoder Linear adds its own bias, not cls.predictions.bias
+        out["cls.predictions.decoder.bias"] = tensors["head.bias"].clone()  # a tensor of its own on disk
     return out
 
 

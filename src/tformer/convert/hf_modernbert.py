@@ -9,7 +9,8 @@ pooler).
 
 The HF names live only here, one key map used in both directions. Tensors change in one way: the
 FFN's fused `Wi` holds the activated half then the gate half, our w1 (activated) and w3 rows. The
-MLM `decoder.weight` is the tied word embedding and is neither read nor written (HF ties it on load).
+MLM `decoder.weight` is the tied word embedding and is neither read nor written (HF ties it on load),
+unless `tie_word_embeddings` is false: then it is the head's own `output`.
 """
 
 from __future__ import annotations
@@ -50,10 +51,11 @@ _HEAD_KEYS = [
     (r"head\.dense\.(weight|bias)", r"head.dense.\1", COPY),
     (r"head\.norm\.(weight|bias)", r"head.norm.\1", COPY),
     (r"head\.bias", "decoder.bias", COPY),
+    (r"head\.output\.weight", "decoder.weight", COPY),  # untied only
 ]
 CLASSES = (Encoder, MaskedLM)
 HF_CLASSES = {Encoder: "ModernBertModel", MaskedLM: "ModernBertForMaskedLM"}
-_SKIP = re.compile(r"(^decoder\.weight|inv_freq)$")  # the tied embedding; RoPE buffers
+_SKIP = re.compile(r"(^decoder\.weight|inv_freq)$")  # the tied embedding (read when untied); RoPE buffers
 
 
 def _layer_pattern(hf: dict[str, Any]) -> int:
@@ -173,7 +175,7 @@ def modernbert_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         attention_dropout=cfg.attn_dropout,
         mlp_dropout=cfg.resid_dropout,
         initializer_range=cfg.init_std,
-        tie_word_embeddings=True,  # the MLM head reads tok_emb
+        tie_word_embeddings=cfg.tie_embeddings,  # tied: the MLM head reads tok_emb
     )  # fmt: skip
     back, expected = modernbert_config_from_hf(hf), cfg.replace(rope_local_theta=local_theta)
     differ = [f"{f.name}={getattr(cfg, f.name)!r} (ModernBertConfig holds {getattr(back, f.name)!r})"

@@ -121,8 +121,8 @@ class Pooler(nn.Module):
 
 
 class MaskedLMHead(nn.Module):
-    """BERT's (and ModernBERT's) MLM head: dense -> activation -> LayerNorm -> output tied to the token
-    embedding, plus a bias."""
+    """BERT's (and ModernBERT's) MLM head: dense -> activation -> LayerNorm -> output, plus a bias. The
+    output matrix is the token embedding (`tie_embeddings`, as every released BERT), or its own `output`."""
 
     def __init__(self, config: ModelConfig, tok_emb: nn.Embedding):
         super().__init__()
@@ -130,11 +130,13 @@ class MaskedLMHead(nn.Module):
         self.act = ACTIVATIONS[GATED_ACTIVATIONS.get(config.activation, config.activation)]  # a GLU's gate act
         self.norm = make_norm(config)
         self.tok_emb = [tok_emb]  # a list: not registered twice as a submodule
+        self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         h = self.norm(self.act(self.dense(hidden)))
-        return h @ self.tok_emb[0].weight.t() + self.bias  # (B, T, vocab)
+        weight = self.tok_emb[0].weight if self.output is None else self.output.weight
+        return h @ weight.t() + self.bias  # (B, T, vocab)
 
 
 class MaskedLM(nn.Module):
