@@ -63,12 +63,13 @@ def _replicas_agree_under_dropout(world: int) -> bool:
     from torch.distributed.device_mesh import init_device_mesh
 
     from tformer.train.objectives import NextToken
-    from tformer.train.tensor_parallel import TensorParallelModel, parallelize_tensor
+    from tformer.train.tensor_parallel import parallelize_tensor
 
     torch.manual_seed(0)  # as the loop seeds each data-parallel replica: one seed for its tp ranks
     model = build_model(tiny_config(attn_dropout=0.3, resid_dropout=0.3, emb_dropout=0.3)).train()
     parallelize_tensor(model, init_device_mesh("cpu", (world,)))
-    optimizer, objective = torch.optim.AdamW(model.parameters(), lr=1e-2), NextToken(TensorParallelModel(model))
+    optimizer, objective = torch.optim.AdamW(model.parameters(), lr=1e-2), NextToken(model)
+    assert objective.chunked_head  # the replicated output weight goes to the chunked cross-entropy
     for _ in range(3):
         tokens = torch.randint(0, 97, (2, 16))
         objective({"tokens": tokens, "targets": tokens})["loss"].backward()

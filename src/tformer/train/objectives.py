@@ -67,7 +67,10 @@ class NextToken:
     def _forward_loss(self, tokens, targets, segments=None):
         hidden = self.model.features(tokens) if segments is None else self.model.features(tokens, segments=segments)
         if self.chunked_head:
-            return self._head_loss(hidden, self.model.output.weight, targets, IGNORE, self.label_smoothing)
+            weight = self.model.output.weight
+            if hasattr(weight, "to_local"):  # tensor parallelism: a replicated DTensor, whole on every rank
+                weight = weight.to_local()
+            return self._head_loss(hidden, weight, targets, IGNORE, self.label_smoothing)
         return next_token_loss(self.model.output(hidden), targets, self.label_smoothing)
 
     def __call__(self, batch: dict) -> dict:

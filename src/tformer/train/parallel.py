@@ -213,9 +213,8 @@ def shard(model: nn.Module, device: torch.device, dtype: str, cpu_offload: bool,
 
 def parallelize(model: nn.Module, cfg, parallel: Parallel, device: torch.device):
     """Tensor parallelism, checkpointing and DDP/FSDP2 applied to `model`, in that order; returns what
-    the objective calls (a `Replicated` under DDP, a `TensorParallelModel` under tensor parallelism,
-    else the model itself, changed in place)."""
-    from tformer.train.tensor_parallel import TensorParallelModel, parallelize_tensor
+    the objective calls (a `Replicated` under DDP, else the model itself, changed in place)."""
+    from tformer.train.tensor_parallel import parallelize_tensor
 
     if parallel.tp > 1:
         parallelize_tensor(model, parallel.mesh["tp"])
@@ -226,7 +225,7 @@ def parallelize(model: nn.Module, cfg, parallel: Parallel, device: torch.device)
         shard(model, device, cfg.dtype, cfg.fsdp_cpu_offload, parallel.mesh["dp"] if parallel.tp > 1 else None)
         if parallel.tp > 1:  # features() ends in DTensor.to_local(), a view; nothing changes it in place
             warnings.filterwarnings("ignore", r"FSDP2-wrapped module .* returned a view tensor", UserWarning)
-    return TensorParallelModel(model) if parallel.tp > 1 else model
+    return model
 
 
 def uses_fsdp_precision(cfg, device: torch.device) -> bool:

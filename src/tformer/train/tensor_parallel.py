@@ -9,7 +9,9 @@ of wqkv and w1/w3). The tp ranks of a replica see the same batch. Every other pa
 norms, output head) becomes a replicated DTensor, whole on every rank, and its module computes on the
 replicated activations (plain tensors in, plain tensors out), so all parameters are DTensors of one mesh,
 as the optimiser's multi-tensor kernels and the gradient-norm clipping need; replicated gradients agree
-without communication. The vocabulary is not sharded: that would need a vocabulary-parallel loss.
+without communication. The vocabulary is not sharded: that would need a vocabulary-parallel loss. The
+next-token loss reads the output weight's local (whole) tensor into the chunked cross-entropy, so the
+logits never exist whole there either.
 
 The fused wqkv holds its rows as [q | k | v]; a contiguous shard of them would give rank 0 the first half
 of q's rows. So its rows are first permuted to [q_0 k_0 v_0 | q_1 k_1 v_1 | ...], where block r holds
@@ -129,37 +131,6 @@ def _replicate(module: nn.Module, mesh, replicas: dict) -> None:
 
     module.register_forward_pre_hook(inputs)
     module.register_forward_hook(lambda _, args, out: out.to_local() if isinstance(out, DTensor) else out)
-
-
-class TensorParallelModel:
-    """A tensor-parallel model as the objective sees it: calls, `features` and every attribute are the
-    model's, but `output` is the head module behind a plain wrapper, so the loss computes the logits
-    through the head's forward (replicated DTensor weight, plain tensors in and out) instead of reading
-    the weight itself into the chunked cross-entropy."""
-
-    def __init__(self, model: nn.Module):
-        self.module = model
-        self.output = _Head(model.output)
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def features(self, *args, **kwargs):
-        return self.module.features(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        if name == "module":  # not set yet (copying): no recursion
-            raise AttributeError(name)
-        return getattr(self.module, name)
-
-
-class _Head(nn.Module):
-    def __init__(self, head: nn.Module):
-        super().__init__()
-        self.head = head
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden)
 
 
 def _layout(model) -> TensorParallel | None:
