@@ -72,3 +72,27 @@ def test_without_max_tokens_a_request_gets_the_room_the_kv_pool_leaves(checkpoin
         assert r["choices"][0]["finish_reason"] == "stop" or r["usage"]["total_tokens"] == 128
         r = client.post("/v1/completions", json={"model": MODEL, "prompt": "the cat", "max_tokens": 200})
         assert r.status_code == 400 and "the KV cache holds 128" in r.json()["error"]["message"]
+
+
+def test_a_prefix_lm_is_served_without_prefix_caching_and_with_its_prefix_in_one_chunk(checkpoint, tmp_path,
+                                                                                       capsys):
+    from fastapi.testclient import TestClient
+
+    from tformer.cli.serve import load_models
+    from tformer.models import build_model
+    from tformer.serve import ServeSettings, build_app
+    from tformer.inference.text import load_tokenizer
+
+    base = tformer.load(checkpoint)
+    model = build_model(base.config.replace(attention={"pattern": "prefix", "prefix": 24}))
+    model.load_state_dict(base.state_dict())
+    tformer.save(model, tmp_path / "plm", tokenizer=load_tokenizer(checkpoint))
+    args = build_parser().parse_args(["serve", str(tmp_path / "plm"), "--device", "cpu", "--prefill-chunk", "8"])
+    models = load_models(args)
+    engine = models[0].engine
+    assert engine.prefill_chunk == 24 and not engine.pool.prefix_caching
+    assert "prefix caching off" in capsys.readouterr().err
+    with TestClient(build_app(models, ServeSettings())) as client:
+        r = client.post("/v1/completions", json={"model": "plm", "prompt": "the cat", "max_tokens": 6,
+                                                 "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6

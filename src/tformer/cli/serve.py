@@ -136,10 +136,15 @@ def load_models(args: argparse.Namespace) -> list:
 def _engine(args: argparse.Namespace, model):
     from tformer.serve.engine import ServeEngine
 
+    prefix_caching, prefill_chunk = not args.no_prefix_caching, args.prefill_chunk
+    a = model.config.attention
+    if a.pattern == "prefix":  # the prefix's keys depend on all of it: no shared blocks, one prefill chunk
+        prefix_caching, prefill_chunk = False, max(prefill_chunk, a.prefix)
+        print(f"prefix-LM model (attention.prefix={a.prefix}): prefix caching off, prefill chunks of "
+              f"{prefill_chunk} tokens", file=sys.stderr)
     try:
         return ServeEngine(model, block_size=args.block_size, n_blocks=args.n_blocks, max_running=args.max_running,
-                           max_waiting=args.max_waiting, prefill_chunk=args.prefill_chunk,
-                           prefix_caching=not args.no_prefix_caching,
+                           max_waiting=args.max_waiting, prefill_chunk=prefill_chunk, prefix_caching=prefix_caching,
                            cuda_graphs=False if args.enforce_eager else None)
     except ValueError as e:
         raise UserError(f"this model cannot be served: {e}") from None
