@@ -89,6 +89,31 @@ def test_against_hf_modernbert_masked_lm(tmp_path):
                                atol=ATOL, rtol=0)  # fmt: skip
 
 
+@torch.no_grad()
+def test_a_modernbert_directory_becomes_a_classifier_for_the_encoder_tasks(tmp_path):
+    """`load_with_head` (what `tformer finetune --task classify` reads a base through) takes a ModernBERT MLM
+    directory: the encoder's hidden states are HF's, the pooler and classifier start fresh; ModernBERT's
+    own task heads are refused by name."""
+    from tformer.models.encoder import SequenceClassifier
+    from tformer.train.encoder_models import load_with_head
+
+    cfg = transformers.ModernBertConfig(**MODERNBERT)
+    hf = hf_model(transformers.ModernBertForMaskedLM, cfg)
+    hf.save_pretrained(tmp_path / "mlm")
+    model, fresh = load_with_head(tmp_path / "mlm", SequenceClassifier, n_labels=3)
+    assert sorted(fresh) == ["classifier.bias", "classifier.weight", "encoder.pooler.dense.bias",
+                             "encoder.pooler.dense.weight"]
+    tokens, mask = batch(cfg.vocab_size)
+    real = mask.bool()
+    model.eval()
+    torch.testing.assert_close(model.encoder(tokens, mask)[real], hf.model(tokens, mask).last_hidden_state[real],
+                               atol=ATOL, rtol=0)
+    assert model(tokens, mask).shape == (3, 3)
+    transformers.ModernBertForSequenceClassification(cfg).save_pretrained(tmp_path / "clf")
+    with pytest.raises(CheckpointError, match="ModernBertForSequenceClassification, whose task head"):
+        load_with_head(tmp_path / "clf", SequenceClassifier, n_labels=3)
+
+
 def test_modernbert_config_errors(tmp_path):
     hf = transformers.ModernBertConfig(**MODERNBERT).to_dict()
     with pytest.raises(ConfigError, match="hidden_activation"):

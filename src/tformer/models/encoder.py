@@ -192,7 +192,7 @@ class SequenceClassifier(nn.Module):
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
         self.config = config
         self.pooling = pooling
-        self.encoder = Encoder(config) if pooling == "cls" else Encoder(config, pooler=False)
+        self.encoder = Encoder(config, pooler=pooling == "cls")  # "cls" adds BERT's pooler to any encoder
         self.pool = self._cls if pooling == "cls" else self._mean
         self.drop = nn.Dropout(config.resid_dropout)
         self.classifier = nn.Linear(config.dim, n_labels)

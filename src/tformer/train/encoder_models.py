@@ -1,7 +1,7 @@
 """Encoders with task heads (models/encoder.py) from any encoder checkpoint, and back to disk.
 
 `load_with_head(path, cls)` builds `cls` (MaskedLM, Pretraining, SequenceClassifier, ...) from a
-tformer encoder checkpoint or an HF BERT directory: the encoder's weights always come from the
+tformer encoder checkpoint, an HF BERT directory or an HF ModernBERT one (ModernBertModel, ...ForMaskedLM): the encoder's weights always come from the
 checkpoint; a head comes from it when it holds the same head (same names and shapes), else starts
 fresh (N(0, init_std) weights, zero biases, as HF initialises BERT heads). So an HF `BertModel`
 (all-MiniLM-L6-v2) becomes a classifier, and a masked-LM checkpoint continues into fine-tuning.
@@ -37,7 +37,9 @@ LABELLED = (SequenceClassifier, TokenClassifier)
 # HF BERT architectures -> the class whose weights the directory holds
 _HF_CLASSES = {"BertModel": Encoder, "BertForMaskedLM": MaskedLM, "BertForPreTraining": Pretraining,
                "BertForSequenceClassification": SequenceClassifier,
-               "BertForTokenClassification": TokenClassifier, "BertForQuestionAnswering": QuestionAnswering}
+               "BertForTokenClassification": TokenClassifier, "BertForQuestionAnswering": QuestionAnswering,
+               "ModernBertModel": Encoder, "ModernBertForMaskedLM": MaskedLM}
+_MODERNBERT_READS = ("ModernBertModel", "ModernBertForMaskedLM")  # its task heads are not ours: not read
 
 
 def read_head_meta(path: str | Path) -> dict:
@@ -65,8 +67,18 @@ def load_saved(path: Path, device="cpu") -> tuple[nn.Module, dict]:
     meta = read_head_meta(path)
     cls = HEADS[meta.get("head", "Encoder")]
     if not is_tformer_checkpoint(path):
-        if read_json(path / "config.json").get("model_type") != "bert":
-            raise CheckpointError(f"{path} is not a BERT model: encoder tasks read BERT-family checkpoints")
+        hf = read_json(path / "config.json")
+        if hf.get("model_type") == "modernbert":
+            arch = (hf.get("architectures") or ["ModernBertModel"])[0]
+            if arch not in _MODERNBERT_READS:
+                raise CheckpointError(f"{path} holds {arch}, whose task head tformer does not read: pass a "
+                                      f"{' or '.join(_MODERNBERT_READS)} directory (a new head starts fresh)")
+            from tformer.convert.hf_modernbert import load_hf_modernbert
+
+            return load_hf_modernbert(path, cls, device), meta
+        if hf.get("model_type") != "bert":
+            raise CheckpointError(f"{path} is not a BERT or ModernBERT model: encoder tasks read BERT-family "
+                                  "checkpoints")
         from tformer.convert.hf_bert import load_hf_bert
 
         return load_hf_bert(path, cls, device), meta
