@@ -9,11 +9,17 @@ import torch
 
 from tformer.adapters import LoRAConfig, apply_lora, load_adapter, lora_layers, lora_parameters
 from tformer.checkpoint import is_tformer_checkpoint, load
-from tformer.config import ModelConfig
+from tformer.config import ConfigError, ModelConfig
 from tformer.models import build_model
 from tformer.sources import resolve_config
 from tformer.train.distill import init_from_teacher
 
+TRAIN_ELSEWHERE = {
+    "encoder": "Encoders train with `tformer finetune CKPT --task mlm|classify|distill-encoder` (BERT's recipe).",
+    "encoder_decoder": "Encoder-decoders train with the Seq2Seq objective on source/target pairs: see "
+                       "docs/seq2seq.md (bench/seq2seq_demo.py) and tformer.data.span_corruption for T5's "
+                       "pretraining batches.",
+}
 PAD_VOCAB_TO = 64  # matmul-friendly output size (nanoGPT's 50257 -> 50304 trick)
 
 
@@ -30,6 +36,9 @@ def model_config(cfg, tokenizer) -> ModelConfig:
         changes.setdefault("vocab_size", (vocab + PAD_VOCAB_TO - 1) // PAD_VOCAB_TO * PAD_VOCAB_TO)
         changes.setdefault("max_seq_len", max(config.max_seq_len, cfg.seq_len))
     config = config.replace(**changes)
+    if config.architecture != "decoder":
+        raise ConfigError(f"tformer train trains decoders (next-token prediction); this model is an "
+                          f"{config.architecture.replace('_', '-')}. {TRAIN_ELSEWHERE[config.architecture]}")
     if config.vocab_size < tokenizer.vocab_size:
         raise ValueError(
             f"the model's vocab_size {config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}"
