@@ -6,9 +6,10 @@
 
 scaling: one decoder layer (dim 1024, 16 heads of 64, SwiGLU FFN, bf16) per variant, forward + backward
 of one sequence of T tokens, median of CUDA-event timings after warm-up, and the peak memory. Exact
-variants run through FlexAttention (compiled) except "sdpa causal", torch SDPA's FlashAttention kernel;
-Linformer, Performer and the SSD mixer run as tformer's plain-PyTorch modules, compiled as the whole
-layer. The FFN is the same in every row, so differences between rows are the mixers'.
+variants run through FlexAttention except "sdpa causal", torch SDPA's FlashAttention kernel;
+Linformer, Performer and the SSD mixer run as tformer's plain-PyTorch modules. Every layer is compiled
+whole (FlexAttention inside it, as `tformer train --compile` runs it). The FFN is the same in every row,
+so differences between rows are the mixers'.
 
 kernels: attention alone (1 x 16 heads x T x 64, bf16, causal), forward + backward: SDPA's
 FlashAttention against FlexAttention compiled by default and with mode="max-autotune-no-cudagraphs"
@@ -79,8 +80,8 @@ def time_layer(config: ModelConfig, T: int, steps: int, warmup: int) -> dict:
     from tformer.models import build_model
 
     model = build_model(config, device="cuda").to(torch.bfloat16)
-    flex = use_attention_backend(model, "cuda", compile=True)
-    hidden = model.hidden if flex is not None else torch.compile(model.hidden)
+    use_attention_backend(model, "cuda", compile=False)  # flex_attention compiles with the layer, as in training
+    hidden = torch.compile(model.hidden)
     x = torch.randint(0, config.vocab_size, (1, T), device="cuda")
     times = []
     for i in range(warmup + steps):
