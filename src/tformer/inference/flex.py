@@ -65,16 +65,21 @@ class DecoderFlex:
         return FlexMask(block_mask, score_mod)
 
     def _shared(self, rule: LayerRule, T: int, device) -> BlockMask:
-        """The batch-wide block mask of `rule` over T queries and keys, built at T rounded up to `bucket`."""
+        """The batch-wide block mask of `rule` over T queries and keys, built at T rounded up to `bucket`
+        (and cut to T), or at T itself where this torch cannot cut it."""
         L = -(-T // self.bucket) * self.bucket
+        block_mask = self._kept(rule, L, device)
+        return block_mask if L == T else crop(block_mask, T) or self._kept(rule, T, device)
+
+    def _kept(self, rule: LayerRule, L: int, device) -> BlockMask:
+        """`rule`'s block mask over L queries and keys, built once per (rule, L, device)."""
         key = (rule, L, str(device))
         if key not in self.block_masks:
             self.builds += 1
             inputs = MaskInputs(torch.arange(L, device=device), L)
             self.block_masks[key] = create_block_mask(mask_mod(rule, inputs), None, None, L, L, device=device,
                                                       _compile=self.compile)
-        block_mask = self.block_masks[key]
-        return block_mask if L == T else crop(block_mask, T)
+        return self.block_masks[key]
 
     def core(self, q, k, v, mask: FlexMask, dropout_p: float = 0.0):
         """`Attention.core`'s signature: q (B, H, T, D), k/v (B, Hkv, S, D) -> (B, H, T, D)."""
@@ -84,15 +89,19 @@ class DecoderFlex:
                            enable_gqa=q.shape[1] != k.shape[1])
 
 
-def crop(block_mask: BlockMask, T: int) -> BlockMask:
-    """The top-left T x T of a square block mask, for T queries and keys. `BlockMask._adjust` crops the
-    blocks; before torch 2.13 it kept the old lengths, which flex_attention then refuses."""
+def crop(block_mask: BlockMask, T: int) -> BlockMask | None:
+    """The top-left T x T of a square block mask, for T queries and keys; None where this torch cannot
+    say the new lengths. `BlockMask._adjust` crops the blocks; before torch 2.13 it kept the old
+    lengths, which flex_attention then refuses."""
     cropped = block_mask._adjust(T, T)
     if tuple(cropped.seq_lengths) == (T, T):
         return cropped
-    return BlockMask.from_kv_blocks(cropped.kv_num_blocks, cropped.kv_indices, cropped.full_kv_num_blocks,
-                                    cropped.full_kv_indices, BLOCK_SIZE=cropped.BLOCK_SIZE,
-                                    mask_mod=cropped.mask_mod, seq_lengths=(T, T))
+    try:
+        return BlockMask.from_kv_blocks(cropped.kv_num_blocks, cropped.kv_indices, cropped.full_kv_num_blocks,
+                                        cropped.full_kv_indices, BLOCK_SIZE=cropped.BLOCK_SIZE,
+                                        mask_mod=cropped.mask_mod, seq_lengths=(T, T))
+    except TypeError:  # from_kv_blocks without seq_lengths
+        return None
 
 
 def _decoder(model: nn.Module) -> Decoder:
