@@ -227,6 +227,20 @@ def test_a_cropped_block_mask_has_the_new_lengths_and_the_same_attention(name):
     torch.testing.assert_close(flex_attention(q, k, v, block_mask=cropped), flex_attention(q, k, v, block_mask=exact))
 
 
+def test_where_a_mask_cannot_be_cropped_one_of_that_length_is_built_and_kept(monkeypatch):
+    import tformer.inference.flex as flex_module
+
+    model = _model("window")
+    tokens = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        want = model(tokens)
+        monkeypatch.setattr(flex_module, "crop", lambda block_mask, T: None)  # a torch that cannot say new lengths
+        flex = use_flex_attention(model, compile=False, bucket=16)
+        torch.testing.assert_close(model(tokens), want, atol=2e-5, rtol=1e-4)
+        model(tokens)
+    assert flex.builds == 2  # the 16-token bucket's mask, then the 11-token one, each once
+
+
 def test_compiled_flex_compiles_once_more_for_changing_lengths_not_every_step():
     from torch._dynamo.utils import counters
 
