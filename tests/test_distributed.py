@@ -2,6 +2,7 @@
 sharded checkpoints that resume on 2 ranks and on 1 (and a one-process checkpoint on 2), conversion to one
 checkpoint, a rank killed mid-run, and the errors of a misused --parallel."""
 
+import gc
 import json
 import os
 import shutil
@@ -85,6 +86,8 @@ def _worker(rank: int, world: int, tmp: Path, port: int) -> None:
         counts = {f"{mode} x{n}": _reductions(mode, rank, world, n) for mode in ("ddp", "fsdp") for n in (1, 3)}
         if rank == 0:
             (tmp / "reductions.json").write_text(json.dumps(counts))
+        gc.collect()  # the DDP reducers and FSDP hooks of the runs above go before their process group
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
