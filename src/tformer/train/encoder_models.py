@@ -1,9 +1,10 @@
 """Encoders with task heads (models/encoder.py) from any encoder checkpoint, and back to disk.
 
 `load_with_head(path, cls)` builds `cls` (MaskedLM, Pretraining, SequenceClassifier, ...) from a
-tformer encoder checkpoint, an HF BERT directory or an HF ModernBERT one (ModernBertModel, ...ForMaskedLM): the encoder's weights always come from the
-checkpoint; a head comes from it when it holds the same head (same names and shapes), else starts
-fresh (N(0, init_std) weights, zero biases, as HF initialises BERT heads). So an HF `BertModel`
+tformer encoder checkpoint, an HF BERT directory or an HF ModernBERT one (ModernBertModel,
+ModernBertForMaskedLM): the encoder's weights always come from the checkpoint; a head comes from it
+when it holds the same head (same names and shapes), else starts fresh (N(0, init_std) weights, zero
+biases, as HF initialises BERT heads). So an HF `BertModel`
 (all-MiniLM-L6-v2) becomes a classifier, and a masked-LM checkpoint continues into fine-tuning.
 
 `save_with_head` writes a tformer checkpoint whose tformer.json also names the head class ("head"),
@@ -34,12 +35,11 @@ from tformer.models.encoder import (
 HEADS = {c.__name__: c for c in (Encoder, MaskedLM, Pretraining, SequenceClassifier, TokenClassifier,
                                  QuestionAnswering)}
 LABELLED = (SequenceClassifier, TokenClassifier)
-# HF BERT architectures -> the class whose weights the directory holds
+# HF architectures read -> the class whose weights the directory holds (ModernBERT's task heads are not ours)
 _HF_CLASSES = {"BertModel": Encoder, "BertForMaskedLM": MaskedLM, "BertForPreTraining": Pretraining,
                "BertForSequenceClassification": SequenceClassifier,
                "BertForTokenClassification": TokenClassifier, "BertForQuestionAnswering": QuestionAnswering,
                "ModernBertModel": Encoder, "ModernBertForMaskedLM": MaskedLM}
-_MODERNBERT_READS = ("ModernBertModel", "ModernBertForMaskedLM")  # its task heads are not ours: not read
 
 
 def read_head_meta(path: str | Path) -> dict:
@@ -70,9 +70,9 @@ def load_saved(path: Path, device="cpu") -> tuple[nn.Module, dict]:
         hf = read_json(path / "config.json")
         if hf.get("model_type") == "modernbert":
             arch = (hf.get("architectures") or ["ModernBertModel"])[0]
-            if arch not in _MODERNBERT_READS:
+            if arch not in _HF_CLASSES:
                 raise CheckpointError(f"{path} holds {arch}, whose task head tformer does not read: pass a "
-                                      f"{' or '.join(_MODERNBERT_READS)} directory (a new head starts fresh)")
+                                      "ModernBertModel or ModernBertForMaskedLM directory (a new head starts fresh)")
             from tformer.convert.hf_modernbert import load_hf_modernbert
 
             return load_hf_modernbert(path, cls, device), meta
