@@ -51,8 +51,8 @@ def summary(rows: list[dict], gpus: int) -> dict:
     train_rows = [r for r in rows if r.get("kind") == "train"]
     timed = train_rows[1:] or train_rows  # the first interval holds compilation
     mfu = [r["mfu"] for r in timed if r.get("mfu") is not None]
-    return {"tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in timed)),
-            "tokens_per_s_per_gpu": round(statistics.median(r["tokens_per_s"] for r in timed) / gpus),
+    tokens_per_s = statistics.median(r["tokens_per_s"] for r in timed)
+    return {"tokens_per_s": round(tokens_per_s), "tokens_per_s_per_gpu": round(tokens_per_s / gpus),
             "mfu": round(statistics.median(mfu), 3) if mfu else None,
             "peak_mem_gib": round(max((r.get("peak_mem_gib", 0.0) for r in timed), default=0.0), 2),
             "final_loss": round(train_rows[-1]["loss"], 4)}
@@ -72,8 +72,10 @@ def main() -> None:
     compile_ = ["--compile"] if args.device == "cuda" else ["--no-compile"]
     for shape in args.shapes.split(","):
         model_flags, batch, seq_len = SHAPES[shape]
-        def common(steps: int) -> list[str]:
-            return [*model_flags, "--batch-size", str(batch), "--seq-len", str(seq_len), "--max-steps", str(steps),
+
+        def common(steps: int, rows: int = batch) -> list[str]:
+            """The flags every run of this shape shares: `steps` optimiser steps of `rows` x seq_len a process."""
+            return [*model_flags, "--batch-size", str(rows), "--seq-len", str(seq_len), "--max-steps", str(steps),
                     "--log-every", str(max(1, args.steps // 5)), "--eval-every", str(10 * args.steps),
                     "--eval-batches", "2", "--warmup", "5", *compile_]
 
@@ -96,7 +98,7 @@ def main() -> None:
             if one and r["shape"] == shape and r["gpus"] > 1 and "error" not in r:
                 r["speedup_vs_one"] = round(r["tokens_per_s"] / one["tokens_per_s"], 2)
         if not args.no_resume and shape != "3b":
-            results.append(resume_check(work / f"{shape}-resume", args, common))
+            results.append(resume_check(work / f"{shape}-resume", shape, batch, args, common))
             print(json.dumps(results[-1]), flush=True)
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
@@ -112,17 +114,14 @@ def main() -> None:
             print(json.dumps(r))
 
 
-def resume_check(out: Path, args, common) -> dict:
+def resume_check(out: Path, shape: str, batch: int, args, common) -> dict:
     """FSDP2 on N GPUs for 2 x --steps with a sharded checkpoint at --steps; a copy of the run stopped
     there resumes on one GPU with the same global batch (N x the per-GPU rows, activation checkpointing
     on to fit); the losses after --steps side by side (the same data, schedule and seed)."""
-    shape = out.name.removesuffix("-resume")
     row = {"shape": shape, "check": f"resume: {args.gpus} GPUs (fsdp) -> 1 GPU"}
-    flags = common(2 * args.steps)
-    batch = int(flags[flags.index("--batch-size") + 1])
     try:
-        straight = train(out, args.gpus, [*flags, "--parallel", "fsdp", "--save-every", str(args.steps),
-                                          "--eval-every", str(args.steps)], args.device)
+        straight = train(out, args.gpus, [*common(2 * args.steps), "--parallel", "fsdp", "--save-every",
+                                          str(args.steps), "--eval-every", str(args.steps)], args.device)
         copy = out.with_name(out.name + "-on-one")
         shutil.copytree(out, copy, symlinks=True)
         shutil.rmtree(copy / "checkpoints" / f"step-{2 * args.steps:06d}")
@@ -130,9 +129,8 @@ def resume_check(out: Path, args, common) -> dict:
         metrics = copy / "metrics.jsonl"  # as the run had written it by --steps
         metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
                                    if json.loads(line).get("step", 0) <= args.steps))
-        flags[flags.index("--batch-size") + 1] = str(args.gpus * batch)
-        resumed = train(copy, 1, [*flags, "--parallel", "none", "--activation-checkpointing", "full", "--resume"],
-                        args.device)
+        resumed = train(copy, 1, [*common(2 * args.steps, args.gpus * batch), "--parallel", "none",
+                                  "--activation-checkpointing", "full", "--resume"], args.device)
         by_step = {r["step"]: r["loss"] for r in straight if r.get("kind") == "train"}
         row["losses (step, straight on N, resumed on 1)"] = [
             (r["step"], round(by_step.get(r["step"], float("nan")), 4), round(r["loss"], 4))
