@@ -12,13 +12,13 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from tests.conftest import tiny_config
 from tformer.config import ConfigError
 from tformer.inference import SamplingConfig, generate
-from tformer.inference.flex import crop, use_attention_backend, use_flex_attention, use_sdpa, wants_flex
+from tformer.inference.flex import use_flex_attention, use_sdpa
 from tformer.inference.fused import fusable, with_decode_kernels, without_decode_kernels
 from tformer.inference.workspace import Workspace
 from tformer.models import build_model
 from tformer.nn.attention import scaled_dot_product
 from tformer.nn.position import alibi_slopes
-from tformer.nn.variants import (PATTERNS, LayerRule, MaskInputs, layer_rules, SoftcapAttention, alibi_score_mod,
+from tformer.nn.variants import (PATTERNS, LayerRule, MaskInputs, SoftcapAttention, alibi_score_mod,
                                  bidirectional_mask_mod, dense_bias, dense_mask, mask_mod, softcap_score_mod,
                                  t5_score_mod)
 from tformer.subconfigs import AttentionPattern
@@ -198,63 +198,6 @@ def test_flex_equals_sdpa_and_decode_equals_forward(name):
         torch.testing.assert_close(packed[0, 6:], model(tokens[:1, 6:])[0], atol=2e-5, rtol=1e-4)
 
 
-def test_flex_block_masks_are_reused_across_layers_batches_and_lengths():
-    model = _model("per_layer_windows")
-    flex = use_flex_attention(model, compile=False, bucket=16)
-    with torch.no_grad():
-        for B, T in [(2, 13), (3, 9), (1, 16), (2, 5)]:  # one length bucket, changing batch sizes
-            want = model(torch.randint(0, 97, (B, T)))
-            assert want.shape == (B, T, 97)
-        assert flex.builds == 2  # one per distinct rule (windows 3 and global), whatever B and T
-        model(torch.randint(0, 97, (1, 20)))
-        assert flex.builds == 4  # the next bucket
-    use_sdpa(model)
-    assert "core" not in vars(model.layers[0].attn) and model.make_mask is dense_mask
-
-
-@pytest.mark.parametrize("name", ["causal", "prefix", "local_global"])
-def test_a_cropped_block_mask_has_the_new_lengths_and_the_same_attention(name):
-    """`crop` (the shared masks cut to a forward's length) gives flex_attention the lengths it checks
-    (torch 2.11's `_adjust` kept the old ones), and attention equal to a mask built at that length."""
-    rule = layer_rules(tiny_config(**VARIANTS[name]))[0]
-    big, T = create_block_mask(mask_mod(rule, MaskInputs(torch.arange(24), 24)), None, None, 24, 24, device="cpu",
-                               BLOCK_SIZE=8), 13
-    exact = create_block_mask(mask_mod(rule, MaskInputs(torch.arange(T), T)), None, None, T, T, device="cpu",
-                              BLOCK_SIZE=8)
-    cropped = crop(big, T)
-    assert tuple(cropped.seq_lengths) == (T, T)
-    q, k, v = (torch.randn(1, 2, T, 16) for _ in range(3))
-    torch.testing.assert_close(flex_attention(q, k, v, block_mask=cropped), flex_attention(q, k, v, block_mask=exact))
-
-
-def test_where_a_mask_cannot_be_cropped_one_of_that_length_is_built_and_kept(monkeypatch):
-    import tformer.inference.flex as flex_module
-
-    model = _model("window")
-    tokens = torch.randint(0, 97, (2, 11))
-    with torch.no_grad():
-        want = model(tokens)
-        monkeypatch.setattr(flex_module, "crop", lambda block_mask, T: None)  # a torch that cannot say new lengths
-        flex = use_flex_attention(model, compile=False, bucket=16)
-        torch.testing.assert_close(model(tokens), want, atol=2e-5, rtol=1e-4)
-        model(tokens)
-    assert flex.builds == 2  # the 16-token bucket's mask, then the 11-token one, each once
-
-
-def test_compiled_flex_compiles_once_more_for_changing_lengths_not_every_step():
-    from torch._dynamo.utils import counters
-
-    model = _model("softcap", positions="alibi")
-    flex = use_flex_attention(model, compile=False)
-    flex.attend = torch.compile(flex_attention, backend="eager")  # dynamo's guards, without inductor's codegen
-    counters.clear()
-    with torch.no_grad():
-        for T in [10, 10, 12, 14, 9]:  # new packed rows every step: new block masks and score_mods
-            segments = (torch.arange(T) >= T // 2).long().expand(2, T)
-            model(torch.randint(0, 97, (2, T)), segments=segments)
-    assert counters["stats"]["unique_graphs"] == 2  # the first shape, then lengths marked dynamic
-
-
 @pytest.mark.parametrize("name", ["fixed", "t5_bias", "softcap"])
 def test_padded_decode_step_traces_fullgraph(name):
     """A host sync or data-dependent Python in the mask code would break the graph (fullgraph raises)."""
@@ -386,15 +329,6 @@ def test_softcap_layers_keep_their_class_under_the_decode_kernels():
     finally:
         without_decode_kernels(model)
 
-
-def test_backend_choice():
-    assert not wants_flex(_model("window", dim=96), "cpu") and wants_flex(_model("window", dim=96), "cuda")
-    assert not wants_flex(_model("window"), "cuda")  # head_dim 8: under the CUDA kernels' 16
-    assert not wants_flex(_model("causal"), "cuda")  # plain causal: FlashAttention through SDPA
-    forced = _model("strided", attention={"pattern": "strided", "block": 3, "backend": "flex"})
-    assert use_attention_backend(forced, "cpu", compile=False) is not None
-    assert use_attention_backend(_model("prefix", attention={"pattern": "prefix", "prefix": 5, "backend": "sdpa"}),
-                                 "cuda") is None
 
 
 @pytest.mark.parametrize("fields, match", [
