@@ -96,12 +96,18 @@ def format_accounting(config: ModelConfig, acc: dict, title: str | None = None) 
         attn = f"6·L·({config.attention.approx}, linear in T: tformer.accounting)"
     if config.ssd is not None:  # L: attention layers; the SSD layers' chunked form (tformer.accounting)
         attn += " + 6·L_ssd·(H·Q·P + G·Q·N + 2·H·P·N)"
-    kv = "L·(kv_rank+rope_dim)" if config.mla is not None else "2·L·Hkv·head_dim"
+    if config.attention.approx != "none":  # a constant state in place of the KV cache
+        state = "m·(Q+1)+1" if config.attention.approx == "performer" else "2·r·Q (+1 count)"
+        cache = ["attention state/sequence", f"{acc['approx_state_bytes']:,} B",
+                 f"L·Hkv·({state})·4 B (fp32), any length: no KV cache"]
+    else:
+        kv = "L·(kv_rank+rope_dim)" if config.mla is not None else "2·L·Hkv·head_dim"
+        cache = ["KV cache/token", f"{acc['kv_cache_bytes_per_token']:,} B", f"{kv}·{b} B ({dtype})"]
     mem = acc["training_memory_bytes"]
     rows = [
         ["active matmul params N", f"{acc['active_matmul']:,}", "active minus embedding lookups (DeepSeek's 'active')"],
         ["training FLOPs/token", f"{acc['training_flops_per_token']:.4g}", f"6N + {attn}, T={T:,} (PaLM app. B)"],
-        ["KV cache/token", f"{acc['kv_cache_bytes_per_token']:,} B", f"{kv}·{b} B ({dtype})"],
+        cache,
         ["weights", _gib(mem["weights"]), f"total params · {b} B ({dtype})"],
         ["gradients", _gib(mem["gradients"]), f"total params · {b} B ({dtype})"],
         ["fp32 master weights", _gib(mem["master_weights"]), "total params · 4 B, where dtype < fp32"],
@@ -111,10 +117,6 @@ def format_accounting(config: ModelConfig, acc: dict, title: str | None = None) 
     if config.ssd is not None:
         rows.insert(3, ["SSD state/sequence", f"{acc['ssd_state_bytes']:,} B",
                         f"L_ssd·(H·P·N·4 + (W-1)·(E+2·G·N)·{b}) B, any length"])
-    if config.attention.approx != "none":
-        state = "m·(Q+1)+1" if config.attention.approx == "performer" else "2·r·Q (+1 count)"
-        rows[2] = ["attention state/sequence", f"{acc['approx_state_bytes']:,} B",
-                   f"L·Hkv·({state})·4 B (fp32), any length: no KV cache"]
     rules = [4, 8] if config.ssd is not None else [3, 7]
     lines += table(["per token / memory", "value", "formula"], rows, rules_before=rules, align="lrl")
     return "\n".join(lines)
