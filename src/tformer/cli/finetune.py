@@ -91,14 +91,15 @@ def run(args: argparse.Namespace) -> int:
 # --- encoder tasks (train/encoder_tasks.py) ----------------------------------------------------------------
 
 ENCODER_OPTIONS = ("task", "epochs", "warmup_ratio", "max_len", "text_column", "label_column", "pooling", "mlm_prob",
-                   "nsp", "alpha_ce", "alpha_mlm", "alpha_cos", "student_layers")
+                   "nsp", "alpha_ce", "alpha_mlm", "alpha_cos", "student_layers", "source_column", "target_column",
+                   "eval_decode", "noise_density", "mean_span")
 # TrainConfig options that mean the same for an encoder task (name there, if renamed)
 SHARED_OPTIONS = {"lr": "lr", "batch_size": "batch_size", "seq_len": "max_len", "max_steps": "max_steps",
                   "warmup": "warmup", "weight_decay": "weight_decay", "grad_clip": "grad_clip", "seed": "seed",
                   "out_dir": "out_dir", "data": "data", "val_data": "val_data", "val_fraction": "val_fraction",
                   "teacher": "teacher", "distill_temperature": "temperature", "eval_every": "eval_every",
-                  "log_every": "log_every", "dropout": "dropout", "threads": None, "device": None,
-                  "overwrite": None}
+                  "log_every": "log_every", "dropout": "dropout", "label_smoothing": "label_smoothing",
+                  "vocab_size": "vocab_size", "threads": None, "device": None, "overwrite": None}
 
 
 def add_encoder_options(p: argparse.ArgumentParser) -> None:
@@ -107,13 +108,22 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
     d = EncoderTaskConfig(task="classify", checkpoint="")
     g = p.add_argument_group(
         "encoder tasks", "--task classify|mlm|distill-encoder fine-tunes an encoder (BERT, MiniLM; CKPT a tformer "
-        "encoder checkpoint or an HF BERT directory) with BERT's recipe: lr 3e-5 (--lr), 3 epochs, 10% warmup, "
+        "encoder checkpoint or an HF BERT directory; with --task mlm also a preset such as bert-base-uncased, "
+        "trained from scratch with a BPE vocabulary of --vocab-size learnt from the data and --model.FIELD "
+        "VALUE shape changes) with BERT's recipe: lr 3e-5 (--lr), 3 epochs, 10% warmup, "
         "linear decay, batch 32 (--batch-size), 128 tokens, weight decay 0.01. classify: --data a .csv (header "
         "text,label) or .jsonl ({\"text\", \"label\"}); accuracy and macro-F1 on --val-data (or --val-fraction "
         "held out); the labels are saved with the checkpoint (OUT/final; `tformer classify` reads it). mlm: "
         "masked-LM on text files (one sentence a line). distill-encoder: a student with every other layer of "
         "CKPT (usually the teacher itself) trained against --teacher (a masked-LM checkpoint) on masked-LM text. "
-        "Also read: --data --val-data --val-fraction --out-dir --lr --batch-size --max-steps --warmup (steps) --weight-decay --grad-clip --seed --dropout --eval-every "
+        "--task seq2seq|span-corruption trains an encoder-decoder (CKPT a tformer encoder-decoder, an HF T5 or "
+        "Marian directory, or a preset: transformer-base, t5-small, t5-v1_1-small, from scratch as above) the same "
+        "way at lr 1e-4 (1e-3 from a preset). seq2seq: --data .jsonl ({\"source\", \"target\"}) or .csv "
+        "pairs; evaluations add greedy decoding of --eval-decode validation pairs: exact match, BLEU and chrF "
+        "(with sacrebleu installed). span-corruption: T5's denoising on text files (default: the bundled plays). "
+        "`tformer generate OUT/final --prompt SOURCE` decodes the result. "
+        "Also read: --data --val-data --val-fraction --out-dir --lr --batch-size --max-steps --warmup (steps) "
+        "--weight-decay --grad-clip --seed --dropout --label-smoothing --vocab-size --model.FIELD --eval-every "
         "--log-every --distill-temperature --threads --device --overwrite")
     S = argparse.SUPPRESS
     g.add_argument("--task", choices=("sft", *TASKS), default=S,
@@ -135,16 +145,29 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
                        help=f"distill-encoder: weight of the {what} term (default: {getattr(d, name):g})")
     g.add_argument("--student-layers", type=int, default=S,
                    help="distill-encoder: the student's layers (default: half the teacher's)")
+    g.add_argument("--source-column", default=S, help="seq2seq: the source column or key (default: source)")
+    g.add_argument("--target-column", default=S, help="seq2seq: the target column or key (default: target)")
+    g.add_argument("--eval-decode", type=int, default=S, metavar="N",
+                   help=f"seq2seq: validation pairs decoded greedily at each evaluation (default: {d.eval_decode}; "
+                        "0: none)")
+    g.add_argument("--noise-density", type=float, default=S,
+                   help=f"span-corruption: share of tokens dropped (default: {d.noise_density})")
+    g.add_argument("--mean-span", type=float, default=S,
+                   help=f"span-corruption: mean length of a dropped span (default: {d.mean_span:g})")
 
 
 def run_encoder_task(args: argparse.Namespace, encoder: dict) -> int:
     """`--task classify|mlm|distill-encoder`: the options given, checked, then train/encoder_tasks.run."""
     import torch
 
+    from tformer.cli.train import given_options
     from tformer.train.encoder_tasks import EncoderTaskConfig, run
+    from tformer.train.from_preset import is_preset
 
     given = {k: v for k, v in vars(args).items()
-             if k not in ("func", "command", "defaults", "checkpoint") and not (k == "config" and v is None)}
+             if k not in ("func", "command", "defaults", "checkpoint") and not (k == "config" and v is None)
+             and not k.startswith("model.")}
+    model = given_options(args).get("model", {})
     other = [k for k in given if k not in SHARED_OPTIONS]
     if other:
         raise UserError(f"--{other[0].replace('_', '-').replace('.', '-')} applies to --task sft only "
@@ -152,10 +175,11 @@ def run_encoder_task(args: argparse.Namespace, encoder: dict) -> int:
     fields = {SHARED_OPTIONS[k]: v for k, v in given.items() if SHARED_OPTIONS[k]}
     fields.update({k: v for k, v in encoder.items() if k != "task"})
     fields.setdefault("out_dir", DEFAULTS.out_dir)
-    cfg = EncoderTaskConfig(task=encoder["task"], checkpoint=args.checkpoint, **fields)
-    if not Path(args.checkpoint).is_dir():
-        raise UserError(f"{args.checkpoint} is not a directory: pass a tformer encoder checkpoint or an HF BERT "
-                        "directory (config.json, model.safetensors, tokenizer.json)")
+    cfg = EncoderTaskConfig(task=encoder["task"], checkpoint=args.checkpoint, model=model, **fields)
+    if not Path(args.checkpoint).is_dir() and not is_preset(args.checkpoint):
+        raise UserError(f"{args.checkpoint} is neither a directory nor a preset: pass a tformer checkpoint, an HF "
+                        "model directory (config.json, model.safetensors, tokenizer.json) or a preset name "
+                        "(`tformer params --list`)")
     final = Path(cfg.out_dir) / "final"
     if final.exists() and not given.get("overwrite"):
         raise UserError(f"{final} exists: pass --overwrite to replace it, or another --out-dir")
@@ -168,4 +192,6 @@ def run_encoder_task(args: argparse.Namespace, encoder: dict) -> int:
     if cfg.task == "classify":
         print(f"classify with it: tformer classify {final} --text \"...\"  "
               f"(accuracy {metrics['val_accuracy']:.4f}, macro-F1 {metrics['val_macro_f1']:.4f})")
+    elif cfg.task == "seq2seq":
+        print(f"decode with it: tformer generate {final} --temperature 0 --prompt \"...\"  (--beams 4 for beam search)")
     return 0

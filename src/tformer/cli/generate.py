@@ -15,7 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Complete prompts with a model. PATH is a tformer checkpoint or an HF model directory with its "
             "tokenizer.json; --adapter DIR merges a LoRA adapter trained on it into its weights first. Several "
-            "--prompt values run as one left-padded batch; a single prompt streams to the terminal."
+            "--prompt values run as one left-padded batch; a single prompt streams to the terminal. With an "
+            "encoder-decoder (T5, Marian, transformer-base) each --prompt is a source (T5 wants its task prefix, "
+            "e.g. 'translate English to German: ...') and the output is printed alone."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -86,11 +88,16 @@ def beam_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from tformer.inference import DecodeEngine, EngineOptions, generate_text, load_tokenizer
+    from tformer.sources import resolve_config
 
     beam = beam_config(args)
     sampling = sampling_config(args)
     tokenizer = load_tokenizer(args.path)
     prompts = args.prompt or ["\n"]
+    if resolve_config(args.path)[0].architecture == "encoder_decoder":
+        from tformer.cli.generate_seq2seq import run_seq2seq
+
+        return run_seq2seq(args, load_model(args), tokenizer, prompts, sampling, beam)
     if beam is not None:
         return _beam(args, beam, tokenizer, prompts)
     if args.draft and len(prompts) != 1:

@@ -108,3 +108,22 @@ def seq2seq_generate(model: nn.Module, sources: list[list[int]], max_new_tokens:
     rows = torch.stack(out, 1).tolist()  # (B, n)
     ends = set(eos.tolist())
     return [row[: next((i + 1 for i, x in enumerate(row) if x in ends), len(row))] for row in rows]
+
+
+def start_id(tokenizer) -> int:
+    """The decoder's start token: the pad token, as T5 and Marian (and tformer's own seq2seq runs) use."""
+    if tokenizer.pad_id is None:
+        raise ValueError("the tokenizer names no pad token, which an encoder-decoder's decoder starts from "
+                         "(T5, Marian): add one, e.g. tokenizer.add_special_tokens(['<pad>'])")
+    return tokenizer.pad_id
+
+
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Sources or targets as an encoder-decoder reads them: the tokenizer's template (T5's appends
+    </s>), and the end token appended where the template does not."""
+    rows = tokenizer.encode_batch(list(texts), template=True)
+    eos = tokenizer.eos_id
+    if eos is None:
+        raise ValueError("the tokenizer names no end token, which ends an encoder-decoder's sources and outputs: "
+                         "add one, e.g. tokenizer.add_special_tokens(['</s>'])")
+    return [row if row and row[-1] == eos else [*row, eos] for row in rows]

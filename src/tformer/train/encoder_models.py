@@ -112,8 +112,15 @@ def load_with_head(path: str | Path, cls: type[nn.Module], n_labels: int | None 
     checkpoint's labels); `pooling` for a SequenceClassifier (default: the checkpoint's, else "cls");
     `config_changes` ModelConfig fields to change (e.g. n_layers of a student, dropout), which leave
     the weights of dropped layers out."""
-    path = Path(path)
-    source, meta = load_saved(path)
+    source, meta = load_saved(Path(path))
+    return with_head(source, meta, cls, n_labels, device, config_changes, pooling, str(path))
+
+
+@torch.no_grad()
+def with_head(source: nn.Module, meta: dict, cls: type[nn.Module], n_labels: int | None = None, device="cpu",
+              config_changes: dict | None = None, pooling: str | None = None,
+              path: str = "the encoder") -> tuple[nn.Module, list[str]]:
+    """`load_with_head` on a model already built (`source`, its head metadata `meta`)."""
     config = source.config.replace(**(config_changes or {}))
     n_labels = n_labels or len(meta.get("id2label") or []) or 2
     model = _build(cls, config, n_labels, pooling or meta.get("pooling", "cls"))
@@ -160,7 +167,10 @@ def _trunk(model: nn.Module) -> Encoder:
 
 def save_with_head(model: nn.Module, path: str | Path, tokenizer, id2label: list[str] | None = None,
                    extra: dict | None = None) -> Path:
-    """A tformer checkpoint of `model` that names its head class (labels, pooling) for `load_with_head`."""
+    """A tformer checkpoint of `model` that names its head class (labels, pooling) for `load_with_head`;
+    a model that is not an encoder (an EncoderDecoder) is saved as it is, with `extra`."""
+    if type(model).__name__ not in HEADS:
+        return save(model, path, tokenizer, extra=extra)
     meta = {"head": type(model).__name__, **({"id2label": list(id2label)} if id2label else {}),
             **({"pooling": model.pooling} if isinstance(model, SequenceClassifier) else {}), **(extra or {})}
     return save(model, path, tokenizer, extra=meta)

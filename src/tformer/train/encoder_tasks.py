@@ -9,9 +9,15 @@ training loop's `train_step`:
     distill-encoder   a MaskedLM student with every other layer of the checkpoint (usually the teacher
                       itself: DistilBERT's initialisation, train/distill.py's init_from_teacher), trained
                       on masked-LM batches against a MaskedLM teacher; EncoderDistill
+    seq2seq, span-corruption   encoder-decoders (T5, Marian, transformer-base): train/seq2seq_tasks.py
+
+The checkpoint may also be a preset (bert-base-uncased, modernbert-base; for the encoder-decoder tasks
+transformer-base, t5-small): the model starts from scratch with a BPE vocabulary trained on the data
+(train/from_preset.py), its shape changed by `model` (ModelConfig fields).
 
 The recipe is BERT's fine-tuning one (Devlin et al. 2019, A.3): AdamW, lr 2e-5..5e-5 with 10% linear
-warmup and linear decay to 0, 3 epochs, batch 32, 128 tokens, weight decay 0.01. The validation
+warmup and linear decay to 0, 3 epochs, batch 32, 128 tokens, weight decay 0.01; lr 0 takes the task's
+default (DEFAULT_LR: 3e-5 for encoders, 1e-4 for encoder-decoders, 1e-3 from a preset). The validation
 split is evaluated at the end (and every `eval_every` steps): loss, and for classification accuracy
 and macro-F1. The final model is saved to out_dir/final with its tokenizer (and id2label), and the
 metrics to out_dir/metrics.json.
@@ -30,12 +36,17 @@ import torch
 from tformer.data.classify import LabelledSplit, classification_metrics, encode_texts, label_counts, label_ids
 from tformer.data.classify import read_labelled
 from tformer.models.encoder import POOLINGS
-from tformer.train.encoder_models import load_with_head, save_with_head, write_json
+from tformer.train.encoder_models import load_with_head, save_with_head, with_head, write_json
 from tformer.train.evaluate import evaluate_objective
 from tformer.train.optim import make_optimizer
 from tformer.train.schedule import learning_rate
 
-TASKS = ("classify", "mlm", "distill-encoder")
+from tformer.train import seq2seq_tasks
+from tformer.train.from_preset import is_preset
+
+TASKS = ("classify", "mlm", "distill-encoder", *seq2seq_tasks.TASKS)
+TEXT_TASKS = ("mlm", "span-corruption")  # no --data: the bundled plays
+DEFAULT_LR = {"encoder": 3e-5, "encoder_decoder": 1e-4, "preset": 1e-3}
 
 
 @dataclass
@@ -46,7 +57,7 @@ class EncoderTaskConfig:
     val_data: list[str] = field(default_factory=list)
     val_fraction: float = 0.1  # held out of `data` when no val_data is given
     out_dir: str = "runs/finetune"
-    lr: float = 3e-5
+    lr: float = 0.0  # 0: DEFAULT_LR for the task and starting point
     epochs: float = 3.0
     max_steps: int = 0  # > 0: this many steps instead of `epochs`
     warmup_ratio: float = 0.1
@@ -70,20 +81,37 @@ class EncoderTaskConfig:
     alpha_mlm: float = 2.0
     alpha_cos: float = 1.0
     temperature: float = 2.0
+    source_column: str = "source"  # seq2seq
+    target_column: str = "target"
+    label_smoothing: float = 0.0
+    eval_decode: int = 200  # seq2seq: validation pairs decoded greedily at each evaluation (0: none)
+    noise_density: float = 0.15  # span-corruption (T5's)
+    mean_span: float = 3.0
+    vocab_size: int = 8192  # from a preset: the BPE vocabulary trained on the data
+    model: dict = field(default_factory=dict)  # from a preset: ModelConfig fields changed
 
     def validate(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
-        for name in ("lr", "epochs", "batch_size", "max_len"):
+        for name in ("epochs", "batch_size", "max_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.lr < 0:
+            raise ValueError(f"lr must be > 0 (or 0: the task's default), got {self.lr}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.eval_decode < 0:
+            raise ValueError(f"eval_decode must be >= 0, got {self.eval_decode}")
+        if self.model and not is_preset(self.checkpoint):
+            raise ValueError(f"--model.FIELD changes the shape of a new model: {self.checkpoint} is a checkpoint, "
+                             "not a preset")
         if self.max_len < 4:
             raise ValueError(f"max_len must be >= 4 (room for [CLS], [SEP] and text), got {self.max_len}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if not self.data:
+        if not self.data and self.task not in TEXT_TASKS:
             raise ValueError("pass the training data: --data FILE")
         if self.pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
@@ -134,23 +162,28 @@ def classify_data(cfg: EncoderTaskConfig, tokenizer):
     return split(rows, cfg.seed), split(val, cfg.seed), id2label, stats
 
 
-def mlm_data(cfg: EncoderTaskConfig, tokenizer):
-    """(train split, val split, a line describing them) of masked-LM rows from text files."""
+def text_documents(cfg: EncoderTaskConfig) -> tuple[list[str], list[str]]:
+    """(training documents, validation documents) of the text tasks: cfg.data (default: the bundled
+    plays) and cfg.val_data, or documents held out of cfg.data (of one document, its last lines)."""
     from tformer.data.corpus import load_corpus
+
+    docs = load_corpus(cfg.data or None)
+    if cfg.val_data:
+        return docs, load_corpus(cfg.val_data)
+    if len(docs) > 1:
+        return _split_off(docs, cfg.val_fraction, cfg.seed)
+    lines = docs[0].splitlines()
+    cut = int(len(lines) * (1 - cfg.val_fraction))
+    return ["\n".join(lines[:cut])], ["\n".join(lines[cut:])]
+
+
+def mlm_data(cfg: EncoderTaskConfig, tokenizer, documents=None):
+    """(train split, val split, a line describing them) of masked-LM rows from text files."""
     from tformer.data.mlm import MLMCollator, MLMExamples, SpecialTokens, mlm_rows
 
     collator = MLMCollator(SpecialTokens.from_tokenizer(tokenizer), cfg.mlm_prob)
-    docs = load_corpus(cfg.data)
-    if cfg.val_data:
-        train_docs, val_docs = docs, load_corpus(cfg.val_data)
-    elif len(docs) > 1:
-        train_docs, val_docs = _split_off(docs, cfg.val_fraction, cfg.seed)
-    else:  # one document: hold out its last lines
-        lines = docs[0].splitlines()
-        cut = int(len(lines) * (1 - cfg.val_fraction))
-        train_docs, val_docs = ["\n".join(lines[:cut])], ["\n".join(lines[cut:])]
     splits = []
-    for i, part in enumerate((train_docs, val_docs)):
+    for i, part in enumerate(documents or text_documents(cfg)):
         rows, nsp = mlm_rows(part, tokenizer, cfg.max_len, cfg.nsp, cfg.seed + i)
         splits.append(MLMExamples(rows, collator, cfg.seed + i, nsp))
     what = "sentence pairs" if cfg.nsp else "segments"
@@ -164,12 +197,15 @@ def build(cfg: EncoderTaskConfig, device):
     from tformer.sources import resolve_config
     from tformer.train.objectives import Classification, EncoderDistill, MaskedLMObjective
 
+    if cfg.task in seq2seq_tasks.TASKS:
+        return seq2seq_tasks.build(cfg, device)
+    if is_preset(cfg.checkpoint):
+        return _from_preset(cfg, device)
     tokenizer = _tokenizer(cfg.teacher if cfg.task == "distill-encoder" else cfg.checkpoint)
     positions = resolve_config(cfg.checkpoint)[0].max_seq_len
     if cfg.max_len > positions:  # BERT's 128 default is longer than a small model's context
         cfg = replace(cfg, max_len=positions)
-    changes = {} if cfg.dropout is None else dict(emb_dropout=cfg.dropout, attn_dropout=cfg.dropout,
-                                                  resid_dropout=cfg.dropout)
+    changes = dropout_changes(cfg)
     teacher, id2label = None, None
     if cfg.task == "classify":
         train, val, id2label, stats = classify_data(cfg, tokenizer)
@@ -202,6 +238,33 @@ def build(cfg: EncoderTaskConfig, device):
     return model, objective, train, val, id2label, stats, tokenizer
 
 
+def dropout_changes(cfg: EncoderTaskConfig) -> dict:
+    """The ModelConfig changes of cfg.dropout (none when it is None: the checkpoint's)."""
+    p = cfg.dropout
+    return {} if p is None else dict(emb_dropout=p, attn_dropout=p, resid_dropout=p)
+
+
+def _from_preset(cfg: EncoderTaskConfig, device):
+    """build() for masked-LM pretraining of a new encoder of a preset's shape (train/from_preset.py)."""
+    from tformer.models import build_model
+    from tformer.models.encoder import MaskedLM, Pretraining
+    from tformer.train import from_preset
+    from tformer.train.objectives import MaskedLMObjective
+
+    if cfg.task != "mlm":
+        raise ValueError(f"--task {cfg.task} starts from a trained encoder: {cfg.checkpoint} is a preset, which "
+                         "trains from scratch with --task mlm")
+    from_preset.require(cfg.checkpoint, "encoder", "--task mlm")
+    documents = text_documents(cfg)
+    tokenizer = from_preset.train_tokenizer(documents[0], cfg.vocab_size, "encoder")
+    config = from_preset.fresh_config(cfg.checkpoint, tokenizer, cfg.max_len, {**cfg.model, **dropout_changes(cfg)})
+    cls = Pretraining if cfg.nsp else MaskedLM
+    model = with_head(build_model(config, device=device), {}, cls, device=device)[0]
+    train, val, stats = mlm_data(cfg, tokenizer, documents)
+    stats += f"; a new {cfg.checkpoint} model, BPE vocabulary {tokenizer.vocab_size}"
+    return model, MaskedLMObjective(model), train, val, None, stats, tokenizer
+
+
 def _fresh_head(path: str) -> bool:
     from tformer.train.encoder_models import read_head_meta
 
@@ -224,6 +287,8 @@ def evaluate(model, objective, split, batch_size: int, device) -> dict[str, floa
         labels = torch.tensor(split.labels)
         scores = classification_metrics(predictions, labels)
         metrics.update(val_accuracy=scores["accuracy"], val_macro_f1=scores["macro_f1"])
+    if getattr(split, "decode", None):
+        metrics.update(seq2seq_tasks.decode_metrics(model, split, batch_size))
     return metrics
 
 
@@ -234,7 +299,10 @@ def run(cfg: EncoderTaskConfig, device="cpu", progress=print) -> dict:
     cfg.validate()
     torch.manual_seed(cfg.seed)
     model, objective, train, val, id2label, stats, tokenizer = build(cfg, device)
-    progress(stats)
+    if not cfg.lr:
+        start = "preset" if is_preset(cfg.checkpoint) else model.config.architecture
+        cfg = replace(cfg, lr=DEFAULT_LR[start])
+    progress(f"{stats}; lr {cfg.lr:g}")
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = cfg.warmup if cfg.warmup >= 0 else round(cfg.warmup_ratio * max_steps)
