@@ -162,3 +162,31 @@ def test_batches_are_a_function_of_their_index():
     assert all(torch.equal(x, y["src"]) for x, y in zip(first, spans.eval_batches(2)))
     with pytest.raises(ValueError, match="sentinel"):
         SpanSplit(segments(stream, 190), 300, 1, 1, 0, 0)
+
+
+def test_an_interrupted_run_resumes_to_the_straight_runs_result(data, tmp_path):
+    from tformer.train.encoder_tasks import EncoderTaskConfig, run
+    from tformer.train.task_state import STATE_FILE
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_step_5(line: str) -> None:
+        if line.startswith("step 5/"):
+            raise Stop
+
+    base = dict(task="seq2seq", checkpoint="transformer-base", data=[str(data / "train.jsonl")],
+                val_data=[str(data / "val.jsonl")], max_steps=8, batch_size=8, vocab_size=400, eval_decode=0,
+                log_every=1, save_every=2, eval_every=3, model={"dim": 32, "n_layers": 1, "n_heads": 2, "ffn_dim": 64})
+    straight = run(EncoderTaskConfig(out_dir=str(tmp_path / "a"), **base), progress=lambda _: None)
+    cut = EncoderTaskConfig(out_dir=str(tmp_path / "b"), **base)
+    with pytest.raises(Stop):
+        run(cut, progress=stop_at_step_5)
+    assert (tmp_path / "b" / STATE_FILE).is_file()  # saved at step 4, with dropout's RNG
+    resumed = run(EncoderTaskConfig(out_dir=str(tmp_path / "b"), resume=True, **base), progress=lambda _: None)
+    assert resumed["val_loss"] == pytest.approx(straight["val_loss"], abs=1e-6)
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["evaluations"] == \
+        json.loads((tmp_path / "a" / "metrics.json").read_text())["evaluations"]
+    assert not (tmp_path / "b" / STATE_FILE).exists()  # finished: only final/ remains
+    with pytest.raises(ValueError, match="does not exist"):
+        run(EncoderTaskConfig(out_dir=str(tmp_path / "c"), resume=True, **base), progress=lambda _: None)

@@ -99,7 +99,8 @@ SHARED_OPTIONS = {"lr": "lr", "batch_size": "batch_size", "seq_len": "max_len", 
                   "out_dir": "out_dir", "data": "data", "val_data": "val_data", "val_fraction": "val_fraction",
                   "teacher": "teacher", "distill_temperature": "temperature", "eval_every": "eval_every",
                   "log_every": "log_every", "dropout": "dropout", "label_smoothing": "label_smoothing",
-                  "vocab_size": "vocab_size", "threads": None, "device": None, "overwrite": None}
+                  "vocab_size": "vocab_size", "save_every": "save_every", "resume": "resume", "threads": None,
+                  "device": None, "overwrite": None}
 
 
 def add_encoder_options(p: argparse.ArgumentParser) -> None:
@@ -124,7 +125,8 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
         "`tformer generate OUT/final --prompt SOURCE` decodes the result. "
         "Also read: --data --val-data --val-fraction --out-dir --lr --batch-size --max-steps --warmup (steps) "
         "--weight-decay --grad-clip --seed --dropout --label-smoothing --vocab-size --model.FIELD --eval-every "
-        "--log-every --distill-temperature --threads --device --overwrite")
+        "--log-every --save-every (the resumable state OUT/last.pt; default 500) --resume --distill-temperature "
+        "--threads --device --overwrite")
     S = argparse.SUPPRESS
     g.add_argument("--task", choices=("sft", *TASKS), default=S,
                    help="sft (default): chat/completion/preference JSONL through `tformer train`; or an encoder task")
@@ -163,6 +165,8 @@ def run_encoder_task(args: argparse.Namespace, encoder: dict) -> int:
     from tformer.cli.train import given_options
     from tformer.train.encoder_tasks import EncoderTaskConfig, run
     from tformer.train.from_preset import is_preset
+    from tformer.train.interrupt import TrainingInterrupted
+    from tformer.train.task_state import STATE_FILE
 
     given = {k: v for k, v in vars(args).items()
              if k not in ("func", "command", "defaults", "checkpoint") and not (k == "config" and v is None)
@@ -183,11 +187,18 @@ def run_encoder_task(args: argparse.Namespace, encoder: dict) -> int:
     final = Path(cfg.out_dir) / "final"
     if final.exists() and not given.get("overwrite"):
         raise UserError(f"{final} exists: pass --overwrite to replace it, or another --out-dir")
+    state = Path(cfg.out_dir) / STATE_FILE
+    if state.exists() and not cfg.resume and not given.get("overwrite"):
+        raise UserError(f"{state} holds an unfinished run: pass --resume to continue it, --overwrite to start "
+                        "afresh, or another --out-dir")
     if given.get("threads"):
         torch.set_num_threads(given["threads"])
     device = given.get("device", "cpu")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    metrics = run(cfg, device)
+    try:
+        metrics = run(cfg, device)
+    except TrainingInterrupted:  # Ctrl-C: the run saved its state and printed the command that resumes
+        return 130
     print(f"done: {cfg.out_dir}/final; metrics in {cfg.out_dir}/metrics.json")
     if cfg.task == "classify":
         print(f"classify with it: tformer classify {final} --text \"...\"  "

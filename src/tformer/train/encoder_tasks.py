@@ -20,7 +20,8 @@ warmup and linear decay to 0, 3 epochs, batch 32, 128 tokens, weight decay 0.01;
 default (DEFAULT_LR: 3e-5 for encoders, 1e-4 for encoder-decoders, 1e-3 from a preset). The validation
 split is evaluated at the end (and every `eval_every` steps): loss, and for classification accuracy
 and macro-F1. The final model is saved to out_dir/final with its tokenizer (and id2label), and the
-metrics to out_dir/metrics.json.
+metrics to out_dir/metrics.json. Every `save_every` steps and on Ctrl-C the run's state goes to
+out_dir/last.pt (train/task_state.py), from which `resume` continues.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ from tformer.models.encoder import POOLINGS
 from tformer.train.encoder_models import load_with_head, save_with_head, with_head, write_json
 from tformer.train.evaluate import evaluate_objective
 from tformer.train.optim import make_optimizer
+from tformer.train.interrupt import StopOnInterrupt, TrainingInterrupted, resume_command
 from tformer.train.schedule import learning_rate
+from tformer.train.task_state import STATE_FILE, restore_state, save_state
 
 from tformer.train import seq2seq_tasks
 from tformer.train.from_preset import is_preset
@@ -69,6 +72,8 @@ class EncoderTaskConfig:
     dropout: float | None = None  # None: the checkpoint's
     seed: int = 0
     eval_every: int = 0  # 0: at the end only
+    save_every: int = 500  # steps between saves of the resumable state OUT/last.pt (0: on Ctrl-C only)
+    resume: bool = False  # continue from OUT/last.pt
     log_every: int = 10
     text_column: str = "text"
     label_column: str = "label"
@@ -309,23 +314,35 @@ def run(cfg: EncoderTaskConfig, device="cpu", progress=print) -> dict:
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (0.9, 0.999), eps=1e-6)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    history, t0 = [], time.perf_counter()
-    for step in range(max_steps):
-        lr = learning_rate(step, "linear", cfg.lr, warmup, max_steps, 0.0)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
-                 for k, v in train.batch(step, cfg.batch_size).items()}
-        stats_ = train_step(model, objective, optimizer, [batch], cfg.grad_clip)
-        if not torch.isfinite(stats_["loss"]):
-            raise RuntimeError(f"the loss became {stats_['loss'].item()} at step {step + 1}: lower --lr")
-        done = step + 1
-        if done % cfg.log_every == 0 or done == max_steps:
-            progress(f"step {done}/{max_steps} (epoch {done / steps_per_epoch:.2f}): loss {stats_['loss'].item():.4f}"
-                     f", lr {lr:.2e}, {time.perf_counter() - t0:.0f}s")
-        if cfg.eval_every and done % cfg.eval_every == 0 and done < max_steps:
-            history.append({"step": done, **evaluate(model, objective, val, cfg.batch_size, device)})
-            progress(_format(history[-1]))
+    history, first, t0 = [], 0, time.perf_counter()
+    if cfg.resume:
+        first, history = restore_state(out, model, optimizer, tokenizer)
+        progress(f"resumed from {out / STATE_FILE} at step {first}")
+    else:
+        (out / STATE_FILE).unlink(missing_ok=True)  # an earlier run's, overwritten
+    with StopOnInterrupt() as stop:
+        for step in range(first, max_steps):
+            lr = learning_rate(step, "linear", cfg.lr, warmup, max_steps, 0.0)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                     for k, v in train.batch(step, cfg.batch_size).items()}
+            stats_ = train_step(model, objective, optimizer, [batch], cfg.grad_clip)
+            if not torch.isfinite(stats_["loss"]):
+                raise RuntimeError(f"the loss became {stats_['loss'].item()} at step {step + 1}: lower --lr")
+            done = step + 1
+            if done % cfg.log_every == 0 or done == max_steps:
+                progress(f"step {done}/{max_steps} (epoch {done / steps_per_epoch:.2f}): loss "
+                         f"{stats_['loss'].item():.4f}, lr {lr:.2e}, {time.perf_counter() - t0:.0f}s")
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < max_steps:
+                history.append({"step": done, **evaluate(model, objective, val, cfg.batch_size, device)})
+                progress(_format(history[-1]))
+            if done < max_steps and (stop.requested or cfg.save_every and done % cfg.save_every == 0):
+                path = save_state(out, model, optimizer, tokenizer, done, history)
+                if stop.requested:
+                    command = resume_command(cfg)
+                    progress(f"interrupted: saved the run's state at step {done} to {path}\nresume with: {command}")
+                    raise TrainingInterrupted(done, path, command)
     metrics = {"step": max_steps, **evaluate(model, objective, val, cfg.batch_size, device),
                "train_seconds": round(time.perf_counter() - t0, 1)}
     progress(_format(metrics))
@@ -333,6 +350,7 @@ def run(cfg: EncoderTaskConfig, device="cpu", progress=print) -> dict:
     save_with_head(model, out / "final", tokenizer, id2label, extra={"task": cfg.task})
     write_json(out / "metrics.json", {"final": metrics, "evaluations": history, "config": asdict(cfg),
                                       **({"id2label": id2label} if id2label else {})})
+    (out / STATE_FILE).unlink(missing_ok=True)  # finished: final/ is the result
     return metrics
 
 

@@ -48,11 +48,11 @@ class StopOnInterrupt:
 
 
 def resume_command(cfg) -> str:
-    """The `tformer train` command line this process was started with, less --overwrite and with
-    --resume; a Python hint where training was not started from the command line."""
+    """The `tformer train` or `tformer finetune` command line this process was started with, less
+    --overwrite and with --resume; a Python hint where training was not started from the command line."""
     argv = sys.argv[1:]
-    if argv[:1] != ["train"]:
-        return f"train(TrainConfig(..., out_dir={cfg.out_dir!r}, resume=True))"
+    if argv[:1] not in (["train"], ["finetune"]):
+        return f"{type(cfg).__name__}(..., out_dir={cfg.out_dir!r}, resume=True)"
     args = [a for a in argv if _option(a) not in ("--resume", "--no-resume", "--overwrite", "--no-overwrite")]
     args.append("--resume")
     if cfg.overwrite and "--overwrite" not in map(_option, argv):  # set in a config file: a flag overrides it
