@@ -71,8 +71,8 @@ def test_bad_train_config_file_is_one_line_naming_the_field(tmp_path, toml, word
         assert w in err
 
 
-@pytest.mark.parametrize("architecture, pointer", [("encoder", "tformer finetune CKPT --task mlm"),
-                                                    ("encoder_decoder", "docs/seq2seq.md")])
+@pytest.mark.parametrize("architecture, pointer", [("encoder", "tformer finetune PRESET_OR_CKPT --task mlm"),
+                                                    ("encoder_decoder", "--task seq2seq")])
 def test_train_says_where_encoders_and_encoder_decoders_train(tmp_path, architecture, pointer):
     (tmp_path / "corpus.txt").write_text("to be or not to be, that is the question\n" * 40)
     err = one_line_error(tformer("train", "--data", "corpus.txt", "--tokenizer", "char", "--model.architecture",

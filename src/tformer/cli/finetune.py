@@ -1,5 +1,6 @@
 """`tformer finetune CKPT --data FILE.jsonl`: `tformer train` from a checkpoint, with fine-tuning defaults;
-`--task classify|mlm|distill-encoder` fine-tunes an encoder instead (train/encoder_tasks.py)."""
+`--task classify|mlm|distill-encoder|seq2seq|span-corruption` trains an encoder or an encoder-decoder
+instead (train/encoder_tasks.py, train/seq2seq_tasks.py)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "finetune",
-        help="fine-tune a checkpoint on chat, completion or preference JSONL (SFT or DPO; LoRA, QLoRA or full)",
+        help="fine-tune a checkpoint on chat, completion or preference JSONL (SFT or DPO; LoRA, QLoRA or full); "
+             "train encoders and encoder-decoders (--task)",
         usage="%(prog)s CKPT --data FILE.jsonl [--method lora|qlora|full] [--OPTION VALUE ...]\n"
-              "       %(prog)s CKPT --task classify|mlm|distill-encoder --data FILE [--OPTION VALUE ...]",
+              "       %(prog)s CKPT --task classify|mlm|distill-encoder --data FILE [--OPTION VALUE ...]\n"
+              "       %(prog)s CKPT_OR_PRESET --task seq2seq|span-corruption --data FILE [--OPTION VALUE ...]",
         description=(
             "Fine-tune CKPT (a tformer checkpoint, e.g. one converted from GGUF or HF) on JSONL examples: "
             '{"messages": [{"role", "content"}, ...]} (chat: the loss on assistant turns, rendered with the '

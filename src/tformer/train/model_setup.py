@@ -15,10 +15,11 @@ from tformer.sources import resolve_config
 from tformer.train.distill import init_from_teacher
 
 TRAIN_ELSEWHERE = {
-    "encoder": "Encoders train with `tformer finetune CKPT --task mlm|classify|distill-encoder` (BERT's recipe).",
-    "encoder_decoder": "Encoder-decoders train with the Seq2Seq objective on source/target pairs: see "
-                       "docs/seq2seq.md (bench/seq2seq_demo.py) and tformer.data.span_corruption for T5's "
-                       "pretraining batches.",
+    "encoder": "Encoders train with `tformer finetune PRESET_OR_CKPT --task mlm` (masked-LM pretraining; a preset "
+               "such as bert-base-uncased starts from scratch), then --task classify|distill-encoder.",
+    "encoder_decoder": "Encoder-decoders train with `tformer finetune PRESET_OR_CKPT --task seq2seq --data "
+                       "PAIRS.jsonl` (source/target pairs) or --task span-corruption (T5's denoising on text); "
+                       "a preset such as transformer-base or t5-small starts from scratch.",
 }
 PAD_VOCAB_TO = 64  # matmul-friendly output size (nanoGPT's 50257 -> 50304 trick)
 
