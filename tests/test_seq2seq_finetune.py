@@ -93,7 +93,7 @@ def test_a_checkpoint_continues_with_span_corruption_then_pairs(trained, data, t
     assert load(tuned / "final").config.attn_dropout == 0.2
 
 
-def test_mlm_from_a_preset_then_classify(data, tmp_path):
+def test_mlm_from_a_preset_then_classify_with_lora(data, tmp_path, capsys):
     pre, cls = tmp_path / "bert", tmp_path / "cls"
     assert main(["finetune", "bert-base-uncased", "--task", "mlm", "--data", str(data / "text.txt"), "--out-dir",
                  str(pre), "--max-steps", "3", "--max-len", "32", *TINY]) == 0
@@ -102,8 +102,11 @@ def test_mlm_from_a_preset_then_classify(data, tmp_path):
     assert tok.id_to_token(ids[0]) == "[CLS]" and tok.id_to_token(ids[-1]) == "[SEP]"
     rows = "text,label\n" + "".join(f"{w} {w},{w[0] < 'h'}\n" for w in WORDS * 4)
     (tmp_path / "c.csv").write_text(rows)
+    capsys.readouterr()
     assert main(["finetune", str(pre / "final"), "--task", "classify", "--data", str(tmp_path / "c.csv"),
-                 "--out-dir", str(cls), "--max-steps", "2"]) == 0
+                 "--out-dir", str(cls), "--max-steps", "2", "--method", "lora"]) == 0
+    assert " head parameters train" in capsys.readouterr().out  # the new classifier trains in full
+    assert main(["classify", str(cls / "final"), "--text", "alpha alpha"]) == 0
 
 
 @pytest.mark.parametrize("args, message", [
@@ -190,3 +193,33 @@ def test_an_interrupted_run_resumes_to_the_straight_runs_result(data, tmp_path):
     assert not (tmp_path / "b" / STATE_FILE).exists()  # finished: only final/ remains
     with pytest.raises(ValueError, match="does not exist"):
         run(EncoderTaskConfig(out_dir=str(tmp_path / "c"), resume=True, **base), progress=lambda _: None)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_lora_on_an_encoder_decoder_trains_adapters_only_and_saves_a_merged_model(trained, data, tmp_path, method,
+                                                                                    capsys):
+    from tformer.adapters.lora import lora_layers
+    from tformer.train import task_lora
+
+    out = tmp_path / method
+    start = load(trained[0] / "final")
+    assert main(["finetune", str(trained[0] / "final"), "--task", "seq2seq", "--data", str(data / "train.jsonl"),
+                 "--out-dir", str(out), "--max-steps", "3", "--eval-decode", "0", "--batch-size", "8",
+                 "--method", method, "--lora.r", "4", "--lr", "1e-2"]) == 0
+    line = capsys.readouterr().out
+    assert f"{method}: r 4" in line and "adapter parameters train" in line
+    final = load(out / "final")
+    assert not lora_layers(final)
+    before, after = start.state_dict(), final.state_dict()
+    moved = {n for n in after if not torch.equal(after[n], before[n])}
+    adapted = {n for n in moved if ".attn." in n or ".cross." in n}  # the attention group: self and cross
+    assert "dec_layers.0.cross.wkv.weight" in adapted and "enc_layers.0.attn.wqkv.weight" in adapted
+    if method == "lora":
+        assert moved == adapted
+    else:  # the rest went through NF4 and back: quantization error only
+        for n in moved - adapted:
+            assert (after[n] - before[n]).abs().max() <= 0.25 * before[n].abs().max()
+    probe = start.train()
+    task_lora.adapt(probe, "lora", {"r": 2})
+    trainable = [n for n, p in probe.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n or n.endswith(("lora_a", "lora_b")) for n in trainable)

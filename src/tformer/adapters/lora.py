@@ -8,7 +8,8 @@ starts equal to its base. The base (nn.Linear, or NF4Linear for QLoRA) is wrappe
 and frozen; after `apply_lora` only the A and B matrices require grad.
 
 Targets are layer names or name suffixes (`wqkv`, `attn.wo`, `layers.3.ffn.w2`) or groups:
-    "attention"   every Linear of a block's attention (wqkv, wo; MLA's wq/wq_a/wq_b/wkv_a/wkv_b, wo)
+    "attention"   every Linear of a block's attention (wqkv, wo; MLA's wq/wq_a/wq_b/wkv_a/wkv_b, wo), and of
+                  an encoder-decoder's cross-attention (wq, wkv, wo)
     "ffn"         the w1/w2/w3 of dense FFNs and MoE shared experts (routed experts are not Linears)
     "all-linear"  every Linear except the output head (as PEFT's "all-linear")
 The default is "attention", which for Llama-shaped models is PEFT's attention projections with
@@ -190,7 +191,7 @@ def adaptable_layers(model: nn.Module) -> dict[str, nn.Module]:
 def _in_group(name: str, group: str) -> bool:
     parent, _, leaf = name.rpartition(".")
     if group == "attention":
-        return parent.rpartition(".")[2] == "attn"
+        return parent.rpartition(".")[2] in ("attn", "cross")
     if group == "ffn":
         return leaf in ("w1", "w2", "w3") and ".ffn." in f".{name}."
     return name != HEAD  # all-linear

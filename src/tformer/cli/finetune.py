@@ -102,7 +102,8 @@ SHARED_OPTIONS = {"lr": "lr", "batch_size": "batch_size", "seq_len": "max_len", 
                   "out_dir": "out_dir", "data": "data", "val_data": "val_data", "val_fraction": "val_fraction",
                   "teacher": "teacher", "distill_temperature": "temperature", "eval_every": "eval_every",
                   "log_every": "log_every", "dropout": "dropout", "label_smoothing": "label_smoothing",
-                  "vocab_size": "vocab_size", "save_every": "save_every", "resume": "resume", "threads": None,
+                  "vocab_size": "vocab_size", "save_every": "save_every", "resume": "resume", "method": "method",
+                  "threads": None,
                   "device": None, "overwrite": None}
 
 
@@ -129,7 +130,8 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
         "Also read: --data --val-data --val-fraction --out-dir --lr --batch-size --max-steps --warmup (steps) "
         "--weight-decay --grad-clip --seed --dropout --label-smoothing --vocab-size --model.FIELD --eval-every "
         "--log-every --save-every (the resumable state OUT/last.pt; default 500) --resume --distill-temperature "
-        "--threads --device --overwrite")
+        "--threads --device --overwrite; --method lora|qlora (default here: full) with --lora.FIELD trains "
+        "adapters on a frozen base, and a classifier's head in full, merged into OUT/final at the end")
     S = argparse.SUPPRESS
     g.add_argument("--task", choices=("sft", *TASKS), default=S,
                    help="sft (default): chat/completion/preference JSONL through `tformer train`; or an encoder task")
@@ -173,8 +175,9 @@ def run_encoder_task(args: argparse.Namespace, encoder: dict) -> int:
 
     given = {k: v for k, v in vars(args).items()
              if k not in ("func", "command", "defaults", "checkpoint") and not (k == "config" and v is None)
-             and not k.startswith("model.")}
-    model = given_options(args).get("model", {})
+             and not k.startswith(("model.", "lora."))}
+    nested = given_options(args)
+    model, lora = nested.get("model", {}), nested.get("lora", {})
     other = [k for k in given if k not in SHARED_OPTIONS]
     if other:
         raise UserError(f"--{other[0].replace('_', '-').replace('.', '-')} applies to --task sft only "
@@ -182,7 +185,7 @@ def run_encoder_task(args: argparse.Namespace, encoder: dict) -> int:
     fields = {SHARED_OPTIONS[k]: v for k, v in given.items() if SHARED_OPTIONS[k]}
     fields.update({k: v for k, v in encoder.items() if k != "task"})
     fields.setdefault("out_dir", DEFAULTS.out_dir)
-    cfg = EncoderTaskConfig(task=encoder["task"], checkpoint=args.checkpoint, model=model, **fields)
+    cfg = EncoderTaskConfig(task=encoder["task"], checkpoint=args.checkpoint, model=model, lora=lora, **fields)
     if not Path(args.checkpoint).is_dir() and not is_preset(args.checkpoint):
         raise UserError(f"{args.checkpoint} is neither a directory nor a preset: pass a tformer checkpoint, an HF "
                         "model directory (config.json, model.safetensors, tokenizer.json) or a preset name "

@@ -21,7 +21,8 @@ default (DEFAULT_LR: 3e-5 for encoders, 1e-4 for encoder-decoders, 1e-3 from a p
 split is evaluated at the end (and every `eval_every` steps): loss, and for classification accuracy
 and macro-F1. The final model is saved to out_dir/final with its tokenizer (and id2label), and the
 metrics to out_dir/metrics.json. Every `save_every` steps and on Ctrl-C the run's state goes to
-out_dir/last.pt (train/task_state.py), from which `resume` continues.
+out_dir/last.pt (train/task_state.py), from which `resume` continues. `method` "lora" or "qlora"
+trains adapters (and a classifier's head) on a frozen base (train/task_lora.py), merged at the end.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from tformer.train.interrupt import StopOnInterrupt, TrainingInterrupted, resume
 from tformer.train.schedule import learning_rate
 from tformer.train.task_state import STATE_FILE, restore_state, save_state
 
-from tformer.train import seq2seq_tasks
+from tformer.train import seq2seq_tasks, task_lora
 from tformer.train.from_preset import is_preset
 
 TASKS = ("classify", "mlm", "distill-encoder", *seq2seq_tasks.TASKS)
@@ -94,6 +95,8 @@ class EncoderTaskConfig:
     mean_span: float = 3.0
     vocab_size: int = 8192  # from a preset: the BPE vocabulary trained on the data
     model: dict = field(default_factory=dict)  # from a preset: ModelConfig fields changed
+    method: str = "full"  # full, lora or qlora (train/task_lora.py)
+    lora: dict = field(default_factory=dict)  # LoRAConfig fields (r, alpha, dropout, targets, rslora)
 
     def validate(self) -> None:
         if self.task not in TASKS:
@@ -107,6 +110,10 @@ class EncoderTaskConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.eval_decode < 0:
             raise ValueError(f"eval_decode must be >= 0, got {self.eval_decode}")
+        if self.method not in task_lora.METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(task_lora.METHODS)}")
+        if self.lora and self.method == "full":
+            raise ValueError("--lora.FIELD options set the adapters of --method lora or qlora")
         if self.model and not is_preset(self.checkpoint):
             raise ValueError(f"--model.FIELD changes the shape of a new model: {self.checkpoint} is a checkpoint, "
                              "not a preset")
@@ -307,7 +314,7 @@ def run(cfg: EncoderTaskConfig, device="cpu", progress=print) -> dict:
     if not cfg.lr:
         start = "preset" if is_preset(cfg.checkpoint) else model.config.architecture
         cfg = replace(cfg, lr=DEFAULT_LR[start])
-    progress(f"{stats}; lr {cfg.lr:g}")
+    progress(f"{stats}; lr {cfg.lr:g}; {task_lora.adapt(model, cfg.method, cfg.lora)}")
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = cfg.warmup if cfg.warmup >= 0 else round(cfg.warmup_ratio * max_steps)
@@ -346,7 +353,7 @@ def run(cfg: EncoderTaskConfig, device="cpu", progress=print) -> dict:
     metrics = {"step": max_steps, **evaluate(model, objective, val, cfg.batch_size, device),
                "train_seconds": round(time.perf_counter() - t0, 1)}
     progress(_format(metrics))
-    model.eval()
+    model = task_lora.merged(model, cfg.method).eval()
     save_with_head(model, out / "final", tokenizer, id2label, extra={"task": cfg.task})
     write_json(out / "metrics.json", {"final": metrics, "evaluations": history, "config": asdict(cfg),
                                       **({"id2label": id2label} if id2label else {})})
