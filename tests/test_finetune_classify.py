@@ -137,8 +137,8 @@ def test_bad_files_are_one_line_errors(encoder_dir, tmp_path, capsys, content, s
 
 
 def test_options_of_the_other_task_are_refused(encoder_dir, tmp_path, capsys):
-    assert main(["finetune", str(encoder_dir), "--task", "classify", "--data", "x.csv", "--method", "lora"]) == 2
-    assert "--method applies to --task sft only" in capsys.readouterr().err
+    assert main(["finetune", str(encoder_dir), "--task", "classify", "--data", "x.csv", "--dpo-beta", "0.2"]) == 2
+    assert "--dpo-beta applies to --task sft only" in capsys.readouterr().err
     assert main(["finetune", str(encoder_dir), "--epochs", "2", "--data", "x.jsonl"]) == 2
     assert "--epochs applies to the encoder tasks" in capsys.readouterr().err
     assert main(["classify", str(encoder_dir), "--text", "good"]) == 2
