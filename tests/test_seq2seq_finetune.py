@@ -223,3 +223,22 @@ def test_lora_on_an_encoder_decoder_trains_adapters_only_and_saves_a_merged_mode
     task_lora.adapt(probe, "lora", {"r": 2})
     trainable = [n for n, p in probe.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_" in n or n.endswith(("lora_a", "lora_b")) for n in trainable)
+
+
+def test_a_trained_transformer_exports_to_hf_with_its_tokenizer(trained, tmp_path):
+    """MarianMTModel + AutoTokenizer from the export decode as tformer does (greedy, the same ids)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers = pytest.importorskip("transformers")
+    assert main(["convert", str(trained[0] / "final"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "hf").eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    model, tok = load(trained[0] / "final"), Tokenizer.load(trained[0] / "final")
+    sources = ["alpha beta gamma", "mu iota kappa lambda"]
+    ours = seq2seq_generate(model, encode_texts(tok, sources), 10, start_id(tok), [tok.eos_id])
+    for source, row in zip(sources, ours):
+        ids = hf_tok(source, return_tensors="pt").input_ids
+        assert ids[0].tolist() == encode_texts(tok, [source])[0]  # the template's </s> included
+        out = hf.generate(ids, max_new_tokens=10, do_sample=False, num_beams=1)[0, 1:].tolist()
+        assert out[: len(row)] == row

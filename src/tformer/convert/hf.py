@@ -277,7 +277,7 @@ def save_hf(model: Decoder, path: str | Path, tokenizer=None, max_shard_bytes: i
     if model.config.architecture == "encoder_decoder":  # T5ForConditionalGeneration or MarianMTModel
         from tformer.convert.hf_marian import save_hf_encoder_decoder
 
-        return save_hf_encoder_decoder(model, path)
+        return save_hf_encoder_decoder(model, path, tokenizer, max_shard_bytes)
     if is_quantized(model):
         raise ValueError(
             "this model is quantized (tformer.quantize); HF export needs full-precision weights: "

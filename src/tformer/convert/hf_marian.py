@@ -24,7 +24,7 @@ import torch
 from tformer.checkpoint import model_from_tensors
 from tformer.config import ConfigError, ModelConfig
 from tformer.convert.hf_dir import write_hf_dir
-from tformer.convert.hf_t5 import Rules, hf_names, map_from_hf, map_to_hf, save_hf_t5, unshared
+from tformer.convert.hf_t5 import Rules, hf_names, map_from_hf, map_to_hf, save_hf_t5, unshared, write_seq2seq_dir
 from tformer.io import CheckpointError, read_json, read_safetensors_dir
 from tformer.models.encoder_decoder import EncoderDecoder
 
@@ -142,12 +142,17 @@ def marian_state_dict_to_hf(state: dict, cfg: ModelConfig) -> dict[str, torch.Te
     return out
 
 
-def save_hf_marian(model: EncoderDecoder, path: str | Path) -> Path:
-    """Write `model` as an HF directory that `MarianMTModel.from_pretrained` loads."""
+def save_hf_marian(model: EncoderDecoder, path: str | Path, tokenizer=None, max_shard_bytes: int | None = None) -> Path:
+    """Write `model` as an HF directory that `MarianMTModel.from_pretrained` loads (tokenizer: as
+    hf_t5.write_seq2seq_dir; without one Marian's ids: pad vocab_size - 1, eos 0)."""
     hf = marian_config_to_hf(model.config)  # fails before anything is written
-    return write_hf_dir(path, unshared(marian_state_dict_to_hf(model.state_dict(), model.config)), hf)
+    tensors = unshared(marian_state_dict_to_hf(model.state_dict(), model.config))
+    return write_seq2seq_dir(model, path, tensors, hf, tokenizer, max_shard_bytes)
 
 
-def save_hf_encoder_decoder(model: EncoderDecoder, path: str | Path) -> Path:
-    """`save_hf` for an EncoderDecoder: T5 for relative position bias, else Marian."""
-    return save_hf_t5(model, path) if model.config.positions == "t5" else save_hf_marian(model, path)
+def save_hf_encoder_decoder(model: EncoderDecoder, path: str | Path, tokenizer=None,
+                            max_shard_bytes: int | None = None) -> Path:
+    """`save_hf` for an EncoderDecoder: T5ForConditionalGeneration for relative position bias, else
+    MarianMTModel."""
+    save = save_hf_t5 if model.config.positions == "t5" else save_hf_marian
+    return save(model, path, tokenizer, max_shard_bytes)

@@ -171,11 +171,34 @@ def t5_state_dict_to_hf(state: dict, cfg: ModelConfig) -> dict[str, torch.Tensor
     return map_to_hf(state, _KEYS, cfg.tie_embeddings, _FFN[cfg.gated])
 
 
-def save_hf_t5(model: EncoderDecoder, path: str | Path) -> Path:
-    """Write `model` as an HF directory that `T5ForConditionalGeneration.from_pretrained` loads."""
+def save_hf_t5(model: EncoderDecoder, path: str | Path, tokenizer=None, max_shard_bytes: int | None = None) -> Path:
+    """Write `model` as an HF directory that `T5ForConditionalGeneration.from_pretrained` loads
+    (tokenizer: as write_seq2seq_dir; without one T5's ids: pad 0, eos 1)."""
     hf = t5_config_to_hf(model.config)  # fails before anything is written
     tensors = t5_state_dict_to_hf(model.state_dict(), model.config)
-    return write_hf_dir(path, unshared(tensors), hf)
+    return write_seq2seq_dir(model, path, unshared(tensors), hf, tokenizer, max_shard_bytes)
+
+
+def write_seq2seq_dir(model, path: str | Path, tensors: dict, hf: dict, tokenizer=None,
+                      max_shard_bytes: int | None = None) -> Path:
+    """An encoder-decoder's HF directory. With `tokenizer` (a Tokenizer or a path) its files go along,
+    and config.json and generation_config.json take its ids: pad (also the decoder's start, as tformer
+    decodes) and eos; without one, `hf`'s ids stay and a warning says the export has no tokenizer."""
+    from tformer.checkpoint import tokenizer_for, warn_no_tokenizer
+
+    tokenizer = tokenizer_for(model, tokenizer)
+    extra = {}
+    if tokenizer is None:
+        warn_no_tokenizer(Path(path), "save_hf", needs="`AutoTokenizer` (and `tformer generate`)")
+    else:
+        if tokenizer.pad_id is None or tokenizer.eos_id is None:
+            raise ValueError("the tokenizer needs a pad token (the decoder's start) and an end token for an "
+                             "encoder-decoder export")
+        ids = {"pad_token_id": tokenizer.pad_id, "decoder_start_token_id": tokenizer.pad_id,
+               "eos_token_id": tokenizer.eos_id}
+        hf = {**hf, **ids, **({"forced_eos_token_id": tokenizer.eos_id} if "forced_eos_token_id" in hf else {})}
+        extra["generation_config.json"] = dict(ids)
+    return write_hf_dir(path, tensors, hf, tokenizer, max_shard_bytes, extra)
 
 
 def unshared(tensors: dict) -> dict:
