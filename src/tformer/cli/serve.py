@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "/v1/completions and /v1/chat/completions (streaming as server-sent events), GET /v1/models, "
             "/health and /metrics (Prometheus). Requests are batched continuously over a paged KV cache. "
             "Each --adapter is served as its own model name, a merged copy of the base with that adapter "
-            "(memory: one model per adapter)."
+            "(memory: one model per adapter). An encoder (BERT, ModernBERT, all-MiniLM-L6-v2) is served on POST "
+            "/v1/embeddings instead: mean-pooled, L2-normalised embeddings, batched across requests."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -117,6 +118,7 @@ def load_models(args: argparse.Namespace) -> list:
     from tformer.checkpoint import load
     from tformer.inference import load_tokenizer
     from tformer.serve.generation import ServedModel
+    from tformer.sources import resolve_config
     from tformer.train.loop import resolve_device
 
     path = Path(args.path)
@@ -125,12 +127,30 @@ def load_models(args: argparse.Namespace) -> list:
     device = resolve_device(args.device)
     dtype = torch_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else None)
     tokenizer = load_tokenizer(path)
+    if resolve_config(str(path))[0].architecture != "decoder":
+        return [_embedding_model(args, path, base, tokenizer, load(path, device=device, dtype=dtype))]
     models = [(base, load(path, device=device, dtype=dtype), None, None)]
     models += [(name, load_merged(path, folder, device=device, dtype=dtype)[0], folder, base)
                for name, folder in adapters]
     return [ServedModel(name, _engine(args, model), tokenizer,
                         ChatTemplate.for_checkpoint(chat_template_folder(path, folder), tokenizer), parent)
             for name, model, folder, parent in models]
+
+
+def _embedding_model(args: argparse.Namespace, path: Path, name: str, tokenizer, model):
+    """An encoder (or a fine-tuned encoder's trunk) served on /v1/embeddings."""
+    from tformer.models import Encoder
+    from tformer.serve.embeddings import EmbeddingEngine, EmbeddingModel
+
+    encoder = model if isinstance(model, Encoder) else getattr(model, "encoder", None)
+    if not isinstance(encoder, Encoder):
+        raise UserError(f"{path} is an encoder-decoder: tformer serve serves decoders (text generation) and "
+                        "encoders (/v1/embeddings); decode it with `tformer generate`")
+    if args.adapter:
+        raise UserError("--adapter serves LoRA adapters of a decoder; an encoder is served alone")
+    print(f"{name}: an encoder, served on /v1/embeddings (mean pooling, L2-normalised)", file=sys.stderr)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    return EmbeddingModel(name, EmbeddingEngine(encoder, pad), tokenizer)
 
 
 def _engine(args: argparse.Namespace, model):

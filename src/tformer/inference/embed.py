@@ -29,8 +29,13 @@ def embed(model: Encoder, tokenizer: Tokenizer, texts: Sequence[str], max_len: i
     each text is cut to `max_len` tokens (default: the model's max_seq_len), its last token kept."""
     max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
     rows = [r if len(r) <= max_len else r[: max_len - 1] + r[-1:] for r in tokenizer.encode_batch(texts, template=True)]
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    tokens, mask = pad_batch(rows, pad)
+    return embed_rows(model, rows, tokenizer.pad_id if tokenizer.pad_id is not None else 0)
+
+
+@torch.no_grad()
+def embed_rows(model: Encoder, rows: list[list[int]], pad_id: int = 0) -> torch.Tensor:
+    """(N, C) unit-norm embeddings of token id rows (already templated and cut to the model's length)."""
+    tokens, mask = pad_batch(rows, pad_id)
     device = model.tok_emb.weight.device
     tokens, mask = tokens.to(device), mask.to(device)
     hidden = model(tokens, mask)  # (N, T, C)

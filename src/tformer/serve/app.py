@@ -2,6 +2,7 @@
 
     POST /v1/completions, POST /v1/chat/completions   stream: true answers server-sent events, one
                                                        `data: {chunk}` per piece, ending `data: [DONE]`
+    POST /v1/embeddings                                 an encoder's sentence embeddings (embeddings.py)
     GET /v1/models, GET /health, GET /metrics          (Prometheus text format)
 
 Bodies are read and validated here (protocol.parse_request), not by FastAPI, so that every bad body
@@ -22,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from tformer.serve import embeddings as embedding
 from tformer.serve import routes
 from tformer.serve.metrics import Metrics
 from tformer.serve.protocol import APIError, error_body
@@ -121,6 +123,14 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
     async def chat_completions(request: Request):
         return await _generate(request, state, chat=True)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        body = await _read_body(request, state.settings.max_body_bytes)
+        served, parsed, rows = await asyncio.to_thread(embedding.prepare, state, body)
+        vectors = await asyncio.wrap_future(served.engine.submit(rows))
+        state.metrics.prompt_tokens.labels(served.name).inc(sum(map(len, rows)))
+        return JSONResponse(await asyncio.to_thread(embedding.response, served, parsed, rows, vectors))
+
 
 async def _generate(request: Request, state: AppState, chat: bool):
     body = await _read_body(request, state.settings.max_body_bytes)
@@ -188,7 +198,8 @@ class _Guard:
 
     def __init__(self, app, state: AppState):
         self.app, self.state = app, state
-        self.known = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+        self.known = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
+                      "/v1/embeddings"}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":

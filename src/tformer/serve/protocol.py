@@ -163,17 +163,22 @@ class ChatCompletionRequest(_Sampling):
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
 
-def parse_request(body: bytes, model: type[_Sampling]) -> _Sampling:
-    """The request in `body`, validated; APIError (400 / 422) naming what is wrong."""
+def parse_body(body: bytes, model: type[BaseModel]) -> BaseModel:
+    """`body` as a `model` (a pydantic request model); APIError (400 / 422) naming what is wrong."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
         raise APIError(400, f"the request body is not valid UTF-8 (byte {e.start}): send JSON encoded as UTF-8",
                        code="invalid_utf8") from None
     try:
-        request = model.model_validate_json(text)
+        return model.model_validate_json(text)
     except ValidationError as e:
         raise _validation_error(e) from None
+
+
+def parse_request(body: bytes, model: type[_Sampling]) -> _Sampling:
+    """The completion request in `body`, validated; APIError (400 / 422) naming what is wrong."""
+    request = parse_body(body, model)
     if unsupported := request.unsupported():
         them = "it" if len(unsupported) == 1 else "them"
         raise APIError(400, f"{', '.join(unsupported)}: not supported by this server; leave {them} out",

@@ -8,6 +8,7 @@ from __future__ import annotations
 from tformer.serve.requests import GenerationRequest
 from tformer.serve.generation import (Job, chat_prompt, completion_prompts, max_new_tokens, sampling_fields,
                                       seed_for)
+from tformer.serve.embeddings import EmbeddingModel
 from tformer.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 from tformer.serve.responses import DONE, Shape, sse
 
@@ -20,6 +21,9 @@ def prepare(state, body: bytes, chat: bool) -> tuple[Job, Shape, bool | None]:
     request that cannot run. Blocking (tokenization, grammar compilation): run it off the event loop."""
     request = parse_request(body, ChatCompletionRequest if chat else CompletionRequest)
     served = state.model(request.model)
+    if isinstance(served, EmbeddingModel):
+        raise APIError(400, f"{request.model} is an embedding model (an encoder): POST /v1/embeddings",
+                       param="model")
     echo = None
     if chat:
         if request.top_logprobs is not None and not request.logprobs:
