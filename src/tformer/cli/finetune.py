@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="fine-tune a checkpoint on chat, completion or preference JSONL (SFT or DPO; LoRA, QLoRA or full); "
              "train encoders and encoder-decoders (--task)",
         usage="%(prog)s CKPT --data FILE.jsonl [--method lora|qlora|full] [--OPTION VALUE ...]\n"
-              "       %(prog)s CKPT --task classify|mlm|distill-encoder --data FILE [--OPTION VALUE ...]\n"
+              "       %(prog)s CKPT --task classify|token-classify|mlm|distill-encoder --data FILE [--OPTION VALUE ...]\n"
               "       %(prog)s CKPT_OR_PRESET --task seq2seq|span-corruption --data FILE [--OPTION VALUE ...]",
         description=(
             "Fine-tune CKPT (a tformer checkpoint, e.g. one converted from GGUF or HF) on JSONL examples: "
@@ -112,13 +112,15 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
 
     d = EncoderTaskConfig(task="classify", checkpoint="")
     g = p.add_argument_group(
-        "encoder tasks", "--task classify|mlm|distill-encoder fine-tunes an encoder (BERT, MiniLM; CKPT a tformer "
+        "encoder tasks", "--task classify|token-classify|mlm|distill-encoder fine-tunes an encoder (BERT, MiniLM; CKPT a tformer "
         "encoder checkpoint or an HF BERT directory; with --task mlm also a preset such as bert-base-uncased, "
         "trained from scratch with a BPE vocabulary of --vocab-size learnt from the data and --model.FIELD "
         "VALUE shape changes) with BERT's recipe: lr 3e-5 (--lr), 3 epochs, 10% warmup, "
         "linear decay, batch 32 (--batch-size), 128 tokens, weight decay 0.01. classify: --data a .csv (header "
         "text,label) or .jsonl ({\"text\", \"label\"}); accuracy and macro-F1 on --val-data (or --val-fraction "
-        "held out); the labels are saved with the checkpoint (OUT/final; `tformer classify` reads it). mlm: "
+        "held out); the labels are saved with the checkpoint (OUT/final; `tformer classify` reads it). "
+        "token-classify: --data .jsonl ({\"tokens\": [words], \"tags\": [BIO tags]}) or CoNLL files (word ... "
+        "tag a line); entity precision, recall and F1 (seqeval's) and word accuracy. mlm: "
         "masked-LM on text files (one sentence a line). distill-encoder: a student with every other layer of "
         "CKPT (usually the teacher itself) trained against --teacher (a masked-LM checkpoint) on masked-LM text. "
         "--task seq2seq|span-corruption trains an encoder-decoder (CKPT a tformer encoder-decoder, an HF T5 or "
@@ -139,8 +141,10 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-ratio", type=float, default=S,
                    help=f"share of steps warming up (default: {d.warmup_ratio})")
     g.add_argument("--max-len", type=int, default=S, help=f"tokens per example at most (default: {d.max_len})")
-    g.add_argument("--text-column", default=S, help="classify: the text column or key (default: text)")
-    g.add_argument("--label-column", default=S, help="classify: the label column or key (default: label)")
+    g.add_argument("--text-column", default=S,
+                   help="classify: the text column or key (default: text); token-classify: the words' key (tokens)")
+    g.add_argument("--label-column", default=S,
+                   help="classify: the label column or key (default: label); token-classify: the tags' key (tags)")
     g.add_argument("--pooling", metavar="cls|mean", default=S,
                    help="classify: what the classifier reads: cls, BERT's pooled [CLS] (default; HF-exportable), or "
                         "mean, the mean of the real tokens (for sentence-transformers models such as all-MiniLM-L6-v2, "
@@ -209,6 +213,8 @@ def run_encoder_task(args: argparse.Namespace, encoder: dict) -> int:
     if cfg.task == "classify":
         print(f"classify with it: tformer classify {final} --text \"...\"  "
               f"(accuracy {metrics['val_accuracy']:.4f}, macro-F1 {metrics['val_macro_f1']:.4f})")
+    elif cfg.task == "token-classify":
+        print(f"tag with it: tformer classify {final} --text \"...\"  (entity F1 {metrics['val_entity_f1']:.4f})")
     elif cfg.task == "seq2seq":
         print(f"decode with it: tformer generate {final} --temperature 0 --prompt \"...\"  (--beams 4 for beam search)")
     return 0

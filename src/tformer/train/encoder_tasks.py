@@ -4,6 +4,8 @@ training loop's `train_step`:
     classify          SequenceClassifier (pooling "cls": BERT's pooled [CLS]; "mean": the mean of the
                       real tokens, for sentence-transformers models) on (text, label) CSV/JSONL
                       (data/classify.py); Classification
+    token-classify    TokenClassifier on words with one tag each (named entities: data/tagging.py,
+                      train/tagging_task.py); TokenClassification; entity F1 as seqeval
     mlm               masked-LM (continued) pretraining on a text corpus (data/mlm.py); with `nsp`,
                       the Pretraining model and next-sentence pairs; MaskedLMObjective
     distill-encoder   a MaskedLM student with every other layer of the checkpoint (usually the teacher
@@ -39,7 +41,9 @@ from tformer.data.classify import LabelledSplit, classification_metrics, encode_
 from tformer.data.classify import read_labelled
 from tformer.models.encoder import POOLINGS
 from tformer.train.encoder_models import load_with_head, save_with_head, with_head, write_json
+from tformer.data.tagging import TaggedSplit
 from tformer.train.evaluate import evaluate_objective
+from tformer.train.tagging_task import tagging_metrics
 from tformer.train.optim import make_optimizer
 from tformer.train.interrupt import StopOnInterrupt, TrainingInterrupted, resume_command
 from tformer.train.schedule import learning_rate
@@ -48,7 +52,7 @@ from tformer.train.task_state import STATE_FILE, restore_state, save_state
 from tformer.train import seq2seq_tasks, task_lora
 from tformer.train.from_preset import is_preset
 
-TASKS = ("classify", "mlm", "distill-encoder", *seq2seq_tasks.TASKS)
+TASKS = ("classify", "token-classify", "mlm", "distill-encoder", *seq2seq_tasks.TASKS)
 TEXT_TASKS = ("mlm", "span-corruption")  # no --data: the bundled plays
 DEFAULT_LR = {"encoder": 3e-5, "encoder_decoder": 1e-4, "preset": 1e-3}
 
@@ -76,8 +80,8 @@ class EncoderTaskConfig:
     save_every: int = 500  # steps between saves of the resumable state OUT/last.pt (0: on Ctrl-C only)
     resume: bool = False  # continue from OUT/last.pt
     log_every: int = 10
-    text_column: str = "text"
-    label_column: str = "label"
+    text_column: str = ""  # "": the task's (classify: text; token-classify: tokens)
+    label_column: str = ""  # "": the task's (classify: label; token-classify: tags)
     pooling: str = "cls"  # classify: "cls" (BERT's pooler) or "mean" (sentence-transformers models)
     mlm_prob: float = 0.15
     nsp: bool = False
@@ -151,11 +155,18 @@ def _split_off(items: list, fraction: float, seed: int) -> tuple[list, list]:
     return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
 
 
+def columns(cfg: EncoderTaskConfig) -> tuple[str, str]:
+    """The (text, label) columns or keys the labelled data is read by."""
+    text, label = ("tokens", "tags") if cfg.task == "token-classify" else ("text", "label")
+    return cfg.text_column or text, cfg.label_column or label
+
+
 def classify_data(cfg: EncoderTaskConfig, tokenizer):
     """(train split, val split, id2label, a line describing them)."""
-    rows = [r for path in cfg.data for r in read_labelled(path, cfg.text_column, cfg.label_column)]
+    text_column, label_column = columns(cfg)
+    rows = [r for path in cfg.data for r in read_labelled(path, text_column, label_column)]
     if cfg.val_data:
-        val = [r for path in cfg.val_data for r in read_labelled(path, cfg.text_column, cfg.label_column)]
+        val = [r for path in cfg.val_data for r in read_labelled(path, text_column, label_column)]
     else:
         rows, val = _split_off(rows, cfg.val_fraction, cfg.seed)
     id2label = label_ids([label for _, label in rows])
@@ -205,9 +216,10 @@ def mlm_data(cfg: EncoderTaskConfig, tokenizer, documents=None):
 def build(cfg: EncoderTaskConfig, device):
     """(model, objective, train split, val split, id2label or None, stats line, tokenizer); max_len is
     capped at the model's positions."""
-    from tformer.models.encoder import MaskedLM, Pretraining, SequenceClassifier
+    from tformer.models.encoder import MaskedLM, Pretraining, SequenceClassifier, TokenClassifier
     from tformer.sources import resolve_config
-    from tformer.train.objectives import Classification, EncoderDistill, MaskedLMObjective
+    from tformer.train.objectives import Classification, EncoderDistill, MaskedLMObjective, TokenClassification
+    from tformer.train.tagging_task import tagged_data
 
     if cfg.task in seq2seq_tasks.TASKS:
         return seq2seq_tasks.build(cfg, device)
@@ -224,6 +236,10 @@ def build(cfg: EncoderTaskConfig, device):
         model, fresh = load_with_head(cfg.checkpoint, SequenceClassifier, len(id2label), device, changes,
                                       cfg.pooling)
         objective = Classification(model)
+    elif cfg.task == "token-classify":
+        train, val, id2label, stats = tagged_data(cfg, tokenizer)
+        model, fresh = load_with_head(cfg.checkpoint, TokenClassifier, len(id2label), device, changes)
+        objective = TokenClassification(model)
     elif cfg.task == "mlm":
         train, val, stats = mlm_data(cfg, tokenizer)
         model, fresh = load_with_head(cfg.checkpoint, Pretraining if cfg.nsp else MaskedLM, None, device, changes)
@@ -301,6 +317,8 @@ def evaluate(model, objective, split, batch_size: int, device) -> dict[str, floa
         metrics.update(val_accuracy=scores["accuracy"], val_macro_f1=scores["macro_f1"])
     if getattr(split, "decode", None):
         metrics.update(seq2seq_tasks.decode_metrics(model, split, batch_size))
+    if isinstance(split, TaggedSplit):
+        metrics.update(tagging_metrics(model, split, split.id2label, batch_size, device))
     return metrics
 
 

@@ -8,8 +8,8 @@ size average as one batch would.
     NextToken  cross-entropy of each next token (IGNORE targets untrained): pretraining and SFT
     Distill    NextToken mixed with the KL to a teacher's distributions (train/distill.py)
     DPO        the sigmoid preference loss of Rafailov et al. 2023 against a frozen reference
-    MaskedLMObjective, Classification, EncoderDistill   encoders: masked-LM (+ next-sentence),
-               sequence classification, DistilBERT's three-term distillation
+    MaskedLMObjective, Classification, TokenClassification, EncoderDistill   encoders: masked-LM
+               (+ next-sentence), sequence and token classification, DistilBERT's three-term distillation
     Seq2Seq    encoder-decoders: teacher-forced cross-entropy of the target given the source
 """
 
@@ -186,6 +186,26 @@ class Classification:
         logits = _encode(self.model, batch)
         loss = F.cross_entropy(logits.float(), batch["labels"])
         return {"loss": loss, "accuracy": (logits.argmax(-1) == batch["labels"]).float().mean()}
+
+    def weight(self, batch: dict) -> float:
+        return batch["n_targets"]
+
+
+class TokenClassification:
+    """Cross-entropy of a `TokenClassifier`'s (B, T, n_labels) logits against `labels` (B, T), IGNORE
+    off the words' first sub-tokens (data/tagging.py); logs the accuracy of the labelled tokens."""
+    unit = "tokens"
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, batch: dict) -> dict:
+        logits = _encode(self.model, batch).float()
+        labels = batch["labels"]
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+        labelled = labels != IGNORE
+        right = ((logits.argmax(-1) == labels) & labelled).sum() / labelled.sum().clamp(min=1)
+        return {"loss": loss, "accuracy": right}
 
     def weight(self, batch: dict) -> float:
         return batch["n_targets"]
