@@ -39,7 +39,6 @@ class PairSplit:
         if not pairs:
             raise ValueError("no (source, target) pairs")
         self.pairs, self.start_id, self.pad_id, self.seed, self.texts = pairs, start_id, pad_id, seed, texts
-        self.decode = None  # (tokenizer, n, max_new_tokens): evaluations decode the first n sources
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -41,9 +41,7 @@ from tformer.data.classify import LabelledSplit, classification_metrics, encode_
 from tformer.data.classify import read_labelled
 from tformer.models.encoder import POOLINGS
 from tformer.train.encoder_models import load_with_head, save_with_head, with_head, write_json
-from tformer.data.tagging import TaggedSplit
 from tformer.train.evaluate import evaluate_objective
-from tformer.train.tagging_task import tagging_metrics
 from tformer.train.optim import make_optimizer
 from tformer.train.interrupt import StopOnInterrupt, TrainingInterrupted, resume_command
 from tformer.train.schedule import learning_rate
@@ -301,8 +299,9 @@ def _fresh_head(path: str) -> bool:
 
 @torch.no_grad()
 def evaluate(model, objective, split, batch_size: int, device) -> dict[str, float]:
-    """The objective on a split (val_loss, ...), and for classification val_accuracy and val_macro_f1
-    over the whole split."""
+    """The objective on a split (val_loss, ...), for classification val_accuracy and val_macro_f1 over
+    the whole split, and the metrics of the split's `score(model, batch_size, device)` where a task
+    gave it one."""
     batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
                for b in split.eval_batches(batch_size)]
     metrics = evaluate_objective(model, objective, batches)
@@ -315,10 +314,8 @@ def evaluate(model, objective, split, batch_size: int, device) -> dict[str, floa
         labels = torch.tensor(split.labels)
         scores = classification_metrics(predictions, labels)
         metrics.update(val_accuracy=scores["accuracy"], val_macro_f1=scores["macro_f1"])
-    if getattr(split, "decode", None):
-        metrics.update(seq2seq_tasks.decode_metrics(model, split, batch_size))
-    if isinstance(split, TaggedSplit):
-        metrics.update(tagging_metrics(model, split, split.id2label, batch_size, device))
+    if getattr(split, "score", None):  # a task's own metrics (decoding, entities, answers), bound to the split
+        metrics.update(split.score(model, batch_size, device))
     return metrics
 
 

@@ -20,6 +20,8 @@ Marian's do, so `tformer generate OUT/final --prompt SOURCE` decodes the result.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from tformer.data.seq2seq_splits import PairSplit, SpanSplit, segments
@@ -127,18 +129,16 @@ def build(cfg, device):
     if positions is not None and cfg.max_len > positions:
         raise ValueError(f"--max-len {cfg.max_len} is longer than the model's {positions} positions")
     train, val, stats = splits(cfg, tokenizer, texts)
-    if isinstance(val, PairSplit):
-        val.decode = (tokenizer, cfg.eval_decode, cfg.max_len)
+    if isinstance(val, PairSplit) and cfg.eval_decode:
+        val.score = partial(decode_metrics, split=val, tokenizer=tokenizer, n=cfg.eval_decode, max_len=cfg.max_len)
     return model, Seq2Seq(model, cfg.label_smoothing), train, val, None, f"{stats}; {note}", tokenizer
 
 
 @torch.no_grad()
-def decode_metrics(model, split: PairSplit, batch_size: int) -> dict[str, float]:
-    """Greedy outputs of the first n validation sources against their targets: exact match, and corpus
-    BLEU and chrF (sacrebleu's defaults) where sacrebleu is installed."""
-    tokenizer, n, max_len = split.decode
-    if not n:
-        return {}
+def decode_metrics(model, batch_size: int, device, split: PairSplit, tokenizer, n: int,
+                   max_len: int) -> dict[str, float]:
+    """Greedy outputs (at most max_len tokens) of the first n validation sources against their targets:
+    exact match, and corpus BLEU and chrF (sacrebleu's defaults) where sacrebleu is installed."""
     was = model.training
     model.eval()
     sources = [s for s, _ in split.pairs[:n]]

@@ -7,6 +7,8 @@ first sub-token; the tags are saved with the checkpoint as id2label.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from tformer.data.tagging import TaggedSplit, encode_tagged, entity_scores, read_tagged
@@ -33,7 +35,7 @@ def tagged_data(cfg, tokenizer):
     def split(sentences, seed):
         encoded = encode_tagged(tokenizer, sentences, index, cfg.max_len)
         out = TaggedSplit(*encoded, [tags for _, tags in sentences], pad, seed)
-        out.id2label = id2label
+        out.score = partial(tagging_metrics, split=out, id2label=id2label)
         return out
 
     n_words = sum(len(w) for w, _ in rows)
@@ -42,7 +44,7 @@ def tagged_data(cfg, tokenizer):
 
 
 @torch.no_grad()
-def tagging_metrics(model, split: TaggedSplit, id2label: list[str], batch_size: int, device) -> dict[str, float]:
+def tagging_metrics(model, batch_size: int, device, split: TaggedSplit, id2label: list[str]) -> dict[str, float]:
     """val_entity_precision / _recall / _f1 and val_word_accuracy over the split's kept words."""
     was = model.training
     model.eval()
