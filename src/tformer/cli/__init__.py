@@ -13,7 +13,7 @@ import sys
 
 # Command modules, in the order `tformer --help` lists them.
 COMMANDS = ["params", "convert", "tokenizer", "data", "train", "finetune", "generate", "chat", "merge", "quantize",
-            "serve", "attention", "lens", "inspect", "plot", "embed", "classify", "eval"]
+            "serve", "attention", "lens", "inspect", "plot", "embed", "classify", "answer", "eval"]
 
 
 class UserError(Exception):

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="fine-tune a checkpoint on chat, completion or preference JSONL (SFT or DPO; LoRA, QLoRA or full); "
              "train encoders and encoder-decoders (--task)",
         usage="%(prog)s CKPT --data FILE.jsonl [--method lora|qlora|full] [--OPTION VALUE ...]\n"
-              "       %(prog)s CKPT --task classify|token-classify|mlm|distill-encoder --data FILE [--OPTION VALUE ...]\n"
+              "       %(prog)s CKPT --task classify|token-classify|qa|mlm|distill-encoder --data FILE [--OPTION VALUE ...]\n"
               "       %(prog)s CKPT_OR_PRESET --task seq2seq|span-corruption --data FILE [--OPTION VALUE ...]",
         description=(
             "Fine-tune CKPT (a tformer checkpoint, e.g. one converted from GGUF or HF) on JSONL examples: "
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
 ENCODER_OPTIONS = ("task", "epochs", "warmup_ratio", "max_len", "text_column", "label_column", "pooling", "mlm_prob",
                    "nsp", "alpha_ce", "alpha_mlm", "alpha_cos", "student_layers", "source_column", "target_column",
-                   "eval_decode", "noise_density", "mean_span")
+                   "eval_decode", "noise_density", "mean_span", "doc_stride", "max_answer_tokens")
 # TrainConfig options that mean the same for an encoder task (name there, if renamed)
 SHARED_OPTIONS = {"lr": "lr", "batch_size": "batch_size", "seq_len": "max_len", "max_steps": "max_steps",
                   "warmup": "warmup", "weight_decay": "weight_decay", "grad_clip": "grad_clip", "seed": "seed",
@@ -112,7 +112,7 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
 
     d = EncoderTaskConfig(task="classify", checkpoint="")
     g = p.add_argument_group(
-        "encoder tasks", "--task classify|token-classify|mlm|distill-encoder fine-tunes an encoder (BERT, MiniLM; CKPT a tformer "
+        "encoder tasks", "--task classify|token-classify|qa|mlm|distill-encoder fine-tunes an encoder (BERT, MiniLM; CKPT a tformer "
         "encoder checkpoint or an HF BERT directory; with --task mlm also a preset such as bert-base-uncased, "
         "trained from scratch with a BPE vocabulary of --vocab-size learnt from the data and --model.FIELD "
         "VALUE shape changes) with BERT's recipe: lr 3e-5 (--lr), 3 epochs, 10% warmup, "
@@ -120,7 +120,10 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
         "text,label) or .jsonl ({\"text\", \"label\"}); accuracy and macro-F1 on --val-data (or --val-fraction "
         "held out); the labels are saved with the checkpoint (OUT/final; `tformer classify` reads it). "
         "token-classify: --data .jsonl ({\"tokens\": [words], \"tags\": [BIO tags]}) or CoNLL files (word ... "
-        "tag a line); entity precision, recall and F1 (seqeval's) and word accuracy. mlm: "
+        "tag a line); entity precision, recall and F1 (seqeval's) and word accuracy. qa: extractive question "
+        "answering on SQuAD .json or .jsonl ({\"question\", \"context\", \"answers\": {\"text\", "
+        "\"answer_start\"}}), contexts in overlapping --max-len windows; SQuAD's exact match and F1; "
+        "`tformer answer OUT/final` reads answers off the result. mlm: "
         "masked-LM on text files (one sentence a line). distill-encoder: a student with every other layer of "
         "CKPT (usually the teacher itself) trained against --teacher (a masked-LM checkpoint) on masked-LM text. "
         "--task seq2seq|span-corruption trains an encoder-decoder (CKPT a tformer encoder-decoder, an HF T5 or "
@@ -156,6 +159,10 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
                        help=f"distill-encoder: weight of the {what} term (default: {getattr(d, name):g})")
     g.add_argument("--student-layers", type=int, default=S,
                    help="distill-encoder: the student's layers (default: half the teacher's)")
+    g.add_argument("--doc-stride", type=int, default=S,
+                   help="qa: tokens two windows of a long context share (default: a third of --max-len)")
+    g.add_argument("--max-answer-tokens", type=int, default=S,
+                   help=f"qa: the longest answer span (default: {d.max_answer_tokens})")
     g.add_argument("--source-column", default=S, help="seq2seq: the source column or key (default: source)")
     g.add_argument("--target-column", default=S, help="seq2seq: the target column or key (default: target)")
     g.add_argument("--eval-decode", type=int, default=S, metavar="N",
@@ -213,6 +220,9 @@ def run_encoder_task(args: argparse.Namespace, encoder: dict) -> int:
     if cfg.task == "classify":
         print(f"classify with it: tformer classify {final} --text \"...\"  "
               f"(accuracy {metrics['val_accuracy']:.4f}, macro-F1 {metrics['val_macro_f1']:.4f})")
+    elif cfg.task == "qa":
+        print(f"answer with it: tformer answer {final} --question \"...\" --context \"...\"  "
+              f"(exact match {metrics['val_exact_match']:.1f}, F1 {metrics['val_f1']:.1f})")
     elif cfg.task == "token-classify":
         print(f"tag with it: tformer classify {final} --text \"...\"  (entity F1 {metrics['val_entity_f1']:.4f})")
     elif cfg.task == "seq2seq":

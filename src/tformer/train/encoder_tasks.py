@@ -6,6 +6,8 @@ training loop's `train_step`:
                       (data/classify.py); Classification
     token-classify    TokenClassifier on words with one tag each (named entities: data/tagging.py,
                       train/tagging_task.py); TokenClassification; entity F1 as seqeval
+    qa                QuestionAnswering on SQuAD-style questions (data/qa.py, train/qa_task.py);
+                      SpanExtraction; SQuAD's exact match and F1
     mlm               masked-LM (continued) pretraining on a text corpus (data/mlm.py); with `nsp`,
                       the Pretraining model and next-sentence pairs; MaskedLMObjective
     distill-encoder   a MaskedLM student with every other layer of the checkpoint (usually the teacher
@@ -50,7 +52,7 @@ from tformer.train.task_state import STATE_FILE, restore_state, save_state
 from tformer.train import seq2seq_tasks, task_lora
 from tformer.train.from_preset import is_preset
 
-TASKS = ("classify", "token-classify", "mlm", "distill-encoder", *seq2seq_tasks.TASKS)
+TASKS = ("classify", "token-classify", "qa", "mlm", "distill-encoder", *seq2seq_tasks.TASKS)
 TEXT_TASKS = ("mlm", "span-corruption")  # no --data: the bundled plays
 DEFAULT_LR = {"encoder": 3e-5, "encoder_decoder": 1e-4, "preset": 1e-3}
 
@@ -89,6 +91,8 @@ class EncoderTaskConfig:
     alpha_mlm: float = 2.0
     alpha_cos: float = 1.0
     temperature: float = 2.0
+    doc_stride: int = 0  # qa: tokens two windows of one context share (0: max_len // 3, HF's 128 of 384)
+    max_answer_tokens: int = 30  # qa
     source_column: str = "source"  # seq2seq
     target_column: str = "target"
     label_smoothing: float = 0.0
@@ -110,6 +114,8 @@ class EncoderTaskConfig:
             raise ValueError(f"lr must be > 0 (or 0: the task's default), got {self.lr}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.doc_stride < self.max_len // 2 and self.doc_stride:
+            raise ValueError(f"doc_stride must be in [0, max_len // 2 = {self.max_len // 2}), got {self.doc_stride}")
         if self.eval_decode < 0:
             raise ValueError(f"eval_decode must be >= 0, got {self.eval_decode}")
         if self.method not in task_lora.METHODS:
@@ -214,9 +220,11 @@ def mlm_data(cfg: EncoderTaskConfig, tokenizer, documents=None):
 def build(cfg: EncoderTaskConfig, device):
     """(model, objective, train split, val split, id2label or None, stats line, tokenizer); max_len is
     capped at the model's positions."""
-    from tformer.models.encoder import MaskedLM, Pretraining, SequenceClassifier, TokenClassifier
+    from tformer.models.encoder import MaskedLM, Pretraining, QuestionAnswering, SequenceClassifier, TokenClassifier
     from tformer.sources import resolve_config
-    from tformer.train.objectives import Classification, EncoderDistill, MaskedLMObjective, TokenClassification
+    from tformer.train.objectives import (Classification, EncoderDistill, MaskedLMObjective, SpanExtraction,
+                                          TokenClassification)
+    from tformer.train.qa_task import qa_data
     from tformer.train.tagging_task import tagged_data
 
     if cfg.task in seq2seq_tasks.TASKS:
@@ -238,6 +246,10 @@ def build(cfg: EncoderTaskConfig, device):
         train, val, id2label, stats = tagged_data(cfg, tokenizer)
         model, fresh = load_with_head(cfg.checkpoint, TokenClassifier, len(id2label), device, changes)
         objective = TokenClassification(model)
+    elif cfg.task == "qa":
+        train, val, stats = qa_data(replace(cfg, doc_stride=cfg.doc_stride or cfg.max_len // 3), tokenizer)
+        model, fresh = load_with_head(cfg.checkpoint, QuestionAnswering, None, device, changes)
+        objective = SpanExtraction(model)
     elif cfg.task == "mlm":
         train, val, stats = mlm_data(cfg, tokenizer)
         model, fresh = load_with_head(cfg.checkpoint, Pretraining if cfg.nsp else MaskedLM, None, device, changes)

@@ -8,8 +8,9 @@ size average as one batch would.
     NextToken  cross-entropy of each next token (IGNORE targets untrained): pretraining and SFT
     Distill    NextToken mixed with the KL to a teacher's distributions (train/distill.py)
     DPO        the sigmoid preference loss of Rafailov et al. 2023 against a frozen reference
-    MaskedLMObjective, Classification, TokenClassification, EncoderDistill   encoders: masked-LM
-               (+ next-sentence), sequence and token classification, DistilBERT's three-term distillation
+    MaskedLMObjective, Classification, TokenClassification, SpanExtraction, EncoderDistill   encoders:
+               masked-LM (+ next-sentence), sequence and token classification, extractive QA,
+               DistilBERT's three-term distillation
     Seq2Seq    encoder-decoders: teacher-forced cross-entropy of the target given the source
 """
 
@@ -206,6 +207,23 @@ class TokenClassification:
         labelled = labels != IGNORE
         right = ((logits.argmax(-1) == labels) & labelled).sum() / labelled.sum().clamp(min=1)
         return {"loss": loss, "accuracy": right}
+
+    def weight(self, batch: dict) -> float:
+        return batch["n_targets"]
+
+
+class SpanExtraction:
+    """Extractive QA (a `QuestionAnswering` model, data/qa.py): the mean of the start and end
+    positions' cross-entropies, as BERT's SQuAD fine-tuning; a window without the answer points at [CLS]."""
+    unit = "examples"
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, batch: dict) -> dict:
+        start, end = _encode(self.model, batch)
+        loss = (F.cross_entropy(start.float(), batch["start"]) + F.cross_entropy(end.float(), batch["end"])) / 2
+        return {"loss": loss}
 
     def weight(self, batch: dict) -> float:
         return batch["n_targets"]
