@@ -102,3 +102,34 @@ def test_bad_files_are_one_line_errors(tmp_path, content, message):
     (tmp_path / "bad.conll").write_text("alice B-PER\nlonely\n")
     with pytest.raises(ValueError, match="bad.conll:2"):
         read_tagged(tmp_path / "bad.conll")
+
+
+@pytest.mark.parametrize("head", ["TokenClassifier", "SequenceClassifier", "QuestionAnswering"])
+def test_fine_tuned_heads_convert_both_ways_with_their_labels(encoder_dir, tmp_path, head):
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers = pytest.importorskip("transformers")
+    from tformer.tokenizer import Tokenizer
+    from tformer.train.encoder_models import HEADS, load_saved, load_with_head, read_head_meta, save_with_head
+
+    n = None if head == "QuestionAnswering" else 3
+    model = load_with_head(encoder_dir, HEADS[head], n)[0].eval()
+    labels = None if n is None else ["B-LOC", "B-PER", "O"]
+    save_with_head(model, tmp_path / "ours", Tokenizer.load(encoder_dir), labels)
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back"), "--to", "tformer"]) == 0
+    hf = getattr(transformers, f"BertFor{head.replace('Classifier', 'Classification')}").from_pretrained(
+        tmp_path / "hf").eval()
+    if labels:
+        assert [hf.config.id2label[i] for i in range(3)] == labels == read_head_meta(tmp_path / "back")["id2label"]
+    tokens = torch.tensor([[2, 8, 9, 10, 3]])
+    back = load_saved(tmp_path / "back")[0]
+    with torch.no_grad():
+        ours, again = model(tokens), back(tokens)
+        theirs = hf(input_ids=tokens)
+    ours, again = (ours if isinstance(ours, tuple) else (ours,)), (again if isinstance(again, tuple) else (again,))
+    ref = (theirs.start_logits, theirs.end_logits) if head == "QuestionAnswering" else (theirs.logits,)
+    for a, b, c in zip(ours, again, ref):
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a, b)

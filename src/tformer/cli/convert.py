@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
     if args.to == "gguf" and dst.is_dir():
         raise UserError(f"{dst} is a directory, but --to gguf writes one file: name it, e.g. {dst / 'model.gguf'}")
     check_destination(dst, args.overwrite, src)
-    model, tokenizer, template = _read(src, torch_dtype(args.dtype))
-    _write(args, model, tokenizer, template, dst)
+    model, tokenizer, template, labels = _read(src, torch_dtype(args.dtype))
+    _write(args, model, tokenizer, template, dst, labels)
     n = sum(p.numel() for p in model.parameters())
     kind = f"gguf, {args.gguf_type or 'f16'}" if args.to == "gguf" else args.to
     print(f"wrote {dst} ({kind}, {n:,} parameters)")
@@ -59,9 +59,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _read(src: Path, dtype):
-    """(model, tokenizer or None, chat template or None) of a GGUF file or a model directory."""
+    """(model, tokenizer or None, chat template or None, a classifier's labels or None) of a GGUF file
+    or a model directory; an encoder comes with its task head (classifier, tagger, QA, masked LM)."""
     from tformer.checkpoint import load
     from tformer.convert.gguf import load_gguf, read_chat_template
+    from tformer.sources import resolve_config
+    from tformer.train.encoder_models import load_saved
     from tformer.io import CheckpointError
     from tformer.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -73,7 +76,7 @@ def _read(src: Path, dtype):
             if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
                 raise UserError(f"{src} is not a GGUF file (it does not start with GGUF's magic bytes): {what}")
         try:
-            return load_gguf(src, dtype=dtype)
+            return (*load_gguf(src, dtype=dtype), None)
         except CheckpointError:  # names what tformer cannot read (an architecture, a tensor type)
             raise
         except (ValueError, OSError, EOFError, IndexError, KeyError, TypeError) as e:  # a damaged file
@@ -82,16 +85,20 @@ def _read(src: Path, dtype):
 
     if is_sharded(src):  # a sharded training checkpoint (tformer train --parallel ddp|fsdp): made whole
         model, tokenizer, template = consolidate(src)
-        return (model.to(dtype) if dtype else model), tokenizer, template
-    model = load(src, dtype=dtype)
+        return (model.to(dtype) if dtype else model), tokenizer, template, None
     tokenizer = Tokenizer.load(src) if (src / TOKENIZER_FILE).is_file() else None
-    return model, tokenizer, read_chat_template(src)
+    if resolve_config(str(src))[0].architecture == "encoder":  # with the head its weights hold
+        model, meta = load_saved(src)
+        return (model.to(dtype) if dtype else model), tokenizer, None, meta.get("id2label")
+    return load(src, dtype=dtype), tokenizer, read_chat_template(src), None
 
 
-def _write(args: argparse.Namespace, model, tokenizer, template: str | None, dst: Path) -> None:
+def _write(args: argparse.Namespace, model, tokenizer, template: str | None, dst: Path,
+           labels: list[str] | None = None) -> None:
     from tformer.checkpoint import save
     from tformer.convert.gguf import save_gguf, write_chat_template
     from tformer.convert.hf import save_hf
+    from tformer.train.encoder_models import HEADS, save_with_head
 
     if args.to == "gguf":
         if tokenizer is None:
@@ -100,8 +107,10 @@ def _write(args: argparse.Namespace, model, tokenizer, template: str | None, dst
         save_gguf(model, dst, tokenizer, template, args.gguf_type or "f16")
     elif args.to == "hf":
         max_bytes = int(args.max_shard_size * 1e9) if args.max_shard_size else None
-        save_hf(model, dst, tokenizer=tokenizer, max_shard_bytes=max_bytes)
+        save_hf(model, dst, tokenizer=tokenizer, max_shard_bytes=max_bytes, labels=labels)
         if tokenizer is not None:
             write_chat_template(dst, template)
+    elif type(model).__name__ in HEADS:  # an encoder (with a task head): the head and labels recorded
+        save_with_head(model, dst, tokenizer, labels)
     else:
         save(model, dst, tokenizer=tokenizer, write_extra=lambda folder: write_chat_template(folder, template))

@@ -263,12 +263,14 @@ def load_hf(path: str | Path, device="cpu", dtype: torch.dtype | None = None) ->
     return model_from_tensors(cfg, tensors, str(path), device, dtype)
 
 
-def save_hf(model: Decoder, path: str | Path, tokenizer=None, max_shard_bytes: int | None = None) -> Path:
+def save_hf(model: Decoder, path: str | Path, tokenizer=None, max_shard_bytes: int | None = None,
+            labels: list[str] | None = None) -> Path:
     """Write `model` as an HF model directory that `AutoModelForCausalLM.from_pretrained` loads,
     and with `tokenizer` one that `AutoTokenizer` loads and `generate` stops at its EOS.
 
     `tokenizer`: a Tokenizer or a path, as for `tformer.save`; without one, config.json's token ids
-    are null (not transformers' defaults) and a warning says the export has no tokenizer.
+    are null (not transformers' defaults) and a warning says the export has no tokenizer. `labels`:
+    a BERT classifier's or tagger's label names (id2label; default LABEL_0, LABEL_1, ...).
     Weights go to model.safetensors, or to shards plus model.safetensors.index.json when they
     exceed `max_shard_bytes`. The directory is written through `tformer.io.atomic_path`.
     """
@@ -289,8 +291,9 @@ def save_hf(model: Decoder, path: str | Path, tokenizer=None, max_shard_bytes: i
         from tformer.convert.hf_bert import save_hf_bert
         from tformer.convert.hf_modernbert import is_modernbert_shaped, save_hf_modernbert
 
-        save = save_hf_modernbert if is_modernbert_shaped(model.config) else save_hf_bert
-        return save(model, path, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
+        if is_modernbert_shaped(model.config):
+            return save_hf_modernbert(model, path, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
+        return save_hf_bert(model, path, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes, labels=labels)
     dtype = str(model.tok_emb.weight.dtype).removeprefix("torch.")
     hf_config = config_to_hf(model.config, dtype=dtype)  # fails before anything is written
     tokenizer = tokenizer_for(model, tokenizer)

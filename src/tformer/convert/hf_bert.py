@@ -189,10 +189,12 @@ def bert_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return hf
 
 
-def save_hf_bert(model: nn.Module, path: str | Path, tokenizer=None, max_shard_bytes: int | None = None) -> Path:
+def save_hf_bert(model: nn.Module, path: str | Path, tokenizer=None, max_shard_bytes: int | None = None,
+                 labels: list[str] | None = None) -> Path:
     """Write `model` (one of `CLASSES`) as an HF directory (config.json, model.safetensors or shards of at
     most `max_shard_bytes` and, with `tokenizer`, its files) that its HF class (`HF_CLASSES`)
-    `from_pretrained` loads with the same outputs. The directory is written through `tformer.io.atomic_path`."""
+    `from_pretrained` loads with the same outputs; `labels` name a classifier's outputs (id2label). The
+    directory is written through `tformer.io.atomic_path`."""
     from tformer.checkpoint import tokenizer_for
 
     if type(model) not in HF_CLASSES:
@@ -208,8 +210,10 @@ def save_hf_bert(model: nn.Module, path: str | Path, tokenizer=None, max_shard_b
               dtype=str(next(model.parameters()).dtype).removeprefix("torch."))  # fmt: skip
     if isinstance(model, LABELLED):
         n_labels = model.classifier.out_features
-        hf.update(id2label={str(i): f"LABEL_{i}" for i in range(n_labels)},
-                  label2id={f"LABEL_{i}": i for i in range(n_labels)})  # fmt: skip
+        names = list(labels) if labels else [f"LABEL_{i}" for i in range(n_labels)]
+        if len(names) != n_labels:
+            raise ValueError(f"{len(names)} labels for a classifier of {n_labels} outputs")
+        hf.update(id2label={str(i): n for i, n in enumerate(names)}, label2id={n: i for i, n in enumerate(names)})
     tensors = bert_state_dict_to_hf(model)
     return write_hf_dir(path, tensors, hf, tokenizer, max_shard_bytes)
 

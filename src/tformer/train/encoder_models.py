@@ -54,7 +54,7 @@ def read_head_meta(path: str | Path) -> dict:
     arch = (hf.get("architectures") or ["BertModel"])[0]
     if arch in _HF_CLASSES:
         out["head"] = _HF_CLASSES[arch].__name__
-    if arch == "BertForSequenceClassification" and hf.get("id2label"):
+    if arch in ("BertForSequenceClassification", "BertForTokenClassification") and hf.get("id2label"):
         out["id2label"] = [hf["id2label"][k] for k in sorted(hf["id2label"], key=int)]
     return out
 
