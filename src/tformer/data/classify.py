@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from tformer.data.example_split import ExampleSplit
+
 from tformer.data.corpus import jsonl_values
 from tformer.inference.embed import pad_batch
 
@@ -92,7 +94,7 @@ def encode_texts(texts: Sequence[str], tokenizer, max_len: int) -> list[list[int
     return [r if len(r) <= max_len else r[: max_len - 1] + r[-1:] for r in rows]
 
 
-class LabelledSplit:
+class LabelledSplit(ExampleSplit):
     """Encoded rows and label ids: shuffled epochs for training, ordered batches for evaluation."""
 
     def __init__(self, rows: list[list[int]], labels: list[int], pad_id: int, seed: int = 0):
@@ -105,19 +107,6 @@ class LabelledSplit:
         tokens, mask = pad_batch([self.rows[i] for i in idx], self.pad_id)
         labels = torch.tensor([self.labels[i] for i in idx], dtype=torch.long)
         return {"tokens": tokens, "attention_mask": mask, "labels": labels, "n_targets": len(idx)}
-
-    def steps_per_epoch(self, batch_size: int) -> int:
-        return -(-len(self.rows) // batch_size)
-
-    def batch(self, index: int, batch_size: int) -> dict:
-        """Batch `index` of the run: epoch index // steps_per_epoch, in that epoch's seeded order."""
-        epoch, k = divmod(index, self.steps_per_epoch(batch_size))
-        order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-        return self._collate(order[k * batch_size: (k + 1) * batch_size].tolist())
-
-    def eval_batches(self, batch_size: int):
-        for start in range(0, len(self.rows), batch_size):
-            yield self._collate(range(start, min(start + batch_size, len(self.rows))))
 
 
 def classification_metrics(predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

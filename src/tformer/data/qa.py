@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from tformer.data.example_split import ExampleSplit
+
 from tformer.data.corpus import jsonl_values
 
 
@@ -115,7 +117,7 @@ def windows(examples: Sequence[QAExample], tokenizer, cls: int, sep: int, max_le
     return out
 
 
-class QASplit:
+class QASplit(ExampleSplit):
     """Windows of examples: shuffled epochs for training (a batch is a function of its index), ordered
     batches for evaluation."""
 
@@ -136,16 +138,6 @@ class QASplit:
         return {"tokens": tokens, "token_types": types, "attention_mask": mask,
                 "start": torch.tensor([w.start for w in rows]), "end": torch.tensor([w.end for w in rows]),
                 "n_targets": len(rows)}
-
-    def batch(self, index: int, batch_size: int) -> dict:
-        per_epoch = -(-len(self.windows) // batch_size)
-        epoch, k = divmod(index, per_epoch)
-        order = torch.randperm(len(self.windows), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-        return self._collate(order[k * batch_size: (k + 1) * batch_size].tolist())
-
-    def eval_batches(self, batch_size: int):
-        for start in range(0, len(self.windows), batch_size):
-            yield self._collate(range(start, min(start + batch_size, len(self.windows))))
 
 
 def best_answers(split: QASplit, starts: torch.Tensor, ends: torch.Tensor, max_answer_tokens: int = 30,

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from tformer.data.example_split import ExampleSplit
+
 from tformer.data.corpus import jsonl_values
 from tformer.data.sft import IGNORE
 
@@ -91,7 +93,7 @@ def encode_tagged(tokenizer, sentences: Sequence[tuple[list, list]], tag_ids: di
     return rows, labels, firsts
 
 
-class TaggedSplit:
+class TaggedSplit(ExampleSplit):
     """Encoded sentences: shuffled epochs for training (a batch is a function of its index), ordered
     batches for evaluation; `tags` keeps each sentence's gold tags for entity scoring."""
 
@@ -110,16 +112,6 @@ class TaggedSplit:
             n = len(self.rows[i])
             tokens[b, :n], labels[b, :n], mask[b, :n] = torch.tensor(self.rows[i]), torch.tensor(self.labels[i]), 1
         return {"tokens": tokens, "attention_mask": mask, "labels": labels, "n_targets": int((labels != IGNORE).sum())}
-
-    def batch(self, index: int, batch_size: int) -> dict:
-        per_epoch = -(-len(self.rows) // batch_size)
-        epoch, k = divmod(index, per_epoch)
-        order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-        return self._collate(order[k * batch_size: (k + 1) * batch_size].tolist())
-
-    def eval_batches(self, batch_size: int):
-        for start in range(0, len(self.rows), batch_size):
-            yield self._collate(range(start, min(start + batch_size, len(self.rows))))
 
 
 def entities(tags: Sequence[str]) -> set[tuple[str, int, int]]:

@@ -159,6 +159,15 @@ def _split_off(items: list, fraction: float, seed: int) -> tuple[list, list]:
     return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
 
 
+def train_val(cfg: EncoderTaskConfig, read) -> tuple[list, list]:
+    """(training examples, validation examples): `read(path)` of every cfg.data file, and of every
+    cfg.val_data file or else cfg.val_fraction of the training ones held out by cfg.seed."""
+    rows = [r for path in cfg.data for r in read(path)]
+    if cfg.val_data:
+        return rows, [r for path in cfg.val_data for r in read(path)]
+    return _split_off(rows, cfg.val_fraction, cfg.seed)
+
+
 def columns(cfg: EncoderTaskConfig) -> tuple[str, str]:
     """The (text, label) columns or keys the labelled data is read by."""
     text, label = ("tokens", "tags") if cfg.task == "token-classify" else ("text", "label")
@@ -168,11 +177,7 @@ def columns(cfg: EncoderTaskConfig) -> tuple[str, str]:
 def classify_data(cfg: EncoderTaskConfig, tokenizer):
     """(train split, val split, id2label, a line describing them)."""
     text_column, label_column = columns(cfg)
-    rows = [r for path in cfg.data for r in read_labelled(path, text_column, label_column)]
-    if cfg.val_data:
-        val = [r for path in cfg.val_data for r in read_labelled(path, text_column, label_column)]
-    else:
-        rows, val = _split_off(rows, cfg.val_fraction, cfg.seed)
+    rows, val = train_val(cfg, lambda path: read_labelled(path, text_column, label_column))
     id2label = label_ids([label for _, label in rows])
     unknown = sorted({label for _, label in val} - set(id2label))
     if unknown:

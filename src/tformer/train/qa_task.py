@@ -23,13 +23,9 @@ def _ids(tokenizer) -> tuple[int, int, int]:
 
 def qa_data(cfg, tokenizer):
     """(train split, val split, a line describing them)."""
-    from tformer.train.encoder_tasks import _split_off
+    from tformer.train.encoder_tasks import train_val
 
-    examples = [e for path in cfg.data for e in read_squad(path)]
-    if cfg.val_data:
-        val = [e for path in cfg.val_data for e in read_squad(path)]
-    else:
-        examples, val = _split_off(examples, cfg.val_fraction, cfg.seed)
+    examples, val = train_val(cfg, read_squad)
     cls, sep, pad = _ids(tokenizer)
 
     def split(part, seed):

@@ -32,23 +32,15 @@ SENTINEL = "<extra_id_{}>"
 N_SENTINELS = 100  # a new vocabulary's, as T5's
 
 
-def _read_pairs(paths: list[str], source: str, target: str) -> list[tuple[str, str]]:
-    from tformer.data.classify import read_labelled
-
-    return [pair for path in paths for pair in read_labelled(path, source, target)]
-
-
 def _cut(row: list[int], max_len: int) -> list[int]:
     return row if len(row) <= max_len else row[: max_len - 1] + row[-1:]  # the end token kept
 
 
 def pair_texts(cfg) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    from tformer.train.encoder_tasks import _split_off
+    from tformer.data.classify import read_labelled
+    from tformer.train.encoder_tasks import train_val
 
-    pairs = _read_pairs(cfg.data, cfg.source_column, cfg.target_column)
-    if cfg.val_data:
-        return pairs, _read_pairs(cfg.val_data, cfg.source_column, cfg.target_column)
-    return _split_off(pairs, cfg.val_fraction, cfg.seed)
+    return train_val(cfg, lambda path: read_labelled(path, cfg.source_column, cfg.target_column))
 
 
 def sentinels(tokenizer) -> tuple[int, int]:

@@ -17,14 +17,10 @@ from tformer.data.tagging import TaggedSplit, encode_tagged, entity_scores, read
 def tagged_data(cfg, tokenizer):
     """(train split, val split, id2label, a line describing them)."""
     from tformer.data.classify import label_ids
-    from tformer.train.encoder_tasks import _split_off, columns
+    from tformer.train.encoder_tasks import columns, train_val
 
     words_key, tags_key = columns(cfg)
-    rows = [r for path in cfg.data for r in read_tagged(path, words_key, tags_key)]
-    if cfg.val_data:
-        val = [r for path in cfg.val_data for r in read_tagged(path, words_key, tags_key)]
-    else:
-        rows, val = _split_off(rows, cfg.val_fraction, cfg.seed)
+    rows, val = train_val(cfg, lambda path: read_tagged(path, words_key, tags_key))
     id2label = label_ids([t for _, tags in rows for t in tags], "the training tags")
     unknown = sorted({t for _, tags in val for t in tags} - set(id2label))
     if unknown:
