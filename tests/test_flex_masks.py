@@ -1,6 +1,7 @@
 """FlexAttention's block masks for decoders (tformer.inference.flex): one per rule shared by layers, batches
-and lengths (a bucket cut to each length), graphs compiled once more for changing lengths, not every step,
-and the backend choice. Uncompiled, on CPU; CUDA: test_flex_cuda.py."""
+and lengths (attention run at the bucket length, or a prefix-LM's bucket cut to each length), graphs
+compiled once more for changing lengths, not every step, and the backend choice. Uncompiled, on CPU;
+CUDA: test_flex_cuda.py."""
 
 import pytest
 import torch
@@ -46,7 +47,7 @@ def test_a_cropped_block_mask_has_the_new_lengths_and_the_same_attention(name):
 def test_where_a_mask_cannot_be_cropped_one_of_that_length_is_built_and_kept(monkeypatch):
     import tformer.inference.flex as flex_module
 
-    model = _model("window")
+    model = _model("prefix")  # a prefix-LM's queries see later keys: its mask is cut, not its inputs padded
     tokens = torch.randint(0, 97, (2, 11))
     with torch.no_grad():
         want = model(tokens)
@@ -55,6 +56,22 @@ def test_where_a_mask_cannot_be_cropped_one_of_that_length_is_built_and_kept(mon
         torch.testing.assert_close(model(tokens), want, atol=2e-5, rtol=1e-4)
         model(tokens)
     assert flex.builds == 2  # the 16-token bucket's mask, then the 11-token one, each once
+
+
+@pytest.mark.parametrize("name", ["window", "local_global", "strided"])
+def test_lengths_between_buckets_run_at_the_bucket_length(name):
+    """Causal-bounded rules pad q, k, v to the bucket: the outputs are the dense ones, and the attention
+    meets one shape per bucket, so compiled it needs one graph per bucket, not one per length."""
+    dense, model = _model(name), _model(name)
+    model.load_state_dict(dense.state_dict())
+    flex = use_flex_attention(model, compile=False, bucket=16)
+    shapes, attend = [], flex.attend
+    flex.attend = lambda q, k, v, **kw: shapes.append(q.shape[2]) or attend(q, k, v, **kw)
+    with torch.no_grad():
+        for T in (9, 13, 16, 21, 30):
+            tokens = torch.randint(0, 97, (1 + T % 2, T))
+            torch.testing.assert_close(model(tokens), dense(tokens), atol=2e-5, rtol=1e-4)
+    assert set(shapes) == {16, 32} and flex.builds == 2
 
 
 def test_compiled_flex_compiles_once_more_for_changing_lengths_not_every_step():

@@ -7,11 +7,14 @@ gives every attention layer a `core` that calls `flex_attention` with the varian
 
 Block masks of forwards that read no per-row data (no cache, padding or packing: pretraining
 batches) depend only on the rule and the length: they are built once per (rule, length rounded up
-to `bucket`) for the whole batch (B = None) and cut to each forward's length, so batches of
-changing size and length reuse them. Forwards with per-row data (packed `segments`, padding, cache
-decode) build one per rule per forward. The compiled attention marks lengths dynamic after the
-first change (torch.compile's automatic dynamic shapes), so changing lengths do not recompile
-every step. FlexAttention is fast only compiled (CUDA); uncompiled it runs everywhere, slowly.
+to `bucket`) for the whole batch (B = None). Where no query sees a later key (every rule but
+prefix-LM) and no score_mod reads the forward's positions (ALiBi's does), attention runs at the
+bucket length: q, k and v are padded with zeros (keys no real query sees) and the output cut back,
+so the compiled attention meets one shape per bucket and changing lengths do not recompile every
+step (a block mask's lengths are guarded as constants). Otherwise the bucket's mask is cut to the
+forward's length. Forwards with per-row data (packed `segments`, padding, cache decode) build one
+per rule per forward. FlexAttention is fast only compiled (CUDA); uncompiled it runs everywhere,
+slowly.
 
 `use_attention_backend(model, device)` applies `ModelConfig.attention.backend` ("auto": flex on
 CUDA for configs that are not plain causal attention, SDPA elsewhere).
@@ -40,6 +43,7 @@ class FlexMask:
 
     block_mask: BlockMask
     score_mod: Callable | None = None
+    pad_to: int | None = None  # run at this (bucket) length: q, k, v padded with zeros, the output cut back
 
 
 class DecoderFlex:
@@ -57,7 +61,12 @@ class DecoderFlex:
         """`Decoder.make_mask`'s signature: one rule's FlexMask for one forward."""
         score_mod = bias if self.softcap is None else softcap_score_mod(self.softcap, bias)
         if inputs.plain:
-            return FlexMask(self._shared(rule, inputs.q_slots.shape[0], inputs.q_slots.device), score_mod)
+            T, device = inputs.q_slots.shape[0], inputs.q_slots.device
+            L = -(-T // self.bucket) * self.bucket
+            if L != T and rule.pattern != "prefix" and bias is None:  # no query sees a later key, and no
+                # score_mod reads the forward's positions (ALiBi's): padded keys stay unseen
+                return FlexMask(self._kept(rule, L, device), score_mod, pad_to=L)
+            return FlexMask(self._shared(rule, T, device), score_mod)
         self.builds += 1
         T, device = inputs.q_slots.shape[-1], inputs.q_slots.device
         block_mask = create_block_mask(mask_mod(rule, inputs), inputs.rows, None, T, inputs.n_keys, device=device,
@@ -85,8 +94,12 @@ class DecoderFlex:
         """`Attention.core`'s signature: q (B, H, T, D), k/v (B, Hkv, S, D) -> (B, H, T, D)."""
         if dropout_p:
             raise ValueError("FlexAttention has no attention dropout: set attn_dropout=0, or use_sdpa(model) to train")
-        return self.attend(q, k, v, score_mod=mask.score_mod, block_mask=mask.block_mask,
-                           enable_gqa=q.shape[1] != k.shape[1])
+        T = q.shape[2]
+        if mask.pad_to is not None:
+            q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, mask.pad_to - T)) for t in (q, k, v))
+        out = self.attend(q, k, v, score_mod=mask.score_mod, block_mask=mask.block_mask,
+                          enable_gqa=q.shape[1] != k.shape[1])
+        return out[:, :, :T] if mask.pad_to is not None else out
 
 
 def crop(block_mask: BlockMask, T: int) -> BlockMask | None:
