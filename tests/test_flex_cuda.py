@@ -46,9 +46,10 @@ def test_changing_lengths_reuse_block_masks_and_graphs():
     counters.clear()
     with torch.no_grad():
         for T in (200, 230, 250, 300, 330, 370, 500):
-            flex(torch.randint(0, 97, (1 + T % 3, T), device="cuda"))
+            flex(torch.randint(0, 97, (2, T), device="cuda"))
     assert state.builds <= 3, state.builds  # one per 128-token bucket: 256, 384, 512
-    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])  # static, then dynamic lengths
+    # one graph per bucket: lengths between buckets run at the bucket's (a block mask's lengths are guarded)
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
 
 
 @pytest.mark.parametrize("scope", ["model", "blocks"])
