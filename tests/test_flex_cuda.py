@@ -48,8 +48,9 @@ def test_changing_lengths_reuse_block_masks_and_graphs():
         for T in (200, 230, 250, 300, 330, 370, 500):
             flex(torch.randint(0, 97, (2, T), device="cuda"))
     assert state.builds <= 3, state.builds  # one per 128-token bucket: 256, 384, 512
-    # one graph per bucket: lengths between buckets run at the bucket's (a block mask's lengths are guarded)
-    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+    # lengths between buckets run at the bucket's (a block mask's lengths are guarded as constants): one graph
+    # per bucket, and one more where torch first marks the length dynamic (H100, torch 2.11: 4)
+    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
 
 
 @pytest.mark.parametrize("scope", ["model", "blocks"])
