@@ -63,6 +63,10 @@ def test_a_tiny_bert_learns_to_answer_across_windows(encoder_dir, tmp_path, caps
     assert "400 training questions (" in stats and "windows)" in stats
     final = json.loads((out / "metrics.json").read_text())["final"]
     assert final["val_exact_match"] > 80 and final["val_f1"] >= final["val_exact_match"]
+    assert main(["eval", "task", str(out / "final"), "--task", "qa", "--data", str(tmp_path / "val.json"),
+                 "--max-len", "24", "--json"]) == 0  # doc stride: a third of 24, as the run's default would be 8
+    again = json.loads(capsys.readouterr().out)
+    assert again["examples"] == 40 and again["val_exact_match"] > 80
     context = "we saw the old house near rome and it was blue today"
     assert main(["answer", str(out / "final"), "--context", context, "--question", QUESTIONS["city"],
                  "--question", QUESTIONS["color"], "--json", "--max-len", "24", "--doc-stride", "8"]) == 0

@@ -75,6 +75,11 @@ def test_a_new_transformer_learns_the_task_and_saves_what_generate_reads(trained
                  "--max-new-tokens", "6"]) == 0
     assert main(["generate", str(out / "final"), "--draft", str(out / "final"), "--prompt", source]) == 2
     assert "encoder-decoder" in capsys.readouterr().err
+    assert main(["eval", "task", str(out / "final"), "--task", "seq2seq", "--data", str(data / "val.jsonl"),
+                 "--json"]) == 0  # scored again without training: the run's last evaluation
+    again = json.loads(capsys.readouterr().out)
+    assert again["val_loss"] == pytest.approx(final["val_loss"], rel=1e-5)
+    assert again["val_exact_match"] == final["val_exact_match"]
 
 
 def test_a_checkpoint_continues_with_span_corruption_then_pairs(trained, data, tmp_path):

@@ -64,6 +64,12 @@ def test_a_tiny_bert_learns_entities_and_tags_text(encoder_dir, tmp_path, capsys
     assert metrics["id2label"] == ["B-LOC", "B-PER", "I-PER", "O"]
     assert metrics["final"]["val_entity_f1"] > 0.9 and metrics["final"]["val_word_accuracy"] > 0.9
     capsys.readouterr()
+    assert main(["eval", "task", str(out / "final"), "--task", "token-classify", "--data", str(tmp_path / "val.conll"),
+                 "--json"]) == 0  # the same split scored again, without training: the same numbers
+    again = json.loads(capsys.readouterr().out)
+    assert again["examples"] == 40 and again["val_entity_f1"] == pytest.approx(metrics["final"]["val_entity_f1"])
+    assert main(["eval", "task", str(out / "final"), "--task", "classify", "--data", str(tmp_path / "val.conll")]) == 2
+    assert "holds TokenClassifier, not the SequenceClassifier" in capsys.readouterr().err
     assert main(["classify", str(out / "final"), "--text", "bob alice went to paris", "--json"]) == 0
     tagged = json.loads(capsys.readouterr().out)[0]
     assert tagged["tags"] == ["B-PER", "I-PER", "O", "O", "B-LOC"]

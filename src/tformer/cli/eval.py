@@ -1,5 +1,6 @@
 """`tformer eval longctx CKPT`: passkey, needle-in-a-haystack and RULER-style tasks by length and
-depth; a table, heatmaps, JSON and the effective length (docs/longctx.md)."""
+depth; a table, heatmaps, JSON and the effective length (docs/longctx.md). `tformer eval task CKPT`: a
+fine-tuned encoder or encoder-decoder scored on a test file (train/task_eval.py)."""
 
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ ROPE_SCALINGS = ("none", "linear", "dynamic", "yarn", "llama3")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint offline: `tformer eval longctx CKPT`",
-                       description="Evaluations that need no data beyond what tformer bundles.")
+    p = sub.add_parser("eval", help="evaluate a checkpoint: `tformer eval longctx CKPT`, `tformer eval task CKPT`",
+                       description="Evaluations: long-context retrieval that needs no data beyond what tformer "
+                                   "bundles, and a fine-tuned task model on a test file.")
     actions = p.add_subparsers(dest="action", metavar="EVAL", required=True)
     q = actions.add_parser("longctx", help="long-context retrieval by length and depth: heatmaps, effective length",
                            description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,7 +57,48 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the context the model was trained at (default: its rope.original_max_seq_len, else "
                         "its max_seq_len)")
     add_model_options(q)
+    t = actions.add_parser("task", help="score a fine-tuned encoder or encoder-decoder on a test file",
+                           description="Score CKPT (tformer finetune's OUT/final, or an HF BERT/T5/Marian directory "
+                                       "with the task's head) on --data without training: the metrics its "
+                                       "fine-tuning reports (classify: accuracy, macro-F1; token-classify: entity "
+                                       "F1; qa: exact match, F1; mlm: loss; seq2seq: exact match, BLEU, chrF).")
+    t.add_argument("path", metavar="CKPT", help="the fine-tuned checkpoint")
+    t.add_argument("--task", required=True, choices=("classify", "token-classify", "qa", "mlm", "seq2seq"))
+    t.add_argument("--data", action="append", required=True, help="test file (repeatable), as the task reads it")
+    t.add_argument("--batch-size", type=int, default=32, help="examples a forward (default: %(default)s)")
+    t.add_argument("--max-len", type=int, default=128, help="tokens an example at most (default: %(default)s; "
+                                                              "the model's positions if fewer)")
+    t.add_argument("--eval-decode", type=int, default=0,
+                   help="seq2seq: decode the first N pairs (default: 0, all of them)")
+    for name in ("text_column", "label_column", "source_column", "target_column"):
+        t.add_argument(f"--{name.replace('_', '-')}", default=None, help="as for tformer finetune")
+    t.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    t.add_argument("--device", default="cpu", help="cpu, cuda, auto (default: %(default)s)")
+    t.set_defaults(func=run_task)
     p.set_defaults(func=run)
+
+
+def run_task(args: argparse.Namespace) -> int:
+    """`tformer eval task`: the metrics of a fine-tuned checkpoint on a test file."""
+    import json
+
+    import torch
+
+    from tformer.train.encoder_tasks import EncoderTaskConfig
+    from tformer.train.task_eval import evaluate_checkpoint
+
+    columns = {k: getattr(args, k) for k in ("text_column", "label_column", "source_column", "target_column")
+               if getattr(args, k) is not None}
+    cfg = EncoderTaskConfig(task=args.task, checkpoint=args.path, data=args.data, batch_size=args.batch_size,
+                            max_len=args.max_len, eval_decode=args.eval_decode or 10**9, **columns)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    metrics = evaluate_checkpoint(cfg, device)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        for key, value in metrics.items():
+            print(f"{key}\t{value:.4f}" if isinstance(value, float) else f"{key}\t{value}")
+    return 0
 
 
 def parse_lengths(text: str) -> list[int]:

@@ -101,6 +101,7 @@ class EncoderTaskConfig:
     mean_span: float = 3.0
     vocab_size: int = 8192  # from a preset: the BPE vocabulary trained on the data
     model: dict = field(default_factory=dict)  # from a preset: ModelConfig fields changed
+    labels: list[str] | None = None  # the label names to use (evaluating a checkpoint: its own); None: the data's
     method: str = "full"  # full, lora or qlora (train/task_lora.py)
     lora: dict = field(default_factory=dict)  # LoRAConfig fields (r, alpha, dropout, targets, rslora)
 
@@ -178,7 +179,7 @@ def classify_data(cfg: EncoderTaskConfig, tokenizer):
     """(train split, val split, id2label, a line describing them)."""
     text_column, label_column = columns(cfg)
     rows, val = train_val(cfg, lambda path: read_labelled(path, text_column, label_column))
-    id2label = label_ids([label for _, label in rows])
+    id2label = cfg.labels or label_ids([label for _, label in rows])
     unknown = sorted({label for _, label in val} - set(id2label))
     if unknown:
         raise ValueError(f"the validation data has labels the training data lacks: {unknown[:5]}")

@@ -21,7 +21,7 @@ def tagged_data(cfg, tokenizer):
 
     words_key, tags_key = columns(cfg)
     rows, val = train_val(cfg, lambda path: read_tagged(path, words_key, tags_key))
-    id2label = label_ids([t for _, tags in rows for t in tags], "the training tags")
+    id2label = cfg.labels or label_ids([t for _, tags in rows for t in tags], "the training tags")
     unknown = sorted({t for _, tags in val for t in tags} - set(id2label))
     if unknown:
         raise ValueError(f"the validation data has tags the training data lacks: {unknown[:5]}")
