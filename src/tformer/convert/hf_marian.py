@@ -23,7 +23,6 @@ import torch
 
 from tformer.checkpoint import model_from_tensors
 from tformer.config import ConfigError, ModelConfig
-from tformer.convert.hf_dir import write_hf_dir
 from tformer.convert.hf_t5 import Rules, hf_names, map_from_hf, map_to_hf, save_hf_t5, unshared, write_seq2seq_dir
 from tformer.io import CheckpointError, read_json, read_safetensors_dir
 from tformer.models.encoder_decoder import EncoderDecoder

@@ -42,7 +42,7 @@ import torch
 from tformer.data.classify import LabelledSplit, classification_metrics, encode_texts, label_counts, label_ids
 from tformer.data.classify import read_labelled
 from tformer.models.encoder import POOLINGS
-from tformer.train.encoder_models import load_with_head, save_with_head, with_head, write_json
+from tformer.train.encoder_models import load_with_head, save_with_head, write_json
 from tformer.train.evaluate import evaluate_objective
 from tformer.train.optim import make_optimizer
 from tformer.train.interrupt import StopOnInterrupt, TrainingInterrupted, resume_command
@@ -50,6 +50,7 @@ from tformer.train.schedule import learning_rate
 from tformer.train.task_state import STATE_FILE, restore_state, save_state
 
 from tformer.train import seq2seq_tasks, task_lora
+from tformer.train import from_preset
 from tformer.train.from_preset import is_preset
 
 TASKS = ("classify", "token-classify", "qa", "mlm", "distill-encoder", *seq2seq_tasks.TASKS)
@@ -236,7 +237,7 @@ def build(cfg: EncoderTaskConfig, device):
     if cfg.task in seq2seq_tasks.TASKS:
         return seq2seq_tasks.build(cfg, device)
     if is_preset(cfg.checkpoint):
-        return _from_preset(cfg, device)
+        return from_preset.mlm_build(cfg, device)
     tokenizer = _tokenizer(cfg.teacher if cfg.task == "distill-encoder" else cfg.checkpoint)
     positions = resolve_config(cfg.checkpoint)[0].max_seq_len
     if cfg.max_len > positions:  # BERT's 128 default is longer than a small model's context
@@ -286,27 +287,6 @@ def dropout_changes(cfg: EncoderTaskConfig) -> dict:
     """The ModelConfig changes of cfg.dropout (none when it is None: the checkpoint's)."""
     p = cfg.dropout
     return {} if p is None else dict(emb_dropout=p, attn_dropout=p, resid_dropout=p)
-
-
-def _from_preset(cfg: EncoderTaskConfig, device):
-    """build() for masked-LM pretraining of a new encoder of a preset's shape (train/from_preset.py)."""
-    from tformer.models import build_model
-    from tformer.models.encoder import MaskedLM, Pretraining
-    from tformer.train import from_preset
-    from tformer.train.objectives import MaskedLMObjective
-
-    if cfg.task != "mlm":
-        raise ValueError(f"--task {cfg.task} starts from a trained encoder: {cfg.checkpoint} is a preset, which "
-                         "trains from scratch with --task mlm")
-    from_preset.require(cfg.checkpoint, "encoder", "--task mlm")
-    documents = text_documents(cfg)
-    tokenizer = from_preset.train_tokenizer(documents[0], cfg.vocab_size, "encoder")
-    config = from_preset.fresh_config(cfg.checkpoint, tokenizer, cfg.max_len, {**cfg.model, **dropout_changes(cfg)})
-    cls = Pretraining if cfg.nsp else MaskedLM
-    model = with_head(build_model(config, device=device), {}, cls, device=device)[0]
-    train, val, stats = mlm_data(cfg, tokenizer, documents)
-    stats += f"; a new {cfg.checkpoint} model, BPE vocabulary {tokenizer.vocab_size}"
-    return model, MaskedLMObjective(model), train, val, None, stats, tokenizer
 
 
 def _fresh_head(path: str) -> bool:

@@ -84,3 +84,24 @@ def fresh_model(config, device) -> torch.nn.Module:
     from tformer.models import build_model
 
     return build_model(config, device=device).train()
+
+
+def mlm_build(cfg, device):
+    """encoder_tasks.build for masked-LM pretraining of a new encoder of the preset cfg.checkpoint."""
+    from tformer.models import build_model
+    from tformer.models.encoder import MaskedLM, Pretraining
+    from tformer.train.encoder_models import with_head
+    from tformer.train.encoder_tasks import dropout_changes, mlm_data, text_documents
+    from tformer.train.objectives import MaskedLMObjective
+
+    if cfg.task != "mlm":
+        raise ValueError(f"--task {cfg.task} starts from a trained encoder: {cfg.checkpoint} is a preset, which "
+                         "trains from scratch with --task mlm")
+    require(cfg.checkpoint, "encoder", "--task mlm")
+    documents = text_documents(cfg)
+    tokenizer = train_tokenizer(documents[0], cfg.vocab_size, "encoder")
+    config = fresh_config(cfg.checkpoint, tokenizer, cfg.max_len, {**cfg.model, **dropout_changes(cfg)})
+    model = with_head(build_model(config, device=device), {}, Pretraining if cfg.nsp else MaskedLM, device=device)[0]
+    train, val, stats = mlm_data(cfg, tokenizer, documents)
+    stats += f"; a new {cfg.checkpoint} model, BPE vocabulary {tokenizer.vocab_size}"
+    return model, MaskedLMObjective(model), train, val, None, stats, tokenizer
