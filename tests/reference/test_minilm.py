@@ -19,7 +19,7 @@ import transformers  # noqa: E402
 
 import tformer  # noqa: E402
 from tformer.cli import main  # noqa: E402
-from tformer.inference.embed import cosine_matrix, embed  # noqa: E402
+from tformer.inference.embed import EmbedSpec, cosine_matrix, embed  # noqa: E402
 from tformer.models import Encoder  # noqa: E402
 from tformer.tokenizer import Tokenizer  # noqa: E402
 
@@ -105,3 +105,18 @@ def test_embed_from_a_converted_tformer_checkpoint(minilm, tmp_path, capsys):
         assert main(["embed", str(path), "--text", TEXTS[0], "--text", TEXTS[1], "--json"]) == 0
     first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines())
     torch.testing.assert_close(torch.tensor(second["embeddings"]), torch.tensor(first["embeddings"]))
+
+
+@torch.no_grad()
+def test_a_long_text_is_cut_at_the_pipelines_max_seq_length(minilm):
+    """sentence_bert_config.json says 256 tokens: a longer text embeds as its first 256 (HF truncation)."""
+    text = " ".join(["the quick brown fox jumps over the lazy dog"] * 40)  # about 360 tokens
+    tok = transformers.AutoTokenizer.from_pretrained(minilm)
+    batch = tok([text], truncation=True, max_length=256, return_tensors="pt")
+    assert batch["input_ids"].shape[1] == 256
+    hidden = transformers.BertModel.from_pretrained(minilm).eval()(**batch).last_hidden_state
+    expected = F.normalize(hidden.mean(1), dim=-1)
+    spec = EmbedSpec.read(minilm)
+    assert (spec.pooling, spec.normalize, spec.max_len) == ("mean", True, 256)
+    got = embed(tformer.load(minilm), Tokenizer.load(minilm), [text], spec=spec)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)

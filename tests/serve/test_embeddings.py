@@ -4,6 +4,7 @@ bad requests get OpenAI errors; generation routes refuse the encoder; `tformer s
 as an embedding model and refuses an encoder-decoder."""
 
 import base64
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -114,3 +115,51 @@ def test_serve_refuses_an_encoder_decoder_and_adapters_on_an_encoder(encoder_dir
     with pytest.raises(UserError, match="--adapter"):
         load_models(build_parser().parse_args(["serve", str(encoder_dir), "--device", "cpu", "--adapter",
                                                f"x={tmp_path}"]))
+
+
+def test_a_sentence_transformers_pipeline_sets_pooling_normalisation_and_length(encoder_dir, tmp_path):
+    """A folder whose modules.json has CLS pooling, no Normalize and max_seq_length 8 embeds (and serves) so."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from tformer.cli.serve import load_models
+    from tformer.inference.embed import EmbedSpec
+    from tformer.serve.app import build_app
+
+    folder = tmp_path / "st"
+    shutil.copytree(encoder_dir, folder)
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True,
+                                                                  "pooling_mode_mean_tokens": False}))
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 8}))
+    spec = EmbedSpec.read(folder)
+    assert (spec.pooling, spec.normalize, spec.max_len) == ("cls", False, 8)
+    model, tok = tformer.load(folder), Tokenizer.load(folder)
+    with torch.no_grad():
+        rows = tok.encode_batch(TEXTS[:2], template=True)
+        want = [model(torch.tensor([r[:7] + r[-1:] if len(r) > 8 else r]))[0, 0] for r in rows]
+    got = embed(model, tok, TEXTS[:2], spec=spec)
+    torch.testing.assert_close(got, torch.stack(want), atol=1e-5, rtol=1e-5)
+    args = build_parser().parse_args(["serve", str(folder), "--device", "cpu", "--model-name", "st"])
+    with TestClient(build_app(load_models(args))) as c:
+        assert c.get("/v1/models").json()["data"][0]["max_model_len"] == 8
+        body = c.post("/v1/embeddings", json={"model": "st", "input": "a dog ran"}).json()
+        torch.testing.assert_close(torch.tensor(body["data"][0]["embedding"]), embed(model, tok, ["a dog ran"],
+                                                                                    spec=spec)[0], atol=1e-5, rtol=0)
+
+
+def test_pooling_modes_read_real_tokens_only():
+    from tformer.inference.embed import pool
+
+    hidden, mask = torch.randn(2, 5, 3), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    first = hidden[0, :3]
+    torch.testing.assert_close(pool(hidden, mask, "mean")[0], first.mean(0))
+    torch.testing.assert_close(pool(hidden, mask, "max")[0], first.amax(0))
+    torch.testing.assert_close(pool(hidden, mask, "mean_sqrt_len")[0], first.sum(0) / 3 ** 0.5)
+    torch.testing.assert_close(pool(hidden, mask, "cls"), hidden[:, 0])
+    with pytest.raises(ValueError, match="unknown pooling"):
+        pool(hidden, mask, "median")

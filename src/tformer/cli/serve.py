@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "/health and /metrics (Prometheus). Requests are batched continuously over a paged KV cache. "
             "Each --adapter is served as its own model name, a merged copy of the base with that adapter "
             "(memory: one model per adapter). An encoder (BERT, ModernBERT, all-MiniLM-L6-v2) is served on POST "
-            "/v1/embeddings instead: mean-pooled, L2-normalised embeddings, batched across requests."
+            "/v1/embeddings instead: embeddings by its sentence-transformers pipeline (default: mean-pooled, "
+            "L2-normalised), batched across requests."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -140,6 +141,7 @@ def load_models(args: argparse.Namespace) -> list:
 def _embedding_model(args: argparse.Namespace, path: Path, name: str, tokenizer, model):
     """An encoder (or a fine-tuned encoder's trunk) served on /v1/embeddings."""
     from tformer.models import Encoder
+    from tformer.inference.embed import EmbedSpec
     from tformer.serve.embeddings import EmbeddingEngine, EmbeddingModel
 
     encoder = model if isinstance(model, Encoder) else getattr(model, "encoder", None)
@@ -148,9 +150,11 @@ def _embedding_model(args: argparse.Namespace, path: Path, name: str, tokenizer,
                         "encoders (/v1/embeddings); decode it with `tformer generate`")
     if args.adapter:
         raise UserError("--adapter serves LoRA adapters of a decoder; an encoder is served alone")
-    print(f"{name}: an encoder, served on /v1/embeddings (mean pooling, L2-normalised)", file=sys.stderr)
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    return EmbeddingModel(name, EmbeddingEngine(encoder, pad), tokenizer)
+    spec = EmbedSpec.read(path)
+    engine = EmbeddingEngine(encoder, tokenizer.pad_id if tokenizer.pad_id is not None else 0, spec)
+    print(f"{name}: an encoder, served on /v1/embeddings ({spec.pooling} pooling, "
+          f"{'L2-normalised, ' if spec.normalize else ''}{engine.max_context} tokens at most)", file=sys.stderr)
+    return EmbeddingModel(name, engine, tokenizer)
 
 
 def _engine(args: argparse.Namespace, model):

@@ -1,15 +1,75 @@
-"""Sentence embeddings from an encoder: mean pooling over real tokens, then L2 normalisation
-(the sentence-transformers pipeline of all-MiniLM-L6-v2: Transformer -> Pooling(mean) -> Normalize)."""
+"""Sentence embeddings from an encoder, as a sentence-transformers pipeline computes them: Transformer
+(texts cut to its max_seq_length) -> Pooling -> Normalize (all-MiniLM-L6-v2: mean pooling, 256 tokens).
+
+`EmbedSpec.read(path)` takes the pipeline from a sentence-transformers model folder (modules.json,
+1_Pooling/config.json, sentence_bert_config.json); a folder without them gets mean pooling and L2
+normalisation over the model's own context. Pooling modes: "mean" over real tokens, "cls" (the first
+token), "max" over real tokens, "mean_sqrt_len" (the sum over the square root of the length).
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from tformer.models.encoder import Encoder, mean_pool
 from tformer.tokenizer import Tokenizer
+
+
+POOLINGS = ("mean", "cls", "max", "mean_sqrt_len")
+
+
+@dataclass
+class EmbedSpec:
+    pooling: str = "mean"
+    normalize: bool = True
+    max_len: int | None = None  # tokens a text at most (None: the model's max_seq_len)
+
+    @classmethod
+    def read(cls, path: str | Path) -> EmbedSpec:
+        """The pipeline a sentence-transformers folder declares; the defaults for any other folder."""
+        path = Path(path)
+        try:
+            modules = json.loads((path / "modules.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return cls()
+        spec = cls(normalize=any(m.get("type", "").endswith(".Normalize") for m in modules))
+        for m in modules:
+            if m.get("type", "").endswith(".Pooling"):
+                try:
+                    pooling = json.loads((path / m.get("path", "") / "config.json").read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    continue
+                modes = [mode for mode in POOLINGS if pooling.get(f"pooling_mode_{mode}_token"
+                                                                  if mode == "cls" else f"pooling_mode_{mode}_tokens")]
+                if len(modes) != 1:
+                    raise ValueError(f"{path}: sentence-transformers pooling {modes or 'none'}; tformer pools by "
+                                     f"exactly one of {', '.join(POOLINGS)}")
+                spec.pooling = modes[0]
+        try:
+            spec.max_len = json.loads((path / "sentence_bert_config.json").read_text(encoding="utf-8"))["max_seq_length"]
+        except (OSError, ValueError, KeyError):
+            pass
+        return spec
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """(B, T, C) hidden states, (B, T) mask -> (B, C) by `mode` (module docstring)."""
+    if mode == "mean":
+        return mean_pool(hidden, mask)
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "max":
+        return hidden.masked_fill(mask[..., None] == 0, float("-inf")).amax(1)
+    if mode == "mean_sqrt_len":
+        w = mask.to(hidden.dtype)[..., None]
+        return (hidden * w).sum(1) / w.sum(1).clamp(min=1).sqrt()
+    raise ValueError(f"unknown pooling {mode!r}; choose one of {', '.join(POOLINGS)}")
 
 
 def pad_batch(rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,22 +84,27 @@ def pad_batch(rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, tor
 
 
 @torch.no_grad()
-def embed(model: Encoder, tokenizer: Tokenizer, texts: Sequence[str], max_len: int | None = None) -> torch.Tensor:
-    """(N, C) unit-norm embeddings of `texts`, tokenised with the tokenizer's template ([CLS] ... [SEP]);
-    each text is cut to `max_len` tokens (default: the model's max_seq_len), its last token kept."""
-    max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
+def embed(model: Encoder, tokenizer: Tokenizer, texts: Sequence[str], max_len: int | None = None,
+          spec: EmbedSpec | None = None) -> torch.Tensor:
+    """(N, C) embeddings of `texts` by `spec` (default: mean pooling, normalised), tokenised with the
+    tokenizer's template ([CLS] ... [SEP]); each text is cut to `max_len` tokens (default: spec.max_len,
+    else the model's max_seq_len), its last token kept."""
+    spec = spec or EmbedSpec()
+    max_len = min(max_len or spec.max_len or model.config.max_seq_len, model.config.max_seq_len)
     rows = [r if len(r) <= max_len else r[: max_len - 1] + r[-1:] for r in tokenizer.encode_batch(texts, template=True)]
-    return embed_rows(model, rows, tokenizer.pad_id if tokenizer.pad_id is not None else 0)
+    return embed_rows(model, rows, tokenizer.pad_id if tokenizer.pad_id is not None else 0, spec)
 
 
 @torch.no_grad()
-def embed_rows(model: Encoder, rows: list[list[int]], pad_id: int = 0) -> torch.Tensor:
-    """(N, C) unit-norm embeddings of token id rows (already templated and cut to the model's length)."""
+def embed_rows(model: Encoder, rows: list[list[int]], pad_id: int = 0, spec: EmbedSpec | None = None) -> torch.Tensor:
+    """(N, C) embeddings of token id rows (already templated and cut to length) by `spec`."""
+    spec = spec or EmbedSpec()
     tokens, mask = pad_batch(rows, pad_id)
     device = model.tok_emb.weight.device
     tokens, mask = tokens.to(device), mask.to(device)
     hidden = model(tokens, mask)  # (N, T, C)
-    return F.normalize(mean_pool(hidden.float(), mask), dim=-1)
+    pooled = pool(hidden.float(), mask, spec.pooling)
+    return F.normalize(pooled, dim=-1) if spec.normalize else pooled
 
 
 def cosine_matrix(embeddings: torch.Tensor) -> torch.Tensor:

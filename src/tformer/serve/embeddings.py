@@ -5,9 +5,9 @@ wire format.
     -> {"object": "list", "data": [{"object": "embedding", "index", "embedding"}], "model", "usage"}
 
 Texts go through the tokenizer's template ([CLS] ... [SEP]); token-id inputs are taken as they are.
-Embeddings are the mean of the last hidden states over real tokens, L2-normalised (inference/embed.py:
-sentence-transformers' pipeline for all-MiniLM-L6-v2). An input longer than the model's context is
-refused (400) rather than cut. `dimensions` is accepted only as the model's own width (the models served
+Embeddings follow the model folder's sentence-transformers pipeline (inference/embed.py's EmbedSpec:
+pooling, normalisation, max_seq_length; default mean pooling, L2-normalised). An input longer than
+that length (else the model's context) is refused (400) rather than cut. `dimensions` is accepted only as the model's own width (the models served
 here are not trained to be truncated).
 
 `EmbeddingEngine` batches across requests: a worker thread takes every input queued since its last
@@ -42,9 +42,12 @@ class EmbeddingEngine:
     """A worker thread that embeds queued token rows in batches; `submit(rows)` returns a Future of
     the (N, C) float32 CPU embeddings."""
 
-    def __init__(self, model, pad_id: int, max_batch_tokens: int = 16384):
+    def __init__(self, model, pad_id: int, spec=None, max_batch_tokens: int = 16384):
+        from tformer.inference.embed import EmbedSpec
+
         self.model, self.pad_id, self.max_batch_tokens = model.eval(), pad_id, max_batch_tokens
-        self.max_context = model.config.max_seq_len
+        self.spec = spec or EmbedSpec()
+        self.max_context = min(self.spec.max_len or model.config.max_seq_len, model.config.max_seq_len)
         self.dim = model.config.dim
         self._queue: deque = deque()  # (row, future, slot, results)
         self._wake = threading.Condition()
@@ -101,7 +104,7 @@ class EmbeddingEngine:
                     return
                 batch = self._take()
             try:
-                vectors = embed_rows(self.model, [item[0] for item in batch], self.pad_id).cpu()
+                vectors = embed_rows(self.model, [item[0] for item in batch], self.pad_id, self.spec).cpu()
             except Exception as e:  # noqa: BLE001 - the requests fail, the server goes on
                 for _, future, *_ in batch:
                     if not future.done():
