@@ -230,7 +230,7 @@ def test_lora_on_an_encoder_decoder_trains_adapters_only_and_saves_a_merged_mode
     assert trainable and all(".lora_" in n or n.endswith(("lora_a", "lora_b")) for n in trainable)
 
 
-def test_a_trained_transformer_exports_to_hf_with_its_tokenizer(trained, tmp_path):
+def test_a_trained_transformer_exports_to_hf_with_its_tokenizer(trained, tmp_path, capsys):
     """MarianMTModel + AutoTokenizer from the export decode as tformer does (greedy, the same ids)."""
     import os
 
@@ -247,3 +247,8 @@ def test_a_trained_transformer_exports_to_hf_with_its_tokenizer(trained, tmp_pat
         assert ids[0].tolist() == encode_texts(tok, [source])[0]  # the template's </s> included
         out = hf.generate(ids, max_new_tokens=10, do_sample=False, num_beams=1)[0, 1:].tolist()
         assert out[: len(row)] == row
+    capsys.readouterr()
+    for path in (trained[0] / "final", tmp_path / "hf"):  # the HF directory decodes through tformer as well
+        assert main(["generate", str(path), "--temperature", "0", "--prompt", sources[0], "--max-new-tokens", "10"]) == 0
+    first, second = capsys.readouterr().out.splitlines()
+    assert first == second == tok.decode(ours[0], skip_special_tokens=True).strip()

@@ -1,5 +1,6 @@
 """HF `config.json` <-> ModelConfig for the gpt2, llama, mistral and qwen2 architectures; the
-mixture-of-experts ones (mixtral, qwen2_moe, deepseek_v3) are mapped in `hf_moe_config`.
+mixture-of-experts ones (mixtral, qwen2_moe, deepseek_v3) are mapped in `hf_moe_config`, and
+`config_from_hf` reads BERT, ModernBERT, T5 and Marian configs through their own converters.
 
 Reads configs as written by transformers 4.x (`rope_theta` + `rope_scaling`) and 5.x
 (`rope_parameters`); writes both spellings so either version reads the export.
@@ -7,6 +8,7 @@ Reads configs as written by transformers 4.x (`rope_theta` + `rope_scaling`) and
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from tformer.config import ConfigError, ModelConfig, RopeConfig, yarn_mscale
@@ -14,6 +16,10 @@ from tformer.config import ConfigError, ModelConfig, RopeConfig, yarn_mscale
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 MOE_FAMILY = ("mixtral", "qwen2_moe", "deepseek_v3")
 SUPPORTED_MODEL_TYPES = ("gpt2", *LLAMA_FAMILY, *MOE_FAMILY)
+# model_type -> (converter module, its config reader): encoders and encoder-decoders
+OTHER_FAMILIES = {"bert": ("hf_bert", "bert_config_from_hf"),
+                  "modernbert": ("hf_modernbert", "modernbert_config_from_hf"),
+                  "t5": ("hf_t5", "t5_config_from_hf"), "marian": ("hf_marian", "marian_config_from_hf")}
 ARCHITECTURES = {
     "gpt2": "GPT2LMHeadModel",
     "llama": "LlamaForCausalLM",
@@ -50,12 +56,12 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         from tformer.convert.hf_moe_config import moe_config_from_hf  # it builds on this module's helpers
 
         return moe_config_from_hf(hf)
-    if model_type == "bert":  # an encoder: read only (tformer.convert.hf_bert)
-        from tformer.convert.hf_bert import bert_config_from_hf
-
-        return bert_config_from_hf(hf)
+    if model_type in OTHER_FAMILIES:  # encoders and encoder-decoders (their own converters)
+        module, name = OTHER_FAMILIES[model_type]
+        return getattr(importlib.import_module(f"tformer.convert.{module}"), name)(hf)
     raise ConfigError(
-        f"HF model_type={model_type!r} is not supported; supported model types: {list(SUPPORTED_MODEL_TYPES)}"
+        f"HF model_type={model_type!r} is not supported; supported model types: "
+        f"{list(SUPPORTED_MODEL_TYPES) + list(OTHER_FAMILIES)}"
     )
 
 
