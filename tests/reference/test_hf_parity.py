@@ -265,7 +265,8 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
 
 def test_unsupported_model_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "xlnet", "vocab_size": 10}))
-    supported = r"\['gpt2', 'llama', 'mistral', 'qwen2', 'mixtral', 'qwen2_moe', 'deepseek_v3'\]"
+    supported = (r"\['gpt2', 'llama', 'mistral', 'qwen2', 'mixtral', 'qwen2_moe', 'deepseek_v3', 'bert', 'modernbert', "
+                 r"'t5', 'marian'\]")
     with pytest.raises(CheckpointError, match=rf"model_type='xlnet'.*{supported}"):
         tformer.load(tmp_path)
 
@@ -294,7 +295,8 @@ def test_config_from_transformers_4x_and_5x_spellings():
         (LLAMA | {"model_type": "llama", "hidden_act": "gelu"}, r"hidden_act='gelu'.*supported values"),
         (LLAMA | {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
          "some layers only"),  # fmt: skip
-        ({"model_type": "t5"}, r"model_type='t5' is not supported"),
+        ({"model_type": "xlnet"}, r"model_type='xlnet' is not supported"),
+        ({"model_type": "t5"}, r"t5: config.json lacks 'vocab_size'"),
     ],
 )
 def test_unsupported_hf_configs(hf, match):

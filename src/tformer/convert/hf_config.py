@@ -58,7 +58,10 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         return moe_config_from_hf(hf)
     if model_type in OTHER_FAMILIES:  # encoders and encoder-decoders (their own converters)
         module, name = OTHER_FAMILIES[model_type]
-        return getattr(importlib.import_module(f"tformer.convert.{module}"), name)(hf)
+        try:
+            return getattr(importlib.import_module(f"tformer.convert.{module}"), name)(hf)
+        except KeyError as e:
+            raise ConfigError(f"{model_type}: config.json lacks {e}, which tformer needs") from None
     raise ConfigError(
         f"HF model_type={model_type!r} is not supported; supported model types: "
         f"{list(SUPPORTED_MODEL_TYPES) + list(OTHER_FAMILIES)}"
