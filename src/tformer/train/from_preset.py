@@ -12,14 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from tokenizers import processors
 
 from tformer.tokenizer import Tokenizer
 
 SPECIALS = {"encoder": ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"),
             "encoder_decoder": ("<pad>", "</s>", "<unk>")}
-PAD_VOCAB_TO = 64
 
 
 def is_preset(spec: str) -> bool:
@@ -67,23 +65,17 @@ def require(name: str, architecture: str, task: str) -> None:
 
 def fresh_config(name: str, tokenizer: Tokenizer, max_len: int, changes: dict):
     """The preset's ModelConfig with `changes` (ModelConfig fields), its vocabulary the tokenizer's
-    (padded to a multiple of 64) and its positions at least max_len."""
+    (padded as `tformer train` pads it) and its positions at least max_len."""
     from tformer.config import ConfigError
     from tformer.presets import get_preset
+    from tformer.train.model_setup import padded_vocab
 
     config = get_preset(name)
-    vocab = -(-tokenizer.vocab_size // PAD_VOCAB_TO) * PAD_VOCAB_TO
     try:
-        return config.replace(**{"vocab_size": vocab, "max_seq_len": max(config.max_seq_len, max_len), **changes})
+        return config.replace(**{"vocab_size": padded_vocab(tokenizer.vocab_size),
+                                 "max_seq_len": max(config.max_seq_len, max_len), **changes})
     except (ConfigError, TypeError) as e:
         raise ValueError(f"--model options for {name}: {e}") from None
-
-
-def fresh_model(config, device) -> torch.nn.Module:
-    """A freshly initialised model of `config` (fresh_config's), in train mode."""
-    from tformer.models import build_model
-
-    return build_model(config, device=device).train()
 
 
 def mlm_build(cfg, device):

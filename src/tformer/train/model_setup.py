@@ -24,6 +24,11 @@ TRAIN_ELSEWHERE = {
 PAD_VOCAB_TO = 64  # matmul-friendly output size (nanoGPT's 50257 -> 50304 trick)
 
 
+def padded_vocab(n: int) -> int:
+    """A vocabulary of n ids rounded up to a multiple of PAD_VOCAB_TO."""
+    return -(-n // PAD_VOCAB_TO) * PAD_VOCAB_TO
+
+
 def model_config(cfg, tokenizer) -> ModelConfig:
     """The preset (with distill_init: the teacher's config) with the run's overrides; vocab sized
     to the tokenizer, context to seq_len."""
@@ -34,7 +39,7 @@ def model_config(cfg, tokenizer) -> ModelConfig:
         changes.update(emb_dropout=cfg.dropout, attn_dropout=cfg.dropout, resid_dropout=cfg.dropout)
     if not Path(source).is_dir():  # a fresh model: fit vocab and context to this run
         vocab = tokenizer.vocab_size
-        changes.setdefault("vocab_size", (vocab + PAD_VOCAB_TO - 1) // PAD_VOCAB_TO * PAD_VOCAB_TO)
+        changes.setdefault("vocab_size", padded_vocab(vocab))
         changes.setdefault("max_seq_len", max(config.max_seq_len, cfg.seq_len))
     config = config.replace(**changes)
     if config.architecture != "decoder":

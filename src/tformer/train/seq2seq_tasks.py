@@ -80,6 +80,7 @@ def load_model(cfg, device):
     """(model, tokenizer, texts, a note) for cfg.checkpoint: a checkpoint, or a preset from scratch."""
     from tformer.checkpoint import load
     from tformer.inference.text import load_tokenizer
+    from tformer.models import build_model
     from tformer.train import from_preset
 
     from tformer.train.encoder_tasks import dropout_changes, text_documents
@@ -94,7 +95,7 @@ def load_model(cfg, device):
         tokenizer = from_preset.train_tokenizer(train, cfg.vocab_size, "encoder_decoder",
                                                 n_sentinels=N_SENTINELS if cfg.task == "span-corruption" else 0)
         config = from_preset.fresh_config(cfg.checkpoint, tokenizer, cfg.max_len, {**cfg.model, **changes})
-        model = from_preset.fresh_model(config, device)
+        model = build_model(config, device=device).train()
         return model, tokenizer, texts, f"a new {cfg.checkpoint} model, BPE vocabulary {tokenizer.vocab_size}"
     from tformer.sources import resolve_config
 
