@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
-from tformer.data.example_split import ExampleSplit
-
 from tformer.data.corpus import jsonl_values
+from tformer.data.example_split import ExampleSplit
 from tformer.inference.embed import pad_batch
 
 

@@ -26,9 +26,11 @@ from pathlib import Path
 
 import torch
 
-from tformer.data.example_split import ExampleSplit
-
 from tformer.data.corpus import jsonl_values
+from tformer.data.example_split import ExampleSplit
+from tformer.inference.embed import pad_batch
+
+PUNCTUATION = frozenset(string.punctuation)
 
 
 @dataclass
@@ -129,12 +131,8 @@ class QASplit(ExampleSplit):
 
     def _collate(self, idx: Sequence[int]) -> dict:
         rows = [self.windows[i] for i in idx]
-        T = max(len(w.ids) for w in rows)
-        tokens = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
-        types, mask = torch.zeros(len(rows), T, dtype=torch.long), torch.zeros(len(rows), T, dtype=torch.long)
-        for b, w in enumerate(rows):
-            tokens[b, : len(w.ids)], types[b, : len(w.ids)], mask[b, : len(w.ids)] = torch.tensor(w.ids), \
-                torch.tensor(w.types), 1
+        tokens, mask = pad_batch([w.ids for w in rows], self.pad_id)
+        types = pad_batch([w.types for w in rows])[0]
         return {"tokens": tokens, "token_types": types, "attention_mask": mask,
                 "start": torch.tensor([w.start for w in rows]), "end": torch.tensor([w.end for w in rows]),
                 "n_targets": len(rows)}
@@ -162,7 +160,7 @@ def best_answers(split: QASplit, starts: torch.Tensor, ends: torch.Tensor, max_a
 
 def normalize_answer(text: str) -> str:
     """SQuAD v1.1's normalisation: lower case, punctuation and articles removed, whitespace collapsed."""
-    text = "".join(c for c in text.lower() if c not in set(string.punctuation))
+    text = "".join(c for c in text.lower() if c not in PUNCTUATION)
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 

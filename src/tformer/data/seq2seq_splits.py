@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+from tformer.data.example_split import ExampleSplit
 from tformer.data.span_corruption import collate, corrupt
 
 WINDOW = 50  # batches sorted together by length
@@ -30,9 +31,10 @@ def _generator(*seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(value % (2**63))
 
 
-class PairSplit:
+class PairSplit(ExampleSplit):
     """(source ids, target ids) pairs, each ending in the end token; `texts` keeps the (source, target)
-    strings for scoring decoded outputs."""
+    strings for scoring decoded outputs. Its own `batch` sorts windows by length; evaluation batches go
+    in order (ExampleSplit's)."""
 
     def __init__(self, pairs: list[tuple[list[int], list[int]]], start_id: int, pad_id: int, seed: int = 0,
                  texts: list[tuple[str, str]] | None = None):
@@ -56,10 +58,6 @@ class PairSplit:
         batches = [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
         pick = torch.randperm(len(batches), generator=_generator(self.seed, epoch, window))[j].item()
         return self._collate(batches[pick])
-
-    def eval_batches(self, batch_size: int):
-        for start in range(0, len(self.pairs), batch_size):
-            yield self._collate(range(start, min(start + batch_size, len(self.pairs))))
 
 
 class SpanSplit:

@@ -18,12 +18,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
-from tformer.data.example_split import ExampleSplit
-
 from tformer.data.corpus import jsonl_values
+from tformer.data.example_split import ExampleSplit
 from tformer.data.sft import IGNORE
+from tformer.inference.embed import pad_batch
 
 
 def read_tagged(path: str | Path, words_key: str = "tokens", tags_key: str = "tags") -> list[tuple[list, list]]:
@@ -104,13 +102,8 @@ class TaggedSplit(ExampleSplit):
         return len(self.rows)
 
     def _collate(self, idx: Sequence[int]) -> dict:
-        T = max(len(self.rows[i]) for i in idx)
-        tokens = torch.full((len(idx), T), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(idx), T), IGNORE, dtype=torch.long)
-        mask = torch.zeros(len(idx), T, dtype=torch.long)
-        for b, i in enumerate(idx):
-            n = len(self.rows[i])
-            tokens[b, :n], labels[b, :n], mask[b, :n] = torch.tensor(self.rows[i]), torch.tensor(self.labels[i]), 1
+        tokens, mask = pad_batch([self.rows[i] for i in idx], self.pad_id)
+        labels = pad_batch([self.labels[i] for i in idx], IGNORE)[0]
         return {"tokens": tokens, "attention_mask": mask, "labels": labels, "n_targets": int((labels != IGNORE).sum())}
 
 
