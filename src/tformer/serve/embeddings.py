@@ -7,8 +7,8 @@ wire format.
 Texts go through the tokenizer's template ([CLS] ... [SEP]); token-id inputs are taken as they are.
 Embeddings follow the model folder's sentence-transformers pipeline (inference/embed.py's EmbedSpec:
 pooling, normalisation, max_seq_length; default mean pooling, L2-normalised). An input longer than
-that length (else the model's context) is refused (400) rather than cut. `dimensions` is accepted only as the model's own width (the models served
-here are not trained to be truncated).
+that length (else the model's context) is refused (400) rather than cut. `dimensions` is accepted only
+as the model's own width (the models served here are not trained to be truncated).
 
 `EmbeddingEngine` batches across requests: a worker thread takes every input queued since its last
 forward (at most `max_batch_tokens` padded tokens), sorted by length, in one forward each.
@@ -49,7 +49,7 @@ class EmbeddingEngine:
         self.spec = spec or EmbedSpec()
         self.max_context = min(self.spec.max_len or model.config.max_seq_len, model.config.max_seq_len)
         self.dim = model.config.dim
-        self._queue: deque = deque()  # (row, future, slot, results)
+        self._queue: deque = deque()  # (row, its request's future, its slot there, the request's results, [left])
         self._wake = threading.Condition()
         self._thread, self._running = None, False
         self.counts = {"requests": 0, "inputs": 0, "tokens": 0, "batches": 0}
@@ -145,12 +145,14 @@ def prepare(state, body: bytes) -> tuple[EmbeddingModel, EmbeddingRequest, list[
     if not inputs:
         raise APIError(400, "input is empty: pass a string, a list of strings or token ids", param="input")
     vocab = served.engine.model.config.vocab_size
+    texts = [item for item in inputs if isinstance(item, str)]
+    if "" in texts:
+        raise APIError(400, f"input[{inputs.index('')}] is an empty string", param="input")
+    encoded = iter(served.tokenizer.encode_batch(texts, template=True) if texts else [])
     rows = []
     for i, item in enumerate(inputs):
         if isinstance(item, str):
-            if not item:
-                raise APIError(400, f"input[{i}] is an empty string", param="input")
-            row = served.tokenizer.encode_batch([item], template=True)[0]
+            row = next(encoded)
         else:
             if not item or any(not 0 <= t < vocab for t in item):
                 raise APIError(400, f"input[{i}]: token ids must be a non-empty list of ids in 0..{vocab - 1}",
