@@ -58,7 +58,8 @@ def test_a_tiny_bert_learns_to_answer_across_windows(encoder_dir, tmp_path, caps
     out = tmp_path / "run"
     assert main(["finetune", str(encoder_dir), "--task", "qa", "--data", str(tmp_path / "train.jsonl"),
                  "--val-data", str(tmp_path / "val.json"), "--out-dir", str(out), "--max-len", "24",
-                 "--doc-stride", "8", "--lr", "1e-3", "--epochs", "12", "--batch-size", "16", "--log-every", "200"]) == 0
+                 "--doc-stride", "8", "--lr", "1e-3", "--epochs", "12", "--batch-size", "16",
+                 "--log-every", "200"]) == 0
     stats = capsys.readouterr().out
     assert "400 training questions (" in stats and "windows)" in stats
     final = json.loads((out / "metrics.json").read_text())["final"]

@@ -249,6 +249,7 @@ def test_a_trained_transformer_exports_to_hf_with_its_tokenizer(trained, tmp_pat
         assert out[: len(row)] == row
     capsys.readouterr()
     for path in (trained[0] / "final", tmp_path / "hf"):  # the HF directory decodes through tformer as well
-        assert main(["generate", str(path), "--temperature", "0", "--prompt", sources[0], "--max-new-tokens", "10"]) == 0
+        assert main(["generate", str(path), "--temperature", "0", "--prompt", sources[0],
+                     "--max-new-tokens", "10"]) == 0
     first, second = capsys.readouterr().out.splitlines()
     assert first == second == tok.decode(ours[0], skip_special_tokens=True).strip()

@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="fine-tune a checkpoint on chat, completion or preference JSONL (SFT or DPO; LoRA, QLoRA or full); "
              "train encoders and encoder-decoders (--task)",
         usage="%(prog)s CKPT --data FILE.jsonl [--method lora|qlora|full] [--OPTION VALUE ...]\n"
-              "       %(prog)s CKPT --task classify|token-classify|qa|mlm|distill-encoder --data FILE [--OPTION VALUE ...]\n"
+              "       %(prog)s CKPT --task classify|token-classify|qa|mlm|distill-encoder --data FILE "
+              "[--OPTION VALUE ...]\n"
               "       %(prog)s CKPT_OR_PRESET --task seq2seq|span-corruption --data FILE [--OPTION VALUE ...]",
         description=(
             "Fine-tune CKPT (a tformer checkpoint, e.g. one converted from GGUF or HF) on JSONL examples: "
@@ -112,8 +113,8 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
 
     d = EncoderTaskConfig(task="classify", checkpoint="")
     g = p.add_argument_group(
-        "encoder tasks", "--task classify|token-classify|qa|mlm|distill-encoder fine-tunes an encoder (BERT, MiniLM; CKPT a tformer "
-        "encoder checkpoint or an HF BERT directory; with --task mlm also a preset such as bert-base-uncased, "
+        "encoder tasks", "--task classify|token-classify|qa|mlm|distill-encoder fine-tunes an encoder (BERT, "
+        "MiniLM; CKPT a tformer encoder checkpoint or an HF BERT directory; with --task mlm also a preset such as bert-base-uncased, "
         "trained from scratch with a BPE vocabulary of --vocab-size learnt from the data and --model.FIELD "
         "VALUE shape changes) with BERT's recipe: lr 3e-5 (--lr), 3 epochs, 10% warmup, "
         "linear decay, batch 32 (--batch-size), 128 tokens, weight decay 0.01. classify: --data a .csv (header "

@@ -174,6 +174,7 @@ def squad_scores(predictions: Sequence[str], examples: Sequence[QAExample]) -> d
         precision, recall = same / len(p), same / len(g)
         return 2 * precision * recall / (precision + recall)
 
-    em = [max(normalize_answer(p) == normalize_answer(t) for t, _ in ex.answers) for p, ex in zip(predictions, examples)]
-    f = [max(f1(p, t) for t, _ in ex.answers) for p, ex in zip(predictions, examples)]
+    pairs = list(zip(predictions, examples))
+    em = [max(normalize_answer(p) == normalize_answer(t) for t, _ in ex.answers) for p, ex in pairs]
+    f = [max(f1(p, t) for t, _ in ex.answers) for p, ex in pairs]
     return {"exact_match": 100 * sum(em) / len(em), "f1": 100 * sum(f) / len(f)}

@@ -96,7 +96,8 @@ class TaggedSplit(ExampleSplit):
     batches for evaluation; `tags` keeps each sentence's gold tags for entity scoring."""
 
     def __init__(self, rows, labels, firsts, tags, pad_id: int, seed: int = 0):
-        self.rows, self.labels, self.firsts, self.tags, self.pad_id, self.seed = rows, labels, firsts, tags, pad_id, seed
+        self.rows, self.labels, self.firsts, self.tags = rows, labels, firsts, tags
+        self.pad_id, self.seed = pad_id, seed
 
     def __len__(self) -> int:
         return len(self.rows)

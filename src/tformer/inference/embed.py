@@ -21,7 +21,10 @@ from tformer.models.encoder import Encoder, mean_pool
 from tformer.tokenizer import Tokenizer
 
 
-POOLINGS = ("mean", "cls", "max", "mean_sqrt_len")
+# pooling mode -> the flag of sentence-transformers' Pooling config.json that selects it
+POOLING_FLAGS = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token",
+                 "max": "pooling_mode_max_tokens", "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens"}
+POOLINGS = tuple(POOLING_FLAGS)
 
 
 @dataclass
@@ -45,14 +48,14 @@ class EmbedSpec:
                     pooling = json.loads((path / m.get("path", "") / "config.json").read_text(encoding="utf-8"))
                 except (OSError, ValueError):
                     continue
-                modes = [mode for mode in POOLINGS if pooling.get(f"pooling_mode_{mode}_token"
-                                                                  if mode == "cls" else f"pooling_mode_{mode}_tokens")]
+                modes = [mode for mode, flag in POOLING_FLAGS.items() if pooling.get(flag)]
                 if len(modes) != 1:
                     raise ValueError(f"{path}: sentence-transformers pooling {modes or 'none'}; tformer pools by "
                                      f"exactly one of {', '.join(POOLINGS)}")
                 spec.pooling = modes[0]
         try:
-            spec.max_len = json.loads((path / "sentence_bert_config.json").read_text(encoding="utf-8"))["max_seq_length"]
+            transformer = json.loads((path / "sentence_bert_config.json").read_text(encoding="utf-8"))
+            spec.max_len = transformer["max_seq_length"]
         except (OSError, ValueError, KeyError):
             pass
         return spec
