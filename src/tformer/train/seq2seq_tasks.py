@@ -78,11 +78,10 @@ def splits(cfg, tokenizer, texts) -> tuple[object, object, str]:
 
 def load_model(cfg, device):
     """(model, tokenizer, texts, a note) for cfg.checkpoint: a checkpoint, or a preset from scratch."""
-    from tformer.checkpoint import load
+    from tformer.checkpoint import load, model_from_tensors
     from tformer.inference.text import load_tokenizer
     from tformer.models import build_model
     from tformer.train import from_preset
-
     from tformer.train.encoder_tasks import dropout_changes, text_documents
 
     preset = from_preset.is_preset(cfg.checkpoint)
@@ -103,13 +102,8 @@ def load_model(cfg, device):
         raise ValueError(f"{cfg.checkpoint} is not an encoder-decoder: --task {cfg.task} trains T5, Marian or "
                          "transformer-base models")
     model = load(cfg.checkpoint, device=device)
-    if changes:
-        model.config = model.config.replace(**changes)
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = cfg.dropout
-            if hasattr(module, "attn_dropout"):
-                module.attn_dropout = cfg.dropout
+    if changes:  # the same weights in a model built with the new dropout
+        model = model_from_tensors(model.config.replace(**changes), dict(model.state_dict()), cfg.checkpoint, device)
     return model.train(), load_tokenizer(cfg.checkpoint), texts, f"from {cfg.checkpoint}"
 
 
